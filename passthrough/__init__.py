@@ -1,0 +1,1 @@
+"""Attaching verified devices to QEMU guests over QMP."""

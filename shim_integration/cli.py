@@ -1,0 +1,44 @@
+"""`erofs-passthrough`: one thin CLI over the project's libraries.
+
+Each package contributes its subcommands through a `register(subparsers)` function in its own
+`cli` module; this module only wires them together and turns errors into exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from snapshotter.errors import EpError
+
+COMMAND_MODULES = (
+    "snapshotter.erofs.cli",
+    "shim_integration.demo",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="erofs-passthrough",
+        description="OCI layers as verified EROFS block devices for VM containers.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except EpError as exc:
+        print(f"erofs-passthrough {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

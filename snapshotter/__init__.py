@@ -1,0 +1,1 @@
+"""EROFS layers, dm-verity and the containerd-facing services."""

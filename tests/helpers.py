@@ -1,0 +1,60 @@
+"""Helpers the tests share: real mounts through the host kernel, and requirements checks."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount EROFS images (runs in CI as root)")
+    if not Path("/dev/loop-control").exists():
+        pytest.skip("needs loop devices (/dev/loop-control missing)")
+
+
+def require_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"needs {name} on PATH (installed by .ci/setup)")
+    return path
+
+
+@contextlib.contextmanager
+def mounted_erofs(image: Path, devices: list[Path] | None = None) -> Iterator[Path]:
+    """Mount IMAGE with the host kernel's EROFS (`-o loop`, extra devices as `device=`)."""
+    require_root()
+    mnt = Path(tempfile.mkdtemp(prefix="erofs-mnt-"))
+    loops: list[str] = []
+    opts = ["ro"]
+    try:
+        for dev in devices or []:
+            loop = subprocess.run(
+                ["losetup", "--find", "--show", "--read-only", str(dev)],
+                check=True, capture_output=True, text=True,
+            ).stdout.strip()
+            loops.append(loop)
+            opts.append(f"device={loop}")
+        proc = subprocess.run(
+            ["mount", "-t", "erofs", "-o", ",".join([*opts, "loop"]), str(image), str(mnt)],
+            capture_output=True, text=True,
+        )
+        if proc.returncode != 0:
+            dmesg = subprocess.run(["dmesg"], capture_output=True, text=True).stdout
+            tail = "\n".join(dmesg.splitlines()[-5:])
+            raise AssertionError(f"kernel refused to mount {image}: {proc.stderr}\n{tail}")
+        try:
+            yield mnt
+        finally:
+            subprocess.run(["umount", str(mnt)], check=True)
+    finally:
+        for loop in loops:
+            subprocess.run(["losetup", "-d", loop], check=False)
+        mnt.rmdir()
