@@ -1,0 +1,1 @@
+"""Generated from snapshotter/proto by snapshotter.proto.generate."""
