@@ -1,0 +1,157 @@
+"""The snapshotter: containerd's Snapshotter semantics over the Store and the Layout.
+
+Every call is one metadata transaction plus file steps ordered so that a crash between any two
+of them leaves garbage only (see layout.py and layer_build.py); `cleanup` removes it and runs at
+start-up. Commit converts the unpacked fs/ into layer.erofs + dm-verity outside any transaction
+(unless our differ already wrote the layer), then one transaction makes it committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from snapshotter import layer_build
+from snapshotter.errdefs import AlreadyExists, FailedPrecondition, NotFound
+from snapshotter.filters import compile_filters
+from snapshotter.fsutil import disk_usage, remove_tree
+from snapshotter.layout import Layout
+from snapshotter.mounts import Mount, plan
+from snapshotter.store import Info, Kind, Snapshot, Store, Usage
+
+log = logging.getLogger(__name__)
+
+Labels = dict[str, str] | None
+DirConverter = Callable[[Path, Path], layer_build.LayerMeta]
+
+
+class Snapshotter:
+    def __init__(self, root: Path, convert: DirConverter = layer_build.convert_directory) -> None:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.root = root
+        self.layout = Layout(root)
+        self.store = Store(root / "metadata.db")
+        self._convert = convert
+
+    def close(self) -> None:
+        self.store.close()
+
+    # -- create --------------------------------------------------------------------------------
+
+    def prepare(self, key: str, parent: str = "", labels: Labels = None) -> list[Mount]:
+        return self._create(Kind.ACTIVE, key, parent, labels or {})
+
+    def view(self, key: str, parent: str = "", labels: Labels = None) -> list[Mount]:
+        return self._create(Kind.VIEW, key, parent, labels or {})
+
+    def _create(self, kind: Kind, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
+        staged = self.layout.stage(kind)
+        try:
+            with self.store.transaction() as db:
+                snap = self.store.create(db, kind, key, parent, labels)
+                self._own_like_parent(staged, snap)
+                self.layout.claim(staged, snap.id)
+        finally:
+            if staged.exists():
+                self.layout.unstage(staged)
+        log.info("created", extra={"key": key, "id": snap.id, "kind": kind.name.lower()})
+        return plan(snap, self.layout)
+
+    def _own_like_parent(self, staged: Path, snap: Snapshot) -> None:
+        """The new upper's root gets the owner of the image's root (what overlay shows)."""
+        if snap.kind == Kind.ACTIVE and snap.parent_ids:
+            st = os.stat(self.layout.mount_layer(snap.parent_ids[0]))
+            os.lchown(staged / "fs", st.st_uid, st.st_gid)
+
+    # -- read ----------------------------------------------------------------------------------
+
+    def mounts(self, key: str) -> list[Mount]:
+        return plan(self.store.get_snapshot(key), self.layout)
+
+    def stat(self, key: str) -> Info:
+        return self.store.get_info(key)[1]
+
+    def usage(self, key: str) -> Usage:
+        sid, info, usage = self.store.get_info(key)
+        if info.kind == Kind.ACTIVE:
+            return Usage(*disk_usage(self.layout.fs(sid)))
+        return usage
+
+    def walk(self, filters: list[str] | None = None) -> list[Info]:
+        match = compile_filters(filters or [])
+        return [info for info in self.store.walk() if match(_getter(info))]
+
+    def update(self, key: str, labels: dict[str, str], paths: list[str]) -> Info:
+        return self.store.update_info(key, labels, paths)
+
+    # -- commit / remove -----------------------------------------------------------------------
+
+    def commit(self, name: str, key: str, labels: Labels = None, parent: str = "") -> None:
+        sid, info, _ = self.store.get_info(key)
+        if info.kind != Kind.ACTIVE:
+            raise FailedPrecondition(f"snapshot {key!r} is not active")
+        if self._exists(name):
+            raise AlreadyExists(f"committed snapshot {name!r} already exists")
+        meta = self._layer_of(sid)
+        usage = Usage(self.layout.layer(sid).stat().st_size, 1)
+        with self.store.transaction() as db:
+            self.store.commit_active(db, key, name, usage, {**(labels or {}), **meta.labels()},
+                                     parent)
+        log.info("committed", extra={"key": key, "committed": name, "id": sid,
+                                     "root_hash": meta.root_hash, "size": meta.blob_size})
+        self.layout.retire_upper(sid)
+
+    def _exists(self, key: str) -> bool:
+        try:
+            self.store.get_info(key)
+        except NotFound:
+            return False
+        return True
+
+    def _layer_of(self, sid: str) -> layer_build.LayerMeta:
+        """The layer our differ (or an interrupted Commit) left, or a fresh one from fs/."""
+        directory = self.layout.dir(sid)
+        meta = layer_build.read_layer(directory)
+        if meta is not None:
+            return meta
+        fs = self.layout.fs(sid)
+        return layer_build.publish_layer(directory, lambda out: self._convert(fs, out))
+
+    def remove(self, key: str) -> None:
+        with self.store.transaction() as db:
+            sid, kind = self.store.remove(db, key)
+        log.info("removed", extra={"key": key, "id": sid, "kind": kind.name.lower()})
+        try:
+            self.layout.discard(self.layout.dir(sid))
+        except OSError as exc:  # busy: Cleanup retries
+            log.warning("removal deferred to cleanup", extra={"id": sid, "error": str(exc)})
+
+    def cleanup(self) -> list[Path]:
+        """Remove what no snapshot owns: orphan directories and interrupted calls' leftovers."""
+        ids = self.store.id_map()
+        removed: list[Path] = []
+        for path in self.layout.orphans(set(ids)):
+            self.layout.discard(path)
+            removed.append(path)
+        for sid, (_, kind) in ids.items():
+            for path in self.layout.leftovers(sid, kind):
+                if path.is_dir():
+                    remove_tree(path)
+                else:
+                    path.unlink(missing_ok=True)
+                removed.append(path)
+        if removed:
+            log.info("cleanup", extra={"removed": [str(p) for p in removed]})
+        return removed
+
+
+def _getter(info: Info) -> Callable[[list[str]], str | None]:
+    def get(path: list[str]) -> str | None:
+        head, rest = path[0], ".".join(path[1:])
+        if head == "labels":
+            return info.labels.get(rest)
+        return {"name": info.name, "parent": info.parent, "kind": info.kind.name.lower()}.get(head)
+
+    return get

@@ -1,0 +1,248 @@
+"""Snapshot metadata in SQLite, in the manner of containerd's `snapshots/storage` package.
+
+One row per snapshot: a numeric id that never changes (it names the snapshot's directory and
+survives Commit, which renames the key), the key, the kind, the parent's id, timestamps, usage,
+and its labels in a second table. The database runs in WAL mode with synchronous=FULL and every
+state change is one `BEGIN IMMEDIATE` transaction, so a process killed at any instant leaves
+either the old or the new state. Ids come from AUTOINCREMENT and are never reused while the
+database lives (a rolled-back id can come back, which `Layout.claim` handles).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from snapshotter.errdefs import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS snapshots (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    key       TEXT NOT NULL UNIQUE,
+    kind      INTEGER NOT NULL,
+    parent_id INTEGER REFERENCES snapshots(id),
+    created   INTEGER NOT NULL,
+    updated   INTEGER NOT NULL,
+    size      INTEGER NOT NULL DEFAULT 0,
+    inodes    INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS snapshots_parent ON snapshots(parent_id);
+CREATE TABLE IF NOT EXISTS labels (
+    snapshot_id INTEGER NOT NULL REFERENCES snapshots(id) ON DELETE CASCADE,
+    name        TEXT NOT NULL,
+    value       TEXT NOT NULL,
+    PRIMARY KEY (snapshot_id, name)
+);
+"""
+
+
+class Kind(enum.IntEnum):
+    """Same numbers as containerd.services.snapshots.v1.Kind."""
+
+    VIEW = 1
+    ACTIVE = 2
+    COMMITTED = 3
+
+
+@dataclass(frozen=True)
+class Info:
+    """What Stat returns: containerd's snapshots.Info. Times are ns since the epoch (UTC)."""
+
+    name: str
+    kind: Kind
+    parent: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    created: int = 0
+    updated: int = 0
+
+
+@dataclass(frozen=True)
+class Usage:
+    size: int = 0
+    inodes: int = 0
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """An active or view snapshot and the ids of its parents, nearest first."""
+
+    id: str
+    kind: Kind
+    parent_ids: list[str]
+
+
+class Store:
+    """The metadata database. Thread-safe: one connection, one transaction at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._lock = threading.RLock()
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(SCHEMA)  # idempotent; executescript commits by itself
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic step: BEGIN IMMEDIATE .. COMMIT, ROLLBACK on any exception."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def _row(self, db: sqlite3.Connection, key: str) -> sqlite3.Row | tuple:
+        row = db.execute(
+            "SELECT s.id, s.kind, p.key, s.created, s.updated, s.size, s.inodes, s.parent_id"
+            " FROM snapshots s LEFT JOIN snapshots p ON p.id = s.parent_id WHERE s.key = ?",
+            (key,),
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"snapshot {key!r} does not exist")
+        return row
+
+    def _labels(self, db: sqlite3.Connection, sid: int) -> dict[str, str]:
+        rows = db.execute("SELECT name, value FROM labels WHERE snapshot_id = ?", (sid,))
+        return dict(rows.fetchall())
+
+    def _info(self, db: sqlite3.Connection, key: str, row: tuple) -> Info:
+        sid, kind, parent, created, updated = row[:5]
+        return Info(key, Kind(kind), parent or "", self._labels(db, sid), created, updated)
+
+    def get_info(self, key: str) -> tuple[str, Info, Usage]:
+        """(id, info, stored usage) of KEY; NotFound if there is none."""
+        with self.transaction() as db:
+            row = self._row(db, key)
+            return str(row[0]), self._info(db, key, row), Usage(row[5], row[6])
+
+    def _parent_ids(self, db: sqlite3.Connection, parent_id: int | None) -> list[str]:
+        ids: list[str] = []
+        while parent_id is not None:
+            ids.append(str(parent_id))
+            found = db.execute("SELECT parent_id FROM snapshots WHERE id = ?", (parent_id,))
+            parent_id = found.fetchone()[0]
+        return ids
+
+    def get_snapshot(self, key: str) -> Snapshot:
+        """Active or view snapshot KEY with its parent chain; FailedPrecondition if committed."""
+        with self.transaction() as db:
+            row = self._row(db, key)
+            if row[1] not in (Kind.ACTIVE, Kind.VIEW):
+                raise FailedPrecondition(f"snapshot {key!r} is not active or view")
+            return Snapshot(str(row[0]), Kind(row[1]), self._parent_ids(db, row[7]))
+
+    def walk(self) -> list[Info]:
+        """Every snapshot's info, in id order."""
+        with self.transaction() as db:
+            keys = [k for (k,) in db.execute("SELECT key FROM snapshots ORDER BY id")]
+            return [self._info(db, k, self._row(db, k)) for k in keys]
+
+    def id_map(self) -> dict[str, tuple[str, Kind]]:
+        """id -> (key, kind) of every snapshot."""
+        with self.transaction() as db:
+            rows = db.execute("SELECT id, key, kind FROM snapshots").fetchall()
+            return {str(i): (k, Kind(kd)) for i, k, kd in rows}
+
+    # -- writes --------------------------------------------------------------------------------
+
+    def _put_labels(self, db: sqlite3.Connection, sid: int, labels: dict[str, str]) -> None:
+        """Replace SID's labels; an empty value means no label (as containerd's boltutil)."""
+        db.execute("DELETE FROM labels WHERE snapshot_id = ?", (sid,))
+        db.executemany(
+            "INSERT INTO labels (snapshot_id, name, value) VALUES (?, ?, ?)",
+            [(sid, k, v) for k, v in sorted(labels.items()) if v],
+        )
+
+    def _committed_parent(self, db: sqlite3.Connection, parent: str) -> int | None:
+        if not parent:
+            return None
+        row = db.execute("SELECT id, kind FROM snapshots WHERE key = ?", (parent,)).fetchone()
+        if row is None:
+            raise NotFound(f"parent {parent!r} does not exist")
+        if row[1] != Kind.COMMITTED:
+            raise InvalidArgument(f"parent {parent!r} is not a committed snapshot")
+        return row[0]
+
+    def create(
+        self, db: sqlite3.Connection, kind: Kind, key: str, parent: str, labels: dict[str, str]
+    ) -> Snapshot:
+        """Insert an active or view snapshot inside the caller's transaction DB."""
+        if kind not in (Kind.ACTIVE, Kind.VIEW):
+            raise InvalidArgument(f"snapshot kind {kind!r} invalid: only active or view")
+        if not key:
+            raise InvalidArgument("snapshot key must not be empty")
+        parent_id = self._committed_parent(db, parent)
+        if db.execute("SELECT 1 FROM snapshots WHERE key = ?", (key,)).fetchone():
+            raise AlreadyExists(f"snapshot {key!r} already exists")
+        now = time.time_ns()
+        cur = db.execute(
+            "INSERT INTO snapshots (key, kind, parent_id, created, updated) VALUES (?, ?, ?, ?, ?)",
+            (key, int(kind), parent_id, now, now),
+        )
+        sid = int(cur.lastrowid or 0)
+        self._put_labels(db, sid, labels)
+        return Snapshot(str(sid), kind, self._parent_ids(db, parent_id))
+
+    def commit_active(
+        self, db: sqlite3.Connection, key: str, name: str, usage: Usage,
+        labels: dict[str, str], parent: str = "",
+    ) -> str:
+        """Turn active KEY into committed NAME (same id) inside the caller's transaction DB."""
+        if db.execute("SELECT 1 FROM snapshots WHERE key = ?", (name,)).fetchone():
+            raise AlreadyExists(f"committed snapshot {name!r} already exists")
+        row = self._row(db, key)
+        if row[1] != Kind.ACTIVE:
+            raise FailedPrecondition(f"snapshot {key!r} is not active")
+        if parent and parent != (row[2] or ""):
+            raise InvalidArgument(f"cannot change parent of active snapshot {key!r} on commit")
+        now = time.time_ns()
+        db.execute(
+            "UPDATE snapshots SET key = ?, kind = ?, created = ?, updated = ?, size = ?,"
+            " inodes = ? WHERE id = ?",
+            (name, int(Kind.COMMITTED), now, now, usage.size, usage.inodes, row[0]),
+        )
+        self._put_labels(db, row[0], labels)
+        return str(row[0])
+
+    def remove(self, db: sqlite3.Connection, key: str) -> tuple[str, Kind]:
+        """Delete KEY inside the caller's transaction DB; FailedPrecondition if it has children."""
+        row = self._row(db, key)
+        if db.execute("SELECT 1 FROM snapshots WHERE parent_id = ?", (row[0],)).fetchone():
+            raise FailedPrecondition(f"cannot remove snapshot {key!r} with children")
+        db.execute("DELETE FROM snapshots WHERE id = ?", (row[0],))
+        return str(row[0]), Kind(row[1])
+
+    def update_info(self, key: str, labels: dict[str, str], paths: list[str]) -> Info:
+        """Replace labels (no PATHS, or "labels") or single `labels.NAME` entries of KEY."""
+        with self.transaction() as db:
+            row = self._row(db, key)
+            current = self._labels(db, row[0])
+            for path in paths or ["labels"]:
+                if path == "labels":
+                    current = dict(labels)
+                elif path.startswith("labels."):
+                    name = path.removeprefix("labels.")
+                    if name in labels:
+                        current[name] = labels[name]
+                    else:
+                        current.pop(name, None)
+                else:
+                    raise InvalidArgument(f"cannot update {path!r} field on snapshot {key!r}")
+            db.execute("UPDATE snapshots SET updated = ? WHERE id = ?", (time.time_ns(), row[0]))
+            self._put_labels(db, row[0], current)
+            return self._info(db, key, self._row(db, key))
