@@ -1,0 +1,33 @@
+"""dm-verity hash trees, byte-compatible with `veritysetup format` (hash format 1).
+
+- `VerityParams`: hash, block sizes, salt, superblock, UUID.
+- `VerityTreeBuilder`: streaming: hash blocks as they are written (any order), `finish` writes
+  [superblock +] tree.
+- `format_file` / `verify_file`: whole files, appended tree (containerd's layout) or a
+  separate hash file.
+- `VerityInfo`: the result, with the dm table line, Kata's DmVerityInfo and containerd's
+  `.dmverity` sidecar.
+- `derive_salt`: the default salt of a blob, from its sha256 digest.
+
+See docs/verity.md.
+"""
+
+from snapshotter.verity.builder import VerityTreeBuilder
+from snapshotter.verity.files import default_params, format_file
+from snapshotter.verity.info import VerityInfo
+from snapshotter.verity.params import VerityParams, derive_salt, derive_uuid
+from snapshotter.verity.superblock import VeritySuperblock
+from snapshotter.verity.verify import read_superblock, verify_file
+
+__all__ = [
+    "VerityInfo",
+    "VerityParams",
+    "VeritySuperblock",
+    "VerityTreeBuilder",
+    "default_params",
+    "derive_salt",
+    "derive_uuid",
+    "format_file",
+    "read_superblock",
+    "verify_file",
+]

@@ -1,0 +1,124 @@
+"""Formatting whole files, as `veritysetup format` does.
+
+Appended layout (the default, what containerd's erofs differ writes): the data is zero padded
+to a whole data block, the hash area starts right there (`hash_offset`), and with the v1
+superblock the tree follows at the next hash-block boundary after its 512 bytes. Without a
+superblock the tree must start on a hash-block boundary, so the data is zero padded to
+max(data block, hash block) and the padding counts as data blocks (then `blocknum = offset /
+blocksize` holds for every consumer, as Kata's multi-layer EROFS path assumes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import BinaryIO
+
+from snapshotter.errors import EpError
+from snapshotter.verity.atomic import atomic_output
+from snapshotter.verity.builder import VerityTreeBuilder
+from snapshotter.verity.digests import DEFAULT_MEMORY_LIMIT
+from snapshotter.verity.geometry import TreeGeometry
+from snapshotter.verity.info import VerityInfo
+from snapshotter.verity.parallel import file_leaf_digests
+from snapshotter.verity.params import VerityParams, derive_salt
+
+PathLike = str | os.PathLike[str]
+
+
+def file_sha256(path: PathLike) -> bytes:
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(8 << 20)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.digest()
+
+
+def default_params(data_path: PathLike) -> VerityParams:
+    """containerd's geometry (sha256, 4096/4096, superblock) with the salt derived from the
+    data file's sha256 (its content as given, before any padding)."""
+    return VerityParams(salt=derive_salt(file_sha256(data_path)))
+
+
+def format_file(
+    data_path: PathLike,
+    *,
+    hash_path: PathLike | None = None,
+    params: VerityParams | None = None,
+    workers: int | None = None,
+    memory_limit: int = DEFAULT_MEMORY_LIMIT,
+) -> VerityInfo:
+    """Build the hash tree of a file; return its description.
+
+    `hash_path` None: append the tree to the data file (see the module doc for padding).
+    Otherwise write [superblock +] tree to a new `hash_path` (at offset 0) that appears only
+    when complete; the data must then be whole data blocks (we do not modify it).
+    `params` None: `default_params(data_path)`. `workers`: hashing processes (default: one
+    per CPU; 1 = in this process).
+    """
+    if params is None:
+        params = default_params(data_path)
+    params.validate()
+    data_path = Path(data_path)
+    try:
+        size = data_path.stat().st_size
+    except OSError as exc:
+        raise EpError(f"cannot read {data_path}: {exc.strerror}") from None
+    if size == 0:
+        raise EpError(f"{data_path} is empty: dm-verity needs at least one data block")
+    dbs = params.data_block_size
+    if hash_path is None:
+        align = dbs if params.superblock else max(dbs, params.hash_block_size)
+        hash_offset = -(-size // align) * align
+        data_blocks = hash_offset // dbs
+        with open(data_path, "r+b") as f:
+            try:
+                f.truncate(hash_offset)  # zero padding up to the hash area
+                info = _build(data_path, data_blocks, f, hash_offset, params, workers, memory_limit)
+                f.truncate(_hash_area_end(info))
+                os.fsync(f.fileno())
+            except BaseException:
+                f.truncate(size)  # leave the data as it was
+                raise
+        return info
+    if size % dbs:
+        raise EpError(
+            f"{data_path} is {size} bytes, not a whole number of {dbs}-byte data blocks "
+            "(pad it, or let the tree be appended, which pads)"
+        )
+    with atomic_output(Path(hash_path)) as out:
+        return _build(data_path, size // dbs, out, 0, params, workers, memory_limit)
+
+
+def _hash_area_end(info: VerityInfo) -> int:
+    geo = TreeGeometry.compute(info.data_blocks, info.hash_block_size, _digest_size(info.hash_name))
+    return info.hash_start_block * info.hash_block_size + geo.tree_size
+
+
+def _digest_size(hash_name: str) -> int:
+    return hashlib.new(hash_name).digest_size
+
+
+def _build(
+    data_path: Path,
+    data_blocks: int,
+    out: BinaryIO,
+    hash_offset: int,
+    params: VerityParams,
+    workers: int | None,
+    memory_limit: int,
+) -> VerityInfo:
+    with VerityTreeBuilder(params, memory_limit=memory_limit) as builder:
+        for b0, digests in file_leaf_digests(
+            data_path,
+            data_blocks,
+            params.data_block_size,
+            params.hash_name,
+            bytes(params.salt),
+            workers=workers,
+        ):
+            builder.add_leaf_digests(b0, digests)
+        return builder.finish(data_blocks, out, hash_offset)
