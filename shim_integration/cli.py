@@ -14,6 +14,7 @@ from snapshotter.errors import EpError
 
 COMMAND_MODULES = (
     "snapshotter.erofs.cli",
+    "snapshotter.verity.cli",
     "snapshotter.service_cli",
     "shim_integration.demo",
 )
