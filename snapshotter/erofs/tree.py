@@ -1,0 +1,81 @@
+"""The in-memory inode tree an image is written from.
+
+Sources (a tar stream, a directory, the layers of a merge) build a tree of `Node`s whose file
+data is already placed (`Extent`, `Chunks`, `InlineTail`); the writer then lays out metadata
+around it. Names are bytes: EROFS stores them as bytes and tar names need not be UTF-8.
+"""
+
+from __future__ import annotations
+
+import stat
+from array import array
+from dataclasses import dataclass, field
+
+from snapshotter.errors import EpError
+
+
+@dataclass(frozen=True)
+class Extent:
+    """File data stored contiguously: `nblocks` blocks from `start` on device `device`."""
+
+    start: int
+    nblocks: int
+    device: int = 0
+
+
+@dataclass(frozen=True)
+class Chunks:
+    """File data as chunks of `block_size << chunkbits` bytes, each at its own address.
+
+    `blkaddrs[i]` is the start block of chunk i (NULL_ADDR for a hole that reads as zeros);
+    `devices[i]` the device it lives on (0 = primary), or None when all are on the primary.
+    """
+
+    chunkbits: int
+    blkaddrs: array
+    devices: array | None = None
+
+
+@dataclass(frozen=True)
+class InlineTail:
+    """File data whose whole blocks are an `Extent` and whose last partial block is stored
+    inline after the inode (EROFS "tail packing"). `tail` holds those bytes."""
+
+    head: Extent | None
+    tail: bytes
+
+
+FileData = Extent | Chunks | InlineTail | None
+
+
+@dataclass(eq=False, slots=True)
+class Node:
+    """One inode. Directories hold `children`; a hardlinked inode is one Node in several dirs."""
+
+    mode: int
+    uid: int = 0
+    gid: int = 0
+    mtime: int = 0
+    mtime_nsec: int = 0
+    size: int = 0
+    data: FileData = None
+    rdev: tuple[int, int] = (0, 0)
+    symlink: bytes | None = None
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+    children: dict[bytes, Node] | None = None
+
+    @classmethod
+    def directory(cls, mode: int = 0o755, **attrs: int) -> Node:
+        return cls(mode=stat.S_IFDIR | (mode & 0o7777), children={}, **attrs)
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+
+def validate_name(name: bytes) -> None:
+    """A directory entry name EROFS and Linux accept: not empty, no '/', no NUL, <= 255."""
+    if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
+        raise EpError(f"invalid file name {name!r}")
+    if len(name) > 255:
+        raise EpError(f"file name longer than 255 bytes: {name[:40]!r}...")

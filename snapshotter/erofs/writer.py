@@ -1,0 +1,506 @@
+"""Writing an uncompressed EROFS image.
+
+The image is written in one forward pass, so a layer of any size streams through:
+
+    [superblock (+ device table)] [file data ...] [directory blocks] [shared xattrs] [inodes]
+
+File data goes out as it arrives (`DataWriter`), block-aligned, with all-zero chunks left out
+(they become holes in a chunk-based inode). Once every file is placed, `write_metadata` lays
+out directories, shared xattrs and inodes after the data, and writes the superblock last. The
+head (superblock block) is the only region written out of order.
+
+Layout rules the kernel enforces, and how we meet them:
+- a directory's entries are sorted by name across all of its blocks (binary search);
+- inline (tail-packed) data must sit in the same block as the end of its inode's xattrs;
+- chunk indexes start 8-byte aligned after the inode and its xattrs;
+- nid 0 would be inode number 0, which readdir(3) skips: the metadata base is placed one
+  block before the first inode, so nids start at `block_size / 32`.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from array import array
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from snapshotter.errors import EpError
+
+from .format import (
+    CHUNK_FORMAT_INDEXES,
+    FEATURE_INCOMPAT_CHUNKED_FILE,
+    FEATURE_INCOMPAT_DEVICE_TABLE,
+    INODE_SLOT_SIZE,
+    LAYOUT_CHUNK_BASED,
+    LAYOUT_FLAT_INLINE,
+    NULL_ADDR,
+    SUPER_OFFSET,
+    SUPER_SIZE,
+    ChunkIndex,
+    DeviceSlot,
+    Dirent,
+    Inode,
+    SuperBlock,
+    XattrEntry,
+    XattrIbody,
+    encode_dev,
+    file_type,
+)
+from .tree import Chunks, Extent, FileData, InlineTail, Node
+
+# Called with (byte offset, bytes) for every region written, in the order written.
+WriteObserver = Callable[[int, bytes], None]
+
+DEFAULT_HOLE_CHUNK = 64 * 1024
+READ_SIZE = 1 << 20
+
+
+def header_blocks(block_size: int, extra_devices: int = 0) -> int:
+    """Blocks taken by the boot area, the superblock and the device table."""
+    end = SUPER_OFFSET + SUPER_SIZE + extra_devices * DeviceSlot.SIZE
+    return -(-end // block_size)
+
+
+class DataWriter:
+    """Streams file data into the image, block by block, from block `start_block` on."""
+
+    def __init__(
+        self,
+        fd: int,
+        block_size: int,
+        start_block: int,
+        observer: WriteObserver | None = None,
+        hole_chunk: int = DEFAULT_HOLE_CHUNK,
+    ) -> None:
+        if hole_chunk % block_size or hole_chunk & (hole_chunk - 1):
+            raise EpError("hole chunk size must be a power-of-two multiple of the block size")
+        self.fd = fd
+        self.block_size = block_size
+        self.next_block = start_block
+        self.observer = observer
+        self.hole_chunk = hole_chunk
+        self._zero_chunk = bytes(hole_chunk)
+        os.lseek(fd, start_block * block_size, os.SEEK_SET)
+
+    def _emit(self, data: bytes | memoryview) -> int:
+        """Append whole-block data at the cursor; returns its first block."""
+        first = self.next_block
+        offset = first * self.block_size
+        view = memoryview(data)
+        while view:
+            written = os.write(self.fd, view)
+            view = view[written:]
+        if self.observer is not None:
+            self.observer(offset, bytes(data) if isinstance(data, memoryview) else data)
+        self.next_block += len(data) // self.block_size
+        return first
+
+    def _pad(self, data: bytes) -> bytes:
+        rem = len(data) % self.block_size
+        return data + bytes(self.block_size - rem) if rem else data
+
+    def add_blocks(self, data: bytes) -> Extent:
+        """Write raw data (zero-padded to whole blocks) contiguously."""
+        padded = self._pad(data)
+        return Extent(self._emit(padded), len(padded) // self.block_size)
+
+    def add_file(self, read: Callable[[int], bytes], size: int) -> FileData:
+        """Copy `size` bytes from `read` into the image.
+
+        All-zero aligned chunks of `hole_chunk` bytes are not written; if any were found the
+        file becomes chunk-based with holes, else one contiguous extent. EpError if `read`
+        runs dry early (a truncated source).
+        """
+        if size == 0:
+            return None
+        chunk = self.hole_chunk
+        addrs = array("I")
+        start = self.next_block
+        remaining = size
+        while remaining:
+            want = min(READ_SIZE, remaining)
+            buf = _read_exact(read, want)
+            remaining -= len(buf)
+            pos = 0
+            run_start = 0
+            # Group consecutive non-zero chunks into one write.
+            while pos < len(buf):
+                piece = buf[pos:pos + chunk]
+                if len(piece) == chunk and piece == self._zero_chunk:
+                    if run_start < pos:
+                        self._emit(self._pad(buf[run_start:pos]))
+                    addrs.append(NULL_ADDR)
+                    run_start = pos + chunk
+                else:
+                    addrs.append(self.next_block + (pos - run_start) // self.block_size)
+                pos += chunk
+            if run_start < len(buf):
+                self._emit(self._pad(buf[run_start:]))
+        if NULL_ADDR not in addrs:
+            return Extent(start, self.next_block - start)
+        return Chunks((chunk // self.block_size).bit_length() - 1, addrs)
+
+
+def _read_exact(read: Callable[[int], bytes], size: int) -> bytes:
+    data = read(size)
+    if len(data) == size:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < size:
+        more = read(size - got)
+        if not more:
+            raise EpError(f"unexpected end of data: wanted {size} bytes, got {got}")
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+@dataclass
+class ImageParams:
+    """What the superblock says about the whole image."""
+
+    block_size: int = 4096
+    build_time: int = 0
+    build_time_nsec: int = 0
+    uuid: bytes = b"\0" * 16
+    volume_name: bytes = b""
+    devices: tuple[DeviceSlot, ...] = ()
+
+
+@dataclass
+class _Placed:
+    """Per-inode layout decisions, made before anything is written."""
+
+    node: Node
+    inode: Inode
+    xattrs: XattrIbody
+    dir_blocks: list[bytes] | None = None  # directory content, one entry per block
+    tail: bytes = b""
+    chunk_table: bytes = b""
+    pos: int = 0  # byte offset of the inode in the image
+
+    @property
+    def meta_size(self) -> int:
+        size = self.inode.isize + self.inode.xattr_isize
+        if self.chunk_table:
+            size = (size + 7) & ~7
+            size += len(self.chunk_table)
+        return size + len(self.tail)
+
+
+def write_metadata(
+    data: DataWriter, root: Node, params: ImageParams, *, share_xattrs: bool = True
+) -> SuperBlock:
+    """Lay out and write directories, shared xattrs, inodes and the superblock.
+
+    `data` has placed every file's data already; metadata follows it. Returns the superblock
+    written. The file is padded to a whole number of blocks.
+    """
+    bs = params.block_size
+    order = _inode_order(root)
+    nlinks = _count_links(root)
+    shared, shared_blob = _shared_xattrs(order, bs) if share_xattrs else ({}, b"")
+    compactable_time = (params.build_time, params.build_time_nsec)
+
+    placed: list[_Placed] = []
+    for ino, node in enumerate(order, start=1):
+        entries = [XattrEntry(k, v) for k, v in sorted(node.xattrs.items())
+                   if (k, v) not in shared]
+        ibody = XattrIbody(
+            shared_ids=sorted(shared[(k, v)] for k, v in node.xattrs.items()
+                              if (k, v) in shared),
+            entries=entries,
+        )
+        nlink = nlinks[id(node)]
+        extended = (
+            (node.mtime, node.mtime_nsec) != compactable_time
+            or not Inode.fits_compact(nlink, node.size, node.uid, node.gid)
+        )
+        inode = Inode(mode=node.mode, extended=extended, xattr_icount=ibody.icount,
+                      nlink=nlink, size=node.size, ino=ino, uid=node.uid, gid=node.gid,
+                      mtime=node.mtime, mtime_nsec=node.mtime_nsec)
+        placed.append(_Placed(node=node, inode=inode, xattrs=ibody))
+
+    # Directory sizes depend only on names, so every block address can be decided before
+    # nids exist; then everything is written in address order.
+    for p in placed:
+        if p.node.is_dir:
+            p.dir_blocks = _dir_block_plan(p.node, bs)
+            p.inode.size = (len(p.dir_blocks) - 1) * bs + len(p.dir_blocks[-1])
+    cursor = _BlockCursor(data.next_block, bs)
+    _choose_layouts(placed, cursor, bs)
+    xattr_blkaddr = cursor.take(len(shared_blob)) if shared_blob else 0
+    meta_blkaddr = cursor.next_block - 1  # nids start at bs/32, never 0
+    meta_start = cursor.next_block * bs
+    pos = meta_start
+    for p in placed:
+        pos = _align_inode(pos, p, bs)
+        p.pos = pos
+        pos += p.meta_size
+    nid_of = {id(p.node): (p.pos - meta_blkaddr * bs) // INODE_SLOT_SIZE for p in placed}
+    parent_of = _parents(root)
+
+    for p in placed:
+        if p.dir_blocks is not None:
+            blocks = _encode_dir(p.node, p.dir_blocks, nid_of, parent_of)
+            if p.inode.layout == LAYOUT_FLAT_INLINE:
+                p.tail = blocks.pop()
+                assert len(p.tail) == len(p.dir_blocks[-1])
+            if blocks:
+                cursor.fill(p.inode.i_u, b"".join(_pad(b, bs) for b in blocks))
+    if shared_blob:
+        cursor.fill(xattr_blkaddr, shared_blob)
+    for start, raw in sorted(cursor.pending):
+        if data.next_block != start:
+            raise AssertionError("metadata blocks out of order")
+        data.add_blocks(raw)
+
+    meta = bytearray(pos - meta_start)
+    for p in placed:
+        off = p.pos - meta_start
+        raw = p.inode.pack() + p.xattrs.pack() if p.xattrs.icount else p.inode.pack()
+        meta[off:off + len(raw)] = raw
+        off += len(raw)
+        if p.chunk_table:
+            off = (off + 7) & ~7
+            meta[off:off + len(p.chunk_table)] = p.chunk_table
+            off += len(p.chunk_table)
+        meta[off:off + len(p.tail)] = p.tail
+    data.add_blocks(bytes(meta))
+
+    feature_incompat = 0
+    if any(p.inode.layout == LAYOUT_CHUNK_BASED for p in placed):
+        feature_incompat |= FEATURE_INCOMPAT_CHUNKED_FILE
+    if params.devices:
+        feature_incompat |= FEATURE_INCOMPAT_DEVICE_TABLE
+    sb = SuperBlock(
+        blkszbits=bs.bit_length() - 1,
+        root_nid=nid_of[id(root)],
+        inos=len(placed),
+        build_time=params.build_time,
+        build_time_nsec=params.build_time_nsec,
+        blocks=data.next_block,
+        meta_blkaddr=meta_blkaddr,
+        xattr_blkaddr=xattr_blkaddr,
+        uuid=params.uuid,
+        volume_name=params.volume_name.ljust(16, b"\0")[:16],
+        feature_incompat=feature_incompat,
+        extra_devices=len(params.devices),
+        devt_slotoff=(SUPER_OFFSET + SUPER_SIZE) // DeviceSlot.SIZE if params.devices else 0,
+    )
+    if sb.root_nid > 0xFFFF:
+        raise EpError("root inode beyond the 16-bit root nid range")
+    head = bytearray(header_blocks(bs, len(params.devices)) * bs)
+    head[SUPER_OFFSET:SUPER_OFFSET + SUPER_SIZE] = sb.pack()
+    slots = b"".join(d.pack() for d in params.devices)
+    head[SUPER_OFFSET + SUPER_SIZE:SUPER_OFFSET + SUPER_SIZE + len(slots)] = slots
+    _write_at(data, 0, bytes(head))
+    os.ftruncate(data.fd, data.next_block * bs)
+    return sb
+
+
+class _BlockCursor:
+    """Hands out block addresses after the file data; contents are filled in later."""
+
+    def __init__(self, next_block: int, bs: int) -> None:
+        self.next_block = next_block
+        self.bs = bs
+        self.pending: list[tuple[int, bytes]] = []
+        self._sizes: dict[int, int] = {}
+
+    def take(self, nbytes: int) -> int:
+        start = self.next_block
+        nblocks = -(-nbytes // self.bs)
+        self._sizes[start] = nblocks
+        self.next_block += nblocks
+        return start
+
+    def fill(self, start: int, raw: bytes) -> None:
+        if -(-len(raw) // self.bs) != self._sizes.pop(start):
+            raise AssertionError("filled blocks differ from the reserved count")
+        self.pending.append((start, raw))
+
+
+def _write_at(data: DataWriter, offset: int, raw: bytes) -> None:
+    os.pwrite(data.fd, raw, offset)
+    if data.observer is not None:
+        data.observer(offset, raw)
+
+
+def _pad(raw: bytes, bs: int) -> bytes:
+    return raw + bytes(-len(raw) % bs)
+
+
+def _inode_order(root: Node) -> list[Node]:
+    """Every inode once: root first, then depth-first by sorted name."""
+    seen: set[int] = set()
+    order: list[Node] = []
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        order.append(node)
+        if node.children:
+            stack.extend(node.children[name] for name in sorted(node.children, reverse=True))
+    return order
+
+
+def _count_links(root: Node) -> Counter[int]:
+    """Link counts: a directory has 2 + its subdirectories, others one per directory entry."""
+    links: Counter[int] = Counter()
+    for node in _walk_dirs(root):
+        links[id(node)] += 2
+        for child in node.children.values():
+            links[id(child)] += 1 if not child.is_dir else 0
+            if child.is_dir:
+                links[id(node)] += 1
+    return links
+
+
+def _walk_dirs(root: Node) -> Iterator[Node]:
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        yield node
+        stack.extend(c for c in node.children.values() if c.is_dir)
+
+
+def _shared_xattrs(order: list[Node], bs: int) -> tuple[dict[tuple[bytes, bytes], int], bytes]:
+    """Xattrs carried by more than one inode go once into the shared area."""
+    counts = Counter((k, v) for node in order for k, v in node.xattrs.items())
+    ids: dict[tuple[bytes, bytes], int] = {}
+    blob = bytearray()
+    for key, count in sorted(counts.items()):
+        if count < 2:
+            continue
+        ids[key] = len(blob) // 4
+        blob += XattrEntry(*key).pack()
+    return ids, bytes(blob)
+
+
+def _dir_block_plan(node: Node, bs: int) -> list[bytes]:
+    """The directory's names split into blocks (only the names; nids come later).
+
+    Returns, per block, a placeholder of the block's used length whose content is filled by
+    `_encode_dir`; what matters here is how many blocks and how full the last one is.
+    """
+    names = sorted([b".", b"..", *node.children])
+    blocks: list[bytes] = []
+    used = 0
+    count = 0
+    for name in names:
+        need = Dirent.SIZE + len(name)
+        if used + need > bs:
+            blocks.append(bytes(used))
+            used = count = 0
+        used += need
+        count += 1
+    blocks.append(bytes(used))
+    return blocks
+
+
+def _encode_dir(
+    node: Node, plan: list[bytes], nid_of: dict[int, int], parent_of: dict[int, Node]
+) -> list[bytes]:
+    """Directory blocks with real nids, split exactly as `_dir_block_plan` split them."""
+    names = sorted([b".", b"..", *node.children])
+    parent_nid = nid_of[id(parent_of[id(node)])]
+    out: list[bytes] = []
+    i = 0
+    for planned in plan:
+        used = 0
+        batch: list[bytes] = []
+        while i < len(names) and used + Dirent.SIZE + len(names[i]) <= len(planned):
+            used += Dirent.SIZE + len(names[i])
+            batch.append(names[i])
+            i += 1
+        nameoff = Dirent.SIZE * len(batch)
+        ents = bytearray()
+        for name in batch:
+            if name == b".":
+                nid, ftype = nid_of[id(node)], file_type(stat.S_IFDIR)
+            elif name == b"..":
+                nid, ftype = parent_nid, file_type(stat.S_IFDIR)
+            else:
+                child = node.children[name]
+                nid, ftype = nid_of[id(child)], file_type(child.mode)
+            ents += Dirent(nid, nameoff, ftype).pack()
+            nameoff += len(name)
+        out.append(bytes(ents) + b"".join(batch))
+    return out
+
+
+def _choose_layouts(placed: list[_Placed], cursor: _BlockCursor, bs: int) -> None:
+    """Pick each inode's data layout, give directory blocks their addresses."""
+    for p in placed:
+        node, inode = p.node, p.inode
+        if stat.S_ISCHR(node.mode) or stat.S_ISBLK(node.mode):
+            inode.i_u = encode_dev(*node.rdev)
+            continue
+        if p.dir_blocks is not None:
+            _layout_dir(p, cursor, bs)
+            continue
+        if node.symlink is not None:
+            target = node.symlink
+            inode.size = len(target)
+            if _fits_inline(p, len(target), bs):
+                inode.layout = LAYOUT_FLAT_INLINE
+                p.tail = target
+            else:
+                inode.i_u = cursor.take(len(target))
+                cursor.fill(inode.i_u, target)
+            continue
+        fd = node.data
+        if isinstance(fd, Extent):
+            inode.i_u = fd.start
+        elif isinstance(fd, InlineTail):
+            inode.layout = LAYOUT_FLAT_INLINE
+            inode.i_u = fd.head.start if fd.head else 0
+            p.tail = fd.tail
+        elif isinstance(fd, Chunks):
+            inode.layout = LAYOUT_CHUNK_BASED
+            inode.i_u = fd.chunkbits | CHUNK_FORMAT_INDEXES
+            devices = fd.devices or (0,) * len(fd.blkaddrs)
+            p.chunk_table = b"".join(
+                ChunkIndex(addr, dev).pack() for addr, dev in zip(fd.blkaddrs, devices, strict=True)
+            )
+
+
+def _fits_inline(p: _Placed, tail_len: int, bs: int) -> bool:
+    return 0 < tail_len < bs and p.inode.isize + p.inode.xattr_isize + tail_len <= bs
+
+
+def _layout_dir(p: _Placed, cursor: _BlockCursor, bs: int) -> None:
+    """A directory: whole blocks as an extent, the last partial block inline when it fits."""
+    whole = len(p.dir_blocks) - 1
+    if _fits_inline(p, len(p.dir_blocks[-1]), bs):
+        p.inode.layout = LAYOUT_FLAT_INLINE
+        p.inode.i_u = cursor.take(whole * bs) if whole else 0
+        p.tail = p.dir_blocks[-1]  # its length counts now; real entries once nids exist
+    else:
+        p.inode.i_u = cursor.take((whole + 1) * bs)
+
+
+def _align_inode(pos: int, p: _Placed, bs: int) -> int:
+    """Inodes are 32-byte aligned; inline data must not cross a block boundary."""
+    pos = (pos + INODE_SLOT_SIZE - 1) & ~(INODE_SLOT_SIZE - 1)
+    if p.tail:
+        tail_start = pos + p.meta_size - len(p.tail)
+        if tail_start // bs != (tail_start + len(p.tail) - 1) // bs:
+            pos = -(-pos // bs) * bs
+    return pos
+
+
+def _parents(root: Node) -> dict[int, Node]:
+    """Each directory's parent, for its '..' entry (the root is its own parent)."""
+    parent_of = {id(root): root}
+    for node in _walk_dirs(root):
+        for child in node.children.values():
+            if child.is_dir:
+                parent_of[id(child)] = node
+    return parent_of
