@@ -2,8 +2,8 @@
 
 `SnapshotterProcess` runs `python -m snapshotter.service_cli serve` on a private root and socket.
 `Containerd` runs a private containerd (own config, root, state, sockets; CRI disabled) with our
-service configured as the proxy snapshotter `erofs` (and, from 1.7 on, as the proxy differ
-`erofs` when asked), and drives it with its own `ctr`.
+service configured as the proxy snapshotter `erofs-py` (and, from 1.7 on, as the proxy differ
+`erofs-py-diff` when asked), and drives it with its own `ctr`.
 """
 
 from __future__ import annotations
@@ -82,13 +82,19 @@ def containerd_config(dist: Dist, base: Path, snapshotter_socket: Path, differ: 
         "[grpc]", f'  address = "{base}/containerd.sock"',
         "[ttrpc]", f'  address = "{base}/containerd.sock.ttrpc"',
         '[plugins."io.containerd.internal.v1.opt"]', f'  path = "{base}/opt"',
-        "[proxy_plugins.erofs]", '  type = "snapshot"', f'  address = "{snapshotter_socket}"',
+        "[proxy_plugins.erofs-py]", '  type = "snapshot"', f'  address = "{snapshotter_socket}"',
     ]
+    if v2:  # the transfer service (ctr images import) unpacks only what unpack_config names
+        ours = "erofs-py-diff" if differ else "walking"
+        for snapshotter, applier in (("overlayfs", "walking"), ("erofs-py", ours)):
+            lines += ['[[plugins."io.containerd.transfer.v1.local".unpack_config]]',
+                      '  platform = "linux/amd64"', f'  snapshotter = "{snapshotter}"',
+                      f'  differ = "{applier}"']
     if differ:
-        lines += ["[proxy_plugins.erofs-diff]", '  type = "diff"',
+        lines += ["[proxy_plugins.erofs-py-diff]", '  type = "diff"',
                   f'  address = "{snapshotter_socket}"',
                   '[plugins."io.containerd.service.v1.diff-service"]',
-                  '  default = ["erofs-diff", "walking"]']
+                  '  default = ["erofs-py-diff", "walking"]']
     return "\n".join(lines) + "\n"
 
 
@@ -139,3 +145,40 @@ class Containerd:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def unmount_under(base: Path) -> None:
+    """Lazily unmount everything mounted below BASE (deepest first): our layers, overlays."""
+    prefix = str(base.resolve()) + "/"
+    targets = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        target = line.split()[4].encode().decode("unicode_escape")
+        if target.startswith(prefix):
+            targets.append(target)
+    for target in sorted(targets, key=len, reverse=True):
+        subprocess.run(["umount", "-l", target], check=False, capture_output=True)
+
+
+class Stack:
+    """Our service plus a containerd using it, under BASE (what a test module shares)."""
+
+    def __init__(self, dist: Dist, base: Path, differ: bool = False):
+        self.base = base
+        base.mkdir(parents=True, exist_ok=True)
+        self.service = SnapshotterProcess(base / "erofs-py", base / "erofs-py.sock",
+                                          base / "erofs-py.log")
+        self.containerd = Containerd(dist, base / "containerd", self.service.socket, differ)
+
+    def start(self) -> Stack:
+        self.service.start()
+        self.containerd.start()
+        return self
+
+    def restart_service(self) -> None:
+        self.service.start()
+
+    def stop(self) -> None:
+        self.containerd.stop()
+        if self.service.proc is not None and self.service.proc.poll() is None:
+            self.service.stop()
+        unmount_under(self.base)

@@ -1,7 +1,7 @@
 """Build small OCI image archives (for `ctr images import`) from layer specs, in Python.
 
 A layer is a list of entries: ("dir", path, mode), ("file", path, data, mode), ("link", path,
-target) for hard links, ("symlink", path, target), ("whiteout", path) and ("opaque", dir);
+target, mode) for hard links, ("symlink", path, target), ("whiteout", path) and ("opaque", dir);
 ("file", ...) may carry xattrs as a 5th item (dict name -> bytes, written as PAX SCHILY.xattr).
 """
 
@@ -54,7 +54,9 @@ def layer_tar(entries: list[tuple]) -> bytes:
                                       for k, v in entry[4].items()}
                 tar.addfile(ti, io.BytesIO(entry[2]))
             elif kind in ("link", "symlink"):
-                ti = _info(path, tarfile.LNKTYPE if kind == "link" else tarfile.SYMTYPE, 0o777)
+                # a hard link's mode is its target's (extractors chmod the shared inode)
+                mode = entry[3] if len(entry) > 3 else 0o777
+                ti = _info(path, tarfile.LNKTYPE if kind == "link" else tarfile.SYMTYPE, mode)
                 ti.linkname = entry[2]
                 tar.addfile(ti)
             elif kind in ("whiteout", "opaque"):
