@@ -82,15 +82,16 @@ def file_leaf_digests(
     salt: bytes,
     *,
     workers: int | None = None,
+    parallel_min_bytes: int = PARALLEL_MIN_BYTES,
 ) -> Iterator[tuple[int, bytes]]:
     """Yield (first block, digests) covering blocks 0..data_blocks-1 of `path`, in any order.
 
-    `workers` = processes to use (default: the CPUs this process may run on); 1 hashes in the
-    calling process.
+    `workers` = processes to use (default: the CPUs this process may run on); 1, or less
+    data than `parallel_min_bytes`, hashes in the calling process.
     """
     path = os.fspath(path)
     workers = default_workers() if workers is None else workers
-    if workers <= 1 or data_blocks * block_size < PARALLEL_MIN_BYTES:
+    if workers <= 1 or data_blocks * block_size < parallel_min_bytes:
         yield from hash_file_range(path, 0, data_blocks, block_size, hash_name, salt)
         return
     yield from _from_workers(path, data_blocks, block_size, hash_name, salt, workers)
