@@ -1,4 +1,4 @@
-"""The gRPC server containerd talks to: Snapshots (+ Diff when configured) and health checking.
+"""The gRPC server containerd talks to: Snapshots, Diff and health checking.
 
 The socket is created with mode 0600 (containerd runs as root); SIGTERM/SIGINT stop the server
 gracefully (in-flight calls get a few seconds), then the metadata database is closed.
@@ -18,13 +18,16 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from snapshotter.api.containerd.services.diff.v1 import diff_pb2_grpc
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc
+from snapshotter.content_client import ContentClient
+from snapshotter.diff_service import DiffService
 from snapshotter.errors import EpError
 from snapshotter.snapshots import Snapshotter
 from snapshotter.snapshots_service import SnapshotsService
 
 log = logging.getLogger(__name__)
-SERVICE_NAMES = ("containerd.services.snapshots.v1.Snapshots",)
+SERVICE_NAMES = ("containerd.services.snapshots.v1.Snapshots", "containerd.services.diff.v1.Diff")
 
 
 @dataclass
@@ -76,6 +79,9 @@ class Server:
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers))
         snapshots_pb2_grpc.add_SnapshotsServicer_to_server(
             SnapshotsService(self.snapshotter), self.grpc)
+        self.content = ContentClient(config.containerd_address)
+        diff_pb2_grpc.add_DiffServicer_to_server(DiffService(self.snapshotter, self.content),
+                                                 self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         self._stopped = threading.Event()
 
@@ -95,6 +101,7 @@ class Server:
         self.health.enter_graceful_shutdown()
         self.grpc.stop(self.config.grace_seconds).wait()
         self.snapshotter.close()
+        self.content.close()
         self.config.address.unlink(missing_ok=True)
         log.info("stopped")
 

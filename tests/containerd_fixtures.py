@@ -163,10 +163,12 @@ class Stack:
     """Our service plus a containerd using it, under BASE (what a test module shares)."""
 
     def __init__(self, dist: Dist, base: Path, differ: bool = False):
-        self.base = base
+        self.base, self.differ = base, differ
         base.mkdir(parents=True, exist_ok=True)
+        containerd_socket = base / "containerd" / "containerd.sock"
         self.service = SnapshotterProcess(base / "erofs-py", base / "erofs-py.sock",
-                                          base / "erofs-py.log")
+                                          base / "erofs-py.log",
+                                          ["--containerd-address", str(containerd_socket)])
         self.containerd = Containerd(dist, base / "containerd", self.service.socket, differ)
 
     def start(self) -> Stack:

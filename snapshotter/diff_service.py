@@ -1,0 +1,127 @@
+"""containerd.services.diff.v1.Diff: Apply writes a layer straight into our snapshot as EROFS.
+
+containerd (>= 1.7, proxy plugin of type "diff") calls Apply with the compressed layer's
+descriptor and the mounts our Prepare returned. When those mounts are one of our active
+snapshots, the blob is read from containerd's content store and converted in one pass into
+the snapshot's layer.erofs (+ dm-verity); Commit then finds it and converts nothing. Anything
+else (mounts that are not ours, media types we do not read, payloads such as decryption
+parameters) is UNIMPLEMENTED, and containerd falls back to its walking differ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import grpc
+
+from snapshotter import layer_build
+from snapshotter.api.containerd.services.diff.v1 import diff_pb2, diff_pb2_grpc
+from snapshotter.api.containerd.types import descriptor_pb2
+from snapshotter.content_client import ContentClient
+from snapshotter.errdefs import InvalidArgument, Unimplemented
+from snapshotter.grpc_errors import rpc
+from snapshotter.snapshots import Snapshotter
+from snapshotter.snapshots_service import NAMESPACE_HEADER
+from snapshotter.store import Kind
+
+log = logging.getLogger(__name__)
+
+LAYER_MEDIA_TYPES = {
+    "application/vnd.oci.image.layer.v1.tar",
+    "application/vnd.oci.image.layer.v1.tar+gzip",
+    "application/vnd.oci.image.layer.v1.tar+zstd",
+    "application/vnd.docker.image.rootfs.diff.tar",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip",
+}
+UNCOMPRESSED = "application/vnd.oci.image.layer.v1.tar"
+
+
+def upper_dir(mounts: list) -> Path | None:
+    """The directory a layer is unpacked into: the bind source or the overlay upperdir."""
+    if len(mounts) != 1:
+        return None
+    m = mounts[0]
+    if m.type == "bind":
+        return Path(m.source)
+    if m.type == "overlay":
+        for option in m.options:
+            if option.startswith("upperdir="):
+                return Path(option.removeprefix("upperdir="))
+    return None
+
+
+class DiffService(diff_pb2_grpc.DiffServicer):
+    def __init__(self, snapshotter: Snapshotter, content: ContentClient) -> None:
+        self.sn = snapshotter
+        self.content = content
+
+    def _our_snapshot(self, mounts: list) -> tuple[str, str]:
+        """(id, key) of the active snapshot of ours that MOUNTS unpack into."""
+        upper = upper_dir(mounts)
+        snapshots = self.sn.layout.snapshots
+        if upper is None or upper.name != "fs" or upper.parent.parent != snapshots:
+            raise Unimplemented("mounts are not an erofs-py snapshot")
+        sid = upper.parent.name
+        key, kind = self.sn.store.id_map().get(sid, ("", None))
+        if kind != Kind.ACTIVE or not self.sn.layout.is_ours(sid):
+            raise Unimplemented(f"snapshot directory {sid} is not an active erofs-py snapshot")
+        return sid, key
+
+    @rpc
+    def Apply(self, request: diff_pb2.ApplyRequest, context: grpc.ServicerContext):
+        desc = request.diff
+        if desc.media_type not in LAYER_MEDIA_TYPES:
+            raise Unimplemented(f"media type {desc.media_type} is not a tar layer")
+        if request.payloads:
+            raise Unimplemented("apply payloads (e.g. decryption) are not supported")
+        sid, key = self._our_snapshot(list(request.mounts))
+        namespace = _namespace(context, key)
+        meta = layer_build.publish_layer(self.sn.layout.dir(sid),
+                                         lambda out: self._convert(namespace, desc, out))
+        log.info("applied", extra={"key": key, "id": sid, "digest": desc.digest,
+                                   "diff_id": meta.diff_id, "root_hash": meta.root_hash})
+        return diff_pb2.ApplyResponse(applied=descriptor_pb2.Descriptor(
+            media_type=UNCOMPRESSED, digest=meta.diff_id))
+
+    def _convert(self, namespace: str, desc: descriptor_pb2.Descriptor, out: Path
+                 ) -> layer_build.LayerMeta:
+        from snapshotter.erofs.convert import convert_layer
+
+        with self.content.open(namespace, desc.digest) as blob:
+            result = convert_layer(blob, out, verity=True)
+        if result.compressed_digest != desc.digest:
+            raise InvalidArgument(f"content {desc.digest} read as {result.compressed_digest}")
+        v = result.verity
+        return layer_build.LayerMeta(
+            blob_size=result.size, blob_digest=_digest_prefix(out, result.size),
+            root_hash=v.root_hash, salt=v.salt, hash_offset=v.hash_offset,
+            diff_id=result.diff_id or "",
+        )
+
+    def Diff(self, request: diff_pb2.DiffRequest, context: grpc.ServicerContext):
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "erofs-py does not create diffs")
+
+
+def _namespace(context: grpc.ServicerContext, key: str) -> str:
+    for name, value in context.invocation_metadata() or ():
+        if name == NAMESPACE_HEADER:
+            return str(value)
+    return key.split("/", 1)[0]
+
+
+def _digest_prefix(path: Path, size: int) -> str:
+    """sha256 of the first SIZE bytes of PATH (the EROFS image without its verity tree)."""
+    h = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        offset = 0
+        while offset < size:
+            chunk = os.pread(fd, min(4 << 20, size - offset), offset)
+            h.update(chunk)
+            offset += len(chunk)
+    finally:
+        os.close(fd)
+    return "sha256:" + h.hexdigest()
