@@ -4,12 +4,13 @@ Measured here (2 cores, 1 GiB in page cache): one thread hashes 4 KiB blocks of 
 ~1.15 GB/s; threads make it slower (the GIL changes hands every block); one process per core,
 each over its own contiguous share of the file, scales with the cores.
 
-Workers are plain child interpreters (`python -m snapshotter.verity.worker`) rather than a
-multiprocessing pool: forking a process that runs gRPC threads (the snapshotter service) is
-unsafe, and multiprocessing's spawn/forkserver re-import the caller's `__main__`, which
-breaks for scripts without a main guard or code read from stdin. Each worker streams
-frames `<first_block u64><length u32><digests>` on its stdout; the parent collects them in
-whatever order they come (the consumers accept out-of-order leaves).
+The file is cut into one contiguous share per CPU; the calling process hashes the first
+share itself while child interpreters (`python -m snapshotter.verity.worker`) hash the
+others, each writing frames `<first_block u64><length u32><digests>` to an unnamed temp
+file that the caller reads afterwards (leaves arrive out of order; consumers accept that).
+Not a multiprocessing pool: forking a process that runs gRPC threads (the snapshotter
+service) is unsafe, and multiprocessing's spawn/forkserver re-import the caller's
+`__main__`, which breaks for scripts without a main guard or code read from stdin.
 
 Small inputs are hashed in the calling process: starting workers (~40 ms) costs more than
 it saves.
@@ -20,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
-import selectors
 import struct
 import subprocess
 import sys
@@ -103,76 +103,68 @@ def _from_workers(
     per_range = max(1, RANGE_BYTES // block_size)
     ranges = -(-data_blocks // per_range)
     workers = min(workers, ranges)
+    # contiguous shares, split on frame boundaries; share 0 is hashed by this process
+    shares = [
+        (
+            ranges * k // workers * per_range,
+            min(data_blocks, ranges * (k + 1) // workers * per_range),
+        )
+        for k in range(workers)
+    ]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
-    procs: list[subprocess.Popen[bytes]] = []
-    errs: list[IO[bytes]] = []
-    sel = selectors.DefaultSelector()
-    torn = False
-    got = 0
+    procs: list[tuple[subprocess.Popen[bytes], IO[bytes], IO[bytes]]] = []
     try:
-        for k in range(workers):
-            # contiguous shares, split on frame boundaries
-            lo = ranges * k // workers * per_range
-            hi = min(data_blocks, ranges * (k + 1) // workers * per_range)
+        for lo, hi in shares[1:]:
+            # Frames go to an unnamed file, not a pipe: a full pipe would stall the worker
+            # while this process is busy hashing its own share.
+            out = tempfile.TemporaryFile()  # noqa: SIM115 - closed in finally
             err = tempfile.TemporaryFile()  # noqa: SIM115 - closed in finally
-            errs.append(err)
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "snapshotter.verity.worker",
-                    path,
-                    str(lo),
-                    str(hi - lo),
-                    str(block_size),
-                    hash_name,
-                    salt.hex() or "-",
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=err,
-                env=env,
+            procs.append(
+                (
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-m",
+                            "snapshotter.verity.worker",
+                            path,
+                            str(lo),
+                            str(hi - lo),
+                            str(block_size),
+                            hash_name,
+                            salt.hex() or "-",
+                        ],
+                        stdin=subprocess.DEVNULL,
+                        stdout=out,
+                        stderr=err,
+                        env=env,
+                    ),
+                    out,
+                    err,
+                )
             )
-            procs.append(proc)
-            assert proc.stdout is not None
-            os.set_blocking(proc.stdout.fileno(), False)
-            sel.register(proc.stdout, selectors.EVENT_READ, bytearray())
-        open_pipes = workers
-        while open_pipes:
-            for key, _ in sel.select():
-                buf: bytearray = key.data
-                chunk = key.fileobj.read(1 << 20)  # type: ignore[union-attr]
-                if chunk is None:
-                    continue
-                if not chunk:
-                    sel.unregister(key.fileobj)
-                    open_pipes -= 1
-                    torn = torn or bool(buf)
-                    continue
-                buf += chunk
-                while len(buf) >= FRAME.size:
-                    first, size = FRAME.unpack_from(buf)
-                    if len(buf) < FRAME.size + size:
-                        break
-                    digests = bytes(buf[FRAME.size : FRAME.size + size])
-                    del buf[: FRAME.size + size]
-                    got += size
-                    yield first, digests
-        for proc, err in zip(procs, errs, strict=True):
+        yield from hash_file_range(path, 0, shares[0][1], block_size, hash_name, salt)
+        digest_size = hashlib.new(hash_name).digest_size
+        for (lo, hi), (proc, out, err) in zip(shares[1:], procs, strict=True):
             if proc.wait() != 0:
                 err.seek(0)
                 lines = err.read().decode(errors="replace").strip().splitlines()
                 raise EpError(f"verity worker failed: {lines[-1] if lines else proc.returncode}")
-        if torn or got != data_blocks * hashlib.new(hash_name).digest_size:
-            raise EpError("verity workers returned incomplete digests")
+            out.seek(0)
+            got = 0
+            while header := out.read(FRAME.size):
+                first, size = FRAME.unpack(header) if len(header) == FRAME.size else (0, -1)
+                digests = out.read(size) if size >= 0 else b""
+                if size < 0 or len(digests) != size:
+                    raise EpError("verity worker wrote a torn frame")
+                got += size
+                yield first, digests
+            if got != (hi - lo) * digest_size:
+                raise EpError("verity worker returned incomplete digests")
     finally:
-        sel.close()
-        for proc in procs:
+        for proc, out, err in procs:
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
-            if proc.stdout is not None:
-                proc.stdout.close()
-        for err in errs:
+            out.close()
             err.close()
