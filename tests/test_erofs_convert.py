@@ -269,6 +269,8 @@ def _write_huge_layer(path: Path, size: int, marks: dict[int, bytes]) -> None:
         ([Entry("d", "dir"), Entry("h", "hardlink", link="d")], "hardlink to a directory"),
         ([Entry("esc", "symlink", link="/etc"), Entry("esc/passwd", data=b"x")],
          "is a symlink"),
+        ([Entry("f", data=b"x"), Entry("f/g", data=b"y")], "not a directory"),
+        ([Entry("nobody", data=b"x", uid=2**32 - 1)], "not a valid Linux id"),
     ],
 )
 def test_hostile_tars_are_refused_and_leave_nothing(
@@ -368,3 +370,56 @@ def test_fsck_erofs_accepts_our_images(awkward_tar: Path, tmp_path: Path) -> Non
     convert(awkward_tar, out)
     proc = subprocess.run([fsck, "--extract", str(out)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_verity_tree_is_accepted_by_veritysetup(awkward_tar: Path, tmp_path: Path) -> None:
+    veritysetup = require_tool("veritysetup")
+    diff_id = "sha256:" + hashlib.sha256(awkward_tar.read_bytes()).hexdigest()
+    results = []
+    for i, extra in enumerate([[], ["--diff-id", diff_id]]):  # re-read pass vs single pass
+        out = tmp_path / f"v{i}.erofs"
+        result = convert(awkward_tar, out, "--verity", *extra)
+        v = result["verity"]
+        assert v["hash_offset"] == result["size"]
+        proc = subprocess.run(
+            [veritysetup, "verify", str(out), str(out), v["root_hash"],
+             f"--hash-offset={v['hash_offset']}"], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        results.append((out.read_bytes(), v["root_hash"]))
+    assert results[0] == results[1], "the same layer must get the same tree either way"
+    data = bytearray(results[0][0])
+    data[4096 * 3 + 5] ^= 1  # one flipped bit in the first file's data
+    bad = tmp_path / "bad.erofs"
+    bad.write_bytes(bytes(data))
+    proc = subprocess.run(
+        [veritysetup, "verify", str(bad), str(bad), results[0][1],
+         f"--hash-offset={v['hash_offset']}"], capture_output=True, text=True)
+    assert proc.returncode != 0
+
+
+def test_directory_source_keeps_whiteouts_hardlinks_and_xattrs(
+    awkward_tar: Path, tmp_path: Path
+) -> None:
+    require_root()
+    from snapshotter.erofs import convert_directory
+
+    src = tmp_path / "upper"
+    extract_with_gnu_tar(awkward_tar, src)
+    os.mknod(src / "etc/whiteout", stat.S_IFCHR | 0o600, os.makedev(0, 0))
+    os.setxattr(src / "sizes", "trusted.overlay.opaque", b"y")
+    os.mkfifo(src / "dev/fifo2")
+    sock_parent = src / "run"
+    sock_parent.mkdir()
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(sock_parent / "sock"))
+    want = tree_view(src)
+    result = convert_directory(src, tmp_path / "dir.erofs", verity=True, blob_digest=True)
+    assert result.blob_digest == "sha256:" + hashlib.sha256(
+        (tmp_path / "dir.erofs").read_bytes()[: result.size]).hexdigest()
+    with mounted_erofs(tmp_path / "dir.erofs") as mnt:
+        assert diff_views(tree_view(mnt), want) == []
+        assert hardlink_groups(mnt) == hardlink_groups(src)
+    again = convert_directory(src, tmp_path / "again.erofs", verity=True)
+    assert again.verity.root_hash == result.verity.root_hash

@@ -21,7 +21,7 @@ names = st.text(
          len(n.encode()) <= 255)
 sizes = st.one_of(st.integers(0, 70_000), st.sampled_from([4095, 4096, 4097, 65536, 131072]))
 modes = st.integers(0, 0o7777)
-ids = st.one_of(st.integers(0, 70_000), st.integers(0, 2**32 - 1))
+ids = st.one_of(st.integers(0, 70_000), st.integers(0, 2**32 - 2))
 mtimes = st.one_of(
     st.integers(0, 2**33).map(int),
     st.tuples(st.integers(1, 2**31), st.integers(0, 999_999_999)).map(

@@ -8,8 +8,11 @@ error nothing is left behind. The dm-verity leaves are hashed as the image is wr
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -17,8 +20,10 @@ from typing import BinaryIO
 from snapshotter.errors import EpError
 from snapshotter.verity.atomic import atomic_output
 
+from .dir_import import import_directory
 from .streams import LayerStream
 from .tar_import import import_tar
+from .tree import SourceTree
 from .writer import DEFAULT_HOLE_CHUNK, DataWriter, ImageParams, header_blocks, write_metadata
 
 # UUIDs of our layer images are UUIDv5 of the diffID in this namespace: the same layer always
@@ -38,6 +43,7 @@ class ConvertResult:
     block_size: int
     uuid: str
     verity: object | None  # snapshotter.verity.VerityInfo
+    blob_digest: str | None = None  # sha256 of the image bytes, when asked for
 
     def to_json(self) -> dict:
         return {
@@ -50,6 +56,7 @@ class ConvertResult:
             "blocks": self.blocks,
             "block_size": self.block_size,
             "uuid": self.uuid,
+            "blob_digest": self.blob_digest,
             "verity": self.verity.to_json() if self.verity is not None else None,
         }
 
@@ -122,67 +129,124 @@ def convert_layer(
     verity=None,
     block_size: int = 4096,
     hole_chunk: int = DEFAULT_HOLE_CHUNK,
+    blob_digest: bool = False,
 ) -> ConvertResult:
     """Convert a tar / tar.gz / tar.zst layer into an EROFS blob at `out_path`.
 
     `verity`: None, True (containerd's defaults: sha256, 4096/4096, salt derived from the
-    diffID, tree appended with a v1 superblock) or a `VerityParams`. EpError on bad input or
-    a diffID other than `expected_diff_id`; the output then does not exist.
+    diffID, tree appended with a v1 superblock) or a `VerityParams`. `blob_digest`: also
+    compute the sha256 of the image bytes. EpError on bad input or a diffID other than
+    `expected_diff_id`; the output then does not exist.
     """
     if isinstance(source, str | os.PathLike):
         with open(source, "rb") as f:
             return convert_layer(f, out_path, expected_diff_id=expected_diff_id, verity=verity,
-                                 block_size=block_size, hole_chunk=hole_chunk)
-    _check_block_size(block_size)
-    out_path = Path(out_path)
-    stream = LayerStream(source)
-    with atomic_output(out_path) as out:
-        fd = out.fileno()
-        start = header_blocks(block_size)
-        # The verity salt derives from the diffID. When the caller knows it (containerd always
-        # does), leaves are hashed while the image is written; otherwise the diffID is known
-        # only at the end and the image is hashed once more from the page cache.
-        feed = builder = vparams = None
-        if verity and expected_diff_id is not None:
-            builder, vparams = _verity_builder(verity, expected_diff_id)
-            feed = _VerityFeed(builder, vparams.data_block_size, start * block_size)
-        data = DataWriter(fd, block_size, start, feed.observe if feed else None, hole_chunk)
+                                 block_size=block_size, hole_chunk=hole_chunk,
+                                 blob_digest=blob_digest)
+    stream: LayerStream | None = None
+
+    def build(data: DataWriter) -> tuple[SourceTree, str]:
+        nonlocal stream
+        stream = LayerStream(source)
         tree = import_tar(stream, data)
         stream.drain()
         if expected_diff_id is not None and stream.diff_id != expected_diff_id:
             raise EpError(f"diffID mismatch: layer is {stream.diff_id}, "
                           f"expected {expected_diff_id}")
+        return tree, stream.diff_id
+
+    result = _convert(Path(out_path), build, identity_hint=expected_diff_id, verity=verity,
+                      block_size=block_size, hole_chunk=hole_chunk, blob_digest=blob_digest)
+    return dataclasses.replace(result, diff_id=stream.diff_id,
+                               compressed_digest=stream.compressed_digest,
+                               compression=stream.compression)
+
+
+def convert_directory(
+    src_dir: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    *,
+    verity=None,
+    block_size: int = 4096,
+    hole_chunk: int = DEFAULT_HOLE_CHUNK,
+    blob_digest: bool = False,
+) -> ConvertResult:
+    """Convert an unpacked layer directory (whiteouts as 0:0 devices, opaque xattrs) into an
+    EROFS blob. The UUID and the default verity salt derive from the tree's content."""
+    src = Path(src_dir)
+
+    def build(data: DataWriter) -> tuple[SourceTree, str]:
+        return import_directory(src, data)
+
+    return _convert(Path(out_path), build, identity_hint=None, verity=verity,
+                    block_size=block_size, hole_chunk=hole_chunk, blob_digest=blob_digest)
+
+
+def _convert(
+    out_path: Path,
+    build: Callable[[DataWriter], tuple[SourceTree, str]],
+    *,
+    identity_hint: str | None,
+    verity,
+    block_size: int,
+    hole_chunk: int,
+    blob_digest: bool,
+) -> ConvertResult:
+    """Write the image of whatever `build` reads, atomically, with optional verity tree.
+
+    `build` returns the tree and the source's identity (a sha256 digest string), from which
+    the UUID and the default verity salt derive. When the identity is known up front
+    (`identity_hint`, e.g. the diffID containerd knows) the verity leaves are hashed while
+    the image is written; otherwise the image is hashed once more from the page cache.
+    """
+    _check_block_size(block_size)
+    with atomic_output(out_path) as out:
+        fd = out.fileno()
+        start = header_blocks(block_size)
+        feed = builder = vparams = None
+        if verity and identity_hint is not None:
+            builder, vparams = _verity_builder(verity, identity_hint)
+            feed = _VerityFeed(builder, vparams.data_block_size, start * block_size)
+        data = DataWriter(fd, block_size, start, feed.observe if feed else None, hole_chunk)
+        tree, identity = build(data)
         params = ImageParams(
             block_size=block_size,
             build_time=tree.build_time,
             build_time_nsec=tree.build_time_nsec,
-            uuid=uuid.uuid5(LAYER_UUID_NAMESPACE, stream.diff_id).bytes,
+            uuid=uuid.uuid5(LAYER_UUID_NAMESPACE, identity).bytes,
         )
         sb = write_metadata(data, tree.root, params)
         size = sb.blocks * block_size
+        digest = hashlib.sha256() if blob_digest else None
+        rehash_verity = bool(verity) and identity_hint is None
+        if rehash_verity:
+            builder, vparams = _verity_builder(verity, identity)
+            feed = _VerityFeed(builder, vparams.data_block_size, 0)
+        if digest is not None or rehash_verity:
+            _reread(fd, size, feed if rehash_verity else None, digest)
         info = None
-        if verity:
-            if feed is None:
-                builder, vparams = _verity_builder(verity, stream.diff_id)
-                feed = _VerityFeed(builder, vparams.data_block_size, 0)
-                _rehash(fd, size, feed)
+        if feed is not None:
             data_end = feed.finish(fd)
             info = builder.finish(data_end // vparams.data_block_size, out, data_end)
     return ConvertResult(
-        blob=out_path, size=size, diff_id=stream.diff_id,
-        compressed_digest=stream.compressed_digest, compression=stream.compression,
+        blob=out_path, size=size, diff_id=None, compressed_digest=None, compression=None,
         entries=tree.entries, blocks=sb.blocks, block_size=block_size,
         uuid=str(uuid.UUID(bytes=params.uuid)), verity=info,
+        blob_digest="sha256:" + digest.hexdigest() if digest is not None else None,
     )
 
 
-def _rehash(fd: int, size: int, feed: _VerityFeed) -> None:
+def _reread(fd: int, size: int, feed: _VerityFeed | None, digest) -> None:
+    """One pass over the finished image for what could not be hashed while writing it."""
     offset = 0
     while offset < size:
         chunk = os.pread(fd, min(4 << 20, size - offset), offset)
         if not chunk:
             raise EpError("image shorter than written")
-        feed.observe(offset, chunk)
+        if feed is not None:
+            feed.observe(offset, chunk)
+        if digest is not None:
+            digest.update(chunk)
         offset += len(chunk)
 
 

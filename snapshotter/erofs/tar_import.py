@@ -19,11 +19,10 @@ import stat
 import tarfile
 import urllib.parse
 from collections import Counter
-from dataclasses import dataclass
 
 from snapshotter.errors import EpError
 
-from .tree import Node, validate_name
+from .tree import Node, SourceTree, pick_build_time, validate_name
 from .writer import DataWriter
 
 WHITEOUT_PREFIX = b".wh."
@@ -31,16 +30,6 @@ OPAQUE_MARKER = b".wh..wh..opq"
 OPAQUE_XATTR = b"trusted.overlay.opaque"
 ORIGIN_XATTR = b"trusted.overlay.origin"
 TAR_BUFSIZE = 1 << 20
-
-
-@dataclass
-class TarTree:
-    """The result of reading a layer tar: the tree, and the build time chosen for it."""
-
-    root: Node
-    build_time: int
-    build_time_nsec: int
-    entries: int
 
 
 def split_member_path(name: str) -> list[bytes]:
@@ -194,8 +183,10 @@ class TarImporter:
         node.mode = stat.S_IFMT(node.mode) | (info.mode & 0o7777)
         if stat.S_ISLNK(node.mode):
             node.mode = stat.S_IFLNK | 0o777
-        if not (0 <= info.uid <= 0xFFFFFFFF and 0 <= info.gid <= 0xFFFFFFFF):
-            raise EpError(f"{info.name!r}: uid/gid beyond 32 bits")
+        # (uid_t)-1 is "no id" to Linux: such a file would be unreadable even by root.
+        if not (0 <= info.uid < 0xFFFFFFFF and 0 <= info.gid < 0xFFFFFFFF):
+            raise EpError(f"{info.name!r}: uid/gid {info.uid}/{info.gid} is not a valid "
+                          "Linux id")
         node.uid, node.gid = info.uid, info.gid
         node.mtime, node.mtime_nsec = mtime
         xattrs = _xattrs(info)
@@ -211,20 +202,17 @@ class TarImporter:
         """A later entry wins; a directory over a directory was handled by the caller."""
         parent.children[name] = node
 
-    def finish(self) -> TarTree:
+    def finish(self) -> SourceTree:
         """Give implicit directories the build time: the most common mtime in the layer."""
-        if self._mtimes:
-            build_time, nsec = max(self._mtimes.items(), key=lambda kv: (kv[1], kv[0]))[0]
-        else:
-            build_time, nsec = 0, 0
+        build_time, nsec = pick_build_time(self._mtimes)
         for node in self._implicit:
             if node is self.root and self._root_explicit:
                 continue
             node.mtime, node.mtime_nsec = build_time, nsec
-        return TarTree(self.root, build_time, nsec, self.entries)
+        return SourceTree(self.root, build_time, nsec, self.entries)
 
 
-def import_tar(stream, data: DataWriter) -> TarTree:
+def import_tar(stream, data: DataWriter) -> SourceTree:
     """Read a whole tar stream (`stream.read`) into a tree; file data goes to `data`."""
     importer = TarImporter(data)
     try:

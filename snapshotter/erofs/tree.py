@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import stat
 from array import array
+from collections import Counter
 from dataclasses import dataclass, field
 
 from snapshotter.errors import EpError
@@ -79,3 +80,24 @@ def validate_name(name: bytes) -> None:
         raise EpError(f"invalid file name {name!r}")
     if len(name) > 255:
         raise EpError(f"file name longer than 255 bytes: {name[:40]!r}...")
+
+
+@dataclass
+class SourceTree:
+    """A source read into a tree: the root, the image build time chosen, entries read."""
+
+    root: Node
+    build_time: int
+    build_time_nsec: int
+    entries: int
+
+
+def pick_build_time(mtimes: Counter[tuple[int, int]]) -> tuple[int, int]:
+    """The most common (seconds, nanoseconds) mtime, the latest on a tie.
+
+    Compact inodes (32 bytes instead of 64) can only carry the superblock's build time, so
+    the most common mtime makes the most inodes compact; it also dates implicit directories.
+    """
+    if not mtimes:
+        return 0, 0
+    return max(mtimes.items(), key=lambda kv: (kv[1], kv[0]))[0]
