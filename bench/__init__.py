@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m bench.<name>`; results and commands in docs/benchmarks.md."""
