@@ -11,12 +11,19 @@ page cache, then alternates, round by round:
 - the streaming builder alone: `hash_blocks` over 4 MiB chunks already in memory, then
   `finish` (what the EROFS converter adds to a conversion pass).
 Roots must agree. Prints the best and median time of each and the ratio to veritysetup.
+
+    python -m bench.verity_bench --memory-gib 100
+
+instead measures the streaming builder's peak RSS for a blob of that size (4 KiB blocks):
+leaf digests are fed directly (no data), then `finish` writes the hash area to a temp file.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -84,6 +91,26 @@ def _streaming(data: Path, hash_path: Path) -> tuple[str, float]:
     return root, elapsed
 
 
+def _memory(gib: int, tmp_dir: str | None) -> int:
+    blocks = (gib << 30) // 4096
+    chunk = 8192
+    pattern = hashlib.sha256(b"leaf").digest() * chunk
+    builder = VerityTreeBuilder(VerityParams(salt=SALT), tmp_dir=tmp_dir)
+    t = time.perf_counter()
+    for b0 in range(0, blocks, chunk):
+        builder.add_leaf_digests(b0, pattern[: 32 * min(chunk, blocks - b0)])
+    fed = time.perf_counter() - t
+    with tempfile.TemporaryFile(dir=tmp_dir) as out:
+        t = time.perf_counter()
+        builder.finish(blocks, out, 0)
+        finished = time.perf_counter() - t
+        area = out.seek(0, os.SEEK_END)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    print(f"streaming builder, {gib} GiB blob = {blocks} leaves: feeding {fed:.1f} s, "
+          f"finish {finished:.1f} s, hash area {area >> 20} MiB, peak RSS {peak} MiB")
+    return 0
+
+
 def _timed(fn: Callable[[], str]) -> tuple[str, float]:
     t = time.perf_counter()
     root = fn()
@@ -96,7 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dir", help="where to put the data file (default: the temp directory)")
+    ap.add_argument("--memory-gib", type=int, help="measure peak RSS for a blob this big")
     args = ap.parse_args(argv)
+    if args.memory_gib:
+        return _memory(args.memory_gib, args.dir)
     if shutil.which("veritysetup") is None:
         print("needs veritysetup (cryptsetup-bin)", file=sys.stderr)
         return 1
