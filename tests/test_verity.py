@@ -516,3 +516,14 @@ def test_cli_separate_hash_file_no_superblock_and_errors(tmp_path, capsys):
     assert "salt must be given" in capsys.readouterr().err
     assert cli_main(["verity", "format", str(f), "--data-block-size", "1000"]) == 1
     assert "power of two" in capsys.readouterr().err
+
+
+def test_verify_missing_files_are_clear_errors(tmp_path):
+    f = tmp_path / "data"
+    f.write_bytes(rand_bytes(4096 * 3))
+    info = format_file(f, hash_path=tmp_path / "h", params=VerityParams(salt=SALT))
+    verify_file(f, info, tmp_path / "h")
+    with pytest.raises(EpError, match="no such file"):
+        verify_file(f, info, tmp_path / "missing")
+    with pytest.raises(EpError, match="cannot read"):
+        read_superblock(tmp_path / "missing")

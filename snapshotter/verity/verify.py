@@ -29,16 +29,20 @@ _CHUNK = 4 << 20
 
 
 def read_superblock(path: PathLike, offset: int = 0) -> VeritySuperblock:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return VeritySuperblock.deserialize(f.read(SUPERBLOCK_SIZE))
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            raw = f.read(SUPERBLOCK_SIZE)
+    except OSError as exc:
+        raise EpError(f"cannot read {path}: {exc.strerror}") from None
+    return VeritySuperblock.deserialize(raw)
 
 
 def verify_file(
     data_path: PathLike,
     info_or_params: VerityInfo | VerityParams,
-    *,
     hash_path: PathLike | None = None,
+    *,
     root_hash: str | None = None,
     hash_offset: int | None = None,
     data_blocks: int | None = None,
@@ -75,6 +79,9 @@ def verify_file(
         hash_offset = 0
     hpath = Path(hash_path if hash_path is not None else data_path)
     dpath = Path(data_path)
+    for path in (dpath, hpath):
+        if not path.is_file():
+            raise EpError(f"{path}: no such file")
     dbs = params.data_block_size
     if params.superblock:
         sb = read_superblock(hpath, hash_offset)
