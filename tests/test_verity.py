@@ -361,6 +361,11 @@ def test_separate_hash_file_needs_whole_blocks_and_leaves_nothing(tmp_path):
     (tmp_path / "empty").write_bytes(b"")
     with pytest.raises(EpError, match="empty"):
         format_file(tmp_path / "empty", params=VerityParams(salt=SALT))
+    with pytest.raises(EpError, match="No such file"):
+        format_file(tmp_path / "missing")
+    os.truncate(data, 4096)
+    with pytest.raises(EpError, match="No such file"):
+        format_file(data, hash_path=tmp_path / "no-dir" / "h", params=VerityParams(salt=SALT))
 
 
 # --- salt, UUID and outputs -----------------------------------------------------------------

@@ -59,16 +59,27 @@ def format_file(
     `params` None: `default_params(data_path)`. `workers`: hashing processes (default: one
     per CPU; 1 = in this process).
     """
+    data_path = Path(data_path)
+    try:
+        return _format(data_path, hash_path, params, workers, memory_limit)
+    except OSError as exc:
+        where = exc.filename or data_path
+        raise EpError(f"verity format: {where}: {exc.strerror or exc}") from None
+
+
+def _format(
+    data_path: Path,
+    hash_path: PathLike | None,
+    params: VerityParams | None,
+    workers: int | None,
+    memory_limit: int,
+) -> VerityInfo:
+    size = data_path.stat().st_size
+    if size == 0:
+        raise EpError(f"{data_path} is empty: dm-verity needs at least one data block")
     if params is None:
         params = default_params(data_path)
     params.validate()
-    data_path = Path(data_path)
-    try:
-        size = data_path.stat().st_size
-    except OSError as exc:
-        raise EpError(f"cannot read {data_path}: {exc.strerror}") from None
-    if size == 0:
-        raise EpError(f"{data_path} is empty: dm-verity needs at least one data block")
     dbs = params.data_block_size
     if hash_path is None:
         align = dbs if params.superblock else max(dbs, params.hash_block_size)
