@@ -79,8 +79,9 @@ class DiffService(diff_pb2_grpc.DiffServicer):
             raise Unimplemented("apply payloads (e.g. decryption) are not supported")
         sid, key = self._our_snapshot(list(request.mounts))
         namespace = _namespace(context, key)
-        meta = layer_build.publish_layer(self.sn.layout.dir(sid),
-                                         lambda out: self._convert(namespace, desc, out))
+        with self.sn.layout.busy(sid):
+            meta = layer_build.publish_layer(self.sn.layout.dir(sid),
+                                             lambda out: self._convert(namespace, desc, out))
         log.info("applied", extra={"key": key, "id": sid, "digest": desc.digest,
                                    "diff_id": meta.diff_id, "root_hash": meta.root_hash})
         return diff_pb2.ApplyResponse(applied=descriptor_pb2.Descriptor(

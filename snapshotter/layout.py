@@ -15,10 +15,13 @@ is garbage that `Cleanup` removes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import threading
 import uuid
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 from snapshotter import hostmount
@@ -38,6 +41,7 @@ class Layout:
         self.snapshots = root / "snapshots"
         self.snapshots.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._staging: set[str] = set()
+        self._busy: Counter[str] = Counter()
         self._lock = threading.Lock()
 
     def dir(self, sid: str) -> Path:
@@ -117,9 +121,25 @@ class Layout:
             if p.name not in known and p.name not in busy
         )
 
+    @contextlib.contextmanager
+    def busy(self, sid: str) -> Iterator[None]:
+        """Mark SID as being written (a conversion): Cleanup leaves its temp files alone."""
+        with self._lock:
+            self._busy[sid] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._busy[sid] -= 1
+                if not self._busy[sid]:
+                    del self._busy[sid]
+
     def leftovers(self, sid: str, kind: Kind) -> list[Path]:
-        """Garbage an interrupted call left inside live snapshot SID."""
+        """Garbage an interrupted call left inside live snapshot SID (none while it is busy)."""
         base = self.dir(sid)
+        with self._lock:
+            if sid in self._busy:
+                return []
         if not base.is_dir():
             return []
         junk = [p for p in base.iterdir() if p.name.endswith(".tmp") or p.name.startswith("fs.old")]

@@ -94,14 +94,15 @@ class Snapshotter:
             raise FailedPrecondition(f"snapshot {key!r} is not active")
         if self._exists(name):
             raise AlreadyExists(f"committed snapshot {name!r} already exists")
-        meta = self._layer_of(sid)
-        usage = Usage(self.layout.layer(sid).stat().st_size, 1)
-        with self.store.transaction() as db:
-            self.store.commit_active(db, key, name, usage, {**(labels or {}), **meta.labels()},
-                                     parent)
-        log.info("committed", extra={"key": key, "committed": name, "id": sid,
-                                     "root_hash": meta.root_hash, "size": meta.blob_size})
-        self.layout.retire_upper(sid)
+        with self.layout.busy(sid):
+            meta = self._layer_of(sid)
+            usage = Usage(self.layout.layer(sid).stat().st_size, 1)
+            with self.store.transaction() as db:
+                self.store.commit_active(db, key, name, usage,
+                                         {**(labels or {}), **meta.labels()}, parent)
+            log.info("committed", extra={"key": key, "committed": name, "id": sid,
+                                         "root_hash": meta.root_hash, "size": meta.blob_size})
+            self.layout.retire_upper(sid)
 
     def _exists(self, key: str) -> bool:
         try:
