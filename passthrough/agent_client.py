@@ -1,0 +1,128 @@
+"""Host side of the guest agent protocol (shim_integration/agent.py): JSON lines over the unix
+socket QEMU exposes for the agent's virtio-serial port."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import itertools
+import json
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from passthrough.errors import AgentFailure
+
+
+class AgentClient:
+    """One connection to the guest agent. The port admits one host connection at a time."""
+
+    def __init__(self, path: str | Path, timeout: float = 30.0,
+                 alive: Callable[[], bool] | None = None) -> None:
+        self.path = str(path)
+        self.timeout = timeout
+        self._alive = alive or (lambda: True)
+        self._ids = itertools.count(1)
+        self._buf = b""
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._sock.connect(self.path)
+        except OSError as exc:
+            self._sock.close()
+            raise AgentFailure(f"cannot connect to the agent port {self.path}: {exc}") from None
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
+    def __enter__(self) -> AgentClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _readline(self, deadline: float) -> bytes:
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AgentFailure(f"agent did not answer within {self.timeout}s")
+            if not self._alive():
+                raise AgentFailure("the VM went away while waiting for the agent")
+            self._sock.settimeout(min(left, 0.25))
+            try:
+                chunk = self._sock.recv(65536)
+            except TimeoutError:
+                continue
+            if not chunk:
+                raise AgentFailure("agent connection closed by QEMU")
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return line
+
+    def call(self, op: str, **args: Any) -> dict[str, Any]:
+        """Send one request; return its result or raise AgentFailure (with the guest errno).
+
+        An op-side `timeout` argument (seconds the agent may wait) extends the reply deadline.
+        """
+        req_id = next(self._ids)
+        self._sock.sendall((json.dumps({"id": req_id, "op": op, **args}) + "\n").encode())
+        deadline = time.monotonic() + max(self.timeout, float(args.get("timeout") or 0) + 5)
+        while True:
+            reply = json.loads(self._readline(deadline))
+            if reply.get("id") == req_id:
+                break  # older replies (of requests that timed out) are dropped
+        if not reply.get("ok"):
+            raise AgentFailure(f"agent {op}: {reply.get('error')}", reply.get("errno"))
+        return reply["result"]
+
+    # Convenience wrappers, one per op (see docs/passthrough.md).
+
+    def ping(self) -> dict[str, Any]:
+        return self.call("ping")
+
+    def run(self, *argv: str, timeout: float = 30.0) -> dict[str, Any]:
+        return self.call("run", argv=list(argv), timeout=timeout)
+
+    def block_devices(self) -> list[dict[str, Any]]:
+        return self.call("block_devices")["devices"]
+
+    def wait_block(self, serial: str | None = None, pci: str | None = None,
+                   timeout: float = 10.0) -> dict[str, Any]:
+        return self.call("wait_block", serial=serial, pci=pci, timeout=timeout)
+
+    def wait_block_gone(self, name: str, timeout: float = 10.0) -> None:
+        self.call("wait_block_gone", name=name, timeout=timeout)
+
+    def verity_open(self, name: str, **params: Any) -> str:
+        """Open dm-verity NAME: `table=` a full table line, or the fields of
+        `verity_table` in the agent (data_device, data_blocks, hash_start_block, root_hash...)."""
+        return self.call("verity_open", name=name, **params)["device"]
+
+    def verity_status(self, name: str) -> dict[str, Any]:
+        return self.call("verity_status", name=name)
+
+    def verity_close(self, name: str) -> None:
+        self.call("verity_close", name=name)
+
+    def mount(self, source: str, target: str | None = None, fstype: str = "erofs",
+              options: list[str] | None = None) -> str:
+        return self.call("mount", source=source, target=target, fstype=fstype,
+                         options=options or [])["target"]
+
+    def umount(self, target: str) -> None:
+        self.call("umount", target=target)
+
+    def teardown(self) -> dict[str, Any]:
+        return self.call("teardown")
+
+    def hash_tree(self, root: str) -> dict[str, Any]:
+        return self.call("hash_tree", root=root, timeout=300)["entries"]
+
+    def read_file(self, path: str, offset: int = 0, length: int | None = None) -> bytes:
+        res = self.call("read_file", path=path, offset=offset, length=length)
+        return base64.b64decode(res["data"])
+
+    def read_speed(self, path: str, limit: int | None = None) -> dict[str, Any]:
+        return self.call("read_speed", path=path, limit=limit, timeout=600)
