@@ -73,9 +73,15 @@ def build_image(layers: list[list[tuple]], name: str, out: Path,
                 cmd: list[str] | None = None) -> dict:
     """Write an OCI image archive to OUT; returns {name, diff_ids, layer_digests}."""
     tars = [layer_tar(entries) for entries in layers]
-    blobs = [Blob("application/vnd.oci.image.layer.v1.tar+gzip", gzip.compress(t, mtime=0))
-             for t in tars]
+    blobs = [gzip.compress(t, mtime=0) for t in tars]
     diff_ids = ["sha256:" + hashlib.sha256(t).hexdigest() for t in tars]
+    return write_archive(blobs, diff_ids, name, out, cmd)
+
+
+def write_archive(gzip_layers: list[bytes], diff_ids: list[str], name: str, out: Path,
+                  cmd: list[str] | None = None) -> dict:
+    """An OCI image archive of already compressed (gzip) layers with their diffIDs."""
+    blobs = [Blob("application/vnd.oci.image.layer.v1.tar+gzip", b) for b in gzip_layers]
     config = Blob("application/vnd.oci.image.config.v1+json", json.dumps({
         "architecture": "amd64", "os": "linux",
         "config": {"Cmd": cmd or ["/bin/sh"], "Env": ["PATH=/bin"]},
