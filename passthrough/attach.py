@@ -101,8 +101,13 @@ class Attacher:
     """Attach/detach on one VM: its QEMU QMP session, and the storage daemon's for vhost-user."""
 
     def __init__(self, qmp: QmpSession, qsd_path: str | Path | None = None,
-                 runtime_dir: str | Path | None = None) -> None:
+                 runtime_dir: str | Path | None = None,
+                 before_step: Callable[[str], None] | None = None) -> None:
+        """BEFORE_STEP, if given, is called with each attach step's name ("blockdev-add",
+        "qsd:blockdev-add", "qsd:block-export-add", "chardev-add", "device_add") right before
+        it runs: the fault-injection point the tests use to kill a real peer mid-attach."""
         self.qmp = qmp
+        self._before_step = before_step or (lambda step: None)
         self.runtime_dir = Path(runtime_dir or Path(qmp.path).parent)
         self.qsd_path = Path(qsd_path) if qsd_path else self.runtime_dir / "qsd.sock"
         self._qsd: QmpSession | None = None
@@ -122,6 +127,12 @@ class Attacher:
         if self._qsd is not None:
             self._qsd.close()
             self._qsd = None
+
+    def __enter__(self) -> Attacher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -254,17 +265,20 @@ class Attacher:
             except BaseException as exc:
                 failed = undo.run()
                 if failed and isinstance(exc, PassthroughError):
-                    raise type(exc)(f"{exc} (and undo failed: {'; '.join(failed)})") from exc
+                    exc.args = (f"{exc} (and undoing: {'; '.join(failed)})",)
                 raise
             return self._describe(dev, transport, path, port, self.root_ports().get(port))
 
     def _attach_virtio_blk(self, path: str, dev: str, port: str, undo: _Undo) -> None:
         node = _names(dev)["node"]
+        self._before_step("blockdev-add")
         self.qmp.cmd("blockdev-add", **{
             "driver": "raw", "node-name": node, "read-only": True,
-            "file": {"driver": "file", "filename": path, "read-only": True}})
+            "file": {"driver": "file", "node-name": f"{dev}-file", "filename": path,
+                     "read-only": True}})
         undo.push(f"blockdev-del {node}",
                   lambda: self.qmp.cmd("blockdev-del", **{"node-name": node}))
+        self._before_step("device_add")
         self.qmp.cmd("device_add", driver=_DRIVER["virtio-blk"], id=dev, drive=node, bus=port,
                      serial=dev)
 
@@ -272,22 +286,26 @@ class Attacher:
         names = _names(dev)
         sock = self._socket_path(dev)
         qsd = self.qsd
+        self._before_step("qsd:blockdev-add")
         qsd.cmd("blockdev-add", **{"driver": "file", "node-name": names["node"],
                                    "filename": path, "read-only": True})
         undo.push(f"qsd blockdev-del {names['node']}",
                   lambda: qsd.cmd("blockdev-del", **{"node-name": names["node"]}))
         with contextlib.suppress(FileNotFoundError):
             sock.unlink()
+        self._before_step("qsd:block-export-add")
         qsd.cmd("block-export-add", **{
             "type": "vhost-user-blk", "id": names["export"], "node-name": names["node"],
             "writable": False, "addr": {"type": "unix", "path": str(sock)}})
         undo.push(f"qsd block-export-del {names['export']}",
                   lambda: self._del_export(qsd, names["export"]))
+        self._before_step("chardev-add")
         self.qmp.cmd("chardev-add", id=names["chardev"], backend={
             "type": "socket",
             "data": {"addr": {"type": "unix", "data": {"path": str(sock)}}, "server": False}})
         undo.push(f"chardev-remove {names['chardev']}",
                   lambda: self.qmp.cmd("chardev-remove", id=names["chardev"]))
+        self._before_step("device_add")
         self.qmp.cmd("device_add", driver=_DRIVER["vhost-user-blk"], id=dev,
                      chardev=names["chardev"], bus=port, **{"num-queues": 1})
 

@@ -25,13 +25,15 @@ class QmpSession:
     """QMP over a unix socket, with blocking calls. Not thread-safe: one user at a time."""
 
     def __init__(self, path: str | Path, name: str = "erofs-passthrough",
-                 timeout: float = 5.0) -> None:
+                 timeout: float = 10.0, connect_timeout: float = 30.0) -> None:
+        """CONNECT_TIMEOUT covers the greeting too: a QMP monitor serves one client at a
+        time, so a second one waits (in the listen backlog) until the first disconnects."""
         self.path = str(path)
         self.timeout = timeout
         self._loop = asyncio.new_event_loop()
         self._client = QMPClient(name)
         try:
-            self._run(self._client.connect(self.path), timeout, "connect")
+            self._run(self._client.connect(self.path), connect_timeout, "connect")
         except BaseException:
             self.close()
             raise
@@ -89,6 +91,10 @@ class QmpSession:
         with contextlib.suppress(Exception):
             self._loop.run_until_complete(asyncio.wait_for(self._client.disconnect(), 2))
         self._loop.close()
+
+    def __del__(self) -> None:  # a forgotten session must not leave asyncio tasks dangling
+        with contextlib.suppress(Exception):
+            self.close()
 
     def __enter__(self) -> QmpSession:
         return self

@@ -2,8 +2,10 @@
 shared memfd (vhost-user needs it), a pool of pcie-root-ports for hotplug, QMP on a unix socket,
 the guest agent's virtio-serial port, and one qemu-storage-daemon for vhost-user-blk exports.
 
-Files of one VM live in its work directory: qmp.sock, qsd.sock, agent.sock, console.log,
-qemu.log, qsd.log (and vhost-user sockets made by attach).
+Files of one VM live in its work directory: qmp.sock and qsd.sock (QEMU's and the storage
+daemon's QMP, for attach/detach tools), qmp-vm.sock and qsd-vm.sock (the launcher's own
+monitors: a QMP monitor serves one client at a time, so the launcher keeps out of the tools'
+way), agent.sock, console.log, qemu.log, qsd.log, and the vhost-user sockets attach makes.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ class Vm:
         self._own_workdir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="ep-vm-"))
         self.qmp_path = self.workdir / "qmp.sock"
+        self.own_qmp_path = self.workdir / "qmp-vm.sock"
         self.qsd_path = self.workdir / "qsd.sock"
         self.agent_path = self.workdir / "agent.sock"
         self.console_path = self.workdir / "console.log"
@@ -87,6 +90,8 @@ class Vm:
                 "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
                 "-chardev", f"socket,id=qmp,path={self.qmp_path},server=on,wait=off",
                 "-mon", "chardev=qmp,mode=control",
+                "-chardev", f"socket,id=qmp-vm,path={self.own_qmp_path},server=on,wait=off",
+                "-mon", "chardev=qmp-vm,mode=control",
                 "-chardev", f"file,id=con,path={self.console_path}",
                 "-serial", "chardev:con",
                 "-device", "virtio-serial-pci,id=vser,bus=pcie.0,addr=0x3",
@@ -115,9 +120,11 @@ class Vm:
         self.started_at = time.monotonic()
         try:
             if self.config.storage_daemon:
-                self.qsd = StorageDaemon(self.qsd_path, self.workdir / "qsd.log").start()
+                self.qsd = StorageDaemon(self.qsd_path, self.workdir / "qsd.log",
+                                         self.workdir / "qsd-vm.sock").start()
             self.proc = procs.spawn(self.argv(), self.log_path)
-            for sock in (self.qmp_path, self.agent_path):  # QEMU makes them in argv order
+            # QEMU makes them in argv order
+            for sock in (self.qmp_path, self.own_qmp_path, self.agent_path):
                 procs.wait_socket(sock, self.proc, timeout, self.log_path)
         except BaseException:
             self.stop()
@@ -130,9 +137,9 @@ class Vm:
 
     @property
     def qmp(self) -> QmpSession:
-        """A QMP session owned by this VM object (tests use it to inspect QEMU)."""
+        """A QMP session on the launcher's own monitor (tests use it to inspect QEMU)."""
         if self._qmp is None or not self._qmp.alive:
-            self._qmp = QmpSession(self.qmp_path)
+            self._qmp = QmpSession(self.own_qmp_path)
         return self._qmp
 
     def console_tail(self, lines: int = 30) -> str:

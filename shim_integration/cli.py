@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "snapshotter.verity.cli",
     "snapshotter.service_cli",
     "shim_integration.demo",
+    "passthrough.cli",
 )
 
 

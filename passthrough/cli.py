@@ -1,0 +1,89 @@
+"""`erofs-passthrough attach|detach`: hotplug files into a running QEMU over its QMP socket."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from passthrough.errors import PassthroughError
+
+if TYPE_CHECKING:
+    from passthrough.attach import Attachment
+
+# passthrough.attach.TRANSPORTS; repeated here so that `erofs-passthrough` does not import
+# asyncio and qemu.qmp for every other subcommand (a test checks they agree).
+TRANSPORTS = ("virtio-blk", "vhost-user-blk")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--qmp", required=True, type=Path, help="QEMU's QMP unix socket")
+    common.add_argument("--storage-daemon", type=Path, default=None, metavar="SOCK",
+                        help="qemu-storage-daemon's QMP socket for vhost-user-blk "
+                        "(default: qsd.sock next to the QMP socket)")
+    common.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = subparsers.add_parser("attach", parents=[common],
+                              help="attach files read-only to a running QEMU")
+    p.add_argument("--transport", choices=TRANSPORTS, default="virtio-blk")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.set_defaults(func=cmd_attach)
+
+    p = subparsers.add_parser("detach", parents=[common],
+                              help="unplug devices (by device id or attached file)")
+    p.add_argument("--timeout", type=float, default=15.0,
+                   help="seconds to wait for the guest to release a device")
+    p.add_argument("devices", nargs="+", metavar="DEVICE|FILE")
+    p.set_defaults(func=cmd_detach)
+
+
+def _print(args: argparse.Namespace, key: str, atts: list[Attachment]) -> None:
+    if args.json:
+        print(json.dumps({key: [a.to_json() for a in atts]}, indent=2))
+        return
+    for a in atts:
+        print(f"{a.device_id} {a.transport} port={a.root_port} pci={a.pci_slot} "
+              f"serial={a.serial} {a.file or ''}".rstrip())
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    """All or nothing: if one file fails, the files this call attached are detached again."""
+    from passthrough.attach import Attacher
+    from passthrough.qmp import QmpSession
+
+    for f in args.files:  # refuse the whole call up front rather than half of it later
+        if not Path(f).exists():
+            raise PassthroughError(f"cannot attach {f}: No such file or directory")
+    with QmpSession(args.qmp) as qmp, Attacher(qmp, args.storage_daemon) as attacher:
+        before = {a.device_id for a in attacher.attached()}
+        done: list[Attachment] = []
+        try:
+            for f in args.files:
+                done.append(attacher.attach(f, args.transport))
+        except PassthroughError as exc:
+            undone = []
+            for att in reversed(done):
+                if att.device_id in before:
+                    continue
+                try:
+                    attacher.detach(att.device_id)
+                    undone.append(att.device_id)
+                except PassthroughError as undo_exc:
+                    raise PassthroughError(f"{exc}; and detaching {att.device_id} again "
+                                           f"failed: {undo_exc}") from exc
+            suffix = f" (detached again: {', '.join(undone)})" if undone else ""
+            raise PassthroughError(f"{exc}{suffix}") from exc
+        _print(args, "attached", done)
+    return 0
+
+
+def cmd_detach(args: argparse.Namespace) -> int:
+    from passthrough.attach import Attacher
+    from passthrough.qmp import QmpSession
+
+    with QmpSession(args.qmp) as qmp, Attacher(qmp, args.storage_daemon) as attacher:
+        done = [attacher.detach(d, timeout=args.timeout) for d in args.devices]
+        _print(args, "detached", done)
+    return 0
