@@ -25,13 +25,22 @@ class AgentClient:
         self.timeout = timeout
         self._alive = alive or (lambda: True)
         self._ids = itertools.count(1)
+        self._sock = self._connect()
+
+    def _connect(self) -> socket.socket:
         self._buf = b""
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self._sock.connect(self.path)
+            sock.connect(self.path)
         except OSError as exc:
-            self._sock.close()
+            sock.close()
             raise AgentFailure(f"cannot connect to the agent port {self.path}: {exc}") from None
+        return sock
+
+    def reconnect(self) -> None:
+        """Drop the connection and open a new one (the agent reopens its port for it)."""
+        self.close()
+        self._sock = self._connect()
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
