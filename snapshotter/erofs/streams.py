@@ -189,7 +189,8 @@ class LayerStream:
             size = len(self._buf) - self._pos
         while len(self._buf) - self._pos < size and self._fill():
             pass
-        out = bytes(self._buf[self._pos:self._pos + size])
+        with memoryview(self._buf) as view:
+            out = bytes(view[self._pos:self._pos + size])
         self._pos += len(out)
         return out
 

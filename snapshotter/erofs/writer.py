@@ -55,6 +55,7 @@ WriteObserver = Callable[[int, bytes], None]
 
 DEFAULT_HOLE_CHUNK = 64 * 1024
 READ_SIZE = 1 << 20
+WRITE_BUFFER = 4 << 20
 
 
 def header_blocks(block_size: int, extra_devices: int = 0) -> int:
@@ -82,20 +83,35 @@ class DataWriter:
         self.observer = observer
         self.hole_chunk = hole_chunk
         self._zero_chunk = bytes(hole_chunk)
+        self._zero_view = memoryview(self._zero_chunk)
+        self._buffer = bytearray()
         os.lseek(fd, start_block * block_size, os.SEEK_SET)
 
     def _emit(self, data: bytes | memoryview) -> int:
-        """Append whole-block data at the cursor; returns its first block."""
+        """Append whole-block data at the cursor; returns its first block.
+
+        Small pieces are gathered into one buffer so a layer of many small files costs few
+        write calls; the observer sees the same bytes, in order, when they are flushed.
+        """
         first = self.next_block
-        offset = first * self.block_size
-        view = memoryview(data)
+        self._buffer += data
+        self.next_block += len(data) // self.block_size
+        if len(self._buffer) >= WRITE_BUFFER:
+            self.flush()
+        return first
+
+    def flush(self) -> None:
+        if not self._buffer:
+            return
+        offset = self.next_block * self.block_size - len(self._buffer)
+        view = memoryview(self._buffer)
         while view:
             written = os.write(self.fd, view)
             view = view[written:]
+        view.release()
         if self.observer is not None:
-            self.observer(offset, bytes(data) if isinstance(data, memoryview) else data)
-        self.next_block += len(data) // self.block_size
-        return first
+            self.observer(offset, bytes(self._buffer))
+        self._buffer.clear()
 
     def _pad(self, data: bytes) -> bytes:
         rem = len(data) % self.block_size
@@ -116,6 +132,17 @@ class DataWriter:
         if size == 0:
             return None
         chunk = self.hole_chunk
+        if size < chunk:  # too small to hold a hole: the common case, kept short
+            first = self.next_block
+            self._buffer += _read_exact(read, size)
+            rem = size % self.block_size
+            if rem:
+                self._buffer += self._zero_view[: self.block_size - rem]
+            nblocks = -(-size // self.block_size)
+            self.next_block += nblocks
+            if len(self._buffer) >= WRITE_BUFFER:
+                self.flush()
+            return Extent(first, nblocks)
         addrs = array("I")
         start = self.next_block
         remaining = size
@@ -206,14 +233,15 @@ def write_metadata(
     compactable_time = (params.build_time, params.build_time_nsec)
 
     placed: list[_Placed] = []
+    no_xattrs = XattrIbody()
     for ino, node in enumerate(order, start=1):
-        entries = [XattrEntry(k, v) for k, v in sorted(node.xattrs.items())
-                   if (k, v) not in shared]
-        ibody = XattrIbody(
-            shared_ids=sorted(shared[(k, v)] for k, v in node.xattrs.items()
-                              if (k, v) in shared),
-            entries=entries,
-        )
+        ibody = no_xattrs
+        if node.xattrs:
+            items = sorted(node.xattrs.items())
+            ibody = XattrIbody(
+                shared_ids=sorted(shared[kv] for kv in items if kv in shared),
+                entries=[XattrEntry(*kv) for kv in items if kv not in shared],
+            )
         nlink = nlinks[id(node)]
         extended = (
             (node.mtime, node.mtime_nsec) != compactable_time
@@ -227,7 +255,7 @@ def write_metadata(
     # Directory sizes depend only on names, so every block address can be decided before
     # nids exist; then everything is written in address order.
     for p in placed:
-        if p.node.is_dir:
+        if p.node.children is not None:
             p.dir_blocks = _dir_block_plan(p.node, bs)
             p.inode.size = (len(p.dir_blocks) - 1) * bs + len(p.dir_blocks[-1])
     cursor = _BlockCursor(data.next_block, bs)
@@ -291,6 +319,7 @@ def write_metadata(
         extra_devices=len(params.devices),
         devt_slotoff=(SUPER_OFFSET + SUPER_SIZE) // DeviceSlot.SIZE if params.devices else 0,
     )
+    data.flush()
     if sb.root_nid > 0xFFFF:
         raise EpError("root inode beyond the 16-bit root nid range")
     head = bytearray(header_blocks(bs, len(params.devices)) * bs)
@@ -356,8 +385,9 @@ def _count_links(root: Node) -> Counter[int]:
     for node in _walk_dirs(root):
         links[id(node)] += 2
         for child in node.children.values():
-            links[id(child)] += 1 if not child.is_dir else 0
-            if child.is_dir:
+            if child.children is None:
+                links[id(child)] += 1
+            else:
                 links[id(node)] += 1
     return links
 
@@ -367,7 +397,7 @@ def _walk_dirs(root: Node) -> Iterator[Node]:
     while stack:
         node = stack.pop()
         yield node
-        stack.extend(c for c in node.children.values() if c.is_dir)
+        stack.extend(c for c in node.children.values() if c.children is not None)
 
 
 def _shared_xattrs(order: list[Node], bs: int) -> tuple[dict[tuple[bytes, bytes], int], bytes]:
