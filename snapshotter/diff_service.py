@@ -10,9 +10,7 @@ parameters) is UNIMPLEMENTED, and containerd falls back to its walking differ.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 from pathlib import Path
 
 import grpc
@@ -92,12 +90,12 @@ class DiffService(diff_pb2_grpc.DiffServicer):
         from snapshotter.erofs.convert import convert_layer
 
         with self.content.open(namespace, desc.digest) as blob:
-            result = convert_layer(blob, out, verity=True)
+            result = convert_layer(blob, out, verity=True, blob_digest=True)
         if result.compressed_digest != desc.digest:
             raise InvalidArgument(f"content {desc.digest} read as {result.compressed_digest}")
         v = result.verity
         return layer_build.LayerMeta(
-            blob_size=result.size, blob_digest=_digest_prefix(out, result.size),
+            blob_size=result.size, blob_digest=result.blob_digest,
             root_hash=v.root_hash, salt=v.salt, hash_offset=v.hash_offset,
             diff_id=result.diff_id or "",
         )
@@ -111,18 +109,3 @@ def _namespace(context: grpc.ServicerContext, key: str) -> str:
         if name == NAMESPACE_HEADER:
             return str(value)
     return key.split("/", 1)[0]
-
-
-def _digest_prefix(path: Path, size: int) -> str:
-    """sha256 of the first SIZE bytes of PATH (the EROFS image without its verity tree)."""
-    h = hashlib.sha256()
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        offset = 0
-        while offset < size:
-            chunk = os.pread(fd, min(4 << 20, size - offset), offset)
-            h.update(chunk)
-            offset += len(chunk)
-    finally:
-        os.close(fd)
-    return "sha256:" + h.hexdigest()

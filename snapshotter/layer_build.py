@@ -14,17 +14,13 @@ character devices, opaque directories as trusted.overlay.opaque=y) into that ima
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import secrets
-import subprocess
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from snapshotter.errors import EpError
 from snapshotter.fsutil import fsync_file, rename_durable, unlink_durable, write_atomic
 
 LAYER = "layer.erofs"
@@ -90,47 +86,10 @@ def publish_layer(directory: Path, produce: Producer) -> LayerMeta:
 
 
 def convert_directory(src: Path, out: Path) -> LayerMeta:
-    """Unpacked layer directory SRC -> EROFS image + appended dm-verity tree at OUT.
+    """Unpacked layer directory SRC -> EROFS image + appended dm-verity tree at OUT."""
+    from snapshotter.erofs.convert import convert_directory as convert
 
-    Stand-in until the EROFS engine's directory converter lands: Debian's mkfs.erofs (no inline
-    tail data, so the fsmeta merge can address every file block) and veritysetup.
-    """
-    proc = subprocess.run(
-        ["mkfs.erofs", "--quiet", "-Enoinline_data", str(out), str(src)],
-        capture_output=True, text=True,
-    )
-    if proc.returncode != 0:
-        raise EpError(f"mkfs.erofs {src}: {proc.stderr.strip() or proc.stdout.strip()}")
-    size, digest = _pad_and_digest(out)
-    salt = secrets.token_hex(32)
-    root = _veritysetup_format(out, size, salt)
-    return LayerMeta(size, digest, root, salt, size)
-
-
-def _pad_and_digest(path: Path) -> tuple[int, str]:
-    """Pad PATH to a whole number of 4 KiB blocks; return (size, sha256 digest)."""
-    h = hashlib.sha256()
-    with open(path, "r+b") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-        size = f.tell()
-        pad = -size % BLOCK
-        if pad:
-            f.write(bytes(pad))
-            h.update(bytes(pad))
-    return size + pad, "sha256:" + h.hexdigest()
-
-
-def _veritysetup_format(path: Path, hash_offset: int, salt: str) -> str:
-    proc = subprocess.run(
-        ["veritysetup", "format", str(path), str(path), f"--hash-offset={hash_offset}",
-         f"--data-blocks={hash_offset // BLOCK}",
-         f"--salt={salt}", "--data-block-size=4096", "--hash-block-size=4096"],
-        capture_output=True, text=True,
-    )
-    if proc.returncode != 0:
-        raise EpError(f"veritysetup format {path}: {proc.stderr.strip()}")
-    for line in proc.stdout.splitlines():
-        if line.startswith("Root hash:"):
-            return line.split(":", 1)[1].strip()
-    raise EpError(f"veritysetup format printed no root hash: {proc.stdout!r}")
+    result = convert(src, out, verity=True, blob_digest=True)
+    v = result.verity
+    return LayerMeta(blob_size=result.size, blob_digest=result.blob_digest,
+                     root_hash=v.root_hash, salt=v.salt, hash_offset=v.hash_offset)
