@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/python3 -S
 """The guest agent: PID 1 of the test guest's root, serving a JSON-lines protocol on a
 virtio-serial port.
 
@@ -16,23 +16,23 @@ PID 1 it must never exit (that would panic the guest).
 
 from __future__ import annotations
 
-import base64
-import contextlib
-import ctypes
+# Only what the first request needs is imported up front: under TCG every module costs
+# milliseconds of boot-to-ready (subprocess, ctypes, hashlib... come with the ops that use them).
+# Started with -S (no site): pyudev's directory is added when it is first needed.
 import errno
-import hashlib
 import json
 import os
 import select
-import stat
-import subprocess
 import sys
 import time
-import traceback
-from collections.abc import Callable
-from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
 
 PORT_NAME = "org.erofs-passthrough.agent"
+DIST_PACKAGES = "/usr/lib/python3/dist-packages"
 MOUNT_BASE = "/run/ep/mnt"
 MS_RDONLY = 1
 MNT_DETACH = 2
@@ -98,6 +98,8 @@ def _matches(info: dict[str, Any], serial: str | None, pci: str | None) -> bool:
 
 
 def _udev_monitor() -> Any:
+    if DIST_PACKAGES not in sys.path:
+        sys.path.append(DIST_PACKAGES)
     import pyudev  # the guest's python3-pyudev; imported late so the agent starts fast
 
     monitor = pyudev.Monitor.from_netlink(pyudev.Context(), source="kernel")
@@ -135,10 +137,21 @@ def wait_block_gone(name: str, timeout: float) -> dict[str, Any]:
 
 # --- dm-verity and mounts ----------------------------------------------------------------------
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
-                        ctypes.c_char_p]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_LIBC: Any = None
+
+
+def _libc() -> Any:
+    """libc's mount(2)/umount2(2) through ctypes (no mount binary to spawn per request)."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+
+        lib = ctypes.CDLL(None, use_errno=True)
+        lib.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
+                              ctypes.c_ulong, ctypes.c_char_p]
+        lib.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+        _LIBC = (lib, ctypes.get_errno)
+    return _LIBC
 
 
 def verity_table(p: dict[str, Any]) -> str:
@@ -153,6 +166,8 @@ def verity_table(p: dict[str, Any]) -> str:
 
 
 def _dmsetup(*args: str) -> str:
+    import subprocess
+
     env = dict(os.environ, DM_DISABLE_UDEV="1")  # no udev here: dmsetup makes the nodes itself
     proc = subprocess.run(["dmsetup", *args], capture_output=True, text=True, env=env,
                           check=False)
@@ -199,25 +214,32 @@ def op_mount(req: dict[str, Any]) -> dict[str, Any]:
     os.makedirs(target, exist_ok=True)
     options = ",".join(req.get("options", []))
     flags = MS_RDONLY if req.get("read_only", True) else 0
-    rc = _libc.mount(req["source"].encode(), target.encode(),
-                     req.get("fstype", "erofs").encode(), flags, options.encode() or None)
+    libc, get_errno = _libc()
+    rc = libc.mount(req["source"].encode(), target.encode(),
+                    req.get("fstype", "erofs").encode(), flags, options.encode() or None)
     if rc != 0:
-        err = ctypes.get_errno()
-        with contextlib.suppress(OSError):
-            os.rmdir(target)
+        err = get_errno()
+        _rmdir_quiet(target)
         raise AgentError(f"mount {req['source']} on {target}: {os.strerror(err)}", err)
     STATE.mounts.append(target)
     return {"target": target}
 
 
+def _rmdir_quiet(path: str) -> None:
+    try:  # noqa: SIM105 (contextlib would be one more module to import at boot)
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
 def _umount(target: str, lazy: bool = False) -> None:
-    if _libc.umount2(target.encode(), MNT_DETACH if lazy else 0) != 0:
-        err = ctypes.get_errno()
+    libc, get_errno = _libc()
+    if libc.umount2(target.encode(), MNT_DETACH if lazy else 0) != 0:
+        err = get_errno()
         raise AgentError(f"umount {target}: {os.strerror(err)}", err)
     if target in STATE.mounts:
         STATE.mounts.remove(target)
-    with contextlib.suppress(OSError):
-        os.rmdir(target)
+    _rmdir_quiet(target)
 
 
 def op_umount(req: dict[str, Any]) -> dict[str, Any]:
@@ -250,6 +272,8 @@ def op_teardown(req: dict[str, Any]) -> dict[str, Any]:
 
 
 def _hash_file(path: str) -> dict[str, Any]:
+    import hashlib
+
     h = hashlib.sha256()
     size = 0
     try:
@@ -265,6 +289,8 @@ def _hash_file(path: str) -> dict[str, Any]:
 def hash_tree(root: str) -> dict[str, Any]:
     """Every entry under ROOT: regular files by content hash (or the errno reading gave),
     symlinks by target, directories and devices by mode."""
+    import stat
+
     entries: dict[str, Any] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
@@ -292,6 +318,9 @@ def op_read_file(req: dict[str, Any]) -> dict[str, Any]:
             data = fh.read(int(length)) if length is not None else fh.read()
     except OSError as exc:
         raise _oserror(exc, f"read {path}") from None
+    import base64
+    import hashlib
+
     return {"data": base64.b64encode(data).decode(), "sha256": hashlib.sha256(data).hexdigest(),
             "size": len(data)}
 
@@ -300,8 +329,11 @@ def op_read_speed(req: dict[str, Any]) -> dict[str, Any]:
     """Read PATH (a file or a block device) sequentially with O_DIRECT-free buffered reads after
     dropping caches; report bytes and seconds."""
     path, limit = req["path"], req.get("limit")
-    with contextlib.suppress(OSError), open("/proc/sys/vm/drop_caches", "w") as fh:
-        fh.write("3\n")
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as fh:
+            fh.write("3\n")
+    except OSError:
+        pass
     total = 0
     start = time.monotonic()
     try:
@@ -325,6 +357,8 @@ def op_ping(req: dict[str, Any]) -> dict[str, Any]:
 
 
 def op_run(req: dict[str, Any]) -> dict[str, Any]:
+    import subprocess
+
     try:
         proc = subprocess.run(req["argv"], input=req.get("input"), capture_output=True,
                               text=True, timeout=float(req.get("timeout", 30)), check=False)
@@ -373,6 +407,8 @@ def handle(line: bytes) -> dict[str, Any]:
         return {"id": req_id, "ok": False, "error": f"bad request: {exc!r}",
                 "errno": errno.EINVAL}
     except Exception as exc:  # an agent bug must not kill PID 1
+        import traceback
+
         traceback.print_exc()
         return {"id": req_id, "ok": False, "error": f"agent error: {exc!r}", "errno": None}
 
@@ -382,10 +418,13 @@ def handle(line: bytes) -> dict[str, Any]:
 
 def find_port(name: str = PORT_NAME) -> str | None:
     base = "/sys/class/virtio-ports"
-    with contextlib.suppress(OSError):
-        for port in sorted(os.listdir(base)):
-            if _read_attr(f"{base}/{port}/name") == name:
-                return f"/dev/{port}"
+    try:
+        ports = sorted(os.listdir(base))
+    except OSError:
+        return None
+    for port in ports:
+        if _read_attr(f"{base}/{port}/name") == name:
+            return f"/dev/{port}"
     return None
 
 
@@ -423,6 +462,8 @@ def main() -> None:
                 os.close(fd)
             time.sleep(0.02)  # EOF: no host connected; look again shortly
         except Exception:  # PID 1 must not die
+            import traceback
+
             traceback.print_exc()
             time.sleep(0.5)
 
