@@ -64,6 +64,8 @@ class AgentClient:
                 chunk = self._sock.recv(65536)
             except TimeoutError:
                 continue
+            except OSError as exc:  # QEMU went away under us
+                raise AgentFailure(f"agent connection lost: {exc}") from None
             if not chunk:
                 raise AgentFailure("agent connection closed by QEMU")
             self._buf += chunk
@@ -76,7 +78,10 @@ class AgentClient:
         An op-side `timeout` argument (seconds the agent may wait) extends the reply deadline.
         """
         req_id = next(self._ids)
-        self._sock.sendall((json.dumps({"id": req_id, "op": op, **args}) + "\n").encode())
+        try:
+            self._sock.sendall((json.dumps({"id": req_id, "op": op, **args}) + "\n").encode())
+        except OSError as exc:
+            raise AgentFailure(f"agent connection lost: {exc}") from None
         deadline = time.monotonic() + max(self.timeout, float(args.get("timeout") or 0) + 5)
         while True:
             reply = json.loads(self._readline(deadline))

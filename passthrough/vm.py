@@ -145,6 +145,16 @@ class Vm:
     def console_tail(self, lines: int = 30) -> str:
         return procs.tail(self.console_path, lines)
 
+    def console_summary(self, lines: int = 8) -> str:
+        """Our init's messages and the kernel's panic line, then the console's last lines
+        (a panic's stack trace would otherwise push the reason out of any tail)."""
+        try:
+            text = self.console_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no console output)"
+        notes = [ln for ln in text if "ep-init:" in ln or "Kernel panic" in ln]
+        return "\n".join([*notes, "...", *text[-lines:]])
+
     def wait_agent(self, timeout: float = 60.0) -> AgentClient:
         """Connect to the guest agent and wait for its first answer (= guest booted)."""
         client = AgentClient(self.agent_path, timeout=timeout, alive=lambda: self.alive)
@@ -153,7 +163,7 @@ class Vm:
         except AgentFailure as exc:
             client.close()
             raise VmFailure(f"guest agent not ready: {exc}\n--- console ---\n"
-                            f"{self.console_tail()}\n--- qemu ---\n"
+                            f"{self.console_summary()}\n--- qemu ---\n"
                             f"{procs.tail(self.log_path)}") from None
         client.timeout = 60.0
         return client

@@ -365,3 +365,24 @@ def test_cli_attach_detach_round_trip(vm: Vm, agent: AgentClient, attacher: Atta
     again = subprocess.run([*CLI, "detach", "--qmp", qmp, atts[0]["device_id"]],
                            capture_output=True, text=True, check=False)
     assert again.returncode == 1 and "not attached" in again.stderr
+
+
+def test_guest_with_a_wrong_root_hash_does_not_boot(guest_image: GuestImage) -> None:
+    """The initramfs refuses a root image that does not match the command line's root hash:
+    PID 1 exits, the kernel panics, QEMU stops (-no-reboot) and the launcher says why."""
+    from passthrough.errors import VmFailure
+
+    args = []
+    for arg in guest_image.kernel_args:
+        if arg.startswith("ep.verity="):
+            blocks, start, root, salt = arg.removeprefix("ep.verity=").split(",")
+            root = root[:-1] + ("0" if root[-1] != "0" else "1")
+            arg = f"ep.verity={blocks},{start},{root},{salt}"
+        args.append(arg)
+    assert args != list(guest_image.kernel_args)
+    config = VmConfig.for_guest(guest_image, root_ports=1, storage_daemon=False)
+    config.kernel_args = args
+    with Vm(config) as vm, pytest.raises(VmFailure) as err:
+        vm.wait_agent(timeout=60)
+    assert "ep-init: FAILED: mount the EROFS root" in str(err.value)
+    assert not vm.alive
