@@ -150,6 +150,8 @@ def test_whiteouts_and_opaque_dirs_as_overlayfs_reads_them(tmp_path: Path) -> No
         Entry("implicit/.wh..wh..opq"),
         Entry(".wh.toplevel"),
         Entry("etc/.wh..wh.plnk", "dir"),
+        Entry(".wh.redone"), Entry("redone", "dir"), Entry("redone/new", data=b"r"),
+        Entry(".wh.implied"), Entry("implied/new", data=b"i"),
     ]
     layer = write_tar(tmp_path / "l.tar", entries)
     out = tmp_path / "l.erofs"
@@ -164,6 +166,9 @@ def test_whiteouts_and_opaque_dirs_as_overlayfs_reads_them(tmp_path: Path) -> No
         assert os.getxattr(mnt / "etc", "trusted.overlay.origin") == b""
         assert os.getxattr(mnt, "trusted.overlay.origin") == b""
         assert sorted(os.listdir(mnt / "var/cache")) == ["new"]
+        # Deleted, then recreated in the same layer: the new directory hides the old one.
+        for path in ["redone", "implied"]:
+            assert os.getxattr(mnt / path, "trusted.overlay.opaque") == b"y", path
         assert sorted(os.listdir(mnt / "etc")) == ["kept", "removed"]
         # No ./ entry: the root gets fixed, documented attributes.
         st = os.stat(mnt)

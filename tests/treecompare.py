@@ -85,13 +85,13 @@ def tree_view(root: Path, *, mtimes: bool = True) -> dict[str, EntryView]:
 
 def hardlink_groups(root: Path) -> list[list[str]]:
     """Paths that share an inode (non-directories), each group sorted, groups sorted."""
-    by_ino: dict[int, list[str]] = {}
+    by_ino: dict[tuple[int, int], list[str]] = {}
     for dirpath, _dirnames, filenames in os.walk(root):
         for name in filenames:
             p = Path(dirpath, name)
             st = p.lstat()
             if st.st_nlink > 1:
-                by_ino.setdefault(st.st_ino, []).append(str(p.relative_to(root)))
+                by_ino.setdefault((st.st_dev, st.st_ino), []).append(str(p.relative_to(root)))
     return sorted(sorted(g) for g in by_ino.values() if len(g) > 1)
 
 

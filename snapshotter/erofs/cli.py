@@ -1,4 +1,4 @@
-"""`convert` and `inspect`: thin commands over the EROFS library."""
+"""`convert`, `merge` and `inspect`: thin commands over the EROFS library."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import json
 import stat
 import sys
 import uuid
+from pathlib import Path
 
 from snapshotter.errors import EpError
 
 from .convert import convert_layer
 from .format import decode_dev
+from .merge import LayerBlob, merge_layers
 from .reader import ErofsImage
 
 
@@ -26,6 +28,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="EROFS block size (4096; 512 only for kernels >= 6.4)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_convert)
+
+    p = subparsers.add_parser(
+        "merge", help="merge layer images (lowest first) into one metadata-only fsmeta")
+    p.add_argument("out", help="the fsmeta image to write")
+    p.add_argument("layers", nargs="+", help="layer images, lowest first (device 1 = first)")
+    p.add_argument("--verity", action="store_true",
+                   help="append a dm-verity tree to the fsmeta (and the flat image)")
+    p.add_argument("--flat", metavar="OUT.img",
+                   help="also write one flat image: the fsmeta and every blob back to back")
+    p.add_argument("--tag", action="append", default=[], metavar="DIGEST",
+                   help="device tag per layer, in order (default: the layer's UUID)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_merge)
 
     p = subparsers.add_parser("inspect", help="show an EROFS image's superblock and tree")
     p.add_argument("image")
@@ -50,6 +65,26 @@ def _convert(args: argparse.Namespace) -> int:
         if result.verity is not None:
             print(f"verity root hash {result.verity.root_hash} "
                   f"(hash offset {result.verity.hash_offset})")
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    if args.tag and len(args.tag) != len(args.layers):
+        raise EpError(f"{len(args.tag)} --tag values for {len(args.layers)} layers")
+    tags = args.tag or [None] * len(args.layers)
+    layers = [LayerBlob(Path(p), t) for p, t in zip(args.layers, tags, strict=True)]
+    result = merge_layers(layers, args.out, verity=args.verity, flat_path=args.flat)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+        return 0
+    print(f"{result.fsmeta}: {result.size} bytes, {result.entries} entries, "
+          f"{len(result.devices)} devices")
+    for i, d in enumerate(result.devices, start=1):
+        print(f"  device {i}: {d.path} tag={d.tag} blocks={d.blocks} uniaddr={d.uniaddr}")
+    if result.verity is not None:
+        print(f"verity root hash {result.verity.root_hash}")
+    if result.flat is not None:
+        print(f"flat image {result.flat}: {result.flat_size} bytes")
     return 0
 
 

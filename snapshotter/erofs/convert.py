@@ -21,6 +21,7 @@ from snapshotter.errors import EpError
 from snapshotter.verity.atomic import atomic_output
 
 from .dir_import import import_directory
+from .image_verity import VerityFeed, reread, verity_builder
 from .streams import LayerStream
 from .tar_import import import_tar
 from .tree import SourceTree
@@ -59,66 +60,6 @@ class ConvertResult:
             "blob_digest": self.blob_digest,
             "verity": self.verity.to_json() if self.verity is not None else None,
         }
-
-
-class _VerityFeed:
-    """Feeds dm-verity leaves from the image's sequential writes.
-
-    Everything after the header is written in order; the header (superblock block) is written
-    last. So leaves are hashed for each whole verity block of the sequential part as it
-    passes, and the head is hashed at the end from the file (one block, still in cache).
-    """
-
-    def __init__(self, builder, block_size: int, seq_start: int) -> None:
-        self.builder = builder
-        self.dbs = block_size
-        self.first_hashed = -(-seq_start // block_size) * block_size
-        self.expect = seq_start
-        self.pending = bytearray()
-        self.pending_at = self.first_hashed
-
-    def observe(self, offset: int, data: bytes) -> None:
-        if offset != self.expect:
-            if offset + len(data) <= self.first_hashed:
-                return  # the header, hashed in finish()
-            raise AssertionError(f"non-sequential image write at {offset}")
-        self.expect += len(data)
-        skip = max(0, self.first_hashed - offset)
-        view = memoryview(data)[skip:]
-        if not self.pending and len(view) % self.dbs == 0:
-            self.builder.hash_blocks(self.pending_at // self.dbs, view)
-            self.pending_at += len(view)
-            return
-        self.pending += view
-        whole = len(self.pending) - len(self.pending) % self.dbs
-        if whole:
-            self.builder.hash_blocks(self.pending_at // self.dbs, self.pending[:whole])
-            del self.pending[:whole]
-            self.pending_at += whole
-
-    def finish(self, fd: int) -> int:
-        """Hash the head and the zero-padded last block; returns the data size in bytes."""
-        end = self.pending_at
-        if self.pending:
-            last = bytes(self.pending) + bytes(-len(self.pending) % self.dbs)
-            self.builder.hash_blocks(self.pending_at // self.dbs, last)
-            end += len(last)
-        if self.first_hashed:
-            head = os.pread(fd, self.first_hashed, 0)
-            self.builder.hash_blocks(0, head)
-        return end
-
-
-def _verity_builder(verity, salt_source: str):
-    from snapshotter.verity import VerityParams, VerityTreeBuilder, derive_salt
-
-    params = verity
-    if params is True:
-        params = VerityParams()
-    if not params.salt:
-        params = VerityParams(**{**params.__dict__, "salt": derive_salt(salt_source)})
-    params.validate()
-    return VerityTreeBuilder(params), params
 
 
 def convert_layer(
@@ -205,8 +146,8 @@ def _convert(
         start = header_blocks(block_size)
         feed = builder = vparams = None
         if verity and identity_hint is not None:
-            builder, vparams = _verity_builder(verity, identity_hint)
-            feed = _VerityFeed(builder, vparams.data_block_size, start * block_size)
+            builder, vparams = verity_builder(verity, identity_hint)
+            feed = VerityFeed(builder, vparams.data_block_size, start * block_size)
         data = DataWriter(fd, block_size, start, feed.observe if feed else None, hole_chunk)
         tree, identity = build(data)
         params = ImageParams(
@@ -220,10 +161,10 @@ def _convert(
         digest = hashlib.sha256() if blob_digest else None
         rehash_verity = bool(verity) and identity_hint is None
         if rehash_verity:
-            builder, vparams = _verity_builder(verity, identity)
-            feed = _VerityFeed(builder, vparams.data_block_size, 0)
+            builder, vparams = verity_builder(verity, identity)
+            feed = VerityFeed(builder, vparams.data_block_size, 0)
         if digest is not None or rehash_verity:
-            _reread(fd, size, feed if rehash_verity else None, digest)
+            reread(fd, size, feed if rehash_verity else None, digest)
         info = None
         if feed is not None:
             data_end = feed.finish(fd)
@@ -234,20 +175,6 @@ def _convert(
         uuid=str(uuid.UUID(bytes=params.uuid)), verity=info,
         blob_digest="sha256:" + digest.hexdigest() if digest is not None else None,
     )
-
-
-def _reread(fd: int, size: int, feed: _VerityFeed | None, digest) -> None:
-    """One pass over the finished image for what could not be hashed while writing it."""
-    offset = 0
-    while offset < size:
-        chunk = os.pread(fd, min(4 << 20, size - offset), offset)
-        if not chunk:
-            raise EpError("image shorter than written")
-        if feed is not None:
-            feed.observe(offset, chunk)
-        if digest is not None:
-            digest.update(chunk)
-        offset += len(chunk)
 
 
 def _check_block_size(block_size: int) -> None:

@@ -113,6 +113,10 @@ class ErofsImage:
             for i in range(self.sb.extra_devices)
         ]
 
+    def read_at(self, pos: int, length: int) -> bytes:
+        """Raw bytes of the primary device."""
+        return self._bytes(pos, length)
+
     def _bytes(self, pos: int, length: int) -> bytes:
         if pos < 0 or pos + length > len(self._map):
             raise EpError(f"{self.path}: read beyond the image at {pos}+{length}")

@@ -59,16 +59,23 @@ class TarImporter:
         node = self.root
         for part in parts[:-1]:
             child = node.children.get(part)
-            if child is None:
-                child = Node.directory(0o755)
-                self._implicit.add(id(child))
-                self._implicit_nodes.append(child)
+            if child is None or _is_whiteout(child):
+                child = self._implicit_dir(replaces_whiteout=child is not None)
                 node.children[part] = child
             elif not child.is_dir:
                 kind = "a symlink" if stat.S_ISLNK(child.mode) else "not a directory"
                 raise EpError(f"{_show(name)!r}: path component {_show(part)!r} is {kind}")
             node = child
         return node
+
+    def _implicit_dir(self, replaces_whiteout: bool) -> Node:
+        child = Node.directory(0o755)
+        if replaces_whiteout:
+            # Deleted earlier in this layer, then written into: nothing below shows through.
+            child.xattrs[OPAQUE_XATTR] = b"y"
+        self._implicit.add(id(child))
+        self._implicit_nodes.append(child)
+        return child
 
     def _lookup(self, parts: list[bytes]) -> Node | None:
         node: Node | None = self.root
@@ -111,6 +118,10 @@ class TarImporter:
                 self._set_attrs(existing, m)  # a directory over a directory: attributes only
                 return
             node = Node.directory()
+            if existing is not None and _is_whiteout(existing):
+                # `.wh.X` then `X/` in one layer (OCI: the whiteout applies to the layers
+                # below, the new X to this one): X must hide what lies below it.
+                node.xattrs[OPAQUE_XATTR] = b"y"
         elif m.typeflag == ts.HARDLINK:
             parent.children[name] = self._link_target(m)
             return
@@ -164,6 +175,10 @@ class TarImporter:
             if id(node) in self._implicit:
                 node.mtime, node.mtime_nsec = build_time, nsec
         return SourceTree(self.root, build_time, nsec, self.entries)
+
+
+def _is_whiteout(node: Node) -> bool:
+    return stat.S_ISCHR(node.mode) and node.rdev == (0, 0)
 
 
 def _show(name: bytes) -> str:

@@ -195,6 +195,9 @@ class ImageParams:
     uuid: bytes = b"\0" * 16
     volume_name: bytes = b""
     devices: tuple[DeviceSlot, ...] = ()
+    # Give each device its start block in one flat address space: this image first, then
+    # the devices back to back (what a flat multi-blob device and erofs-utils expect).
+    unified_addresses: bool = False
 
 
 @dataclass
@@ -320,11 +323,17 @@ def write_metadata(
         devt_slotoff=(SUPER_OFFSET + SUPER_SIZE) // DeviceSlot.SIZE if params.devices else 0,
     )
     data.flush()
+    devices = list(params.devices)
+    if params.unified_addresses:
+        start = sb.blocks
+        for i, slot in enumerate(devices):
+            devices[i] = DeviceSlot(slot.tag, slot.blocks, start)
+            start += slot.blocks
     if sb.root_nid > 0xFFFF:
         raise EpError("root inode beyond the 16-bit root nid range")
     head = bytearray(header_blocks(bs, len(params.devices)) * bs)
     head[SUPER_OFFSET:SUPER_OFFSET + SUPER_SIZE] = sb.pack()
-    slots = b"".join(d.pack() for d in params.devices)
+    slots = b"".join(d.pack() for d in devices)
     head[SUPER_OFFSET + SUPER_SIZE:SUPER_OFFSET + SUPER_SIZE + len(slots)] = slots
     _write_at(data, 0, bytes(head))
     os.ftruncate(data.fd, data.next_block * bs)

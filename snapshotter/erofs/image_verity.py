@@ -1,0 +1,101 @@
+"""dm-verity for images as they are written: the glue between the EROFS writer's write
+stream and `snapshotter.verity`'s tree builder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from typing import BinaryIO
+
+from snapshotter.errors import EpError
+from snapshotter.verity import VerityInfo, VerityParams, VerityTreeBuilder, derive_salt
+
+
+class VerityFeed:
+    """Feeds dm-verity leaves from the image's sequential writes.
+
+    Everything after the header is written in order; the header (superblock block) is written
+    last. So leaves are hashed for each whole verity block of the sequential part as it
+    passes, and the head is hashed at the end from the file (one block, still in cache).
+    """
+
+    def __init__(self, builder: VerityTreeBuilder, block_size: int, seq_start: int) -> None:
+        self.builder = builder
+        self.dbs = block_size
+        self.first_hashed = -(-seq_start // block_size) * block_size
+        self.expect = seq_start
+        self.pending = bytearray()
+        self.pending_at = self.first_hashed
+
+    def observe(self, offset: int, data: bytes) -> None:
+        if offset != self.expect:
+            if offset + len(data) <= self.first_hashed:
+                return  # the header, hashed in finish()
+            raise AssertionError(f"non-sequential image write at {offset}")
+        self.expect += len(data)
+        skip = max(0, self.first_hashed - offset)
+        view = memoryview(data)[skip:]
+        if not self.pending and len(view) % self.dbs == 0:
+            self.builder.hash_blocks(self.pending_at // self.dbs, view)
+            self.pending_at += len(view)
+            return
+        self.pending += view
+        whole = len(self.pending) - len(self.pending) % self.dbs
+        if whole:
+            self.builder.hash_blocks(self.pending_at // self.dbs, self.pending[:whole])
+            del self.pending[:whole]
+            self.pending_at += whole
+
+    def finish(self, fd: int) -> int:
+        """Hash the head and the zero-padded last block; returns the data size in bytes."""
+        end = self.pending_at
+        if self.pending:
+            last = bytes(self.pending) + bytes(-len(self.pending) % self.dbs)
+            self.builder.hash_blocks(self.pending_at // self.dbs, last)
+            end += len(last)
+        if self.first_hashed:
+            head = os.pread(fd, self.first_hashed, 0)
+            self.builder.hash_blocks(0, head)
+        return end
+
+
+def verity_builder(
+    verity: VerityParams | bool, salt_source: str | bytes
+) -> tuple[VerityTreeBuilder, VerityParams]:
+    """A tree builder; `True` means containerd's geometry. Without a salt of its own, the
+    salt derives from `salt_source` (a digest), so the same content gets the same root."""
+    params = VerityParams() if verity is True else verity
+    if not params.salt:
+        params = dataclasses.replace(params, salt=derive_salt(salt_source))
+    params.validate()
+    return VerityTreeBuilder(params), params
+
+
+def reread(fd: int, size: int, feed: VerityFeed | None, digest: hashlib._Hash | None) -> None:
+    """One pass over the finished image for what could not be hashed while writing it."""
+    offset = 0
+    while offset < size:
+        chunk = os.pread(fd, min(4 << 20, size - offset), offset)
+        if not chunk:
+            raise EpError("image shorter than written")
+        if feed is not None:
+            feed.observe(offset, chunk)
+        if digest is not None:
+            digest.update(chunk)
+        offset += len(chunk)
+
+
+
+
+def append_verity(
+    out: BinaryIO, size: int, verity: VerityParams | bool, salt_source: str | bytes
+) -> VerityInfo:
+    """Hash the first `size` bytes of the open file and append the tree at `size` (a whole
+    number of data blocks)."""
+    builder, params = verity_builder(verity, salt_source)
+    feed = VerityFeed(builder, params.data_block_size, 0)
+    reread(out.fileno(), size, feed, None)
+    end = feed.finish(out.fileno())
+    return builder.finish(end // params.data_block_size, out, end)

@@ -1,0 +1,350 @@
+"""The fsmeta merge: an image's layer blobs become one metadata-only EROFS.
+
+Layers are applied bottom to top with overlayfs' rules, as a guest would see them stacked:
+a whiteout (character device 0:0) removes the entry below it, an opaque directory
+(`trusted.overlay.opaque=y`) hides everything below it, any other entry replaces what was
+there (a directory over a directory merges, the upper one's attributes win), and hardlinks stay
+linked within their layer. No whiteout and no `trusted.overlay.*` xattr remains in the result.
+
+Regular files become chunk-based inodes whose chunk indexes address (device, block) in the
+layer blob that holds their data: device i is the i-th layer given (1 = lowest). The device
+table names each blob by a tag (its sha256 digest in hex, or its EROFS UUID) with its block
+count, and gives each a start block in a flat address space right after the fsmeta, so the
+same fsmeta mounts either with one `device=` per blob or, on kernels with flat multi-blob
+support (Linux >= 6.3), as one flat image: fsmeta and blobs back to back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import stat
+import uuid
+from array import array
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from snapshotter.errors import EpError
+from snapshotter.verity.atomic import atomic_output
+
+from .format import NULL_ADDR, DeviceSlot
+from .image_verity import append_verity
+from .reader import ChunkRef, ErofsImage, InodeInfo
+from .tree import Chunks, Node, SourceTree, pick_build_time
+from .writer import DataWriter, ImageParams, header_blocks, write_metadata
+
+OVERLAY_XATTR_PREFIX = b"trusted.overlay."
+OPAQUE_XATTR = b"trusted.overlay.opaque"
+FSMETA_UUID_NAMESPACE = uuid.UUID("0e1b7f4c-2b8e-4f39-a7a5-63f4a1d5c0de")
+MAX_CHUNKBITS = 31
+
+
+@dataclass(frozen=True)
+class LayerBlob:
+    """A layer image to merge; `tag` names it in the device table (at most 64 bytes)."""
+
+    path: Path
+    tag: str | None = None  # default: the image's UUID as 32 hex digits
+
+
+@dataclass(frozen=True)
+class MergedDevice:
+    path: Path
+    tag: str
+    blocks: int  # the blob's primary-device blocks (its EROFS image, no verity tree)
+    uniaddr: int  # start block in the flat address space
+
+
+@dataclass(frozen=True)
+class MergeTree:
+    tree: SourceTree
+    devices: list[MergedDevice]
+    block_size: int
+
+
+def _strip_overlay(xattrs: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    return {k: v for k, v in xattrs.items() if not k.startswith(OVERLAY_XATTR_PREFIX)}
+
+
+def _is_whiteout(info: InodeInfo) -> bool:
+    return stat.S_ISCHR(info.mode) and info.inode.i_u == 0
+
+
+class _LayerApplier:
+    """Applies one layer image onto the merged tree."""
+
+    def __init__(self, img: ErofsImage, device: int, data: DataWriter,
+                 mtimes: Counter[tuple[int, int]]) -> None:
+        self.img = img
+        self.device = device
+        self.data = data
+        self.mtimes = mtimes
+        self.bs = img.block_size
+        self.links: dict[int, Node] = {}  # nid -> node, for hardlinks within the layer
+
+    def apply_root(self, root: Node) -> None:
+        info = self.img.inode(self.img.root_nid)
+        xattrs = self.img.xattrs(info)
+        if xattrs.get(OPAQUE_XATTR) == b"y":
+            root.children.clear()
+        self._set_attrs(root, info, xattrs)
+        self._apply_dir(root, info)
+
+    def _set_attrs(self, node: Node, info: InodeInfo, xattrs: dict[bytes, bytes]) -> None:
+        ino = info.inode
+        node.mode, node.uid, node.gid = ino.mode, ino.uid, ino.gid
+        node.mtime, node.mtime_nsec = ino.mtime, ino.mtime_nsec
+        node.xattrs = _strip_overlay(xattrs)
+        self.mtimes[(ino.mtime, ino.mtime_nsec)] += 1
+
+    def _apply_dir(self, target: Node, dir_info: InodeInfo) -> None:
+        stack = [(target, dir_info)]
+        while stack:
+            target, dir_info = stack.pop()
+            children = target.children
+            for name, nid, _ftype in self.img.listdir(dir_info):
+                if name == b"." or name == b"..":
+                    continue
+                info = self.img.inode(nid)
+                if stat.S_ISDIR(info.mode):
+                    xattrs = self.img.xattrs(info)
+                    existing = children.get(name)
+                    if (existing is None or existing.children is None
+                            or xattrs.get(OPAQUE_XATTR) == b"y"):
+                        existing = Node.directory()
+                        children[name] = existing
+                    self._set_attrs(existing, info, xattrs)
+                    stack.append((existing, info))
+                elif _is_whiteout(info):
+                    children.pop(name, None)
+                else:
+                    children[name] = self._leaf(info)
+
+    def _leaf(self, info: InodeInfo) -> Node:
+        node = self.links.get(info.nid)
+        if node is not None:
+            return node
+        ino = info.inode
+        node = Node(mode=ino.mode)
+        self._set_attrs(node, info, self.img.xattrs(info))
+        if stat.S_ISREG(ino.mode):
+            node.size = ino.size
+            node.data = self._chunks(self.img.data_map(info), ino.size)
+        elif stat.S_ISLNK(ino.mode):
+            node.symlink = self.img.readlink(info)
+        elif stat.S_ISCHR(ino.mode) or stat.S_ISBLK(ino.mode):
+            node.rdev = self.img.rdev(info)
+        if ino.nlink > 1:
+            self.links[info.nid] = node
+        return node
+
+    def _chunks(self, refs: list[ChunkRef], size: int) -> Chunks | None:
+        """Chunk indexes addressing the file's data where it lies in this layer's blob.
+
+        Inline tails (from images other tools wrote) are copied into the fsmeta itself.
+        The chunk size is the largest power of two that every piece boundary is aligned to.
+        """
+        if not refs:
+            return None
+        bs = self.bs
+        pieces = []  # (offset, device, blkaddr or None)
+        for ref in refs:
+            if ref.inline_pos is not None:
+                tail = self.img.read_at(ref.inline_pos, ref.length)
+                pieces.append((ref.offset, 0, self.data.add_blocks(tail).start))
+            else:
+                if ref.device:
+                    raise EpError(f"{self.img.path}: layer is itself multi-device")
+                pieces.append((ref.offset, self.device, ref.blkaddr))
+        total_blocks = -(-size // bs)
+        bits = max(0, (total_blocks - 1).bit_length())
+        for offset, _, _ in pieces[1:]:
+            block = offset // bs
+            bits = min(bits, (block & -block).bit_length() - 1)
+        bits = min(bits, MAX_CHUNKBITS)
+        chunk_blocks = 1 << bits
+        count = -(-total_blocks // chunk_blocks)
+        addrs = array("I", [NULL_ADDR]) * count
+        devices = array("H", [0]) * count
+        chunk_bytes = chunk_blocks * bs
+        ends = [p[0] for p in pieces[1:]] + [size]
+        for (offset, device, blkaddr), end in zip(pieces, ends, strict=True):
+            if blkaddr is None:
+                continue  # a hole: the chunks stay NULL_ADDR
+            for i in range(offset // chunk_bytes, -(-end // chunk_bytes)):
+                addrs[i] = blkaddr + i * chunk_blocks - offset // bs
+                devices[i] = device
+        return Chunks(bits, addrs, devices)
+
+
+def build_merged_tree(layers: list[LayerBlob], data: DataWriter) -> MergeTree:
+    """Apply the layers (lowest first) into one tree; file data stays in the layers."""
+    root = Node.directory()
+    mtimes: Counter[tuple[int, int]] = Counter()
+    devices = []
+    block_size = None
+    for index, layer in enumerate(layers, start=1):
+        with ErofsImage(layer.path) as img:
+            if block_size is None:
+                block_size = img.block_size
+            elif img.block_size != block_size:
+                raise EpError(f"{layer.path}: block size {img.block_size} differs from the "
+                              f"other layers' {block_size}")
+            if img.device_slots:
+                raise EpError(f"{layer.path}: a multi-device image cannot be merged as a layer")
+            _LayerApplier(img, index, data, mtimes).apply_root(root)
+            tag = layer.tag or img.sb.uuid.hex()
+            devices.append(MergedDevice(path=layer.path, tag=tag, blocks=img.sb.blocks,
+                                        uniaddr=0))
+    build_time, nsec = pick_build_time(mtimes)
+    return MergeTree(SourceTree(root, build_time, nsec, sum(mtimes.values())), devices,
+                     block_size or 4096)
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    fsmeta: Path
+    size: int  # bytes of the fsmeta image (without a verity tree)
+    block_size: int
+    devices: list[MergedDevice]
+    uuid: str
+    entries: int
+    verity: object | None = None  # VerityInfo of the fsmeta
+    flat: Path | None = None
+    flat_size: int | None = None
+    flat_verity: object | None = None
+
+    def extents(self) -> list[dict]:
+        """The flat image's layout, for a hypervisor that presents the devices from it (or
+        assembles it from the files): byte ranges of the fsmeta and of each blob."""
+        bs = self.block_size
+        out = [{"source": str(self.fsmeta), "offset": 0, "length": self.size}]
+        out += [{"source": str(d.path), "offset": d.uniaddr * bs, "length": d.blocks * bs}
+                for d in self.devices]
+        return out
+
+    def to_json(self) -> dict:
+        return {
+            "fsmeta": str(self.fsmeta),
+            "size": self.size,
+            "block_size": self.block_size,
+            "uuid": self.uuid,
+            "entries": self.entries,
+            "devices": [
+                {"id": i, "path": str(d.path), "tag": d.tag, "blocks": d.blocks,
+                 "uniaddr": d.uniaddr}
+                for i, d in enumerate(self.devices, start=1)
+            ],
+            "verity": self.verity.to_json() if self.verity is not None else None,
+            "flat": None if self.flat is None else {
+                "path": str(self.flat),
+                "size": self.flat_size,
+                "extents": self.extents(),
+                "verity": (self.flat_verity.to_json() if self.flat_verity is not None
+                           else None),
+            },
+        }
+
+
+def merge_layers(
+    layers: list[LayerBlob | str | os.PathLike[str]],
+    out_path: str | os.PathLike[str],
+    *,
+    verity: bool = False,
+    flat_path: str | os.PathLike[str] | None = None,
+) -> MergeResult:
+    """Merge layer images (lowest first) into an fsmeta at `out_path`; optionally also one
+    flat image (fsmeta + blobs back to back) at `flat_path`. With `verity`, each output gets
+    its own dm-verity tree appended (salt derived from the fsmeta's digest). Outputs appear
+    only when complete."""
+    blobs = [b if isinstance(b, LayerBlob) else LayerBlob(Path(b)) for b in layers]
+    out_path = Path(out_path)
+    with atomic_output(out_path) as out:
+        fd = out.fileno()
+        result = _write_fsmeta(blobs, fd)
+        result = dataclasses.replace(result, fsmeta=out_path)
+        digest = _digest_fd(fd, result.size)
+        if verity:
+            result = dataclasses.replace(
+                result, verity=append_verity(out, result.size, True, digest))
+    if flat_path is not None:
+        flat_path = Path(flat_path)
+        with atomic_output(flat_path) as flat:
+            size = _write_flat(result, flat.fileno())
+            info = append_verity(flat, size, True, digest) if verity else None
+        result = dataclasses.replace(result, flat=flat_path, flat_size=size, flat_verity=info)
+    return result
+
+
+def _write_fsmeta(layers: list[LayerBlob], fd: int) -> MergeResult:
+    """Write the fsmeta of `layers` into the open file `fd` (from offset 0)."""
+    if not layers:
+        raise EpError("nothing to merge: no layers given")
+    if len(layers) > 0xFFFF:
+        raise EpError(f"{len(layers)} layers: EROFS addresses at most 65535 devices")
+    bs = _block_size_of(layers[0].path)
+    data = DataWriter(fd, bs, header_blocks(bs, len(layers)))
+    merged = build_merged_tree(layers, data)
+    for d in merged.devices:
+        if len(d.tag.encode()) > 64:
+            raise EpError(f"device tag {d.tag!r} longer than 64 bytes")
+    identity = "fsmeta:" + ",".join(f"{d.tag}/{d.blocks}" for d in merged.devices)
+    fs_uuid = uuid.uuid5(FSMETA_UUID_NAMESPACE, identity)
+    params = ImageParams(
+        block_size=bs,
+        build_time=merged.tree.build_time,
+        build_time_nsec=merged.tree.build_time_nsec,
+        uuid=fs_uuid.bytes,
+        devices=tuple(DeviceSlot(d.tag.encode(), d.blocks) for d in merged.devices),
+        unified_addresses=True,
+    )
+    sb = write_metadata(data, merged.tree.root, params)
+    start = sb.blocks
+    devices = []
+    for d in merged.devices:
+        devices.append(MergedDevice(d.path, d.tag, d.blocks, start))
+        start += d.blocks
+    return MergeResult(fsmeta=Path(), size=sb.blocks * bs, block_size=bs, devices=devices,
+                       uuid=str(fs_uuid), entries=merged.tree.entries)
+
+
+def _write_flat(result: MergeResult, dst: int) -> int:
+    """fsmeta then every blob's image blocks, at their unified addresses."""
+    end = 0
+    for extent in result.extents():
+        src = os.open(extent["source"], os.O_RDONLY)
+        try:
+            copy_range(src, dst, extent["length"], 0, extent["offset"])
+        finally:
+            os.close(src)
+        end = extent["offset"] + extent["length"]
+    return end
+
+
+def _digest_fd(fd: int, size: int) -> str:
+    h = hashlib.sha256()
+    offset = 0
+    while offset < size:
+        chunk = os.pread(fd, min(4 << 20, size - offset), offset)
+        h.update(chunk)
+        offset += len(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def _block_size_of(path: Path) -> int:
+    try:
+        with ErofsImage(path) as img:
+            return img.block_size
+    except FileNotFoundError:
+        raise EpError(f"{path}: no such layer image") from None
+def copy_range(src_fd: int, dst_fd: int, length: int, src_offset: int, dst_offset: int) -> None:
+    """Copy bytes between files in the kernel (reflinks where the filesystem can)."""
+    while length:
+        n = os.copy_file_range(src_fd, dst_fd, length, src_offset, dst_offset)
+        if n == 0:
+            raise EpError("source ended early while copying a blob into the flat image")
+        length -= n
+        src_offset += n
+        dst_offset += n
