@@ -1,5 +1,5 @@
 # Two entry points for a newcomer: `make demo` and `make test`. Both set up first.
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench guest-image
 
 setup:
 	./.ci/setup
@@ -16,3 +16,7 @@ lint: setup
 
 bench: setup
 	.venv/bin/python -m bench.run
+
+# Kernel, initramfs and verified root image of the test guest (cached; docs/passthrough.md).
+guest-image: setup
+	vm-images/build
