@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import stat
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 SUPER_OFFSET = 1024
@@ -263,6 +264,17 @@ class ChunkIndex:
 
     def pack(self) -> bytes:
         return self._STRUCT.pack(0, self.device_id, self.blkaddr)
+
+    @classmethod
+    def pack_table(cls, blkaddrs: Sequence[int], devices: Sequence[int] | None) -> bytes:
+        """Many indexes at once, as `pack` would write them one by one."""
+        count = len(blkaddrs)
+        if devices is None:
+            devices = [0] * count
+        fields: list[int] = [0] * (3 * count)
+        fields[1::3] = devices
+        fields[2::3] = blkaddrs
+        return struct.pack(f"<{'HHI' * count}", *fields)
 
     @classmethod
     def unpack(cls, data: bytes | memoryview, offset: int = 0) -> ChunkIndex:

@@ -65,6 +65,8 @@ class MergeTree:
 
 
 def _strip_overlay(xattrs: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    if not xattrs:
+        return xattrs
     return {k: v for k, v in xattrs.items() if not k.startswith(OVERLAY_XATTR_PREFIX)}
 
 
@@ -149,6 +151,12 @@ class _LayerApplier:
         if not refs:
             return None
         bs = self.bs
+        if len(refs) == 1 and refs[0].blkaddr is not None:  # one extent: the common case
+            total_blocks = -(-size // bs)
+            bits = min(MAX_CHUNKBITS, max(0, (total_blocks - 1).bit_length()))
+            if refs[0].device:
+                raise EpError(f"{self.img.path}: layer is itself multi-device")
+            return Chunks(bits, array("I", [refs[0].blkaddr]), array("H", [self.device]))
         pieces = []  # (offset, device, blkaddr or None)
         for ref in refs:
             if ref.inline_pos is not None:

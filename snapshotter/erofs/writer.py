@@ -504,10 +504,7 @@ def _choose_layouts(placed: list[_Placed], cursor: _BlockCursor, bs: int) -> Non
         elif isinstance(fd, Chunks):
             inode.layout = LAYOUT_CHUNK_BASED
             inode.i_u = fd.chunkbits | CHUNK_FORMAT_INDEXES
-            devices = fd.devices or (0,) * len(fd.blkaddrs)
-            p.chunk_table = b"".join(
-                ChunkIndex(addr, dev).pack() for addr, dev in zip(fd.blkaddrs, devices, strict=True)
-            )
+            p.chunk_table = ChunkIndex.pack_table(fd.blkaddrs, fd.devices)
 
 
 def _fits_inline(p: _Placed, tail_len: int, bs: int) -> bool:
