@@ -172,3 +172,23 @@ def apt_download(package: str, version: str, dest: Path) -> Path:
         final = dest / debs[0].name
         commit_file(debs[0], final)
     return final
+
+
+def prune(root: Path, current: Iterable[Path], keep_others: int = 2) -> list[Path]:
+    """Remove old cache entries: per kind (kernel-, tree-, initramfs-, root-), keep the current
+    ones and the KEEP_OTHERS most recently used others (a root image is ~130 MB, and each
+    change to the converter or the agent makes a new one)."""
+    keep = {p.name for p in current} | {p.with_suffix(".json").name for p in current}
+    removed = []
+    for kind in ("kernel-", "tree-", "initramfs-", "root-"):
+        entries = [p for p in root.iterdir()
+                   if p.name.startswith(kind) and p.name not in keep and p.suffix != ".json"]
+        entries.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in entries[keep_others:]:
+            if old.is_dir():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
+                old.with_suffix(".json").unlink(missing_ok=True)
+            removed.append(old)
+    return removed
