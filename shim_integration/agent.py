@@ -62,33 +62,57 @@ def _read_attr(path: str) -> str | None:
         return None
 
 
-def _pci_path(sys_path: str) -> list[str]:
-    """PCI addresses on the way from the host bridge to the device (root port first)."""
-    return [p for p in os.path.realpath(sys_path).split("/") if _is_pci_addr(p)]
-
-
 def _is_pci_addr(part: str) -> bool:
     # 0000:00:02.3
     return len(part) == 12 and part[4] == ":" and part[7] == ":" and part[10] == "."
 
 
-def block_info(name: str) -> dict[str, Any]:
-    base = f"/sys/block/{name}"
-    size = _read_attr(f"{base}/size")
+def _pyudev() -> Any:
+    if DIST_PACKAGES not in sys.path:
+        sys.path.append(DIST_PACKAGES)
+    import pyudev  # the guest's python3-pyudev; imported late so the agent starts fast
+
+    return pyudev
+
+
+def _udev_context() -> Any:
+    global _CONTEXT
+    if _CONTEXT is None:
+        _CONTEXT = _pyudev().Context()
+    return _CONTEXT
+
+
+_CONTEXT: Any = None
+
+
+def block_info(device: Any) -> dict[str, Any]:
+    """A pyudev block Device as the protocol reports it. No udevd runs in the guest, so
+    everything comes from sysfs attributes (udev's ID_SERIAL etc. would be empty)."""
+    attrs = device.attributes
+
+    def attr(name: str) -> str | None:
+        try:
+            return attrs.asstring(name).strip()
+        except (KeyError, UnicodeDecodeError):
+            return None
+
+    size = attr("size")
     return {
-        "name": name,
-        "path": f"/dev/{name}",
-        "serial": _read_attr(f"{base}/serial"),
-        "pci_path": _pci_path(f"{base}/device"),
-        "dev": _read_attr(f"{base}/dev"),
+        "name": device.sys_name,
+        "path": device.device_node or f"/dev/{device.sys_name}",
+        "serial": attr("serial"),
+        "pci_path": [p for p in device.sys_path.split("/") if _is_pci_addr(p)],
+        "dev": f"{os.major(device.device_number)}:{os.minor(device.device_number)}",
         "size": int(size) * 512 if size else None,
-        "read_only": _read_attr(f"{base}/ro") == "1",
+        "read_only": attr("ro") == "1",
     }
 
 
 def list_disks() -> list[dict[str, Any]]:
-    names = sorted(n for n in os.listdir("/sys/block") if n.startswith("vd"))
-    return [block_info(n) for n in names]
+    """The guest's virtio disks (pyudev enumeration of block devices of type disk)."""
+    disks = _udev_context().list_devices(subsystem="block", DEVTYPE="disk")
+    return sorted((block_info(d) for d in disks if d.sys_name.startswith("vd")),
+                  key=lambda d: d["name"])
 
 
 def _matches(info: dict[str, Any], serial: str | None, pci: str | None) -> bool:
@@ -98,11 +122,7 @@ def _matches(info: dict[str, Any], serial: str | None, pci: str | None) -> bool:
 
 
 def _udev_monitor() -> Any:
-    if DIST_PACKAGES not in sys.path:
-        sys.path.append(DIST_PACKAGES)
-    import pyudev  # the guest's python3-pyudev; imported late so the agent starts fast
-
-    monitor = pyudev.Monitor.from_netlink(pyudev.Context(), source="kernel")
+    monitor = _pyudev().Monitor.from_netlink(_udev_context(), source="kernel")
     monitor.filter_by("block")
     monitor.start()
     return monitor

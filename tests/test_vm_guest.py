@@ -386,3 +386,25 @@ def test_guest_with_a_wrong_root_hash_does_not_boot(guest_image: GuestImage) -> 
         vm.wait_agent(timeout=60)
     assert "ep-init: FAILED: mount the EROFS root" in str(err.value)
     assert not vm.alive
+
+
+def test_cli_attach_is_all_or_nothing(vm: Vm, agent: AgentClient, attacher: Attacher,
+                                      tmp_path: Path) -> None:
+    """Two files, one free root port: the second attach fails (pool exhausted) and the CLI
+    detaches the first again; devices attached before the call stay."""
+    files = []
+    for i in range(9):
+        f = tmp_path / f"f{i}.img"
+        f.write_bytes(bytes([i]) * 4096)
+        files.append(f)
+    held = [attacher.attach(f, "virtio-blk") for f in files[:7]]  # 8 ports: one left
+    attacher.close()
+    proc = subprocess.run([*CLI, "attach", "--qmp", str(vm.qmp_path), str(files[0]),
+                           str(files[7]), str(files[8])], capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 1 and "no free pcie-root-port" in proc.stderr
+    assert "detached again: ep-b-" in proc.stderr
+    assert {a.device_id for a in attacher.attached()} == {a.device_id for a in held}
+    for att in held:
+        agent.wait_block(serial=att.serial)
+    assert len(agent.block_devices()) == 1 + len(held)

@@ -1,0 +1,56 @@
+"""The guest agent's request handling on the host, without a guest: the parts that do not need
+a guest kernel (dispatch, error replies, the verity table line, hashing a tree). The guest
+tests (test_vm_guest.py) run the same code as PID 1 of a real guest."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from passthrough.guest_volume import verity_params
+from shim_integration import agent
+
+
+def _call(req: dict | bytes) -> dict:
+    line = req if isinstance(req, bytes) else json.dumps(req).encode()
+    reply = agent.handle(line)
+    json.dumps(reply)  # always serialisable: it goes back over the port
+    return reply
+
+
+def test_errors_become_replies_with_errno(tmp_path: Path) -> None:
+    assert _call(b"{not json")["ok"] is False
+    bad = _call({"id": 1, "op": "nope"})
+    assert (bad["id"], bad["ok"], bad["errno"]) == (1, False, errno.EINVAL)
+    missing = _call({"id": 2, "op": "read_file", "path": str(tmp_path / "gone")})
+    assert (missing["ok"], missing["errno"]) == (False, errno.ENOENT)
+    no_arg = _call({"id": 3, "op": "verity_open"})
+    assert no_arg["ok"] is False and "bad request" in no_arg["error"]
+    ping = _call({"id": 4, "op": "ping"})
+    assert ping["ok"] and ping["result"]["pid"] == os.getpid()
+
+
+def test_verity_table_line() -> None:
+    fields = verity_params({"root_hash": "ab" * 32, "salt": "cd" * 32, "data_block_size": 4096,
+                            "hash_block_size": 4096, "hash_offset": 40960, "hash_type": 1,
+                            "superblock": True}, "/dev/vdb")
+    assert fields["data_blocks"] == 10 and fields["hash_start_block"] == 11
+    assert agent.verity_table(fields) == (
+        f"0 80 verity 1 /dev/vdb /dev/vdb 4096 4096 10 11 sha256 {'ab' * 32} {'cd' * 32}")
+    nosalt = dict(fields, salt="", hash_device="/dev/vdc")
+    assert agent.verity_table(nosalt).endswith(f" {'ab' * 32} -")
+    assert " /dev/vdb /dev/vdc " in agent.verity_table(nosalt)
+
+
+def test_hash_tree_and_read_file(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "f").write_bytes(b"x" * 3000)
+    (tmp_path / "l").symlink_to("d/f")
+    tree = _call({"id": 1, "op": "hash_tree", "root": str(tmp_path)})["result"]["entries"]
+    assert tree["d/f"]["sha256"] == hashlib.sha256(b"x" * 3000).hexdigest()
+    assert tree["d/f"]["size"] == 3000 and tree["l"]["target"] == "d/f" and "d" in tree
+    part = _call({"id": 2, "op": "read_file", "path": str(tmp_path / "d/f"), "offset": 2990})
+    assert part["result"]["size"] == 10
