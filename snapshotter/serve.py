@@ -38,6 +38,9 @@ class ServeConfig:
     workers: int = 16
     grace_seconds: float = 5.0
     log_level: str = "info"
+    # Container rootfs snapshots (not unpacks) get VM-mode mounts (fsmeta + devices) unless
+    # their labels say otherwise (containerd.io/snapshot/erofs.vm-mode).
+    vm_mode: bool = False
 
 
 def load_config(path: Path | None, **overrides: object) -> ServeConfig:
@@ -74,7 +77,7 @@ class Server:
 
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
-        self.snapshotter = Snapshotter(config.root)
+        self.snapshotter = Snapshotter(config.root, vm_mode=config.vm_mode)
         self.health = health.HealthServicer()
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers))
         snapshots_pb2_grpc.add_SnapshotsServicer_to_server(

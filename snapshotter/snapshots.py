@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from snapshotter import layer_build
+from snapshotter import layer_build, vm_mode
 from snapshotter.errdefs import AlreadyExists, FailedPrecondition, NotFound
 from snapshotter.filters import compile_filters
 from snapshotter.fsutil import disk_usage, remove_tree
@@ -28,12 +28,14 @@ DirConverter = Callable[[Path, Path], layer_build.LayerMeta]
 
 
 class Snapshotter:
-    def __init__(self, root: Path, convert: DirConverter = layer_build.convert_directory) -> None:
+    def __init__(self, root: Path, convert: DirConverter = layer_build.convert_directory,
+                 vm_mode: bool = False) -> None:
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.root = root
         self.layout = Layout(root)
         self.store = Store(root / "metadata.db")
         self._convert = convert
+        self.vm_mode = vm_mode  # default for container rootfs snapshots without the label
 
     def close(self) -> None:
         self.store.close()
@@ -47,6 +49,12 @@ class Snapshotter:
         return self._create(Kind.VIEW, key, parent, labels or {})
 
     def _create(self, kind: Kind, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
+        vm = bool(parent) and vm_mode.wants_vm_mode(key, labels, self.vm_mode)
+        if vm:
+            # Built before the transaction, published immutably: the snapshot's mounts name
+            # files that exist and never change.
+            labels = {**labels, vm_mode.VM_MODE_LABEL: "true"}
+            self._chain_image(self.store.committed_chain(parent))
         staged = self.layout.stage(kind)
         try:
             with self.store.transaction() as db:
@@ -56,8 +64,14 @@ class Snapshotter:
         finally:
             if staged.exists():
                 self.layout.unstage(staged)
-        log.info("created", extra={"key": key, "id": snap.id, "kind": kind.name.lower()})
+        log.info("created", extra={"key": key, "id": snap.id, "kind": kind.name.lower(),
+                                   "vm_mode": vm})
+        if vm:
+            return vm_mode.vm_mounts(self._chain_image(snap.parent_ids))
         return plan(snap, self.layout)
+
+    def _chain_image(self, parent_ids: list[str]) -> vm_mode.ChainImage:
+        return vm_mode.ensure_chain_image(self.root, self.layout, parent_ids)
 
     def _own_like_parent(self, staged: Path, snap: Snapshot) -> None:
         """The new upper's root gets the owner of the image's root (what overlay shows)."""
@@ -68,7 +82,10 @@ class Snapshotter:
     # -- read ----------------------------------------------------------------------------------
 
     def mounts(self, key: str) -> list[Mount]:
-        return plan(self.store.get_snapshot(key), self.layout)
+        snap = self.store.get_snapshot(key)
+        if snap.parent_ids and self.stat(key).labels.get(vm_mode.VM_MODE_LABEL) == "true":
+            return vm_mode.vm_mounts(self._chain_image(snap.parent_ids))
+        return plan(snap, self.layout)
 
     def stat(self, key: str) -> Info:
         return self.store.get_info(key)[1]
@@ -143,9 +160,20 @@ class Snapshotter:
                 else:
                     path.unlink(missing_ok=True)
                 removed.append(path)
+        removed += vm_mode.cleanup_chain_images(self.root, self._chains_in_use())
         if removed:
             log.info("cleanup", extra={"removed": [str(p) for p in removed]})
         return removed
+
+    def _chains_in_use(self) -> set[str]:
+        in_use = set()
+        for info in self.store.walk():
+            if info.kind != Kind.COMMITTED and info.labels.get(vm_mode.VM_MODE_LABEL) == "true":
+                chain = self.store.get_snapshot(info.name).parent_ids
+                metas = [layer_build.read_layer(self.layout.dir(sid)) for sid in chain]
+                if chain and all(metas):
+                    in_use.add(vm_mode.chain_key(list(reversed(metas))))
+        return in_use
 
 
 def _getter(info: Info) -> Callable[[list[str]], str | None]:

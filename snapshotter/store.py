@@ -146,6 +146,11 @@ class Store:
                 raise FailedPrecondition(f"snapshot {key!r} is not active or view")
             return Snapshot(str(row[0]), Kind(row[1]), self._parent_ids(db, row[7]))
 
+    def committed_chain(self, key: str) -> list[str]:
+        """Committed snapshot KEY's id and its ancestors' ids, nearest first."""
+        with self.transaction() as db:
+            return self._parent_ids(db, self._committed_parent(db, key))
+
     def walk(self) -> list[Info]:
         """Every snapshot's info, in id order."""
         with self.transaction() as db:
