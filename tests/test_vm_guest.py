@@ -316,6 +316,45 @@ def test_multi_device_erofs_behind_verity(agent: AgentClient, attacher: Attacher
     assert observed(agent.hash_tree(mnt), list(LAYER)) == expected_entries(LAYER)
 
 
+def test_merged_fsmeta_over_verified_layer_blobs(agent: AgentClient, attacher: Attacher,
+                                                 tmp_path: Path) -> None:
+    """Our converter's layer blobs and our merge's fsmeta (device table: blob 1 = lowest),
+    each behind its own dm-verity device, mounted with device= in table order: the guest sees
+    the merged image with the upper layer's files and whiteouts applied."""
+    lower: dict[str, bytes | str] = {**LAYER, "etc/a": b"base\n", "etc/b": b"to be deleted\n"}
+    upper: dict[str, bytes | str] = {"etc/a": b"changed\n", "etc/c": b"new\n",
+                                     "etc/.wh.b": b"",
+                                     "usr/share/big.bin": _pseudo_random(70_000, b"upper")}
+    blobs, verity = [], {}
+    for name, entries in (("lower", lower), ("upper", upper)):
+        (tmp_path / f"{name}.tar").write_bytes(_layer_tar(entries))
+        blob = tmp_path / f"{name}.erofs"
+        verity[blob] = _convert(tmp_path / f"{name}.tar", blob)
+        blobs.append(blob)
+    meta = tmp_path / "fsmeta.erofs"
+    proc = subprocess.run([*CLI, "merge", str(meta), *map(str, blobs), "--verity", "--json"],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    merged = json.loads(proc.stdout)
+    assert [d["path"] for d in merged["devices"]] == [str(b) for b in blobs]
+    verity[meta] = merged["verity"]
+
+    mappers = []
+    for i, (path, transport) in enumerate(zip([meta, *blobs],
+                                              ["virtio-blk", "vhost-user-blk", "virtio-blk"],
+                                              strict=True)):
+        att = attacher.attach(path, transport)
+        mappers.append(open_verity(agent, f"fs{i}", find_disk(agent, att)["path"], verity[path]))
+    mnt = agent.mount(mappers[0], options=[f"device={m}" for m in mappers[1:]])
+    view = {k: v for k, v in lower.items() if k != "etc/b"}
+    view.update({k: v for k, v in upper.items() if ".wh." not in k})
+    tree = agent.hash_tree(mnt)
+    assert observed(tree, list(view)) == expected_entries(view)
+    assert "etc/b" not in tree and not [n for n in tree if ".wh." in n]
+    for name in mappers:
+        assert agent.verity_status(name.rsplit("/", 1)[-1])["corrupted"] is False
+
+
 def test_agent_survives_reconnects_and_bad_requests(vm: Vm, agent: AgentClient) -> None:
     with pytest.raises(AgentFailure, match="unknown op"):
         agent.call("no-such-op")
