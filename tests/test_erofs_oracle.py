@@ -362,12 +362,8 @@ def test_reader_reads_mkfs_1_8_images(oracle: ErofsUtils, layer_tar: Path, tmp_p
             assert img.lookup(path if path != "." else "").nid == info.nid
 
 
-# -- engine bugs the oracle found (fix in snapshotter/erofs, then drop the xfail) ----------------
+# -- engine bugs the oracle found, fixed: they stay as regression tests -------------------------
 
-@pytest.mark.xfail(strict=True, reason="engine bug: a member with a pre-1970 mtime makes "
-                   "`convert` die with a traceback (struct.error: argument out of range in "
-                   "Inode.pack); EROFS extended inodes hold a signed 64-bit mtime, which the "
-                   "kernel, GNU tar and mkfs.erofs 1.8 all handle")
 def test_pre_epoch_mtime_converts_like_mkfs_1_8(oracle: ErofsUtils, tmp_path: Path) -> None:
     require_root()
     layer = write_tar(tmp_path / "l.tar", [Entry("./", "dir"), Entry("old", data=b"o", mtime=-100)])
@@ -379,9 +375,6 @@ def test_pre_epoch_mtime_converts_like_mkfs_1_8(oracle: ErofsUtils, tmp_path: Pa
         assert diff_views(tree_view(mo), tree_view(mt)) == []
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: a directory listed twice keeps only the "
-                   "later entry's xattrs; GNU tar, containerd's applier and mkfs.erofs 1.8 "
-                   "keep the earlier ones too (a later directory entry only updates it)")
 def test_repeated_directory_entry_keeps_earlier_xattrs(oracle: ErofsUtils,
                                                        tmp_path: Path) -> None:
     require_root()

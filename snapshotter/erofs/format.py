@@ -92,7 +92,7 @@ class SuperBlock:
     dirblkbits: int = 0
     packed_nid: int = 0
 
-    _STRUCT = struct.Struct("<IIIBBHQQIIII16s16sIHHHBB4xQ24x")
+    _STRUCT = struct.Struct("<IIIBBHQqIIII16s16sIHHHBB4xQ24x")
 
     @property
     def block_size(self) -> int:
@@ -180,7 +180,7 @@ class Inode:
     COMPACT_SIZE = 32
     EXTENDED_SIZE = 64
     _COMPACT = struct.Struct("<HHHHIIIIHHI")
-    _EXTENDED = struct.Struct("<HHHHQIIIIQII16x")
+    _EXTENDED = struct.Struct("<HHHHQIIIIqII16x")  # mtime: signed (time64_t)
 
     @property
     def isize(self) -> int:

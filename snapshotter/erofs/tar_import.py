@@ -162,9 +162,9 @@ class TarImporter:
         node.uid, node.gid = m.uid, m.gid
         node.mtime, node.mtime_nsec = m.mtime, m.mtime_nsec
         if node.is_dir:
-            # Keep the whiteout markers earlier members of this directory set.
-            kept = {k: v for k, v in node.xattrs.items() if k in (OPAQUE_XATTR, ORIGIN_XATTR)}
-            node.xattrs = {**m.xattrs, **kept}
+            # A directory listed again is updated, as unpackers do: earlier xattrs (and the
+            # whiteout markers this layer set) stay unless the new entry sets them anew.
+            node.xattrs = {**node.xattrs, **m.xattrs}
         else:
             node.xattrs = dict(m.xattrs)
 
