@@ -58,3 +58,13 @@ def mounted_erofs(image: Path, devices: list[Path] | None = None) -> Iterator[Pa
         for loop in loops:
             subprocess.run(["losetup", "-d", loop], check=False)
         mnt.rmdir()
+
+
+def unmount_below(path: Path) -> None:
+    """Unmount every mount at or below PATH, deepest first (what a test left mounted)."""
+    prefix = str(path.resolve())
+    with open("/proc/self/mounts") as f:
+        targets = [line.split()[1].encode().decode("unicode_escape") for line in f]
+    for target in sorted((t for t in targets if t == prefix or t.startswith(prefix + "/")),
+                         key=len, reverse=True):
+        subprocess.run(["umount", "-l", target], check=False, capture_output=True)

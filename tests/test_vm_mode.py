@@ -15,9 +15,16 @@ import pytest
 
 from snapshotter.snapshots import Snapshotter
 from snapshotter.vm_mode import DEVICES_OPTION, VM_MODE_LABEL
-from tests.helpers import require_root, require_tool
+from tests.helpers import require_root, require_tool, unmount_below
 from tests.test_erofs_merge import mounted_fsmeta
 from tests.treecompare import diff_views, tree_view
+
+
+@pytest.fixture(autouse=True)
+def _unmount_layers(tmp_path: Path):
+    """The snapshotter mounts parents' layers for overlays; undo that after each test."""
+    yield
+    unmount_below(tmp_path)
 
 
 def _write_layer(fs: Path, n: int) -> None:
