@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "snapshotter.erofs.cli",
     "snapshotter.verity.cli",
     "snapshotter.service_cli",
+    "shim_integration.key_cli",
     "shim_integration.demo",
     "passthrough.cli",
 )

@@ -1,0 +1,172 @@
+"""Kata volume descriptions and signed manifests, host side: formats round-trip with Kata's
+field names and types, and every way a manifest can be wrong is refused with a reason."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shim_integration.kata_volume import (
+    IMAGE_RAW_BLOCK,
+    KATA_VOLUME_OPTION,
+    LAYER_RAW_BLOCK,
+    DmVerityInfo,
+    KataVirtualVolume,
+    volumes_from_devices,
+)
+from shim_integration.manifest import (
+    ManifestError,
+    build_manifest,
+    check_devices,
+    generate_key,
+    load_private_key,
+    load_public_key,
+    sign,
+    verify,
+)
+from snapshotter.errors import EpError
+
+ROOT = "ab" * 32
+
+# What Kata's serde and nydus-snapshotter's Go structs produce for a tarfs image volume.
+KATA_JSON = {
+    "volume_type": "image_raw_block",
+    "source": "/var/lib/nydus/cache/abc.image.disk",
+    "fs_type": "erofs",
+    "options": ["ro"],
+    "dm_verity": {"hashtype": "sha256", "hash": ROOT, "blocknum": 1024, "blocksize": 512,
+                  "hashsize": 4096, "offset": 524288},
+}
+
+
+def test_kata_volume_round_trips_with_kata_names_and_types() -> None:
+    option = f"{KATA_VOLUME_OPTION}={base64.b64encode(json.dumps(KATA_JSON).encode()).decode()}"
+    volume = KataVirtualVolume.from_option(option)
+    assert volume.volume_type == IMAGE_RAW_BLOCK and volume.dm_verity.blocknum == 1024
+    assert volume.to_json() == KATA_JSON
+    again = KataVirtualVolume.from_option(volume.to_option())
+    assert again == volume
+    # Empty fields are omitted, as serde's skip_serializing_if does.
+    assert KataVirtualVolume("image_guest_pull", source="docker.io/x").to_json() == {
+        "volume_type": "image_guest_pull", "source": "docker.io/x"}
+
+
+def test_unknown_fields_are_kept() -> None:
+    data = {**KATA_JSON, "future_field": {"x": 1},
+            "dm_verity": {**KATA_JSON["dm_verity"], "salt": "00" * 32, "new_knob": True}}
+    volume = KataVirtualVolume.from_json(data)
+    assert volume.to_json() == data
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (f"{KATA_VOLUME_OPTION}=!!!not-base64", "bad base64"),
+        (f"{KATA_VOLUME_OPTION}={base64.b64encode(b'{nope').decode()}", "bad JSON"),
+        (f"{KATA_VOLUME_OPTION}={base64.b64encode(b'[1]').decode()}", "JSON object"),
+        ("io.other=abc", "not a Kata volume option"),
+    ],
+)
+def test_bad_options_are_clear_errors(option: str, message: str) -> None:
+    with pytest.raises(EpError, match=message):
+        KataVirtualVolume.from_option(option)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"hash": "zz" * 32}, "not hex"),
+        ({"hash": "ab" * 10}, "64 hex digits"),
+        ({"hashtype": "md5"}, "unsupported hash"),
+        ({"blocknum": 0}, "block count"),
+        ({"blocksize": 1000}, "power of two"),
+        ({"offset": 100}, "hash offset"),
+        ({"blocknum": "12"}, "must be an integer"),
+    ],
+)
+def test_bad_dm_verity_is_refused(change: dict, message: str) -> None:
+    with pytest.raises(EpError, match=message):
+        DmVerityInfo.from_json({**KATA_JSON["dm_verity"], **change})
+
+
+def test_volumes_from_vm_mode_devices() -> None:
+    devices = [
+        {"role": "fsmeta", "path": "/s/fsmeta", "root_hash": ROOT, "salt": "11" * 32,
+         "hash_offset": 8192},
+        {"role": "layer", "device": 1, "path": "/s/1/layer.erofs", "root_hash": "cd" * 32,
+         "salt": "22" * 32, "hash_offset": 40960},
+    ]
+    volumes = volumes_from_devices(devices)
+    assert [v.volume_type for v in volumes] == [IMAGE_RAW_BLOCK, LAYER_RAW_BLOCK]
+    assert volumes[1].dm_verity.to_json() == {
+        "hashtype": "sha256", "hash": "cd" * 32, "blocknum": 10, "blocksize": 4096,
+        "hashsize": 4096, "offset": 40960, "salt": "22" * 32}
+    for v in volumes:
+        assert KataVirtualVolume.from_option(v.to_option()) == v
+
+
+# -- manifests ------------------------------------------------------------------------------
+
+def _manifest(roots: list[str]) -> dict:
+    verity = lambda r: {"root_hash": r, "salt": "00", "data_blocks": 2, "hash_offset": 8192}  # noqa: E731
+    return build_manifest(
+        {"name": "demo:1"},
+        [{"diff_id": f"sha256:{i}", "verity": verity(r)} for i, r in enumerate(roots[1:])],
+        fsmeta={"verity": verity(roots[0]), "tags": ["t1"]},
+    )
+
+
+@pytest.mark.parametrize("algorithm", ["ed25519", "ecdsa-p256"])
+def test_sign_and_verify(tmp_path: Path, algorithm: str) -> None:
+    kid = generate_key(tmp_path / "key", algorithm)
+    assert stat.S_IMODE(os.stat(tmp_path / "key").st_mode) == 0o600
+    private = load_private_key(tmp_path / "key")
+    public = load_public_key((tmp_path / "key.pub").read_bytes())
+    roots = [ROOT, "cd" * 32, "ef" * 32]
+    payload, signature = sign(_manifest(roots), private)
+    assert signature["key_id"] == kid
+    signed = verify(payload, json.dumps(signature).encode(), [public])
+    check_devices(signed, roots)
+    with pytest.raises(ManifestError, match="device 1"):
+        check_devices(signed, [ROOT, "ef" * 32, "cd" * 32])  # swapped devices
+    with pytest.raises(ManifestError, match="devices offered"):
+        check_devices(signed, roots[:2])
+
+
+def test_every_bad_signature_is_refused_with_a_reason(tmp_path: Path) -> None:
+    generate_key(tmp_path / "good")
+    generate_key(tmp_path / "other")
+    good = load_private_key(tmp_path / "good")
+    trusted = [good.public_key()]
+    payload, signature = sign(_manifest([ROOT, "cd" * 32]), good)
+    with pytest.raises(ManifestError, match="untrusted key"):
+        verify(*sign(_manifest([ROOT, "cd" * 32]), load_private_key(tmp_path / "other")),
+               trusted)
+    raw = json.dumps(signature).encode()
+    with pytest.raises(ManifestError, match="truncated"):
+        verify(payload, raw[: len(raw) // 2], trusted)
+    short = {**signature, "signature": signature["signature"][:20]}
+    with pytest.raises(ManifestError, match=r"base64|does not verify"):
+        verify(payload, short, trusted)
+    tampered = payload.replace(b"cdcd", b"cdce", 1)
+    with pytest.raises(ManifestError, match="does not verify"):
+        verify(tampered, signature, trusted)
+
+
+def test_key_cli(tmp_path: Path) -> None:
+    cli = [sys.executable, "-m", "shim_integration.cli", "key"]
+    out = json.loads(subprocess.run([*cli, "generate", str(tmp_path / "k"), "--json"],
+                                    check=True, capture_output=True, text=True).stdout)
+    shown = json.loads(subprocess.run([*cli, "show", str(tmp_path / "k.pub"), "--json"],
+                                      check=True, capture_output=True, text=True).stdout)
+    assert shown["key_id"] == out["key_id"]
+    again = subprocess.run([*cli, "generate", str(tmp_path / "k")], capture_output=True,
+                           text=True)
+    assert again.returncode != 0 and "exists" in again.stderr
