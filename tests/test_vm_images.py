@@ -3,22 +3,38 @@ module load order against the kernel's modules.dep, the PVH check, and the cache
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 from tests.helpers import require_tool
 
 VM_IMAGES = Path(__file__).resolve().parent.parent / "vm-images"
-sys.path.insert(0, str(VM_IMAGES))
 
-import initramfs  # noqa: E402
-import kernel  # noqa: E402
+
+def _load_builder() -> tuple[ModuleType, ModuleType]:
+    """vm-images/ is a script directory (its modules import each other by bare name): load
+    them with it on sys.path, then take the bare names out again so that nothing else in the
+    test run can pick up a module called `common` or `kernel` by accident."""
+    names = ("common", "kernel", "initramfs", "rootfs")
+    sys.path.insert(0, str(VM_IMAGES))
+    try:
+        ini, ker = importlib.import_module("initramfs"), importlib.import_module("kernel")
+    finally:
+        sys.path.remove(str(VM_IMAGES))
+        for name in names:
+            sys.modules.pop(name, None)
+    return ini, ker
+
+
+initramfs, kernel = _load_builder()
 
 
 def test_cpio_writer_output_unpacks_with_busybox(tmp_path: Path) -> None:
