@@ -41,6 +41,8 @@ class ServeConfig:
     # Container rootfs snapshots (not unpacks) get VM-mode mounts (fsmeta + devices) unless
     # their labels say otherwise (containerd.io/snapshot/erofs.vm-mode).
     vm_mode: bool = False
+    # A private key (erofs-passthrough key generate): VM-mode chains get a signed manifest.
+    signing_key: str = ""
 
 
 def load_config(path: Path | None, **overrides: object) -> ServeConfig:
@@ -77,7 +79,9 @@ class Server:
 
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
-        self.snapshotter = Snapshotter(config.root, vm_mode=config.vm_mode)
+        self.snapshotter = Snapshotter(
+            config.root, vm_mode=config.vm_mode,
+            signing_key=Path(config.signing_key) if config.signing_key else None)
         self.health = health.HealthServicer()
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers))
         snapshots_pb2_grpc.add_SnapshotsServicer_to_server(

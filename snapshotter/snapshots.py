@@ -29,13 +29,14 @@ DirConverter = Callable[[Path, Path], layer_build.LayerMeta]
 
 class Snapshotter:
     def __init__(self, root: Path, convert: DirConverter = layer_build.convert_directory,
-                 vm_mode: bool = False) -> None:
+                 vm_mode: bool = False, signing_key: Path | None = None) -> None:
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.root = root
         self.layout = Layout(root)
         self.store = Store(root / "metadata.db")
         self._convert = convert
         self.vm_mode = vm_mode  # default for container rootfs snapshots without the label
+        self.signing_key = signing_key  # signs VM-mode chains' root-hash manifests
 
     def close(self) -> None:
         self.store.close()
@@ -71,7 +72,7 @@ class Snapshotter:
         return plan(snap, self.layout)
 
     def _chain_image(self, parent_ids: list[str]) -> vm_mode.ChainImage:
-        return vm_mode.ensure_chain_image(self.root, self.layout, parent_ids)
+        return vm_mode.ensure_chain_image(self.root, self.layout, parent_ids, self.signing_key)
 
     def _own_like_parent(self, staged: Path, snap: Snapshot) -> None:
         """The new upper's root gets the owner of the image's root (what overlay shows)."""

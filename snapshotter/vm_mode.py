@@ -59,8 +59,10 @@ def chain_key(metas: list[layer_build.LayerMeta]) -> str:
     return hashlib.sha256(",".join(m.blob_digest for m in metas).encode()).hexdigest()
 
 
-def ensure_chain_image(root: Path, layout: Layout, parent_ids: list[str]) -> ChainImage:
-    """The fsmeta of the chain (parent_ids nearest first), building and publishing it once."""
+def ensure_chain_image(root: Path, layout: Layout, parent_ids: list[str],
+                       signing_key: Path | None = None) -> ChainImage:
+    """The fsmeta of the chain (parent_ids nearest first), building and publishing it once.
+    With a signing key, a signed root-hash manifest is published beside it."""
     lowest_first = list(reversed(parent_ids))
     metas = []
     for sid in lowest_first:
@@ -79,6 +81,9 @@ def ensure_chain_image(root: Path, layout: Layout, parent_ids: list[str]) -> Cha
                  for sid, m in zip(lowest_first, metas, strict=True)]
         result = merge_layers(blobs, staged / FSMETA, verity=True)
         description = _describe(result, metas, final)
+        if signing_key is not None:
+            description["manifest"] = _write_signed_manifest(staged, final, description,
+                                                             signing_key)
         (staged / DESCRIPTION).write_text(json.dumps(description, indent=2, sort_keys=True))
         fsync_dir(staged)
         try:
@@ -99,6 +104,7 @@ def _describe(result, metas: list[layer_build.LayerMeta], final: Path) -> dict:
     return {
         "fsmeta": {
             "path": str(final / FSMETA), "size": result.size, "role": "fsmeta",
+            "digest": result.digest,
             "root_hash": v.root_hash, "salt": v.salt, "hash_offset": v.hash_offset,
         },
         "layers": [
@@ -111,6 +117,33 @@ def _describe(result, metas: list[layer_build.LayerMeta], final: Path) -> dict:
             for i, (dev, meta) in enumerate(zip(result.devices, metas, strict=True), start=1)
         ],
     }
+
+
+def _write_signed_manifest(staged: Path, final: Path, description: dict,
+                           signing_key: Path) -> dict:
+    """manifest.json + manifest.sig: every device's root hash, in device order."""
+    from shim_integration.manifest import build_manifest, load_private_key, sign
+
+    def verity(d: dict) -> dict:
+        return {"root_hash": d["root_hash"], "salt": d["salt"], "hash_name": "sha256",
+                "data_block_size": 4096, "hash_block_size": 4096,
+                "data_blocks": d["hash_offset"] // 4096, "hash_offset": d["hash_offset"],
+                "superblock": True}
+
+    fsmeta = description["fsmeta"]
+    layers = description["layers"]
+    manifest = build_manifest(
+        image={"chain": final.name},
+        layers=[{"diff_id": d["diff_id"], "erofs_digest": d["digest"], "verity": verity(d)}
+                for d in layers],
+        fsmeta={"digest": fsmeta.get("digest", ""), "tags": [d["tag"] for d in layers],
+                "verity": verity(fsmeta)},
+    )
+    payload, signature = sign(manifest, load_private_key(signing_key))
+    (staged / "manifest.json").write_bytes(payload)
+    (staged / "manifest.sig").write_text(json.dumps(signature))
+    return {"path": str(final / "manifest.json"), "signature": str(final / "manifest.sig"),
+            "key_id": signature["key_id"]}
 
 
 def vm_mounts(image: ChainImage) -> list[Mount]:

@@ -123,3 +123,20 @@ def test_label_overrides_the_configured_default(tmp_path: Path, label: str) -> N
     top = _chain(sn, 1)
     mounts = sn.prepare("default/3/c", top, {VM_MODE_LABEL: label})
     assert mounts[0].type != "erofs" or "device=" not in ",".join(mounts[0].options)
+
+
+def test_signing_key_publishes_a_manifest_the_devices_match(tmp_path: Path) -> None:
+    require_root()
+    from shim_integration.manifest import check_devices, generate_key, load_public_key, verify
+
+    generate_key(tmp_path / "key")
+    sn = Snapshotter(tmp_path / "root", vm_mode=True, signing_key=tmp_path / "key")
+    top = _chain(sn, 2)
+    mounts = sn.prepare("default/3/c", top)
+    devices = _devices(mounts)
+    fsmeta_dir = Path(mounts[0].source).parent
+    signed = verify((fsmeta_dir / "manifest.json").read_bytes(),
+                    (fsmeta_dir / "manifest.sig").read_bytes(),
+                    [load_public_key((tmp_path / "key.pub").read_bytes())])
+    check_devices(signed, [d["root_hash"] for d in devices])
+    assert signed.manifest["fsmeta"]["tags"] == [d["tag"] for d in devices[1:]]

@@ -220,6 +220,7 @@ class MergeResult:
     uuid: str
     entries: int
     verity: object | None = None  # VerityInfo of the fsmeta
+    digest: str = ""  # sha256 of the fsmeta image (without its verity tree)
     flat: Path | None = None
     flat_size: int | None = None
     flat_verity: object | None = None
@@ -237,6 +238,7 @@ class MergeResult:
         return {
             "fsmeta": str(self.fsmeta),
             "size": self.size,
+            "digest": self.digest,
             "block_size": self.block_size,
             "uuid": self.uuid,
             "entries": self.entries,
@@ -272,8 +274,8 @@ def merge_layers(
     with atomic_output(out_path) as out:
         fd = out.fileno()
         result = _write_fsmeta(blobs, fd)
-        result = dataclasses.replace(result, fsmeta=out_path)
         digest = _digest_fd(fd, result.size)
+        result = dataclasses.replace(result, fsmeta=out_path, digest=digest)
         if verity:
             result = dataclasses.replace(
                 result, verity=append_verity(out, result.size, True, digest))
