@@ -10,6 +10,7 @@ way), agent.sock, console.log, qemu.log, qsd.log, and the vhost-user sockets att
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from passthrough import procs
 from passthrough.agent_client import AgentClient
-from passthrough.errors import AgentFailure, VmFailure
+from passthrough.errors import AgentFailure, PassthroughError, VmFailure
 from passthrough.guest_image import GuestImage
 from passthrough.qmp import QmpSession
 from passthrough.storage_daemon import StorageDaemon
@@ -126,6 +127,16 @@ class Vm:
             # QEMU makes them in argv order
             for sock in (self.qmp_path, self.own_qmp_path, self.agent_path):
                 procs.wait_socket(sock, self.proc, timeout, self.log_path)
+            # The sockets exist before QEMU sets the machine up (and may still fail, e.g. on a
+            # bad accelerator); the QMP greeting comes only from a running main loop.
+            try:
+                self.qmp.cmd("query-status")
+            except PassthroughError as exc:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(2)
+                state = (f"exited with {self.proc.returncode}" if self.proc.poll() is not None
+                         else "does not answer on QMP")
+                raise VmFailure(f"QEMU {state}: {procs.tail(self.log_path)} ({exc})") from None
         except BaseException:
             self.stop()
             raise
