@@ -4,7 +4,10 @@
 
 1. Import: a Debian bookworm minbase image (one gzip layer, from bench.convert_bench's cache)
    with `ctr images import` into containerd 2.1 (Debian sid, via tests.containerd_dist):
-   overlayfs (walking differ), erofs-py with our differ, erofs-py converting on Commit.
+   overlayfs (walking differ), erofs-py with our differ, erofs-py converting on Commit, and
+   as the anchor containerd 2.1's own erofs snapshotter with its erofs differ (`mkfs.erofs
+   --tar=f`) and with the walking differ (mkfs.erofs of the directory on Commit), both running
+   erofs-utils 1.8 from tests.erofs_utils_oracle (its bin dir first in the daemon's PATH).
    Best of N; content, image and snapshots are removed between runs.
 2. RPC latency of our service alone: 8 client threads, each Prepare -> write a small file ->
    Commit -> Stat -> Prepare child -> Mounts; p50/p99 per RPC.
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import statistics
 import tempfile
 import threading
@@ -27,6 +31,7 @@ from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from tests import containerd_dist
 from tests.containerd_fixtures import SnapshotterProcess, Stack, unmount_under
+from tests.erofs_utils_oracle import erofs_utils
 from tests.oci_build import write_archive
 
 IMAGE = "example.com/bench/minbase:1"
@@ -58,16 +63,40 @@ def time_import(stack: Stack, snapshotter: str, archive: Path, repeat: int) -> f
     return best
 
 
+def start_with_containerd_erofs(stack: Stack, differ: str, mkfs_dir: Path) -> Stack:
+    """Start STACK with containerd's own erofs snapshotter unpacking through DIFFER ("erofs":
+    mkfs.erofs --tar=f; "walking": unpack, mkfs.erofs of the directory on Commit) and the
+    mkfs.erofs in MKFS_DIR first on the daemon's PATH."""
+    with open(stack.containerd.config, "a") as f:
+        f.write('[[plugins."io.containerd.transfer.v1.local".unpack_config]]\n'
+                '  platform = "linux/amd64"\n  snapshotter = "erofs"\n'
+                f'  differ = "{differ}"\n')
+    stack.service.start()
+    path = os.environ.get("PATH", "")
+    os.environ["PATH"] = f"{mkfs_dir}:{path}"  # read by Containerd.env() when it starts
+    try:
+        stack.containerd.start()
+    finally:
+        os.environ["PATH"] = path
+    return stack
+
+
 def bench_import(base: Path, repeat: int) -> list[tuple[str, float]]:
     archive = minbase_archive(base / "minbase.tar")
     dist = containerd_dist.from_suite("sid")
+    tools = erofs_utils()
     rows = []
-    for differ, setups in ((True, ["overlayfs", "erofs-py"]), (False, ["erofs-py"])):
-        stack = Stack(dist, base / f"stack-{differ}", differ=differ).start()
+    cases = ((True, ["overlayfs", "erofs-py", "erofs"]), (False, ["erofs-py", "erofs"]))
+    for differ, setups in cases:
+        stack = start_with_containerd_erofs(Stack(dist, base / f"stack-{differ}", differ=differ),
+                                            "erofs" if differ else "walking", tools.bin_dir)
         try:
             for sn in setups:
                 path = "differ" if differ else "convert on Commit"
                 label = sn if sn == "overlayfs" else f"erofs-py ({path})"
+                if sn == "erofs":
+                    label = (f"containerd's erofs, {'erofs differ' if differ else 'walking'}"
+                             f" (mkfs.erofs {tools.upstream_version})")
                 rows.append((f"containerd {dist.version} import, {label}",
                              time_import(stack, sn, archive, repeat)))
         finally:
@@ -128,7 +157,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ctd-bench-") as tmp:
         base = Path(tmp)
         for label, seconds in bench_import(base, args.repeat):
-            print(f"{label:60s} {seconds:7.2f} s")
+            print(f"{label:80s} {seconds:7.2f} s")
         print(f"\nRPC latency, 8 concurrent clients x {args.rpc_calls} rounds (ms):")
         print(f"{'rpc':20s} {'p50':>8s} {'p99':>8s}")
         for name, p50, p99 in bench_rpc(base, args.rpc_calls):
