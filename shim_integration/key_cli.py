@@ -8,7 +8,7 @@ from pathlib import Path
 
 from snapshotter.errors import EpError
 
-from .manifest import ALGORITHMS, ManifestError, generate_key, key_id, load_public_key
+ALGORITHMS = ("ed25519", "ecdsa-p256")  # as manifest.ALGORITHMS; cryptography loads lazily
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,6 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from .manifest import ManifestError, generate_key
+
     path = Path(args.path)
     if path.exists() and not args.force:
         raise EpError(f"{path} exists (use --force to replace it)")
@@ -43,6 +45,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
+    from .manifest import ManifestError, key_id, load_public_key
+
     try:
         data = Path(args.path).read_bytes()
     except FileNotFoundError:

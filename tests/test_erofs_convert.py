@@ -150,6 +150,7 @@ def test_whiteouts_and_opaque_dirs_as_overlayfs_reads_them(tmp_path: Path) -> No
         Entry("implicit/.wh..wh..opq"),
         Entry(".wh.toplevel"),
         Entry("etc/.wh..wh.plnk", "dir"),
+        Entry("etc/.wh..wh.plnk/1234.5678", data=b"aufs hardlink store"),
         Entry(".wh.redone"), Entry("redone", "dir"), Entry("redone/new", data=b"r"),
         Entry(".wh.implied"), Entry("implied/new", data=b"i"),
     ]

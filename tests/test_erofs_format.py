@@ -34,7 +34,7 @@ def test_round_trips() -> None:
                     devt_slotoff=9, feature_incompat=0xC)
     assert SuperBlock.unpack(sb.pack()) == sb
     ext = Inode(mode=0o100644, extended=True, nlink=70_000, size=5 << 32, i_u=42, ino=9,
-                uid=2**32 - 1, gid=65_536, mtime=-5 % 2**64, mtime_nsec=999_999_999)
+                uid=2**32 - 1, gid=65_536, mtime=-5, mtime_nsec=999_999_999)
     assert Inode.unpack(ext.pack()) == ext
     compact = Inode(mode=0o40755, extended=False, nlink=3, size=100, i_u=7, ino=1, uid=1,
                     gid=2, mtime=77, mtime_nsec=5)
@@ -62,3 +62,36 @@ def test_xattr_names_without_an_erofs_prefix_are_refused(name: bytes) -> None:
 def test_superblock_magic_is_checked() -> None:
     with pytest.raises(FormatError, match="not an EROFS image"):
         SuperBlock.unpack(bytes(128))
+
+
+def test_tail_packed_files_mount(tmp_path) -> None:
+    """The writer's inline (tail-packing) layout for regular files: whole blocks in an
+    extent, the last partial block right after the inode, never across a block boundary."""
+    import os
+    import stat
+
+    from snapshotter.erofs.tree import InlineTail, Node
+    from snapshotter.erofs.writer import DataWriter, ImageParams, header_blocks, write_metadata
+    from tests.helpers import mounted_erofs
+
+    path = tmp_path / "inline.erofs"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        data = DataWriter(fd, 4096, header_blocks(4096))
+        root = Node.directory()
+        contents = {}
+        for i, size in enumerate([1, 100, 4095, 4097, 9000, 12287, 3000, 3000, 3000]):
+            body = bytes([65 + i]) * size
+            whole = size // 4096 * 4096
+            head = data.add_blocks(body[:whole]) if whole else None
+            name = f"f{i}".encode()
+            root.children[name] = Node(mode=stat.S_IFREG | 0o644, size=size,
+                                       data=InlineTail(head, body[whole:]),
+                                       xattrs={b"user.k": b"v" * (i * 50)})
+            contents[name.decode()] = body
+        write_metadata(data, root, ImageParams())
+    finally:
+        os.close(fd)
+    with mounted_erofs(path) as mnt:
+        for name, body in contents.items():
+            assert (mnt / name).read_bytes() == body, name

@@ -26,6 +26,7 @@ from .writer import DataWriter
 
 WHITEOUT_PREFIX = b".wh."
 OPAQUE_MARKER = b".wh..wh..opq"
+AUFS_META_PREFIX = b".wh..wh."
 OPAQUE_XATTR = b"trusted.overlay.opaque"
 ORIGIN_XATTR = b"trusted.overlay.origin"
 
@@ -97,11 +98,11 @@ class TarImporter:
             self._implicit.discard(id(self.root))
             return
         name = parts[-1]
+        if any(p.startswith(AUFS_META_PREFIX) and p != OPAQUE_MARKER for p in parts):
+            return  # AUFS bookkeeping (.wh..wh.plnk/...), not part of the image
         if name == OPAQUE_MARKER:
             self._parent(parts, m.name).xattrs[OPAQUE_XATTR] = b"y"
             return
-        if name.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):
-            return  # other AUFS metadata (.wh..wh.plnk, ...): not part of the image
         parent = self._parent(parts, m.name)
         if name.startswith(WHITEOUT_PREFIX):
             target = name[len(WHITEOUT_PREFIX):]
@@ -166,7 +167,7 @@ class TarImporter:
             # whiteout markers this layer set) stay unless the new entry sets them anew.
             node.xattrs = {**node.xattrs, **m.xattrs}
         else:
-            node.xattrs = dict(m.xattrs)
+            node.xattrs = m.xattrs  # the member's own dict, nothing else holds it
 
     def finish(self) -> SourceTree:
         """Give implicit directories the build time: the most common mtime in the layer."""

@@ -497,10 +497,19 @@ def _choose_layouts(placed: list[_Placed], cursor: _BlockCursor, bs: int) -> Non
         fd = node.data
         if isinstance(fd, Extent):
             inode.i_u = fd.start
-        elif isinstance(fd, InlineTail):
+        elif isinstance(fd, InlineTail) and _fits_inline(p, len(fd.tail), bs):
             inode.layout = LAYOUT_FLAT_INLINE
             inode.i_u = fd.head.start if fd.head else 0
             p.tail = fd.tail
+        elif isinstance(fd, InlineTail):
+            # The tail does not fit beside the inode: give it a block of its own and address
+            # head and tail block by block.
+            tail_block = cursor.take(len(fd.tail))
+            cursor.fill(tail_block, fd.tail)
+            head = [fd.head.start + i for i in range(fd.head.nblocks)] if fd.head else []
+            inode.layout = LAYOUT_CHUNK_BASED
+            inode.i_u = CHUNK_FORMAT_INDEXES  # chunkbits 0: one index per block
+            p.chunk_table = ChunkIndex.pack_table([*head, tail_block], None)
         elif isinstance(fd, Chunks):
             inode.layout = LAYOUT_CHUNK_BASED
             inode.i_u = fd.chunkbits | CHUNK_FORMAT_INDEXES
