@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from snapshotter.errors import EpError
-from snapshotter.verity.atomic import atomic_output
+from snapshotter.fsutil import atomic_output
 
 from .dir_import import import_directory
 from .image_verity import VerityFeed, reread, verity_builder

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from snapshotter.errors import EpError
-from snapshotter.verity.atomic import atomic_output
+from snapshotter.fsutil import atomic_output
 
 from .format import NULL_ADDR, DeviceSlot
 from .image_verity import append_verity

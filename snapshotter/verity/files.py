@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from snapshotter.errors import EpError
-from snapshotter.verity.atomic import atomic_output
+from snapshotter.fsutil import atomic_output
 from snapshotter.verity.builder import VerityTreeBuilder
 from snapshotter.verity.digests import DEFAULT_MEMORY_LIMIT
 from snapshotter.verity.geometry import TreeGeometry

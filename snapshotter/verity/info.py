@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from snapshotter.errors import EpError
-from snapshotter.verity.atomic import write_atomic
+from snapshotter.fsutil import write_atomic
 from snapshotter.verity.geometry import tree_start_block
 from snapshotter.verity.params import HASH_TYPE, VerityParams, parse_uuid
 
