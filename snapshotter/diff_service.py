@@ -5,7 +5,8 @@ descriptor and the mounts our Prepare returned. When those mounts are one of our
 snapshots, the blob is read from containerd's content store and converted in one pass into
 the snapshot's layer.erofs (+ dm-verity); Commit then finds it and converts nothing. Anything
 else (mounts that are not ours, media types we do not read, payloads such as decryption
-parameters) is UNIMPLEMENTED, and containerd falls back to its walking differ.
+parameters) is UNIMPLEMENTED, and containerd falls back to its walking differ. Native EROFS
+layers (application/vnd.erofs.layer.v1) are stored as they are, after checking them.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ LAYER_MEDIA_TYPES = {
     "application/vnd.docker.image.rootfs.diff.tar.gzip",
 }
 UNCOMPRESSED = "application/vnd.oci.image.layer.v1.tar"
+EROFS_LAYER = "application/vnd.erofs.layer.v1"  # stored as it is
 
 
 def upper_dir(mounts: list) -> Path | None:
@@ -71,7 +73,7 @@ class DiffService(diff_pb2_grpc.DiffServicer):
     @rpc
     def Apply(self, request: diff_pb2.ApplyRequest, context: grpc.ServicerContext):
         desc = request.diff
-        if desc.media_type not in LAYER_MEDIA_TYPES:
+        if desc.media_type not in LAYER_MEDIA_TYPES and desc.media_type != EROFS_LAYER:
             raise Unimplemented(f"media type {desc.media_type} is not a tar layer")
         if request.payloads:
             raise Unimplemented("apply payloads (e.g. decryption) are not supported")
@@ -82,15 +84,19 @@ class DiffService(diff_pb2_grpc.DiffServicer):
                                              lambda out: self._convert(namespace, desc, out))
         log.info("applied", extra={"key": key, "id": sid, "digest": desc.digest,
                                    "diff_id": meta.diff_id, "root_hash": meta.root_hash})
+        applied_type = EROFS_LAYER if desc.media_type == EROFS_LAYER else UNCOMPRESSED
         return diff_pb2.ApplyResponse(applied=descriptor_pb2.Descriptor(
-            media_type=UNCOMPRESSED, digest=meta.diff_id))
+            media_type=applied_type, digest=meta.diff_id))
 
     def _convert(self, namespace: str, desc: descriptor_pb2.Descriptor, out: Path
                  ) -> layer_build.LayerMeta:
-        from snapshotter.erofs.convert import convert_layer
+        from snapshotter.erofs.convert import convert_layer, import_erofs_image
 
         with self.content.open(namespace, desc.digest) as blob:
-            result = convert_layer(blob, out, verity=True, blob_digest=True)
+            if desc.media_type == EROFS_LAYER:
+                result = import_erofs_image(blob, out, expected_digest=desc.digest, verity=True)
+            else:
+                result = convert_layer(blob, out, verity=True, blob_digest=True)
         if result.compressed_digest != desc.digest:
             raise InvalidArgument(f"content {desc.digest} read as {result.compressed_digest}")
         v = result.verity

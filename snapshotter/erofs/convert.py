@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import stat
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ from snapshotter.errors import EpError
 from snapshotter.fsutil import atomic_output
 
 from .dir_import import import_directory
-from .image_verity import VerityFeed, reread, verity_builder
+from .image_verity import VerityFeed, append_verity, reread, verity_builder
+from .reader import ErofsImage
 from .streams import LayerStream
 from .tar_import import import_tar
 from .tree import SourceTree
@@ -121,6 +123,52 @@ def convert_directory(
 
     return _convert(Path(out_path), build, identity_hint=None, verity=verity,
                     block_size=block_size, hole_chunk=hole_chunk, blob_digest=blob_digest)
+
+
+def import_erofs_image(
+    source: BinaryIO,
+    out_path: str | os.PathLike[str],
+    *,
+    expected_digest: str | None = None,
+    verity=None,
+) -> ConvertResult:
+    """Store a native EROFS layer (`application/vnd.erofs.layer.v1`) as it is: copied while
+    hashed, checked against `expected_digest`, checked to be an uncompressed single-device
+    EROFS our merge can address, zero-padded to whole blocks, and given a verity tree (salt
+    from its digest). Nothing is left at `out_path` on error."""
+    out_path = Path(out_path)
+    digest = hashlib.sha256()
+    with atomic_output(out_path) as out:
+        size = 0
+        while chunk := source.read(1 << 20):
+            digest.update(chunk)
+            out.write(chunk)
+            size += len(chunk)
+        out.flush()
+        got = "sha256:" + digest.hexdigest()
+        if expected_digest is not None and got != expected_digest:
+            raise EpError(f"digest mismatch: EROFS layer is {got}, expected {expected_digest}")
+        try:
+            with ErofsImage(out.fileno()) as img:
+                bs, blocks, fs_uuid = img.block_size, img.sb.blocks, img.sb.uuid
+                if img.device_slots:
+                    raise EpError("a multi-device EROFS image is not a layer")
+                if blocks * bs > size:
+                    raise EpError(f"EROFS image claims {blocks * bs} bytes, blob has {size}")
+                for _path, info in img.walk():  # refuses compressed or corrupt inodes
+                    if stat.S_ISREG(info.mode):
+                        img.data_map(info)
+        except FileNotFoundError:
+            raise EpError("not an EROFS image") from None
+        padded = -(-size // 4096) * 4096
+        out.truncate(padded)
+        digest.update(bytes(padded - size))
+        info = append_verity(out, padded, verity, got) if verity else None
+    return ConvertResult(
+        blob=out_path, size=padded, diff_id=got, compressed_digest=got, compression=None,
+        entries=0, blocks=blocks, block_size=bs, uuid=str(uuid.UUID(bytes=fs_uuid)),
+        verity=info, blob_digest="sha256:" + digest.hexdigest(),
+    )
 
 
 def _convert(

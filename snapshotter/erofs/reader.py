@@ -73,13 +73,16 @@ class InodeInfo:
 class ErofsImage:
     """A read-only view of an EROFS image file. `devices` are the extra devices' paths."""
 
-    def __init__(self, path: str | os.PathLike[str], devices: list[Path] | None = None) -> None:
-        self.path = Path(path)
-        with open(self.path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size < SUPER_OFFSET + 128:
-                raise EpError(f"{self.path}: too small to be an EROFS image")
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    def __init__(self, path: str | os.PathLike[str] | int,
+                 devices: list[Path] | None = None) -> None:
+        """`path`: the image file, or an open file descriptor of it (left open)."""
+        if isinstance(path, int):
+            self.path = Path(f"/proc/self/fd/{path}")
+            self._map = self._map_fd(path)
+        else:
+            self.path = Path(path)
+            with open(self.path, "rb") as f:
+                self._map = self._map_fd(f.fileno())
         try:
             self.sb = SuperBlock.unpack(self._map[SUPER_OFFSET:SUPER_OFFSET + 128])
         except FormatError as exc:
@@ -91,6 +94,11 @@ class ErofsImage:
         self.device_slots = self._read_device_table()
         self._device_paths = devices or []
         self._device_maps: dict[int, mmap.mmap] = {}
+
+    def _map_fd(self, fd: int) -> mmap.mmap:
+        if os.fstat(fd).st_size < SUPER_OFFSET + 128:
+            raise EpError(f"{self.path}: too small to be an EROFS image")
+        return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
 
     def close(self) -> None:
         for m in self._device_maps.values():
