@@ -32,7 +32,7 @@ from snapshotter.fsutil import atomic_output
 from .format import NULL_ADDR, DeviceSlot
 from .image_verity import append_verity
 from .reader import ChunkRef, ErofsImage, InodeInfo
-from .tree import Chunks, Node, SourceTree, pick_build_time
+from .tree import Chunks, InlineTail, Node, SourceTree, pick_build_time
 from .writer import DataWriter, ImageParams, header_blocks, write_metadata
 
 OVERLAY_XATTR_PREFIX = b"trusted.overlay."
@@ -142,15 +142,19 @@ class _LayerApplier:
             self.links[info.nid] = node
         return node
 
-    def _chunks(self, refs: list[ChunkRef], size: int) -> Chunks | None:
+    def _chunks(self, refs: list[ChunkRef], size: int) -> Chunks | InlineTail | None:
         """Chunk indexes addressing the file's data where it lies in this layer's blob.
 
-        Inline tails (from images other tools wrote) are copied into the fsmeta itself.
+        Files stored wholly inline in their layer (small ones) stay inline in the fsmeta; a
+        tail after whole blocks (images other tools wrote) gets a block in the fsmeta.
         The chunk size is the largest power of two that every piece boundary is aligned to.
         """
         if not refs:
             return None
         bs = self.bs
+        if len(refs) == 1 and refs[0].inline_pos is not None:
+            # A small file stored inline in its layer stays inline in the fsmeta.
+            return InlineTail(None, self.img.read_at(refs[0].inline_pos, refs[0].length))
         if len(refs) == 1 and refs[0].blkaddr is not None:  # one extent: the common case
             total_blocks = -(-size // bs)
             bits = min(MAX_CHUNKBITS, max(0, (total_blocks - 1).bit_length()))

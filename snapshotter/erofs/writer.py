@@ -5,7 +5,8 @@ The image is written in one forward pass, so a layer of any size streams through
     [superblock (+ device table)] [file data ...] [directory blocks] [shared xattrs] [inodes]
 
 File data goes out as it arrives (`DataWriter`), block-aligned, with all-zero chunks left out
-(they become holes in a chunk-based inode). Once every file is placed, `write_metadata` lays
+(they become holes in a chunk-based inode); files of at most 512 bytes are kept to be written
+inline after their inodes. Once every file is placed, `write_metadata` lays
 out directories, shared xattrs and inodes after the data, and writes the superblock last. The
 head (superblock block) is the only region written out of order.
 
@@ -54,6 +55,8 @@ from .tree import Chunks, Extent, FileData, InlineTail, Node
 WriteObserver = Callable[[int, bytes], None]
 
 DEFAULT_HOLE_CHUNK = 64 * 1024
+DEFAULT_INLINE_MAX = 512  # files up to this size are stored inline after their inode
+INLINE_BUDGET = 64 << 20  # at most this much file data held for inlining
 READ_SIZE = 1 << 20
 WRITE_BUFFER = 4 << 20
 
@@ -74,6 +77,7 @@ class DataWriter:
         start_block: int,
         observer: WriteObserver | None = None,
         hole_chunk: int = DEFAULT_HOLE_CHUNK,
+        inline_max: int = DEFAULT_INLINE_MAX,
     ) -> None:
         if hole_chunk % block_size or hole_chunk & (hole_chunk - 1):
             raise EpError("hole chunk size must be a power-of-two multiple of the block size")
@@ -82,6 +86,8 @@ class DataWriter:
         self.next_block = start_block
         self.observer = observer
         self.hole_chunk = hole_chunk
+        self.inline_max = inline_max
+        self._inline_budget = INLINE_BUDGET
         self._zero_chunk = bytes(hole_chunk)
         self._zero_view = memoryview(self._zero_chunk)
         self._buffer = bytearray()
@@ -131,6 +137,11 @@ class DataWriter:
         """
         if size == 0:
             return None
+        if size <= self.inline_max and self._inline_budget >= size:
+            # Tiny files live inline after their inode: a 4 KiB block each would be ~90% of
+            # a rootfs layer's size in some directories. The budget bounds the memory held.
+            self._inline_budget -= size
+            return InlineTail(None, _read_exact(read, size))
         chunk = self.hole_chunk
         if size < chunk:  # too small to hold a hole: the common case, kept short
             first = self.next_block
