@@ -146,7 +146,7 @@ class LayerStream:
             self.compression]()
         self._blob_hash = hashlib.sha256()
         self._tar_hash = hashlib.sha256()
-        self._buf = bytearray()
+        self._buf = b""  # decompressed bytes not yet read, from _pos on
         self._pos = 0
         self._src_done = False
         self.tar_size = 0
@@ -164,10 +164,8 @@ class LayerStream:
         if out:
             self._tar_hash.update(out)
             self.tar_size += len(out)
-            if self._pos:
-                del self._buf[:self._pos]
-                self._pos = 0
-            self._buf += out
+            self._buf = self._buf[self._pos:] + out if self._pos < len(self._buf) else out
+            self._pos = 0
 
     def _fill(self) -> bool:
         """Produce more tar bytes; False at the end of the stream."""
@@ -183,25 +181,28 @@ class LayerStream:
                 return True
 
     def read(self, size: int = -1) -> bytes:
+        pos = self._pos
+        end = pos + size
+        if size >= 0 and end <= len(self._buf):  # the common case: already decompressed
+            self._pos = end
+            return self._buf[pos:end]
         if size < 0:
             while self._fill():
                 pass
             size = len(self._buf) - self._pos
         while len(self._buf) - self._pos < size and self._fill():
             pass
-        with memoryview(self._buf) as view:
-            out = bytes(view[self._pos:self._pos + size])
+        out = self._buf[self._pos:self._pos + size]
         self._pos += len(out)
         return out
 
     def drain(self) -> int:
         """Read (and hash) the rest of the stream; returns how many tar bytes were left."""
         left = len(self._buf) - self._pos
-        self._buf.clear()
-        self._pos = 0
+        self._buf, self._pos = b"", 0
         while self._fill():
             left += len(self._buf)
-            self._buf.clear()
+            self._buf, self._pos = b"", 0
         return left
 
     @property
