@@ -10,6 +10,7 @@ way), agent.sock, console.log, qemu.log, qsd.log, and the vhost-user sockets att
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import shutil
@@ -33,6 +34,9 @@ FIRST_PORT_SLOT = 8  # root ports at 00:08.0 ... (8 functions per slot), fixed d
 # calibration; panic=-1 + -no-reboot make a dead guest end QEMU instead of hanging.
 BOOT_ARGS = ("console=ttyS0", "quiet", "panic=-1", "mitigations=off", "cryptomgr.notests=1",
              "tsc=reliable", "no_timer_check", "random.trust_cpu=on")
+# The guest agent opens only images signed by one of these keys (docs/kata.md).
+TRUSTED_KEYS_ARG = "ep.trusted_keys"
+COMMAND_LINE_MAX = 2047  # x86's COMMAND_LINE_SIZE is 2048 with the NUL
 
 
 @dataclass
@@ -47,6 +51,9 @@ class VmConfig:
     cpus: int = 1
     root_ports: int = 16
     paused: bool = False  # -S: no guest runs (QMP-only tests)
+    # PEM public keys the guest trusts for signed image manifests, given on the kernel command
+    # line (ep.trusted_keys=<base64 PEM>,...): per boot, standing in for attestation initdata.
+    trusted_keys: list[bytes] = field(default_factory=list)
     storage_daemon: bool = True
     qemu: str = "qemu-system-x86_64"
 
@@ -104,7 +111,7 @@ class Vm:
             argv += ["-device", f"pcie-root-port,id={root_port_id(i)},bus=pcie.0,"
                      f"chassis={i + 1},slot={i + 1},addr={slot:#x}.{fn}{mf}"]
         if c.kernel:
-            argv += ["-kernel", str(c.kernel), "-append", " ".join([*BOOT_ARGS, *c.kernel_args])]
+            argv += ["-kernel", str(c.kernel), "-append", self.command_line()]
             if c.initrd:
                 argv += ["-initrd", str(c.initrd)]
         if c.root_image:
@@ -116,6 +123,17 @@ class Vm:
         if c.paused:
             argv.append("-S")
         return argv
+
+    def command_line(self) -> str:
+        args = [*BOOT_ARGS, *self.config.kernel_args]
+        if self.config.trusted_keys:
+            keys = ",".join(base64.b64encode(pem).decode() for pem in self.config.trusted_keys)
+            args.append(f"{TRUSTED_KEYS_ARG}={keys}")
+        line = " ".join(args)
+        if len(line) > COMMAND_LINE_MAX:
+            raise VmFailure(f"kernel command line of {len(line)} bytes exceeds "
+                            f"{COMMAND_LINE_MAX} (too many trusted keys?)")
+        return line
 
     def start(self, timeout: float = 20.0) -> Vm:
         self.started_at = time.monotonic()

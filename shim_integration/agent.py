@@ -2,8 +2,10 @@
 """The guest agent: PID 1 of the test guest's root, serving a JSON-lines protocol on a
 virtio-serial port.
 
-Runs under the guest's Debian python3 with the standard library and pyudev only (it is copied
-into the guest root image by vm-images/build). One request per line, one response per line:
+Runs under the guest's Debian python3 with the standard library, pyudev and (for images)
+python3-cryptography; vm-images/build copies it into the guest root image together with the
+`shim_integration` modules it imports (manifest, guest_verify, fsmount). One request per line,
+one response per line:
 
     -> {"id": 7, "op": "mount", "source": "/dev/mapper/l1", "target": "/run/ep/mnt/l1"}
     <- {"id": 7, "ok": true, "result": {...}}
@@ -285,7 +287,189 @@ def op_teardown(req: dict[str, Any]) -> dict[str, Any]:
             errors.append(str(exc))
     if errors:
         raise AgentError("; ".join(errors), errno.EBUSY)
+    for image in list(IMAGES.values()):
+        _rmdir_quiet(f"{IMAGE_BASE}/{image.name}")
+    IMAGES.clear()
     return done
+
+
+# --- signed images -----------------------------------------------------------------------------
+
+IMAGE_BASE = "/run/ep/images"
+REFUSED = errno.EPERM  # the errno of every refusal; the message says why
+
+
+class Image:
+    """An image this agent opened: its dm devices and mounts (newest last)."""
+
+    def __init__(self, name: str, digest: str) -> None:
+        self.name = name
+        self.digest = digest
+        self.dm: list[str] = []
+        self.mounts: list[str] = []
+        self.result: dict[str, Any] = {}
+
+
+IMAGES: dict[str, Image] = {}
+
+
+def _shim_modules() -> Any:
+    """shim_integration's guest-side modules (beside this script in the guest root; the
+    cryptography they use is Debian's python3-cryptography)."""
+    if DIST_PACKAGES not in sys.path:
+        sys.path.append(DIST_PACKAGES)
+    from shim_integration import fsmount, guest_verify, manifest
+
+    return manifest, guest_verify, fsmount
+
+
+def _image_name(req: dict[str, Any]) -> str:
+    name = req.get("name") or "image"
+    if not (isinstance(name, str) and len(name) <= 32
+            and all(c.isalnum() or c in "-_" for c in name)):
+        raise AgentError(f"bad image name {name!r} (1-32 of [A-Za-z0-9_-])", errno.EINVAL)
+    return name
+
+
+def _b64(req: dict[str, Any], key: str) -> bytes:
+    import base64
+    import binascii
+
+    try:
+        return base64.b64decode(req[key], validate=True)
+    except (binascii.Error, ValueError, TypeError):
+        raise AgentError(f"refused: {key} is not base64", REFUSED) from None
+
+
+def _mount_tmpfs(target: str, size: str) -> None:
+    os.makedirs(target, exist_ok=True)
+    libc, get_errno = _libc()
+    if libc.mount(b"tmpfs", target.encode(), b"tmpfs", 0,
+                  f"mode=0755,size={size}".encode()) != 0:
+        err = get_errno()
+        raise AgentError(f"tmpfs on {target}: {os.strerror(err)}", err)
+    STATE.mounts.append(target)
+
+
+def op_open_image(req: dict[str, Any]) -> dict[str, Any]:
+    """Verify a signed manifest against the keys the guest booted with and the root hashes of
+    the offered disks; only then open dm-verity per disk, mount the fsmeta with the layer
+    devices and a writable overlay (tmpfs upper) over it. Refusals open and mount nothing."""
+    started = time.monotonic()
+    name = _image_name(req)
+    if name in IMAGES:
+        raise AgentError(f"image {name} is already open", errno.EEXIST)
+    offered = req.get("devices")
+    if not isinstance(offered, list) or not offered:
+        raise AgentError("devices: a list of {serial} or {pci}, fsmeta first", errno.EINVAL)
+    payload, signature = _b64(req, "manifest"), _b64(req, "signature")
+    manifest, guest_verify, fsmount = _shim_modules()
+    timings: dict[str, float] = {}
+    try:
+        keys = guest_verify.trusted_keys_from_cmdline(_read_attr("/proc/cmdline") or "")
+        if not keys:
+            raise manifest.ManifestError(
+                f"the guest booted without trusted keys ({guest_verify.CMDLINE_KEYS}=)")
+        signed = manifest.verify(payload, signature, keys)
+        if "fsmeta" not in signed.manifest:
+            raise manifest.ManifestError("the manifest names no fsmeta to mount")
+        expected = len(signed.device_verity())
+        if len(offered) != expected:
+            raise manifest.ManifestError(
+                f"{len(offered)} devices offered, the manifest names {expected}")
+    except manifest.ManifestError as exc:
+        raise AgentError(f"refused: {exc}", REFUSED) from None
+    timings["verify_signature"] = time.monotonic() - started
+
+    t = time.monotonic()
+    timeout = float(req.get("timeout", 10))
+    disks = [wait_block(d.get("serial"), d.get("pci"), timeout) for d in offered]
+    timings["wait_devices"] = time.monotonic() - t
+    t = time.monotonic()
+    labels = [f"{d['name']} " + (f"serial {d['serial']}" if o.get("serial") is not None
+                                 else f"pci {o.get('pci')}")
+              for d, o in zip(disks, offered, strict=True)]
+    try:
+        roots = guest_verify.check_offered(signed, [d["path"] for d in disks], labels)
+    except manifest.ManifestError as exc:
+        raise AgentError(f"refused: {exc}", REFUSED) from None
+    timings["check_roots"] = time.monotonic() - t
+
+    image = Image(name, signed.digest())
+    base = f"{IMAGE_BASE}/{name}"
+    try:
+        t = time.monotonic()
+        mappers = []
+        for i, (disk, verity) in enumerate(zip(disks, signed.device_verity(), strict=True)):
+            dm = f"{name}-{i}"
+            table = verity_table(guest_verify.verity_params(disk["path"], verity))
+            _dmsetup("create", dm, "--readonly", "--table", table)
+            STATE.dm.append(dm)
+            image.dm.append(dm)
+            mappers.append(f"/dev/mapper/{dm}")
+        timings["verity_open"] = time.monotonic() - t
+        t = time.monotonic()
+        lower, rw, rootfs = f"{base}/lower", f"{base}/rw", f"{base}/rootfs"
+        os.makedirs(lower, exist_ok=True)
+        try:
+            fsmount.mount_erofs(mappers[0], lower, mappers[1:])
+        except OSError as exc:
+            raise _oserror(exc, f"mount the fsmeta of {name}") from None
+        STATE.mounts.append(lower)
+        image.mounts.append(lower)
+        _mount_tmpfs(rw, str(req.get("upper_size", "64m")))
+        image.mounts.append(rw)
+        os.makedirs(f"{rw}/upper", mode=0o755)
+        os.makedirs(f"{rw}/work", mode=0o700)
+        op_mount({"source": "overlay", "target": rootfs, "fstype": "overlay",
+                  "read_only": False,
+                  "options": [f"lowerdir={lower}", f"upperdir={rw}/upper", f"workdir={rw}/work"]})
+        image.mounts.append(rootfs)
+        timings["mount"] = time.monotonic() - t
+    except BaseException:
+        try:  # noqa: SIM105 (contextlib would be one more module to import)
+            _close(image)
+        except AgentError:
+            pass  # the first error is the one to report; teardown retries the rest
+        raise
+    image.result = {
+        "name": name, "manifest_digest": image.digest, "key_id": signed.signature["key_id"],
+        "image": signed.manifest.get("image"), "rootfs": rootfs, "lower": lower,
+        "upper": f"{rw}/upper",
+        "devices": [
+            {"position": i, "role": "fsmeta" if i == 0 else "layer", "disk": d["path"],
+             "serial": d["serial"], "pci_path": d["pci_path"], "dm": m, "root_hash": r}
+            for i, (d, m, r) in enumerate(zip(disks, mappers, roots, strict=True))],
+        "timings": {k: round(v, 4) for k, v in timings.items()},
+    }
+    IMAGES[name] = image
+    return image.result
+
+
+def _close(image: Image) -> dict[str, list[str]]:
+    """Unmount IMAGE's mounts and remove its dm devices, newest first."""
+    done: dict[str, list[str]] = {"unmounted": [], "removed": []}
+    for target in reversed(image.mounts):
+        if target in STATE.mounts:
+            _umount(target)
+        done["unmounted"].append(target)
+    image.mounts.clear()
+    for dm in reversed(image.dm):
+        if dm in STATE.dm:
+            op_verity_close({"name": dm})
+        done["removed"].append(dm)
+    image.dm.clear()
+    _rmdir_quiet(f"{IMAGE_BASE}/{image.name}")
+    IMAGES.pop(image.name, None)
+    return done
+
+
+def op_close_image(req: dict[str, Any]) -> dict[str, Any]:
+    name = _image_name(req)
+    image = IMAGES.get(name)
+    if image is None:
+        raise AgentError(f"image {name} is not open", errno.ENOENT)
+    return _close(image)
 
 
 # --- files -------------------------------------------------------------------------------------
@@ -406,6 +590,9 @@ OPS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "read_file": op_read_file,
     "read_speed": op_read_speed,
     "mounts": lambda req: {"mounts": list(STATE.mounts), "dm": list(STATE.dm)},
+    "open_image": op_open_image,
+    "close_image": op_close_image,
+    "images": lambda req: {"images": {n: i.result for n, i in IMAGES.items()}},
 }
 
 

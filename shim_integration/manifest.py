@@ -150,11 +150,14 @@ class SignedManifest:
     payload: bytes  # the canonical bytes that were signed
     signature: dict[str, Any]
 
+    def device_verity(self) -> list[dict[str, Any]]:
+        """The signed dm-verity entries in device order: the fsmeta, then each layer."""
+        first = [self.manifest["fsmeta"]["verity"]] if "fsmeta" in self.manifest else []
+        return first + [layer["verity"] for layer in self.manifest["layers"]]
+
     def expected_roots(self) -> list[str]:
         """Root hashes in device order: the fsmeta, then each layer (device 1, 2, ...)."""
-        roots = [self.manifest["fsmeta"]["verity"]["root_hash"]] if "fsmeta" in self.manifest \
-            else []
-        return roots + [layer["verity"]["root_hash"] for layer in self.manifest["layers"]]
+        return [v["root_hash"] for v in self.device_verity()]
 
     def digest(self) -> str:
         """What an attestation flow binds to the guest's evidence."""
@@ -191,8 +194,10 @@ def verify(payload: bytes, signature: dict[str, Any] | bytes, trusted: list[Any]
     key = keys[0]
     if signature.get("algorithm") != _algorithm(key):
         raise ManifestError("signature algorithm does not match the key")
+    if not isinstance(signature.get("signature"), str):
+        raise ManifestError("signature envelope has no signature")
     try:
-        raw = base64.b64decode(signature.get("signature", ""), validate=True)
+        raw = base64.b64decode(signature["signature"], validate=True)
     except (binascii.Error, ValueError):
         raise ManifestError("signature is not base64 (truncated?)") from None
     try:
@@ -208,6 +213,8 @@ def verify(payload: bytes, signature: dict[str, Any] | bytes, trusted: list[Any]
         raise ManifestError("signed manifest is not JSON") from None
     if canonical(manifest) != payload:
         raise ManifestError("signed manifest is not in canonical form")
+    if not isinstance(manifest, dict):
+        raise ManifestError("signed manifest is not a JSON object")
     if manifest.get("version") != MANIFEST_VERSION:
         raise ManifestError(f"unsupported manifest version {manifest.get('version')!r}")
     return SignedManifest(manifest, payload, signature)
@@ -222,5 +229,4 @@ def check_devices(signed: SignedManifest, roots: list[str]) -> None:
     for i, (got, want) in enumerate(zip(roots, expected, strict=True)):
         if got != want:
             what = "fsmeta" if i == 0 and "fsmeta" in signed.manifest else f"device {i}"
-            raise ManifestError(f"{what}: root hash {got[:16]}... is not the signed "
-                                f"{want[:16]}...")
+            raise ManifestError(f"{what}: root hash {got} is not the signed {want}")

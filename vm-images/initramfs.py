@@ -24,7 +24,8 @@ from common import (
 from kernel import Kernel
 
 # What the guest needs before its root is mounted (modules.dep adds the dependencies).
-TOP_MODULES = ("virtio_pci", "virtio_blk", "virtio_console", "erofs", "sha256_ssse3", "dm-verity")
+TOP_MODULES = ("virtio_pci", "virtio_blk", "virtio_console", "erofs", "sha256_ssse3", "dm-verity",
+               "overlay")  # overlay: the writable upper over an opened image (agent open_image)
 BUSYBOX_PACKAGE = "busybox-static"
 LIB_DIRS = ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu", "lib", "usr/lib")
 

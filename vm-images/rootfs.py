@@ -39,6 +39,10 @@ PRUNE = ("var/cache/apt", "var/lib/apt/lists", "usr/share/doc", "usr/share/man",
          "usr/share/info", "usr/share/locale")
 BLOCK = 4096
 AGENT_PATH = "usr/lib/erofs-passthrough/agent.py"
+# The shim_integration modules the agent imports (beside it, as the package shim_integration;
+# stdlib + python3-cryptography only). Their bytes are part of the root image's key.
+GUEST_MODULES = ("__init__.py", "manifest.py", "guest_verify.py", "fsmount.py")
+GUEST_MODULE_DIR = "usr/lib/erofs-passthrough/shim_integration"
 # File mtimes are kept (python checks its .pyc files by them); files we add get this one.
 FIXED_TIME = 1700000000
 TREE_RECIPE = 1  # bump when build_tree changes what it produces
@@ -138,7 +142,14 @@ def write_tree_tar(tree: Path, extras: dict[str, tuple[bytes, int]], dest: Path)
                         tar.addfile(info, fh)
                 else:
                     tar.addfile(info)
+        have = set(tar.getnames())
         for rel, (data, mode) in sorted(extras.items()):
+            for parent in reversed(Path(rel).parents[:-1]):  # directories the tree lacks
+                if parent.as_posix() not in have:
+                    have.add(parent.as_posix())
+                    d = tarfile.TarInfo(parent.as_posix())
+                    d.type, d.mode, d.mtime = tarfile.DIRTYPE, 0o755, FIXED_TIME
+                    tar.addfile(d)
             info = tarfile.TarInfo(rel)
             info.size, info.mode, info.mtime = len(data), stat.S_IMODE(mode), FIXED_TIME
             tar.addfile(info, io.BytesIO(data))
@@ -163,15 +174,26 @@ def converter_digest() -> str:
     return digest(*(f.read_bytes() for f in files))
 
 
+def guest_files(agent: Path) -> dict[str, tuple[bytes, int]]:
+    """What the project adds to the guest tree: the agent and the modules it imports (taken
+    from the agent's own directory, the shim_integration package)."""
+    files = {AGENT_PATH: (agent.read_bytes(), 0o755)}
+    for name in GUEST_MODULES:
+        files[f"{GUEST_MODULE_DIR}/{name}"] = ((agent.parent / name).read_bytes(), 0o644)
+    return files
+
+
 def build_root_image(root: Path, tree: Path, key: str, agent: Path) -> tuple[Path, dict]:
-    agent_bytes = agent.read_bytes()
+    extras = guest_files(agent)
     builder = os.environ.get("EROFS_PASSTHROUGH_GUEST_BUILDER", "ours")
-    image_key = digest(key, agent_bytes, source_digest("rootfs.py"), builder, converter_digest())
+    image_key = digest(key, *(f"{rel}:{mode}".encode() + data
+                              for rel, (data, mode) in sorted(extras.items())),
+                       source_digest("rootfs.py"), builder, converter_digest())
     final = root / f"root-{image_key}.img"
     meta_path = root / f"root-{image_key}.json"
     if final.exists() and meta_path.exists():
         return final, json.loads(meta_path.read_text())
     salt = hashlib.sha256(f"salt {image_key}".encode()).hexdigest()  # fixed per image
-    verity = make_verified_erofs(tree, {AGENT_PATH: (agent_bytes, 0o755)}, final, salt)
+    verity = make_verified_erofs(tree, extras, final, salt)
     write_json(meta_path, verity)
     return final, verity
