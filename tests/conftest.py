@@ -11,6 +11,16 @@ import os
 
 import pytest
 
+# The shared TCG guest (session scope) and its cleanliness check, for every guest test module.
+from tests.guest_fixtures import (  # noqa: F401
+    agent,
+    attacher,
+    clean_guest,
+    guest_image,
+    guest_key,
+    vm,
+)
+
 STRICT = os.environ.get("EROFS_PASSTHROUGH_STRICT") == "1"
 
 

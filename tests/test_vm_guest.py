@@ -2,8 +2,9 @@
 converter built and dm-verity protects) gets EROFS blobs hotplugged over virtio-blk and
 vhost-user-blk; its agent opens dm-verity with the root hash, mounts, and reads.
 
-One guest is booted for the whole module; every test leaves it as it found it (the autouse
-fixture checks: nothing mounted, no dm device, no hotplugged disk, no node left in QEMU).
+One guest is booted for the whole session (tests/guest_fixtures.py); every test leaves it as it
+found it (the autouse fixture checks: nothing mounted, no dm device, no hotplugged disk, no node
+left in QEMU).
 """
 
 from __future__ import annotations
@@ -12,13 +13,11 @@ import errno
 import hashlib
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +26,10 @@ import pytest
 from passthrough.agent_client import AgentClient
 from passthrough.attach import TRANSPORTS, Attacher, Attachment
 from passthrough.errors import AgentFailure
-from passthrough.guest_image import GuestImage, ensure_guest_image
+from passthrough.guest_image import GuestImage
 from passthrough.guest_volume import find_disk, open_verity
 from passthrough.vm import Vm, VmConfig
-from tests.helpers import require_tool
+from tests.guest_fixtures import assert_clean
 
 pytestmark = [pytest.mark.qemu, pytest.mark.root, pytest.mark.slow]
 
@@ -57,83 +56,6 @@ LAYER: dict[str, bytes | str] = {
     "empty": b"",
     "link-to-hello": "etc/hello.txt",
 }
-
-
-def _require_guest() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root: the guest image build runs debootstrap (runs in CI as root)")
-    for tool in ("qemu-system-x86_64", "qemu-storage-daemon", "debootstrap", "lz4",
-                 "mkfs.erofs"):
-        require_tool(tool)
-
-
-@pytest.fixture(scope="module")
-def guest_image() -> GuestImage:
-    _require_guest()
-    return ensure_guest_image()
-
-
-@pytest.fixture(scope="module")
-def vm(guest_image: GuestImage) -> Iterator[Vm]:
-    with Vm(VmConfig.for_guest(guest_image, root_ports=8)) as machine:
-        yield machine
-
-
-@pytest.fixture(scope="module")
-def agent(vm: Vm) -> Iterator[AgentClient]:
-    client = vm.wait_agent(timeout=120)
-    yield client
-    client.close()
-
-
-@pytest.fixture(scope="module")
-def attacher(vm: Vm) -> Iterator[Attacher]:
-    with Attacher(vm.qmp) as at:
-        yield at
-
-
-@pytest.fixture(autouse=True)
-def clean_guest(request: pytest.FixtureRequest) -> Iterator[None]:
-    """After each test that uses the guest: tear down what the agent set up, detach
-    everything, and check that the guest and QEMU are back to the booted state."""
-    if "agent" not in request.fixturenames:
-        yield
-        return
-    vm: Vm = request.getfixturevalue("vm")
-    agent: AgentClient = request.getfixturevalue("agent")
-    attacher: Attacher = request.getfixturevalue("attacher")
-    yield
-    agent.teardown()
-    for att in attacher.attached():
-        attacher.detach(att.device_id)
-    assert_clean(vm, agent, attacher)
-
-
-def _pci_ids(devices: list[dict[str, Any]]) -> set[str]:
-    ids = set()
-    for dev in devices:
-        if dev.get("qdev_id"):
-            ids.add(dev["qdev_id"])
-        ids |= _pci_ids(dev.get("pci_bridge", {}).get("devices", []))
-    return ids
-
-
-def assert_clean(vm: Vm, agent: AgentClient, attacher: Attacher) -> None:
-    assert [d["name"] for d in agent.block_devices()] == ["vda"]
-    assert agent.call("mounts") == {"mounts": [], "dm": []}
-    dm = agent.run("dmsetup", "ls")["stdout"]
-    assert dm.split()[:1] == ["root"] and len(dm.splitlines()) == 1, dm
-    nodes = {n["node-name"] for n in vm.qmp.cmd("query-named-block-nodes")}
-    assert not [n for n in nodes if n.startswith("ep-")], nodes
-    assert not [b for b in vm.qmp.cmd("query-block")
-                if b.get("qdev", "").startswith("/machine/peripheral/ep-")]
-    pci = set().union(*(_pci_ids(bus["devices"]) for bus in vm.qmp.cmd("query-pci")))
-    assert not [i for i in pci if i.startswith("ep-") and not i.startswith("ep-rp")], pci
-    assert not [c for c in vm.qmp.cmd("query-chardev") if c["label"].startswith("ep-")]
-    with vm.qsd.session() as qsd:  # type: ignore[union-attr]
-        assert qsd.cmd("query-block-exports") == []
-        assert qsd.cmd("query-named-block-nodes") == []
-    assert attacher.attached() == []
 
 
 # --- the layer: built on the host by our converter ------------------------------------------
