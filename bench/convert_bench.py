@@ -96,10 +96,13 @@ def _bytes_io(data: bytes):
 
 
 def best_of(n: int, run: Callable[[], None], before: Callable[[], None] | None = None) -> float:
+    """Best of N; each run starts with no dirty page cache (`sync`), so no run pays for the
+    writeback of the one before it."""
     times = []
     for _ in range(n):
         if before:
             before()
+        os.sync()
         t = time.perf_counter()
         run()
         times.append(time.perf_counter() - t)
