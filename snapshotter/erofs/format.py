@@ -13,6 +13,8 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from snapshotter.errors import EpError
+
 SUPER_OFFSET = 1024
 SUPER_MAGIC = 0xE0F5E1E2
 SUPER_SIZE = 128
@@ -65,8 +67,8 @@ def decode_dev(rdev: int) -> tuple[int, int]:
     return major, minor
 
 
-class FormatError(ValueError):
-    """Bytes that are not a valid EROFS structure."""
+class FormatError(EpError, ValueError):
+    """Bytes that are not a valid EROFS structure, or values EROFS cannot store."""
 
 
 @dataclass

@@ -6,12 +6,15 @@ in `format` that the writer packs it with. Compressed files are recognised and r
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import stat
-from collections.abc import Iterator
+import struct
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 from snapshotter.errors import EpError
 
@@ -35,6 +38,9 @@ from .format import (
     XattrIbody,
     decode_dev,
 )
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,24 @@ class InodeInfo:
         return self.pos + self.inode.isize + self.inode.xattr_isize
 
 
+_CORRUPTION = (struct.error, IndexError, ValueError, OverflowError, KeyError)
+
+
+def _corrupt_is_an_error(method: Callable[P, R]) -> Callable[P, R]:
+    """Untrusted images (a registry's EROFS layer, a merge input) must fail with EpError, never
+    with whatever a malformed structure happens to raise deep inside."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        except _CORRUPTION as exc:
+            image = args[0]
+            raise EpError(f"{image.path}: corrupt EROFS image ({exc})") from None
+
+    return wrapper
+
+
 class ErofsImage:
     """A read-only view of an EROFS image file. `devices` are the extra devices' paths."""
 
@@ -86,6 +110,7 @@ class ErofsImage:
         try:
             self.sb = SuperBlock.unpack(self._map[SUPER_OFFSET:SUPER_OFFSET + 128])
         except FormatError as exc:
+            self._map.close()
             raise EpError(f"{self.path}: {exc}") from None
         unknown = self.sb.feature_incompat & ~READER_INCOMPAT
         if unknown:
@@ -113,6 +138,7 @@ class ErofsImage:
 
     # -- structures -------------------------------------------------------------------------
 
+    @_corrupt_is_an_error
     def _read_device_table(self) -> list[DeviceSlot]:
         start = self.sb.devt_slotoff * DeviceSlot.SIZE
         return [
@@ -134,6 +160,7 @@ class ErofsImage:
     def root_nid(self) -> int:
         return self.sb.root_nid
 
+    @_corrupt_is_an_error
     def inode(self, nid: int) -> InodeInfo:
         pos = self.sb.meta_blkaddr * self.block_size + nid * INODE_SLOT_SIZE
         try:
@@ -147,6 +174,7 @@ class ErofsImage:
     def _is_extended(self, pos: int) -> bool:
         return bool(self._bytes(pos, 2)[0] & 1)
 
+    @_corrupt_is_an_error
     def xattrs(self, info: InodeInfo) -> dict[bytes, bytes]:
         if not info.inode.xattr_icount:
             return {}
@@ -166,6 +194,7 @@ class ErofsImage:
 
     # -- data -------------------------------------------------------------------------------
 
+    @_corrupt_is_an_error
     def data_map(self, info: InodeInfo) -> list[ChunkRef]:
         """Where the inode's data lives, in file order."""
         inode, bs = info.inode, self.block_size
@@ -193,6 +222,9 @@ class ErofsImage:
         fmt = inode.i_u & 0xFFFF
         chunk_size = bs << (fmt & CHUNK_FORMAT_BLKBITS_MASK)
         count = -(-inode.size // chunk_size)
+        unit = ChunkIndex.SIZE if fmt & CHUNK_FORMAT_INDEXES else 4
+        if info.data_pos + count * unit > len(self._map):
+            raise EpError(f"{self.path}: nid {info.nid}: chunk table beyond the image")
         refs = []
         if fmt & CHUNK_FORMAT_INDEXES:
             base = (info.data_pos + 7) & ~7
@@ -238,6 +270,7 @@ class ErofsImage:
                                   f"{ref.device}")
                 yield m[start:start + ref.length]
 
+    @_corrupt_is_an_error
     def read(self, info: InodeInfo) -> bytes:
         return b"".join(self.iter_data(info))
 
@@ -248,10 +281,13 @@ class ErofsImage:
 
     # -- directories ------------------------------------------------------------------------
 
+    @_corrupt_is_an_error
     def listdir(self, info: InodeInfo) -> list[tuple[bytes, int, int]]:
         """(name, nid, file type) of every entry, `.` and `..` included, in on-disk order."""
         if not stat.S_ISDIR(info.mode):
             raise EpError(f"nid {info.nid} is not a directory")
+        if info.size > len(self._map):
+            raise EpError(f"{self.path}: nid {info.nid}: directory larger than the image")
         data = self.read(info)
         bs = self.block_size
         out = []
@@ -287,11 +323,15 @@ class ErofsImage:
     def walk(self) -> Iterator[tuple[bytes, InodeInfo]]:
         """Every path (root as b"") and its inode, parents before children."""
         stack: list[tuple[bytes, int]] = [(b"", self.root_nid)]
+        seen_dirs: set[int] = set()
         while stack:
             path, nid = stack.pop()
             info = self.inode(nid)
             yield path, info
             if stat.S_ISDIR(info.mode):
+                if nid in seen_dirs:
+                    raise EpError(f"{self.path}: directory nid {nid} appears twice (a cycle)")
+                seen_dirs.add(nid)
                 children = [(n, c) for n, c, _ in self.listdir(info) if n not in (b".", b"..")]
                 for name, child in reversed(children):
                     stack.append((path + b"/" + name if path else name, child))
