@@ -97,3 +97,20 @@ def test_directory_cycle_is_refused(tmp_path: Path) -> None:
     out.write_bytes(bytes(image))
     with pytest.raises(EpError, match="cycle"):
         import_erofs_image(io.BytesIO(bytes(image)), tmp_path / "copy.erofs")
+
+
+def test_merge_refuses_a_directory_cycle(tmp_path: Path) -> None:
+    out = tmp_path / "cycle.erofs"
+    convert_layer(write_tar(tmp_path / "l.tar", [Entry("./", "dir"), Entry("sub", "dir"),
+                                                 Entry("sub/x", data=b"x")]), out)
+    with ErofsImage(out) as img:
+        root, listing = img.root_nid, img.read(img.lookup("sub"))
+    image = bytearray(out.read_bytes())
+    pos = image.find(listing)
+    for i in range(0, 36, 12):
+        if image[pos + i + 10] == 1:
+            image[pos + i:pos + i + 8] = root.to_bytes(8, "little")
+            image[pos + i + 10] = 2
+    out.write_bytes(bytes(image))
+    with pytest.raises(EpError, match="cycle"):
+        merge_layers([out], tmp_path / "m.fsmeta")

@@ -103,8 +103,13 @@ class _LayerApplier:
 
     def _apply_dir(self, target: Node, dir_info: InodeInfo) -> None:
         stack = [(target, dir_info)]
+        seen: set[int] = set()
         while stack:
             target, dir_info = stack.pop()
+            if dir_info.nid in seen:
+                raise EpError(f"{self.img.path}: directory nid {dir_info.nid} appears twice "
+                              "(a cycle)")
+            seen.add(dir_info.nid)
             children = target.children
             for name, nid, _ftype in self.img.listdir(dir_info):
                 if name == b"." or name == b"..":
