@@ -74,32 +74,8 @@ def test_damaged_metadata_is_an_error_or_harmless(good_image: Path, tmp_path: Pa
         signal.alarm(0)
 
 
-def test_directory_cycle_is_refused(tmp_path: Path) -> None:
-    """A directory entry that points back at the root: a loop a walker must not follow."""
-    from snapshotter.erofs import ErofsImage
-
-    out = tmp_path / "cycle.erofs"
-    convert_layer(write_tar(tmp_path / "l.tar", [Entry("./", "dir"), Entry("sub", "dir"),
-                                                 Entry("sub/x", data=b"x")]), out)
-    image = bytearray(out.read_bytes())
-    with ErofsImage(out) as img:
-        root = img.root_nid
-        sub = img.lookup("sub")
-        listing = img.read(sub)
-    entry = listing.index(b"x")  # the dirent of 'x' names 'sub/x'; point it at the root
-    nameoff_table = [int.from_bytes(listing[i:i + 8], "little") for i in range(0, 36, 12)]
-    assert entry and nameoff_table  # sanity: a real directory block
-    pos = image.find(listing)
-    for i in range(0, 36, 12):
-        if image[pos + i + 10] == 1:  # the regular file's dirent (file type 1)
-            image[pos + i:pos + i + 8] = root.to_bytes(8, "little")
-            image[pos + i + 10] = 2
-    out.write_bytes(bytes(image))
-    with pytest.raises(EpError, match="cycle"):
-        import_erofs_image(io.BytesIO(bytes(image)), tmp_path / "copy.erofs")
-
-
-def test_merge_refuses_a_directory_cycle(tmp_path: Path) -> None:
+def _cyclic_image(tmp_path: Path) -> bytes:
+    """A real image whose `sub/x` entry is rewritten to point back at the root directory."""
     out = tmp_path / "cycle.erofs"
     convert_layer(write_tar(tmp_path / "l.tar", [Entry("./", "dir"), Entry("sub", "dir"),
                                                  Entry("sub/x", data=b"x")]), out)
@@ -107,10 +83,20 @@ def test_merge_refuses_a_directory_cycle(tmp_path: Path) -> None:
         root, listing = img.root_nid, img.read(img.lookup("sub"))
     image = bytearray(out.read_bytes())
     pos = image.find(listing)
-    for i in range(0, 36, 12):
-        if image[pos + i + 10] == 1:
+    for i in range(0, 36, 12):  # the three dirents: '.', '..', 'x'
+        if image[pos + i + 10] == 1:  # the regular file's (file type 1)
             image[pos + i:pos + i + 8] = root.to_bytes(8, "little")
             image[pos + i + 10] = 2
-    out.write_bytes(bytes(image))
+    return bytes(image)
+
+
+def test_directory_cycle_is_refused(tmp_path: Path) -> None:
     with pytest.raises(EpError, match="cycle"):
-        merge_layers([out], tmp_path / "m.fsmeta")
+        import_erofs_image(io.BytesIO(_cyclic_image(tmp_path)), tmp_path / "copy.erofs")
+
+
+def test_merge_refuses_a_directory_cycle(tmp_path: Path) -> None:
+    layer = tmp_path / "layer.erofs"
+    layer.write_bytes(_cyclic_image(tmp_path))
+    with pytest.raises(EpError, match="cycle"):
+        merge_layers([layer], tmp_path / "m.fsmeta")
