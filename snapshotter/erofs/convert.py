@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from snapshotter.errors import EpError
+from snapshotter.verity import VerityInfo
 from snapshotter.fsutil import atomic_output
 
 from .dir_import import import_directory
@@ -45,7 +46,7 @@ class ConvertResult:
     blocks: int
     block_size: int
     uuid: str
-    verity: object | None  # snapshotter.verity.VerityInfo
+    verity: VerityInfo | None
     blob_digest: str | None = None  # sha256 of the image bytes, when asked for
 
     def to_json(self) -> dict:

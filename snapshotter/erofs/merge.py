@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from snapshotter.errors import EpError
+from snapshotter.verity import VerityInfo
 from snapshotter.fsutil import atomic_output
 
 from .format import NULL_ADDR, DeviceSlot
@@ -228,11 +229,11 @@ class MergeResult:
     devices: list[MergedDevice]
     uuid: str
     entries: int
-    verity: object | None = None  # VerityInfo of the fsmeta
+    verity: VerityInfo | None = None  # of the fsmeta
     digest: str = ""  # sha256 of the fsmeta image (without its verity tree)
     flat: Path | None = None
     flat_size: int | None = None
-    flat_verity: object | None = None
+    flat_verity: VerityInfo | None = None
 
     def extents(self) -> list[dict]:
         """The flat image's layout, for a hypervisor that presents the devices from it (or
