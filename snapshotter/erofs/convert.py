@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from snapshotter.errors import EpError
-from snapshotter.verity import VerityInfo
 from snapshotter.fsutil import atomic_output
+from snapshotter.verity import VerityInfo
 
 from .dir_import import import_directory
 from .image_verity import VerityFeed, append_verity, reread, verity_builder

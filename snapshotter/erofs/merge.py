@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from snapshotter.errors import EpError
-from snapshotter.verity import VerityInfo
 from snapshotter.fsutil import atomic_output
+from snapshotter.verity import VerityInfo
 
 from .format import NULL_ADDR, DeviceSlot
 from .image_verity import append_verity
