@@ -103,7 +103,7 @@ def _inspect(args: argparse.Namespace) -> int:
         print(f"{key:16} {value}")
     for i, dev in enumerate(report["devices"], start=1):
         print(f"device {i:<9} tag={dev['tag']} blocks={dev['blocks']} uniaddr={dev['uniaddr']}")
-    print(f"{'inodes':16} {report['inodes']}")
+    print(f"{'paths walked':16} {report['inodes']}")
     for entry in report.get("tree", []):
         extra = f" -> {entry['target']}" if "target" in entry else ""
         print(f"{entry['mode']} {entry['uid']:>5} {entry['gid']:>5} {entry['size']:>10} "
