@@ -13,35 +13,18 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
+
+from shim_integration.containerd_private import Dist, system_dist
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "erofs-passthrough"
 MIRROR = "http://deb.debian.org/debian"
 KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 
 
-@dataclass(frozen=True)
-class Dist:
-    """One containerd: its version and where its containerd, ctr and shim live."""
-
-    version: str
-    bin_dir: Path
-
-    @property
-    def major_minor(self) -> tuple[int, int]:
-        major, minor = self.version.split(".")[:2]
-        return int(major), int(minor)
-
-    def tool(self, name: str) -> str:
-        return str(self.bin_dir / name)
-
-
 def system() -> Dist:
     """Debian bookworm's containerd (installed by .ci/setup)."""
-    out = subprocess.run(["containerd", "--version"], capture_output=True, text=True, check=True)
-    version = out.stdout.split()[2].lstrip("v").split("~")[0]
-    return Dist(version, Path(shutil.which("containerd") or "/usr/bin/containerd").parent)
+    return system_dist()
 
 
 def _apt(state: Path, *args: str) -> subprocess.CompletedProcess:
