@@ -92,7 +92,10 @@ def device_root(path: str, verity: dict[str, Any]) -> str:
         raise ManifestError(f"cannot open {path}: {exc.strerror}") from None
     try:
         size = os.lseek(fd, 0, os.SEEK_END)
-        need = tree_start(verity) * hbs + hbs
+        if int(verity["data_blocks"]) > 1:
+            need = tree_start(verity) * hbs + hbs  # up to the end of the tree's top block
+        else:  # one data block has no tree (its hash is the root): data and superblock
+            need = max(dbs, offset + (_SB_SIZE if verity.get("superblock", True) else 0))
         if size < need:
             raise ManifestError(f"the disk has {size} bytes, the signed image at least {need}")
         if verity.get("superblock", True):

@@ -54,3 +54,21 @@ def test_hash_tree_and_read_file(tmp_path: Path) -> None:
     assert tree["d/f"]["size"] == 3000 and tree["l"]["target"] == "d/f" and "d" in tree
     part = _call({"id": 2, "op": "read_file", "path": str(tmp_path / "d/f"), "offset": 2990})
     assert part["result"]["size"] == 10
+
+
+def test_open_image_refusals_on_a_guest_without_keys() -> None:
+    """This host booted without ep.trusted_keys=: a well-formed request is refused for that,
+    before the agent looks for any disk; malformed ones are EINVAL."""
+    import base64
+
+    req = {"id": 1, "op": "open_image", "name": "c1", "devices": [{"serial": "nope"}],
+           "manifest": base64.b64encode(b"{}").decode(),
+           "signature": base64.b64encode(b"{}").decode()}
+    refused = _call(req)
+    assert refused["errno"] == errno.EPERM
+    assert "refused: the guest booted without trusted keys (ep.trusted_keys=)" in refused["error"]
+    assert _call({**req, "manifest": "!!"})["error"] == "refused: manifest is not base64"
+    assert _call({**req, "name": "../x"})["errno"] == errno.EINVAL
+    assert _call({**req, "devices": []})["errno"] == errno.EINVAL
+    assert _call({"id": 2, "op": "close_image", "name": "c1"})["errno"] == errno.ENOENT
+    assert _call({"id": 3, "op": "images"})["result"] == {"images": {}}

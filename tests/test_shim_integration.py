@@ -170,3 +170,70 @@ def test_key_cli(tmp_path: Path) -> None:
     again = subprocess.run([*cli, "generate", str(tmp_path / "k")], capture_output=True,
                            text=True)
     assert again.returncode != 0 and "exists" in again.stderr
+
+
+# -- the shim's attach plan ---------------------------------------------------------------------
+
+def _vm_mount(tmp_path: Path, with_manifest: bool = True):
+    from snapshotter.mounts import Mount
+    from snapshotter.vm_mode import DEVICES_OPTION
+
+    fsmeta = tmp_path / "image.fsmeta"
+    devices = [
+        {"role": "fsmeta", "path": str(fsmeta), "root_hash": ROOT, "salt": "11" * 32,
+         "hash_offset": 8192},
+        *({"role": "layer", "device": i, "path": str(tmp_path / f"{i}.erofs"),
+           "root_hash": f"{i:02x}" * 32, "salt": "22" * 32, "hash_offset": 40960}
+          for i in (1, 2)),
+    ]
+    if with_manifest:
+        (tmp_path / "manifest.json").write_bytes(b"{}")
+        (tmp_path / "manifest.sig").write_bytes(b"{}")
+    option = DEVICES_OPTION + base64.b64encode(json.dumps(devices).encode()).decode()
+    return Mount("erofs", str(fsmeta), ["ro", f"device={devices[1]['path']}",
+                                        f"device={devices[2]['path']}", option]), devices
+
+
+def test_attach_plan_from_vm_mode_mounts(tmp_path: Path) -> None:
+    from passthrough.attach import Attachment, device_id_for
+    from shim_integration.shim import plan_from_mounts
+
+    mount, devices = _vm_mount(tmp_path)
+    plan = plan_from_mounts([mount], ["virtio-blk", "vhost-user-blk", "virtio-blk"])
+    assert [(d.position, d.role, d.path, d.root_hash) for d in plan.devices] == [
+        (i, d["role"], d["path"], d["root_hash"]) for i, d in enumerate(devices)]
+    assert plan.devices[0].serial == device_id_for(devices[0]["path"], "virtio-blk")
+    assert plan.devices[1].serial == "vhost_user_blk"  # found by PCI address instead
+    assert plan.manifest == b"{}" and plan.signature == b"{}"
+    # Kata's options for the same devices, in the same order
+    volumes = [KataVirtualVolume.from_option(o) for o in plan.kata_options()]
+    assert [v.volume_type for v in volumes] == [IMAGE_RAW_BLOCK, LAYER_RAW_BLOCK,
+                                                LAYER_RAW_BLOCK]
+    assert [v.dm_verity.hash for v in volumes] == [d["root_hash"] for d in devices]
+    # the agent request names each disk as the guest finds it
+    atts = [Attachment(d.device_id, d.transport, d.path, f"ep-rp{i}", f"0000:00:08.{i}",
+                       d.serial, f"{d.device_id}-node") for i, d in enumerate(plan.devices)]
+    req = plan.request("c1", atts)
+    assert req["devices"] == [{"serial": atts[0].serial}, {"pci": "0000:00:08.1"},
+                              {"serial": atts[2].serial}]
+    assert base64.b64decode(req["manifest"]) == b"{}" and req["name"] == "c1"
+    swapped = plan.with_paths([devices[0]["path"], devices[2]["path"], devices[1]["path"]])
+    assert [d.path for d in swapped.devices][1:] == [devices[2]["path"], devices[1]["path"]]
+    assert swapped.devices[1].root_hash == plan.devices[1].root_hash  # the claim stays
+
+
+def test_attach_plan_refuses_what_it_cannot_use(tmp_path: Path) -> None:
+    from shim_integration.shim import ShimError, plan_from_mounts
+    from snapshotter.mounts import Mount
+
+    overlay = Mount("overlay", "overlay", ["lowerdir=/a:/b"])
+    with pytest.raises(ShimError, match="not a VM-mode rootfs"):
+        plan_from_mounts([overlay])
+    with pytest.raises(ShimError, match=r"no X-erofs-passthrough\.devices option"):
+        plan_from_mounts([Mount("erofs", "/x/layer.erofs", ["ro", "loop"])])
+    mount, _ = _vm_mount(tmp_path, with_manifest=False)
+    with pytest.raises(ShimError, match="no signed manifest beside the fsmeta"):
+        plan_from_mounts([mount])
+    assert plan_from_mounts([mount], manifest=b"m", signature=b"s").manifest == b"m"
+    with pytest.raises(ShimError, match="transports"):
+        plan_from_mounts([mount], ["virtio-blk"], manifest=b"m", signature=b"s")
