@@ -96,8 +96,11 @@ class AgentClient:
     def ping(self) -> dict[str, Any]:
         return self.call("ping")
 
-    def run(self, *argv: str, timeout: float = 30.0) -> dict[str, Any]:
-        return self.call("run", argv=list(argv), timeout=timeout)
+    def run(self, *argv: str, timeout: float = 30.0, image: str | None = None) -> dict[str, Any]:
+        """ARGV in the guest; with IMAGE, chrooted into that open image's root."""
+        if image is None:
+            return self.call("run", argv=list(argv), timeout=timeout)
+        return self.call("run", argv=list(argv), timeout=timeout, image=image)
 
     def block_devices(self) -> list[dict[str, Any]]:
         return self.call("block_devices")["devices"]

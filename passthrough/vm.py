@@ -54,6 +54,8 @@ class VmConfig:
     # PEM public keys the guest trusts for signed image manifests, given on the kernel command
     # line (ep.trusted_keys=<base64 PEM>,...): per boot, standing in for attestation initdata.
     trusted_keys: list[bytes] = field(default_factory=list)
+    # ep.lockdown=1: the agent serves only signed images and what runs inside them.
+    lockdown: bool = False
     storage_daemon: bool = True
     qemu: str = "qemu-system-x86_64"
 
@@ -129,6 +131,8 @@ class Vm:
         if self.config.trusted_keys:
             keys = ",".join(base64.b64encode(pem).decode() for pem in self.config.trusted_keys)
             args.append(f"{TRUSTED_KEYS_ARG}={keys}")
+        if self.config.lockdown:
+            args.append("ep.lockdown=1")
         line = " ".join(args)
         if len(line) > COMMAND_LINE_MAX:
             raise VmFailure(f"kernel command line of {len(line)} bytes exceeds "

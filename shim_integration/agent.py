@@ -561,11 +561,24 @@ def op_ping(req: dict[str, Any]) -> dict[str, Any]:
 
 
 def op_run(req: dict[str, Any]) -> dict[str, Any]:
+    """Run ARGV; with `image`, chrooted into that open image's root (what a container is)."""
     import subprocess
+
+    chroot = None
+    if req.get("image") is not None:
+        image = IMAGES.get(req["image"])
+        if image is None:
+            raise AgentError(f"image {req['image']} is not open", errno.ENOENT)
+        root = image.result["rootfs"]
+
+        def chroot() -> None:
+            os.chroot(root)
+            os.chdir("/")
 
     try:
         proc = subprocess.run(req["argv"], input=req.get("input"), capture_output=True,
-                              text=True, timeout=float(req.get("timeout", 30)), check=False)
+                              text=True, timeout=float(req.get("timeout", 30)), check=False,
+                              preexec_fn=chroot)
     except FileNotFoundError as exc:
         raise _oserror(exc, req["argv"][0]) from None
     except subprocess.TimeoutExpired as exc:
@@ -596,6 +609,47 @@ OPS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
 }
 
 
+# --- lockdown ----------------------------------------------------------------------------------
+
+# With ep.lockdown=1 on the kernel command line the host gets only what a runtime needs: signed
+# images, and commands and reads confined to an open image's root. Without it the raw ops
+# (verity_open, mount, run anywhere, ...) are a test and debugging surface that would let the
+# host mount anything.
+LOCKDOWN_ARG = "ep.lockdown=1"
+LOCKDOWN_OPS = frozenset({
+    "ping", "block_devices", "wait_block", "wait_block_gone", "open_image", "close_image",
+    "images", "teardown", "mounts", "verity_status", "run", "hash_tree", "read_file"})
+_LOCKED: list[bool] = []
+
+
+def locked() -> bool:
+    if not _LOCKED:
+        _LOCKED.append(LOCKDOWN_ARG in (_read_attr("/proc/cmdline") or "").split())
+    return _LOCKED[0]
+
+
+def _inside_an_image(path: str) -> bool:
+    real = os.path.realpath(path)
+    return any(real == i.result["rootfs"] or real.startswith(i.result["rootfs"] + "/")
+               for i in IMAGES.values() if i.result)
+
+
+def check_lockdown(op: str, req: dict[str, Any]) -> None:
+    """Refuse (EPERM) what a locked-down agent does not serve."""
+    if not locked():
+        return
+    why = None
+    if op not in LOCKDOWN_OPS:
+        why = f"{op} is not served in lockdown"
+    elif op == "run" and req.get("image") is None:
+        why = "run needs image=NAME (an open image's root) in lockdown"
+    elif op in ("hash_tree", "read_file") and not _inside_an_image(
+            str(req.get("root") or req.get("path") or "")):
+        why = f"{op} outside an open image's root in lockdown"
+    if why:
+        raise AgentError(f"refused: {why} ({LOCKDOWN_ARG})", REFUSED)
+
+
 def handle(line: bytes) -> dict[str, Any]:
     """One request line in, one response object out; never raises."""
     req_id = None
@@ -605,6 +659,7 @@ def handle(line: bytes) -> dict[str, Any]:
         op = OPS.get(req.get("op"))
         if op is None:
             raise AgentError(f"unknown op {req.get('op')!r}", errno.EINVAL)
+        check_lockdown(req["op"], req)
         return {"id": req_id, "ok": True, "result": op(req)}
     except AgentError as exc:
         return {"id": req_id, "ok": False, "error": str(exc), "errno": exc.errno}
