@@ -13,7 +13,8 @@
    dm-verity, mounts, overlays; a command runs chrooted in the image and every file is checked
    against what the image holds;
 5. offer the guest swapped layer devices (refused before anything is opened), then a copy of a
-   layer blob with one byte of file data flipped: that file reads as EIO.
+   layer blob with one byte of file data flipped: that file reads as EIO; and the agent, in
+   lockdown, refuses to open a disk without a signed manifest at all.
 
 With `--json` the progress goes to stderr and stdout gets one JSON object: `verified_read`,
 `tamper_detected`, the root hashes, the manifest digest, and timings per step. The exit status
@@ -227,7 +228,7 @@ def _demo(work: Path, transport: str, containerd: Path | None, progress: Progres
             guest = ensure_guest_image()
         with progress.step("boot", "boot the guest under TCG, trusting only the demo's key") \
                 as say:
-            vm = Vm(VmConfig.for_guest(guest, root_ports=8,
+            vm = Vm(VmConfig.for_guest(guest, root_ports=8, lockdown=True,
                                        trusted_keys=[Path(f"{key}.pub").read_bytes()]))
             cleanup.enter_context(vm)
             agent = vm.wait_agent(timeout=120)
@@ -235,6 +236,7 @@ def _demo(work: Path, transport: str, containerd: Path | None, progress: Progres
             attacher = cleanup.enter_context(Attacher(vm.qmp))
             shim = Shim(attacher, agent)
             say.append(f"kernel {agent.ping()['kernel']}, root {guest.root_verity['root_hash']}")
+            say.append("agent in lockdown (ep.lockdown=1): signed images and what runs in them")
 
         with progress.step("open_image", f"attach {len(plan.devices)} devices ({transport}); "
                            "the guest verifies, opens dm-verity, mounts") as say:
@@ -247,8 +249,8 @@ def _demo(work: Path, transport: str, containerd: Path | None, progress: Progres
             say.append(f"guest timings: {opened.result['timings']}")
         report["guest_manifest_digest"] = opened.manifest_digest
 
-        with progress.step("run", f"chroot into the image's root: sh -c '{COMMAND}'") as say:
-            ran = agent.run("chroot", opened.rootfs, "/bin/sh", "-c", COMMAND)
+        with progress.step("run", f"in the image's root (chroot): sh -c '{COMMAND}'") as say:
+            ran = agent.run("/bin/sh", "-c", COMMAND, image=opened.name)
             say.extend(f"| {line}" for line in (ran["stdout"] + ran["stderr"]).splitlines())
             tree = agent.hash_tree(opened.rootfs)
             want, gone = expected_view(busybox)
@@ -267,7 +269,7 @@ def _demo(work: Path, transport: str, containerd: Path | None, progress: Progres
         report["verified_read"] = verified
         report["command_output"] = ran["stdout"]
 
-        with progress.step("tamper", "a host that lies: swapped layers, then a flipped byte") \
+        with progress.step("tamper", "a host that lies: swapped layers, a flipped byte, a raw open") \
                 as say:
             report.update(_tamper(work, plan, shim, agent, say))
         report["tamper_detected"] = report["tamper_eio"] or report["tamper_refused"]
@@ -319,8 +321,8 @@ def _tamper(work: Path, plan: Any, shim: Any, agent: Any, say: list[str]) -> dic
         result["tamper_refused"] = exc.reason
         return result
     try:
-        ran = agent.run("chroot", opened.rootfs, "/bin/sh", "-c",
-                        "md5sum /data/payload.bin; cat /data/message")
+        ran = agent.run("/bin/sh", "-c", "md5sum /data/payload.bin; cat /data/message",
+                        image=opened.name)
         say.extend(f"| {line}" for line in (ran["stdout"] + ran["stderr"]).splitlines())
         try:
             agent.read_file(f"{opened.rootfs}/data/payload.bin")
@@ -330,9 +332,16 @@ def _tamper(work: Path, plan: Any, shim: Any, agent: Any, say: list[str]) -> dic
             result["tamper_eio"] = exc.errno == 5 and MESSAGE.decode() in ran["stdout"]
             say.append(f"data/payload.bin: errno {exc.errno} (EIO), the other files read fine")
         status = agent.verity_status(f"tampered-{position}")
-        dmesg = [ln for ln in agent.run("dmesg")["stdout"].splitlines() if "corrupted" in ln]
-        say.append(f"dm-verity: corrupted={status['corrupted']}; kernel: "
-                   f"{dmesg[-1].split('] ', 1)[-1] if dmesg else '(no message)'}")
+        say.append(f"dm-verity device tampered-{position}: corrupted={status['corrupted']}")
+        disk = opened.result["devices"][position]["disk"]
+        try:
+            agent.call("verity_open", name="bypass", data_device=disk, data_blocks=1,
+                       hash_start_block=1, root_hash="00" * 32)
+            say.append("raw verity_open of the disk: ACCEPTED (this must not happen)")
+            result["bypass_refused"] = None
+        except AgentFailure as exc:
+            say.append(f"raw verity_open of {disk} without the manifest: {exc}")
+            result["bypass_refused"] = str(exc)
     finally:
         shim.close(opened)
     return result

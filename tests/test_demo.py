@@ -32,6 +32,7 @@ def test_demo_proves_verified_read_and_tamper_detection() -> None:
     assert report["verified_read"] is True and report["tamper_detected"] is True
     assert report["tamper_errno"] == 5 and report["tamper_eio"] is True
     assert "not the signed device" in report["swap_refused"]
+    assert "not served in lockdown" in report["bypass_refused"]
     roots = report["root_hashes"]
     assert HEX64.fullmatch(roots["fsmeta"]) and len(roots["layers"]) == 3
     assert all(HEX64.fullmatch(r) for r in roots["layers"])

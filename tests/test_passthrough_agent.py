@@ -72,3 +72,34 @@ def test_open_image_refusals_on_a_guest_without_keys() -> None:
     assert _call({**req, "devices": []})["errno"] == errno.EINVAL
     assert _call({"id": 2, "op": "close_image", "name": "c1"})["errno"] == errno.ENOENT
     assert _call({"id": 3, "op": "images"})["result"] == {"images": {}}
+
+
+def test_lockdown_serves_only_signed_images_and_their_roots(tmp_path: Path) -> None:
+    """ep.lockdown=1: raw dm-verity/mount ops and commands or reads outside an open image's
+    root are refused; inside one they are served."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "f").write_bytes(b"inside")
+    (tmp_path / "escape").symlink_to("/etc/hostname")
+    image = agent.Image("x", "sha256:0")
+    image.result = {"rootfs": str(tmp_path)}
+    saved = list(agent._LOCKED)
+    agent._LOCKED[:] = [True]
+    agent.IMAGES["x"] = image
+    try:
+        for req in ({"op": "verity_open", "name": "v", "table": "0 8 zero"},
+                    {"op": "mount", "source": "/dev/vdb"}, {"op": "run", "argv": ["true"]},
+                    {"op": "read_file", "path": "/etc/hostname"},
+                    {"op": "read_file", "path": str(tmp_path / "escape")},
+                    {"op": "hash_tree", "root": "/etc"}):
+            reply = _call({"id": 1, **req})
+            assert reply["errno"] == errno.EPERM, req
+            assert reply["error"].startswith("refused: ") and "ep.lockdown=1" in reply["error"]
+        inside = _call({"id": 2, "op": "read_file", "path": str(tmp_path / "data" / "f")})
+        assert inside["ok"] and inside["result"]["size"] == 6
+        assert _call({"id": 3, "op": "hash_tree", "root": str(tmp_path)})["ok"]
+        assert _call({"id": 4, "op": "ping"})["ok"]
+    finally:
+        agent.IMAGES.pop("x", None)
+        agent._LOCKED[:] = saved
+    assert agent.locked() is False  # this host booted without ep.lockdown=1
+    agent.check_lockdown("verity_open", {})  # so nothing is refused for lockdown
