@@ -80,7 +80,8 @@ def demo_layers(busybox: bytes) -> list[list[tuple]]:
          ("dir", "data/olddir", 0o755), ("file", "data/olddir/x", b"x\n", 0o644),
          ("dir", "data/opq", 0o755), ("file", "data/opq/hidden", b"hidden by layer 2\n", 0o644)],
         [("dir", "data", 0o755), ("whiteout", "data/gone"), ("whiteout", "data/olddir"),
-         ("opaque", "data/opq"), ("file", "data/opq/new", b"new in layer 2\n", 0o644),
+         ("dir", "data/opq", 0o755), ("opaque", "data/opq"),
+         ("file", "data/opq/new", b"new in layer 2\n", 0o644),
          ("file", "data/payload.bin", _payload(), 0o644)],
         [("dir", "data", 0o755), ("file", "data/message", MESSAGE, 0o644),
          ("symlink", "data/link", "payload.bin")],
@@ -269,8 +270,8 @@ def _demo(work: Path, transport: str, containerd: Path | None, progress: Progres
         report["verified_read"] = verified
         report["command_output"] = ran["stdout"]
 
-        with progress.step("tamper", "a host that lies: swapped layers, a flipped byte, a raw open") \
-                as say:
+        with progress.step("tamper", "a host that lies: swapped layers, a flipped byte, "
+                           "a raw open") as say:
             report.update(_tamper(work, plan, shim, agent, say))
         report["tamper_detected"] = report["tamper_eio"] or report["tamper_refused"]
 
