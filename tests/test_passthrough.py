@@ -240,8 +240,12 @@ def test_vm_failure_carries_the_reason(tmp_path: Path) -> None:
     from passthrough.errors import VmFailure
 
     bad = VmConfig(paused=True, root_ports=1, accel="nosuch")
-    with pytest.raises(VmFailure, match=r"exited with .*nosuch"):
-        Vm(bad, workdir=tmp_path).start()
+    vm = Vm(bad, workdir=tmp_path)
+    try:
+        with pytest.raises(VmFailure, match=r"exited with .*nosuch"):
+            vm.start()
+    finally:
+        vm.stop()  # whatever happened, leave no QEMU or storage daemon behind
     assert not any(p.suffix == ".sock" and p.exists() and _listening(p)
                    for p in tmp_path.iterdir())
 
