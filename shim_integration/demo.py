@@ -2,7 +2,8 @@
 
 1. build a small OCI image (Debian's static busybox plus data; three layers with whiteouts and
    an opaque directory) and a signing key for this run;
-2. start a private containerd (the machine's, 1.6 on Debian 12, or `--containerd`'s) with
+2. start a private containerd (by default Debian trixie's 1.7, fetched once and cached; or the
+   machine's 1.6 with `--containerd system`, or one in a directory) with
    `erofs-passthrough serve` as its snapshotter (VM mode, the signing key; also as its differ
    where containerd has diff proxies, 1.7+) and `ctr images import` the image through it:
    every layer becomes an EROFS blob with a dm-verity tree;
@@ -29,6 +30,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,7 +43,7 @@ from snapshotter.errors import EpError
 IMAGE = "example.com/erofs-passthrough/demo:1"
 BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static
 ROOTFS_KEY = "erofs-demo-rootfs"
-STEPS = 9
+STEPS = 9  # and one more when a containerd is fetched
 COMMAND = "cat /etc/motd /data/message; ls -l /data; md5sum /data/payload.bin"
 MESSAGE = b"verified by the guest, from layer 3\n"
 MOTD = b"erofs-passthrough demo image\n"
@@ -55,9 +57,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="progress on stderr; one JSON object (proofs, roots, timings) on stdout")
     p.add_argument("--transport", choices=("virtio-blk", "vhost-user-blk"), default="virtio-blk",
                    help="how the devices reach the guest")
-    p.add_argument("--containerd", type=Path, metavar="BIN_DIR",
-                   help="use the containerd, ctr and shim in BIN_DIR (default: the machine's); "
-                        "1.7+ also unpacks through our differ")
+    p.add_argument("--containerd", default="trixie", metavar="trixie|sid|system|BIN_DIR",
+                   help="which containerd: a Debian suite's (trixie: 1.7, sid: 2.x; fetched "
+                        "once, cached), the machine's (system: 1.6 on Debian 12), or the one in "
+                        "BIN_DIR. 1.7+ unpacks through our differ (default: trixie)")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     p.set_defaults(func=run)
 
@@ -103,8 +106,9 @@ def expected_view(busybox: bytes) -> tuple[dict[str, Any], set[str]]:
 class Progress:
     """Numbered steps with their time, printed as they finish; timings kept for the report."""
 
-    def __init__(self, out: TextIO) -> None:
+    def __init__(self, out: TextIO, total: int) -> None:
         self.out = out
+        self.total = total
         self.n = 0
         self.timings: dict[str, float] = {}
 
@@ -114,7 +118,7 @@ class Progress:
         self.n += 1
         lines: list[str] = []
         start = time.monotonic()
-        print(f"[{self.n}/{STEPS}] {text} ...", file=self.out, flush=True)
+        print(f"[{self.n}/{self.total}] {text} ...", file=self.out, flush=True)
         yield lines
         self.timings[key] = round(time.monotonic() - start, 3)
         for line in lines:
@@ -135,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {"verified_read": False, "tamper_detected": False,
                               "work_dir": str(work)}
     started = time.monotonic()
-    progress = Progress(out)
+    progress = Progress(out, STEPS + (args.containerd in ("trixie", "sid")))
     try:
         _demo(work, args.transport, args.containerd, progress, report)
     finally:
@@ -154,12 +158,31 @@ def run(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def _demo(work: Path, transport: str, containerd: Path | None, progress: Progress,
+def _containerd(choice: str, progress: Progress):  # -> containerd_private.Dist
+    from shim_integration.containerd_dist import from_suite
+    from shim_integration.containerd_private import system_dist
+
+    if choice == "system":
+        return system_dist()
+    if choice in ("trixie", "sid"):
+        with progress.step("fetch_containerd", f"containerd from Debian {choice} "
+                           "(apt-get download, unpacked into the cache; not installed)") as say:
+            try:
+                dist = from_suite(choice)
+            except (OSError, subprocess.CalledProcessError) as exc:
+                say.append(f"could not fetch it ({exc}); using the machine's containerd")
+                return system_dist()
+            say.append(f"containerd {dist.version} in {dist.bin_dir}")
+            return dist
+    return system_dist(Path(choice))
+
+
+def _demo(work: Path, transport: str, containerd: str, progress: Progress,
           report: dict[str, Any]) -> None:
     from passthrough.attach import Attacher
     from passthrough.guest_image import ensure_guest_image
     from passthrough.vm import Vm, VmConfig
-    from shim_integration.containerd_private import SNAPSHOTTER, Snapshots, Stack, system_dist
+    from shim_integration.containerd_private import SNAPSHOTTER, Snapshots, Stack
     from shim_integration.manifest import generate_key
     from shim_integration.oci_archive import build_image, chain_ids
     from shim_integration.shim import Shim, plan_from_mounts
@@ -175,7 +198,7 @@ def _demo(work: Path, transport: str, containerd: Path | None, progress: Progres
             say.append(f"signing key for this run: ed25519 {kid}")
         report["key_id"] = kid
 
-        dist = system_dist(containerd)
+        dist = _containerd(containerd, progress)
         differ = dist.has_diff_proxies
         with progress.step("start_containerd",
                            f"private containerd {dist.version} + erofs-passthrough serve "

@@ -1,6 +1,7 @@
 """`erofs-passthrough demo --json`, as README's first command runs it: a private containerd
-(Debian's 1.6) imports the demo image through our snapshotter, a TCG guest verifies and reads
-it, and the guest refuses swapped devices and a flipped byte. Both proofs must hold."""
+(Debian trixie's 1.7) imports the demo image through our snapshotter and differ, a TCG guest
+verifies and reads it, and the guest refuses swapped devices and a flipped byte. Both proofs
+must hold."""
 
 from __future__ import annotations
 
@@ -39,5 +40,6 @@ def test_demo_proves_verified_read_and_tamper_detection() -> None:
     assert report["manifest_digest"] == report["guest_manifest_digest"]
     assert "verified by the guest, from layer 3" in report["command_output"]
     assert {"import", "boot", "open_image", "run", "tamper", "total"} <= set(report["timings"])
-    assert "[9/9]" in proc.stderr
+    assert "[10/10]" in proc.stderr
+    assert report["containerd"]["differ"] is True, "1.7 unpacks through our differ"
     assert not Path(report["work_dir"]).exists(), "the demo left its work directory behind"
