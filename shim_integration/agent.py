@@ -475,16 +475,15 @@ def op_close_image(req: dict[str, Any]) -> dict[str, Any]:
 # --- files -------------------------------------------------------------------------------------
 
 
-def _hash_file(path: str) -> dict[str, Any]:
+def _hash_fd(fd: int) -> dict[str, Any]:
     import hashlib
 
     h = hashlib.sha256()
     size = 0
     try:
-        with open(path, "rb", buffering=0) as fh:
-            while chunk := fh.read(READ_CHUNK):
-                h.update(chunk)
-                size += len(chunk)
+        while chunk := os.read(fd, READ_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
     except OSError as exc:
         return {"errno": exc.errno, "error": exc.strerror}
     return {"sha256": h.hexdigest(), "size": size}
@@ -492,32 +491,96 @@ def _hash_file(path: str) -> dict[str, Any]:
 
 def hash_tree(root: str) -> dict[str, Any]:
     """Every entry under ROOT: regular files by content hash (or the errno reading gave),
-    symlinks by target, directories and devices by mode."""
+    symlinks by target, directories and devices by mode.
+
+    Walks by directory file descriptors and opens with O_NOFOLLOW | O_NONBLOCK, checking the
+    opened file is the regular file it listed: a process in the image that swaps an entry for
+    a symlink (out of the image) or a FIFO (to hang us) while we walk gets an error entry,
+    never our read of something else."""
     import stat
 
     entries: dict[str, Any] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames, dirfd in os.fwalk(root):
         dirnames.sort()
         for name in sorted(dirnames + filenames):
-            path = os.path.join(dirpath, name)
-            rel = os.path.relpath(path, root)
-            st = os.lstat(path)
+            rel = os.path.relpath(os.path.join(dirpath, name), root)
+            st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
             entry: dict[str, Any] = {"mode": st.st_mode}
             if stat.S_ISREG(st.st_mode):
-                entry.update(_hash_file(path))
+                entry.update(_hash_regular(name, dirfd))
             elif stat.S_ISLNK(st.st_mode):
-                entry["target"] = os.readlink(path)
+                entry["target"] = os.readlink(name, dir_fd=dirfd)
             elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
                 entry["rdev"] = [os.major(st.st_rdev), os.minor(st.st_rdev)]
             entries[rel] = entry
     return {"entries": entries}
 
 
+def _hash_regular(name: str, dirfd: int) -> dict[str, Any]:
+    import stat
+
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=dirfd)
+    except OSError as exc:
+        return {"errno": exc.errno, "error": exc.strerror}
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return {"errno": errno.EINVAL, "error": "changed while walking"}
+        return _hash_fd(fd)
+    finally:
+        os.close(fd)
+
+
+# openat2(2) (Linux 5.6+): resolve a path as if the image's root were "/", so no symlink or
+# ".." - however it changes while we look - leads outside the image.
+_SYS_OPENAT2 = 437
+_RESOLVE_NO_MAGICLINKS = 0x02
+_RESOLVE_IN_ROOT = 0x10
+
+
+def _open_in_root(root: str, rel: str, flags: int) -> int:
+    import ctypes
+
+    class OpenHow(ctypes.Structure):
+        _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                    ("resolve", ctypes.c_uint64)]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    how = OpenHow(flags | os.O_CLOEXEC, 0, _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
+    rootfd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd = libc.syscall(_SYS_OPENAT2, rootfd, os.fsencode(rel), ctypes.byref(how),
+                          ctypes.sizeof(how))
+    finally:
+        os.close(rootfd)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), rel)
+    return fd
+
+
+def _image_root_of(path: str) -> tuple[str, str] | None:
+    """(image root, path relative to it) when PATH names something in an open image."""
+    norm = os.path.normpath(path)
+    for image in IMAGES.values():
+        root = (image.result or {}).get("rootfs")
+        if root and (norm == root or norm.startswith(root + "/")):
+            return root, os.path.relpath(norm, root)
+    return None
+
+
 def op_read_file(req: dict[str, Any]) -> dict[str, Any]:
+    """A file's bytes. A path in an open image is resolved the way the image sees it (its
+    absolute symlinks point into it) and can never lead out of it."""
     path, offset = req["path"], int(req.get("offset", 0))
     length = req.get("length")
+    inside = _image_root_of(path)
     try:
-        with open(path, "rb", buffering=0) as fh:
+        fd = (_open_in_root(inside[0], inside[1], os.O_RDONLY | os.O_NONBLOCK) if inside
+              else os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+        with os.fdopen(fd, "rb", buffering=0) as fh:
             fh.seek(offset)
             data = fh.read(int(length)) if length is not None else fh.read()
     except OSError as exc:
@@ -629,9 +692,9 @@ def locked() -> bool:
 
 
 def _inside_an_image(path: str) -> bool:
-    real = os.path.realpath(path)
-    return any(real == i.result["rootfs"] or real.startswith(i.result["rootfs"] + "/")
-               for i in IMAGES.values() if i.result)
+    """Lexically inside an open image's root: what the path then resolves to is confined to
+    that root when it is opened (hash_tree's fd walk, read_file's openat2)."""
+    return _image_root_of(path) is not None
 
 
 def check_lockdown(op: str, req: dict[str, Any]) -> None:

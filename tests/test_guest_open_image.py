@@ -22,6 +22,7 @@ import pytest
 
 from passthrough.agent_client import AgentClient
 from passthrough.attach import Attacher
+from passthrough.errors import AgentFailure
 from passthrough.vm import Vm
 from shim_integration import agent as agent_module
 from shim_integration.manifest import generate_key, load_private_key, sign
@@ -127,6 +128,16 @@ def test_signed_image_opens_and_reads_what_the_host_sees(
     assert agent.read_file(f"{result['upper']}/data/new") == b"written\n"
     lower = agent.run("sh", "-c", f"echo x > {result['lower']}/data/x")
     assert lower["rc"] != 0 and "Read-only file system" in lower["stderr"]
+    # Links made inside the image resolve the way the image sees them and never lead out of
+    # it, whatever they point at (openat2 with RESOLVE_IN_ROOT in the agent).
+    made = agent.run("/bin/busybox", "sh", "-c",
+                     "busybox ln -s /data/message /data/abs; "
+                     "busybox ln -s ../../../../../../../proc/cmdline /data/up",
+                     image=image.name)
+    assert made["rc"] == 0, made
+    assert agent.read_file(f"{image.rootfs}/data/abs") == MESSAGE
+    with pytest.raises(AgentFailure, match="No such file"):
+        agent.read_file(f"{image.rootfs}/data/up")  # the image has no /proc/cmdline
     for i in range(4):
         assert agent.verity_status(f"good-{i}")["corrupted"] is False
     shim.close(image)

@@ -4,6 +4,7 @@ tests (test_vm_guest.py) run the same code as PID 1 of a real guest."""
 
 from __future__ import annotations
 
+import base64
 import errno
 import hashlib
 import json
@@ -89,13 +90,21 @@ def test_lockdown_serves_only_signed_images_and_their_roots(tmp_path: Path) -> N
         for req in ({"op": "verity_open", "name": "v", "table": "0 8 zero"},
                     {"op": "mount", "source": "/dev/vdb"}, {"op": "run", "argv": ["true"]},
                     {"op": "read_file", "path": "/etc/hostname"},
-                    {"op": "read_file", "path": str(tmp_path / "escape")},
+                    {"op": "read_file", "path": str(tmp_path / "data" / ".." / ".." / "etc")},
                     {"op": "hash_tree", "root": "/etc"}):
             reply = _call({"id": 1, **req})
             assert reply["errno"] == errno.EPERM, req
             assert reply["error"].startswith("refused: ") and "ep.lockdown=1" in reply["error"]
         inside = _call({"id": 2, "op": "read_file", "path": str(tmp_path / "data" / "f")})
         assert inside["ok"] and inside["result"]["size"] == 6
+        # A link out of the image resolves inside it (openat2 RESOLVE_IN_ROOT): the image's
+        # /etc/hostname if it has one, never the guest's.
+        assert _call({"id": 5, "op": "read_file",
+                      "path": str(tmp_path / "escape")})["errno"] == errno.ENOENT
+        (tmp_path / "etc").mkdir()
+        (tmp_path / "etc" / "hostname").write_bytes(b"the image's\n")
+        confined = _call({"id": 6, "op": "read_file", "path": str(tmp_path / "escape")})
+        assert base64.b64decode(confined["result"]["data"]) == b"the image's\n"
         assert _call({"id": 3, "op": "hash_tree", "root": str(tmp_path)})["ok"]
         assert _call({"id": 4, "op": "ping"})["ok"]
     finally:
