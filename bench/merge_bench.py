@@ -3,7 +3,8 @@
     python -m bench.merge_bench
 
 Layers: a base layer of N files (100 per directory) plus L-1 small layers that each add one
-file and white out another. Ours: `merge_layers` (in process, the way the snapshotter calls
+file and white out another, written without inline data (erofs-utils' rebuild mode refuses
+inline data, "unsupported datalayout 2"), so both sides merge the same blobs. Ours: `merge_layers` (in process, the way the snapshotter calls
 it). Anchor: erofs-utils >= 1.8 `mkfs.erofs` rebuild mode over the same layer images, if a
 build is cached under ~/.cache/erofs-passthrough/erofs-utils/ (tests/erofs_utils_oracle.py
 builds it); otherwise that column is empty.
@@ -41,7 +42,7 @@ def build_layers(work: Path, files: int, layers: int) -> list[Path]:
     for i, entries in enumerate(specs):
         tar = write_tar(work / f"l{i}.tar", entries)
         out = work / f"l{i}.erofs"
-        convert_layer(tar, out)
+        convert_layer(tar, out, inline_max=0)  # erofs-utils' rebuild cannot merge inline data
         tar.unlink()
         paths.append(out)
     return paths

@@ -28,7 +28,14 @@ from .reader import ErofsImage
 from .streams import LayerStream
 from .tar_import import import_tar
 from .tree import SourceTree
-from .writer import DEFAULT_HOLE_CHUNK, DataWriter, ImageParams, header_blocks, write_metadata
+from .writer import (
+    DEFAULT_HOLE_CHUNK,
+    DEFAULT_INLINE_MAX,
+    DataWriter,
+    ImageParams,
+    header_blocks,
+    write_metadata,
+)
 
 # UUIDs of our layer images are UUIDv5 of the diffID in this namespace: the same layer always
 # gets the same UUID, and so the same bytes.
@@ -74,6 +81,7 @@ def convert_layer(
     block_size: int = 4096,
     hole_chunk: int = DEFAULT_HOLE_CHUNK,
     blob_digest: bool = False,
+    inline_max: int = DEFAULT_INLINE_MAX,
 ) -> ConvertResult:
     """Convert a tar / tar.gz / tar.zst layer into an EROFS blob at `out_path`.
 
@@ -86,7 +94,7 @@ def convert_layer(
         with open(source, "rb") as f:
             return convert_layer(f, out_path, expected_diff_id=expected_diff_id, verity=verity,
                                  block_size=block_size, hole_chunk=hole_chunk,
-                                 blob_digest=blob_digest)
+                                 blob_digest=blob_digest, inline_max=inline_max)
     stream: LayerStream | None = None
 
     def build(data: DataWriter) -> tuple[SourceTree, str]:
@@ -100,7 +108,8 @@ def convert_layer(
         return tree, stream.diff_id
 
     result = _convert(Path(out_path), build, identity_hint=expected_diff_id, verity=verity,
-                      block_size=block_size, hole_chunk=hole_chunk, blob_digest=blob_digest)
+                      block_size=block_size, hole_chunk=hole_chunk, blob_digest=blob_digest,
+                      inline_max=inline_max)
     return dataclasses.replace(result, diff_id=stream.diff_id,
                                compressed_digest=stream.compressed_digest,
                                compression=stream.compression)
@@ -114,6 +123,7 @@ def convert_directory(
     block_size: int = 4096,
     hole_chunk: int = DEFAULT_HOLE_CHUNK,
     blob_digest: bool = False,
+    inline_max: int = DEFAULT_INLINE_MAX,
 ) -> ConvertResult:
     """Convert an unpacked layer directory (whiteouts as 0:0 devices, opaque xattrs) into an
     EROFS blob. The UUID and the default verity salt derive from the tree's content."""
@@ -123,7 +133,8 @@ def convert_directory(
         return import_directory(src, data)
 
     return _convert(Path(out_path), build, identity_hint=None, verity=verity,
-                    block_size=block_size, hole_chunk=hole_chunk, blob_digest=blob_digest)
+                    block_size=block_size, hole_chunk=hole_chunk, blob_digest=blob_digest,
+                    inline_max=inline_max)
 
 
 def import_erofs_image(
@@ -181,6 +192,7 @@ def _convert(
     block_size: int,
     hole_chunk: int,
     blob_digest: bool,
+    inline_max: int = DEFAULT_INLINE_MAX,
 ) -> ConvertResult:
     """Write the image of whatever `build` reads, atomically, with optional verity tree.
 
@@ -197,7 +209,8 @@ def _convert(
         if verity and identity_hint is not None:
             builder, vparams = verity_builder(verity, identity_hint)
             feed = VerityFeed(builder, vparams.data_block_size, start * block_size)
-        data = DataWriter(fd, block_size, start, feed.observe if feed else None, hole_chunk)
+        data = DataWriter(fd, block_size, start, feed.observe if feed else None, hole_chunk,
+                          inline_max)
         tree, identity = build(data)
         params = ImageParams(
             block_size=block_size,

@@ -157,7 +157,7 @@ class DeviceSlot:
                    uniaddr=uniaddr_lo | uniaddr_hi << 32)
 
 
-@dataclass
+@dataclass(slots=True)
 class Inode:
     """An on-disk inode, compact (32 bytes) or extended (64 bytes).
 
@@ -230,7 +230,7 @@ class Inode:
                    mtime_nsec=build_time_nsec)
 
 
-@dataclass
+@dataclass(slots=True)
 class Dirent:
     """A 12-byte directory entry; names follow the entry array inside each directory block."""
 
@@ -250,7 +250,7 @@ class Dirent:
         return cls(nid=nid, nameoff=nameoff, file_type=ftype)
 
 
-@dataclass
+@dataclass(slots=True)
 class ChunkIndex:
     """An 8-byte chunk index: which device and block a chunk of a chunk-based file lives at."""
 

@@ -43,7 +43,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ChunkRef:
     """Where one piece of a file's data lives: `length` bytes at block `blkaddr` of device
     `device` (0 = primary); a hole (`blkaddr is None`) reads as zeros; an inline tail sits at
@@ -56,7 +56,7 @@ class ChunkRef:
     inline_pos: int | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class InodeInfo:
     nid: int
     inode: Inode

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from snapshotter.errors import EpError
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Extent:
     """File data stored contiguously: `nblocks` blocks from `start` on device `device`."""
 

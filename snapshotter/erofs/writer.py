@@ -211,7 +211,7 @@ class ImageParams:
     unified_addresses: bool = False
 
 
-@dataclass
+@dataclass(slots=True)
 class _Placed:
     """Per-inode layout decisions, made before anything is written."""
 
