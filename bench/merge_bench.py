@@ -4,10 +4,12 @@
 
 Layers: a base layer of N files (100 per directory) plus L-1 small layers that each add one
 file and white out another, written without inline data (erofs-utils' rebuild mode refuses
-inline data, "unsupported datalayout 2"), so both sides merge the same blobs. Ours:
-`merge_layers` (in process, the way the snapshotter calls it). Anchor: erofs-utils >= 1.8 `mkfs.erofs` rebuild mode over the same layer images, if a
-build is cached under ~/.cache/erofs-passthrough/erofs-utils/ (tests/erofs_utils_oracle.py
-builds it); otherwise that column is empty.
+inline data, "unsupported datalayout 2"), so both sides merge the same blobs.
+
+Ours: `merge_layers`, in process, the way the snapshotter calls it. Anchor: erofs-utils >= 1.8
+`mkfs.erofs` rebuild mode over the same layer images, if a build is cached under
+~/.cache/erofs-passthrough/erofs-utils/ (tests/erofs_utils_oracle.py builds it); otherwise
+that column is empty.
 """
 
 from __future__ import annotations
