@@ -226,12 +226,10 @@ def volumes_from_devices(devices: list[dict[str, Any]], flat: dict[str, Any] | N
             dm_verity=DmVerityInfo.from_verity_json(flat["verity"]))]
     volumes = []
     for dev in devices:
-        geometry = {"root_hash": dev["root_hash"], "salt": dev["salt"],
-                    "hash_offset": dev["hash_offset"], "data_blocks": dev["hash_offset"] // 4096}
         is_fsmeta = dev.get("role") == "fsmeta"
         volumes.append(KataVirtualVolume(
             volume_type=IMAGE_RAW_BLOCK if is_fsmeta else LAYER_RAW_BLOCK,
             source=dev["path"], fs_type="erofs", options=["ro"],
-            dm_verity=DmVerityInfo.from_verity_json(geometry),
+            dm_verity=DmVerityInfo.from_verity_json(dev["verity"]),
         ))
     return volumes

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from snapshotter.fsutil import fsync_file, rename_durable, unlink_durable, write_atomic
+from snapshotter.verity import VerityInfo
 
 LAYER = "layer.erofs"
 META = "layer.json"
@@ -51,6 +52,14 @@ class LayerMeta:
         if self.diff_id:
             labels[LABEL_PREFIX + "diff-id"] = self.diff_id
         return labels
+
+    def verity(self) -> VerityInfo:
+        """The full dm-verity description: every layer uses containerd's geometry (sha256,
+        4096/4096, v1 superblock at hash_offset, the data being everything before it)."""
+        return VerityInfo(root_hash=self.root_hash, salt=self.salt, hash_name="sha256",
+                          data_block_size=BLOCK, hash_block_size=BLOCK,
+                          data_blocks=self.hash_offset // BLOCK, hash_offset=self.hash_offset,
+                          superblock=True, uuid=None)
 
 
 Producer = Callable[[Path], LayerMeta]

@@ -104,15 +104,14 @@ def _describe(result, metas: list[layer_build.LayerMeta], final: Path) -> dict:
     return {
         "fsmeta": {
             "path": str(final / FSMETA), "size": result.size, "role": "fsmeta",
-            "digest": result.digest,
-            "root_hash": v.root_hash, "salt": v.salt, "hash_offset": v.hash_offset,
+            "digest": result.digest, "root_hash": v.root_hash, "verity": v.to_json(),
         },
         "layers": [
             {
                 "path": str(dev.path), "size": meta.blob_size, "role": "layer", "device": i,
                 "tag": dev.tag, "blocks": dev.blocks, "digest": meta.blob_digest,
-                "diff_id": meta.diff_id, "root_hash": meta.root_hash, "salt": meta.salt,
-                "hash_offset": meta.hash_offset,
+                "diff_id": meta.diff_id, "root_hash": meta.root_hash,
+                "verity": meta.verity().to_json(),
             }
             for i, (dev, meta) in enumerate(zip(result.devices, metas, strict=True), start=1)
         ],
@@ -122,22 +121,16 @@ def _describe(result, metas: list[layer_build.LayerMeta], final: Path) -> dict:
 def _write_signed_manifest(staged: Path, final: Path, description: dict,
                            signing_key: Path) -> dict:
     """manifest.json + manifest.sig: every device's root hash, in device order."""
-    from shim_integration.manifest import build_manifest, load_private_key, sign
-
-    def verity(d: dict) -> dict:
-        return {"root_hash": d["root_hash"], "salt": d["salt"], "hash_name": "sha256",
-                "data_block_size": 4096, "hash_block_size": 4096,
-                "data_blocks": d["hash_offset"] // 4096, "hash_offset": d["hash_offset"],
-                "superblock": True}
+    from shim_integration.manifest import build_manifest, load_private_key, sign, verity_entry
 
     fsmeta = description["fsmeta"]
     layers = description["layers"]
     manifest = build_manifest(
         image={"chain": final.name},
-        layers=[{"diff_id": d["diff_id"], "erofs_digest": d["digest"], "verity": verity(d)}
-                for d in layers],
+        layers=[{"diff_id": d["diff_id"], "erofs_digest": d["digest"],
+                 "verity": verity_entry(d["verity"])} for d in layers],
         fsmeta={"digest": fsmeta.get("digest", ""), "tags": [d["tag"] for d in layers],
-                "verity": verity(fsmeta)},
+                "verity": verity_entry(fsmeta["verity"])},
     )
     payload, signature = sign(manifest, load_private_key(signing_key))
     (staged / "manifest.json").write_bytes(payload)

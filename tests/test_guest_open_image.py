@@ -193,11 +193,12 @@ def _case(name: str, plan: AttachPlan, tmp_path: Path, guest_key: Path) -> Attac
         # (which the host cannot make match) tells it apart
         dev = plan.devices[3].description
         fake = tmp_path / "fake.erofs"
-        data = bytearray(Path(paths[3]).read_bytes()[: dev["hash_offset"]])
+        data = bytearray(Path(paths[3]).read_bytes()[: dev["verity"]["hash_offset"]])
         data[-4096 - 100] ^= 1
         fake.write_bytes(bytes(data))
         subprocess.run([sys.executable, "-m", "shim_integration.cli", "verity", "format",
-                        str(fake), "--salt", dev["salt"]], check=True, capture_output=True)
+                        str(fake), "--salt", dev["verity"]["salt"]],
+                       check=True, capture_output=True)
         return plan.with_paths([*paths[:3], str(fake)])
     raise AssertionError(name)
 

@@ -96,12 +96,20 @@ def test_bad_dm_verity_is_refused(change: dict, message: str) -> None:
         DmVerityInfo.from_json({**KATA_JSON["dm_verity"], **change})
 
 
+def _verity(root: str, salt: str, hash_offset: int) -> dict:
+    """A device's verity description as VM-mode mounts carry it (VerityInfo.to_json)."""
+    from snapshotter.verity import VerityInfo
+
+    return VerityInfo(root, salt, "sha256", 4096, 4096, hash_offset // 4096, hash_offset,
+                      True, None).to_json()
+
+
 def test_volumes_from_vm_mode_devices() -> None:
     devices = [
-        {"role": "fsmeta", "path": "/s/fsmeta", "root_hash": ROOT, "salt": "11" * 32,
-         "hash_offset": 8192},
+        {"role": "fsmeta", "path": "/s/fsmeta", "root_hash": ROOT,
+         "verity": _verity(ROOT, "11" * 32, 8192)},
         {"role": "layer", "device": 1, "path": "/s/1/layer.erofs", "root_hash": "cd" * 32,
-         "salt": "22" * 32, "hash_offset": 40960},
+         "verity": _verity("cd" * 32, "22" * 32, 40960)},
     ]
     volumes = volumes_from_devices(devices)
     assert [v.volume_type for v in volumes] == [IMAGE_RAW_BLOCK, LAYER_RAW_BLOCK]
@@ -180,10 +188,10 @@ def _vm_mount(tmp_path: Path, with_manifest: bool = True):
 
     fsmeta = tmp_path / "image.fsmeta"
     devices = [
-        {"role": "fsmeta", "path": str(fsmeta), "root_hash": ROOT, "salt": "11" * 32,
-         "hash_offset": 8192},
+        {"role": "fsmeta", "path": str(fsmeta), "root_hash": ROOT,
+         "verity": _verity(ROOT, "11" * 32, 8192)},
         *({"role": "layer", "device": i, "path": str(tmp_path / f"{i}.erofs"),
-           "root_hash": f"{i:02x}" * 32, "salt": "22" * 32, "hash_offset": 40960}
+           "root_hash": f"{i:02x}" * 32, "verity": _verity(f"{i:02x}" * 32, "22" * 32, 40960)}
           for i in (1, 2)),
     ]
     if with_manifest:

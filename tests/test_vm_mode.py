@@ -77,7 +77,7 @@ def test_vm_mode_rootfs_is_one_fsmeta_with_verified_devices(tmp_path: Path) -> N
     assert [o for o in mount.options if o.startswith("device=")] == [f"device={b}" for b in blobs]
     for d in devices:  # every device the guest gets is verifiable by its root hash
         proc = subprocess.run([veritysetup, "verify", d["path"], d["path"], d["root_hash"],
-                               f"--hash-offset={d['hash_offset']}"], capture_output=True)
+                               f"--hash-offset={d['verity']['hash_offset']}"], capture_output=True)
         assert proc.returncode == 0, d
     assert sn.mounts("default/9/container") == mounts  # Mounts never differ from Prepare's
 
