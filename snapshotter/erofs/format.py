@@ -260,10 +260,6 @@ class ChunkIndex:
     SIZE = 8
     _STRUCT = struct.Struct("<HHI")
 
-    @property
-    def is_hole(self) -> bool:
-        return self.blkaddr == NULL_ADDR
-
     def pack(self) -> bytes:
         return self._STRUCT.pack(0, self.device_id, self.blkaddr)
 

@@ -33,9 +33,6 @@ class _Decoder(Protocol):
 
 
 class _Identity:
-    def __init__(self) -> None:
-        self._buf = b""
-
     def feed(self, data: bytes) -> bytes:
         return data
 

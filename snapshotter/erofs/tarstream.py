@@ -122,10 +122,6 @@ class TarMember:
     sparse: list[tuple[int, int]] | None = None  # (offset, length) of data runs
     stored: int = 0  # bytes of data in the archive
 
-    @property
-    def is_regular(self) -> bool:
-        return self.typeflag in REGULAR or self.typeflag == GNU_SPARSE
-
 
 def parse_pax(data: bytes) -> dict[bytes, bytes]:
     """PAX extended header records: `LEN KEY=VALUE\\n`, values kept as raw bytes."""

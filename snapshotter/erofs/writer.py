@@ -218,7 +218,7 @@ class _Placed:
     node: Node
     inode: Inode
     xattrs: XattrIbody
-    dir_blocks: list[bytes] | None = None  # directory content, one entry per block
+    dir_blocks: list[list[bytes]] | None = None  # directory names, grouped per block
     tail: bytes = b""
     chunk_table: bytes = b""
     pos: int = 0  # byte offset of the inode in the image
@@ -271,7 +271,7 @@ def write_metadata(
     for p in placed:
         if p.node.children is not None:
             p.dir_blocks = _dir_block_plan(p.node, bs)
-            p.inode.size = (len(p.dir_blocks) - 1) * bs + len(p.dir_blocks[-1])
+            p.inode.size = (len(p.dir_blocks) - 1) * bs + _block_used(p.dir_blocks[-1])
     cursor = _BlockCursor(data.next_block, bs)
     _choose_layouts(placed, cursor, bs)
     xattr_blkaddr = cursor.take(len(shared_blob)) if shared_blob else 0
@@ -290,7 +290,6 @@ def write_metadata(
             blocks = _encode_dir(p.node, p.dir_blocks, nid_of, parent_of)
             if p.inode.layout == LAYOUT_FLAT_INLINE:
                 p.tail = blocks.pop()
-                assert len(p.tail) == len(p.dir_blocks[-1])
             if blocks:
                 cursor.fill(p.inode.i_u, b"".join(_pad(b, bs) for b in blocks))
     if shared_blob:
@@ -433,55 +432,49 @@ def _shared_xattrs(order: list[Node], bs: int) -> tuple[dict[tuple[bytes, bytes]
     return ids, bytes(blob)
 
 
-def _dir_block_plan(node: Node, bs: int) -> list[bytes]:
-    """The directory's names split into blocks (only the names; nids come later).
+def _dir_block_plan(node: Node, bs: int) -> list[list[bytes]]:
+    """The directory's names, sorted (`.` and `..` included), grouped into blocks.
 
-    Returns, per block, a placeholder of the block's used length whose content is filled by
-    `_encode_dir`; what matters here is how many blocks and how full the last one is.
-    """
-    names = sorted([b".", b"..", *node.children])
-    blocks: list[bytes] = []
+    Sizes depend only on names, so the grouping is fixed before nids exist; `_encode_dir`
+    writes each group as one block once they do."""
+    groups: list[list[bytes]] = [[]]
     used = 0
-    count = 0
-    for name in names:
+    for name in sorted([b".", b"..", *node.children]):
         need = Dirent.SIZE + len(name)
         if used + need > bs:
-            blocks.append(bytes(used))
-            used = count = 0
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
         used += need
-        count += 1
-    blocks.append(bytes(used))
-    return blocks
+    return groups
+
+
+def _block_used(names: list[bytes]) -> int:
+    """Bytes a directory block of these names takes: the dirents, then the names."""
+    return Dirent.SIZE * len(names) + sum(map(len, names))
 
 
 def _encode_dir(
-    node: Node, plan: list[bytes], nid_of: dict[int, int], parent_of: dict[int, Node]
+    node: Node, groups: list[list[bytes]], nid_of: dict[int, int], parent_of: dict[int, Node]
 ) -> list[bytes]:
-    """Directory blocks with real nids, split exactly as `_dir_block_plan` split them."""
-    names = sorted([b".", b"..", *node.children])
+    """One directory block per group of `_dir_block_plan`, with the nids now known."""
     parent_nid = nid_of[id(parent_of[id(node)])]
+    dir_type = file_type(stat.S_IFDIR)
     out: list[bytes] = []
-    i = 0
-    for planned in plan:
-        used = 0
-        batch: list[bytes] = []
-        while i < len(names) and used + Dirent.SIZE + len(names[i]) <= len(planned):
-            used += Dirent.SIZE + len(names[i])
-            batch.append(names[i])
-            i += 1
-        nameoff = Dirent.SIZE * len(batch)
+    for names in groups:
+        nameoff = Dirent.SIZE * len(names)
         ents = bytearray()
-        for name in batch:
+        for name in names:
             if name == b".":
-                nid, ftype = nid_of[id(node)], file_type(stat.S_IFDIR)
+                nid, ftype = nid_of[id(node)], dir_type
             elif name == b"..":
-                nid, ftype = parent_nid, file_type(stat.S_IFDIR)
+                nid, ftype = parent_nid, dir_type
             else:
                 child = node.children[name]
                 nid, ftype = nid_of[id(child)], file_type(child.mode)
             ents += Dirent(nid, nameoff, ftype).pack()
             nameoff += len(name)
-        out.append(bytes(ents) + b"".join(batch))
+        out.append(bytes(ents) + b"".join(names))
     return out
 
 
@@ -534,10 +527,11 @@ def _fits_inline(p: _Placed, tail_len: int, bs: int) -> bool:
 def _layout_dir(p: _Placed, cursor: _BlockCursor, bs: int) -> None:
     """A directory: whole blocks as an extent, the last partial block inline when it fits."""
     whole = len(p.dir_blocks) - 1
-    if _fits_inline(p, len(p.dir_blocks[-1]), bs):
+    tail_len = _block_used(p.dir_blocks[-1])
+    if _fits_inline(p, tail_len, bs):
         p.inode.layout = LAYOUT_FLAT_INLINE
         p.inode.i_u = cursor.take(whole * bs) if whole else 0
-        p.tail = p.dir_blocks[-1]  # its length counts now; real entries once nids exist
+        p.tail = bytes(tail_len)  # its length counts now; real entries once nids exist
     else:
         p.inode.i_u = cursor.take((whole + 1) * bs)
 
