@@ -3,7 +3,7 @@
     python -m bench.containerd_bench [--repeat N] [--rpc-calls N]
 
 1. Import: a Debian bookworm minbase image (one gzip layer, from bench.convert_bench's cache)
-   with `ctr images import` into containerd 2.1 (Debian sid, via tests.containerd_dist):
+   with `ctr images import` into containerd 2.1 (Debian sid, via shim_integration.containerd_dist):
    overlayfs (walking differ), erofs-py with our differ, erofs-py converting on Commit, and
    as the anchor containerd 2.1's own erofs snapshotter with its erofs differ (`mkfs.erofs
    --tar=f`) and with the walking differ (mkfs.erofs of the directory on Commit), both running
@@ -27,12 +27,12 @@ from pathlib import Path
 import grpc
 
 from bench.convert_bench import minbase_layer
+from shim_integration.containerd_dist import from_suite
+from shim_integration.containerd_private import SnapshotterProcess, Stack, unmount_under
+from shim_integration.oci_archive import write_archive
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
-from tests import containerd_dist
-from tests.containerd_fixtures import SnapshotterProcess, Stack, unmount_under
 from tests.erofs_utils_oracle import erofs_utils
-from tests.oci_build import write_archive
 
 IMAGE = "example.com/bench/minbase:1"
 
@@ -83,7 +83,7 @@ def start_with_containerd_erofs(stack: Stack, differ: str, mkfs_dir: Path) -> St
 
 def bench_import(base: Path, repeat: int) -> list[tuple[str, float]]:
     archive = minbase_archive(base / "minbase.tar")
-    dist = containerd_dist.from_suite("sid")
+    dist = from_suite("sid")
     tools = erofs_utils()
     rows = []
     cases = ((True, ["overlayfs", "erofs-py", "erofs"]), (False, ["erofs-py", "erofs"]))

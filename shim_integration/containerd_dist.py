@@ -60,3 +60,10 @@ def from_suite(suite: str) -> Dist:
     dist = Dist(version, target / "usr" / "bin")
     record.write_text(json.dumps({"version": version, "bin_dir": str(dist.bin_dir)}))
     return dist
+
+
+if __name__ == "__main__":  # prefetch: python -m shim_integration.containerd_dist trixie sid
+    import sys
+
+    for suite in sys.argv[1:] or ["trixie", "sid"]:
+        print(suite, from_suite(suite))

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from tests import containerd_dist
-from tests.containerd_fixtures import Stack, wait_for
+from shim_integration.containerd_dist import from_suite
+from shim_integration.containerd_private import Stack, system_dist, wait_for
+from shim_integration.oci_archive import build_image, chain_ids
 from tests.helpers import require_root, require_tool
-from tests.oci_build import build_image, chain_ids
 
 pytestmark = [pytest.mark.containerd, pytest.mark.root]
 
-VERSIONS = {"1.6": containerd_dist.system, "1.7": lambda: containerd_dist.from_suite("trixie"),
-            "2.1": lambda: containerd_dist.from_suite("sid")}
+VERSIONS = {"1.6": system_dist, "1.7": lambda: from_suite("trixie"),
+            "2.1": lambda: from_suite("sid")}
 # version[+differ]: "+differ" also routes unpacking through our Diff service (>= 1.7 only;
 # 1.6 panics at start with a diff proxy configured).
 SETUPS = ["1.6", "1.7", "1.7+differ", "2.1", "2.1+differ"]

@@ -11,9 +11,9 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 
+from shim_integration.containerd_private import SnapshotterProcess, unmount_under
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
-from tests.containerd_fixtures import SnapshotterProcess, unmount_under
 from tests.helpers import require_root, require_tool
 
 Code = grpc.StatusCode

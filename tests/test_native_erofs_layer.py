@@ -14,14 +14,14 @@ from pathlib import Path
 import grpc
 import pytest
 
+from shim_integration.containerd_dist import from_suite
+from shim_integration.containerd_private import Stack
 from snapshotter.api.containerd.services.diff.v1 import diff_pb2, diff_pb2_grpc
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from snapshotter.api.containerd.types import descriptor_pb2
 from snapshotter.diff_service import EROFS_LAYER
 from snapshotter.erofs import convert_layer
-from tests import containerd_dist
-from tests.containerd_fixtures import Stack
 from tests.helpers import mounted_erofs, require_root, require_tool
 from tests.layers import Entry, write_tar
 from tests.treecompare import diff_views, tree_view
@@ -33,7 +33,7 @@ NS = [("containerd-namespace", "default")]
 def stack() -> Iterator[Stack]:
     require_root()
     base = Path(tempfile.mkdtemp(prefix="ctd-native-"))
-    running = Stack(containerd_dist.from_suite("trixie"), base, differ=True).start()
+    running = Stack(from_suite("trixie"), base, differ=True).start()
     yield running
     running.stop()
     shutil.rmtree(base, ignore_errors=True)
