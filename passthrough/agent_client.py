@@ -29,6 +29,7 @@ class AgentClient:
 
     def _connect(self) -> socket.socket:
         self._buf = b""
+        self._greeted = False
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(self.path)
@@ -72,16 +73,44 @@ class AgentClient:
         line, self._buf = self._buf.split(b"\n", 1)
         return line
 
+    def _greet(self, deadline: float) -> None:
+        """Make sure the agent has the port open before the first request of a connection.
+
+        Bytes the host sends while the guest side of the virtio-serial port is closed (the
+        agent reopens it after every disconnect) can stay in QEMU's socket until more bytes
+        arrive (seen with QEMU 7.2: about one new connection in a hundred). So the first
+        exchange is a ping sent again every half second until one is answered; answers to the
+        earlier copies are dropped by id like any stale reply."""
+        while True:
+            req_id = next(self._ids)
+            self._send({"id": req_id, "op": "ping"})
+            retry_at = min(deadline, time.monotonic() + 0.5)
+            try:
+                while json.loads(self._readline(retry_at)).get("id") != req_id:
+                    pass
+            except AgentFailure:
+                now = time.monotonic()
+                if now < retry_at or now >= deadline:
+                    raise  # the VM or the connection went away, or we are out of time
+                continue
+            self._greeted = True
+            return
+
+    def _send(self, request: dict[str, Any]) -> None:
+        try:
+            self._sock.sendall((json.dumps(request) + "\n").encode())
+        except OSError as exc:
+            raise AgentFailure(f"agent connection lost: {exc}") from None
+
     def call(self, op: str, **args: Any) -> dict[str, Any]:
         """Send one request; return its result or raise AgentFailure (with the guest errno).
 
         An op-side `timeout` argument (seconds the agent may wait) extends the reply deadline.
         """
+        if not self._greeted:
+            self._greet(time.monotonic() + self.timeout)
         req_id = next(self._ids)
-        try:
-            self._sock.sendall((json.dumps({"id": req_id, "op": op, **args}) + "\n").encode())
-        except OSError as exc:
-            raise AgentFailure(f"agent connection lost: {exc}") from None
+        self._send({"id": req_id, "op": op, **args})
         deadline = time.monotonic() + max(self.timeout, float(args.get("timeout") or 0) + 5)
         while True:
             reply = json.loads(self._readline(deadline))
