@@ -164,7 +164,7 @@ def test_containerd_snapshotter_suite_passes(tmp_path: Path) -> None:
     details = "\n".join(f"--- {name}:\n" + "\n".join(report.output[name])
                         for name in [*failed, *bad_skips, *unresolved])
     assert not (never_ran or unresolved or failed or bad_skips) and proc.returncode == 0, (
-        f"containerd snapshotter suite: failed {failed}, skipped without leave {bad_skips}, "
+        f"containerd snapshotter suite: failed {failed}, skipped (not allowed) {bad_skips}, "
         f"no result {unresolved}, never ran {never_ran}, exit status {proc.returncode}; "
         f"serve logs in {logs}\n{details}\n--- end of output:\n{output[-4000:]}")
     assert report.top_result == "PASS", output[-4000:]
