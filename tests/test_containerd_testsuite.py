@@ -20,6 +20,7 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -124,9 +125,9 @@ def build_suite() -> Path:
     env = {**os.environ, "GO111MODULE": "off", "GOFLAGS": "", "GOPROXY": "off",
            "GOPATH": f"{CACHE / 'gopath'}:{GOCODE}", "GOCACHE": str(CACHE / "go-build")}
     try:
-        proc = subprocess.run([go, "test", "-c", "-o", str(partial), "."], cwd=GO_SOURCE,
-                              env=env, capture_output=True, text=True, timeout=BUILD_TIMEOUT)
-        assert proc.returncode == 0, f"building the suite failed:\n{proc.stdout}{proc.stderr}"
+        build = subprocess.run([go, "test", "-c", "-o", str(partial), "."], cwd=GO_SOURCE,
+                               env=env, capture_output=True, text=True, timeout=BUILD_TIMEOUT)
+        assert build.returncode == 0, f"building the suite failed:\n{build.stdout}{build.stderr}"
         os.replace(partial, binary)
     finally:
         partial.unlink(missing_ok=True)
@@ -147,14 +148,22 @@ def test_containerd_snapshotter_suite_passes(tmp_path: Path) -> None:
            "EROFS_PASSTHROUGH_SUITE_LOGS": str(logs),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
                                                        os.environ.get("PYTHONPATH")]))}
+    # Its own session: serve processes the binary leaves behind (a Go timeout panic skips the
+    # cases' cleanups) are found by process group and killed, never left running.
+    suite = subprocess.Popen([str(binary), "-test.v", "-test.timeout", "10m"], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
     try:
-        proc = subprocess.run([str(binary), "-test.v", "-test.timeout", "10m"], cwd=REPO,
-                              env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+        output, _ = suite.communicate(timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(suite.pid, signal.SIGKILL)
+        output, _ = suite.communicate()
+        output += f"\n(killed after {RUN_TIMEOUT} s)"
     finally:
+        survivors = _kill_process_group(suite.pid)
         leftover = _mounts_under(suite_tmp)
         unmount_under(suite_tmp)
         shutil.rmtree(suite_tmp, ignore_errors=True)
-    output = proc.stdout + proc.stderr
     report = SuiteReport.parse(output)
 
     never_ran = sorted(SUITE_CASES - report.output.keys())
@@ -163,12 +172,22 @@ def test_containerd_snapshotter_suite_passes(tmp_path: Path) -> None:
                  if not any(ALLOWED_SKIPS.get(name, "\0") in line for line in report.output[name])]
     details = "\n".join(f"--- {name}:\n" + "\n".join(report.output[name])
                         for name in [*failed, *bad_skips, *unresolved])
-    assert not (never_ran or unresolved or failed or bad_skips) and proc.returncode == 0, (
+    assert not (never_ran or unresolved or failed or bad_skips) and suite.returncode == 0, (
         f"containerd snapshotter suite: failed {failed}, skipped (not allowed) {bad_skips}, "
-        f"no result {unresolved}, never ran {never_ran}, exit status {proc.returncode}; "
+        f"no result {unresolved}, never ran {never_ran}, exit status {suite.returncode}; "
         f"serve logs in {logs}\n{details}\n--- end of output:\n{output[-4000:]}")
     assert report.top_result == "PASS", output[-4000:]
+    assert not survivors, "serve processes outlived the suite (killed)"
     assert not leftover, f"mounts left under the suite's directories: {leftover}"
+
+
+def _kill_process_group(pgid: int) -> bool:
+    """SIGKILL whatever is left in process group PGID; whether anything was."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _mounts_under(base: Path) -> list[str]:
