@@ -66,6 +66,7 @@ func TestErofsPassthroughSnapshotter(t *testing.T) {
 
 // serveProcess is one running `serve` and the client connection to it.
 type serveProcess struct {
+	ctx     context.Context // the case's: its logger writes to the case's output
 	root    string
 	logPath string
 	cmd     *exec.Cmd
@@ -93,7 +94,7 @@ func startServe(ctx context.Context, python, root string) (snapshots.Snapshotter
 	}
 	defer logFile.Close() // the child has its own descriptor
 
-	sp := &serveProcess{root: root, logPath: logFile.Name(), exited: make(chan struct{})}
+	sp := &serveProcess{ctx: ctx, root: root, logPath: logFile.Name(), exited: make(chan struct{})}
 	sp.cmd = exec.Command(python, "-m", "snapshotter.service_cli", "serve",
 		"--root", root, "--address", socket, "--log-level", "debug")
 	sp.cmd.Stdout, sp.cmd.Stderr = logFile, logFile
@@ -162,11 +163,14 @@ func (sp *serveProcess) stop() error {
 	select {
 	case <-sp.exited: // already gone: only its exit status is left to check
 	default:
+		sent := time.Now()
 		if err := sp.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 			errs = append(errs, fmt.Errorf("SIGTERM to serve pid %d: %w", sp.cmd.Process.Pid, err))
 		}
 		select {
 		case <-sp.exited:
+			log.G(sp.ctx).Infof("serve pid %d exited %s after SIGTERM (%v)", sp.cmd.Process.Pid,
+				time.Since(sent).Round(time.Millisecond), sp.waitErr)
 		case <-time.After(stopTimeout):
 			errs = append(errs, fmt.Errorf("serve pid %d still running %s after SIGTERM; killed",
 				sp.cmd.Process.Pid, stopTimeout))
