@@ -261,3 +261,47 @@ def test_attach_plan_refuses_what_it_cannot_use(tmp_path: Path) -> None:
     assert plan_from_mounts([mount], manifest=b"m", signature=b"s").manifest == b"m"
     with pytest.raises(ShimError, match="transports"):
         plan_from_mounts([mount], ["virtio-blk"], manifest=b"m", signature=b"s")
+
+
+def test_kata_options_of_a_vm_mode_plan_verify_each_device_for_every_reader(tmp_path) -> None:
+    """A VM-mode image built for Kata (layers and fsmeta without salt): the plan's Kata
+    options, decoded by each of Kata's readers (tests/test_kata_readers.py), give every
+    device one table, and that table verifies the device's file with veritysetup."""
+    from shim_integration.shim import plan_from_mounts
+    from snapshotter.erofs.convert import convert_directory
+    from snapshotter.erofs.merge import merge_layers
+    from snapshotter.mounts import Mount
+    from snapshotter.verity import KATA_VERITY, format_file
+    from snapshotter.vm_mode import DEVICES_OPTION
+    from tests.helpers import require_tool
+    from tests.test_kata_readers import DEVICE, tables_of, veritysetup_verify
+
+    require_tool("veritysetup")
+    devices = []
+    for i in (1, 2):
+        src = tmp_path / f"src{i}"
+        (src / "etc").mkdir(parents=True)
+        (src / "etc" / f"layer{i}").write_bytes(bytes([i]) * (5000 * i))
+        blob = tmp_path / f"{i}.erofs"
+        info = convert_directory(src, blob, verity=KATA_VERITY).verity
+        devices.append({"role": "layer", "device": i, "path": str(blob),
+                        "root_hash": info.root_hash, "verity": info.to_json()})
+    fsmeta = tmp_path / "image.fsmeta"
+    merge_layers([Path(d["path"]) for d in devices], fsmeta)
+    info = format_file(fsmeta, params=KATA_VERITY)  # the tree appended, as serve's is
+    devices.insert(0, {"role": "fsmeta", "path": str(fsmeta), "root_hash": info.root_hash,
+                       "verity": info.to_json()})
+    option = DEVICES_OPTION + base64.b64encode(json.dumps(devices).encode()).decode()
+    plan = plan_from_mounts([Mount("erofs", str(fsmeta), ["ro", option])],
+                            manifest=b"{}", signature=b"{}")
+    options = plan.kata_options()
+    assert len(options) == 3
+    for device, option in zip(devices, options, strict=True):
+        tables = tables_of(option)
+        assert len(set(tables.values())) == 1, (device["path"], tables)
+        assert tables["runtime-go"].endswith(f" {DEVICE} {DEVICE} 4096 4096 "
+                                             f"{device['verity']['data_blocks']} "
+                                             f"{device['verity']['hash_start_block']} sha256 "
+                                             f"{device['root_hash']} -")
+        check = veritysetup_verify(Path(device["path"]), tables["kata-types"])
+        assert check.returncode == 0, (device["path"], check.stderr)
