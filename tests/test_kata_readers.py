@@ -46,7 +46,7 @@ from passthrough.agent_client import AgentClient
 from passthrough.attach import Attacher
 from passthrough.guest_volume import find_disk
 from shim_integration.kata_volume import KATA_VOLUME_OPTION, volumes_from_devices
-from snapshotter.erofs.convert import convert_directory, convert_layer
+from snapshotter.erofs.convert import convert_directory, convert_layer, import_erofs_image
 from snapshotter.errors import EpError
 from snapshotter.verity import KATA_VERITY, VerityInfo, VerityParams, format_file
 from tests.helpers import require_tool
@@ -215,7 +215,7 @@ def _layer_tar(tmp_path: Path) -> tuple[Path, str, dict[str, bytes]]:
     return tar, "sha256:" + hashlib.sha256(tar.read_bytes()).hexdigest(), files
 
 
-@pytest.mark.parametrize("how", ["tar", "directory"])
+@pytest.mark.parametrize("how", ["tar", "directory", "native"])
 def test_a_layer_converted_for_kata_verifies_by_every_readers_table(tmp_path, how):
     """The conversions the service runs, with the parameters it uses for Kata: no salt, the
     tree appended behind its superblock; Kata's options for it; the one table all readers
@@ -225,8 +225,12 @@ def test_a_layer_converted_for_kata_verifies_by_every_readers_table(tmp_path, ho
     blob = tmp_path / "layer.erofs"
     if how == "tar":  # the differ's path: leaves hashed while the image is written
         result = convert_layer(tar, blob, expected_diff_id=diff_id, verity=KATA_VERITY)
-    else:  # a snapshot's upper directory: hashed from the finished image
+    elif how == "directory":  # a snapshot's upper directory: hashed from the finished image
         result = convert_directory(tmp_path / "src", blob, verity=KATA_VERITY)
+    else:  # a native EROFS layer, stored as it is
+        convert_directory(tmp_path / "src", tmp_path / "native.erofs")
+        with open(tmp_path / "native.erofs", "rb") as native:
+            result = import_erofs_image(native, blob, verity=KATA_VERITY)
     info = result.verity
     assert info.salt == "" and info.superblock
     assert info.params().unsalted
@@ -329,3 +333,8 @@ def test_the_old_option_meant_two_trees(tmp_path):
     assert veritysetup_verify(blob, tables["kata-types"]).returncode == 0
     assert veritysetup_verify(blob, tables["image-rs"]).returncode != 0
     assert info.kata_dm_verity().offset == info.hash_offset + 4096
+
+
+def test_unsalted_parameters_refuse_a_salt():
+    with pytest.raises(EpError, match="ask for an unsalted tree but give a salt"):
+        VerityParams(salt=b"\x01", unsalted=True).validate()
