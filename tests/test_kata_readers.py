@@ -69,17 +69,25 @@ def _dm_verity_of(option: str) -> dict:
 def _uint(obj: dict, key: str, default: int | None = None) -> int:
     # Go's uint64 and serde's u64 both refuse negatives, fractions, strings and booleans.
     value = obj.get(key, default)
-    if value is None or isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if value is None:
+        raise Refused(f"missing field {key}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise Refused(f"{key}: {value!r} is not an unsigned integer")
     return value
 
 
-def _six_fields(obj: dict) -> dict:
-    """The six fields every reader has; a missing key is Go's zero value / serde's error."""
-    return {
-        "hashtype": str(obj.get("hashtype", "")), "hash": str(obj.get("hash", "")),
-        **{k: _uint(obj, k, 0) for k in ("blocknum", "blocksize", "hashsize", "offset")},
-    }
+def _six_fields(obj: dict, missing_is_zero: bool) -> dict:
+    """The six fields every reader has. A missing key is Go's zero value (runtime-go) or an
+    error (serde, the Rust readers); a value of the wrong JSON type is an error in both."""
+    out: dict = {}
+    for key in ("hashtype", "hash"):
+        value = obj.get(key, "" if missing_is_zero else None)
+        if not isinstance(value, str):
+            raise Refused(f"{key}: {value!r} is not a string")
+        out[key] = value
+    for key in ("blocknum", "blocksize", "hashsize", "offset"):
+        out[key] = _uint(obj, key, 0 if missing_is_zero else None)
+    return out
 
 
 def _check_common(f: dict, hash_hex: dict[str, int], sizes: tuple[int, int],
@@ -111,26 +119,31 @@ def _table(f: dict, hash_start: int, salt: str, version: int = 1) -> str:
 def runtime_go(obj: dict) -> str:
     """runtime-go keeps its six fields and validates them; the table is what the agent of its
     time builds from exactly those (the `ceil` rule, no salt)."""
-    kept = _six_fields({k: obj[k] for k in RUNTIME_GO_FIELDS if k in obj})
+    kept = _six_fields({k: obj[k] for k in RUNTIME_GO_FIELDS if k in obj}, True)
     _check_common(kept, {"sha256": 64, "sha1": 40}, (1 << 9, 1 << 19), False)
     return kata_agent_2023(kept)
 
 
 def kata_agent_2023(obj: dict) -> str:
-    f = _six_fields(obj)
+    f = _six_fields(obj, False)
     _check_common(f, {"sha1": 40, "sha224": 56, "sha256": 64, "sha384": 96, "sha512": 128},
                   (1 << 9, 1 << 31), True)
     return _table(f, -(-f["offset"] // f["hashsize"]), "-")
 
 
 def image_rs(obj: dict) -> str:
-    f = _six_fields(obj)
+    # `DmVerityOption::try_from` takes the option text: one containing "sha256:" is read as
+    # nydus' tarfs triple "<blocknum>,<offset>,sha256:<hash>" (blocksize 512), not as JSON.
+    text = json.dumps(obj, separators=(",", ":"))
+    if "sha256:" in text:
+        raise Refused("read as a tarfs triple, not as JSON")
+    f = _six_fields(obj, False)
     _check_common(f, {"sha256": 64, "sha1": 40}, (1 << 9, 1 << 19), True)
     return _table(f, -(-f["offset"] // f["hashsize"]), "-")
 
 
 def kata_types(obj: dict) -> str:
-    f = _six_fields(obj)
+    f = _six_fields(obj, False)
     if f["hashsize"] == 0:
         raise Refused("hashsize 0 (a division by zero in the agent)")
     no_superblock = obj.get("no_superblock", False)
