@@ -351,3 +351,49 @@ def test_the_old_option_meant_two_trees(tmp_path):
 def test_unsalted_parameters_refuse_a_salt():
     with pytest.raises(EpError, match="ask for an unsalted tree but give a salt"):
         VerityParams(salt=b"\x01", unsalted=True).validate()
+
+
+def runtime_rs_sidecar(blob: Path, sidecar: dict) -> str:
+    """runtime-rs' erofs path (a `layer.erofs.dmverity` sidecar, not a volume option):
+    `kata-types/src/gpt_disk.rs` `generate_dmverity_options` looks for a v1 superblock magic at
+    `hashoffset` and takes the salt from the sidecar's optional `salt`, else from that
+    superblock when its salt_size is not 0, else containerd's default (32 zero bytes); the
+    agent (`src/agent/src/storage/multi_layer_erofs.rs` `parse_dmverity_options`) maps an
+    empty or `-` salt to none, defaults sha256 and 4096/4096, sets blocknum = hashoffset /
+    4096, and kata-types' table rule (above) starts the tree one block past the superblock."""
+    zero_salt = "00" * 32
+    offset = _uint(sidecar, "hashoffset")
+    with open(blob, "rb") as f:
+        f.seek(offset)
+        head = f.read(88 + 256)
+    has_superblock = head[:8] == b"verity\0\0"
+    if sidecar.get("salt") is not None:
+        salt = sidecar["salt"]
+    elif has_superblock:
+        size = int.from_bytes(head[80:82], "little")
+        salt = head[88:88 + size].hex() if 0 < size <= 256 else zero_salt
+    else:
+        salt = zero_salt
+    fields = {"hashtype": "sha256", "hash": sidecar["roothash"], "blocknum": offset // 4096,
+              "blocksize": 4096, "hashsize": 4096, "offset": offset}
+    return kata_types({**fields, "no_superblock": not has_superblock,
+                       **({"salt": salt} if salt not in ("", "-") else {})})
+
+
+def test_runtime_rs_sidecar_path_reads_an_unsalted_tree_only_with_an_explicit_salt(tmp_path):
+    """What a snapshotter serving Kata's runtime-rs through containerd's sidecars has to know:
+    the volume-option readers need a tree without salt, but runtime-rs' sidecar path turns
+    "no salt in the superblock" into containerd's all-zero salt, so for an unsalted tree the
+    sidecar must say `"salt": "-"` (containerd ignores the extra key). Salted trees need
+    nothing: runtime-rs reads their salt from the superblock."""
+    require_tool("veritysetup")
+    blob, salted = _blob(tmp_path, 30 * 4096, VerityParams(salt=b"\x42" * 32))
+    table = runtime_rs_sidecar(blob, salted.containerd_sidecar())
+    assert veritysetup_verify(blob, table).returncode == 0
+    blob, unsalted = _blob(tmp_path, 30 * 4096, KATA_VERITY)
+    table = runtime_rs_sidecar(blob, unsalted.containerd_sidecar())
+    assert table.endswith(" " + "00" * 32)
+    assert veritysetup_verify(blob, table).returncode != 0
+    table = runtime_rs_sidecar(blob, {**unsalted.containerd_sidecar(), "salt": "-"})
+    assert table == tables_of(_layer_option(unsalted, blob))["kata-types"]
+    assert veritysetup_verify(blob, table).returncode == 0
