@@ -240,8 +240,10 @@ def _demo(work: Path, transport: str, containerd: str, progress: Progress,
                 say.append(f"device {dev.position} {dev.role:6} root {dev.root_hash}")
             manifest_digest = "sha256:" + hashlib.sha256(plan.manifest).hexdigest()
             say.append(f"signed manifest {manifest_digest}")
-            say.append(f"Kata: {len(plan.kata_options())} io.katacontainers.volume options "
-                       "(image_raw_block + layer_raw_block)")
+            # The demo's trees are salted (serve's default): options for kata-types only.
+            kata = plan.kata_options(kata_types_only=True)
+            say.append(f"Kata: {len(kata)} io.katacontainers.volume options "
+                       "(image_raw_block + layer_raw_block; salted trees: kata-types only)")
         if [d.root_hash for d in plan.devices[1:]] != layer_roots:
             raise EpError("the VM-mode devices are not the imported layers")
         report["root_hashes"] = {"fsmeta": plan.devices[0].root_hash, "layers": layer_roots}

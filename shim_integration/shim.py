@@ -95,13 +95,15 @@ class AttachPlan:
     def descriptions(self) -> list[dict[str, Any]]:
         return [d.description for d in self.devices]
 
-    def kata_volumes(self) -> list[KataVirtualVolume]:
-        """Kata's volumes for the same devices, in device order."""
-        return volumes_from_devices(self.descriptions())
+    def kata_volumes(self, *, kata_types_only: bool = False) -> list[KataVirtualVolume]:
+        """Kata's volumes for the same devices, in device order. The trees must be unsalted
+        (a snapshotter configured for Kata) unless KATA_TYPES_ONLY: the options are then
+        read right only by kata-types (runtime-rs and today's agent). See docs/kata.md."""
+        return volumes_from_devices(self.descriptions(), kata_types_only=kata_types_only)
 
-    def kata_options(self) -> list[str]:
+    def kata_options(self, *, kata_types_only: bool = False) -> list[str]:
         """`io.katacontainers.volume=<base64 JSON>` per device, in device order."""
-        return [v.to_option() for v in self.kata_volumes()]
+        return [v.to_option() for v in self.kata_volumes(kata_types_only=kata_types_only)]
 
     def with_paths(self, paths: Sequence[str]) -> AttachPlan:
         """The same plan with other files at the positions (a copy of a blob, or what a

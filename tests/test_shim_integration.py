@@ -84,7 +84,11 @@ def test_bad_options_are_clear_errors(option: str, message: str) -> None:
     [
         ({"hash": "zz" * 32}, "not hex"),
         ({"hash": "ab" * 10}, "64 hex digits"),
-        ({"hashtype": "md5"}, "unsupported hash"),
+        ({"hashtype": "md5"}, "does not accept hash algorithm 'md5'"),
+        ({"hashtype": "sha512", "hash": "ab" * 64}, "does not accept hash algorithm 'sha512'"),
+        ({"hash_type": 0}, "only format 1"),
+        ({"salt": "xyz"}, "salt 'xyz' is not hex"),
+        ({"no_superblock": "yes"}, "must be a bool"),
         ({"blocknum": 0}, "block count"),
         ({"blocksize": 1000}, "power of two"),
         ({"offset": 100}, "hash offset"),
@@ -104,20 +108,32 @@ def _verity(root: str, salt: str, hash_offset: int) -> dict:
                       True, None).to_json()
 
 
-def test_volumes_from_vm_mode_devices() -> None:
-    devices = [
+def _devices(fsmeta_salt: str = "", layer_salt: str = "") -> list[dict]:
+    return [
         {"role": "fsmeta", "path": "/s/fsmeta", "root_hash": ROOT,
-         "verity": _verity(ROOT, "11" * 32, 8192)},
+         "verity": _verity(ROOT, fsmeta_salt, 8192)},
         {"role": "layer", "device": 1, "path": "/s/1/layer.erofs", "root_hash": "cd" * 32,
-         "verity": _verity("cd" * 32, "22" * 32, 40960)},
+         "verity": _verity("cd" * 32, layer_salt, 40960)},
     ]
-    volumes = volumes_from_devices(devices)
+
+
+def test_volumes_from_vm_mode_devices() -> None:
+    volumes = volumes_from_devices(_devices())
     assert [v.volume_type for v in volumes] == [IMAGE_RAW_BLOCK, LAYER_RAW_BLOCK]
+    # offset: the tree's start (one block past the superblock at 40960), not the superblock's
     assert volumes[1].dm_verity.to_json() == {
         "hashtype": "sha256", "hash": "cd" * 32, "blocknum": 10, "blocksize": 4096,
-        "hashsize": 4096, "offset": 40960, "salt": "22" * 32}
+        "hashsize": 4096, "offset": 45056, "no_superblock": True}
     for v in volumes:
         assert KataVirtualVolume.from_option(v.to_option()) == v
+
+
+def test_salted_trees_give_kata_options_only_when_asked_for_kata_types() -> None:
+    with pytest.raises(EpError, match=r"^/s/1/layer\.erofs: this dm-verity tree has a salt"):
+        volumes_from_devices(_devices(layer_salt="22" * 32))
+    volumes = volumes_from_devices(_devices("11" * 32, "22" * 32), kata_types_only=True)
+    assert [v.dm_verity.salt for v in volumes] == ["11" * 32, "22" * 32]
+    assert volumes[1].dm_verity.to_json()["offset"] == 45056
 
 
 # -- manifests ------------------------------------------------------------------------------
@@ -189,9 +205,9 @@ def _vm_mount(tmp_path: Path, with_manifest: bool = True):
     fsmeta = tmp_path / "image.fsmeta"
     devices = [
         {"role": "fsmeta", "path": str(fsmeta), "root_hash": ROOT,
-         "verity": _verity(ROOT, "11" * 32, 8192)},
+         "verity": _verity(ROOT, "", 8192)},
         *({"role": "layer", "device": i, "path": str(tmp_path / f"{i}.erofs"),
-           "root_hash": f"{i:02x}" * 32, "verity": _verity(f"{i:02x}" * 32, "22" * 32, 40960)}
+           "root_hash": f"{i:02x}" * 32, "verity": _verity(f"{i:02x}" * 32, "", 40960)}
           for i in (1, 2)),
     ]
     if with_manifest:
@@ -245,3 +261,47 @@ def test_attach_plan_refuses_what_it_cannot_use(tmp_path: Path) -> None:
     assert plan_from_mounts([mount], manifest=b"m", signature=b"s").manifest == b"m"
     with pytest.raises(ShimError, match="transports"):
         plan_from_mounts([mount], ["virtio-blk"], manifest=b"m", signature=b"s")
+
+
+def test_kata_options_of_a_vm_mode_plan_verify_each_device_for_every_reader(tmp_path) -> None:
+    """A VM-mode image built for Kata (layers and fsmeta without salt): the plan's Kata
+    options, decoded by each of Kata's readers (tests/test_kata_readers.py), give every
+    device one table, and that table verifies the device's file with veritysetup."""
+    from shim_integration.shim import plan_from_mounts
+    from snapshotter.erofs.convert import convert_directory
+    from snapshotter.erofs.merge import merge_layers
+    from snapshotter.mounts import Mount
+    from snapshotter.verity import KATA_VERITY, format_file
+    from snapshotter.vm_mode import DEVICES_OPTION
+    from tests.helpers import require_tool
+    from tests.test_kata_readers import DEVICE, tables_of, veritysetup_verify
+
+    require_tool("veritysetup")
+    devices = []
+    for i in (1, 2):
+        src = tmp_path / f"src{i}"
+        (src / "etc").mkdir(parents=True)
+        (src / "etc" / f"layer{i}").write_bytes(bytes([i]) * (5000 * i))
+        blob = tmp_path / f"{i}.erofs"
+        info = convert_directory(src, blob, verity=KATA_VERITY).verity
+        devices.append({"role": "layer", "device": i, "path": str(blob),
+                        "root_hash": info.root_hash, "verity": info.to_json()})
+    fsmeta = tmp_path / "image.fsmeta"
+    merge_layers([Path(d["path"]) for d in devices], fsmeta)
+    info = format_file(fsmeta, params=KATA_VERITY)  # the tree appended, as serve's is
+    devices.insert(0, {"role": "fsmeta", "path": str(fsmeta), "root_hash": info.root_hash,
+                       "verity": info.to_json()})
+    option = DEVICES_OPTION + base64.b64encode(json.dumps(devices).encode()).decode()
+    plan = plan_from_mounts([Mount("erofs", str(fsmeta), ["ro", option])],
+                            manifest=b"{}", signature=b"{}")
+    options = plan.kata_options()
+    assert len(options) == 3
+    for device, option in zip(devices, options, strict=True):
+        tables = tables_of(option)
+        assert len(set(tables.values())) == 1, (device["path"], tables)
+        assert tables["runtime-go"].endswith(f" {DEVICE} {DEVICE} 4096 4096 "
+                                             f"{device['verity']['data_blocks']} "
+                                             f"{device['verity']['hash_start_block']} sha256 "
+                                             f"{device['root_hash']} -")
+        check = veritysetup_verify(Path(device["path"]), tables["kata-types"])
+        assert check.returncode == 0, (device["path"], check.stderr)

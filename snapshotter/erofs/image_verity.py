@@ -65,9 +65,10 @@ def verity_builder(
     verity: VerityParams | bool, salt_source: str | bytes
 ) -> tuple[VerityTreeBuilder, VerityParams]:
     """A tree builder; `True` means containerd's geometry. Without a salt of its own, the
-    salt derives from `salt_source` (a digest), so the same content gets the same root."""
+    salt derives from `salt_source` (a digest), so the same content gets the same root;
+    `VerityParams(unsalted=True)` (`KATA_VERITY`) keeps the tree without one."""
     params = VerityParams() if verity is True else verity
-    if not params.salt:
+    if not params.salt and not params.unsalted:
         params = dataclasses.replace(params, salt=derive_salt(salt_source))
     params.validate()
     return VerityTreeBuilder(params), params

@@ -5,8 +5,8 @@
   [superblock +] tree.
 - `format_file` / `verify_file`: whole files, appended tree (containerd's layout) or a
   separate hash file.
-- `VerityInfo`: the result, with the dm table line, Kata's DmVerityInfo and containerd's
-  `.dmverity` sidecar.
+- `VerityInfo`: the result, with the dm table line, Kata's `DmVerityInfo` and containerd's
+  `.dmverity` sidecar; `KATA_VERITY`: the unsalted parameters of a tree meant for Kata.
 - `derive_salt`: the default salt of a blob, from its sha256 digest.
 
 See docs/verity.md.
@@ -14,12 +14,14 @@ See docs/verity.md.
 
 from snapshotter.verity.builder import VerityTreeBuilder
 from snapshotter.verity.files import default_params, format_file
-from snapshotter.verity.info import VerityInfo
-from snapshotter.verity.params import VerityParams, derive_salt, derive_uuid
+from snapshotter.verity.info import DmVerityInfo, VerityInfo
+from snapshotter.verity.params import KATA_VERITY, VerityParams, derive_salt, derive_uuid
 from snapshotter.verity.superblock import VeritySuperblock
 from snapshotter.verity.verify import read_superblock, verify_file
 
 __all__ = [
+    "KATA_VERITY",
+    "DmVerityInfo",
     "VerityInfo",
     "VerityParams",
     "VeritySuperblock",

@@ -1,8 +1,9 @@
 """What a formatted hash tree is, and how each consumer wants to be told about it.
 
 - `table_line`: the device-mapper table a guest (or `dmsetup create`) activates.
-- `kata_dm_verity`: Kata's `DmVerityInfo` (kata-types `mount.rs`), the `dm_verity` field of a
-  KataVirtualVolume.
+- `kata_dm_verity`: Kata's `DmVerityInfo`, the `dm_verity` field of a KataVirtualVolume, in
+  the one form all of Kata's readers turn into the same table (`DmVerityInfo` below is the
+  only definition of that JSON in the project).
 - `containerd_sidecar`: the `<blob>.dmverity` JSON containerd's erofs differ writes next to
   a layer blob and its erofs mount handler reads.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,128 @@ from snapshotter.errors import EpError
 from snapshotter.fsutil import write_atomic
 from snapshotter.verity.geometry import tree_start_block
 from snapshotter.verity.params import HASH_TYPE, VerityParams, parse_uuid
+
+#: What Kata's runtime-go and image-rs accept (sha256, sha1) and we format.
+KATA_HASH_NAMES = ("sha256",)
+#: The digest lengths runtime-go and image-rs check (`validateHashType`, `validate`).
+_KATA_HASH_HEX_LEN = {"sha256": 64, "sha1": 40}
+#: Block sizes all of Kata's readers accept: powers of two from 512 to 512 KiB.
+_KATA_MIN_BLOCK, _KATA_MAX_BLOCK = 1 << 9, 1 << 19
+
+
+class KataVerityError(EpError):
+    """Kata volume JSON Kata's readers refuse, or a tree they would not all read the same."""
+
+
+@dataclass
+class DmVerityInfo:
+    """Kata's `DmVerityInfo` JSON: runtime-go's six fields (hashtype, hash, blocknum,
+    blocksize, hashsize, offset) plus kata-types' `salt`, `hash_type` and `no_superblock`.
+
+    What `offset` means depends on the reader (docs/kata.md): the tree start for runtime-go,
+    image-rs and Kata's earlier agent; for kata-types the superblock unless `no_superblock`.
+    `VerityInfo.kata_dm_verity` writes the one form they agree on. Parsing keeps keys it does
+    not know (a newer runtime's) and writes them back unchanged.
+    """
+
+    hashtype: str
+    hash: str
+    blocknum: int
+    blocksize: int
+    hashsize: int
+    offset: int
+    salt: str = ""
+    no_superblock: bool = False
+    hash_type: int = HASH_TYPE
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    _FIELDS = ("hashtype", "hash", "blocknum", "blocksize", "hashsize", "offset", "salt",
+               "no_superblock", "hash_type")
+
+    def validate(self) -> None:
+        """What every one of Kata's readers accepts (the strictest of their checks)."""
+        want = _KATA_HASH_HEX_LEN.get(self.hashtype.lower())
+        if want is None:
+            raise KataVerityError(f"dm-verity: Kata does not accept hash algorithm "
+                                  f"{self.hashtype!r} (only sha256, sha1)")
+        try:
+            bytes.fromhex(self.hash)
+        except ValueError:
+            raise KataVerityError(f"dm-verity: root hash {self.hash!r} is not hex") from None
+        if len(self.hash) != want:
+            raise KataVerityError(f"dm-verity: {self.hashtype} root hash must be {want} hex "
+                                  "digits")
+        if not 0 <= self.offset < 1 << 64:
+            raise KataVerityError(f"dm-verity: hash offset {self.offset} out of range")
+        if not 0 < self.blocknum <= 0xFFFFFFFF:
+            raise KataVerityError(f"dm-verity: block count {self.blocknum} out of range")
+        for name in ("blocksize", "hashsize"):
+            size = getattr(self, name)
+            if not _KATA_MIN_BLOCK <= size <= _KATA_MAX_BLOCK or size & (size - 1):
+                raise KataVerityError(f"dm-verity: {name} {size} is not a power of two in "
+                                      "512..512K")
+        if self.offset % self.hashsize or self.offset < self.blocksize * self.blocknum:
+            raise KataVerityError(f"dm-verity: hash offset {self.offset} must be hash-block "
+                                  "aligned and past the data")
+        if self.hash_type != HASH_TYPE:
+            raise KataVerityError(f"dm-verity: hash_type {self.hash_type}: Kata's earlier "
+                                  f"readers load only format {HASH_TYPE}")
+        if self.salt:
+            try:
+                bytes.fromhex(self.salt)
+            except ValueError:
+                raise KataVerityError(f"dm-verity: salt {self.salt!r} is not hex") from None
+
+    def to_json(self) -> dict[str, Any]:
+        """Kata's serde form: `salt` only when set, `no_superblock` only when true,
+        `hash_type` only when not kata-types' default."""
+        out: dict[str, Any] = {
+            "hashtype": self.hashtype, "hash": self.hash, "blocknum": self.blocknum,
+            "blocksize": self.blocksize, "hashsize": self.hashsize, "offset": self.offset,
+        }
+        if self.salt:
+            out["salt"] = self.salt
+        if self.hash_type != HASH_TYPE:
+            out["hash_type"] = self.hash_type
+        if self.no_superblock:
+            out["no_superblock"] = True
+        return {**self.extra, **out}
+
+    @classmethod
+    def from_json(cls, data: Any) -> DmVerityInfo:
+        if not isinstance(data, dict):
+            raise KataVerityError("dm_verity must be a JSON object")
+        try:
+            salt = json_field(data, "salt", str, "", nullable=True)
+            sizes = {k: json_field(data, k, int)
+                     for k in ("blocknum", "blocksize", "hashsize", "offset")}
+            info = cls(
+                hashtype=json_field(data, "hashtype", str), hash=json_field(data, "hash", str),
+                **sizes, salt=salt or "",
+                no_superblock=json_field(data, "no_superblock", bool, False),
+                hash_type=json_field(data, "hash_type", int, HASH_TYPE),
+                extra={k: v for k, v in data.items() if k not in cls._FIELDS},
+            )
+        except KeyError as exc:
+            raise KataVerityError(f"dm_verity: missing field {exc.args[0]!r}") from None
+        info.validate()
+        return info
+
+
+def json_field(data: dict[str, Any], key: str, kind: type, default: Any = KeyError,
+               nullable: bool = False) -> Any:
+    """DATA[KEY] if it has JSON type KIND (a bool is no integer), else a clear error; a
+    missing key (or null, when NULLABLE: serde's `Option`) gives DEFAULT or KeyError."""
+    if key not in data or (nullable and data[key] is None):
+        if default is KeyError:
+            raise KeyError(key)
+        return default
+    value = data[key]
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise KataVerityError(f"field {key!r} must be an integer, not {value!r}")
+    if kind is not int and not isinstance(value, kind):
+        raise KataVerityError(f"field {key!r} must be a {kind.__name__}, not {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -48,6 +171,7 @@ class VerityInfo:
             data_block_size=self.data_block_size,
             hash_block_size=self.hash_block_size,
             salt=bytes.fromhex(self.salt),
+            unsalted=not self.salt,
             superblock=self.superblock,
             uuid=parse_uuid(self.uuid) if self.uuid else None,
         )
@@ -61,30 +185,41 @@ class VerityInfo:
             f"{self.hash_start_block} {self.hash_name} {self.root_hash} {self.salt or '-'}"
         )
 
-    def kata_dm_verity(self) -> dict[str, Any]:
-        """Kata's DmVerityInfo as JSON.
+    def kata_dm_verity(self, *, kata_types_only: bool = False) -> DmVerityInfo:
+        """Kata's `DmVerityInfo` for this tree, read the same by all of Kata's readers.
 
-        `offset` is the byte offset of the hash area on the hash device, i.e. of the superblock
-        when there is one: Kata's agent computes the tree start as `offset / hashsize +
-        ceil(512 / hashsize)` with a superblock and `offset / hashsize` without, which equals
-        our `hash_start_block` for every 512-aligned offset. `hash_type` is the dm-verity
-        format version (1); `hashtype` is the algorithm. `salt` is omitted when empty (Kata
-        then passes `-`). Kata's multi-layer EROFS path also derives `blocknum` as
-        `offset / blocksize`, which holds for our appended layout.
+        Data and tree share one device (Kata names the volume's source twice), so the tree
+        must follow the data. `offset` is where the tree starts, with `no_superblock: true`:
+        kata-types then starts the tree at `offset / hashsize`, and runtime-go, image-rs and
+        Kata's earlier agent, which know neither field, at `ceil(offset / hashsize)`, the
+        same block. Our superblock stays on disk; no reader needs it.
+
+        Only sha256 trees (runtime-go and image-rs refuse sha512) and, unless
+        KATA_TYPES_ONLY, only unsalted ones (`KATA_VERITY`): runtime-go's struct has no
+        salt, and image-rs and the earlier agent always load `-`, so a salted tree would
+        activate with a table that fails every read. KATA_TYPES_ONLY emits the salt for a
+        runtime whose only reader is kata-types (runtime-rs with today's agent).
         """
-        out: dict[str, Any] = {
-            "hashtype": self.hash_name,
-            "hash": self.root_hash,
-            "blocknum": self.data_blocks,
-            "blocksize": self.data_block_size,
-            "hashsize": self.hash_block_size,
-            "offset": self.hash_offset,
-        }
-        if self.salt:
-            out["salt"] = self.salt
-        out["hash_type"] = HASH_TYPE
-        out["no_superblock"] = not self.superblock
-        return out
+        if self.hash_name not in KATA_HASH_NAMES:
+            raise KataVerityError(
+                f"Kata cannot read a {self.hash_name} dm-verity tree (runtime-go and image-rs "
+                f"accept only {', '.join(KATA_HASH_NAMES)} of what we format)")
+        if self.salt and not kata_types_only:
+            raise KataVerityError(
+                "this dm-verity tree has a salt, which Kata's runtime-go, image-rs and earlier "
+                "agent drop: build trees meant for Kata without one (KATA_VERITY), or ask "
+                "for kata-types-only options")
+        start = self.hash_start_block * self.hash_block_size
+        if start < self.data_size:
+            raise KataVerityError(
+                f"the hash tree starts at byte {start}, inside the {self.data_size} bytes of "
+                "data: Kata needs the tree appended to the data on one device")
+        info = DmVerityInfo(
+            hashtype=self.hash_name, hash=self.root_hash, blocknum=self.data_blocks,
+            blocksize=self.data_block_size, hashsize=self.hash_block_size, offset=start,
+            salt=self.salt if kata_types_only else "", no_superblock=True)
+        info.validate()
+        return info
 
     def containerd_sidecar(self) -> dict[str, Any]:
         """containerd's `DmverityMetadata`: root hash and the superblock's byte offset."""

@@ -43,6 +43,9 @@ class VerityParams:
     salt: bytes = b""
     superblock: bool = True
     uuid: bytes | None = None  # 16 bytes; None -> derived from root hash and salt on finish
+    #: No salt, not even the one a layer conversion derives from the blob's digest when `salt`
+    #: is empty: a tree meant for Kata, whose runtime-go and older readers carry no salt.
+    unsalted: bool = False
 
     def validate(self) -> None:
         if self.hash_name not in HASH_NAMES:
@@ -69,6 +72,8 @@ class VerityParams:
             raise EpError(
                 f"dm-verity salt is {len(self.salt)} bytes, at most {MAX_SALT_SIZE} allowed"
             )
+        if self.unsalted and self.salt:
+            raise EpError("dm-verity parameters ask for an unsalted tree but give a salt")
         if self.uuid is not None:
             if not self.superblock:
                 raise EpError("a dm-verity UUID needs the superblock (it is stored only there)")
@@ -78,6 +83,12 @@ class VerityParams:
     @property
     def digest_size(self) -> int:
         return digest_size(self.hash_name)
+
+
+#: containerd's geometry (sha256, 4096/4096, v1 superblock) without a salt: the tree of a blob
+#: meant for Kata, whose readers then all load the same table (docs/kata.md). The signed
+#: manifest binds the root hash either way; a salt only makes precomputed trees useless.
+KATA_VERITY = VerityParams(unsalted=True)
 
 
 def parse_digest(digest: bytes | str) -> bytes:
