@@ -188,7 +188,11 @@ def test_kill_during_commit_restarts_consistent(stack: Stack, image: dict) -> No
     def kill_when_converting() -> None:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not killed.is_set():
-            if any(snapshots.glob("*/.layer-*.tmp")):
+            try:
+                converting = any(snapshots.glob("*/.layer-*.tmp"))
+            except FileNotFoundError:  # a staged new-* directory was renamed while globbing
+                converting = False
+            if converting:
                 stack.service.kill()
                 killed.set()
             time.sleep(0.001)

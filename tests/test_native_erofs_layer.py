@@ -34,6 +34,11 @@ def stack() -> Iterator[Stack]:
     require_root()
     base = Path(tempfile.mkdtemp(prefix="ctd-native-"))
     running = Stack(from_suite("trixie"), base, differ=True).start()
+    # containerd collects garbage once shortly after it starts (its GC scheduler's startup
+    # delay). Run that collection now, synchronously, so it cannot land between an ingest and
+    # the label that keeps the ingested blob.
+    running.containerd.ctr("leases", "create", "--id", "gc-now")
+    running.containerd.ctr("leases", "delete", "--sync", "gc-now")
     yield running
     running.stop()
     shutil.rmtree(base, ignore_errors=True)
@@ -46,6 +51,8 @@ def _ingest(stack: Stack, blob: Path, digest: str) -> None:
                         "content", "ingest", "--expected-digest", digest,
                         "--expected-size", str(blob.stat().st_size), f"ingest-{digest[7:19]}"],
                        stdin=f, check=True, capture_output=True, env=ctr.env())
+    # An ingested blob nothing refers to is garbage to containerd: root it, as a client would.
+    ctr.ctr("content", "label", digest, "containerd.io/gc.root=test")
 
 
 def _apply(stack: Stack, key: str, digest: str, size: int) -> tuple[grpc.StatusCode, object]:
