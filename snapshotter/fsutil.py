@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
+import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
+
+from snapshotter.errors import EpError
 
 
 def fsync_dir(path: Path) -> None:
@@ -45,6 +49,99 @@ def atomic_output(path: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def file_kind(mode: int) -> str:
+    """What a stat mode is, in the words an error message uses."""
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISLNK, "a symbolic link"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def open_input(path: str | os.PathLike[str], *, block_devices: bool = False) -> BinaryIO:
+    """Open PATH for reading if it is a regular file (or, with `block_devices`, a block
+    device); anything else is an EpError naming what it is.
+
+    Opened with O_NONBLOCK and checked on the descriptor, so a FIFO without a writer cannot
+    make the open (and the caller) wait forever, and what is checked is what is read. The
+    returned file blocks normally again.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise EpError(f"{path}: {_os_reason(exc)}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or (block_devices and stat.S_ISBLK(mode))):
+            wanted = "a regular file or a block device" if block_devices else "a regular file"
+            raise EpError(f"{path}: is {file_kind(mode)}, not {wanted}")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def check_input(path: str | os.PathLike[str], *, block_devices: bool = False) -> None:
+    """`open_input`'s checks for a caller that opens PATH by name itself."""
+    open_input(path, block_devices=block_devices).close()
+
+
+def check_output(path: str | os.PathLike[str]) -> None:
+    """Refuse an output path `atomic_output` would fail on only after all the work (a
+    directory, a missing parent), or would wrongly replace (a device, a FIFO, a socket)."""
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        parent = path.parent
+        if not parent.is_dir():
+            what = "no such directory" if not parent.exists() else "not a directory"
+            raise EpError(f"{path}: {parent}: {what}") from None
+        return
+    except OSError as exc:
+        raise EpError(f"{path}: {_os_reason(exc)}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise EpError(f"{path}: is {file_kind(st.st_mode)}; the output must be a file name")
+
+
+CommandFunc = Callable[[Any], int]
+
+
+def os_errors_as_ep(output: Callable[[Any], str]) -> Callable[[CommandFunc], CommandFunc]:
+    """A CLI command's decorator: an OSError that escapes it (disk full, an I/O error, a file
+    that changed under us) becomes one EpError line naming the file, never a traceback. A
+    temp file's name is replaced by the output it stands for, `output(args)`."""
+
+    def decorate(command: CommandFunc) -> CommandFunc:
+        @functools.wraps(command)
+        def wrapper(args: Any) -> int:
+            try:
+                return command(args)
+            except OSError as exc:
+                name = os.fspath(exc.filename) if exc.filename is not None else ""
+                base = os.path.basename(name)
+                if not name or (base.startswith(".") and base.endswith(".tmp")):
+                    name = output(args)
+                raise EpError(f"{name}: {_os_reason(exc)}") from None
+
+        return wrapper
+
+    return decorate
+
+
+def _os_reason(exc: OSError) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "no such file"
+    return exc.strerror.lower() if exc.strerror else str(exc)
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
