@@ -54,6 +54,7 @@ def atomic_output(path: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
 def file_kind(mode: int) -> str:
     """What a stat mode is, in the words an error message uses."""
     for test, name in (
+        (stat.S_ISREG, "a regular file"),
         (stat.S_ISDIR, "a directory"),
         (stat.S_ISFIFO, "a FIFO"),
         (stat.S_ISSOCK, "a socket"),
@@ -63,7 +64,7 @@ def file_kind(mode: int) -> str:
     ):
         if test(mode):
             return name
-    return "not a regular file"
+    return "an unknown kind of file"
 
 
 def open_input(path: str | os.PathLike[str], *, block_devices: bool = False) -> BinaryIO:
