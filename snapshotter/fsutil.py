@@ -6,6 +6,7 @@ import contextlib
 import functools
 import os
 import shutil
+import signal
 import stat
 import tempfile
 from collections.abc import Callable, Iterator
@@ -31,13 +32,28 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+# Signals whose Python handlers may raise: SIGINT (KeyboardInterrupt) and the CLI's SIGTERM.
+_RAISING_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 @contextlib.contextmanager
 def atomic_output(path: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
     """A w+b file that appears at PATH (with MODE) only if the block finishes without an
     exception: temp name in the same directory, fsync, rename, fsync of the directory.
-    PATH is then old or new, never partial; on error the temp file is gone."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    PATH is then old or new, never partial; on error the temp file is gone.
+
+    That includes an exception a signal handler raises (Ctrl-C, the CLI's SIGTERM): those
+    signals are held back while the temp file is created, and arrive only once its removal
+    is armed. Otherwise a signal landing right after the file appeared left it behind.
+    """
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, _RAISING_SIGNALS)
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        raise
+    try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a held-back signal raises here
         with os.fdopen(fd, "w+b") as f:
             yield f
             f.flush()

@@ -14,6 +14,7 @@ as data and append a second one; `format_file` refuses that unless told otherwis
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import os
 from pathlib import Path
@@ -73,6 +74,10 @@ def format_file(
         return _format(data_path, hash_path, params, workers, memory_limit, append_again)
     except OSError as exc:
         where = exc.filename or data_path
+        if hash_path is not None and os.path.dirname(where) == os.path.dirname(
+            os.path.abspath(hash_path)
+        ) and os.path.basename(where).startswith(f".{Path(hash_path).name}."):
+            where = hash_path  # atomic_output's temp name stands for the hash file
         raise EpError(f"verity format: {where}: {exc.strerror or exc}") from None
 
 
@@ -129,9 +134,9 @@ def find_appended_tree(path: PathLike) -> tuple[int, VeritySuperblock] | None:
     An appended tree with a superblock (ours, or `veritysetup format DATA DATA --hash-offset
     N*dbs`) ends the file: data blocks, the v1 superblock at data_blocks * data_block_size,
     the tree, nothing after. For each geometry a superblock can declare (block sizes, hash),
-    the file size fixes data_blocks, since the end of the hash area grows strictly with it;
-    so a binary search per geometry finds the one candidate offset, and it counts only if
-    the superblock there declares exactly that geometry and that many data blocks. No data
+    the file size leaves a few candidates for data_blocks, since the end of the hash area
+    never decreases with it: a binary search per geometry finds them, and one counts only if
+    the superblock at its offset declares exactly that geometry and that many data blocks. No data
     is scanned, and arbitrary data cannot pass by accident. A tree without a superblock
     leaves no mark and is not found.
     """
@@ -140,8 +145,7 @@ def find_appended_tree(path: PathLike) -> tuple[int, VeritySuperblock] | None:
     for dbs in BLOCK_SIZES:
         for hbs in BLOCK_SIZES:
             for hash_name in HASH_NAMES:
-                blocks = _data_blocks_ending_at(size, dbs, hbs, _digest_size(hash_name))
-                if blocks is not None:
+                for blocks in _data_blocks_ending_at(size, dbs, hbs, _digest_size(hash_name)):
                     candidates.setdefault(blocks * dbs, []).append((dbs, hbs, hash_name))
     if not candidates:
         return None
@@ -157,25 +161,21 @@ def find_appended_tree(path: PathLike) -> tuple[int, VeritySuperblock] | None:
     return None
 
 
-def _data_blocks_ending_at(size: int, dbs: int, hbs: int, digest_size: int) -> int | None:
-    """The number of data blocks n whose appended hash area (superblock first) ends exactly
-    at byte `size`, if there is one."""
+def _data_blocks_ending_at(size: int, dbs: int, hbs: int, digest_size: int) -> range:
+    """The numbers of data blocks n whose appended hash area (superblock first) ends exactly
+    at byte `size`. The end never decreases with n, but several n can share one end (the
+    tree starts on a hash-block boundary), so this is a range, usually empty."""
 
     def end(n: int) -> int:
         start = tree_start_block(n * dbs, hbs, True) * hbs
         return start + TreeGeometry.compute(n, hbs, digest_size).tree_size
 
-    lo, hi = 1, size // dbs
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        got = end(mid)
-        if got == size:
-            return mid
-        if got < size:
-            lo = mid + 1
-        else:
-            hi = mid - 1
-    return None
+    most = size // dbs
+    lowest = bisect.bisect_left(range(1, most + 1), size, key=end) + 1
+    n = lowest
+    while n <= most and end(n) == size:
+        n += 1
+    return range(lowest, n)
 
 
 def _hash_area_end(info: VerityInfo) -> int:
