@@ -448,3 +448,34 @@ def test_unreadable_or_unwritable_is_one_line(bad_inputs, tmp_path, command):
     assert readonly.read_bytes() == bytes(8192)
     assert list(readonly_dir.iterdir()) == [] and temp_files(tmp_path) == []
 
+
+
+def test_sigterm_during_verity_format_restores_the_data(tmp_path):
+    """An appending format first pads DATA to the hash offset; a SIGTERM while it hashes (a
+    sparse 1 GiB file takes a second or more) must truncate DATA back to what it was."""
+    data = tmp_path / "data.img"
+    size = (1 << 30) + 100
+    with open(data, "wb") as f:
+        f.seek(size - 100)  # a hole, then 100 bytes
+        f.write(b"the end of the data".ljust(100, b"."))
+    assert data.stat().st_size == size
+    proc = subprocess.Popen([*CLI, "verity", "format", str(data)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while data.stat().st_size == size:  # padded once the hashing starts
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=TIMEOUT)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait()
+    assert proc.returncode == 143, stderr
+    assert b"Traceback" not in stderr, stderr
+    assert data.stat().st_size == size
+    with open(data, "rb") as f:
+        f.seek(size - 100)
+        assert f.read() == b"the end of the data".ljust(100, b".")
