@@ -9,7 +9,7 @@ import shutil
 import signal
 import stat
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -112,9 +112,12 @@ def check_input(path: str | os.PathLike[str], *, block_devices: bool = False) ->
     open_input(path, block_devices=block_devices).close()
 
 
-def check_output(path: str | os.PathLike[str]) -> None:
+def check_output(
+    path: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str]] = ()
+) -> None:
     """Refuse an output path `atomic_output` would fail on only after all the work (a
-    directory, a missing parent), or would wrongly replace (a device, a FIFO, a socket)."""
+    directory, a missing parent), or would wrongly replace (a device, a FIFO, a socket, or
+    one of the command's `inputs`, which the rename would destroy)."""
     path = Path(path)
     try:
         st = os.stat(path)
@@ -128,6 +131,11 @@ def check_output(path: str | os.PathLike[str]) -> None:
         raise EpError(f"{path}: {_os_reason(exc)}") from None
     if not stat.S_ISREG(st.st_mode):
         raise EpError(f"{path}: is {file_kind(st.st_mode)}; the output must be a file name")
+    for source in inputs:
+        with contextlib.suppress(OSError):  # a missing input is reported as such elsewhere
+            if os.path.samefile(source, path):
+                raise EpError(f"{path}: is also an input ({source}); writing it would "
+                              "destroy that input")
 
 
 CommandFunc = Callable[[Any], int]

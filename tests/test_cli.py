@@ -321,6 +321,26 @@ def test_directory_or_special_file_as_output_is_one_line(odd_files, tmp_path, co
     assert not (tmp_path / "ok.fsmeta").exists()
 
 
+@pytest.mark.parametrize("command", [
+    ["convert", "{tar}", "{tar}"],
+    ["merge", "{image}", "{image}"],
+    ["merge", "{tmp}/a.fsmeta", "{image}", "--flat", "{image}"],
+    ["merge", "{tmp}/a.fsmeta", "{image}", "--flat", "{tmp}/a.fsmeta"],
+    ["verity", "format", "{image}", "--hash-file", "{image}"],
+])
+def test_output_that_is_an_input_is_refused(tmp_path, images, command):
+    """The rename at the end would replace the input (a layer the fsmeta points into, the
+    data whose tree was just computed): refused before any work, the input intact."""
+    image = tmp_path / "layer.erofs"
+    image.write_bytes(images[0].read_bytes())
+    tar = write_tar(tmp_path / "small.tar", [Entry("f", data=b"x")])
+    before = {p: sha256_of(p) for p in (image, tar)}
+    proc = run_cli(*[a.format(tar=tar, image=image, tmp=tmp_path) for a in command])
+    assert_one_line_error(proc)
+    assert {p: sha256_of(p) for p in (image, tar)} == before
+    assert not (tmp_path / "a.fsmeta").exists() and temp_files(tmp_path) == []
+
+
 def test_convert_reads_a_pipe_given_as_standard_input(layer, tmp_path):
     """The documented way to convert from a pipe or FIFO: `-` and a redirection."""
     with open(layer, "rb") as f:

@@ -60,17 +60,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 @os_errors_as_ep(lambda args: args.out)
 def _convert(args: argparse.Namespace) -> int:
-    check_output(args.out)
-    source = sys.stdin.buffer if args.layer == "-" else open_input(args.layer)
+    from_stdin = args.layer == "-"
+    source = sys.stdin.buffer if from_stdin else open_input(args.layer)
     try:
-        total = os.fstat(source.fileno()).st_size if args.layer != "-" else None
+        check_output(args.out, [] if from_stdin else [args.layer])
+        total = None if from_stdin else os.fstat(source.fileno()).st_size
         with Progress("convert") as progress:
             result = convert_layer(CountingReader(source, progress, total), args.out,
                                    expected_diff_id=args.diff_id,
                                    verity=True if args.verity else None,
                                    block_size=args.block_size)
     finally:
-        if source is not sys.stdin.buffer:
+        if not from_stdin:
             source.close()
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
@@ -89,9 +90,11 @@ def _merge(args: argparse.Namespace) -> int:
         raise EpError(f"{len(args.tag)} --tag values for {len(args.layers)} layers")
     for path in args.layers:
         check_input(path)
-    check_output(args.out)
+    check_output(args.out, args.layers)
     if args.flat is not None:
-        check_output(args.flat)
+        check_output(args.flat, [*args.layers, args.out])
+        if os.path.abspath(args.flat) == os.path.abspath(args.out):
+            raise EpError(f"{args.flat}: the flat image and the fsmeta need different names")
     tags = args.tag or [None] * len(args.layers)
     layers = [LayerBlob(Path(p), t) for p, t in zip(args.layers, tags, strict=True)]
     with Progress("merge") as progress:

@@ -76,7 +76,7 @@ def _format(args: argparse.Namespace) -> int:
     data = Path(args.data)
     check_input(data)
     if args.hash_file is not None:
-        check_output(args.hash_file)
+        check_output(args.hash_file, [data])
     if args.salt is not None:
         salt = parse_salt(args.salt)
     else:
