@@ -403,6 +403,8 @@ SWEEP = [
      "superblock"),
     (["verity", "verify", "{data}", "--root-hash", "00", "--hash-offset", "99999999999"],
      "superblock"),
+    (["verity", "verify", "{data}", "--root-hash", "00", "--hash-offset", "9" * 25],
+     "not a possible file offset"),
     (["verity", "verify", "{data}", "--root-hash", "00", "--hash-file", "{missing}"],
      "no such file"),
     (["verity", "verify", "{data}", "--root-hash", "zz", "--no-superblock", "--salt", "-",
