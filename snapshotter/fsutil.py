@@ -83,9 +83,9 @@ def file_kind(mode: int) -> str:
     return "an unknown kind of file"
 
 
-def open_input(path: str | os.PathLike[str], *, block_devices: bool = False) -> BinaryIO:
-    """Open PATH for reading if it is a regular file (or, with `block_devices`, a block
-    device); anything else is an EpError naming what it is.
+def open_input(path: str | os.PathLike[str]) -> BinaryIO:
+    """Open PATH for reading if it is a regular file; anything else (a directory, a FIFO,
+    a socket, a device) is an EpError naming what it is.
 
     Opened with O_NONBLOCK and checked on the descriptor, so a FIFO without a writer cannot
     make the open (and the caller) wait forever, and what is checked is what is read. The
@@ -97,9 +97,8 @@ def open_input(path: str | os.PathLike[str], *, block_devices: bool = False) -> 
         raise EpError(f"{path}: {_os_reason(exc)}") from None
     try:
         mode = os.fstat(fd).st_mode
-        if not (stat.S_ISREG(mode) or (block_devices and stat.S_ISBLK(mode))):
-            wanted = "a regular file or a block device" if block_devices else "a regular file"
-            raise EpError(f"{path}: is {file_kind(mode)}, not {wanted}")
+        if not stat.S_ISREG(mode):
+            raise EpError(f"{path}: is {file_kind(mode)}, not a regular file")
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:
@@ -107,9 +106,9 @@ def open_input(path: str | os.PathLike[str], *, block_devices: bool = False) -> 
         raise
 
 
-def check_input(path: str | os.PathLike[str], *, block_devices: bool = False) -> None:
+def check_input(path: str | os.PathLike[str]) -> None:
     """`open_input`'s checks for a caller that opens PATH by name itself."""
-    open_input(path, block_devices=block_devices).close()
+    open_input(path).close()
 
 
 def check_output(

@@ -501,3 +501,18 @@ def test_sigterm_during_verity_format_restores_the_data(tmp_path):
     with open(data, "rb") as f:
         f.seek(size - 100)
         assert f.read() == b"the end of the data".ljust(100, b".")
+
+
+def test_disk_full_is_one_line_naming_the_output(layer, tmp_path):
+    """A real full filesystem (a 1 MiB tmpfs) under a 24 MiB layer's output."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs (runs in CI as root)")
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    try:
+        proc = run_cli("convert", layer, small / "layer.erofs")
+        assert_one_line_error(proc, f"{small / 'layer.erofs'}: no space left on device")
+        assert list(small.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
