@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from passthrough.errors import PassthroughError
+from snapshotter.fsutil import file_kind
 
 if TYPE_CHECKING:
     from passthrough.attach import Attachment
@@ -48,14 +51,30 @@ def _print(args: argparse.Namespace, key: str, atts: list[Attachment]) -> None:
               f"serial={a.serial} {a.file or ''}".rstrip())
 
 
+def _check_qmp_socket(args: argparse.Namespace) -> None:
+    """Name a missing or wrong QMP socket path plainly, before connecting to it."""
+    try:
+        mode = os.stat(args.qmp).st_mode
+    except OSError as exc:
+        raise PassthroughError(f"QMP socket {args.qmp}: {exc.strerror}") from None
+    if not stat.S_ISSOCK(mode):
+        raise PassthroughError(f"QMP socket {args.qmp}: is {file_kind(mode)}, not a unix socket")
+
+
 def cmd_attach(args: argparse.Namespace) -> int:
     """All or nothing: if one file fails, the files this call attached are detached again."""
     from passthrough.attach import Attacher
     from passthrough.qmp import QmpSession
 
     for f in args.files:  # refuse the whole call up front rather than half of it later
-        if not Path(f).exists():
-            raise PassthroughError(f"cannot attach {f}: No such file or directory")
+        try:
+            mode = os.stat(f).st_mode
+        except OSError as exc:
+            raise PassthroughError(f"cannot attach {f}: {exc.strerror}") from None
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise PassthroughError(
+                f"cannot attach {f}: is {file_kind(mode)}, not a regular file or a block device")
+    _check_qmp_socket(args)
     with QmpSession(args.qmp) as qmp, Attacher(qmp, args.storage_daemon) as attacher:
         before = {a.device_id for a in attacher.attached()}
         done: list[Attachment] = []
@@ -83,6 +102,7 @@ def cmd_detach(args: argparse.Namespace) -> int:
     from passthrough.attach import Attacher
     from passthrough.qmp import QmpSession
 
+    _check_qmp_socket(args)
     with QmpSession(args.qmp) as qmp, Attacher(qmp, args.storage_daemon) as attacher:
         done = [attacher.detach(d, timeout=args.timeout) for d in args.devices]
         _print(args, "detached", done)

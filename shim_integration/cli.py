@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 
 from snapshotter.errors import EpError
 
@@ -34,8 +36,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM ends a command the way an error does: `finally` blocks and cleanup handlers
+    run (no temp file of `atomic_output` is left behind, an in-place `verity format` is
+    undone), then the exit status is 143 as for a process killed by SIGTERM. A second SIGTERM
+    during that cleanup is ignored; SIGKILL still stops everything."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if in_main_thread else None
     try:
         return int(args.func(args) or 0)
     except EpError as exc:
@@ -47,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         # The reader went away (`... | head`): stop quietly, as other command-line tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

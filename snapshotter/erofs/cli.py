@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import stat
 import sys
 import uuid
 from pathlib import Path
 
 from snapshotter.errors import EpError
+from snapshotter.fsutil import check_input, check_output, open_input, os_errors_as_ep
+from snapshotter.progress import CountingReader, Progress
 
 from .convert import convert_layer
 from .format import decode_dev
@@ -18,7 +21,11 @@ from .reader import ErofsImage
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("convert", help="convert an OCI layer (tar, tar.gz, tar.zst)")
+    p = subparsers.add_parser(
+        "convert", help="convert an OCI layer (tar, tar.gz, tar.zst)",
+        description="Convert an OCI layer into an EROFS image. LAYER must be a regular file; "
+        "to read a pipe or a FIFO, give '-' and redirect it to standard input. On a terminal, "
+        "progress is shown on stderr.")
     p.add_argument("layer", help="the layer file ('-' for standard input)")
     p.add_argument("out", help="the EROFS image to write")
     p.add_argument("--diff-id", help="expected diffID (sha256:...) of the uncompressed tar")
@@ -30,7 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_convert)
 
     p = subparsers.add_parser(
-        "merge", help="merge layer images (lowest first) into one metadata-only fsmeta")
+        "merge", help="merge layer images (lowest first) into one metadata-only fsmeta",
+        description="Merge layer images (lowest first) into one metadata-only fsmeta. On a "
+        "terminal, progress is shown on stderr.")
     p.add_argument("out", help="the fsmeta image to write")
     p.add_argument("layers", nargs="+", help="layer images, lowest first (device 1 = first)")
     p.add_argument("--verity", action="store_true",
@@ -49,14 +58,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_inspect)
 
 
+@os_errors_as_ep(lambda args: args.out)
 def _convert(args: argparse.Namespace) -> int:
-    source = sys.stdin.buffer if args.layer == "-" else args.layer
+    from_stdin = args.layer == "-"
+    source = sys.stdin.buffer if from_stdin else open_input(args.layer)
     try:
-        result = convert_layer(source, args.out, expected_diff_id=args.diff_id,
-                               verity=True if args.verity else None,
-                               block_size=args.block_size)
-    except FileNotFoundError as exc:
-        raise EpError(f"{exc.filename}: no such file") from None
+        check_output(args.out, [] if from_stdin else [args.layer])
+        total = None if from_stdin else os.fstat(source.fileno()).st_size
+        with Progress("convert") as progress:
+            result = convert_layer(CountingReader(source, progress, total), args.out,
+                                   expected_diff_id=args.diff_id,
+                                   verity=True if args.verity else None,
+                                   block_size=args.block_size)
+    finally:
+        if not from_stdin:
+            source.close()
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
     else:
@@ -68,12 +84,22 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+@os_errors_as_ep(lambda args: args.out)
 def _merge(args: argparse.Namespace) -> int:
     if args.tag and len(args.tag) != len(args.layers):
         raise EpError(f"{len(args.tag)} --tag values for {len(args.layers)} layers")
+    for path in args.layers:
+        check_input(path)
+    check_output(args.out, args.layers)
+    if args.flat is not None:
+        check_output(args.flat, [*args.layers, args.out])
+        if os.path.abspath(args.flat) == os.path.abspath(args.out):
+            raise EpError(f"{args.flat}: the flat image and the fsmeta need different names")
     tags = args.tag or [None] * len(args.layers)
     layers = [LayerBlob(Path(p), t) for p, t in zip(args.layers, tags, strict=True)]
-    result = merge_layers(layers, args.out, verity=args.verity, flat_path=args.flat)
+    with Progress("merge") as progress:
+        result = merge_layers(layers, args.out, verity=args.verity, flat_path=args.flat,
+                              progress=progress.update)
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
         return 0
@@ -88,12 +114,10 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+@os_errors_as_ep(lambda args: args.image)
 def _inspect(args: argparse.Namespace) -> int:
-    try:
-        image = ErofsImage(args.image)
-    except FileNotFoundError as exc:
-        raise EpError(f"{exc.filename}: no such file") from None
-    with image:
+    check_input(args.image)
+    with ErofsImage(args.image) as image:
         report = describe(image, tree=not args.no_tree)
     if args.json:
         print(json.dumps(report, indent=2))

@@ -23,6 +23,7 @@ import stat
 import uuid
 from array import array
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,13 +198,17 @@ class _LayerApplier:
         return Chunks(bits, addrs, devices)
 
 
-def build_merged_tree(layers: list[LayerBlob], data: DataWriter) -> MergeTree:
-    """Apply the layers (lowest first) into one tree; file data stays in the layers."""
+def build_merged_tree(layers: list[LayerBlob], data: DataWriter,
+                      progress: Callable[[str], None] | None = None) -> MergeTree:
+    """Apply the layers (lowest first) into one tree; file data stays in the layers.
+    `progress` is told each step as it starts."""
     root = Node.directory()
     mtimes: Counter[tuple[int, int]] = Counter()
     devices = []
     block_size = None
     for index, layer in enumerate(layers, start=1):
+        if progress is not None:
+            progress(f"layer {index}/{len(layers)} {layer.path}")
         with ErofsImage(layer.path) as img:
             if block_size is None:
                 block_size = img.block_size
@@ -274,16 +279,19 @@ def merge_layers(
     *,
     verity: bool = False,
     flat_path: str | os.PathLike[str] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> MergeResult:
     """Merge layer images (lowest first) into an fsmeta at `out_path`; optionally also one
     flat image (fsmeta + blobs back to back) at `flat_path`. With `verity`, each output gets
     its own dm-verity tree appended (salt derived from the fsmeta's digest). Outputs appear
-    only when complete."""
+    only when complete. `progress` is told each step as it starts (for a status line)."""
     blobs = [b if isinstance(b, LayerBlob) else LayerBlob(Path(b)) for b in layers]
     out_path = Path(out_path)
+    step = progress or (lambda _text: None)
     with atomic_output(out_path) as out:
         fd = out.fileno()
-        result = _write_fsmeta(blobs, fd)
+        result = _write_fsmeta(blobs, fd, progress)
+        step("digest and verity tree" if verity else "digest")
         digest = _digest_fd(fd, result.size)
         result = dataclasses.replace(result, fsmeta=out_path, digest=digest)
         if verity:
@@ -291,6 +299,7 @@ def merge_layers(
                 result, verity=append_verity(out, result.size, True, digest))
     if flat_path is not None:
         flat_path = Path(flat_path)
+        step(f"flat image {flat_path}")
         with atomic_output(flat_path) as flat:
             size = _write_flat(result, flat.fileno())
             info = append_verity(flat, size, True, digest) if verity else None
@@ -298,7 +307,8 @@ def merge_layers(
     return result
 
 
-def _write_fsmeta(layers: list[LayerBlob], fd: int) -> MergeResult:
+def _write_fsmeta(layers: list[LayerBlob], fd: int,
+                  progress: Callable[[str], None] | None = None) -> MergeResult:
     """Write the fsmeta of `layers` into the open file `fd` (from offset 0)."""
     if not layers:
         raise EpError("nothing to merge: no layers given")
@@ -306,7 +316,9 @@ def _write_fsmeta(layers: list[LayerBlob], fd: int) -> MergeResult:
         raise EpError(f"{len(layers)} layers: EROFS addresses at most 65535 devices")
     bs = _block_size_of(layers[0].path)
     data = DataWriter(fd, bs, header_blocks(bs, len(layers)))
-    merged = build_merged_tree(layers, data)
+    merged = build_merged_tree(layers, data, progress)
+    if progress is not None:
+        progress(f"writing the metadata of {merged.tree.entries} entries")
     for d in merged.devices:
         if len(d.tag.encode()) > 64:
             raise EpError(f"device tag {d.tag!r} longer than 64 bytes")

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from snapshotter.errors import EpError
+from snapshotter.fsutil import check_input, check_output, os_errors_as_ep
 from snapshotter.verity.files import file_sha256, format_file
 from snapshotter.verity.info import VerityInfo
 from snapshotter.verity.params import HASH_NAMES, VerityParams, derive_salt, parse_salt, parse_uuid
@@ -23,7 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Build the dm-verity tree of DATA, the same bytes and root hash as "
         "`veritysetup format` with the same parameters. Default: appended to DATA at the next "
         "data-block boundary (DATA zero padded), v1 superblock, sha256, 4096/4096, salt "
-        "derived from DATA's sha256.",
+        "derived from DATA's sha256. A DATA that already ends with an appended tree "
+        "(with a superblock) is refused, unchanged, unless --force.",
     )
     p.add_argument("data", help="the data file")
     p.add_argument("--hash-file", help="write the tree to this new file instead of appending")
@@ -33,6 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--digest",
         help="sha256:HEX of the blob to derive the salt from (default: DATA's own sha256)",
     )
+    p.add_argument("--force", action="store_true",
+                   help="append even if DATA already ends with a dm-verity tree")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_format)
 
@@ -67,10 +71,12 @@ def _geometry(p: argparse.ArgumentParser, *, defaults: bool) -> None:
     p.add_argument("--hash", choices=HASH_NAMES, default="sha256" if defaults else None)
 
 
+@os_errors_as_ep(lambda args: args.hash_file or args.data)
 def _format(args: argparse.Namespace) -> int:
     data = Path(args.data)
-    if not data.is_file():
-        raise EpError(f"{data}: no such file")
+    check_input(data)
+    if args.hash_file is not None:
+        check_output(args.hash_file, [data])
     if args.salt is not None:
         salt = parse_salt(args.salt)
     else:
@@ -83,7 +89,7 @@ def _format(args: argparse.Namespace) -> int:
         superblock=not args.no_superblock,
         uuid=parse_uuid(args.uuid) if args.uuid else None,
     )
-    info = format_file(data, hash_path=args.hash_file, params=params)
+    info = format_file(data, hash_path=args.hash_file, params=params, append_again=args.force)
     _print(info, args.json)
     return 0
 
@@ -107,13 +113,17 @@ def _print(info: VerityInfo, as_json: bool) -> None:
         print(f"{key:16} {value if value not in (None, '') else '-'}")
 
 
+@os_errors_as_ep(lambda args: args.data)
 def _verify(args: argparse.Namespace) -> int:
     data = Path(args.data)
-    if not data.is_file():
-        raise EpError(f"{data}: no such file")
+    check_input(data)
     hash_path = Path(args.hash_file) if args.hash_file else None
-    if hash_path is not None and not hash_path.is_file():
-        raise EpError(f"{hash_path}: no such file")
+    if hash_path is not None:
+        check_input(hash_path)
+    if args.hash_offset is not None and args.hash_offset < 0:
+        raise EpError(f"--hash-offset {args.hash_offset}: must be a byte offset >= 0")
+    if args.data_blocks is not None and args.data_blocks < 1:
+        raise EpError(f"--data-blocks {args.data_blocks}: must be at least 1")
     hash_offset = args.hash_offset
     if hash_offset is None:
         if hash_path is None:

@@ -6,10 +6,15 @@ superblock the tree follows at the next hash-block boundary after its 512 bytes.
 superblock the tree must start on a hash-block boundary, so the data is zero padded to
 max(data block, hash block) and the padding counts as data blocks (then `blocknum = offset /
 blocksize` holds for every consumer, as Kata's multi-layer EROFS path assumes).
+
+Appending to a file that already ends with a tree (formatting twice) would hash the old tree
+as data and append a second one; `format_file` refuses that unless told otherwise, see
+`find_appended_tree`.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import os
 from pathlib import Path
@@ -19,10 +24,13 @@ from snapshotter.errors import EpError
 from snapshotter.fsutil import atomic_output
 from snapshotter.verity.builder import VerityTreeBuilder
 from snapshotter.verity.digests import DEFAULT_MEMORY_LIMIT
-from snapshotter.verity.geometry import TreeGeometry
+from snapshotter.verity.geometry import TreeGeometry, tree_start_block
 from snapshotter.verity.info import VerityInfo
 from snapshotter.verity.parallel import file_leaf_digests
-from snapshotter.verity.params import VerityParams, derive_salt
+from snapshotter.verity.params import HASH_NAMES, VerityParams, derive_salt
+from snapshotter.verity.superblock import SUPERBLOCK_SIZE, VeritySuperblock
+
+BLOCK_SIZES = (512, 1024, 2048, 4096)  # what VerityParams.validate accepts
 
 PathLike = str | os.PathLike[str]
 
@@ -50,6 +58,7 @@ def format_file(
     params: VerityParams | None = None,
     workers: int | None = None,
     memory_limit: int = DEFAULT_MEMORY_LIMIT,
+    append_again: bool = False,
 ) -> VerityInfo:
     """Build the hash tree of a file; return its description.
 
@@ -57,13 +66,18 @@ def format_file(
     Otherwise write [superblock +] tree to a new `hash_path` (at offset 0) that appears only
     when complete; the data must then be whole data blocks (we do not modify it).
     `params` None: `default_params(data_path)`. `workers`: hashing processes (default: one
-    per CPU; 1 = in this process).
+    per CPU; 1 = in this process). Appending to a file that already ends with a tree (with
+    a superblock) is an EpError, the file unchanged, unless `append_again`.
     """
     data_path = Path(data_path)
     try:
-        return _format(data_path, hash_path, params, workers, memory_limit)
+        return _format(data_path, hash_path, params, workers, memory_limit, append_again)
     except OSError as exc:
         where = exc.filename or data_path
+        if hash_path is not None and os.path.dirname(where) == os.path.dirname(
+            os.path.abspath(hash_path)
+        ) and os.path.basename(where).startswith(f".{Path(hash_path).name}."):
+            where = hash_path  # atomic_output's temp name stands for the hash file
         raise EpError(f"verity format: {where}: {exc.strerror or exc}") from None
 
 
@@ -73,6 +87,7 @@ def _format(
     params: VerityParams | None,
     workers: int | None,
     memory_limit: int,
+    append_again: bool,
 ) -> VerityInfo:
     size = data_path.stat().st_size
     if size == 0:
@@ -82,6 +97,15 @@ def _format(
     params.validate()
     dbs = params.data_block_size
     if hash_path is None:
+        existing = None if append_again else find_appended_tree(data_path)
+        if existing is not None:
+            offset, sb = existing
+            raise EpError(
+                f"{data_path} already ends with a dm-verity tree (superblock at byte {offset}: "
+                f"{sb.algorithm}, {sb.data_block_size}/{sb.hash_block_size}, "
+                f"{sb.data_blocks} data blocks); formatting again would append a second one "
+                "(--force to do it anyway)"
+            )
         align = dbs if params.superblock else max(dbs, params.hash_block_size)
         hash_offset = -(-size // align) * align
         data_blocks = hash_offset // dbs
@@ -102,6 +126,56 @@ def _format(
         )
     with atomic_output(Path(hash_path)) as out:
         return _build(data_path, size // dbs, out, 0, params, workers, memory_limit)
+
+
+def find_appended_tree(path: PathLike) -> tuple[int, VeritySuperblock] | None:
+    """(hash offset, superblock) of a dm-verity tree appended to PATH, or None.
+
+    An appended tree with a superblock (ours, or `veritysetup format DATA DATA --hash-offset
+    N*dbs`) ends the file: data blocks, the v1 superblock at data_blocks * data_block_size,
+    the tree, nothing after. For each geometry a superblock can declare (block sizes, hash),
+    the file size leaves a few candidates for data_blocks, since the end of the hash area
+    never decreases with it: a binary search per geometry finds them, and one counts only if
+    the superblock at its offset declares exactly that geometry and that many data blocks. No data
+    is scanned, and arbitrary data cannot pass by accident. A tree without a superblock
+    leaves no mark and is not found.
+    """
+    size = os.stat(path).st_size
+    candidates: dict[int, list[tuple[int, int, str]]] = {}
+    for dbs in BLOCK_SIZES:
+        for hbs in BLOCK_SIZES:
+            for hash_name in HASH_NAMES:
+                for blocks in _data_blocks_ending_at(size, dbs, hbs, _digest_size(hash_name)):
+                    candidates.setdefault(blocks * dbs, []).append((dbs, hbs, hash_name))
+    if not candidates:
+        return None
+    with open(path, "rb", buffering=0) as f:
+        for offset, geometries in sorted(candidates.items()):
+            try:
+                sb = VeritySuperblock.deserialize(os.pread(f.fileno(), SUPERBLOCK_SIZE, offset))
+            except EpError:
+                continue
+            declared = (sb.data_block_size, sb.hash_block_size, sb.algorithm)
+            if declared in geometries and sb.data_blocks * sb.data_block_size == offset:
+                return offset, sb
+    return None
+
+
+def _data_blocks_ending_at(size: int, dbs: int, hbs: int, digest_size: int) -> range:
+    """The numbers of data blocks n whose appended hash area (superblock first) ends exactly
+    at byte `size`. The end never decreases with n, but several n can share one end (the
+    tree starts on a hash-block boundary), so this is a range, usually empty."""
+
+    def end(n: int) -> int:
+        start = tree_start_block(n * dbs, hbs, True) * hbs
+        return start + TreeGeometry.compute(n, hbs, digest_size).tree_size
+
+    most = size // dbs
+    lowest = bisect.bisect_left(range(1, most + 1), size, key=end) + 1
+    n = lowest
+    while n <= most and end(n) == size:
+        n += 1
+    return range(lowest, n)
 
 
 def _hash_area_end(info: VerityInfo) -> int:

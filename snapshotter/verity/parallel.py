@@ -18,6 +18,7 @@ it saves.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import mmap
 import os
@@ -56,9 +57,9 @@ def hash_file_range(
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size < start + count * block_size:
             raise EpError(f"{path} is shorter than {first_block + count} blocks of {block_size}")
-        with mmap.mmap(f.fileno(), length, access=mmap.ACCESS_READ, offset=aligned) as m:
-            view = memoryview(m)
-            try:
+        m = mmap.mmap(f.fileno(), length, access=mmap.ACCESS_READ, offset=aligned)
+        try:
+            with memoryview(m) as view:
                 for b0 in range(0, count, per_range):
                     n = min(per_range, count - b0)
                     lo = start - aligned + b0 * block_size
@@ -66,8 +67,12 @@ def hash_file_range(
                         first_block + b0,
                         hash_run(base, view[lo : lo + n * block_size], block_size),
                     )
-            finally:
-                view.release()
+        finally:
+            # An exception raised inside hash_run (Ctrl-C, the CLI's SIGTERM) keeps slices of
+            # the map alive in its traceback, and closing the map would then fail with a
+            # BufferError that hides it; the map is unmapped when those slices go instead.
+            with contextlib.suppress(BufferError):
+                m.close()
 
 
 def default_workers() -> int:

@@ -29,6 +29,8 @@ _CHUNK = 4 << 20
 
 
 def read_superblock(path: PathLike, offset: int = 0) -> VeritySuperblock:
+    if not 0 <= offset < 1 << 63:  # what a file offset can be (f.seek raises beyond)
+        raise EpError(f"verity superblock offset {offset} is not a possible file offset")
     try:
         with open(path, "rb") as f:
             f.seek(offset)
