@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from snapshotter.errors import EpError
+from snapshotter.fsutil import check_output, open_input, os_errors_as_ep
 
 ALGORITHMS = ("ed25519", "ecdsa-p256")  # as manifest.ALGORITHMS; cryptography loads lazily
 
@@ -26,12 +27,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.set_defaults(func=_show)
 
 
+@os_errors_as_ep(lambda args: args.path)
 def _generate(args: argparse.Namespace) -> int:
     from .manifest import ManifestError, generate_key
 
     path = Path(args.path)
     if path.exists() and not args.force:
         raise EpError(f"{path} exists (use --force to replace it)")
+    check_output(path)
+    check_output(f"{path}.pub")
     try:
         kid = generate_key(path, args.algorithm)
     except ManifestError as exc:
@@ -44,13 +48,12 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+@os_errors_as_ep(lambda args: args.path)
 def _show(args: argparse.Namespace) -> int:
     from .manifest import ManifestError, key_id, load_public_key
 
-    try:
-        data = Path(args.path).read_bytes()
-    except FileNotFoundError:
-        raise EpError(f"{args.path}: no such file") from None
+    with open_input(args.path) as f:
+        data = f.read(1 << 20)  # a PEM key is a few hundred bytes
     try:
         key = load_public_key(data)
     except ManifestError as exc:

@@ -20,7 +20,6 @@ import base64
 import binascii
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +59,9 @@ def _algorithm(key: Any) -> str:
 
 def generate_key(path: Path, algorithm: str = "ed25519") -> str:
     """Write a new private key to PATH (0600) and its public key to PATH.pub; return its id."""
+    # Host side only; imported here because the guest ships this module without `snapshotter`.
+    from snapshotter.fsutil import write_atomic
+
     if algorithm == "ed25519":
         key: Any = ed25519.Ed25519PrivateKey.generate()
     elif algorithm == "ecdsa-p256":
@@ -68,28 +70,10 @@ def generate_key(path: Path, algorithm: str = "ed25519") -> str:
         raise ManifestError(f"unknown key algorithm {algorithm!r} (use {', '.join(ALGORITHMS)})")
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
-    _write_private(path, pem)
-    _write_public(Path(str(path) + ".pub"), key.public_key())
+    write_atomic(path, pem, mode=0o600)
+    write_atomic(Path(f"{path}.pub"), key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
     return key_id(key.public_key())
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
-def _write_public(path: Path, public_key: Any) -> None:
-    pem = public_key.public_bytes(serialization.Encoding.PEM,
-                                  serialization.PublicFormat.SubjectPublicKeyInfo)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(pem)
-    os.replace(tmp, path)
 
 
 def load_private_key(path: Path) -> Any:

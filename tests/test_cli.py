@@ -278,6 +278,7 @@ def odd_files(tmp_path, images) -> dict[str, Path]:
 
 @pytest.mark.parametrize("kind,what", [("fifo", "a FIFO"), ("dir", "a directory")])
 @pytest.mark.parametrize("command", [
+    ["key", "show", "{in}"],
     ["convert", "{in}", "{tmp}/out.erofs"],
     ["merge", "{tmp}/out.fsmeta", "{image}", "{in}"],
     ["inspect", "{in}"],
@@ -415,6 +416,11 @@ SWEEP = [
     (["attach", "--qmp", "{garbage}", "{missing}"], "No such file"),
     (["detach", "--qmp", "{missing}", "dev0"], "No such file"),
     (["detach", "--qmp", "{garbage}", "dev0"], "not a unix socket"),
+    (["key", "generate", "{missing}/x/k"], "no such directory"),
+    (["key", "generate", "{dir}", "--force"], "is a directory"),
+    (["key", "show", "{dir}"], "is a directory"),
+    (["key", "show", "{missing}"], "no such file"),
+    (["key", "show", "{garbage}"], "{garbage}"),
 ]
 
 
