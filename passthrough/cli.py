@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from passthrough.errors import PassthroughError
+from snapshotter.errors import EpError
 
 if TYPE_CHECKING:
     from passthrough.attach import Attachment
@@ -21,9 +24,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--qmp", required=True, type=Path, help="QEMU's QMP unix socket")
     common.add_argument("--storage-daemon", type=Path, default=None, metavar="SOCK",
-                        help="qemu-storage-daemon's QMP socket for vhost-user-blk "
-                        "(default: qsd.sock next to the QMP socket)")
-    common.add_argument("--json", action="store_true", help="print one JSON object")
+                        help="qemu-storage-daemon's QMP socket for vhost-user-blk (default: "
+                        "qsd.sock next to the QMP socket if there is one, else a daemon attach "
+                        "starts for the VM and stops after its last detach or the VM's exit)")
+    common.add_argument("--json", action="store_true",
+                        help="print one JSON object (also for an error: {\"error\": ...})")
 
     p = subparsers.add_parser("attach", parents=[common],
                               help="attach files read-only to a running QEMU")
@@ -39,6 +44,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_detach)
 
 
+def _json_errors(command: Callable[[argparse.Namespace], int]
+                 ) -> Callable[[argparse.Namespace], int]:
+    """With --json, an error is also one JSON object on stdout ({"error": message}) before the
+    usual one line on stderr and exit status 1, so a caller parsing stdout always gets JSON."""
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except EpError as exc:
+            if args.json:
+                print(json.dumps({"error": str(exc)}), flush=True)
+            raise
+    return run
+
+
 def _print(args: argparse.Namespace, key: str, atts: list[Attachment]) -> None:
     if args.json:
         print(json.dumps({key: [a.to_json() for a in atts]}, indent=2))
@@ -48,6 +68,7 @@ def _print(args: argparse.Namespace, key: str, atts: list[Attachment]) -> None:
               f"serial={a.serial} {a.file or ''}".rstrip())
 
 
+@_json_errors
 def cmd_attach(args: argparse.Namespace) -> int:
     """All or nothing: if one file fails, the files this call attached are detached again."""
     from passthrough.attach import Attacher
@@ -79,6 +100,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
     return 0
 
 
+@_json_errors
 def cmd_detach(args: argparse.Namespace) -> int:
     from passthrough.attach import Attacher
     from passthrough.qmp import QmpSession
