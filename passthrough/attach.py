@@ -372,15 +372,13 @@ class Attacher:
         directory when no daemon runs (caller holds the lock)."""
         if self.daemon is None:
             return
-        if self.daemon.running() is None:
-            self.close()
-            self.daemon.stop()
-            return
-        with contextlib.suppress(QmpGone):
-            if self.qsd.cmd("query-block-exports") or self._block_nodes(self.qsd):
-                return
+        if self.daemon.running() is not None:
+            with contextlib.suppress(QmpGone):
+                if self.qsd.cmd("query-block-exports") or self._block_nodes(self.qsd):
+                    return
         self.close()
         self.daemon.stop()
+        self.daemon.remove()
 
     def _attach_virtio_blk(self, path: str, dev: str, port: str, undo: _Undo) -> None:
         node = _names(dev)["node"]

@@ -237,7 +237,8 @@ class VmDaemon:
         return QmpSession(self.qmp_path, name="erofs-passthrough-qsd")
 
     def stop(self) -> None:
-        """Stop the daemon and its supervisor (if any) and remove the runtime directory."""
+        """Stop the daemon and its supervisor (if any) and remove their files, but not the
+        lock the caller holds (see `remove`)."""
         st = self.state()
         starting = self._live_supervisor()
         if starting is not None:
@@ -245,16 +246,24 @@ class VmDaemon:
         if st is not None:
             procs.terminate(st.supervisor_pid, st.supervisor_start)
             procs.terminate(st.qsd_pid, st.qsd_start)
+        remove_runtime_dir(self.dir, keep_lock=True)
+
+    def remove(self) -> None:
+        """Remove the runtime directory with its lock: the caller's last step under it."""
         remove_runtime_dir(self.dir)
 
 
-def remove_runtime_dir(directory: Path) -> None:
-    """Remove a daemon's runtime directory; its lock file last (lockers recheck the path)."""
+def remove_runtime_dir(directory: Path, keep_lock: bool = False) -> None:
+    """Remove a daemon's runtime directory; its lock file last (lockers recheck the path, so
+    whoever waited on the removed one locks a fresh file). KEEP_LOCK: only the other files,
+    for a lock holder that goes on working in the directory."""
     with contextlib.suppress(FileNotFoundError):
         for entry in directory.iterdir():
             if entry.name != "lock":
                 with contextlib.suppress(FileNotFoundError):
                     entry.unlink()
+    if keep_lock:
+        return
     with contextlib.suppress(FileNotFoundError):
         (directory / "lock").unlink()
     with contextlib.suppress(FileNotFoundError, OSError):
@@ -269,7 +278,7 @@ def reap_orphans(run_dir: str | os.PathLike[str] | None = None) -> list[Path]:
     with contextlib.suppress(FileNotFoundError):
         for directory in sorted(root.iterdir()):
             lock = directory / "lock"
-            if not directory.is_dir() or not lock.exists():
+            if not directory.is_dir():
                 continue
             with _flocked(directory, lock, blocking=False) as mine:
                 if not mine:
