@@ -190,14 +190,18 @@ class VmDaemon:
         yet (started by an attach that was killed meanwhile)."""
         if not self.supervisor_lock.exists():
             return None
-        with _flocked(self.dir, self.supervisor_lock, blocking=False) as free:
-            if free:
-                return None
-        try:
-            pid, start = (int(x) for x in self.supervisor_lock.read_text().split())
-        except (OSError, ValueError):
-            return None
-        return (pid, start) if procs.is_running(pid, start) else None
+        deadline = time.monotonic() + 1.0
+        while True:
+            with _flocked(self.dir, self.supervisor_lock, blocking=False) as free:
+                if free:
+                    return None
+            try:
+                pid, start = (int(x) for x in self.supervisor_lock.read_text().split())
+                return (pid, start) if procs.is_running(pid, start) else None
+            except (OSError, ValueError):  # locked, pid not written yet (a few µs)
+                if time.monotonic() > deadline:
+                    return None
+                time.sleep(0.005)
 
     def ensure(self, vm_pid: int, timeout: float = START_TIMEOUT) -> DaemonState:
         """The running daemon for the VM (pid VM_PID), reused if one is up (also one a killed
@@ -330,8 +334,12 @@ def _supervise(directory: Path, vm_qmp: str, vm_pid: int, vm_start: int) -> int:
             print("supervisor: another supervisor runs for this VM", flush=True)
             return 1
         me = (os.getpid(), procs.start_time(os.getpid()) or 0)
-        with open(daemon.supervisor_lock, "w") as fh:
-            fh.write(f"{me[0]} {me[1]}\n")
+        # one write of fixed size, no truncation: a reader sees nothing yet or all of it
+        fd = os.open(daemon.supervisor_lock, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.pwrite(fd, f"{me[0]} {me[1]}".ljust(40).encode() + b"\n", 0)
+        finally:
+            os.close(fd)
         binary = shutil.which("qemu-storage-daemon") or "qemu-storage-daemon"
         with open(daemon.log, "ab") as log:
             qsd = subprocess.Popen(
