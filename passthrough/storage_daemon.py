@@ -73,7 +73,7 @@ class StorageDaemon:
         self.proc = procs.spawn(argv, self.log)
         for path in (self.qmp_path, self.own_qmp_path):
             if path:
-                procs.wait_socket(path, self.proc, timeout, self.log)
+                procs.wait_socket(path, self.proc, timeout, self.log, qmp_greeting=True)
         return self
 
     @property
@@ -227,7 +227,10 @@ class VmDaemon:
             st = self.running()
             if st is not None:
                 return st
-            if proc is not None and proc.poll() is not None:
+            written = self.state()
+            if (proc is not None and proc.poll() is not None) or (
+                    written is not None and not procs.is_running(written.qsd_pid,
+                                                                 written.qsd_start)):
                 raise StorageDaemonFailure(f"qemu-storage-daemon for {self.vm_qmp} did not "
                                            f"start: {procs.tail(self.log, 5)}")
             if proc is None and self._live_supervisor() is None:
@@ -349,15 +352,20 @@ def _supervise(directory: Path, vm_qmp: str, vm_pid: int, vm_start: int) -> int:
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 preexec_fn=_die_with_parent)  # the supervisor is single-threaded
         try:
-            procs.wait_socket(daemon.qmp_path, qsd, START_TIMEOUT, daemon.log)
+            procs.wait_socket(daemon.qmp_path, qsd, START_TIMEOUT, daemon.log,
+                              qmp_greeting=True)
             state = DaemonState(vm_qmp, vm_pid, vm_start, me[0], me[1], qsd.pid,
                                 procs.start_time(qsd.pid) or 0)
             _write_atomic(daemon.state_path, json.dumps(asdict(state)) + "\n")
             qsd_fd = os.pidfd_open(qsd.pid)
             select.select([vm_fd, qsd_fd], [], [])
             # QEMU or the daemon is gone: nothing can use this daemon any more.
-            gone = "QEMU" if select.select([vm_fd], [], [], 0)[0] else "qemu-storage-daemon"
-            print(f"supervisor: {gone} exited; stopping", flush=True)
+            if select.select([vm_fd], [], [], 0)[0]:
+                print(f"supervisor: QEMU (pid {vm_pid}) exited; stopping", flush=True)
+            else:
+                qsd.wait()
+                print(f"supervisor: qemu-storage-daemon exited with {qsd.returncode}",
+                      flush=True)
             procs.stop(qsd)
             with daemon.locked():
                 current = daemon.state()
