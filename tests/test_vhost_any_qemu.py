@@ -3,9 +3,10 @@
 bring, reuse and stop the qemu-storage-daemon for it.
 
 No guest OS is needed: the vhost-user handshake with the daemon happens when QEMU realizes the
-device (device_add), not when a guest driver starts (measured: device_add of vhost-user-blk-pci
-is refused without a daemon behind the chardev, and succeeds in ~10 ms with one under a VM that
-only runs its firmware). Unplug without a guest needs native PCIe hotplug: with q35's default
+device (device_add), not when a guest driver starts (measured: against a socket that accepts
+but does not speak vhost-user, device_add does not return, QEMU waits in realize for the
+backend's answer; with the daemon it returns in ~10 ms on a VM that only runs its firmware).
+Unplug without a guest needs native PCIe hotplug: with q35's default
 ACPI hotplug, device_del waits for the guest's _EJ0 forever; with
 `-global ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off`, QEMU removes a device from a slot
 the guest never powered at once (DEVICE_DELETED within ~15 ms, measured on QEMU 7.2).
