@@ -466,6 +466,8 @@ class Attacher:
             return self._detach(what, timeout)
 
     def _detach(self, what: str | os.PathLike[str], timeout: float) -> Attachment:
+        if self.daemon is not None:
+            reap_orphans(self.daemon.root.parent)
         attached = {a.device_id: a for a in self.attached()}
         candidates = self.resolve(what)
         found = [attached[d] for d in candidates if d in attached]

@@ -32,7 +32,7 @@ import pytest
 from passthrough.attach import Attacher, device_id_for
 from passthrough.errors import GuestRamNotShared
 from passthrough.qmp import QmpSession
-from passthrough.storage_daemon import VmDaemon, reap_orphans
+from passthrough.storage_daemon import RUN_DIR_ENV, VmDaemon, reap_orphans
 from tests.helpers import require_tool
 
 pytestmark = pytest.mark.qemu
@@ -207,7 +207,8 @@ def test_three_attaches_share_one_daemon_and_the_last_detach_stops_it(
         vm: PlainQemu, files: list[Path]) -> None:
     first = _attach(vm, files[0], files[1])
     pids = _daemon_pids(vm)
-    assert vm.daemon.dir.parent == Path("/run/erofs-passthrough/qsd")
+    run_dir = Path(os.environ.get(RUN_DIR_ENV, "/run/erofs-passthrough"))
+    assert vm.daemon.dir.parent == run_dir / "qsd" and vm.daemon.dir.is_dir()
     third = _attach(vm, files[2])
     assert _daemon_pids(vm) == pids  # reused, not a second daemon
     atts = [*first, *third]
