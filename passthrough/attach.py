@@ -114,7 +114,9 @@ class Attacher:
                  run_dir: str | Path | None = None) -> None:
         """QSD_PATH is the storage daemon's QMP socket; without it, qsd.sock beside QEMU's
         QMP socket (our launcher's daemon) if there is one, else the daemon attach runs for
-        this VM in its own runtime directory under RUN_DIR (storage_daemon.VmDaemon).
+        this VM in its own runtime directory under RUN_DIR (storage_daemon.VmDaemon), where
+        its export sockets and the VM's attach lock then live (RUNTIME_DIR, for the first two
+        cases only, is where they go instead of beside the QMP socket).
         BEFORE_STEP, if given, is called with each attach step's name ("daemon",
         "blockdev-add", "qsd:blockdev-add", "qsd:block-export-add", "chardev-add",
         "device_add") right before it runs: the fault-injection point the tests use to kill a
