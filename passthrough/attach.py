@@ -6,7 +6,11 @@ Two transports:
 - vhost-user-blk: the VM's qemu-storage-daemon opens the file and exports it
   (`blockdev-add` + `block-export-add` type vhost-user-blk on a unix socket); QEMU connects a
   socket chardev to it and plugs a `vhost-user-blk-pci` device onto a free root port. Its serial
-  is always "vhost_user_blk", so the guest finds it by the root port's PCI address.
+  is always "vhost_user_blk", so the guest finds it by the root port's PCI address. The daemon
+  is the one given, or our launcher's (qsd.sock beside the QMP socket), or else one attach
+  starts for the VM (`storage_daemon.VmDaemon`): reused by later attaches, stopped when it
+  exports nothing any more (the last detach) or when QEMU exits. QEMU's guest RAM must be
+  shared (memory-backend-memfd share=on), or the daemon cannot serve it: checked first.
 
 All state is read back from QEMU (QOM) and the storage daemon, never kept here: every name is
 derived from the file's path, so attaching an attached file finds it again (idempotent), and a
@@ -27,14 +31,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from passthrough import procs
 from passthrough.errors import (
+    GuestRamNotShared,
     NotAttached,
     PassthroughError,
     PoolExhausted,
     QmpCommandError,
     QmpGone,
+    StorageDaemonFailure,
 )
 from passthrough.qmp import QmpSession
+from passthrough.storage_daemon import VmDaemon, reap_orphans
 
 TRANSPORTS = ("virtio-blk", "vhost-user-blk")
 ROOT_PORT_TYPE = "pcie-root-port"
@@ -102,21 +110,38 @@ class Attacher:
 
     def __init__(self, qmp: QmpSession, qsd_path: str | Path | None = None,
                  runtime_dir: str | Path | None = None,
-                 before_step: Callable[[str], None] | None = None) -> None:
-        """BEFORE_STEP, if given, is called with each attach step's name ("blockdev-add",
-        "qsd:blockdev-add", "qsd:block-export-add", "chardev-add", "device_add") right before
-        it runs: the fault-injection point the tests use to kill a real peer mid-attach."""
+                 before_step: Callable[[str], None] | None = None,
+                 run_dir: str | Path | None = None) -> None:
+        """QSD_PATH is the storage daemon's QMP socket; without it, qsd.sock beside QEMU's
+        QMP socket (our launcher's daemon) if there is one, else the daemon attach runs for
+        this VM in its own runtime directory under RUN_DIR (storage_daemon.VmDaemon), where
+        its export sockets and the VM's attach lock then live (RUNTIME_DIR, for the first two
+        cases only, is where they go instead of beside the QMP socket).
+        BEFORE_STEP, if given, is called with each attach step's name ("daemon",
+        "blockdev-add", "qsd:blockdev-add", "qsd:block-export-add", "chardev-add",
+        "device_add") right before it runs: the fault-injection point the tests use to kill a
+        real peer (or the attacher itself) mid-attach."""
         self.qmp = qmp
         self._before_step = before_step or (lambda step: None)
-        self.runtime_dir = Path(runtime_dir or Path(qmp.path).parent)
-        self.qsd_path = Path(qsd_path) if qsd_path else self.runtime_dir / "qsd.sock"
+        beside = Path(qmp.path).parent / "qsd.sock"
+        self.daemon: VmDaemon | None = None
+        if qsd_path is None and not beside.exists():
+            self.daemon = VmDaemon(qmp.path, run_dir)
+            self.runtime_dir = self.daemon.dir
+            self.qsd_path = self.daemon.qmp_path
+        else:
+            self.runtime_dir = Path(runtime_dir or Path(qmp.path).parent)
+            self.qsd_path = Path(qsd_path) if qsd_path else beside
         self._qsd: QmpSession | None = None
+        self._qsd_pid: int | None = None  # the daemon self._qsd talks to
 
     # --- peers and locking ---------------------------------------------------------------------
 
     @property
     def qsd(self) -> QmpSession:
         if self._qsd is None or not self._qsd.alive:
+            if self.daemon is not None and self.daemon.running() is None:
+                raise QmpGone(f"no storage daemon runs for {self.daemon.vm_qmp}")
             if not self.qsd_path.exists():
                 raise QmpGone(f"no qemu-storage-daemon QMP socket at {self.qsd_path} "
                               "(vhost-user-blk needs the VM's storage daemon)")
@@ -136,6 +161,10 @@ class Attacher:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
+        if self.daemon is not None:
+            with self.daemon.locked():
+                yield
+            return
         lock = self.runtime_dir / f".{Path(self.qmp.path).name}.attach-lock"
         with open(lock, "a") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
@@ -246,7 +275,10 @@ class Attacher:
             raise PassthroughError(f"cannot attach {file}: {exc.strerror}") from None
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             raise PassthroughError(f"cannot attach {file}: not a regular file or block device")
-        with self._locked():
+        with self._locked(), self._daemon_tidied():
+            if transport == "vhost-user-blk":
+                self._require_shared_ram()
+            self._sweep_daemon()
             existing = {a.device_id: a for a in self.attached()}
             if dev in existing:
                 return existing[dev]
@@ -261,6 +293,8 @@ class Attacher:
                 if transport == "virtio-blk":
                     self._attach_virtio_blk(path, dev, port, undo)
                 else:
+                    self._before_step("daemon")
+                    self._ensure_daemon()
                     self._attach_vhost_user_blk(path, dev, port, undo)
             except BaseException as exc:
                 failed = undo.run()
@@ -268,6 +302,85 @@ class Attacher:
                     exc.args = (f"{exc} (and undoing: {'; '.join(failed)})",)
                 raise
             return self._describe(dev, transport, path, port, self.root_ports().get(port))
+
+    @contextlib.contextmanager
+    def _daemon_tidied(self) -> Iterator[None]:
+        """After an attach or detach (under the lock): stop the daemon attach runs if it
+        exports nothing, so none is left by the last detach, a failed attach or a refusal.
+        A failure to tidy up does not hide the operation's own error."""
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(PassthroughError):
+                self._stop_daemon_if_idle()
+            raise
+        self._stop_daemon_if_idle()
+
+    def _require_shared_ram(self) -> None:
+        """vhost-user hands the daemon the guest's RAM as file descriptors: every memory
+        backend must be shared (QEMU's own `-m` RAM, memory-backend-ram, is not)."""
+        memdevs = self.qmp.cmd("query-memdev")
+        unshared = [m["id"] for m in memdevs if not m.get("share")]
+        if not memdevs or unshared:
+            raise GuestRamNotShared(
+                f"vhost-user-blk needs guest RAM the storage daemon can map, and memory "
+                f"backend {', '.join(unshared) or '(none)'} of the QEMU at {self.qmp.path} is "
+                "not shared (start QEMU with -object memory-backend-memfd,id=mem,size=...,"
+                "share=on -machine memory-backend=mem); nothing was attached")
+
+    def _qemu_pid(self) -> int:
+        """The pid of the QEMU behind our QMP connection, from its socket's peer
+        credentials. qemu.qmp does not expose the socket, hence its private stream writer."""
+        writer = getattr(getattr(self.qmp, "_client", None), "_writer", None)
+        sock = writer.get_extra_info("socket") if writer is not None else None
+        pid = procs.peer_pid(sock) if sock is not None else 0  # type: ignore[arg-type]
+        if pid <= 0:
+            raise StorageDaemonFailure(
+                f"cannot tell which process serves {self.qmp.path} (no peer credentials: "
+                "another pid namespace?); start a qemu-storage-daemon for the VM and pass "
+                "its QMP socket with --storage-daemon")
+        return pid
+
+    def _ensure_daemon(self) -> None:
+        """Start (or find) the storage daemon attach runs for this VM; caller holds the lock."""
+        if self.daemon is None:
+            return
+        state = self.daemon.ensure(self._qemu_pid())
+        if self._qsd is not None and state.qsd_pid != self._qsd_pid:
+            self._qsd.close()
+            self._qsd = None
+        self._qsd_pid = state.qsd_pid
+
+    def _sweep_daemon(self) -> None:
+        """For the daemon attach runs: stop daemons of VMs that are gone, and remove what a
+        killed attach left in this VM's (exports, nodes and chardevs without a device), so
+        the daemon exports exactly the plugged devices. Caller holds the lock."""
+        if self.daemon is None:
+            return
+        reap_orphans(self.daemon.root.parent)
+        stems = {c["label"].removesuffix("-chr") for c in self.qmp.cmd("query-chardev")}
+        if self.daemon.running() is None:
+            self.daemon.stop()  # remains of a daemon that died, or one still starting
+        else:
+            stems |= {e["id"] for e in self.qsd.cmd("query-block-exports")}
+            stems |= {n.removesuffix("-node") for n in self._block_nodes(self.qsd)}
+        plugged = set(self._peripherals())
+        for dev in sorted(stems - plugged):
+            if _transport_of(dev) == "vhost-user-blk":
+                self._remove_leftovers(dev, "vhost-user-blk")
+
+    def _stop_daemon_if_idle(self) -> None:
+        """Stop the daemon attach runs once it exports nothing, and remove its runtime
+        directory when no daemon runs (caller holds the lock)."""
+        if self.daemon is None:
+            return
+        if self.daemon.running() is not None:
+            with contextlib.suppress(QmpGone):
+                if self.qsd.cmd("query-block-exports") or self._block_nodes(self.qsd):
+                    return
+        self.close()
+        self.daemon.stop()
+        self.daemon.remove()
 
     def _attach_virtio_blk(self, path: str, dev: str, port: str, undo: _Undo) -> None:
         node = _names(dev)["node"]
@@ -328,6 +441,8 @@ class Attacher:
         if any(c["label"] == names["chardev"] for c in self.qmp.cmd("query-chardev")):
             self.qmp.cmd("chardev-remove", id=names["chardev"])
             removed.append(names["chardev"])
+        if self.daemon is not None and self.daemon.running() is None:
+            return removed  # no daemon attach runs for this VM: nothing of DEV in one
         qsd = self.qsd
         if any(e["id"] == names["export"] for e in qsd.cmd("query-block-exports")):
             self._del_export(qsd, names["export"])
@@ -349,24 +464,29 @@ class Attacher:
     def detach(self, what: str | os.PathLike[str], timeout: float = DETACH_TIMEOUT) -> Attachment:
         """Unplug the device (wait for the guest to let go: DEVICE_DELETED with its id), then
         remove its backends. NotAttached if nothing by that name is attached."""
-        with self._locked():
-            attached = {a.device_id: a for a in self.attached()}
-            candidates = self.resolve(what)
-            found = [attached[d] for d in candidates if d in attached]
-            if not found:
-                for dev in candidates:  # nothing plugged, but maybe a killed attacher's remains
-                    transport = _transport_of(dev)
-                    if transport and self._remove_leftovers(dev, transport):
-                        return self._describe(dev, transport, None, "", None)
-                raise NotAttached(f"{os.fspath(what)} is not attached")
-            if len(found) > 1:
-                raise PassthroughError(f"{os.fspath(what)} is attached over several transports; "
-                                       f"detach by device id: {[a.device_id for a in found]}")
-            att = found[0]
-            with self.qmp.listen("DEVICE_DELETED") as events:
-                self.qmp.cmd("device_del", id=att.device_id)
-                # The virtio backend's DEVICE_DELETED (no "device") comes first; wait for ours.
-                self.qmp.wait_event(
-                    events, lambda e: e.get("data", {}).get("device") == att.device_id, timeout)
-            self._remove_leftovers(att.device_id, att.transport)
-            return att
+        with self._locked(), self._daemon_tidied():
+            return self._detach(what, timeout)
+
+    def _detach(self, what: str | os.PathLike[str], timeout: float) -> Attachment:
+        if self.daemon is not None:
+            reap_orphans(self.daemon.root.parent)
+        attached = {a.device_id: a for a in self.attached()}
+        candidates = self.resolve(what)
+        found = [attached[d] for d in candidates if d in attached]
+        if not found:
+            for dev in candidates:  # nothing plugged, but maybe a killed attacher's remains
+                transport = _transport_of(dev)
+                if transport and self._remove_leftovers(dev, transport):
+                    return self._describe(dev, transport, None, "", None)
+            raise NotAttached(f"{os.fspath(what)} is not attached")
+        if len(found) > 1:
+            raise PassthroughError(f"{os.fspath(what)} is attached over several transports; "
+                                   f"detach by device id: {[a.device_id for a in found]}")
+        att = found[0]
+        with self.qmp.listen("DEVICE_DELETED") as events:
+            self.qmp.cmd("device_del", id=att.device_id)
+            # The virtio backend's DEVICE_DELETED (no "device") comes first; wait for ours.
+            self.qmp.wait_event(
+                events, lambda e: e.get("data", {}).get("device") == att.device_id, timeout)
+        self._remove_leftovers(att.device_id, att.transport)
+        return att

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from passthrough.errors import PassthroughError
+from snapshotter.errors import EpError
 from snapshotter.fsutil import file_kind
 
 if TYPE_CHECKING:
@@ -24,9 +27,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--qmp", required=True, type=Path, help="QEMU's QMP unix socket")
     common.add_argument("--storage-daemon", type=Path, default=None, metavar="SOCK",
-                        help="qemu-storage-daemon's QMP socket for vhost-user-blk "
-                        "(default: qsd.sock next to the QMP socket)")
-    common.add_argument("--json", action="store_true", help="print one JSON object")
+                        help="qemu-storage-daemon's QMP socket for vhost-user-blk (default: "
+                        "qsd.sock next to the QMP socket if there is one, else a daemon attach "
+                        "starts for the VM and stops after its last detach or the VM's exit)")
+    common.add_argument("--json", action="store_true",
+                        help="print one JSON object (also for an error: {\"error\": ...})")
 
     p = subparsers.add_parser("attach", parents=[common],
                               help="attach files read-only to a running QEMU")
@@ -40,6 +45,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="seconds to wait for the guest to release a device")
     p.add_argument("devices", nargs="+", metavar="DEVICE|FILE")
     p.set_defaults(func=cmd_detach)
+
+
+def _json_errors(command: Callable[[argparse.Namespace], int]
+                 ) -> Callable[[argparse.Namespace], int]:
+    """With --json, an error is also one JSON object on stdout ({"error": message}) before the
+    usual one line on stderr and exit status 1, so a caller parsing stdout always gets JSON."""
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except EpError as exc:
+            if args.json:
+                print(json.dumps({"error": str(exc)}), flush=True)
+            raise
+    return run
 
 
 def _print(args: argparse.Namespace, key: str, atts: list[Attachment]) -> None:
@@ -61,6 +81,7 @@ def _check_qmp_socket(args: argparse.Namespace) -> None:
         raise PassthroughError(f"QMP socket {args.qmp}: is {file_kind(mode)}, not a unix socket")
 
 
+@_json_errors
 def cmd_attach(args: argparse.Namespace) -> int:
     """All or nothing: if one file fails, the files this call attached are detached again."""
     from passthrough.attach import Attacher
@@ -98,6 +119,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
     return 0
 
 
+@_json_errors
 def cmd_detach(args: argparse.Namespace) -> int:
     from passthrough.attach import Attacher
     from passthrough.qmp import QmpSession

@@ -45,3 +45,11 @@ class AgentFailure(PassthroughError):
 
 class VmFailure(PassthroughError):
     """QEMU did not start, or the guest did not come up; the message carries the console tail."""
+
+
+class StorageDaemonFailure(PassthroughError):
+    """The qemu-storage-daemon attach started for a VM did not come up or cannot be used."""
+
+
+class GuestRamNotShared(PassthroughError):
+    """vhost-user-blk on a QEMU whose guest RAM a storage daemon cannot map (not share=on)."""

@@ -16,6 +16,7 @@ import pytest
 from passthrough import cli as passthrough_cli
 from passthrough.attach import TRANSPORTS, Attacher, device_id_for
 from passthrough.errors import NotAttached, PassthroughError, PoolExhausted, QmpGone
+from passthrough.storage_daemon import VmDaemon
 from passthrough.vm import Vm, VmConfig
 from tests.helpers import require_tool
 
@@ -222,6 +223,9 @@ def test_cli_attach_json_and_errors(vm: Vm, files: list[Path]) -> None:
     vhost = _cli("attach", "--qmp", qmp, "--transport", "vhost-user-blk", "--json", str(files[1]))
     assert vhost.returncode == 0, vhost.stderr
     assert json.loads(vhost.stdout)["attached"][0]["serial"] == "vhost_user_blk"
+    # the launcher's daemon (qsd.sock beside qmp.sock) serves it; attach started none
+    assert [e["id"] for e in _qsd_state(vm)[0]] == [device_id_for(files[1], "vhost-user-blk")]
+    assert not VmDaemon(vm.qmp_path).dir.exists()
 
     missing = _cli("attach", "--qmp", qmp, str(files[2]) + ".missing")
     assert missing.returncode == 1 and "No such file" in missing.stderr
@@ -233,6 +237,32 @@ def test_cli_attach_json_and_errors(vm: Vm, files: list[Path]) -> None:
     assert gone.returncode == 1 and "erofs-passthrough attach:" in gone.stderr
     with Attacher(vm.qmp) as at:
         assert len(at.attached()) == 2
+
+
+def test_cli_json_errors_are_one_json_object_on_stdout(vm: Vm, files: list[Path]) -> None:
+    """With --json a caller parses stdout: an error is {"error": ...} there (and the usual
+    one line on stderr, exit 1), never a traceback or nothing."""
+    qmp = str(vm.qmp_path)
+    assert _cli("attach", "--qmp", qmp, str(files[0]), str(files[1])).returncode == 0
+    cases = [
+        (["attach", "--qmp", qmp, "--json", f"{files[2]}.missing"], "No such file"),
+        (["attach", "--qmp", qmp, "--json", str(files[2])], "no free pcie-root-port"),
+        (["attach", "--qmp", qmp, "--transport", "vhost-user-blk", "--json", str(files[2])],
+         "no free pcie-root-port"),
+        (["detach", "--qmp", qmp, "--json", str(files[2])], "is not attached"),
+        (["attach", "--qmp", str(vm.workdir / "no-such.sock"), "--json", str(files[0])],
+         "no-such.sock"),
+        (["detach", "--qmp", str(vm.workdir / "no-such.sock"), "--json", str(files[0])],
+         "no-such.sock"),
+    ]
+    for args, text in cases:
+        proc = _cli(*args)
+        assert proc.returncode == 1, (args, proc.stdout, proc.stderr)
+        error = json.loads(proc.stdout)["error"]
+        assert text in error, (args, error)
+        assert proc.stderr == f"erofs-passthrough {args[0]}: {error}\n"
+    with Attacher(vm.qmp) as at:
+        assert {a.file for a in at.attached()} == {str(files[0]), str(files[1])}
 
 
 def test_vm_failure_carries_the_reason(tmp_path: Path) -> None:
