@@ -46,7 +46,7 @@ class QmpSession:
         except TimeoutError:
             raise QmpTimeout(f"{what}: no answer from {self.path} within {timeout}s") from None
         except (QMPError, OSError, EOFError) as exc:
-            raise QmpGone(f"{what}: QMP peer at {self.path} is gone ({exc!r})") from None
+            raise QmpGone(f"{what}: QMP peer at {self.path} is gone ({_reason(exc)})") from None
 
     @property
     def alive(self) -> bool:
@@ -101,3 +101,16 @@ class QmpSession:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost cause in words: qemu.qmp wraps the OSError that says what happened
+    (`ConnectError('Failed to establish connection', ConnectionRefusedError(111, ...))`)."""
+    while True:
+        inner = exc.__cause__ or next((a for a in exc.args if isinstance(a, BaseException)), None)
+        if inner is None:
+            break
+        exc = inner
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or type(exc).__name__

@@ -522,3 +522,12 @@ def test_disk_full_is_one_line_naming_the_output(layer, tmp_path):
         assert list(small.iterdir()) == []
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+def test_qmp_socket_nobody_listens_on_is_one_plain_line(odd_files, tmp_path):
+    """A stale socket file (its QEMU is gone): the reason in words, not qemu.qmp's reprs."""
+    data = tmp_path / "data.img"
+    data.write_bytes(bytes(4096))
+    proc = run_cli("attach", "--qmp", odd_files["sock"], data)
+    assert_one_line_error(proc, "is gone (connection refused)")
+    assert "Error(" not in proc.stderr
