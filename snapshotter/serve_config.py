@@ -191,3 +191,17 @@ def keys_help() -> str:
         lines.append(f"  {f.name} = {toml_literal(default)}")
         lines.append(f"      {f.metadata['help']}")
     return "\n".join(lines)
+
+
+def example_toml() -> str:
+    """contrib/serve.toml: every key commented out at its default, with its meaning."""
+    import textwrap
+
+    out = ["# /etc/erofs-passthrough/serve.toml: erofs-passthrough serve --config FILE",
+           "# Every key, commented out at its default; `erofs-passthrough serve --help` lists "
+           "them too."]
+    for f in fields(ServeConfig):
+        out.append("")
+        out.extend(f"# {line}" for line in textwrap.wrap(f.metadata["help"], 96))
+        out.append(f"#{f.name} = {toml_literal(f.default)}")
+    return "\n".join(out) + "\n"
