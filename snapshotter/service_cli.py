@@ -78,9 +78,14 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"erofs-passthrough serve: {message}", file=sys.stderr)
         return 1
 
+    from snapshotter.grpc_errors import describe_os_error
     from snapshotter.serve import Server
 
-    Server(config).run()
+    try:
+        Server(config).run()
+    except OSError as exc:  # the host refused something at start (permissions, space, a path)
+        print(f"erofs-passthrough serve: {describe_os_error(exc, config.root)}", file=sys.stderr)
+        return 1
     return 0
 
 
