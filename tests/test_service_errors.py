@@ -109,3 +109,66 @@ def test_unreachable_content_store_is_unavailable(tmp_path: Path) -> None:
     finally:
         service.stop()
         unmount_under(tmp_path)
+
+
+def _gzip_layer(payload: bytes) -> bytes:
+    import gzip
+    import io
+    import tarfile
+
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        entry = tarfile.TarInfo("data")
+        entry.size, entry.mtime = len(payload), 1
+        tar.addfile(entry, io.BytesIO(payload))
+    return gzip.compress(raw.getvalue(), mtime=0)
+
+
+def test_disk_full_apply_names_the_snapshot_directory(tmp_path: Path, small_disk: Path) -> None:
+    """Through the differ, with the blob in a real containerd's content store."""
+    from shim_integration.containerd_private import Containerd, system_dist
+
+    require_tool("containerd")
+    service_sock = tmp_path / "sn.sock"
+    containerd = Containerd(system_dist(), tmp_path / "containerd", service_sock).start()
+    service = SnapshotterProcess(small_disk / "root", service_sock, tmp_path / "sn.log",
+                                 extra=["--containerd-address", str(containerd.socket)])
+    try:
+        blob = _gzip_layer(random.Random(29).randbytes(1 * MiB))
+        digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+        (tmp_path / "layer.tar.gz").write_bytes(blob)
+        with open(tmp_path / "layer.tar.gz", "rb") as f:
+            subprocess.run([containerd.dist.tool("ctr"), "--address", str(containerd.socket),
+                            "--namespace", "default", "content", "ingest", "--expected-size",
+                            str(len(blob)), "--expected-digest", digest, "layer-ref"],
+                           stdin=f, check=True, capture_output=True, env=containerd.env(),
+                           timeout=60)
+        service.start()
+        filler = small_disk / "filler"
+        filler.write_bytes(b"\0" * (3 * MiB))
+        header = (("containerd-namespace", "default"),)
+        layer = descriptor_pb2.Descriptor(
+            media_type="application/vnd.oci.image.layer.v1.tar+gzip", digest=digest,
+            size=len(blob))
+        with grpc.insecure_channel(f"unix:{service_sock}") as channel:
+            stub = pb_grpc.SnapshotsStub(channel)
+            differ = diff_pb2_grpc.DiffStub(channel)
+            mounts = stub.Prepare(pb.PrepareSnapshotRequest(key="default/1/extract"),
+                                  metadata=header, timeout=DEADLINE).mounts
+            snapshot_dir = Path(mounts[0].source).parent
+            with pytest.raises(grpc.RpcError) as err:
+                differ.Apply(diff_pb2.ApplyRequest(diff=layer, mounts=mounts), metadata=header,
+                             timeout=DEADLINE)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
+            assert err.value.details() == f"No space left on device (ENOSPC): {snapshot_dir}"
+            assert leftovers(snapshot_dir) == [] and not (snapshot_dir / "layer.erofs").exists()
+            filler.unlink()
+            applied = differ.Apply(diff_pb2.ApplyRequest(diff=layer, mounts=mounts),
+                                   metadata=header, timeout=DEADLINE).applied
+            import gzip
+            assert applied.digest == "sha256:" + hashlib.sha256(gzip.decompress(blob)).hexdigest()
+    finally:
+        if service.proc is not None and service.proc.poll() is None:
+            service.stop()
+        containerd.stop()
+        unmount_under(tmp_path)
