@@ -17,7 +17,6 @@ Warnings (the service starts; only some paths need them):
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import stat
@@ -26,8 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from snapshotter.serve_config import ServeConfig
-
-log = logging.getLogger(__name__)
 
 PROC_FILESYSTEMS = Path("/proc/filesystems")
 LOOP_CONTROL = Path("/dev/loop-control")
@@ -55,11 +52,16 @@ def check_erofs(table: Path = PROC_FILESYSTEMS, try_modprobe: bool = True) -> Fi
     tried = ""
     modprobe = shutil.which("modprobe") if try_modprobe else None
     if modprobe is not None:
-        proc = subprocess.run([modprobe, "erofs"], capture_output=True, text=True, timeout=30)
-        if proc.returncode == 0 and "erofs" in kernel_filesystems(table):
-            return None
-        reason = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
-        tried = f"; modprobe erofs: {reason}"
+        try:
+            proc = subprocess.run([modprobe, "erofs"], capture_output=True, text=True,
+                                  timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            tried = f"; modprobe erofs: {exc}"
+        else:
+            if proc.returncode == 0 and "erofs" in kernel_filesystems(table):
+                return None
+            reason = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+            tried = f"; modprobe erofs: {reason}"
     return Finding(True, f"the kernel has no erofs filesystem (not in {table}{tried}); "
                          "enable CONFIG_EROFS_FS or install the module")
 

@@ -18,6 +18,7 @@ from snapshotter import logfmt
 from snapshotter.errors import EpError
 from snapshotter.serve_config import LOG_LEVELS, ConfigError, ServeConfig, keys_help, load_config
 
+log = logging.getLogger("snapshotter.preflight")
 CONFIG_EXIT = 2
 STATUS_TIMEOUT = 5.0
 
@@ -71,7 +72,7 @@ def _serve(args: argparse.Namespace) -> int:
     findings = preflight(config)
     for finding in findings:
         if not finding.fatal:
-            logging.getLogger("snapshotter.preflight").warning(finding.message)
+            log.warning(finding.message, extra={"check": "preflight"})
     fatal = [f.message for f in findings if f.fatal]
     if fatal:
         for message in fatal:
