@@ -97,8 +97,12 @@ def probe(address: Path, timeout: float = STATUS_TIMEOUT) -> dict[str, str]:
 
     from snapshotter.serve import SERVICE_NAMES
 
-    if not address.exists():
-        raise EpError(f"nothing listens on {address}: no such socket")
+    try:
+        address.stat()
+    except FileNotFoundError:
+        raise EpError(f"nothing listens on {address}: no such socket") from None
+    except OSError as exc:  # e.g. not root: /run/erofs-passthrough is 0700
+        raise EpError(f"cannot reach {address}: {exc.strerror}") from None
     status: dict[str, str] = {}
     with grpc.insecure_channel(f"unix:{address}") as channel:
         stub = health_pb2_grpc.HealthStub(channel)

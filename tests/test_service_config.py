@@ -282,3 +282,17 @@ def test_stray_entry_in_snapshots_does_not_stop_the_start(tmp_path: Path, kind: 
         serve.wait()
     assert "Traceback" not in log.read_text()
     assert Path("/etc/passwd").is_file()  # never followed
+
+
+def test_status_without_access_to_the_socket_is_one_line(tmp_path: Path) -> None:
+    require_root()
+    setpriv = require_tool("setpriv")
+    private = tmp_path / "run"
+    private.mkdir(mode=0o700)  # as systemd's RuntimeDirectoryMode=0700
+    proc = subprocess.run(
+        [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
+         "shim_integration.cli", "status", "--address", str(private / "snapshotter.sock")],
+        cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr == (f"erofs-passthrough status: cannot reach {private}/snapshotter.sock: "
+                           "Permission denied\n")
