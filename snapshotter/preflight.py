@@ -5,7 +5,8 @@ Fatal (the service cannot do its job, so it does not start):
 - the kernel's erofs filesystem (/proc/filesystems; `modprobe erofs` is tried first): every
   committed layer is mounted as erofs;
 - paths: the state directory and the socket's directory must be directories (or creatable);
-  a configured signing key must be a readable file.
+  the socket path fits a unix socket address (107 bytes); a configured signing key must be a
+  readable file.
 
 Warnings (the service starts; only some paths need them):
 - loop devices (/dev/loop-control): host mounts of committed layers (`mount -o loop`, by us for
@@ -29,6 +30,7 @@ from snapshotter.serve_config import ServeConfig
 PROC_FILESYSTEMS = Path("/proc/filesystems")
 LOOP_CONTROL = Path("/dev/loop-control")
 DM_CONTROL = Path("/dev/mapper/control")
+UNIX_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes with the terminating NUL
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,14 @@ def check_directory(what: str, path: Path) -> Finding | None:
     return None
 
 
+def check_socket_path(path: Path) -> Finding | None:
+    size = len(os.fsencode(path))
+    if size <= UNIX_PATH_MAX:
+        return None
+    return Finding(True, f"socket path {path} is {size} bytes; a unix socket path has at most "
+                         f"{UNIX_PATH_MAX}")
+
+
 def check_readable_file(what: str, path: Path) -> Finding | None:
     if not path.is_file():  # checked first: opening a FIFO would block
         return Finding(True, f"{what} {path} is not a regular file (or does not exist)")
@@ -113,6 +123,7 @@ def preflight(config: ServeConfig, euid: int | None = None) -> list[Finding]:
         check_erofs(),
         check_directory("state directory", config.root),
         check_directory("socket directory", config.address.parent),
+        check_socket_path(config.address),
         check_device(LOOP_CONTROL, "no loop devices; host mounts of committed layers will fail "
                                    "(modprobe loop)"),
         check_device(DM_CONTROL, "no device-mapper; not used by the service itself, only by "

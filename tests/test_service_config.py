@@ -187,6 +187,17 @@ def test_path_that_is_a_file_is_one_line(tmp_path: Path, which: str) -> None:
     assert blocker.read_text() == "not a directory\n"
 
 
+def test_socket_path_too_long_for_unix_sockets_is_one_line(tmp_path: Path) -> None:
+    require_root()
+    socket = tmp_path / ("s" * 120 + ".sock")
+    proc = run_cli("serve", "--root", str(tmp_path / "root"), "--address", str(socket),
+                   timeout=30)
+    assert proc.returncode == 1, proc.stderr
+    size = len(str(socket))
+    assert proc.stderr.splitlines() == [f"erofs-passthrough serve: socket path {socket} is {size} "
+                                        "bytes; a unix socket path has at most 107"]
+
+
 def test_missing_socket_directory_is_created(service: SnapshotterProcess) -> None:
     assert service.healthy()
 
