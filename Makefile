@@ -32,6 +32,7 @@ PYTHON ?= python3
 
 install:
 	$(PYTHON) -m venv $(PREFIX)
+	rm -rf build  # setuptools reuses build/lib: a module deleted since would be installed again
 	$(PREFIX)/bin/pip install -q --disable-pip-version-check .
 	$(PREFIX)/bin/pip install -q --disable-pip-version-check --no-deps --force-reinstall .
 	install -d -m 0755 $(BINDIR) $(UNITDIR)
