@@ -1,5 +1,5 @@
 # Two entry points for a newcomer: `make demo` and `make test`. Both set up first.
-.PHONY: setup demo test lint bench guest-image
+.PHONY: setup demo test lint bench guest-image install uninstall
 
 setup:
 	./.ci/setup
@@ -20,3 +20,33 @@ bench: setup
 # Kernel, initramfs and verified root image of the test guest (cached; docs/passthrough.md).
 guest-image: setup
 	vm-images/build
+
+# Install the service for real use (docs/containerd.md, "Install"): a virtualenv of its own under
+# PREFIX, the command on PATH, the systemd unit and a commented config (never overwritten).
+# Needs Debian's python3-venv. Re-run to upgrade; `systemctl daemon-reload` afterwards.
+PREFIX ?= /opt/erofs-passthrough
+BINDIR ?= /usr/local/bin
+UNITDIR ?= /etc/systemd/system
+CONFDIR ?= /etc/erofs-passthrough
+PYTHON ?= python3
+
+install:
+	$(PYTHON) -m venv $(PREFIX)
+	rm -rf build  # setuptools reuses build/lib: a module deleted since would be installed again
+	$(PREFIX)/bin/pip install -q --disable-pip-version-check .
+	$(PREFIX)/bin/pip install -q --disable-pip-version-check --no-deps --force-reinstall .
+	install -d -m 0755 $(BINDIR) $(UNITDIR)
+	install -d -m 0700 $(CONFDIR)
+	ln -sfn $(PREFIX)/bin/erofs-passthrough $(BINDIR)/erofs-passthrough
+	sed -e 's|/usr/local/bin/|$(BINDIR)/|g' -e 's|/etc/erofs-passthrough/|$(CONFDIR)/|g' \
+	    contrib/systemd/erofs-passthrough.service > $(UNITDIR)/.erofs-passthrough.service.tmp
+	chmod 0644 $(UNITDIR)/.erofs-passthrough.service.tmp
+	mv $(UNITDIR)/.erofs-passthrough.service.tmp $(UNITDIR)/erofs-passthrough.service
+	[ -e $(CONFDIR)/serve.toml ] || install -m 0600 contrib/serve.toml $(CONFDIR)/serve.toml
+	@echo "installed $$($(BINDIR)/erofs-passthrough --version); next: systemctl daemon-reload" \
+	    "&& systemctl enable --now erofs-passthrough"
+
+# Leaves $(CONFDIR) and the state directory (/var/lib/erofs-passthrough) alone.
+uninstall:
+	rm -f $(UNITDIR)/erofs-passthrough.service $(BINDIR)/erofs-passthrough
+	rm -rf $(PREFIX)

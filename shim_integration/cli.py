@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+from importlib.metadata import PackageNotFoundError, version
 
 from snapshotter.errors import EpError
 
@@ -25,11 +26,19 @@ COMMAND_MODULES = (
 )
 
 
+def _version() -> str:
+    try:
+        return version("erofs-passthrough")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="erofs-passthrough",
         description="OCI layers as verified EROFS block devices for VM containers.",
     )
+    parser.add_argument("--version", action="version", version=f"erofs-passthrough {_version()}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)

@@ -1,7 +1,9 @@
 """Client of containerd's Content service: a blob of its content store as a readable stream.
 
 Every call carries the `containerd-namespace` metadata header (containerd's content store is
-per namespace); Read is a server stream of chunks, adapted to a buffered binary file.
+per namespace); Read is a server stream of chunks, adapted to a buffered binary file. Failures
+become one-line errdefs errors naming containerd's address: NotFound, Unavailable (nothing
+answers there), or the code containerd sent.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from pathlib import Path
 
 import grpc
 
+from snapshotter import errdefs
 from snapshotter.api.containerd.services.content.v1 import content_pb2, content_pb2_grpc
-from snapshotter.errdefs import NotFound
+from snapshotter.errors import EpError
 
 NAMESPACE_HEADER = "containerd-namespace"
 BUFFER = 1 << 20
@@ -45,6 +48,7 @@ class ContentClient:
     """containerd's content store at ADDRESS (its gRPC socket)."""
 
     def __init__(self, address: Path) -> None:
+        self.address = address
         self._channel = grpc.insecure_channel(f"unix:{address}")
         self._stub = content_pb2_grpc.ContentStub(self._channel)
 
@@ -56,7 +60,7 @@ class ContentClient:
             reply = self._stub.Info(content_pb2.InfoRequest(digest=digest),
                                     metadata=[(NAMESPACE_HEADER, namespace)])
         except grpc.RpcError as exc:
-            raise _translate(exc, digest) from exc
+            raise self._translate(exc, digest) from None
         return reply.info.size
 
     def open(self, namespace: str, digest: str) -> io.BufferedReader:
@@ -69,12 +73,21 @@ class ContentClient:
                 for reply in call:
                     yield reply.data
             except grpc.RpcError as exc:
-                raise _translate(exc, digest) from exc
+                raise self._translate(exc, digest) from None
 
         return io.BufferedReader(_ChunkStream(chunks()), BUFFER)
 
-
-def _translate(exc: grpc.RpcError, digest: str) -> Exception:
-    if exc.code() == grpc.StatusCode.NOT_FOUND:
-        return NotFound(f"content {digest} not found in containerd")
-    return exc
+    def _translate(self, exc: grpc.RpcError, digest: str) -> EpError:
+        code = exc.code()
+        details = " ".join((exc.details() or "").split())
+        if code == grpc.StatusCode.NOT_FOUND:
+            return errdefs.NotFound(f"content {digest} not found in containerd at {self.address}")
+        if code == grpc.StatusCode.UNAVAILABLE:
+            reason = details.rsplit("error: ", 1)[-1]  # gRPC's text repeats the address
+            return errdefs.Unavailable(f"containerd's content store at {self.address} is "
+                                       f"unreachable: {reason}")
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            return errdefs.InvalidArgument(f"containerd at {self.address} refused reading "
+                                           f"{digest}: {details}")
+        return EpError(f"reading {digest} from containerd at {self.address}: {code.name}: "
+                       f"{details}")

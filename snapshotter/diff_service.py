@@ -79,9 +79,15 @@ class DiffService(diff_pb2_grpc.DiffServicer):
             raise Unimplemented("apply payloads (e.g. decryption) are not supported")
         sid, key = self._our_snapshot(list(request.mounts))
         namespace = _namespace(context, key)
+        directory = self.sn.layout.dir(sid)
         with self.sn.layout.busy(sid):
-            meta = layer_build.publish_layer(self.sn.layout.dir(sid),
-                                             lambda out: self._convert(namespace, desc, out))
+            try:
+                meta = layer_build.publish_layer(directory,
+                                                 lambda out: self._convert(namespace, desc, out))
+            except OSError as exc:
+                if exc.filename is None:  # a write into an open file: say where it was
+                    exc.filename = str(directory)
+                raise
         log.info("applied", extra={"key": key, "id": sid, "digest": desc.digest,
                                    "diff_id": meta.diff_id, "root_hash": meta.root_hash})
         applied_type = EROFS_LAYER if desc.media_type == EROFS_LAYER else UNCOMPRESSED

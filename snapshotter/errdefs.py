@@ -27,3 +27,15 @@ class InvalidArgument(EpError):
 
 class Unimplemented(EpError):
     """Not ours to do: containerd falls back to another implementation."""
+
+
+class Unavailable(EpError):
+    """A service we depend on does not answer (containerd's content store)."""
+
+
+class ResourceExhausted(EpError):
+    """Out of space, quota, memory or descriptors; retrying after freeing some may work."""
+
+
+class PermissionDenied(EpError):
+    """The operating system refused the service access to a file."""

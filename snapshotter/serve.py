@@ -10,9 +10,7 @@ import logging
 import os
 import signal
 import threading
-import tomllib
 from concurrent import futures
-from dataclasses import dataclass, fields
 from pathlib import Path
 
 import grpc
@@ -23,44 +21,12 @@ from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc
 from snapshotter.content_client import ContentClient
 from snapshotter.diff_service import DiffService
 from snapshotter.errors import EpError
+from snapshotter.serve_config import ServeConfig
 from snapshotter.snapshots import Snapshotter
 from snapshotter.snapshots_service import SnapshotsService
 
 log = logging.getLogger(__name__)
 SERVICE_NAMES = ("containerd.services.snapshots.v1.Snapshots", "containerd.services.diff.v1.Diff")
-
-
-@dataclass
-class ServeConfig:
-    root: Path = Path("/var/lib/erofs-passthrough")
-    address: Path = Path("/run/erofs-passthrough/snapshotter.sock")
-    containerd_address: Path = Path("/run/containerd/containerd.sock")
-    workers: int = 16
-    grace_seconds: float = 5.0
-    log_level: str = "info"
-    # Container rootfs snapshots (not unpacks) get VM-mode mounts (fsmeta + devices) unless
-    # their labels say otherwise (containerd.io/snapshot/erofs.vm-mode).
-    vm_mode: bool = False
-    # A private key (erofs-passthrough key generate): VM-mode chains get a signed manifest.
-    signing_key: str = ""
-
-
-def load_config(path: Path | None, **overrides: object) -> ServeConfig:
-    """Defaults, then FILE.toml's keys (same names as ServeConfig's fields), then OVERRIDES."""
-    values: dict[str, object] = {}
-    if path is not None:
-        with open(path, "rb") as f:
-            values.update(tomllib.load(f))
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name: f.type for f in fields(ServeConfig)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise EpError(f"unknown config keys in {path}: {', '.join(unknown)}")
-    config = ServeConfig()
-    for name, value in values.items():
-        default = getattr(config, name)
-        setattr(config, name, type(default)(value))
-    return config
 
 
 def _listen(server: grpc.Server, address: Path) -> None:
