@@ -150,8 +150,10 @@ class _LayerApplier:
             node.symlink = self.img.readlink(info)
         elif stat.S_ISCHR(ino.mode) or stat.S_ISBLK(ino.mode):
             node.rdev = self.img.rdev(info)
-        if ino.nlink > 1:
-            self.links[info.nid] = node
+        # Every non-directory by nid, whatever its nlink says: entries naming one inode are
+        # one file (as the kernel shows them), and a hostile nlink of 1 on an inode named a
+        # thousand times cannot make its chunk table be read a thousand times.
+        self.links[info.nid] = node
         return node
 
     def _chunks(self, refs: list[ChunkRef], size: int) -> Chunks | InlineTail | None:

@@ -193,7 +193,11 @@ class ErofsImage:
     def xattrs(self, info: InodeInfo) -> dict[bytes, bytes]:
         if not info.inode.xattr_icount:
             return {}
-        raw = self._bytes(info.pos + info.inode.isize, info.inode.xattr_isize)
+        start = info.pos + info.inode.isize
+        if start + info.inode.xattr_isize > self.sb.blocks * self.block_size:
+            raise EpError(f"{self.name}: nid {info.nid}: xattrs of "
+                          f"{info.inode.xattr_isize} bytes beyond the image")
+        raw = self._bytes(start, info.inode.xattr_isize)
         body = XattrIbody.unpack(raw)
         out: dict[bytes, bytes] = {}
         for xid in body.shared_ids:

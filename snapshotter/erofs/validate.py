@@ -97,6 +97,13 @@ class _Checker:
     def fail(self, path: bytes, nid: int, why: str) -> InvalidLayer:
         return InvalidLayer(f"{self.label}: {_show(path)} (nid {nid}): {why}")
 
+    def failed_read(self, path: bytes, nid: int, exc: EpError) -> InvalidLayer:
+        """A reader error, which names the image and nid itself, as one line of ours."""
+        why = str(exc)
+        for prefix in (f"{self.img.name}: ", f"nid {nid}: "):
+            why = why.removeprefix(prefix)
+        return self.fail(path, nid, why)
+
     def charge(self, path: bytes, nid: int, nbytes: int) -> None:
         self.budget -= nbytes
         if self.budget < 0:
@@ -111,7 +118,7 @@ class _Checker:
         try:
             info = self.img.inode(nid)
         except EpError as exc:
-            raise self.fail(path, nid, str(exc)) from None
+            raise self.failed_read(path, nid, exc) from None
         self.check_inode(path, info)
         self.inodes[nid] = info
         return info
@@ -137,14 +144,14 @@ class _Checker:
         except InvalidLayer:
             raise
         except EpError as exc:
-            raise self.fail(path, nid, str(exc)) from None
+            raise self.failed_read(path, nid, exc) from None
 
     def check_directory(self, path: bytes, info: InodeInfo, parent_nid: int,
                         queue: deque[tuple[bytes, int, int]], dirs_seen: set[int]) -> None:
         try:
             listing = self.img.listdir(info)
         except EpError as exc:
-            raise self.fail(path, info.nid, str(exc)) from None
+            raise self.failed_read(path, info.nid, exc) from None
         previous: bytes | None = None
         dots = {b".": 0, b"..": 0}
         for name, nid, ftype in listing:
