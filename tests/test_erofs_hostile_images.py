@@ -280,25 +280,32 @@ def test_the_good_image_itself_is_accepted(good_image: Path, tmp_path: Path) -> 
     assert result.entries == sum(1 for _ in ErofsImage(good_image).walk()) - 1
 
 
-def _with_checksum(good: Path, value: int | None) -> bytes:
+def _with_checksum(good: Path, blkszbits: int, value: int | None) -> bytes:
     """The image with the checksum feature on: `value`, or the right checksum when None."""
     image = bytearray(good.read_bytes())
     struct.pack_into("<I", image, SUPER_OFFSET + SB_COMPAT, 1)
     if value is None:
-        value = superblock_checksum(bytes(image[:4096]), 12)
+        value = superblock_checksum(bytes(image[:8192]), blkszbits)
     struct.pack_into("<I", image, SUPER_OFFSET + SB_CHECKSUM, value)
     return bytes(image)
 
 
-def test_superblock_checksum_is_computed_as_the_kernel_does(good_image: Path,
-                                                            tmp_path: Path) -> None:
-    """The kernel checks the crc32c when the feature bit is set: it mounts the image with our
-    checksum and refuses it with another; we accept and refuse the same two images."""
+@pytest.mark.parametrize("block_size", [4096, 2048, 1024, 512])
+def test_superblock_checksum_is_computed_as_the_kernel_does(tmp_path: Path,
+                                                            block_size: int) -> None:
+    """The kernel checks the crc32c when the feature bit is set, over a range that depends on
+    the block size: it mounts the image with our checksum and refuses it with another; we
+    accept and refuse the same two images."""
     require_root()
+    good = tmp_path / "good.erofs"
+    convert_layer(write_tar(tmp_path / "l.tar", [Entry("./", "dir"),
+                                                 Entry("etc/hostname", data=b"box\n")]),
+                  good, block_size=block_size)
+    bits = block_size.bit_length() - 1
     right = tmp_path / "right.erofs"
-    right.write_bytes(_with_checksum(good_image, None))
+    right.write_bytes(_with_checksum(good, bits, None))
     wrong = tmp_path / "wrong.erofs"
-    wrong.write_bytes(_with_checksum(good_image, 0x12345678))
+    wrong.write_bytes(_with_checksum(good, bits, 0x12345678))
     with mounted_erofs(right) as mnt:
         assert (mnt / "etc/hostname").read_bytes() == b"box\n"
     with pytest.raises(AssertionError, match="kernel refused"), mounted_erofs(wrong):

@@ -5,7 +5,9 @@ what the descriptor says."""
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
+import stat
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -22,6 +24,9 @@ from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc 
 from snapshotter.api.containerd.types import descriptor_pb2
 from snapshotter.diff_service import EROFS_LAYER
 from snapshotter.erofs import convert_layer
+from snapshotter.erofs.convert import import_erofs_image
+from snapshotter.erofs.merge import merge_layers
+from tests.erofs_utils_oracle import OracleUnavailable, erofs_utils
 from tests.helpers import mounted_erofs, require_root, require_tool
 from tests.layers import Entry, write_tar
 from tests.treecompare import diff_views, tree_view
@@ -100,3 +105,75 @@ def test_bad_native_layers_are_refused(stack: Stack, tmp_path: Path, damage: str
     code, details = _apply(stack, f"default/2/extract-{damage}", claimed, 9500)
     assert code != grpc.StatusCode.OK
     assert ("EROFS" in details) if damage == "not-erofs" else code == grpc.StatusCode.NOT_FOUND
+
+
+# -- no false refusals: what other tools write is accepted, merges and mounts the same --------
+
+def _source_tree(root: Path) -> Path:
+    """A directory with what layers hold: small and large files, a sparse one, long names,
+    a directory of several blocks, hardlinks, symlinks, a device, a FIFO and xattrs."""
+    root.mkdir()
+    (root / "etc").mkdir()
+    (root / "etc/hostname").write_bytes(b"box\n")
+    (root / "bin").mkdir()
+    (root / "bin/tool").write_bytes(bytes(range(256)) * 300)
+    os.link(root / "bin/tool", root / "bin/tool-link")
+    os.symlink("/bin/busybox", root / "bin/sh")
+    os.symlink("x/" * 600 + "end", root / "bin/longlink")
+    with open(root / "sparse", "wb") as f:
+        f.write(b"a")
+        f.seek(1 << 20)
+        f.write(b"z")
+    many = root / "many"
+    many.mkdir()
+    for i in range(400):
+        (many / f"entry-{i:04d}-{'n' * (i % 60)}").write_bytes(b"%d\n" % i)
+    (root / ("f" * 200)).write_bytes(b"long name")  # 1.5 fails on 255
+    os.mkfifo(root / "fifo")
+    os.mknod(root / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    os.setxattr(root / "etc/hostname", "user.comment", b"hello")
+    os.setxattr(root / "bin/tool", "user.comment", b"hello")
+    os.setxattr(root / "etc", "trusted.dirattr", b"on dir")
+    return root
+
+
+def _accepted_and_merged_equal(image: Path, tmp_path: Path) -> None:
+    """Import keeps the image, and its fsmeta merge mounts equal to the image itself."""
+    stored = tmp_path / "stored.erofs"
+    with open(image, "rb") as f:
+        result = import_erofs_image(f, stored)
+    assert stored.read_bytes()[:image.stat().st_size] == image.read_bytes()
+    merged = merge_layers([stored], tmp_path / "m.fsmeta")
+    with mounted_erofs(image) as want, mounted_erofs(merged.fsmeta, [stored]) as got:
+        assert diff_views(tree_view(got), tree_view(want)) == []
+        assert result.entries == len([p for p in want.rglob("*")])
+
+
+@pytest.mark.parametrize("options", ["", "-Enoinline_data", "-Eforce-inode-extended",
+                                     "-Enosbcrc", "--chunksize=8192"])
+def test_mkfs_erofs_1_5_images_are_accepted(tmp_path: Path, options: str) -> None:
+    """Debian's mkfs.erofs 1.5 (superblock checksum on by default, tail packing, compact and
+    extended inodes, chunk-based files): never refused by the validation."""
+    require_root()
+    mkfs = require_tool("mkfs.erofs")
+    image = tmp_path / "theirs.erofs"
+    proc = subprocess.run([mkfs, "--quiet", *options.split(), str(image),
+                           str(_source_tree(tmp_path / "src"))], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    _accepted_and_merged_equal(image, tmp_path)
+
+
+@pytest.mark.parametrize("options", ["", "-b 512", "--chunksize=65536", "-Ededupe"])
+def test_mkfs_erofs_1_8_images_are_accepted(tmp_path: Path, options: str) -> None:
+    """erofs-utils 1.8 (built from trixie's source by tests/erofs_utils_oracle.py), from a
+    directory, also with 512-byte blocks and chunk-based files."""
+    require_root()
+    try:
+        oracle = erofs_utils()
+    except OracleUnavailable as exc:
+        pytest.skip(str(exc))
+    image = tmp_path / "theirs.erofs"
+    proc = subprocess.run([oracle.mkfs, "--quiet", *options.split(), str(image),
+                           str(_source_tree(tmp_path / "src"))], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    _accepted_and_merged_equal(image, tmp_path)
