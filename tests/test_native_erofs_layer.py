@@ -29,6 +29,7 @@ from snapshotter.erofs.merge import merge_layers
 from tests.erofs_utils_oracle import OracleUnavailable, erofs_utils
 from tests.helpers import mounted_erofs, require_root, require_tool
 from tests.layers import Entry, write_tar
+from tests.test_erofs_convert import awkward_entries
 from tests.treecompare import diff_views, tree_view
 
 NS = [("containerd-namespace", "default")]
@@ -188,17 +189,22 @@ def test_mkfs_erofs_1_5_images_are_accepted(tmp_path: Path, options: str) -> Non
     _accepted_and_merged_equal(image, tmp_path)
 
 
-@pytest.mark.parametrize("options", ["", "-b 512", "--chunksize=65536", "-Ededupe"])
+@pytest.mark.parametrize("options", ["", "-b 512", "--chunksize=65536", "-Ededupe",
+                                     "--tar=f --aufs"])
 def test_mkfs_erofs_1_8_images_are_accepted(tmp_path: Path, options: str) -> None:
     """erofs-utils 1.8 (built from trixie's source by tests/erofs_utils_oracle.py), from a
-    directory, also with 512-byte blocks and chunk-based files."""
+    directory, also with 512-byte blocks and chunk-based files, and from a tar."""
     require_root()
     try:
         oracle = erofs_utils()
     except OracleUnavailable as exc:
         pytest.skip(str(exc))
     image = tmp_path / "theirs.erofs"
-    proc = subprocess.run([oracle.mkfs, "--quiet", *options.split(), str(image),
-                           str(_source_tree(tmp_path / "src"))], capture_output=True, text=True)
+    if options.startswith("--tar"):
+        source = write_tar(tmp_path / "layer.tar", awkward_entries())
+    else:
+        source = _source_tree(tmp_path / "src")
+    proc = subprocess.run([oracle.mkfs, "--quiet", *options.split(), str(image), str(source)],
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     _accepted_and_merged_equal(image, tmp_path)
