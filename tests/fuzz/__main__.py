@@ -61,7 +61,8 @@ def run_round(target: Target, round_seed: int, work: Path, deadline: float,
             with time_limit(example_seconds):
                 target.run(apply(base, damage), case_dir)
         except Exception as exc:  # MemoryError and the Hang included
-            failure[:] = [(damage, _where(exc))]  # the last one is the shrunk one
+            # the last failure is the shrunk one; its text is kept free of this run's paths
+            failure[:] = [(damage, _where(exc).replace(f"{case_dir}/", "<case>/"))]
             raise
 
     try:
