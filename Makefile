@@ -1,5 +1,5 @@
 # Two entry points for a newcomer: `make demo` and `make test`. Both set up first.
-.PHONY: setup demo test lint bench guest-image install uninstall
+.PHONY: setup demo test lint bench fuzz guest-image install uninstall
 
 setup:
 	./.ci/setup
@@ -16,6 +16,12 @@ lint: setup
 
 bench: setup
 	.venv/bin/python -m bench.run
+
+# The fuzz targets (tar reader, EROFS reader, native import, merge) for minutes, under a memory
+# and a per-example time limit; findings are saved to tests/fuzz/examples (docs/erofs.md).
+FUZZ_SECONDS ?= 300
+fuzz: setup
+	FUZZ_SECONDS=$(FUZZ_SECONDS) .venv/bin/python -m tests.fuzz $(FUZZ_TARGETS)
 
 # Kernel, initramfs and verified root image of the test guest (cached; docs/passthrough.md).
 guest-image: setup

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import stat
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from .reader import ErofsImage
 from .streams import LayerStream
 from .tar_import import import_tar
 from .tree import SourceTree
+from .validate import validate_layer
 from .writer import (
     DEFAULT_HOLE_CHUNK,
     DEFAULT_INLINE_MAX,
@@ -145,9 +145,10 @@ def import_erofs_image(
     verity=None,
 ) -> ConvertResult:
     """Store a native EROFS layer (`application/vnd.erofs.layer.v1`) as it is: copied while
-    hashed, checked against `expected_digest`, checked to be an uncompressed single-device
-    EROFS our merge can address, zero-padded to whole blocks, and given a verity tree (salt
-    from its digest). Nothing is left at `out_path` on error."""
+    hashed, checked against `expected_digest`, validated completely (`validate.validate_layer`:
+    what fsck.erofs and the kernel check, and that it is an uncompressed single-device image
+    our merge can address), zero-padded to whole blocks, and given a verity tree (salt from
+    its digest). Nothing is left at `out_path` on error."""
     out_path = Path(out_path)
     digest = hashlib.sha256()
     with atomic_output(out_path) as out:
@@ -160,16 +161,11 @@ def import_erofs_image(
         got = "sha256:" + digest.hexdigest()
         if expected_digest is not None and got != expected_digest:
             raise EpError(f"digest mismatch: EROFS layer is {got}, expected {expected_digest}")
+        label = f"EROFS layer {got[:19]}"
         try:
-            with ErofsImage(out.fileno()) as img:
+            with ErofsImage(out.fileno(), name=label) as img:
                 bs, blocks, fs_uuid = img.block_size, img.sb.blocks, img.sb.uuid
-                if img.device_slots:
-                    raise EpError("a multi-device EROFS image is not a layer")
-                if blocks * bs > size:
-                    raise EpError(f"EROFS image claims {blocks * bs} bytes, blob has {size}")
-                for _path, info in img.walk():  # refuses compressed or corrupt inodes
-                    if stat.S_ISREG(info.mode):
-                        img.data_map(info)
+                checked = validate_layer(img, size, label)
         except FileNotFoundError:
             raise EpError("not an EROFS image") from None
         padded = -(-size // 4096) * 4096
@@ -178,7 +174,8 @@ def import_erofs_image(
         info = append_verity(out, padded, verity, got) if verity else None
     return ConvertResult(
         blob=out_path, size=padded, diff_id=got, compressed_digest=got, compression=None,
-        entries=0, blocks=blocks, block_size=bs, uuid=str(uuid.UUID(bytes=fs_uuid)),
+        entries=checked.entries, blocks=blocks, block_size=bs,
+        uuid=str(uuid.UUID(bytes=fs_uuid)),
         verity=info, blob_digest="sha256:" + digest.hexdigest(),
     )
 

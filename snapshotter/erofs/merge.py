@@ -34,7 +34,7 @@ from snapshotter.verity import VerityInfo
 from .format import NULL_ADDR, DeviceSlot
 from .image_verity import append_verity
 from .reader import ChunkRef, ErofsImage, InodeInfo
-from .tree import Chunks, InlineTail, Node, SourceTree, pick_build_time
+from .tree import Chunks, InlineTail, Node, SourceTree, pick_build_time, validate_name
 from .writer import DataWriter, ImageParams, header_blocks, write_metadata
 
 OVERLAY_XATTR_PREFIX = b"trusted.overlay."
@@ -87,6 +87,7 @@ class _LayerApplier:
         self.mtimes = mtimes
         self.bs = img.block_size
         self.links: dict[int, Node] = {}  # nid -> node, for hardlinks within the layer
+        self.budget = img.sb.blocks * img.block_size
 
     def apply_root(self, root: Node) -> None:
         info = self.img.inode(self.img.root_nid)
@@ -109,13 +110,18 @@ class _LayerApplier:
         while stack:
             target, dir_info = stack.pop()
             if dir_info.nid in seen:
-                raise EpError(f"{self.img.path}: directory nid {dir_info.nid} appears twice "
+                raise EpError(f"{self.img.name}: directory nid {dir_info.nid} appears twice "
                               "(a cycle)")
             seen.add(dir_info.nid)
             children = target.children
+            self._charge(dir_info.size)
             for name, nid, _ftype in self.img.listdir(dir_info):
                 if name == b"." or name == b"..":
                     continue
+                try:
+                    validate_name(name)  # the reader refuses '/' and NUL; this re-checks
+                except EpError as exc:
+                    raise EpError(f"{self.img.name}: nid {dir_info.nid}: {exc}") from None
                 info = self.img.inode(nid)
                 if stat.S_ISDIR(info.mode):
                     xattrs = self.img.xattrs(info)
@@ -145,8 +151,10 @@ class _LayerApplier:
             node.symlink = self.img.readlink(info)
         elif stat.S_ISCHR(ino.mode) or stat.S_ISBLK(ino.mode):
             node.rdev = self.img.rdev(info)
-        if ino.nlink > 1:
-            self.links[info.nid] = node
+        # Every non-directory by nid, whatever its nlink says: entries naming one inode are
+        # one file (as the kernel shows them), and a hostile nlink of 1 on an inode named a
+        # thousand times cannot make its chunk table be read a thousand times.
+        self.links[info.nid] = node
         return node
 
     def _chunks(self, refs: list[ChunkRef], size: int) -> Chunks | InlineTail | None:
@@ -154,28 +162,25 @@ class _LayerApplier:
 
         Files stored wholly inline in their layer (small ones) stay inline in the fsmeta; a
         tail after whole blocks (images other tools wrote) gets a block in the fsmeta.
-        The chunk size is the largest power of two that every piece boundary is aligned to.
+        The chunk size is the largest power of two (at most 2^31 blocks) that every piece
+        boundary is aligned to, and there is one index per chunk of the whole size: the
+        kernel finds chunk i's index at position i, whatever lies there.
         """
         if not refs:
             return None
         bs = self.bs
+        self._charge(4 * len(refs))
         if len(refs) == 1 and refs[0].inline_pos is not None:
             # A small file stored inline in its layer stays inline in the fsmeta.
             return InlineTail(None, self.img.read_at(refs[0].inline_pos, refs[0].length))
-        if len(refs) == 1 and refs[0].blkaddr is not None:  # one extent: the common case
-            total_blocks = -(-size // bs)
-            bits = min(MAX_CHUNKBITS, max(0, (total_blocks - 1).bit_length()))
-            if refs[0].device:
-                raise EpError(f"{self.img.path}: layer is itself multi-device")
-            return Chunks(bits, array("I", [refs[0].blkaddr]), array("H", [self.device]))
         pieces = []  # (offset, device, blkaddr or None)
         for ref in refs:
+            if ref.device:
+                raise EpError(f"{self.img.name}: layer is itself multi-device")
             if ref.inline_pos is not None:
                 tail = self.img.read_at(ref.inline_pos, ref.length)
                 pieces.append((ref.offset, 0, self.data.add_blocks(tail).start))
             else:
-                if ref.device:
-                    raise EpError(f"{self.img.path}: layer is itself multi-device")
                 pieces.append((ref.offset, self.device, ref.blkaddr))
         total_blocks = -(-size // bs)
         bits = max(0, (total_blocks - 1).bit_length())
@@ -192,10 +197,24 @@ class _LayerApplier:
         for (offset, device, blkaddr), end in zip(pieces, ends, strict=True):
             if blkaddr is None:
                 continue  # a hole: the chunks stay NULL_ADDR
-            for i in range(offset // chunk_bytes, -(-end // chunk_bytes)):
-                addrs[i] = blkaddr + i * chunk_blocks - offset // bs
+            first = offset // chunk_bytes
+            last_addr = blkaddr + (-(-end // chunk_bytes) - 1 - first) * chunk_blocks
+            if last_addr >= NULL_ADDR:  # the reader checked the range; never trust it blindly
+                raise EpError(f"{self.img.name}: data block {last_addr} beyond 32-bit "
+                              "addressing")
+            for i in range(first, -(-end // chunk_bytes)):
+                addrs[i] = blkaddr + (i - first) * chunk_blocks
                 devices[i] = device
         return Chunks(bits, addrs, devices)
+
+    def _charge(self, nbytes: int) -> None:
+        """Directory bytes and chunk references read so far may not exceed the layer's size:
+        in a real image they never do, in a hostile one (many inodes sharing one huge chunk
+        table or directory) the merge's work would otherwise grow with the square of it."""
+        self.budget -= nbytes
+        if self.budget < 0:
+            raise EpError(f"{self.img.name}: directories and chunk tables take more bytes "
+                          "than the image has (they overlap)")
 
 
 def build_merged_tree(layers: list[LayerBlob], data: DataWriter,

@@ -23,8 +23,11 @@ from .format import (
     CHUNK_FORMAT_INDEXES,
     INODE_SLOT_SIZE,
     LAYOUT_CHUNK_BASED,
+    LAYOUT_COMPRESSED_COMPACT,
+    LAYOUT_COMPRESSED_FULL,
     LAYOUT_FLAT_INLINE,
     LAYOUT_FLAT_PLAIN,
+    NAME_LEN_MAX,
     NULL_ADDR,
     READER_INCOMPAT,
     SUPER_OFFSET,
@@ -76,6 +79,9 @@ class InodeInfo:
         return self.pos + self.inode.isize + self.inode.xattr_isize
 
 
+_HOLE_PIECE = 1 << 20
+SYMLINK_MAX = 4095  # PATH_MAX - 1: the kernel refuses longer inline targets, Linux any longer
+
 _CORRUPTION = (struct.error, IndexError, ValueError, OverflowError, KeyError)
 
 
@@ -89,7 +95,7 @@ def _corrupt_is_an_error(method: Callable[P, R]) -> Callable[P, R]:
             return method(*args, **kwargs)
         except _CORRUPTION as exc:
             image = args[0]
-            raise EpError(f"{image.path}: corrupt EROFS image ({exc})") from None
+            raise EpError(f"{image.name}: corrupt EROFS image ({exc})") from None
 
     return wrapper
 
@@ -98,31 +104,40 @@ class ErofsImage:
     """A read-only view of an EROFS image file. `devices` are the extra devices' paths."""
 
     def __init__(self, path: str | os.PathLike[str] | int,
-                 devices: list[Path] | None = None) -> None:
-        """`path`: the image file, or an open file descriptor of it (left open)."""
+                 devices: list[Path] | None = None, *, name: str | None = None) -> None:
+        """`path`: the image file, or an open file descriptor of it (left open). `name`: what
+        error messages call the image (default: its path)."""
         if isinstance(path, int):
             self.path = Path(f"/proc/self/fd/{path}")
+            self.name = name or str(self.path)
             self._map = self._map_fd(path)
         else:
             self.path = Path(path)
+            self.name = name or str(self.path)
             with open(self.path, "rb") as f:
                 self._map = self._map_fd(f.fileno())
         try:
             self.sb = SuperBlock.unpack(self._map[SUPER_OFFSET:SUPER_OFFSET + 128])
         except FormatError as exc:
             self._map.close()
-            raise EpError(f"{self.path}: {exc}") from None
+            raise EpError(f"{self.name}: {exc}") from None
         unknown = self.sb.feature_incompat & ~READER_INCOMPAT
         if unknown:
-            raise EpError(f"{self.path}: unsupported EROFS features {unknown:#x}")
+            self._map.close()
+            raise EpError(f"{self.name}: unsupported EROFS features {unknown:#x}")
         self.block_size = self.sb.block_size
-        self.device_slots = self._read_device_table()
+        try:
+            self.device_slots = self._read_device_table()
+        except EpError:
+            self._map.close()
+            raise
         self._device_paths = devices or []
         self._device_maps: dict[int, mmap.mmap] = {}
+        self._shared_xattrs: dict[int, XattrEntry] = {}
 
     def _map_fd(self, fd: int) -> mmap.mmap:
         if os.fstat(fd).st_size < SUPER_OFFSET + 128:
-            raise EpError(f"{self.path}: too small to be an EROFS image")
+            raise EpError(f"{self.name}: too small to be an EROFS image")
         return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
 
     def close(self) -> None:
@@ -153,7 +168,7 @@ class ErofsImage:
 
     def _bytes(self, pos: int, length: int) -> bytes:
         if pos < 0 or pos + length > len(self._map):
-            raise EpError(f"{self.path}: read beyond the image at {pos}+{length}")
+            raise EpError(f"{self.name}: read beyond the image at {pos}+{length}")
         return self._map[pos:pos + length]
 
     @property
@@ -168,7 +183,7 @@ class ErofsImage:
                                              else Inode.COMPACT_SIZE),
                                  self.sb.build_time, self.sb.build_time_nsec)
         except FormatError as exc:
-            raise EpError(f"{self.path}: nid {nid}: {exc}") from None
+            raise EpError(f"{self.name}: nid {nid}: {exc}") from None
         return InodeInfo(nid=nid, inode=inode, pos=pos)
 
     def _is_extended(self, pos: int) -> bool:
@@ -178,79 +193,130 @@ class ErofsImage:
     def xattrs(self, info: InodeInfo) -> dict[bytes, bytes]:
         if not info.inode.xattr_icount:
             return {}
-        raw = self._bytes(info.pos + info.inode.isize, info.inode.xattr_isize)
+        start = info.pos + info.inode.isize
+        if start + info.inode.xattr_isize > self.sb.blocks * self.block_size:
+            raise EpError(f"{self.name}: nid {info.nid}: xattrs of "
+                          f"{info.inode.xattr_isize} bytes beyond the image")
+        raw = self._bytes(start, info.inode.xattr_isize)
         body = XattrIbody.unpack(raw)
         out: dict[bytes, bytes] = {}
         for xid in body.shared_ids:
-            entry, _ = XattrEntry.unpack(
-                self._map, self.sb.xattr_blkaddr * self.block_size + xid * 4)
+            entry = self._shared_xattr(xid)
             out[entry.name] = entry.value
         for entry in body.entries:
             out[entry.name] = entry.value
         return out
+
+    def _shared_xattr(self, xid: int) -> XattrEntry:
+        """A shared xattr, parsed once however many inodes refer to it."""
+        entry = self._shared_xattrs.get(xid)
+        if entry is None:
+            pos = self.sb.xattr_blkaddr * self.block_size + xid * 4
+            if pos + 4 > self.sb.blocks * self.block_size:
+                raise EpError(f"{self.name}: shared xattr {xid} beyond the image")
+            entry, end = XattrEntry.unpack(self._map, pos)
+            if end > self.sb.blocks * self.block_size:
+                raise EpError(f"{self.name}: shared xattr {xid} beyond the image")
+            self._shared_xattrs[xid] = entry
+        return entry
 
     def rdev(self, info: InodeInfo) -> tuple[int, int]:
         return decode_dev(info.inode.i_u)
 
     # -- data -------------------------------------------------------------------------------
 
+    def _device_blocks(self, device: int) -> int:
+        """How many blocks device `device` has (0 = the primary, whose superblock says)."""
+        if device == 0:
+            return self.sb.blocks
+        if device > len(self.device_slots):
+            raise EpError(f"{self.name}: data on device {device}, but the image has "
+                          f"{len(self.device_slots)} extra devices")
+        return self.device_slots[device - 1].blocks
+
+    def _check_blocks(self, info: InodeInfo, device: int, blkaddr: int, length: int) -> None:
+        """`length` bytes from block `blkaddr` of `device` must lie inside that device."""
+        nblocks = -(-length // self.block_size)
+        limit = self._device_blocks(device)
+        if blkaddr + nblocks > limit:
+            where = f"device {device}" if device else "the image"
+            raise EpError(f"{self.name}: nid {info.nid}: data blocks {blkaddr}+{nblocks} "
+                          f"beyond {where} ({limit} blocks)")
+
     @_corrupt_is_an_error
     def data_map(self, info: InodeInfo) -> list[ChunkRef]:
-        """Where the inode's data lives, in file order."""
+        """Where the inode's data lives, in file order; every range checked to lie inside its
+        device, so a caller can trust the addresses (and the size is bounded by the image)."""
         inode, bs = info.inode, self.block_size
         size = inode.size
         if size == 0:
             return []
+        if size >= 1 << 63:
+            raise EpError(f"{self.name}: nid {info.nid}: negative file size")
         if inode.layout == LAYOUT_FLAT_PLAIN:
+            self._check_blocks(info, 0, inode.i_u, size)
             return [ChunkRef(0, size, 0, inode.i_u)]
         if inode.layout == LAYOUT_FLAT_INLINE:
             tail_len = size % bs or bs
             head = size - tail_len
-            refs = [ChunkRef(0, head, 0, inode.i_u)] if head else []
+            refs = []
+            if head:
+                self._check_blocks(info, 0, inode.i_u, head)
+                refs.append(ChunkRef(0, head, 0, inode.i_u))
             tail_pos = info.data_pos
             if tail_pos % bs + tail_len > bs:
-                raise EpError(f"{self.path}: nid {info.nid}: inline data crosses a block")
+                raise EpError(f"{self.name}: nid {info.nid}: inline data crosses a block")
+            if tail_pos + tail_len > self.sb.blocks * bs:
+                raise EpError(f"{self.name}: nid {info.nid}: inline data beyond the image")
             refs.append(ChunkRef(head, tail_len, 0, None, inline_pos=tail_pos))
             return refs
         if inode.layout == LAYOUT_CHUNK_BASED:
             return self._chunk_map(info)
-        raise EpError(f"{self.path}: nid {info.nid}: compressed data (layout {inode.layout}) "
-                      "is not supported")
+        if inode.layout in (LAYOUT_COMPRESSED_FULL, LAYOUT_COMPRESSED_COMPACT):
+            raise EpError(f"{self.name}: nid {info.nid}: compressed data (layout "
+                          f"{inode.layout}) is not supported")
+        raise EpError(f"{self.name}: nid {info.nid}: unknown data layout {inode.layout}")
 
     def _chunk_map(self, info: InodeInfo) -> list[ChunkRef]:
         inode, bs = info.inode, self.block_size
         fmt = inode.i_u & 0xFFFF
+        if fmt & ~(CHUNK_FORMAT_BLKBITS_MASK | CHUNK_FORMAT_INDEXES):
+            raise EpError(f"{self.name}: nid {info.nid}: unknown chunk format {fmt:#x}")
         chunk_size = bs << (fmt & CHUNK_FORMAT_BLKBITS_MASK)
         count = -(-inode.size // chunk_size)
+        # The table's size follows from the file size: it must be in the image before a
+        # single index is read, so a huge size cannot make us loop or allocate.
         unit = ChunkIndex.SIZE if fmt & CHUNK_FORMAT_INDEXES else 4
-        if info.data_pos + count * unit > len(self._map):
-            raise EpError(f"{self.path}: nid {info.nid}: chunk table beyond the image")
+        base = (info.data_pos + unit - 1) & ~(unit - 1)
+        if base + count * unit > self.sb.blocks * bs:
+            raise EpError(f"{self.name}: nid {info.nid}: chunk table of {count} entries "
+                          f"(for {inode.size} bytes) beyond the image")
         refs = []
         if fmt & CHUNK_FORMAT_INDEXES:
-            base = (info.data_pos + 7) & ~7
-            for i in range(count):
-                idx = ChunkIndex.unpack(self._map, base + i * ChunkIndex.SIZE)
-                refs.append(self._chunk_ref(i, chunk_size, inode.size, idx.device_id,
-                                            idx.blkaddr))
+            table = struct.iter_unpack("<HHI", self._map[base:base + count * unit])
+            for i, (_advise, device, addr) in enumerate(table):
+                refs.append(self._chunk_ref(info, i, chunk_size, device, addr))
         else:
-            base = (info.data_pos + 3) & ~3
-            for i in range(count):
-                addr = int.from_bytes(self._bytes(base + 4 * i, 4), "little")
-                refs.append(self._chunk_ref(i, chunk_size, inode.size, 0, addr))
+            table = struct.iter_unpack("<I", self._map[base:base + count * unit])
+            for i, (addr,) in enumerate(table):
+                refs.append(self._chunk_ref(info, i, chunk_size, 0, addr))
         return refs
 
-    @staticmethod
-    def _chunk_ref(i: int, chunk_size: int, size: int, device: int, addr: int) -> ChunkRef:
+    def _chunk_ref(self, info: InodeInfo, i: int, chunk_size: int, device: int,
+                   addr: int) -> ChunkRef:
         offset = i * chunk_size
-        length = min(chunk_size, size - offset)
-        return ChunkRef(offset, length, device, None if addr == NULL_ADDR else addr)
+        length = min(chunk_size, info.inode.size - offset)
+        if addr == NULL_ADDR:
+            return ChunkRef(offset, length, device, None)
+        self._check_blocks(info, device, addr, length)
+        return ChunkRef(offset, length, device, addr)
 
     def _device_map(self, device: int) -> mmap.mmap:
         if device == 0:
             return self._map
         if device not in self._device_maps:
             if device > len(self._device_paths):
-                raise EpError(f"{self.path}: data on device {device}, which was not given")
+                raise EpError(f"{self.name}: data on device {device}, which was not given")
             with open(self._device_paths[device - 1], "rb") as f:
                 self._device_maps[device] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         return self._device_maps[device]
@@ -260,13 +326,14 @@ class ErofsImage:
         for ref in self.data_map(info):
             if ref.inline_pos is not None:
                 yield self._bytes(ref.inline_pos, ref.length)
-            elif ref.blkaddr is None:
-                yield bytes(ref.length)
+            elif ref.blkaddr is None:  # a hole, in pieces: a chunk can be terabytes
+                for start in range(0, ref.length, _HOLE_PIECE):
+                    yield bytes(min(_HOLE_PIECE, ref.length - start))
             else:
                 m = self._device_map(ref.device)
                 start = ref.blkaddr * self.block_size
                 if start + ref.length > len(m):
-                    raise EpError(f"{self.path}: nid {info.nid}: data beyond device "
+                    raise EpError(f"{self.name}: nid {info.nid}: data beyond device "
                                   f"{ref.device}")
                 yield m[start:start + ref.length]
 
@@ -277,32 +344,50 @@ class ErofsImage:
     def readlink(self, info: InodeInfo) -> bytes:
         if not stat.S_ISLNK(info.mode):
             raise EpError(f"nid {info.nid} is not a symlink")
+        if not 0 < info.size <= SYMLINK_MAX:
+            raise EpError(f"{self.name}: nid {info.nid}: symlink target of {info.size} bytes")
         return self.read(info)
 
     # -- directories ------------------------------------------------------------------------
 
     @_corrupt_is_an_error
     def listdir(self, info: InodeInfo) -> list[tuple[bytes, int, int]]:
-        """(name, nid, file type) of every entry, `.` and `..` included, in on-disk order."""
+        """(name, nid, file type) of every entry, `.` and `..` included, in on-disk order.
+
+        Each block is checked as `fsck.erofs` and the kernel's readdir check it: the first
+        name offset inside the block and after whole dirents, every name right after the
+        previous one, 1..255 bytes, within the block; and no name holds a '/' or a NUL (the
+        kernel would hand either to user space as a name)."""
         if not stat.S_ISDIR(info.mode):
             raise EpError(f"nid {info.nid} is not a directory")
-        if info.size > len(self._map):
-            raise EpError(f"{self.path}: nid {info.nid}: directory larger than the image")
+        if info.size > self.sb.blocks * self.block_size:  # holes could make it any size
+            raise EpError(f"{self.name}: nid {info.nid}: directory larger than the image")
         data = self.read(info)
         bs = self.block_size
         out = []
         for blk in range(0, len(data), bs):
             block = data[blk:blk + bs]
-            first = Dirent.unpack(block, 0)
-            count = first.nameoff // Dirent.SIZE
-            if count == 0 or first.nameoff > len(block):
-                raise EpError(f"{self.path}: nid {info.nid}: corrupt directory block")
+            first_nameoff = int.from_bytes(block[8:10], "little") if len(block) >= 12 else 0
+            if first_nameoff < Dirent.SIZE or first_nameoff >= bs or first_nameoff > len(block):
+                raise EpError(f"{self.name}: nid {info.nid}: directory block {blk // bs}: "
+                              f"first name offset {first_nameoff} is invalid")
+            count = first_nameoff // Dirent.SIZE
             ents = [Dirent.unpack(block, i * Dirent.SIZE) for i in range(count)]
+            next_nameoff = first_nameoff
             for i, ent in enumerate(ents):
-                end = ents[i + 1].nameoff if i + 1 < count else len(block)
-                name = block[ent.nameoff:end]
-                if i + 1 == count:
-                    name = name.split(b"\0", 1)[0]
+                if ent.nameoff != next_nameoff:
+                    raise EpError(f"{self.name}: nid {info.nid}: directory block {blk // bs}: "
+                                  f"entry {i} has a bogus name offset")
+                if i + 1 < count:
+                    name = block[ent.nameoff:ents[i + 1].nameoff]
+                else:
+                    name = block[ent.nameoff:].split(b"\0", 1)[0]
+                if not name or len(name) > NAME_LEN_MAX:
+                    raise EpError(f"{self.name}: nid {info.nid}: directory block {blk // bs}: "
+                                  f"entry {i} has a name of bogus length")
+                if b"/" in name or b"\0" in name:
+                    raise EpError(f"{self.name}: nid {info.nid}: invalid file name {name!r}")
+                next_nameoff += len(name)
                 out.append((name, ent.nid, ent.file_type))
         return out
 
@@ -330,7 +415,7 @@ class ErofsImage:
             yield path, info
             if stat.S_ISDIR(info.mode):
                 if nid in seen_dirs:
-                    raise EpError(f"{self.path}: directory nid {nid} appears twice (a cycle)")
+                    raise EpError(f"{self.name}: directory nid {nid} appears twice (a cycle)")
                 seen_dirs.add(nid)
                 children = [(n, c) for n, c, _ in self.listdir(info) if n not in (b".", b"..")]
                 for name, child in reversed(children):
