@@ -18,6 +18,8 @@ from isal import isal_zlib
 
 from snapshotter.errors import EpError
 
+from .limits import DEFAULT_LIMITS, Limits
+
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 READ_CHUNK = 1 << 20
@@ -129,10 +131,12 @@ class LayerStream:
 
     `compressed_digest` is the sha256 of the bytes read from the source (the OCI blob digest);
     `diff_id` the sha256 of the tar (the OCI diffID). Both are complete after `drain()`.
+    More than `limits.max_tar_bytes` of tar (a decompression bomb) is an EpError.
     """
 
-    def __init__(self, source: BinaryIO) -> None:
+    def __init__(self, source: BinaryIO, limits: Limits = DEFAULT_LIMITS) -> None:
         self._src = source
+        self._max_tar_bytes = limits.max_tar_bytes
         head = source.read(READ_CHUNK)
         self.compression = (
             "gzip" if head.startswith(GZIP_MAGIC)
@@ -161,6 +165,9 @@ class LayerStream:
         if out:
             self._tar_hash.update(out)
             self.tar_size += len(out)
+            if self.tar_size > self._max_tar_bytes:
+                raise EpError(f"layer decompresses to more than {self._max_tar_bytes} bytes "
+                              "(max_tar_bytes)")
             self._buf = self._buf[self._pos:] + out if self._pos < len(self._buf) else out
             self._pos = 0
 
@@ -178,15 +185,19 @@ class LayerStream:
                 return True
 
     def read(self, size: int = -1) -> bytes:
+        """Up to `size` tar bytes (fewer only at the end); `size < 0` reads the rest."""
         pos = self._pos
         end = pos + size
         if size >= 0 and end <= len(self._buf):  # the common case: already decompressed
             self._pos = end
             return self._buf[pos:end]
-        if size < 0:
+        if size < 0:  # pieces joined once: appending to the buffer would be quadratic
+            parts = [self._buf[self._pos:]]
+            self._buf, self._pos = b"", 0
             while self._fill():
-                pass
-            size = len(self._buf) - self._pos
+                parts.append(self._buf)
+                self._buf = b""
+            return b"".join(parts)
         while len(self._buf) - self._pos < size and self._fill():
             pass
         out = self._buf[self._pos:self._pos + size]
