@@ -49,6 +49,11 @@ class Limits:
     - `max_entries`: tar members that become inodes or directory entries.
     - `max_metadata_bytes`: memory the inode tree may take: names, link targets, xattrs,
       chunk indexes, plus a fixed cost per inode (implicit parent directories included).
+    - `max_sparse_overhead_bytes`: what the holes of the layer's sparse files may cost in
+      all: their chunk indexes (counted at 32 bytes each) plus the zeros stored around data
+      in the chunks that hold any (EROFS stores such a chunk whole). A few data runs in a
+      file of size S cost about sqrt(S) at best; this is what bounds a 1.5 KB tar declaring
+      a huge sparse file (1 PiB with a few runs costs ~0.45 GB; 2^60 bytes is refused).
     - `max_header_bytes`: one extension header (a PAX header, a GNU long name or link, a
       sparse map), as Go's archive/tar (1 MiB) bounds them.
     - `max_path_bytes`: one member path (after PAX/GNU long names), in bytes.
@@ -59,6 +64,7 @@ class Limits:
     max_image_bytes: int = 256 * GiB
     max_entries: int = 1_000_000
     max_metadata_bytes: int = 1 * GiB
+    max_sparse_overhead_bytes: int = 1 * GiB
     max_header_bytes: int = 1 << 20
     max_path_bytes: int = 4095
     max_path_depth: int = 1024

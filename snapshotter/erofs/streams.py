@@ -24,6 +24,7 @@ GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 READ_CHUNK = 1 << 20
 ZSTD_FEED = 2048  # bytes of zstd input per call: at most ~64 MiB of output
+GZIP_FEED = 1 << 14  # bytes of gzip input per call (max_length bounds its output)
 OUT_LIMIT = 4 << 20
 
 
@@ -49,37 +50,52 @@ class _Identity:
 
 
 class _Gzip:
-    """Multi-member gzip; each call returns at most OUT_LIMIT bytes."""
+    """Multi-member gzip; each call returns at most OUT_LIMIT bytes.
+
+    Input goes to the decompressor in GZIP_FEED pieces from an offset into the pending
+    bytes: a layer of thousands of tiny members per MiB (a bomb of a different kind) then
+    costs a piece's copy per member, not the rest of the input's."""
 
     def __init__(self) -> None:
         self._obj = isal_zlib.decompressobj(31)
         self._tail = b""
+        self._pos = 0  # start of the input not yet consumed in _tail
         self._between_members = False
 
     def feed(self, data: bytes) -> bytes:
-        if self._between_members:
-            if not data.strip(b"\0"):
-                return b""
-            self._obj = isal_zlib.decompressobj(31)
-            self._between_members = False
-        try:
-            out = self._obj.decompress(data, OUT_LIMIT)
-        except isal_zlib.error as exc:
-            raise EpError(f"corrupt gzip data: {exc}") from None
-        self._tail = self._obj.unconsumed_tail
-        if self._obj.eof:
-            rest = self._obj.unused_data
-            self._between_members = True
-            if rest:
-                out += self.feed(rest)
-        return out
+        self._tail = self._tail[self._pos:] + data if self.pending() else data
+        self._pos = 0
+        return self.drain()
 
     def pending(self) -> bool:
-        return bool(self._tail)
+        return self._pos < len(self._tail)
 
     def drain(self) -> bytes:
-        tail, self._tail = self._tail, b""
-        return self.feed(tail)
+        out = []
+        size = 0
+        tail = self._tail
+        while self._pos < len(tail) and size < OUT_LIMIT:
+            if self._between_members:
+                if tail[self._pos] == 0:  # zero padding after the last member
+                    if tail[self._pos:].strip(b"\0"):
+                        raise EpError("corrupt gzip data: garbage after a gzip member")
+                    self._pos = len(tail)
+                    break
+                self._obj = isal_zlib.decompressobj(31)
+                self._between_members = False
+            piece = tail[self._pos:self._pos + GZIP_FEED]
+            try:
+                chunk = self._obj.decompress(piece, OUT_LIMIT - size)
+            except isal_zlib.error as exc:
+                raise EpError(f"corrupt gzip data: {exc}") from None
+            out.append(chunk)
+            size += len(chunk)
+            if self._obj.eof:
+                self._pos += len(piece) - len(self._obj.unused_data)
+                self._between_members = True
+            else:
+                self._pos += len(piece) - len(self._obj.unconsumed_tail)
+        return b"".join(out)
 
     def finish(self) -> None:
         if not self._between_members:
@@ -91,20 +107,24 @@ class _Zstd:
         self._dctx = zstandard.ZstdDecompressor()
         self._obj = self._dctx.decompressobj()
         self._tail = b""
+        self._pos = 0  # start of the input not yet consumed in _tail
         self._between_frames = False
 
     def feed(self, data: bytes) -> bytes:
-        self._tail += data
+        self._tail = self._tail[self._pos:] + data if self.pending() else data
+        self._pos = 0
         return self.drain()
 
     def pending(self) -> bool:
-        return bool(self._tail)
+        return self._pos < len(self._tail)
 
     def drain(self) -> bytes:
         out = []
         size = 0
-        while self._tail and size < OUT_LIMIT:
-            piece, self._tail = self._tail[:ZSTD_FEED], self._tail[ZSTD_FEED:]
+        tail = self._tail
+        while self._pos < len(tail) and size < OUT_LIMIT:
+            piece = tail[self._pos:self._pos + ZSTD_FEED]
+            self._pos += len(piece)
             if self._between_frames:
                 if not piece.strip(b"\0"):
                     continue
@@ -118,7 +138,7 @@ class _Zstd:
             size += len(chunk)
             if self._obj.eof:
                 self._between_frames = True
-                self._tail = self._obj.unused_data + self._tail
+                self._pos -= len(self._obj.unused_data)  # the next frame starts there
         return b"".join(out)
 
     def finish(self) -> None:

@@ -98,6 +98,7 @@ class DataWriter:
         self.fd = fd
         # Past this block the image is too large: for the limits, or for 32-bit addresses.
         self.max_blocks = min(limits.max_image_bytes // block_size, MAX_BLOCKS)
+        self.sparse_budget = limits.max_sparse_overhead_bytes  # what holes may still cost
         self.block_size = block_size
         self.next_block = start_block
         self.observer = observer
@@ -213,7 +214,9 @@ class DataWriter:
         The cost is bounded by the data and the limits, never by the declared size."""
         if size <= self.inline_max or size < self.hole_chunk:
             return self.add_file(_Expand(runs, size, read).read, size)
-        bits = self._chunk_bits(runs, size, min(max_indexes, MAX_CHUNK_INDEXES))
+        stored = sum(length for _, length in runs)
+        bits, cost = self._chunk_bits(runs, size, stored, min(max_indexes, MAX_CHUNK_INDEXES))
+        self.sparse_budget -= cost
         chunk = 1 << bits
         nchunks = -(-size >> bits)
         addrs = array("I", [NULL_ADDR]) * nchunks
@@ -234,29 +237,31 @@ class DataWriter:
         chunkbits = bits - (self.block_size.bit_length() - 1)
         return Chunks(chunkbits, addrs)
 
-    def _chunk_bits(self, runs: list[tuple[int, int]], size: int, max_indexes: int) -> int:
-        """log2 of the chunk size for a sparse file: the cheapest that fits the limits."""
+    def _chunk_bits(self, runs: list[tuple[int, int]], size: int, stored: int,
+                    max_indexes: int) -> tuple[int, int]:
+        """log2 of the chunk size for a sparse file, the cheapest that fits the limits, and
+        its overhead: chunk indexes plus the zeros stored in data chunks."""
         block_bits = self.block_size.bit_length() - 1
-        budget = (self.max_blocks - self.next_block) * self.block_size
+        room = (self.max_blocks - self.next_block) * self.block_size
         best: tuple[int, int] | None = None
         for bits in range(self.hole_chunk.bit_length() - 1,
                           block_bits + MAX_CHUNK_EXTRA_BITS + 1):
             data_bytes = _count_touched(runs, bits) << bits
-            if best is not None and data_bytes >= best[0]:
+            if best is not None and data_bytes - stored >= best[0]:
                 break  # data only grows with the chunk size, indexes only shrink
             nchunks = -(-size >> bits)
-            cost = nchunks * CHUNK_INDEX_COST + data_bytes
-            if nchunks <= max_indexes and data_bytes <= budget and (
-                    best is None or cost < best[0]):
+            cost = nchunks * CHUNK_INDEX_COST + max(data_bytes - stored, 0)
+            if (nchunks <= max_indexes and data_bytes <= room and cost <= self.sparse_budget
+                    and (best is None or cost < best[0])):
                 best = (cost, bits)
             if nchunks == 1:
                 break
         if best is None:
-            raise EpError(f"a sparse file of {size} bytes with {len(runs)} data runs cannot "
-                          f"be stored within the limits ({max_indexes} chunk indexes, "
-                          f"{budget} bytes of image left: max_metadata_bytes, "
-                          "max_image_bytes)")
-        return best[1]
+            raise EpError(f"a sparse file of {size} bytes with {len(runs)} data runs would "
+                          f"cost more than the limits allow (max_sparse_overhead_bytes: "
+                          f"{self.sparse_budget} left; max_metadata_bytes: {max_indexes} "
+                          f"chunk indexes; max_image_bytes: {room} bytes left)")
+        return best[1], best[0]
 
 
 def _touched_chunks(runs: list[tuple[int, int]], bits: int) -> Iterator[int]:
