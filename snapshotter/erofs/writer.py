@@ -299,7 +299,8 @@ class _Expand:
         self._pos = 0
 
     def seek(self, pos: int) -> None:
-        if self._next < len(self._runs) and pos > self._runs[self._next][0]:
+        if pos != self._pos and (pos < self._pos or (
+                self._next < len(self._runs) and self._runs[self._next][0] < pos)):
             raise AssertionError("seek over sparse data")
         self._pos = pos
 
