@@ -150,6 +150,11 @@ CASES = {
     "empty PAX path": lambda p: t.pax([(b"path", b"")]) + t.member(b"ustar-name", b"x")
     + t.end(),
     "negative PAX size": lambda p: t.pax([(b"size", b"-1")]) + t.member(b"f") + t.end(),
+    # A sparse map on a symlink (declaring a 4 GiB file): Go refuses (ErrHeader).
+    "sparse map on a symlink": lambda p: t.pax(
+        [(b"GNU.sparse.numblocks", b"1"), (b"GNU.sparse.map", b"0,4294967296"),
+         (b"GNU.sparse.size", b"4294967296")])
+    + t.member(b"link", typeflag=b"2", linkname=b"target") + t.end(),
     # The map accounts for 2 bytes, the archive stores 6: Go fails ("unreferenced data").
     "sparse data the map does not use": lambda p: t.pax(
         [(b"GNU.sparse.major", b"1"), (b"GNU.sparse.minor", b"0"), (b"GNU.sparse.name", b"s"),

@@ -24,7 +24,7 @@ GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 READ_CHUNK = 1 << 20
 ZSTD_FEED = 2048  # bytes of zstd input per call: at most ~64 MiB of output
-GZIP_FEED = 1 << 14  # bytes of gzip input per call (max_length bounds its output)
+GZIP_FEED = 1 << 14  # first piece of gzip input per member (max_length bounds its output)
 OUT_LIMIT = 4 << 20
 
 
@@ -52,15 +52,18 @@ class _Identity:
 class _Gzip:
     """Multi-member gzip; each call returns at most OUT_LIMIT bytes.
 
-    Input goes to the decompressor in GZIP_FEED pieces from an offset into the pending
-    bytes: a layer of thousands of tiny members per MiB (a bomb of a different kind) then
-    costs a piece's copy per member, not the rest of the input's."""
+    Input goes to the decompressor in pieces from an offset into the pending bytes; a piece
+    starts at GZIP_FEED after each member's end and doubles while a member goes on. The
+    decompressor copies the input left after a member's end, so a layer of thousands of tiny
+    members per MiB (a bomb of a different kind) costs a small piece per member, not the
+    rest of the input each time, while one large member is fed in big pieces."""
 
     def __init__(self) -> None:
         self._obj = isal_zlib.decompressobj(31)
         self._tail = b""
         self._pos = 0  # start of the input not yet consumed in _tail
         self._between_members = False
+        self._piece = GZIP_FEED
 
     def feed(self, data: bytes) -> bytes:
         self._tail = self._tail[self._pos:] + data if self.pending() else data
@@ -83,7 +86,7 @@ class _Gzip:
                     break
                 self._obj = isal_zlib.decompressobj(31)
                 self._between_members = False
-            piece = tail[self._pos:self._pos + GZIP_FEED]
+            piece = tail[self._pos:self._pos + self._piece]
             try:
                 chunk = self._obj.decompress(piece, OUT_LIMIT - size)
             except isal_zlib.error as exc:
@@ -93,8 +96,10 @@ class _Gzip:
             if self._obj.eof:
                 self._pos += len(piece) - len(self._obj.unused_data)
                 self._between_members = True
+                self._piece = GZIP_FEED
             else:
                 self._pos += len(piece) - len(self._obj.unconsumed_tail)
+                self._piece = min(2 * self._piece, READ_CHUNK)
         return b"".join(out)
 
     def finish(self) -> None:
