@@ -242,6 +242,7 @@ def test_symlink_targets_up_to_path_max(tmp_path: Path) -> None:
         assert os.readlink(mnt / "link").encode() == target
     _refused(tmp_path, t.pax([(b"linkpath", target + b"y")]) + t.member(b"link", typeflag=b"2")
              + t.end(), "4096 bytes")
+    _refused(tmp_path, t.member(b"link", typeflag=b"2") + t.end(), "empty symlink target")
 
 
 def test_device_numbers_up_to_what_dev_t_holds(tmp_path: Path) -> None:
