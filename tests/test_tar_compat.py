@@ -149,6 +149,9 @@ CASES = {
     # An empty PAX value keeps the header's (Go: "keep the original USTAR value").
     "empty PAX path": lambda p: t.pax([(b"path", b"")]) + t.member(b"ustar-name", b"x")
     + t.end(),
+    # Pre-POSIX directories: typeflag NUL and a trailing slash (Go reads a directory).
+    "old-style directory": lambda p: t.member(b"olddir/", typeflag=b"\0", mode=0o750)
+    + t.member(b"olddir/f", b"x") + t.end(),
     "negative PAX size": lambda p: t.pax([(b"size", b"-1")]) + t.member(b"f") + t.end(),
     # A sparse map on a symlink (declaring a 4 GiB file): Go refuses (ErrHeader).
     "sparse map on a symlink": lambda p: t.pax(
@@ -185,9 +188,12 @@ def test_reads_what_go_archive_tar_reads(tmp_path: Path, gotar: Path, case: str)
         for e in files:
             path = mnt / e["name"].removeprefix("./")
             st = path.lstat()
-            assert stat.S_ISREG(st.st_mode)
-            assert (st.st_size, st.st_uid, st.st_gid, st.st_mode & 0o7777, int(st.st_mtime)) \
-                == (e["size"], e["uid"], e["gid"], e["mode"] & 0o7777, e["mtime"]), e["name"]
+            assert (st.st_uid, st.st_gid, st.st_mode & 0o7777, int(st.st_mtime)) \
+                == (e["uid"], e["gid"], e["mode"] & 0o7777, e["mtime"]), e["name"]
+            if e["typeflag"] == "5":
+                assert stat.S_ISDIR(st.st_mode), e["name"]
+                continue
+            assert stat.S_ISREG(st.st_mode) and st.st_size == e["size"], e["name"]
             digest = hashlib.sha256()
             with open(path, "rb") as f:
                 while piece := f.read(1 << 20):

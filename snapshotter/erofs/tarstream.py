@@ -311,6 +311,8 @@ class TarReader:
             m.name = long_name
         if long_link is not None:
             m.linkname = long_link
+        if m.typeflag == 0 and m.name.endswith(b"/"):
+            m.typeflag = DIRECTORY  # pre-POSIX archives mark directories so (as Go reads them)
         if not MTIME_MIN <= m.mtime <= MTIME_MAX:
             raise EpError(f"{_show(m.name)!r}: mtime {m.mtime} out of range")
         stored = 0 if m.typeflag in HEADER_ONLY else m.size  # bytes of data in the archive
