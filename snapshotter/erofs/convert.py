@@ -198,9 +198,11 @@ def _convert(
     hole_chunk: int,
     blob_digest: bool,
     inline_max: int = DEFAULT_INLINE_MAX,
-    limits: Limits = DEFAULT_LIMITS,
+    limits: Limits | None = None,
 ) -> ConvertResult:
     """Write the image of whatever `build` reads, atomically, with optional verity tree.
+
+    `limits` bound the image written (None: only the format does; `build` applies its own).
 
     `build` returns the tree and the source's identity (a sha256 digest string), from which
     the UUID and the default verity salt derive. When the identity is known up front

@@ -91,14 +91,19 @@ class DataWriter:
         observer: WriteObserver | None = None,
         hole_chunk: int = DEFAULT_HOLE_CHUNK,
         inline_max: int = DEFAULT_INLINE_MAX,
-        limits: Limits = DEFAULT_LIMITS,
+        limits: Limits | None = None,
     ) -> None:
+        """`limits`: the layer's ceilings (image bytes, sparse overhead); None for sources
+        that are not untrusted layers (a directory commit, a merge): only the format's
+        32-bit block addresses bound them."""
         if hole_chunk % block_size or hole_chunk & (hole_chunk - 1):
             raise EpError("hole chunk size must be a power-of-two multiple of the block size")
         self.fd = fd
         # Past this block the image is too large: for the limits, or for 32-bit addresses.
-        self.max_blocks = min(limits.max_image_bytes // block_size, MAX_BLOCKS)
-        self.sparse_budget = limits.max_sparse_overhead_bytes  # what holes may still cost
+        image_bytes = limits.max_image_bytes if limits else MAX_BLOCKS * block_size
+        self.max_blocks = min(image_bytes // block_size, MAX_BLOCKS)
+        # What holes of sparse files may still cost.
+        self.sparse_budget = (limits or DEFAULT_LIMITS).max_sparse_overhead_bytes
         self.block_size = block_size
         self.next_block = start_block
         self.observer = observer
