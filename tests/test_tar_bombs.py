@@ -9,24 +9,36 @@ kernel mounts, made in seconds.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
+from shim_integration.containerd_dist import from_suite
+from shim_integration.containerd_private import Stack
+from snapshotter.api.containerd.services.diff.v1 import diff_pb2, diff_pb2_grpc
+from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
+from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
+from snapshotter.api.containerd.types import descriptor_pb2
 from snapshotter.erofs.convert import convert_layer
 from snapshotter.erofs.limits import Limits
 from snapshotter.errors import EpError
 from tests import tarcraft as t
-from tests.helpers import mounted_erofs
+from tests.helpers import mounted_erofs, require_root
 
 CLI = [sys.executable, "-m", "shim_integration.cli"]
 MEMORY_LIMIT = 1 << 30  # address space of the converting process
 TIMEOUT = 90
+NS = [("containerd-namespace", "default")]
 
 
 def _limit_memory() -> None:
@@ -264,3 +276,77 @@ def test_limits_must_be_positive_integers() -> None:
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="max_entries"):
             Limits(max_entries=bad)
+
+
+# --- The same bombs through the service: containerd's content store, our differ's Apply ----
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    require_root()
+    base = Path(tempfile.mkdtemp(prefix="ctd-bombs-"))
+    running = Stack(from_suite("trixie"), base, differ=True).start()
+    yield running
+    running.stop()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def _peak_rss(pid: int) -> int:
+    """The process's peak resident set (VmHWM), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def _apply_layer(stack: Stack, blob: Path, key: str, media_type: str
+                 ) -> tuple[grpc.StatusCode, str]:
+    digest = "sha256:" + hashlib.sha256(blob.read_bytes()).hexdigest()
+    ctr = stack.containerd
+    with open(blob, "rb") as f:
+        subprocess.run([ctr.dist.tool("ctr"), "--address", str(ctr.socket), "-n", "default",
+                        "content", "ingest", "--expected-digest", digest, "--expected-size",
+                        str(blob.stat().st_size), f"ingest-{digest[7:19]}"],
+                       stdin=f, check=True, capture_output=True, env=ctr.env())
+    with grpc.insecure_channel(f"unix:{stack.service.socket}") as channel:
+        mounts = pb_grpc.SnapshotsStub(channel).Prepare(
+            pb.PrepareSnapshotRequest(key=key), metadata=NS).mounts
+        request = diff_pb2.ApplyRequest(diff=descriptor_pb2.Descriptor(
+            media_type=media_type, digest=digest, size=blob.stat().st_size), mounts=mounts)
+        try:
+            diff_pb2_grpc.DiffStub(channel).Apply(request, metadata=NS, timeout=TIMEOUT)
+            return grpc.StatusCode.OK, ""
+        except grpc.RpcError as exc:
+            return exc.code(), exc.details()
+
+
+def test_apply_refuses_bombs_in_one_line_and_stays_small(stack: Stack, tmp_path: Path) -> None:
+    """A 2 MB gzip (negative size, then 2 GiB of zeros) and a 2 MB PAX path through Apply:
+    refused with a status containerd shows as one line, quickly, with the service's peak
+    memory barely moving; a 1 PiB sparse layer then applies."""
+    assert stack.service.proc is not None
+    pid = stack.service.proc.pid
+    before = _peak_rss(pid)
+    bombs = {
+        "negative-size": zlib.compress(t.header(b"neg", size=b"-1000") + t.end(), 9, 31)
+        + gzip_of_zeros(2),
+        "deep-path": zlib.compress(t.pax([(b"path", b"a/" * 1_000_000 + b"f")])
+                                   + t.member(b"f", b"x") + t.end(), 9, 31),
+    }
+    for name, data in bombs.items():
+        blob = tmp_path / f"{name}.tar.gz"
+        blob.write_bytes(data)
+        code, details = _apply_layer(stack, blob, f"default/bomb/{name}",
+                                     "application/vnd.oci.image.layer.v1.tar+gzip")
+        assert code not in (grpc.StatusCode.OK, grpc.StatusCode.INTERNAL), (name, code)
+        assert "\n" not in details and "Traceback" not in details, details
+        want = "bad size field" if name == "negative-size" else "max_header_bytes"
+        assert want in details, (code, details)
+    assert _peak_rss(pid) - before < 200 << 20
+    size = 1 << 50
+    blob = tmp_path / "peta.tar"
+    blob.write_bytes(t.pax_sparse_1x0(b"peta", size, [(0, b"head"), (size - 4, b"tail")])
+                     + t.end())
+    code, details = _apply_layer(stack, blob, "default/bomb/peta",
+                                 "application/vnd.oci.image.layer.v1.tar")
+    assert code == grpc.StatusCode.OK, details
