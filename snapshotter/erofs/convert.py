@@ -23,6 +23,7 @@ from snapshotter.verity import VerityInfo
 
 from .dir_import import import_directory
 from .image_verity import VerityFeed, append_verity, reread, verity_builder
+from .limits import DEFAULT_LIMITS, Limits
 from .reader import ErofsImage
 from .streams import LayerStream
 from .tar_import import import_tar
@@ -82,25 +83,29 @@ def convert_layer(
     hole_chunk: int = DEFAULT_HOLE_CHUNK,
     blob_digest: bool = False,
     inline_max: int = DEFAULT_INLINE_MAX,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> ConvertResult:
     """Convert a tar / tar.gz / tar.zst layer into an EROFS blob at `out_path`.
 
     `verity`: None, True (containerd's defaults: sha256, 4096/4096, salt derived from the
     diffID, tree appended with a v1 superblock) or a `VerityParams`. `blob_digest`: also
-    compute the sha256 of the image bytes. EpError on bad input or a diffID other than
-    `expected_diff_id`; the output then does not exist.
+    compute the sha256 of the image bytes. `limits`: the ceilings on what the layer may cost
+    (decompressed bytes, image bytes, entries, metadata; see `limits.Limits`). EpError on bad
+    input, a layer over a limit, or a diffID other than `expected_diff_id`; the output then
+    does not exist.
     """
     if isinstance(source, str | os.PathLike):
         with open(source, "rb") as f:
             return convert_layer(f, out_path, expected_diff_id=expected_diff_id, verity=verity,
                                  block_size=block_size, hole_chunk=hole_chunk,
-                                 blob_digest=blob_digest, inline_max=inline_max)
+                                 blob_digest=blob_digest, inline_max=inline_max,
+                                 limits=limits)
     stream: LayerStream | None = None
 
     def build(data: DataWriter) -> tuple[SourceTree, str]:
         nonlocal stream
-        stream = LayerStream(source)
-        tree = import_tar(stream, data)
+        stream = LayerStream(source, limits)
+        tree = import_tar(stream, data, limits)
         stream.drain()
         if expected_diff_id is not None and stream.diff_id != expected_diff_id:
             raise EpError(f"diffID mismatch: layer is {stream.diff_id}, "
@@ -109,7 +114,7 @@ def convert_layer(
 
     result = _convert(Path(out_path), build, identity_hint=expected_diff_id, verity=verity,
                       block_size=block_size, hole_chunk=hole_chunk, blob_digest=blob_digest,
-                      inline_max=inline_max)
+                      inline_max=inline_max, limits=limits)
     return dataclasses.replace(result, diff_id=stream.diff_id,
                                compressed_digest=stream.compressed_digest,
                                compression=stream.compression)
@@ -190,8 +195,11 @@ def _convert(
     hole_chunk: int,
     blob_digest: bool,
     inline_max: int = DEFAULT_INLINE_MAX,
+    limits: Limits | None = None,
 ) -> ConvertResult:
     """Write the image of whatever `build` reads, atomically, with optional verity tree.
+
+    `limits` bound the image written (None: only the format does; `build` applies its own).
 
     `build` returns the tree and the source's identity (a sha256 digest string), from which
     the UUID and the default verity salt derive. When the identity is known up front
@@ -207,7 +215,7 @@ def _convert(
             builder, vparams = verity_builder(verity, identity_hint)
             feed = VerityFeed(builder, vparams.data_block_size, start * block_size)
         data = DataWriter(fd, block_size, start, feed.observe if feed else None, hole_chunk,
-                          inline_max)
+                          inline_max, limits)
         tree, identity = build(data)
         params = ImageParams(
             block_size=block_size,

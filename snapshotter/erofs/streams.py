@@ -18,10 +18,13 @@ from isal import isal_zlib
 
 from snapshotter.errors import EpError
 
+from .limits import DEFAULT_LIMITS, Limits
+
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 READ_CHUNK = 1 << 20
 ZSTD_FEED = 2048  # bytes of zstd input per call: at most ~64 MiB of output
+GZIP_FEED = 1 << 14  # first piece of gzip input per member (max_length bounds its output)
 OUT_LIMIT = 4 << 20
 
 
@@ -47,37 +50,57 @@ class _Identity:
 
 
 class _Gzip:
-    """Multi-member gzip; each call returns at most OUT_LIMIT bytes."""
+    """Multi-member gzip; each call returns at most OUT_LIMIT bytes.
+
+    Input goes to the decompressor in pieces from an offset into the pending bytes; a piece
+    starts at GZIP_FEED after each member's end and doubles while a member goes on. The
+    decompressor copies the input left after a member's end, so a layer of thousands of tiny
+    members per MiB (a bomb of a different kind) costs a small piece per member, not the
+    rest of the input each time, while one large member is fed in big pieces."""
 
     def __init__(self) -> None:
         self._obj = isal_zlib.decompressobj(31)
         self._tail = b""
+        self._pos = 0  # start of the input not yet consumed in _tail
         self._between_members = False
+        self._piece = GZIP_FEED
 
     def feed(self, data: bytes) -> bytes:
-        if self._between_members:
-            if not data.strip(b"\0"):
-                return b""
-            self._obj = isal_zlib.decompressobj(31)
-            self._between_members = False
-        try:
-            out = self._obj.decompress(data, OUT_LIMIT)
-        except isal_zlib.error as exc:
-            raise EpError(f"corrupt gzip data: {exc}") from None
-        self._tail = self._obj.unconsumed_tail
-        if self._obj.eof:
-            rest = self._obj.unused_data
-            self._between_members = True
-            if rest:
-                out += self.feed(rest)
-        return out
+        self._tail = self._tail[self._pos:] + data if self.pending() else data
+        self._pos = 0
+        return self.drain()
 
     def pending(self) -> bool:
-        return bool(self._tail)
+        return self._pos < len(self._tail)
 
     def drain(self) -> bytes:
-        tail, self._tail = self._tail, b""
-        return self.feed(tail)
+        out = []
+        size = 0
+        tail = self._tail
+        while self._pos < len(tail) and size < OUT_LIMIT:
+            if self._between_members:
+                if tail[self._pos] == 0:  # zero padding after the last member
+                    if tail[self._pos:].strip(b"\0"):
+                        raise EpError("corrupt gzip data: garbage after a gzip member")
+                    self._pos = len(tail)
+                    break
+                self._obj = isal_zlib.decompressobj(31)
+                self._between_members = False
+            piece = tail[self._pos:self._pos + self._piece]
+            try:
+                chunk = self._obj.decompress(piece, OUT_LIMIT - size)
+            except isal_zlib.error as exc:
+                raise EpError(f"corrupt gzip data: {exc}") from None
+            out.append(chunk)
+            size += len(chunk)
+            if self._obj.eof:
+                self._pos += len(piece) - len(self._obj.unused_data)
+                self._between_members = True
+                self._piece = GZIP_FEED
+            else:
+                self._pos += len(piece) - len(self._obj.unconsumed_tail)
+                self._piece = min(2 * self._piece, READ_CHUNK)
+        return b"".join(out)
 
     def finish(self) -> None:
         if not self._between_members:
@@ -89,20 +112,24 @@ class _Zstd:
         self._dctx = zstandard.ZstdDecompressor()
         self._obj = self._dctx.decompressobj()
         self._tail = b""
+        self._pos = 0  # start of the input not yet consumed in _tail
         self._between_frames = False
 
     def feed(self, data: bytes) -> bytes:
-        self._tail += data
+        self._tail = self._tail[self._pos:] + data if self.pending() else data
+        self._pos = 0
         return self.drain()
 
     def pending(self) -> bool:
-        return bool(self._tail)
+        return self._pos < len(self._tail)
 
     def drain(self) -> bytes:
         out = []
         size = 0
-        while self._tail and size < OUT_LIMIT:
-            piece, self._tail = self._tail[:ZSTD_FEED], self._tail[ZSTD_FEED:]
+        tail = self._tail
+        while self._pos < len(tail) and size < OUT_LIMIT:
+            piece = tail[self._pos:self._pos + ZSTD_FEED]
+            self._pos += len(piece)
             if self._between_frames:
                 if not piece.strip(b"\0"):
                     continue
@@ -116,7 +143,7 @@ class _Zstd:
             size += len(chunk)
             if self._obj.eof:
                 self._between_frames = True
-                self._tail = self._obj.unused_data + self._tail
+                self._pos -= len(self._obj.unused_data)  # the next frame starts there
         return b"".join(out)
 
     def finish(self) -> None:
@@ -129,10 +156,12 @@ class LayerStream:
 
     `compressed_digest` is the sha256 of the bytes read from the source (the OCI blob digest);
     `diff_id` the sha256 of the tar (the OCI diffID). Both are complete after `drain()`.
+    More than `limits.max_tar_bytes` of tar (a decompression bomb) is an EpError.
     """
 
-    def __init__(self, source: BinaryIO) -> None:
+    def __init__(self, source: BinaryIO, limits: Limits = DEFAULT_LIMITS) -> None:
         self._src = source
+        self._max_tar_bytes = limits.max_tar_bytes
         head = source.read(READ_CHUNK)
         self.compression = (
             "gzip" if head.startswith(GZIP_MAGIC)
@@ -161,6 +190,9 @@ class LayerStream:
         if out:
             self._tar_hash.update(out)
             self.tar_size += len(out)
+            if self.tar_size > self._max_tar_bytes:
+                raise EpError(f"layer decompresses to more than {self._max_tar_bytes} bytes "
+                              "(max_tar_bytes)")
             self._buf = self._buf[self._pos:] + out if self._pos < len(self._buf) else out
             self._pos = 0
 
@@ -178,15 +210,19 @@ class LayerStream:
                 return True
 
     def read(self, size: int = -1) -> bytes:
+        """Up to `size` tar bytes (fewer only at the end); `size < 0` reads the rest."""
         pos = self._pos
         end = pos + size
         if size >= 0 and end <= len(self._buf):  # the common case: already decompressed
             self._pos = end
             return self._buf[pos:end]
-        if size < 0:
+        if size < 0:  # pieces joined once: appending to the buffer would be quadratic
+            parts = [self._buf[self._pos:]]
+            self._buf, self._pos = b"", 0
             while self._fill():
-                pass
-            size = len(self._buf) - self._pos
+                parts.append(self._buf)
+                self._buf = b""
+            return b"".join(parts)
         while len(self._buf) - self._pos < size and self._fill():
             pass
         out = self._buf[self._pos:self._pos + size]

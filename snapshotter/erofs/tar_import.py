@@ -9,7 +9,11 @@ directory holding whiteouts gets an empty `trusted.overlay.origin` (so overlayfs
 it directly and shows a whiteout).
 
 Hostile input is refused, not sanitised: absolute names, `..`, a path through a symlink or a
-file, hardlinks to missing entries or directories, ids Linux cannot represent.
+file, hardlinks to missing entries or directories, ids Linux cannot represent, symlink targets
+Linux cannot create, device numbers EROFS cannot store, xattrs EROFS cannot store. What a layer
+may cost is bounded by `Limits`: entries, path length and depth, and the metadata the tree
+holds (names, targets, xattrs, chunk indexes, a fixed cost per inode) are counted as the tar
+is read, so memory never grows past `max_metadata_bytes`.
 """
 
 from __future__ import annotations
@@ -20,22 +24,44 @@ from collections import Counter
 from snapshotter.errors import EpError
 
 from . import tarstream as ts
+from .format import FormatError, split_xattr_name
+from .limits import (
+    DEFAULT_LIMITS,
+    DEV_MAJOR_MAX,
+    DEV_MINOR_MAX,
+    SYMLINK_TARGET_MAX,
+    XATTR_INLINE_MAX,
+    XATTR_NAME_MAX,
+    XATTR_VALUE_MAX,
+    XATTRS_PER_FILE_MAX,
+    Limits,
+)
 from .tarstream import TarMember, TarReader
-from .tree import Node, SourceTree, pick_build_time, validate_name
-from .writer import DataWriter
+from .tree import Chunks, Node, SourceTree, pick_build_time, validate_name
+from .writer import CHUNK_INDEX_COST, DataWriter
 
 WHITEOUT_PREFIX = b".wh."
 OPAQUE_MARKER = b".wh..wh..opq"
 AUFS_META_PREFIX = b".wh..wh."
 OPAQUE_XATTR = b"trusted.overlay.opaque"
 ORIGIN_XATTR = b"trusted.overlay.origin"
+# What an inode costs in memory beyond its names and attributes: the Node, its dicts, and the
+# writer's per-inode layout records (measured: ~0.6 KiB; rounded up).
+NODE_COST = 1024
 
 
-def split_member_path(name: bytes) -> list[bytes]:
-    """A member name as path components, refusing names that would leave the layer."""
+def split_member_path(name: bytes, limits: Limits = DEFAULT_LIMITS) -> list[bytes]:
+    """A member name as path components, refusing names that would leave the layer or that
+    exceed the path limits."""
+    if len(name) > limits.max_path_bytes:
+        raise EpError(f"member name {_show(name[:60])!r}... is {len(name)} bytes, over the "
+                      f"limit of {limits.max_path_bytes} (max_path_bytes)")
     if name.startswith(b"/"):
         raise EpError(f"absolute member name {_show(name)!r} in layer")
     parts = [p for p in name.split(b"/") if p and p != b"."]
+    if len(parts) > limits.max_path_depth:
+        raise EpError(f"member name {_show(name[:60])!r}... has {len(parts)} components, "
+                      f"over the limit of {limits.max_path_depth} (max_path_depth)")
     if b".." in parts:
         raise EpError(f"member name {_show(name)!r} contains '..'")
     if b"\0" in name or any(len(p) > 255 for p in parts):
@@ -47,8 +73,10 @@ def split_member_path(name: bytes) -> list[bytes]:
 class TarImporter:
     """Builds the tree member by member; file data goes straight to the `DataWriter`."""
 
-    def __init__(self, data: DataWriter) -> None:
+    def __init__(self, data: DataWriter, limits: Limits = DEFAULT_LIMITS) -> None:
         self.data = data
+        self.limits = limits
+        self.metadata_bytes = NODE_COST  # the root
         self.root = Node.directory(0o755)
         self._implicit: set[int] = {id(self.root)}
         self._implicit_nodes: list[Node] = [self.root]
@@ -61,6 +89,7 @@ class TarImporter:
         for part in parts[:-1]:
             child = node.children.get(part)
             if child is None or _is_whiteout(child):
+                self._charge(NODE_COST + len(part), name)
                 child = self._implicit_dir(replaces_whiteout=child is not None)
                 node.children[part] = child
             elif not child.is_dir:
@@ -86,10 +115,24 @@ class TarImporter:
             node = node.children.get(part)
         return node
 
+    def _charge(self, nbytes: int, name: bytes) -> None:
+        """Count `nbytes` of tree memory against `max_metadata_bytes`."""
+        self.metadata_bytes += nbytes
+        if self.metadata_bytes > self.limits.max_metadata_bytes:
+            raise EpError(f"{_show(name[:100])!r}: the layer's metadata exceeds "
+                          f"{self.limits.max_metadata_bytes} bytes (max_metadata_bytes)")
+
     def add(self, m: TarMember, read) -> None:
-        """One tar member; `read(n)` reads its (logical) data."""
+        """One tar member; `read(n)` reads its stored data (for a sparse member, the bytes
+        of its data runs back to back)."""
         self.entries += 1
-        parts = split_member_path(m.name)
+        if self.entries > self.limits.max_entries:
+            raise EpError(f"the layer has more than {self.limits.max_entries} entries "
+                          "(max_entries)")
+        parts = split_member_path(m.name, self.limits)
+        _check_member(m)
+        self._charge(NODE_COST + len(m.name) + len(m.linkname)
+                     + sum(len(k) + len(v) for k, v in m.xattrs.items()), m.name)
         self._mtimes[(m.mtime, m.mtime_nsec)] += 1
         if not parts:
             if m.typeflag != ts.DIRECTORY:
@@ -132,7 +175,7 @@ class TarImporter:
         parent.children[name] = node  # a later entry wins
 
     def _link_target(self, m: TarMember) -> Node:
-        target = self._lookup(split_member_path(m.linkname))
+        target = self._lookup(split_member_path(m.linkname, self.limits))
         if target is None:
             raise EpError(f"{_show(m.name)!r}: hardlink to missing entry "
                           f"{_show(m.linkname)!r}")
@@ -150,7 +193,14 @@ class TarImporter:
         if flag == ts.FIFO:
             return Node(mode=stat.S_IFIFO)
         # Regular files, and (as GNU tar does) members of unknown type.
-        return Node(mode=stat.S_IFREG, size=m.size, data=self.data.add_file(read, m.size))
+        if m.sparse is not None:
+            room = (self.limits.max_metadata_bytes - self.metadata_bytes) // CHUNK_INDEX_COST
+            data = self.data.add_sparse(m.sparse, m.size, read, max_indexes=max(room, 1))
+        else:
+            data = self.data.add_file(read, m.size)
+        if isinstance(data, Chunks):
+            self._charge(len(data.blkaddrs) * CHUNK_INDEX_COST, m.name)
+        return Node(mode=stat.S_IFREG, size=m.size, data=data)
 
     @staticmethod
     def _set_attrs(node: Node, m: TarMember) -> None:
@@ -178,6 +228,42 @@ class TarImporter:
         return SourceTree(self.root, build_time, nsec, self.entries)
 
 
+def _check_member(m: TarMember) -> None:
+    """What Linux or EROFS cannot represent, refused before anything is built from it."""
+    if m.typeflag == ts.SYMLINK and len(m.linkname) > SYMLINK_TARGET_MAX:
+        raise EpError(f"{_show(m.name)!r}: symlink target of {len(m.linkname)} bytes (Linux "
+                      f"takes at most {SYMLINK_TARGET_MAX})")
+    if m.typeflag == ts.SYMLINK and not m.linkname:
+        raise EpError(f"{_show(m.name)!r}: empty symlink target")
+    if m.typeflag in (ts.CHRDEV, ts.BLKDEV) and not (
+            0 <= m.devmajor <= DEV_MAJOR_MAX and 0 <= m.devminor <= DEV_MINOR_MAX):
+        raise EpError(f"{_show(m.name)!r}: device {m.devmajor}:{m.devminor} cannot be stored "
+                      f"(EROFS and Linux's u32 dev_t: major <= {DEV_MAJOR_MAX}, minor <= "
+                      f"{DEV_MINOR_MAX})")
+    if m.xattrs:
+        _check_xattrs(m)
+
+
+def _check_xattrs(m: TarMember) -> None:
+    if len(m.xattrs) > XATTRS_PER_FILE_MAX:
+        raise EpError(f"{_show(m.name)!r}: {len(m.xattrs)} xattrs, EROFS stores at most "
+                      f"{XATTRS_PER_FILE_MAX} per file")
+    total = 0
+    for key, value in m.xattrs.items():
+        try:
+            _, suffix = split_xattr_name(key)
+        except FormatError as exc:
+            raise EpError(f"{_show(m.name)!r}: {exc}") from None
+        if len(suffix) > XATTR_NAME_MAX or len(value) > XATTR_VALUE_MAX:
+            raise EpError(f"{_show(m.name)!r}: xattr {_show(key[:60])!r} too large for EROFS "
+                          f"(name suffix <= {XATTR_NAME_MAX}, value <= {XATTR_VALUE_MAX} "
+                          "bytes)")
+        total += (4 + len(suffix) + len(value) + 3) & ~3
+    if total > XATTR_INLINE_MAX:
+        raise EpError(f"{_show(m.name)!r}: {total} bytes of xattrs, EROFS stores at most "
+                      f"{XATTR_INLINE_MAX} per file")
+
+
 def _is_whiteout(node: Node) -> bool:
     return stat.S_ISCHR(node.mode) and node.rdev == (0, 0)
 
@@ -186,10 +272,11 @@ def _show(name: bytes) -> str:
     return name.decode("utf-8", "replace")
 
 
-def import_tar(stream: ts.Readable, data: DataWriter) -> SourceTree:
+def import_tar(stream: ts.Readable, data: DataWriter, limits: Limits = DEFAULT_LIMITS
+               ) -> SourceTree:
     """Read a whole tar stream into a tree; file data goes to `data`."""
-    importer = TarImporter(data)
-    reader = TarReader(stream)
+    importer = TarImporter(data, limits)
+    reader = TarReader(stream, limits)
     for member in reader:
-        importer.add(member, reader.data_reader(member))
+        importer.add(member, reader.read_data)
     return importer.finish()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 from array import array
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -49,6 +50,7 @@ from .format import (
     encode_dev,
     file_type,
 )
+from .limits import DEFAULT_LIMITS, Limits
 from .tree import Chunks, Extent, FileData, InlineTail, Node
 
 # Called with (byte offset, bytes) for every region written, in the order written.
@@ -59,6 +61,17 @@ DEFAULT_INLINE_MAX = 512  # files up to this size are stored inline after their 
 INLINE_BUDGET = 64 << 20  # at most this much file data held for inlining
 READ_SIZE = 1 << 20
 WRITE_BUFFER = 4 << 20
+ZEROS = bytes(READ_SIZE)
+# Chunk indexes hold 32-bit block addresses, EROFS_NULL_ADDR (all ones) meaning a hole.
+MAX_BLOCKS = NULL_ADDR
+# Linux 6.1 computes a chunk index's position as `unsigned int` 8 * chunk number: keep every
+# table well below 2^29 entries.
+MAX_CHUNK_INDEXES = 1 << 28
+# Largest chunk the format can say: chunkbits is block bits + a 5-bit field.
+MAX_CHUNK_EXTRA_BITS = 31
+# What choosing a chunk size weighs: a chunk index costs about this many bytes of memory and
+# image (array, packed table, metadata buffer), a data chunk its size in written bytes.
+CHUNK_INDEX_COST = 32
 
 
 def header_blocks(block_size: int, extra_devices: int = 0) -> int:
@@ -78,10 +91,19 @@ class DataWriter:
         observer: WriteObserver | None = None,
         hole_chunk: int = DEFAULT_HOLE_CHUNK,
         inline_max: int = DEFAULT_INLINE_MAX,
+        limits: Limits | None = None,
     ) -> None:
+        """`limits`: the layer's ceilings (image bytes, sparse overhead); None for sources
+        that are not untrusted layers (a directory commit, a merge): only the format's
+        32-bit block addresses bound them."""
         if hole_chunk % block_size or hole_chunk & (hole_chunk - 1):
             raise EpError("hole chunk size must be a power-of-two multiple of the block size")
         self.fd = fd
+        # Past this block the image is too large: for the limits, or for 32-bit addresses.
+        image_bytes = limits.max_image_bytes if limits else MAX_BLOCKS * block_size
+        self.max_blocks = min(image_bytes // block_size, MAX_BLOCKS)
+        # What holes of sparse files may still cost.
+        self.sparse_budget = (limits or DEFAULT_LIMITS).max_sparse_overhead_bytes
         self.block_size = block_size
         self.next_block = start_block
         self.observer = observer
@@ -106,9 +128,15 @@ class DataWriter:
             self.flush()
         return first
 
+    def _check_size(self) -> None:
+        if self.next_block > self.max_blocks:
+            raise EpError(f"the image would exceed {self.max_blocks * self.block_size} bytes "
+                          "(max_image_bytes, or EROFS's 32-bit block addresses)")
+
     def flush(self) -> None:
         if not self._buffer:
             return
+        self._check_size()
         offset = self.next_block * self.block_size - len(self._buffer)
         view = memoryview(self._buffer)
         while view:
@@ -179,6 +207,126 @@ class DataWriter:
         if NULL_ADDR not in addrs:
             return Extent(start, self.next_block - start)
         return Chunks((chunk // self.block_size).bit_length() - 1, addrs)
+
+    def add_sparse(self, runs: list[tuple[int, int]], size: int, read: Callable[[int], bytes],
+                   max_indexes: int = MAX_CHUNK_INDEXES) -> FileData:
+        """A sparse file: `runs` (sorted (offset, length) pairs) hold its data, the rest are
+        holes; `read` gives the runs' bytes back to back.
+
+        Holes are never read nor written: the file becomes chunk-based with null chunk
+        indexes, at the chunk size that makes indexes plus written data chunks cheapest
+        (a chunk holding any data is stored whole). `max_indexes` bounds its chunk table.
+        The cost is bounded by the data and the limits, never by the declared size."""
+        if size <= self.inline_max or size < self.hole_chunk:
+            return self.add_file(_Expand(runs, size, read).read, size)
+        stored = sum(length for _, length in runs)
+        bits, cost = self._chunk_bits(runs, size, stored, min(max_indexes, MAX_CHUNK_INDEXES))
+        self.sparse_budget -= cost
+        chunk = 1 << bits
+        nchunks = -(-size >> bits)
+        addrs = array("I", [NULL_ADDR]) * nchunks
+        expand = _Expand(runs, size, read)
+        start_block = self.next_block
+        for index in _touched_chunks(runs, bits):
+            addrs[index] = self.next_block
+            start = index << bits
+            end = min(start + chunk, size)
+            expand.seek(start)
+            remaining = end - start
+            while remaining:
+                piece = expand.read(min(READ_SIZE, remaining))
+                remaining -= len(piece)
+                self._emit(self._pad(piece) if not remaining else piece)
+        if NULL_ADDR not in addrs:  # no hole after all: one contiguous extent
+            return Extent(start_block, self.next_block - start_block)
+        chunkbits = bits - (self.block_size.bit_length() - 1)
+        return Chunks(chunkbits, addrs)
+
+    def _chunk_bits(self, runs: list[tuple[int, int]], size: int, stored: int,
+                    max_indexes: int) -> tuple[int, int]:
+        """log2 of the chunk size for a sparse file, the cheapest that fits the limits, and
+        its overhead: chunk indexes plus the zeros stored in data chunks."""
+        block_bits = self.block_size.bit_length() - 1
+        room = (self.max_blocks - self.next_block) * self.block_size
+        best: tuple[int, int] | None = None
+        for bits in range(self.hole_chunk.bit_length() - 1,
+                          block_bits + MAX_CHUNK_EXTRA_BITS + 1):
+            data_bytes = _count_touched(runs, bits) << bits
+            if best is not None and data_bytes - stored >= best[0]:
+                break  # data only grows with the chunk size, indexes only shrink
+            nchunks = -(-size >> bits)
+            cost = nchunks * CHUNK_INDEX_COST + max(data_bytes - stored, 0)
+            if (nchunks <= max_indexes and data_bytes <= room and cost <= self.sparse_budget
+                    and (best is None or cost < best[0])):
+                best = (cost, bits)
+            if nchunks == 1:
+                break
+        if best is None:
+            raise EpError(f"a sparse file of {size} bytes with {len(runs)} data runs would "
+                          f"cost more than the limits allow (max_sparse_overhead_bytes: "
+                          f"{self.sparse_budget} left; max_metadata_bytes: {max_indexes} "
+                          f"chunk indexes; max_image_bytes: {room} bytes left)")
+        return best[1], best[0]
+
+
+def _touched_chunks(runs: list[tuple[int, int]], bits: int) -> Iterator[int]:
+    """The chunk numbers (chunk size 2**bits) holding any data of `runs`, ascending."""
+    last = -1
+    for offset, length in runs:
+        first, end = offset >> bits, (offset + length - 1) >> bits
+        first = max(first, last + 1)
+        yield from range(first, end + 1)
+        last = max(last, end)
+
+
+def _count_touched(runs: list[tuple[int, int]], bits: int) -> int:
+    """How many chunks `_touched_chunks` yields, without yielding them."""
+    count = 0
+    last = -1
+    for offset, length in runs:
+        first, end = max(offset >> bits, last + 1), (offset + length - 1) >> bits
+        if end >= first:
+            count += end - first + 1
+            last = end
+    return count
+
+
+class _Expand:
+    """`read(n)` over a sparse file's logical contents: its runs' bytes (from `read`) with
+    zeros between them; `seek` forward skips zeros only (never data)."""
+
+    def __init__(self, runs: list[tuple[int, int]], size: int, read: Callable[[int], bytes]
+                 ) -> None:
+        self._runs = runs
+        self._next = 0  # index of the first run not wholly consumed
+        self._size = size
+        self._read = read
+        self._pos = 0
+
+    def seek(self, pos: int) -> None:
+        if pos != self._pos and (pos < self._pos or (
+                self._next < len(self._runs) and self._runs[self._next][0] < pos)):
+            raise AssertionError("seek over sparse data")
+        self._pos = pos
+
+    def read(self, size: int) -> bytes:
+        out = []
+        while size and self._pos < self._size:
+            if self._next < len(self._runs) and self._pos >= self._runs[self._next][0]:
+                offset, length = self._runs[self._next]
+                n = min(size, offset + length - self._pos)
+                data = _read_exact(self._read, n)
+                if self._pos + n == offset + length:
+                    self._next += 1
+            else:
+                gap_end = self._runs[self._next][0] if self._next < len(self._runs) \
+                    else self._size
+                n = min(size, gap_end - self._pos, len(ZEROS))
+                data = ZEROS[:n]
+            self._pos += n
+            out.append(data)
+            size -= n
+        return b"".join(out)
 
 
 def _read_exact(read: Callable[[int], bytes], size: int) -> bytes:
@@ -517,7 +665,20 @@ def _choose_layouts(placed: list[_Placed], cursor: _BlockCursor, bs: int) -> Non
         elif isinstance(fd, Chunks):
             inode.layout = LAYOUT_CHUNK_BASED
             inode.i_u = fd.chunkbits | CHUNK_FORMAT_INDEXES
-            p.chunk_table = ChunkIndex.pack_table(fd.blkaddrs, fd.devices)
+            p.chunk_table = _pack_chunk_table(fd)
+
+
+def _pack_chunk_table(fd: Chunks) -> bytes:
+    """The chunk indexes of `fd`; 8 bytes each without per-index Python objects when every
+    chunk is on the primary device (tables of sparse files can be millions long)."""
+    if fd.devices is not None or fd.blkaddrs.typecode != "I":
+        return ChunkIndex.pack_table(fd.blkaddrs, fd.devices)
+    # <HHI with advise 0 and device 0: a zero u32, then the block address.
+    table = array("I", bytes(8 * len(fd.blkaddrs)))
+    table[1::2] = fd.blkaddrs
+    if sys.byteorder == "big":
+        table.byteswap()
+    return table.tobytes()
 
 
 def _fits_inline(p: _Placed, tail_len: int, bs: int) -> bool:
