@@ -4,6 +4,11 @@ Every call is one metadata transaction plus file steps ordered so that a crash b
 of them leaves garbage only (see layout.py and layer_build.py); `cleanup` removes it and runs at
 start-up. Commit converts the unpacked fs/ into layer.erofs + dm-verity outside any transaction
 (unless our differ already wrote the layer), then one transaction makes it committed.
+
+Calls on one snapshot's directory (Commit, Apply, Remove) hold its lock in the Layout, so a
+second Commit of a key waits for the first and then finds the key gone (NotFound); a committed
+layer is never rebuilt. Cleanup's orphan scan runs inside one metadata transaction, which
+creation's claim of its directory also needs, so a new snapshot is never taken for an orphan.
 """
 
 from __future__ import annotations
@@ -14,9 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from snapshotter import layer_build, vm_mode
-from snapshotter.errdefs import AlreadyExists, FailedPrecondition, NotFound
+from snapshotter.errdefs import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from snapshotter.filters import compile_filters
-from snapshotter.fsutil import disk_usage, remove_tree
+from snapshotter.fsutil import disk_usage
 from snapshotter.layout import Layout
 from snapshotter.mounts import Mount, plan
 from snapshotter.store import Info, Kind, Snapshot, Store, Usage
@@ -32,8 +37,8 @@ class Snapshotter:
                  vm_mode: bool = False, signing_key: Path | None = None) -> None:
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.root = root
-        self.layout = Layout(root)
         self.store = Store(root / "metadata.db")
+        self.layout = Layout(root, kind_of=self.store.kind_of)
         self._convert = convert
         self.vm_mode = vm_mode  # default for container rootfs snapshots without the label
         self.signing_key = signing_key  # signs VM-mode chains' root-hash manifests
@@ -107,12 +112,17 @@ class Snapshotter:
     # -- commit / remove -----------------------------------------------------------------------
 
     def commit(self, name: str, key: str, labels: Labels = None, parent: str = "") -> None:
+        if not name:
+            raise InvalidArgument("committed snapshot name must not be empty")
         sid, info, _ = self.store.get_info(key)
         if info.kind != Kind.ACTIVE:
             raise FailedPrecondition(f"snapshot {key!r} is not active")
         if self._exists(name):
             raise AlreadyExists(f"committed snapshot {name!r} already exists")
         with self.layout.busy(sid):
+            # Another Commit (or a Remove) of KEY may have finished while we waited.
+            if self.store.get_info(key)[0] != sid:
+                raise NotFound(f"snapshot {key!r} was removed during commit")
             meta = self._layer_of(sid)
             usage = Usage(self.layout.layer(sid).stat().st_size, 1)
             with self.store.transaction() as db:
@@ -139,28 +149,30 @@ class Snapshotter:
         return layer_build.publish_layer(directory, lambda out: self._convert(fs, out))
 
     def remove(self, key: str) -> None:
-        with self.store.transaction() as db:
-            sid, kind = self.store.remove(db, key)
-        log.info("removed", extra={"key": key, "id": sid, "kind": kind.name.lower()})
-        try:
-            self.layout.discard(self.layout.dir(sid))
-        except OSError as exc:  # busy: Cleanup retries
-            log.warning("removal deferred to cleanup", extra={"id": sid, "error": str(exc)})
+        sid = self.store.get_info(key)[0]
+        with self.layout.hold(sid):  # after a Commit or Apply writing SID has finished
+            with self.store.transaction() as db:
+                removed, kind = self.store.remove(db, key)
+                if removed != sid:  # KEY was removed and made again while we waited
+                    raise NotFound(f"snapshot {key!r} was removed meanwhile")
+            log.info("removed", extra={"key": key, "id": sid, "kind": kind.name.lower()})
+            try:
+                self.layout.discard(self.layout.dir(sid))
+            except OSError as exc:  # busy: Cleanup retries
+                log.warning("removal deferred to cleanup", extra={"id": sid, "error": str(exc)})
 
     def cleanup(self) -> list[Path]:
         """Remove what no snapshot owns: orphan directories and interrupted calls' leftovers."""
-        ids = self.store.id_map()
         removed: list[Path] = []
-        for path in self.layout.orphans(set(ids)):
-            self.layout.discard(path)
-            removed.append(path)
-        for sid, (_, kind) in ids.items():
-            for path in self.layout.leftovers(sid, kind):
-                if path.is_dir():
-                    remove_tree(path)
-                else:
-                    path.unlink(missing_ok=True)
+        # One transaction for reading the ids and removing orphans: creation claims its
+        # directory inside its own transaction, so none can appear between the two.
+        with self.store.transaction() as db:
+            ids = self.store.id_map(db)
+            for path in self.layout.orphans(set(ids)):
+                self.layout.discard(path)
                 removed.append(path)
+        for sid, (_, kind) in ids.items():
+            removed += self.layout.leftovers(sid, kind)
         removed += vm_mode.cleanup_chain_images(self.root, self._chains_in_use())
         if removed:
             log.info("cleanup", extra={"removed": [str(p) for p in removed]})
