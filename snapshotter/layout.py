@@ -146,12 +146,12 @@ class Layout:
         removes what this returns: creation claims its directory inside its own transaction,
         so no snapshot can appear between the two reads.
         """
+        listed = list(self.snapshots.iterdir())
+        # Read after listing: a directory listed was registered (staged, held) before it was
+        # made, so a call that made it is still in these sets unless it has finished.
         with self._lock:
             busy = set(self._staging) | set(self._held)
-        return sorted(
-            p for p in self.snapshots.iterdir()
-            if p.name not in known and p.name not in busy
-        )
+        return sorted(p for p in listed if p.name not in known and p.name not in busy)
 
     @contextlib.contextmanager
     def hold(self, sid: str, blocking: bool = True) -> Iterator[bool]:
