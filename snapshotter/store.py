@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from snapshotter.errdefs import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from snapshotter.errors import EpError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS snapshots (
@@ -45,6 +46,10 @@ CREATE TABLE IF NOT EXISTS labels (
     PRIMARY KEY (snapshot_id, name)
 );
 """
+
+
+class StoreClosed(EpError):
+    """A call reached the store after the service closed it (it is shutting down)."""
 
 
 class Kind(enum.IntEnum):
@@ -89,6 +94,7 @@ class Store:
         _make_private(path)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._lock = threading.RLock()
+        self._closed = False
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
@@ -96,12 +102,15 @@ class Store:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             self._db.close()
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """One atomic step: BEGIN IMMEDIATE .. COMMIT, ROLLBACK on any exception."""
         with self._lock:
+            if self._closed:  # a call that outlived the server's grace period
+                raise StoreClosed("the metadata store is closed: the service is stopping")
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
