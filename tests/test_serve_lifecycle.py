@@ -259,3 +259,16 @@ def test_sigterm_during_a_long_commit_leaves_nothing_half_written(tmp_path: Path
         assert (lower / "hello").read_text() == "hello\n"
         assert (lower / "big").stat().st_size == 96 << 20
     assert restarted.stop() == 0
+
+
+def test_commit_with_an_empty_name_is_invalid_argument(tmp_path: Path, started) -> None:
+    proc = SnapshotterProcess(tmp_path / "root", tmp_path / "sn.sock", tmp_path / "a.log")
+    started.append(proc.start())
+    with grpc.insecure_channel(f"unix:{proc.socket}") as ch:
+        stub = pb_grpc.SnapshotsStub(ch)
+        stub.Prepare(pb.PrepareSnapshotRequest(key="ns/1/a"))
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Commit(pb.CommitSnapshotRequest(key="ns/1/a", name=""))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert stub.Stat(pb.StatSnapshotRequest(key="ns/1/a")).info.kind == pb.ACTIVE
+    assert proc.stop() == 0
