@@ -272,3 +272,36 @@ def test_commit_with_an_empty_name_is_invalid_argument(tmp_path: Path, started) 
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert stub.Stat(pb.StatSnapshotRequest(key="ns/1/a")).info.kind == pb.ACTIVE
     assert proc.stop() == 0
+
+
+def test_cleanup_calls_during_a_pull_keep_every_snapshot(tmp_path: Path, started) -> None:
+    """containerd's GC calls Cleanup while unpacks Prepare: ~100 Prepares against a stream of
+    Cleanups over the socket, then every snapshot still has its directory."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    proc = SnapshotterProcess(tmp_path / "root", tmp_path / "sn.sock", tmp_path / "a.log")
+    started.append(proc.start())
+    keys = [f"ns/{i}/extract-{i}" for i in range(120)]
+    done = threading.Event()
+    with grpc.insecure_channel(f"unix:{proc.socket}") as ch:
+        stub = pb_grpc.SnapshotsStub(ch)
+
+        def cleanups() -> int:
+            rounds = 0
+            while not done.is_set():
+                stub.Cleanup(pb.CleanupRequest(), timeout=30)
+                rounds += 1
+            return rounds
+
+        with ThreadPoolExecutor(10) as pool:
+            cleaners = [pool.submit(cleanups) for _ in range(3)]
+            try:
+                sources = list(pool.map(
+                    lambda k: stub.Prepare(pb.PrepareSnapshotRequest(key=k), timeout=30)
+                    .mounts[0].source, keys))
+            finally:
+                done.set()
+            assert all(c.result(timeout=60) > 0 for c in cleaners)
+        assert [s for s in sources if not Path(s).is_dir()] == []
+        assert stub.Stat(pb.StatSnapshotRequest(key=keys[-1])).info.kind == pb.ACTIVE
+    assert proc.stop() == 0
