@@ -13,8 +13,10 @@ creation's claim of its directory also needs, so a new snapshot is never taken f
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,6 +44,10 @@ class Snapshotter:
         self._convert = convert
         self.vm_mode = vm_mode  # default for container rootfs snapshots without the label
         self.signing_key = signing_key  # signs VM-mode chains' root-hash manifests
+        # Held while a chain image is built or a VM-mode snapshot is created, and by Cleanup's
+        # chain pass: an image being built, or built for a snapshot not yet in the metadata,
+        # is never taken for unused.
+        self._chains_lock = threading.RLock()
 
     def close(self) -> None:
         self.store.close()
@@ -56,6 +62,12 @@ class Snapshotter:
 
     def _create(self, kind: Kind, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
         vm = bool(parent) and vm_mode.wants_vm_mode(key, labels, self.vm_mode)
+        # A VM-mode snapshot's chain image must not look unused to Cleanup before its row is in.
+        with self._chains_lock if vm else contextlib.nullcontext():
+            return self._create_snapshot(kind, key, parent, labels, vm)
+
+    def _create_snapshot(self, kind: Kind, key: str, parent: str, labels: dict[str, str],
+                         vm: bool) -> list[Mount]:
         if vm:
             # Built before the transaction, published immutably: the snapshot's mounts name
             # files that exist and never change.
@@ -77,7 +89,9 @@ class Snapshotter:
         return plan(snap, self.layout)
 
     def _chain_image(self, parent_ids: list[str]) -> vm_mode.ChainImage:
-        return vm_mode.ensure_chain_image(self.root, self.layout, parent_ids, self.signing_key)
+        with self._chains_lock:
+            return vm_mode.ensure_chain_image(self.root, self.layout, parent_ids,
+                                              self.signing_key)
 
     def _own_like_parent(self, staged: Path, snap: Snapshot) -> None:
         """The new upper's root gets the owner of the image's root (what overlay shows)."""
@@ -173,21 +187,19 @@ class Snapshotter:
                 removed.append(path)
         for sid, (_, kind) in ids.items():
             removed += self.layout.leftovers(sid, kind)
-        removed += vm_mode.cleanup_chain_images(self.root, self._chains_in_use())
+        with self._chains_lock:
+            removed += vm_mode.cleanup_chain_images(self.root, self._chains_in_use())
         if removed:
             log.info("cleanup", extra={"removed": [str(p) for p in removed]})
         return removed
 
     def _chains_in_use(self) -> set[str]:
         in_use = set()
-        for info in self.store.walk():
-            if info.kind != Kind.COMMITTED and info.labels.get(vm_mode.VM_MODE_LABEL) == "true":
-                chain = self.store.get_snapshot(info.name).parent_ids
-                metas = [layer_build.read_layer(self.layout.dir(sid)) for sid in chain]
-                if chain and all(metas):
-                    in_use.add(vm_mode.chain_key(list(reversed(metas))))
+        for chain in self.store.chains_labelled(vm_mode.VM_MODE_LABEL, "true"):
+            metas = [layer_build.read_layer(self.layout.dir(sid)) for sid in chain]
+            if chain and all(metas):
+                in_use.add(vm_mode.chain_key(list(reversed(metas))))
         return in_use
-
 
 def _getter(info: Info) -> Callable[[list[str]], str | None]:
     def get(path: list[str]) -> str | None:

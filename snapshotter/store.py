@@ -180,6 +180,16 @@ class Store:
         rows = db.execute("SELECT id, key, kind FROM snapshots").fetchall()
         return {str(i): (k, Kind(kd)) for i, k, kd in rows}
 
+    def chains_labelled(self, name: str, value: str) -> list[list[str]]:
+        """The parent ids (nearest first) of every active or view snapshot whose label NAME
+        is VALUE, read in one transaction."""
+        with self.transaction() as db:
+            rows = db.execute(
+                "SELECT s.parent_id FROM snapshots s JOIN labels l ON l.snapshot_id = s.id"
+                " WHERE s.kind != ? AND l.name = ? AND l.value = ?",
+                (int(Kind.COMMITTED), name, value)).fetchall()
+            return [self._parent_ids(db, parent_id) for (parent_id,) in rows]
+
     def kind_of(self, sid: str) -> Kind | None:
         """The kind of the snapshot with id SID now, or None if there is no such snapshot."""
         with self.transaction() as db:

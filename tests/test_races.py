@@ -260,3 +260,39 @@ def test_commit_of_an_unchanged_tree_keeps_every_kind(sn: Snapshotter) -> None:
     assert os.stat(mnt / "wh").st_rdev == os.makedev(0, 0)
     assert os.getxattr(mnt / "d", "trusted.overlay.opaque") == b"y"
     assert os.getxattr(mnt / "hello", "user.note") == b"kept"
+
+
+def test_cleanup_racing_vm_mode_prepares_keeps_their_chain_images(sn: Snapshotter) -> None:
+    """A VM-mode Prepare builds its chain's fsmeta before its row exists: a Cleanup then
+    must neither delete the build in progress nor the finished image."""
+    from snapshotter.vm_mode import VM_MODE_LABEL
+
+    _prepare_with(sn, "ns/1/a", {"hello": b"committed content\n"})
+    sn.commit("ns/2/A", "ns/1/a")
+    done = threading.Event()
+
+    def cleanups() -> int:
+        rounds = 0
+        while not done.is_set():
+            sn.cleanup()
+            rounds += 1
+        return rounds
+
+    problems: list[str] = []
+    with ThreadPoolExecutor(2) as pool:
+        cleaner = pool.submit(cleanups)
+        try:
+            for i in range(15):  # each round builds the chain image anew
+                key = f"ns/3/vm-{i}"
+                try:
+                    mounts = sn.prepare(key, "ns/2/A", {VM_MODE_LABEL: "true"})
+                except Exception as exc:  # what the old code raised: report, go on
+                    problems.append(f"{key}: {exc!r}")
+                    continue
+                if not Path(mounts[0].source).is_file():
+                    problems.append(f"{key}: {mounts[0].source} missing")
+                sn.remove(key)
+        finally:
+            done.set()
+        assert cleaner.result(timeout=60) > 0
+    assert problems == []
