@@ -296,3 +296,18 @@ def test_cleanup_racing_vm_mode_prepares_keeps_their_chain_images(sn: Snapshotte
             done.set()
         assert cleaner.result(timeout=60) > 0
     assert problems == []
+
+
+def test_no_layer_is_written_into_a_snapshot_committed_meanwhile(sn: Snapshotter) -> None:
+    """What the differ's Apply (and a late Commit) takes before writing a layer: once the
+    snapshot is committed or removed, the lock is refused with containerd's codes."""
+    _prepare_with(sn, "ns/1/a", {"hello": b"committed content\n"})
+    sid = sn.store.get_info("ns/1/a")[0]
+    sn.commit("ns/2/A", "ns/1/a")
+    layer = sn.layout.layer(sid).read_bytes()
+    with pytest.raises(FailedPrecondition), sn.layout.busy(sid):
+        pytest.fail("a committed snapshot was opened for writing")
+    sn.remove("ns/2/A")
+    with pytest.raises(NotFound), sn.layout.busy(sid):
+        pytest.fail("a removed snapshot was opened for writing")
+    assert layer  # the committed blob was there until Remove
