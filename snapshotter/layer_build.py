@@ -77,7 +77,11 @@ def read_layer(directory: Path) -> LayerMeta | None:
 
 
 def publish_layer(directory: Path, produce: Producer) -> LayerMeta:
-    """Build a layer with PRODUCE(temp path) and make it DIRECTORY's layer (see module doc)."""
+    """Build a layer with PRODUCE(temp path) and make it DIRECTORY's layer (see module doc).
+
+    Callers hold `Layout.busy` for the snapshot, which admits only a snapshot that is still
+    active: a committed snapshot's layer (which its labels describe) is never replaced.
+    """
     unlink_durable(directory / META)
     unlink_durable(directory / LAYER)
     fd, tmp_name = tempfile.mkstemp(prefix=".layer-", suffix=".tmp", dir=directory)

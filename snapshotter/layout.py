@@ -11,20 +11,25 @@
 A new snapshot is built under `snapshots/new-*` and renamed to its id inside the metadata
 transaction; whatever a crash leaves (`new-*`, a directory without a row, `*.tmp`, `fs.old-*`)
 is garbage that `Cleanup` removes.
+
+Within the process, calls that write one snapshot's directory (Commit, Apply, Remove) hold that
+snapshot's lock (`hold`/`busy`) for the whole call, so they run one after another; Cleanup never
+touches a snapshot whose lock is held. A staged directory is registered before it exists, so
+Cleanup never mistakes it for an orphan. Other processes are kept out by the server's lock on
+the root (serve.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import threading
 import uuid
-from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from snapshotter import hostmount
+from snapshotter.errdefs import FailedPrecondition, NotFound
 from snapshotter.fsutil import fsync_dir, remove_tree, rename_durable, write_atomic
 from snapshotter.store import Kind
 
@@ -33,15 +38,31 @@ MARKER_TEXT = b"erofs-passthrough snapshot v1\n"
 STAGING_PREFIX = "new-"
 
 
-class Layout:
-    """The snapshot directories under ROOT/snapshots."""
+KindOf = Callable[[str], Kind | None]
 
-    def __init__(self, root: Path) -> None:
+
+class _SnapshotLock:
+    """One snapshot's lock and how many calls hold or wait for it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0
+
+
+class Layout:
+    """The snapshot directories under ROOT/snapshots.
+
+    KIND_OF(id) says what the metadata says a snapshot is now (None: no such row); `busy`
+    uses it to refuse writing a layer into a snapshot that is no longer active.
+    """
+
+    def __init__(self, root: Path, kind_of: KindOf | None = None) -> None:
         self.root = root
         self.snapshots = root / "snapshots"
         self.snapshots.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._kind_of = kind_of
         self._staging: set[str] = set()
-        self._busy: Counter[str] = Counter()
+        self._held: dict[str, _SnapshotLock] = {}
         self._lock = threading.Lock()
 
     def dir(self, sid: str) -> Path:
@@ -61,9 +82,15 @@ class Layout:
 
     def stage(self, kind: Kind) -> Path:
         """A complete new snapshot directory under a temporary name (not yet any snapshot's)."""
-        staged = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.snapshots))
-        with self._lock:
+        staged = self.snapshots / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
+        with self._lock:  # registered before it exists: Cleanup's scan must never see it bare
             self._staging.add(staged.name)
+        try:
+            staged.mkdir(mode=0o700)
+        except BaseException:
+            with self._lock:
+                self._staging.discard(staged.name)
+            raise
         (staged / "fs").mkdir(mode=0o755)
         if kind == Kind.ACTIVE:
             (staged / "work").mkdir(mode=0o711)
@@ -113,39 +140,68 @@ class Layout:
             remove_tree(work)
 
     def orphans(self, known: set[str]) -> list[Path]:
-        """Directories under snapshots/ that belong to no snapshot and no call in progress."""
+        """Directories under snapshots/ that belong to no snapshot and no call in progress.
+
+        KNOWN must be read in the same metadata transaction the caller still holds while it
+        removes what this returns: creation claims its directory inside its own transaction,
+        so no snapshot can appear between the two reads.
+        """
+        listed = list(self.snapshots.iterdir())
+        # Read after listing: a directory listed was registered (staged, held) before it was
+        # made, so a call that made it is still in these sets unless it has finished.
         with self._lock:
-            busy = set(self._staging)
-        return sorted(
-            p for p in self.snapshots.iterdir()
-            if p.name not in known and p.name not in busy
-        )
+            busy = set(self._staging) | set(self._held)
+        return sorted(p for p in listed if p.name not in known and p.name not in busy)
+
+    @contextlib.contextmanager
+    def hold(self, sid: str, blocking: bool = True) -> Iterator[bool]:
+        """SID's lock for one call that writes its directory; yields False (without it) when
+        not BLOCKING and another call has it."""
+        with self._lock:
+            entry = self._held.setdefault(sid, _SnapshotLock())
+            entry.users += 1
+        acquired = entry.lock.acquire(blocking)
+        try:
+            yield acquired
+        finally:
+            if acquired:
+                entry.lock.release()
+            with self._lock:
+                entry.users -= 1
+                if not entry.users:
+                    del self._held[sid]
 
     @contextlib.contextmanager
     def busy(self, sid: str) -> Iterator[None]:
-        """Mark SID as being written (a conversion): Cleanup leaves its temp files alone."""
-        with self._lock:
-            self._busy[sid] += 1
-        try:
+        """Hold SID's lock to write its layer (Commit, Apply): NotFound if the snapshot went
+        away, FailedPrecondition if it is no longer active, checked once the lock is ours."""
+        with self.hold(sid):
+            kind = self._kind_of(sid) if self._kind_of else Kind.ACTIVE
+            if kind is None:
+                raise NotFound(f"snapshot {sid} was removed")
+            if kind != Kind.ACTIVE:
+                raise FailedPrecondition(f"snapshot {sid} is not active (committed meanwhile)")
             yield
-        finally:
-            with self._lock:
-                self._busy[sid] -= 1
-                if not self._busy[sid]:
-                    del self._busy[sid]
 
     def leftovers(self, sid: str, kind: Kind) -> list[Path]:
-        """Garbage an interrupted call left inside live snapshot SID (none while it is busy)."""
+        """Garbage an interrupted call left inside live snapshot SID, removed under its lock
+        (nothing while a call holds it)."""
         base = self.dir(sid)
-        with self._lock:
-            if sid in self._busy:
+        removed: list[Path] = []
+        with self.hold(sid, blocking=False) as ours:
+            if not ours or not base.is_dir():
                 return []
-        if not base.is_dir():
-            return []
-        junk = [p for p in base.iterdir() if p.name.endswith(".tmp") or p.name.startswith("fs.old")]
-        if kind == Kind.COMMITTED and self.work(sid).exists():
-            junk.append(self.work(sid))
-        return junk
+            junk = [p for p in base.iterdir()
+                    if p.name.endswith(".tmp") or p.name.startswith("fs.old")]
+            if kind == Kind.COMMITTED and self.work(sid).exists():
+                junk.append(self.work(sid))
+            for path in junk:
+                if path.is_dir() and not path.is_symlink():
+                    remove_tree(path)
+                else:
+                    path.unlink(missing_ok=True)
+                removed.append(path)
+        return removed
 
     def mount_layer(self, sid: str) -> Path:
         """fs/ of committed SID with its layer.erofs mounted (mounted once, kept until Remove)."""

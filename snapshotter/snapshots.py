@@ -4,19 +4,26 @@ Every call is one metadata transaction plus file steps ordered so that a crash b
 of them leaves garbage only (see layout.py and layer_build.py); `cleanup` removes it and runs at
 start-up. Commit converts the unpacked fs/ into layer.erofs + dm-verity outside any transaction
 (unless our differ already wrote the layer), then one transaction makes it committed.
+
+Calls on one snapshot's directory (Commit, Apply, Remove) hold its lock in the Layout, so a
+second Commit of a key waits for the first and then finds the key gone (NotFound); a committed
+layer is never rebuilt. Cleanup's orphan scan runs inside one metadata transaction, which
+creation's claim of its directory also needs, so a new snapshot is never taken for an orphan.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from snapshotter import layer_build, vm_mode
-from snapshotter.errdefs import AlreadyExists, FailedPrecondition, NotFound
+from snapshotter.errdefs import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from snapshotter.filters import compile_filters
-from snapshotter.fsutil import disk_usage, remove_tree
+from snapshotter.fsutil import disk_usage
 from snapshotter.layout import Layout
 from snapshotter.mounts import Mount, plan
 from snapshotter.store import Info, Kind, Snapshot, Store, Usage
@@ -32,11 +39,15 @@ class Snapshotter:
                  vm_mode: bool = False, signing_key: Path | None = None) -> None:
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.root = root
-        self.layout = Layout(root)
         self.store = Store(root / "metadata.db")
+        self.layout = Layout(root, kind_of=self.store.kind_of)
         self._convert = convert
         self.vm_mode = vm_mode  # default for container rootfs snapshots without the label
         self.signing_key = signing_key  # signs VM-mode chains' root-hash manifests
+        # Held while a chain image is built or a VM-mode snapshot is created, and by Cleanup's
+        # chain pass: an image being built, or built for a snapshot not yet in the metadata,
+        # is never taken for unused.
+        self._chains_lock = threading.RLock()
 
     def close(self) -> None:
         self.store.close()
@@ -51,6 +62,12 @@ class Snapshotter:
 
     def _create(self, kind: Kind, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
         vm = bool(parent) and vm_mode.wants_vm_mode(key, labels, self.vm_mode)
+        # A VM-mode snapshot's chain image must not look unused to Cleanup before its row is in.
+        with self._chains_lock if vm else contextlib.nullcontext():
+            return self._create_snapshot(kind, key, parent, labels, vm)
+
+    def _create_snapshot(self, kind: Kind, key: str, parent: str, labels: dict[str, str],
+                         vm: bool) -> list[Mount]:
         if vm:
             # Built before the transaction, published immutably: the snapshot's mounts name
             # files that exist and never change.
@@ -72,7 +89,9 @@ class Snapshotter:
         return plan(snap, self.layout)
 
     def _chain_image(self, parent_ids: list[str]) -> vm_mode.ChainImage:
-        return vm_mode.ensure_chain_image(self.root, self.layout, parent_ids, self.signing_key)
+        with self._chains_lock:
+            return vm_mode.ensure_chain_image(self.root, self.layout, parent_ids,
+                                              self.signing_key)
 
     def _own_like_parent(self, staged: Path, snap: Snapshot) -> None:
         """The new upper's root gets the owner of the image's root (what overlay shows)."""
@@ -107,12 +126,17 @@ class Snapshotter:
     # -- commit / remove -----------------------------------------------------------------------
 
     def commit(self, name: str, key: str, labels: Labels = None, parent: str = "") -> None:
+        if not name:
+            raise InvalidArgument("committed snapshot name must not be empty")
         sid, info, _ = self.store.get_info(key)
         if info.kind != Kind.ACTIVE:
             raise FailedPrecondition(f"snapshot {key!r} is not active")
         if self._exists(name):
             raise AlreadyExists(f"committed snapshot {name!r} already exists")
         with self.layout.busy(sid):
+            # Another Commit (or a Remove) of KEY may have finished while we waited.
+            if self.store.get_info(key)[0] != sid:
+                raise NotFound(f"snapshot {key!r} was removed during commit")
             meta = self._layer_of(sid)
             usage = Usage(self.layout.layer(sid).stat().st_size, 1)
             with self.store.transaction() as db:
@@ -139,43 +163,43 @@ class Snapshotter:
         return layer_build.publish_layer(directory, lambda out: self._convert(fs, out))
 
     def remove(self, key: str) -> None:
-        with self.store.transaction() as db:
-            sid, kind = self.store.remove(db, key)
-        log.info("removed", extra={"key": key, "id": sid, "kind": kind.name.lower()})
-        try:
-            self.layout.discard(self.layout.dir(sid))
-        except OSError as exc:  # busy: Cleanup retries
-            log.warning("removal deferred to cleanup", extra={"id": sid, "error": str(exc)})
+        sid = self.store.get_info(key)[0]
+        with self.layout.hold(sid):  # after a Commit or Apply writing SID has finished
+            with self.store.transaction() as db:
+                removed, kind = self.store.remove(db, key)
+                if removed != sid:  # KEY was removed and made again while we waited
+                    raise NotFound(f"snapshot {key!r} was removed meanwhile")
+            log.info("removed", extra={"key": key, "id": sid, "kind": kind.name.lower()})
+            try:
+                self.layout.discard(self.layout.dir(sid))
+            except OSError as exc:  # busy: Cleanup retries
+                log.warning("removal deferred to cleanup", extra={"id": sid, "error": str(exc)})
 
     def cleanup(self) -> list[Path]:
         """Remove what no snapshot owns: orphan directories and interrupted calls' leftovers."""
-        ids = self.store.id_map()
         removed: list[Path] = []
-        for path in self.layout.orphans(set(ids)):
-            self.layout.discard(path)
-            removed.append(path)
-        for sid, (_, kind) in ids.items():
-            for path in self.layout.leftovers(sid, kind):
-                if path.is_dir():
-                    remove_tree(path)
-                else:
-                    path.unlink(missing_ok=True)
+        # One transaction for reading the ids and removing orphans: creation claims its
+        # directory inside its own transaction, so none can appear between the two.
+        with self.store.transaction() as db:
+            ids = self.store.id_map(db)
+            for path in self.layout.orphans(set(ids)):
+                self.layout.discard(path)
                 removed.append(path)
-        removed += vm_mode.cleanup_chain_images(self.root, self._chains_in_use())
+        for sid, (_, kind) in ids.items():
+            removed += self.layout.leftovers(sid, kind)
+        with self._chains_lock:
+            removed += vm_mode.cleanup_chain_images(self.root, self._chains_in_use())
         if removed:
             log.info("cleanup", extra={"removed": [str(p) for p in removed]})
         return removed
 
     def _chains_in_use(self) -> set[str]:
         in_use = set()
-        for info in self.store.walk():
-            if info.kind != Kind.COMMITTED and info.labels.get(vm_mode.VM_MODE_LABEL) == "true":
-                chain = self.store.get_snapshot(info.name).parent_ids
-                metas = [layer_build.read_layer(self.layout.dir(sid)) for sid in chain]
-                if chain and all(metas):
-                    in_use.add(vm_mode.chain_key(list(reversed(metas))))
+        for chain in self.store.chains_labelled(vm_mode.VM_MODE_LABEL, "true"):
+            metas = [layer_build.read_layer(self.layout.dir(sid)) for sid in chain]
+            if chain and all(metas):
+                in_use.add(vm_mode.chain_key(list(reversed(metas))))
         return in_use
-
 
 def _getter(info: Info) -> Callable[[list[str]], str | None]:
     def get(path: list[str]) -> str | None:

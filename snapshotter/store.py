@@ -6,12 +6,17 @@ and its labels in a second table. The database runs in WAL mode with synchronous
 state change is one `BEGIN IMMEDIATE` transaction, so a process killed at any instant leaves
 either the old or the new state. Ids come from AUTOINCREMENT and are never reused while the
 database lives (a rolled-back id can come back, which `Layout.claim` handles).
+
+The database and its -wal/-shm files are mode 0600 whatever the directory's mode or the umask
+(systemd's StateDirectory= makes 0755 directories): SQLite gives the -wal and -shm files the
+mode of the database file, which is created 0600 before SQLite opens it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
+import os
 import sqlite3
 import threading
 import time
@@ -20,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from snapshotter.errdefs import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from snapshotter.errors import EpError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS snapshots (
@@ -40,6 +46,10 @@ CREATE TABLE IF NOT EXISTS labels (
     PRIMARY KEY (snapshot_id, name)
 );
 """
+
+
+class StoreClosed(EpError):
+    """A call reached the store after the service closed it (it is shutting down)."""
 
 
 class Kind(enum.IntEnum):
@@ -81,8 +91,10 @@ class Store:
     """The metadata database. Thread-safe: one connection, one transaction at a time."""
 
     def __init__(self, path: Path) -> None:
+        _make_private(path)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._lock = threading.RLock()
+        self._closed = False
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
@@ -90,12 +102,15 @@ class Store:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             self._db.close()
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """One atomic step: BEGIN IMMEDIATE .. COMMIT, ROLLBACK on any exception."""
         with self._lock:
+            if self._closed:  # a call that outlived the server's grace period
+                raise StoreClosed("the metadata store is closed: the service is stopping")
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
@@ -157,11 +172,29 @@ class Store:
             keys = [k for (k,) in db.execute("SELECT key FROM snapshots ORDER BY id")]
             return [self._info(db, k, self._row(db, k)) for k in keys]
 
-    def id_map(self) -> dict[str, tuple[str, Kind]]:
-        """id -> (key, kind) of every snapshot."""
+    def id_map(self, db: sqlite3.Connection | None = None) -> dict[str, tuple[str, Kind]]:
+        """id -> (key, kind) of every snapshot (inside the caller's transaction DB, if given)."""
+        if db is None:
+            with self.transaction() as db:
+                return self.id_map(db)
+        rows = db.execute("SELECT id, key, kind FROM snapshots").fetchall()
+        return {str(i): (k, Kind(kd)) for i, k, kd in rows}
+
+    def chains_labelled(self, name: str, value: str) -> list[list[str]]:
+        """The parent ids (nearest first) of every active or view snapshot whose label NAME
+        is VALUE, read in one transaction."""
         with self.transaction() as db:
-            rows = db.execute("SELECT id, key, kind FROM snapshots").fetchall()
-            return {str(i): (k, Kind(kd)) for i, k, kd in rows}
+            rows = db.execute(
+                "SELECT s.parent_id FROM snapshots s JOIN labels l ON l.snapshot_id = s.id"
+                " WHERE s.kind != ? AND l.name = ? AND l.value = ?",
+                (int(Kind.COMMITTED), name, value)).fetchall()
+            return [self._parent_ids(db, parent_id) for (parent_id,) in rows]
+
+    def kind_of(self, sid: str) -> Kind | None:
+        """The kind of the snapshot with id SID now, or None if there is no such snapshot."""
+        with self.transaction() as db:
+            row = db.execute("SELECT kind FROM snapshots WHERE id = ?", (int(sid),)).fetchone()
+            return None if row is None else Kind(row[0])
 
     # -- writes --------------------------------------------------------------------------------
 
@@ -251,3 +284,15 @@ class Store:
             db.execute("UPDATE snapshots SET updated = ? WHERE id = ?", (time.time_ns(), row[0]))
             self._put_labels(db, row[0], current)
             return self._info(db, key, self._row(db, key))
+
+
+def _make_private(path: Path) -> None:
+    """Create PATH 0600 if missing, and take group/other access from it and its -wal/-shm."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm", "-journal"):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(f"{path}{suffix}", 0o600, follow_symlinks=False)
