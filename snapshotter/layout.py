@@ -22,7 +22,9 @@ the root (serve.py).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import stat
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -32,6 +34,8 @@ from snapshotter import hostmount
 from snapshotter.errdefs import FailedPrecondition, NotFound
 from snapshotter.fsutil import fsync_dir, remove_tree, rename_durable, write_atomic
 from snapshotter.store import Kind
+
+log = logging.getLogger(__name__)
 
 MARKER = ".erofs-passthrough"
 MARKER_TEXT = b"erofs-passthrough snapshot v1\n"
@@ -151,7 +155,22 @@ class Layout:
         # made, so a call that made it is still in these sets unless it has finished.
         with self._lock:
             busy = set(self._staging) | set(self._held)
-        return sorted(p for p in listed if p.name not in known and p.name not in busy)
+        return sorted(p for p in listed
+                      if p.name not in known and p.name not in busy and self._made_by_us(p))
+
+    def _made_by_us(self, path: Path) -> bool:
+        """Only what this service made is ever removed: a real directory with our marker, or a
+        staging directory a crash left before its marker was written. Anything else in
+        snapshots/ (an operator's file, a symlink, a FIFO) is reported and left alone."""
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            return False
+        if stat.S_ISDIR(st.st_mode) and (path.name.startswith(STAGING_PREFIX)
+                                         or (path / MARKER).is_file()):
+            return True
+        log.warning("not a snapshot of ours; left alone", extra={"path": str(path)})
+        return False
 
     @contextlib.contextmanager
     def hold(self, sid: str, blocking: bool = True) -> Iterator[bool]:
