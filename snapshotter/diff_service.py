@@ -100,9 +100,11 @@ class DiffService(diff_pb2_grpc.DiffServicer):
 
         with self.content.open(namespace, desc.digest) as blob:
             if desc.media_type == EROFS_LAYER:
-                result = import_erofs_image(blob, out, expected_digest=desc.digest, verity=True)
+                result = import_erofs_image(blob, out, expected_digest=desc.digest,
+                                            verity=self.sn.layer_verity)
             else:
-                result = convert_layer(blob, out, verity=True, blob_digest=True)
+                result = convert_layer(blob, out, verity=self.sn.layer_verity,
+                                       blob_digest=True, limits=self.sn.limits)
         if result.compressed_digest != desc.digest:
             raise InvalidArgument(f"content {desc.digest} read as {result.compressed_digest}")
         v = result.verity

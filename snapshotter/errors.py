@@ -7,3 +7,8 @@ keeps its traceback.
 
 class EpError(Exception):
     """An error a user can act on: bad input, a refused operation, a failed dependency."""
+
+
+class InvalidInput(EpError):
+    """Input that is not what it claims or exceeds a ceiling: a malformed or hostile tar, a
+    corrupt compressed stream, a damaged EROFS image. containerd sees InvalidArgument."""

@@ -19,8 +19,7 @@ from typing import Any, TypeVar
 import grpc
 
 from snapshotter import errdefs
-from snapshotter.erofs.format import FormatError
-from snapshotter.errors import EpError
+from snapshotter.errors import EpError, InvalidInput
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +34,7 @@ CODES: dict[type[Exception], grpc.StatusCode] = {
     errdefs.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errdefs.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errdefs.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-    FormatError: grpc.StatusCode.INVALID_ARGUMENT,  # a layer or image that is not what it claims
+    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,  # a layer that is not what it claims
 }
 ERRNO_CODES: dict[int, grpc.StatusCode] = {
     errno.ENOSPC: grpc.StatusCode.RESOURCE_EXHAUSTED,

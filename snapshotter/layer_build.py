@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from snapshotter.fsutil import fsync_file, rename_durable, unlink_durable, write_atomic
-from snapshotter.verity import VerityInfo
+from snapshotter.verity import VerityInfo, VerityParams
 
 LAYER = "layer.erofs"
 META = "layer.json"
@@ -46,7 +46,7 @@ class LayerMeta:
             LABEL_PREFIX + "blob.digest": self.blob_digest,
             LABEL_PREFIX + "blob.size": str(self.blob_size),
             LABEL_PREFIX + "verity.root-hash": self.root_hash,
-            LABEL_PREFIX + "verity.salt": self.salt,
+            LABEL_PREFIX + "verity.salt": self.salt or "-",  # "-": none, as in a dm table
             LABEL_PREFIX + "verity.hash-offset": str(self.hash_offset),
         }
         if self.diff_id:
@@ -98,11 +98,12 @@ def publish_layer(directory: Path, produce: Producer) -> LayerMeta:
     return meta
 
 
-def convert_directory(src: Path, out: Path) -> LayerMeta:
-    """Unpacked layer directory SRC -> EROFS image + appended dm-verity tree at OUT."""
+def convert_directory(src: Path, out: Path, verity: bool | VerityParams = True) -> LayerMeta:
+    """Unpacked layer directory SRC -> EROFS image + appended dm-verity tree at OUT (VERITY:
+    True for containerd's salted geometry, or the parameters, e.g. KATA_VERITY)."""
     from snapshotter.erofs.convert import convert_directory as convert
 
-    result = convert(src, out, verity=True, blob_digest=True)
+    result = convert(src, out, verity=verity, blob_digest=True)
     v = result.verity
     return LayerMeta(blob_size=result.size, blob_digest=result.blob_digest,
                      root_hash=v.root_hash, salt=v.salt, hash_offset=v.hash_offset)

@@ -180,7 +180,8 @@ class Server:
         try:
             self.snapshotter = Snapshotter(
                 config.root, vm_mode=config.vm_mode,
-                signing_key=Path(config.signing_key) if config.signing_key else None)
+                signing_key=Path(config.signing_key) if config.signing_key else None,
+                kata_verity=config.kata_verity, limits=config.limits())
         except BaseException:
             self._release_root()
             raise

@@ -8,6 +8,7 @@ key is adding a field. Values are checked against the field's type without conve
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import math
@@ -18,6 +19,7 @@ from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from snapshotter.erofs.limits import DEFAULT_LIMITS, Limits
 from snapshotter.errors import EpError
 
 MAX_CONFIG_BYTES = 1 << 20  # a configuration file is a few lines; refuse anything bigger
@@ -61,6 +63,26 @@ class ServeConfig:
     signing_key: str = field(default="", metadata=_meta(
         "private key file (erofs-passthrough key generate): VM-mode chains get a signed "
         "root-hash manifest; empty: unsigned", path=True))
+    kata_verity: bool = field(default=False, metadata=_meta(
+        "layer and fsmeta dm-verity trees without a salt, so every Kata reader of the "
+        "volume options loads the same table (docs/kata.md); applies to layers stored after"))
+    # The differ's ceilings on one tar layer (snapshotter.erofs.limits.Limits).
+    max_tar_bytes: int = field(default=DEFAULT_LIMITS.max_tar_bytes, metadata=_meta(
+        "a layer may decompress to at most this many tar bytes", min=1))
+    max_image_bytes: int = field(default=DEFAULT_LIMITS.max_image_bytes, metadata=_meta(
+        "a layer's EROFS image may be at most this many bytes", min=1))
+    max_entries: int = field(default=DEFAULT_LIMITS.max_entries, metadata=_meta(
+        "a layer may have at most this many tar entries", min=1))
+    max_metadata_bytes: int = field(default=DEFAULT_LIMITS.max_metadata_bytes, metadata=_meta(
+        "memory a layer's inode tree (names, link targets, xattrs, chunk indexes) may take",
+        min=1))
+
+    def limits(self) -> Limits:
+        """The differ's per-layer ceilings: the four configurable ones, the rest defaults."""
+        return dataclasses.replace(DEFAULT_LIMITS, max_tar_bytes=self.max_tar_bytes,
+                                   max_image_bytes=self.max_image_bytes,
+                                   max_entries=self.max_entries,
+                                   max_metadata_bytes=self.max_metadata_bytes)
 
 
 _TYPES: dict[str, type] = get_type_hints(ServeConfig)

@@ -14,6 +14,7 @@ creation's claim of its directory also needs, so a new snapshot is never taken f
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import threading
@@ -21,12 +22,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from snapshotter import layer_build, vm_mode
+from snapshotter.erofs.limits import DEFAULT_LIMITS, Limits
 from snapshotter.errdefs import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from snapshotter.filters import compile_filters
 from snapshotter.fsutil import disk_usage
 from snapshotter.layout import Layout
 from snapshotter.mounts import Mount, plan
 from snapshotter.store import Info, Kind, Snapshot, Store, Usage
+from snapshotter.verity import KATA_VERITY, VerityParams
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +38,19 @@ DirConverter = Callable[[Path, Path], layer_build.LayerMeta]
 
 
 class Snapshotter:
-    def __init__(self, root: Path, convert: DirConverter = layer_build.convert_directory,
-                 vm_mode: bool = False, signing_key: Path | None = None) -> None:
+    def __init__(self, root: Path, convert: DirConverter | None = None,
+                 vm_mode: bool = False, signing_key: Path | None = None,
+                 kata_verity: bool = False, limits: Limits = DEFAULT_LIMITS) -> None:
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.root = root
         self.store = Store(root / "metadata.db")
         self.layout = Layout(root, kind_of=self.store.kind_of)
-        self._convert = convert
+        # Layer trees: containerd's salted geometry, or unsalted for Kata's readers (which
+        # carry no salt; docs/kata.md). Commit's converter and the differ both use it.
+        self.layer_verity: bool | VerityParams = KATA_VERITY if kata_verity else True
+        self.limits = limits  # the differ's ceilings on one tar layer (docs/erofs.md)
+        self._convert = convert or functools.partial(layer_build.convert_directory,
+                                                     verity=self.layer_verity)
         self.vm_mode = vm_mode  # default for container rootfs snapshots without the label
         self.signing_key = signing_key  # signs VM-mode chains' root-hash manifests
         # Held while a chain image is built or a VM-mode snapshot is created, and by Cleanup's

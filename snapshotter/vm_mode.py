@@ -25,6 +25,7 @@ from snapshotter.erofs.merge import LayerBlob, merge_layers
 from snapshotter.fsutil import fsync_dir, remove_tree
 from snapshotter.layout import Layout
 from snapshotter.mounts import Mount
+from snapshotter.verity import KATA_VERITY
 
 VM_MODE_LABEL = "containerd.io/snapshot/erofs.vm-mode"
 DEVICES_OPTION = "X-erofs-passthrough.devices="
@@ -79,7 +80,10 @@ def ensure_chain_image(root: Path, layout: Layout, parent_ids: list[str],
     try:
         blobs = [LayerBlob(layout.layer(sid), tag=m.blob_digest.removeprefix("sha256:"))
                  for sid, m in zip(lowest_first, metas, strict=True)]
-        result = merge_layers(blobs, staged / FSMETA, verity=True)
+        # The fsmeta's tree follows its layers': unsalted (for Kata's readers, which carry no
+        # salt) when every layer's is, so one chain always gets the same fsmeta and root.
+        verity = KATA_VERITY if all(not m.salt for m in metas) else True
+        result = merge_layers(blobs, staged / FSMETA, verity=verity)
         description = _describe(result, metas, final)
         if signing_key is not None:
             description["manifest"] = _write_signed_manifest(staged, final, description,

@@ -14,6 +14,7 @@ from google.protobuf import field_mask_pb2
 from shim_integration.containerd_private import SnapshotterProcess, unmount_under
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
+from snapshotter.layout import MARKER, MARKER_TEXT
 from tests.helpers import require_root, require_tool
 
 Code = grpc.StatusCode
@@ -98,13 +99,17 @@ def test_chain_labels_usage_list_remove(stub: pb_grpc.SnapshotsStub, service) ->
 
 def test_cleanup_removes_orphans(stub: pb_grpc.SnapshotsStub, service) -> None:
     commit_layer(stub, service.root, "ns/1/a", "ns/2/A")
-    orphan = service.root / "snapshots" / "999"
+    orphan = service.root / "snapshots" / "999"  # as a rolled-back Prepare leaves one
     (orphan / "fs").mkdir(parents=True)
+    (orphan / MARKER).write_bytes(MARKER_TEXT)
+    foreign = service.root / "snapshots" / "not-ours"  # no marker: never removed
+    foreign.mkdir()
     stale = service.root / "snapshots" / "1" / ".layer-x.tmp"
     stale.write_bytes(b"half a blob")
     stub.Cleanup(pb.CleanupRequest())
     assert not orphan.exists() and not stale.exists()
     assert (service.root / "snapshots" / "1" / "layer.erofs").exists()
+    assert foreign.is_dir()
 
 
 def test_socket_health_and_sigterm(service: SnapshotterProcess) -> None:

@@ -33,6 +33,7 @@ has no device-mapper; the shared test guest has).
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import re
@@ -397,3 +398,47 @@ def test_runtime_rs_sidecar_path_reads_an_unsalted_tree_only_with_an_explicit_sa
     table = runtime_rs_sidecar(blob, {**unsalted.containerd_sidecar(), "salt": "-"})
     assert table == tables_of(_layer_option(unsalted, blob))["kata-types"]
     assert veritysetup_verify(blob, table).returncode == 0
+
+
+# -- the service's kata_verity setting -------------------------------------------------------
+
+@pytest.mark.root
+def test_serve_kata_verity_makes_a_vm_mode_image_every_reader_verifies(tmp_path):
+    """`kata_verity = true` (serve's config) reaches every tree the service makes: the layers
+    Commit converts and the chain's fsmeta. The VM-mode plan's Kata options then need no
+    kata-types-only opt-in, and each reader's table verifies each device with veritysetup."""
+    from shim_integration.shim import plan_from_mounts
+    from snapshotter.snapshots import Snapshotter
+    from snapshotter.vm_mode import VM_MODE_LABEL
+    from tests.helpers import require_root
+
+    require_root()
+    require_tool("veritysetup")
+    sn = Snapshotter(tmp_path / "root", kata_verity=True)
+    try:
+        parent = ""
+        for i in (1, 2):
+            key = f"default/{i}/extract-{i}"
+            mounts = sn.prepare(key, parent)
+            upper = next(Path(o.split("=", 1)[1]) for m in mounts for o in m.options
+                         if o.startswith("upperdir=")) if mounts[0].type == "overlay" \
+                else Path(mounts[0].source)
+            (upper / f"layer{i}").write_bytes(bytes([i]) * (7000 * i))
+            parent = f"default/{i}/sha256:{i}"
+            sn.commit(parent, key)
+            assert sn.stat(parent).labels["containerd.io/snapshot/erofs.verity.salt"] == "-"
+        mounts = sn.prepare("default/3/rootfs", parent, {VM_MODE_LABEL: "true"})
+        plan = plan_from_mounts(mounts, manifest=b"{}", signature=b"{}")
+        options = plan.kata_options()  # refused for salted trees: see the test above
+        assert [d.role for d in plan.devices] == ["fsmeta", "layer", "layer"]
+        for device, option in zip(plan.devices, options, strict=True):
+            tables = tables_of(option)
+            assert len(set(tables.values())) == 1, (device.path, tables)
+            assert tables["runtime-go"].endswith(f" {device.root_hash} -")
+            check = veritysetup_verify(Path(device.path), tables["kata-types"])
+            assert check.returncode == 0, (device.path, check.stderr)
+    finally:
+        for key in ("default/3/rootfs", "default/2/sha256:2", "default/1/sha256:1"):
+            with contextlib.suppress(EpError):
+                sn.remove(key)
+        sn.close()

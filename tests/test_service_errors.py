@@ -187,3 +187,73 @@ def test_disk_full_apply_names_the_snapshot_directory(tmp_path: Path, small_disk
             service.stop()
         containerd.stop()
         unmount_under(tmp_path)
+
+
+def _gzip_tar(files: dict[str, bytes]) -> bytes:
+    import gzip
+    import io
+    import tarfile
+
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in files.items():
+            entry = tarfile.TarInfo(name)
+            entry.size, entry.mtime = len(data), 1
+            tar.addfile(entry, io.BytesIO(data))
+    return gzip.compress(raw.getvalue(), mtime=0)
+
+
+def test_configured_ceilings_reach_the_differ(tmp_path: Path) -> None:
+    """serve's max_entries / max_tar_bytes keys bound what one Apply may convert: a layer over
+    either is INVALID_ARGUMENT naming the ceiling, the snapshot stays active with nothing
+    half-written, and a layer within both applies."""
+    from shim_integration.containerd_private import Containerd, system_dist
+
+    require_root()
+    require_tool("containerd")
+    config = tmp_path / "serve.toml"
+    config.write_text(f"max_entries = 5\nmax_tar_bytes = {256 * 1024}\n")
+    service_sock = tmp_path / "sn.sock"
+    containerd = Containerd(system_dist(), tmp_path / "containerd", service_sock).start()
+    service = SnapshotterProcess(tmp_path / "root", service_sock, tmp_path / "sn.log",
+                                 extra=["--containerd-address", str(containerd.socket),
+                                        "--config", str(config)])
+    layers = {
+        "entries": (_gzip_tar({f"f{i}": b"x" for i in range(8)}), "more than 5 entries"),
+        "bytes": (_gzip_tar({"big": bytes(300 * 1024)}), f"more than {256 * 1024} bytes"),
+        "fits": (_gzip_tar({"a": b"a", "b": bytes(100 * 1024)}), None),
+    }
+    header = (("containerd-namespace", "default"),)
+    try:
+        service.start()
+        with grpc.insecure_channel(f"unix:{service_sock}") as channel:
+            stub = pb_grpc.SnapshotsStub(channel)
+            differ = diff_pb2_grpc.DiffStub(channel)
+            for name, (blob, refusal) in layers.items():
+                digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+                (tmp_path / f"{name}.tar.gz").write_bytes(blob)
+                _ingest_as_gc_root(containerd, tmp_path / f"{name}.tar.gz", digest)
+                layer = descriptor_pb2.Descriptor(
+                    media_type="application/vnd.oci.image.layer.v1.tar+gzip", digest=digest,
+                    size=len(blob))
+                mounts = stub.Prepare(pb.PrepareSnapshotRequest(key=f"default/1/extract-{name}"),
+                                      metadata=header, timeout=DEADLINE).mounts
+                snapshot_dir = Path(mounts[0].source).parent
+                request = diff_pb2.ApplyRequest(diff=layer, mounts=mounts)
+                if refusal is None:
+                    differ.Apply(request, metadata=header, timeout=DEADLINE)
+                    assert (snapshot_dir / "layer.erofs").is_file()
+                    continue
+                with pytest.raises(grpc.RpcError) as err:
+                    differ.Apply(request, metadata=header, timeout=DEADLINE)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+                assert refusal in err.value.details() and "\n" not in err.value.details()
+                assert leftovers(snapshot_dir) == [] and not (snapshot_dir / "layer.erofs").exists()
+                info = stub.Stat(pb.StatSnapshotRequest(key=f"default/1/extract-{name}"),
+                                 metadata=header, timeout=DEADLINE).info
+                assert info.kind == pb.ACTIVE
+    finally:
+        if service.proc is not None and service.proc.poll() is None:
+            service.stop()
+        containerd.stop()
+        unmount_under(tmp_path)

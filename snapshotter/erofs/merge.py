@@ -29,7 +29,7 @@ from pathlib import Path
 
 from snapshotter.errors import EpError
 from snapshotter.fsutil import atomic_output
-from snapshotter.verity import VerityInfo
+from snapshotter.verity import VerityInfo, VerityParams
 
 from .format import NULL_ADDR, DeviceSlot
 from .image_verity import append_verity
@@ -296,13 +296,14 @@ def merge_layers(
     layers: list[LayerBlob | str | os.PathLike[str]],
     out_path: str | os.PathLike[str],
     *,
-    verity: bool = False,
+    verity: bool | VerityParams = False,
     flat_path: str | os.PathLike[str] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> MergeResult:
     """Merge layer images (lowest first) into an fsmeta at `out_path`; optionally also one
-    flat image (fsmeta + blobs back to back) at `flat_path`. With `verity`, each output gets
-    its own dm-verity tree appended (salt derived from the fsmeta's digest). Outputs appear
+    flat image (fsmeta + blobs back to back) at `flat_path`. With `verity` (True, or the
+    parameters, e.g. `KATA_VERITY` for unsalted trees), each output gets its own dm-verity tree
+    appended (a salt derived from the fsmeta's digest unless unsalted). Outputs appear
     only when complete. `progress` is told each step as it starts (for a status line)."""
     blobs = [b if isinstance(b, LayerBlob) else LayerBlob(Path(b)) for b in layers]
     out_path = Path(out_path)
@@ -315,13 +316,13 @@ def merge_layers(
         result = dataclasses.replace(result, fsmeta=out_path, digest=digest)
         if verity:
             result = dataclasses.replace(
-                result, verity=append_verity(out, result.size, True, digest))
+                result, verity=append_verity(out, result.size, verity, digest))
     if flat_path is not None:
         flat_path = Path(flat_path)
         step(f"flat image {flat_path}")
         with atomic_output(flat_path) as flat:
             size = _write_flat(result, flat.fileno())
-            info = append_verity(flat, size, True, digest) if verity else None
+            info = append_verity(flat, size, verity, digest) if verity else None
         result = dataclasses.replace(result, flat=flat_path, flat_size=size, flat_verity=info)
     return result
 

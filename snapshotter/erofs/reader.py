@@ -93,9 +93,11 @@ def _corrupt_is_an_error(method: Callable[P, R]) -> Callable[P, R]:
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return method(*args, **kwargs)
+        except FormatError:
+            raise  # already says what is wrong, and where
         except _CORRUPTION as exc:
             image = args[0]
-            raise EpError(f"{image.name}: corrupt EROFS image ({exc})") from None
+            raise FormatError(f"{image.name}: corrupt EROFS image ({exc})") from None
 
     return wrapper
 
@@ -120,11 +122,11 @@ class ErofsImage:
             self.sb = SuperBlock.unpack(self._map[SUPER_OFFSET:SUPER_OFFSET + 128])
         except FormatError as exc:
             self._map.close()
-            raise EpError(f"{self.name}: {exc}") from None
+            raise FormatError(f"{self.name}: {exc}") from None
         unknown = self.sb.feature_incompat & ~READER_INCOMPAT
         if unknown:
             self._map.close()
-            raise EpError(f"{self.name}: unsupported EROFS features {unknown:#x}")
+            raise FormatError(f"{self.name}: unsupported EROFS features {unknown:#x}")
         self.block_size = self.sb.block_size
         try:
             self.device_slots = self._read_device_table()
@@ -137,7 +139,7 @@ class ErofsImage:
 
     def _map_fd(self, fd: int) -> mmap.mmap:
         if os.fstat(fd).st_size < SUPER_OFFSET + 128:
-            raise EpError(f"{self.name}: too small to be an EROFS image")
+            raise FormatError(f"{self.name}: too small to be an EROFS image")
         return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
 
     def close(self) -> None:
@@ -168,7 +170,7 @@ class ErofsImage:
 
     def _bytes(self, pos: int, length: int) -> bytes:
         if pos < 0 or pos + length > len(self._map):
-            raise EpError(f"{self.name}: read beyond the image at {pos}+{length}")
+            raise FormatError(f"{self.name}: read beyond the image at {pos}+{length}")
         return self._map[pos:pos + length]
 
     @property
@@ -183,7 +185,7 @@ class ErofsImage:
                                              else Inode.COMPACT_SIZE),
                                  self.sb.build_time, self.sb.build_time_nsec)
         except FormatError as exc:
-            raise EpError(f"{self.name}: nid {nid}: {exc}") from None
+            raise FormatError(f"{self.name}: nid {nid}: {exc}") from None
         return InodeInfo(nid=nid, inode=inode, pos=pos)
 
     def _is_extended(self, pos: int) -> bool:
@@ -195,7 +197,7 @@ class ErofsImage:
             return {}
         start = info.pos + info.inode.isize
         if start + info.inode.xattr_isize > self.sb.blocks * self.block_size:
-            raise EpError(f"{self.name}: nid {info.nid}: xattrs of "
+            raise FormatError(f"{self.name}: nid {info.nid}: xattrs of "
                           f"{info.inode.xattr_isize} bytes beyond the image")
         raw = self._bytes(start, info.inode.xattr_isize)
         body = XattrIbody.unpack(raw)
@@ -213,10 +215,10 @@ class ErofsImage:
         if entry is None:
             pos = self.sb.xattr_blkaddr * self.block_size + xid * 4
             if pos + 4 > self.sb.blocks * self.block_size:
-                raise EpError(f"{self.name}: shared xattr {xid} beyond the image")
+                raise FormatError(f"{self.name}: shared xattr {xid} beyond the image")
             entry, end = XattrEntry.unpack(self._map, pos)
             if end > self.sb.blocks * self.block_size:
-                raise EpError(f"{self.name}: shared xattr {xid} beyond the image")
+                raise FormatError(f"{self.name}: shared xattr {xid} beyond the image")
             self._shared_xattrs[xid] = entry
         return entry
 
@@ -230,7 +232,7 @@ class ErofsImage:
         if device == 0:
             return self.sb.blocks
         if device > len(self.device_slots):
-            raise EpError(f"{self.name}: data on device {device}, but the image has "
+            raise FormatError(f"{self.name}: data on device {device}, but the image has "
                           f"{len(self.device_slots)} extra devices")
         return self.device_slots[device - 1].blocks
 
@@ -240,7 +242,7 @@ class ErofsImage:
         limit = self._device_blocks(device)
         if blkaddr + nblocks > limit:
             where = f"device {device}" if device else "the image"
-            raise EpError(f"{self.name}: nid {info.nid}: data blocks {blkaddr}+{nblocks} "
+            raise FormatError(f"{self.name}: nid {info.nid}: data blocks {blkaddr}+{nblocks} "
                           f"beyond {where} ({limit} blocks)")
 
     @_corrupt_is_an_error
@@ -252,7 +254,7 @@ class ErofsImage:
         if size == 0:
             return []
         if size >= 1 << 63:
-            raise EpError(f"{self.name}: nid {info.nid}: negative file size")
+            raise FormatError(f"{self.name}: nid {info.nid}: negative file size")
         if inode.layout == LAYOUT_FLAT_PLAIN:
             self._check_blocks(info, 0, inode.i_u, size)
             return [ChunkRef(0, size, 0, inode.i_u)]
@@ -265,23 +267,23 @@ class ErofsImage:
                 refs.append(ChunkRef(0, head, 0, inode.i_u))
             tail_pos = info.data_pos
             if tail_pos % bs + tail_len > bs:
-                raise EpError(f"{self.name}: nid {info.nid}: inline data crosses a block")
+                raise FormatError(f"{self.name}: nid {info.nid}: inline data crosses a block")
             if tail_pos + tail_len > self.sb.blocks * bs:
-                raise EpError(f"{self.name}: nid {info.nid}: inline data beyond the image")
+                raise FormatError(f"{self.name}: nid {info.nid}: inline data beyond the image")
             refs.append(ChunkRef(head, tail_len, 0, None, inline_pos=tail_pos))
             return refs
         if inode.layout == LAYOUT_CHUNK_BASED:
             return self._chunk_map(info)
         if inode.layout in (LAYOUT_COMPRESSED_FULL, LAYOUT_COMPRESSED_COMPACT):
-            raise EpError(f"{self.name}: nid {info.nid}: compressed data (layout "
+            raise FormatError(f"{self.name}: nid {info.nid}: compressed data (layout "
                           f"{inode.layout}) is not supported")
-        raise EpError(f"{self.name}: nid {info.nid}: unknown data layout {inode.layout}")
+        raise FormatError(f"{self.name}: nid {info.nid}: unknown data layout {inode.layout}")
 
     def _chunk_map(self, info: InodeInfo) -> list[ChunkRef]:
         inode, bs = info.inode, self.block_size
         fmt = inode.i_u & 0xFFFF
         if fmt & ~(CHUNK_FORMAT_BLKBITS_MASK | CHUNK_FORMAT_INDEXES):
-            raise EpError(f"{self.name}: nid {info.nid}: unknown chunk format {fmt:#x}")
+            raise FormatError(f"{self.name}: nid {info.nid}: unknown chunk format {fmt:#x}")
         chunk_size = bs << (fmt & CHUNK_FORMAT_BLKBITS_MASK)
         count = -(-inode.size // chunk_size)
         # The table's size follows from the file size: it must be in the image before a
@@ -289,7 +291,7 @@ class ErofsImage:
         unit = ChunkIndex.SIZE if fmt & CHUNK_FORMAT_INDEXES else 4
         base = (info.data_pos + unit - 1) & ~(unit - 1)
         if base + count * unit > self.sb.blocks * bs:
-            raise EpError(f"{self.name}: nid {info.nid}: chunk table of {count} entries "
+            raise FormatError(f"{self.name}: nid {info.nid}: chunk table of {count} entries "
                           f"(for {inode.size} bytes) beyond the image")
         refs = []
         if fmt & CHUNK_FORMAT_INDEXES:
@@ -316,7 +318,7 @@ class ErofsImage:
             return self._map
         if device not in self._device_maps:
             if device > len(self._device_paths):
-                raise EpError(f"{self.name}: data on device {device}, which was not given")
+                raise FormatError(f"{self.name}: data on device {device}, which was not given")
             with open(self._device_paths[device - 1], "rb") as f:
                 self._device_maps[device] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         return self._device_maps[device]
@@ -333,7 +335,7 @@ class ErofsImage:
                 m = self._device_map(ref.device)
                 start = ref.blkaddr * self.block_size
                 if start + ref.length > len(m):
-                    raise EpError(f"{self.name}: nid {info.nid}: data beyond device "
+                    raise FormatError(f"{self.name}: nid {info.nid}: data beyond device "
                                   f"{ref.device}")
                 yield m[start:start + ref.length]
 
@@ -345,7 +347,7 @@ class ErofsImage:
         if not stat.S_ISLNK(info.mode):
             raise EpError(f"nid {info.nid} is not a symlink")
         if not 0 < info.size <= SYMLINK_MAX:
-            raise EpError(f"{self.name}: nid {info.nid}: symlink target of {info.size} bytes")
+            raise FormatError(f"{self.name}: nid {info.nid}: symlink target of {info.size} bytes")
         return self.read(info)
 
     # -- directories ------------------------------------------------------------------------
@@ -361,7 +363,7 @@ class ErofsImage:
         if not stat.S_ISDIR(info.mode):
             raise EpError(f"nid {info.nid} is not a directory")
         if info.size > self.sb.blocks * self.block_size:  # holes could make it any size
-            raise EpError(f"{self.name}: nid {info.nid}: directory larger than the image")
+            raise FormatError(f"{self.name}: nid {info.nid}: directory larger than the image")
         data = self.read(info)
         bs = self.block_size
         out = []
@@ -369,24 +371,24 @@ class ErofsImage:
             block = data[blk:blk + bs]
             first_nameoff = int.from_bytes(block[8:10], "little") if len(block) >= 12 else 0
             if first_nameoff < Dirent.SIZE or first_nameoff >= bs or first_nameoff > len(block):
-                raise EpError(f"{self.name}: nid {info.nid}: directory block {blk // bs}: "
+                raise FormatError(f"{self.name}: nid {info.nid}: directory block {blk // bs}: "
                               f"first name offset {first_nameoff} is invalid")
             count = first_nameoff // Dirent.SIZE
             ents = [Dirent.unpack(block, i * Dirent.SIZE) for i in range(count)]
             next_nameoff = first_nameoff
             for i, ent in enumerate(ents):
                 if ent.nameoff != next_nameoff:
-                    raise EpError(f"{self.name}: nid {info.nid}: directory block {blk // bs}: "
+                    raise FormatError(f"{self.name}: nid {info.nid}: directory block {blk // bs}: "
                                   f"entry {i} has a bogus name offset")
                 if i + 1 < count:
                     name = block[ent.nameoff:ents[i + 1].nameoff]
                 else:
                     name = block[ent.nameoff:].split(b"\0", 1)[0]
                 if not name or len(name) > NAME_LEN_MAX:
-                    raise EpError(f"{self.name}: nid {info.nid}: directory block {blk // bs}: "
+                    raise FormatError(f"{self.name}: nid {info.nid}: directory block {blk // bs}: "
                                   f"entry {i} has a name of bogus length")
                 if b"/" in name or b"\0" in name:
-                    raise EpError(f"{self.name}: nid {info.nid}: invalid file name {name!r}")
+                    raise FormatError(f"{self.name}: nid {info.nid}: invalid file name {name!r}")
                 next_nameoff += len(name)
                 out.append((name, ent.nid, ent.file_type))
         return out
@@ -415,7 +417,7 @@ class ErofsImage:
             yield path, info
             if stat.S_ISDIR(info.mode):
                 if nid in seen_dirs:
-                    raise EpError(f"{self.name}: directory nid {nid} appears twice (a cycle)")
+                    raise FormatError(f"{self.name}: directory nid {nid} appears twice (a cycle)")
                 seen_dirs.add(nid)
                 children = [(n, c) for n, c, _ in self.listdir(info) if n not in (b".", b"..")]
                 for name, child in reversed(children):

@@ -16,7 +16,7 @@ from typing import BinaryIO, Protocol
 import zstandard
 from isal import isal_zlib
 
-from snapshotter.errors import EpError
+from snapshotter.errors import InvalidInput
 
 from .limits import DEFAULT_LIMITS, Limits
 
@@ -81,7 +81,7 @@ class _Gzip:
             if self._between_members:
                 if tail[self._pos] == 0:  # zero padding after the last member
                     if tail[self._pos:].strip(b"\0"):
-                        raise EpError("corrupt gzip data: garbage after a gzip member")
+                        raise InvalidInput("corrupt gzip data: garbage after a gzip member")
                     self._pos = len(tail)
                     break
                 self._obj = isal_zlib.decompressobj(31)
@@ -90,7 +90,7 @@ class _Gzip:
             try:
                 chunk = self._obj.decompress(piece, OUT_LIMIT - size)
             except isal_zlib.error as exc:
-                raise EpError(f"corrupt gzip data: {exc}") from None
+                raise InvalidInput(f"corrupt gzip data: {exc}") from None
             out.append(chunk)
             size += len(chunk)
             if self._obj.eof:
@@ -104,7 +104,7 @@ class _Gzip:
 
     def finish(self) -> None:
         if not self._between_members:
-            raise EpError("truncated gzip data: the stream ends before its end marker")
+            raise InvalidInput("truncated gzip data: the stream ends before its end marker")
 
 
 class _Zstd:
@@ -138,7 +138,7 @@ class _Zstd:
             try:
                 chunk = self._obj.decompress(piece)
             except zstandard.ZstdError as exc:
-                raise EpError(f"corrupt zstd data: {exc}") from None
+                raise InvalidInput(f"corrupt zstd data: {exc}") from None
             out.append(chunk)
             size += len(chunk)
             if self._obj.eof:
@@ -148,7 +148,7 @@ class _Zstd:
 
     def finish(self) -> None:
         if not self._between_frames:
-            raise EpError("truncated zstd data: the stream ends inside a frame")
+            raise InvalidInput("truncated zstd data: the stream ends inside a frame")
 
 
 class LayerStream:
@@ -191,7 +191,7 @@ class LayerStream:
             self._tar_hash.update(out)
             self.tar_size += len(out)
             if self.tar_size > self._max_tar_bytes:
-                raise EpError(f"layer decompresses to more than {self._max_tar_bytes} bytes "
+                raise InvalidInput(f"layer decompresses to more than {self._max_tar_bytes} bytes "
                               "(max_tar_bytes)")
             self._buf = self._buf[self._pos:] + out if self._pos < len(self._buf) else out
             self._pos = 0

@@ -21,7 +21,7 @@ from __future__ import annotations
 import stat
 from collections import Counter
 
-from snapshotter.errors import EpError
+from snapshotter.errors import InvalidInput
 
 from . import tarstream as ts
 from .format import FormatError, split_xattr_name
@@ -54,16 +54,16 @@ def split_member_path(name: bytes, limits: Limits = DEFAULT_LIMITS) -> list[byte
     """A member name as path components, refusing names that would leave the layer or that
     exceed the path limits."""
     if len(name) > limits.max_path_bytes:
-        raise EpError(f"member name {_show(name[:60])!r}... is {len(name)} bytes, over the "
+        raise InvalidInput(f"member name {_show(name[:60])!r}... is {len(name)} bytes, over the "
                       f"limit of {limits.max_path_bytes} (max_path_bytes)")
     if name.startswith(b"/"):
-        raise EpError(f"absolute member name {_show(name)!r} in layer")
+        raise InvalidInput(f"absolute member name {_show(name)!r} in layer")
     parts = [p for p in name.split(b"/") if p and p != b"."]
     if len(parts) > limits.max_path_depth:
-        raise EpError(f"member name {_show(name[:60])!r}... has {len(parts)} components, "
+        raise InvalidInput(f"member name {_show(name[:60])!r}... has {len(parts)} components, "
                       f"over the limit of {limits.max_path_depth} (max_path_depth)")
     if b".." in parts:
-        raise EpError(f"member name {_show(name)!r} contains '..'")
+        raise InvalidInput(f"member name {_show(name)!r} contains '..'")
     if b"\0" in name or any(len(p) > 255 for p in parts):
         for part in parts:
             validate_name(part)  # raises, naming the bad component
@@ -94,7 +94,7 @@ class TarImporter:
                 node.children[part] = child
             elif not child.is_dir:
                 kind = "a symlink" if stat.S_ISLNK(child.mode) else "not a directory"
-                raise EpError(f"{_show(name)!r}: path component {_show(part)!r} is {kind}")
+                raise InvalidInput(f"{_show(name)!r}: path component {_show(part)!r} is {kind}")
             node = child
         return node
 
@@ -119,7 +119,7 @@ class TarImporter:
         """Count `nbytes` of tree memory against `max_metadata_bytes`."""
         self.metadata_bytes += nbytes
         if self.metadata_bytes > self.limits.max_metadata_bytes:
-            raise EpError(f"{_show(name[:100])!r}: the layer's metadata exceeds "
+            raise InvalidInput(f"{_show(name[:100])!r}: the layer's metadata exceeds "
                           f"{self.limits.max_metadata_bytes} bytes (max_metadata_bytes)")
 
     def add(self, m: TarMember, read) -> None:
@@ -127,7 +127,7 @@ class TarImporter:
         of its data runs back to back)."""
         self.entries += 1
         if self.entries > self.limits.max_entries:
-            raise EpError(f"the layer has more than {self.limits.max_entries} entries "
+            raise InvalidInput(f"the layer has more than {self.limits.max_entries} entries "
                           "(max_entries)")
         parts = split_member_path(m.name, self.limits)
         _check_member(m)
@@ -136,7 +136,7 @@ class TarImporter:
         self._mtimes[(m.mtime, m.mtime_nsec)] += 1
         if not parts:
             if m.typeflag != ts.DIRECTORY:
-                raise EpError(f"{_show(m.name)!r}: the layer root is not a directory")
+                raise InvalidInput(f"{_show(m.name)!r}: the layer root is not a directory")
             self._set_attrs(self.root, m)
             self._implicit.discard(id(self.root))
             return
@@ -177,10 +177,10 @@ class TarImporter:
     def _link_target(self, m: TarMember) -> Node:
         target = self._lookup(split_member_path(m.linkname, self.limits))
         if target is None:
-            raise EpError(f"{_show(m.name)!r}: hardlink to missing entry "
+            raise InvalidInput(f"{_show(m.name)!r}: hardlink to missing entry "
                           f"{_show(m.linkname)!r}")
         if target.is_dir:
-            raise EpError(f"{_show(m.name)!r}: hardlink to a directory {_show(m.linkname)!r}")
+            raise InvalidInput(f"{_show(m.name)!r}: hardlink to a directory {_show(m.linkname)!r}")
         return target
 
     def _new_node(self, m: TarMember, read) -> Node:
@@ -206,7 +206,7 @@ class TarImporter:
     def _set_attrs(node: Node, m: TarMember) -> None:
         # (uid_t)-1 is "no id" to Linux: such a file would be unreadable even by root.
         if not (0 <= m.uid < 0xFFFFFFFF and 0 <= m.gid < 0xFFFFFFFF):
-            raise EpError(f"{_show(m.name)!r}: uid/gid {m.uid}/{m.gid} is not a valid "
+            raise InvalidInput(f"{_show(m.name)!r}: uid/gid {m.uid}/{m.gid} is not a valid "
                           "Linux id")
         perm = 0o777 if stat.S_ISLNK(node.mode) else m.mode & 0o7777
         node.mode = stat.S_IFMT(node.mode) | perm
@@ -231,13 +231,13 @@ class TarImporter:
 def _check_member(m: TarMember) -> None:
     """What Linux or EROFS cannot represent, refused before anything is built from it."""
     if m.typeflag == ts.SYMLINK and len(m.linkname) > SYMLINK_TARGET_MAX:
-        raise EpError(f"{_show(m.name)!r}: symlink target of {len(m.linkname)} bytes (Linux "
+        raise InvalidInput(f"{_show(m.name)!r}: symlink target of {len(m.linkname)} bytes (Linux "
                       f"takes at most {SYMLINK_TARGET_MAX})")
     if m.typeflag == ts.SYMLINK and not m.linkname:
-        raise EpError(f"{_show(m.name)!r}: empty symlink target")
+        raise InvalidInput(f"{_show(m.name)!r}: empty symlink target")
     if m.typeflag in (ts.CHRDEV, ts.BLKDEV) and not (
             0 <= m.devmajor <= DEV_MAJOR_MAX and 0 <= m.devminor <= DEV_MINOR_MAX):
-        raise EpError(f"{_show(m.name)!r}: device {m.devmajor}:{m.devminor} cannot be stored "
+        raise InvalidInput(f"{_show(m.name)!r}: device {m.devmajor}:{m.devminor} cannot be stored "
                       f"(EROFS and Linux's u32 dev_t: major <= {DEV_MAJOR_MAX}, minor <= "
                       f"{DEV_MINOR_MAX})")
     if m.xattrs:
@@ -246,21 +246,21 @@ def _check_member(m: TarMember) -> None:
 
 def _check_xattrs(m: TarMember) -> None:
     if len(m.xattrs) > XATTRS_PER_FILE_MAX:
-        raise EpError(f"{_show(m.name)!r}: {len(m.xattrs)} xattrs, EROFS stores at most "
+        raise InvalidInput(f"{_show(m.name)!r}: {len(m.xattrs)} xattrs, EROFS stores at most "
                       f"{XATTRS_PER_FILE_MAX} per file")
     total = 0
     for key, value in m.xattrs.items():
         try:
             _, suffix = split_xattr_name(key)
         except FormatError as exc:
-            raise EpError(f"{_show(m.name)!r}: {exc}") from None
+            raise InvalidInput(f"{_show(m.name)!r}: {exc}") from None
         if len(suffix) > XATTR_NAME_MAX or len(value) > XATTR_VALUE_MAX:
-            raise EpError(f"{_show(m.name)!r}: xattr {_show(key[:60])!r} too large for EROFS "
+            raise InvalidInput(f"{_show(m.name)!r}: xattr {_show(key[:60])!r} too large for EROFS "
                           f"(name suffix <= {XATTR_NAME_MAX}, value <= {XATTR_VALUE_MAX} "
                           "bytes)")
         total += (4 + len(suffix) + len(value) + 3) & ~3
     if total > XATTR_INLINE_MAX:
-        raise EpError(f"{_show(m.name)!r}: {total} bytes of xattrs, EROFS stores at most "
+        raise InvalidInput(f"{_show(m.name)!r}: {total} bytes of xattrs, EROFS stores at most "
                       f"{XATTR_INLINE_MAX} per file")
 
 

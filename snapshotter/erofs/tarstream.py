@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from snapshotter.errors import EpError
+from snapshotter.errors import InvalidInput
 
 from .limits import DEFAULT_LIMITS, FILE_SIZE_MAX, MTIME_MAX, MTIME_MIN, Limits
 
@@ -55,14 +55,14 @@ def _number(field_: bytes, what: str) -> int:
     archive/tar parses them: spaces and NULs around octal digits are ignored."""
     if field_ and field_[0] & 0x80:
         if field_[0] not in (0x80, 0xFF):
-            raise EpError(f"tar header: bad base-256 {what} field")
+            raise InvalidInput(f"tar header: bad base-256 {what} field")
         value = int.from_bytes(field_[1:], "big")
         if field_[0] == 0xFF:
             value -= 1 << (8 * (len(field_) - 1))
         return value
     text = field_.strip(b" \0").split(b"\0", 1)[0]
     if not _OCTAL.fullmatch(text):
-        raise EpError(f"tar header: bad {what} field {field_!r}")
+        raise InvalidInput(f"tar header: bad {what} field {field_!r}")
     return int(text, 8) if text else 0
 
 
@@ -108,7 +108,7 @@ class TarHeader:
             expected = _number(chksum, "checksum")
         if expected != sum(block) - sum(chksum) + 8 * 32 and expected != _signed_sum(
                 block, chksum):
-            raise EpError("tar header checksum mismatch (corrupt or not a tar)")
+            raise InvalidInput("tar header checksum mismatch (corrupt or not a tar)")
         name = _text(name)
         if magic[:6] == b"ustar\0" and prefix[0]:
             name = _text(prefix) + b"/" + name
@@ -157,19 +157,19 @@ def parse_pax(data: bytes) -> dict[bytes, bytes]:
         space = data.find(b" ", pos, pos + 21)
         digits = data[pos:space]
         if space < 0 or not digits.isdigit():
-            raise EpError("corrupt PAX header record (bad length)")
+            raise InvalidInput("corrupt PAX header record (bad length)")
         length = int(digits)
         end = pos + length
         if length < 5 or end > len(data) or end <= space + 1 or data[end - 1] != 0x0A:
-            raise EpError("corrupt PAX header record (length does not match)")
+            raise InvalidInput("corrupt PAX header record (length does not match)")
         key, eq, value = data[space + 1:end - 1].partition(b"=")
         if not eq or not key or b"\0" in key:
-            raise EpError("corrupt PAX header record (no key)")
+            raise InvalidInput("corrupt PAX header record (no key)")
         if key in (b"path", b"linkpath") and b"\0" in value:
-            raise EpError(f"PAX {_show(key)} {_show(value[:60])!r} contains a NUL byte")
+            raise InvalidInput(f"PAX {_show(key)} {_show(value[:60])!r} contains a NUL byte")
         if key in (_SPARSE_OFFSET, _SPARSE_NUMBYTES):
             if (key == _SPARSE_OFFSET) != (len(sparse_map) % 2 == 0) or b"," in value:
-                raise EpError("corrupt PAX sparse 0.0 map (offset/numbytes out of order)")
+                raise InvalidInput("corrupt PAX sparse 0.0 map (offset/numbytes out of order)")
             sparse_map.append(value)
         else:
             records[key] = value
@@ -182,7 +182,7 @@ def parse_pax(data: bytes) -> dict[bytes, bytes]:
 def _pax_time(value: bytes) -> tuple[int, int]:
     match = _PAX_TIME.fullmatch(value)
     if match is None:
-        raise EpError(f"bad PAX mtime {value[:40]!r}")
+        raise InvalidInput(f"bad PAX mtime {value[:40]!r}")
     seconds = int(match[1])
     frac = match[2] or b""
     nsec = int((frac + b"000000000")[:9]) if frac else 0
@@ -193,10 +193,10 @@ def _pax_time(value: bytes) -> tuple[int, int]:
 
 def _pax_int(value: bytes, key: bytes, low: int = 0, high: int = FILE_SIZE_MAX) -> int:
     if not _DECIMAL.fullmatch(value):
-        raise EpError(f"bad PAX {_show(key)} {value[:40]!r}")
+        raise InvalidInput(f"bad PAX {_show(key)} {value[:40]!r}")
     number = int(value)
     if not low <= number <= high:
-        raise EpError(f"PAX {_show(key)} {number} out of range [{low}, {high}]")
+        raise InvalidInput(f"PAX {_show(key)} {number} out of range [{low}, {high}]")
     return number
 
 
@@ -221,7 +221,7 @@ class TarReader:
     def _read_exact(self, size: int) -> bytes:
         data = self._stream.read(size)
         if len(data) != size:
-            raise EpError(f"truncated tar: unexpected end of data ({len(data)} of {size} "
+            raise InvalidInput(f"truncated tar: unexpected end of data ({len(data)} of {size} "
                           "bytes)")
         self.offset += size
         return data
@@ -234,7 +234,7 @@ class TarReader:
 
     def _read_meta(self, size: int, what: str) -> bytes:
         if size > self._limits.max_header_bytes:
-            raise EpError(f"tar {what} of {size} bytes exceeds the limit of "
+            raise InvalidInput(f"tar {what} of {size} bytes exceeds the limit of "
                           f"{self._limits.max_header_bytes} (max_header_bytes)")
         data = self._read_exact(size)
         self._skip(-size % BLOCK)
@@ -257,7 +257,7 @@ class TarReader:
         if len(block) != BLOCK:
             if not block:
                 return None  # no end-of-archive marker: accepted, as GNU tar and Go do
-            raise EpError("truncated tar: partial header block")
+            raise InvalidInput("truncated tar: partial header block")
         if block != ZERO_BLOCK:
             self.offset += BLOCK
             return block
@@ -265,8 +265,8 @@ class TarReader:
         if not second or second == ZERO_BLOCK:
             return None
         if len(second) != BLOCK:
-            raise EpError("truncated tar: partial header block")
-        raise EpError(f"corrupt tar: a zero block at offset {self.offset} is followed by "
+            raise InvalidInput("truncated tar: partial header block")
+        raise InvalidInput(f"corrupt tar: a zero block at offset {self.offset} is followed by "
                       "more headers (only two zero blocks may end an archive)")
 
     def _next(self) -> TarMember | None:
@@ -281,7 +281,7 @@ class TarReader:
                 return None
             header = TarHeader.unpack(block)
             if not 0 <= header.size <= FILE_SIZE_MAX:
-                raise EpError(f"tar header {_show(header.name[:100])!r}: size {header.size} "
+                raise InvalidInput(f"tar header {_show(header.name[:100])!r}: size {header.size} "
                               "out of range")
             flag = header.typeflag
             if flag == GNU_LONGNAME:
@@ -295,7 +295,7 @@ class TarReader:
             elif flag == GNU_VOLHDR:
                 self._skip(header.size + (-header.size % BLOCK))
             elif flag == GNU_MULTIVOL:
-                raise EpError("multi-volume tar archives are not supported")
+                raise InvalidInput("multi-volume tar archives are not supported")
             else:
                 return self._member(header, pax, long_name, long_link)
 
@@ -314,7 +314,7 @@ class TarReader:
         if m.typeflag == 0 and m.name.endswith(b"/"):
             m.typeflag = DIRECTORY  # pre-POSIX archives mark directories so (as Go reads them)
         if not MTIME_MIN <= m.mtime <= MTIME_MAX:
-            raise EpError(f"{_show(m.name)!r}: mtime {m.mtime} out of range")
+            raise InvalidInput(f"{_show(m.name)!r}: mtime {m.mtime} out of range")
         stored = 0 if m.typeflag in HEADER_ONLY else m.size  # bytes of data in the archive
         if h.typeflag == GNU_SPARSE:
             m.sparse, m.size = self._gnu_sparse_map(h)
@@ -356,7 +356,7 @@ class TarReader:
                 try:
                     decoded = base64.b64decode(padded, validate=True)
                 except (ValueError, binascii.Error):
-                    raise EpError(f"{_show(m.name)!r}: bad base64 in LIBARCHIVE xattr "
+                    raise InvalidInput(f"{_show(m.name)!r}: bad base64 in LIBARCHIVE xattr "
                                   f"{_show(name)!r}") from None
                 m.xattrs.setdefault(name, decoded)
 
@@ -370,7 +370,7 @@ class TarReader:
         elif major == b"1" and minor == b"0":
             is_1x0 = True
         elif major is not None or minor is not None:
-            raise EpError(f"{_show(m.name)!r}: unknown GNU sparse format "
+            raise InvalidInput(f"{_show(m.name)!r}: unknown GNU sparse format "
                           f"{_show(major or b'')}.{_show(minor or b'')}")
         elif pax.get(_SPARSE_MAP):
             is_1x0 = False  # 0.0 and 0.1 have no version records
@@ -386,7 +386,7 @@ class TarReader:
         count = _pax_int(pax.get(b"GNU.sparse.numblocks", b""), b"GNU.sparse.numblocks")
         numbers = pax.get(_SPARSE_MAP, b"").split(b",") if pax.get(_SPARSE_MAP) else []
         if len(numbers) != 2 * count:
-            raise EpError(f"{_show(m.name)!r}: GNU sparse map has {len(numbers)} numbers "
+            raise InvalidInput(f"{_show(m.name)!r}: GNU sparse map has {len(numbers)} numbers "
                           f"for {count} entries")
         values = [_pax_int(v, _SPARSE_MAP) for v in numbers]
         return list(zip(values[::2], values[1::2], strict=True)), 0
@@ -394,18 +394,18 @@ class TarReader:
     def _gnu_sparse_map(self, h: TarHeader) -> tuple[list[tuple[int, int]], int]:
         """Old GNU sparse: 4 entries in the header, 21 more in each extension block."""
         if h.magic != GNU_MAGIC:
-            raise EpError(f"{_show(h.name)!r}: sparse member in a non-GNU header")
+            raise InvalidInput(f"{_show(h.name)!r}: sparse member in a non-GNU header")
         raw = h.raw
         runs = _sparse_entries(raw[386:386 + 96])
         isextended = raw[482]
         realsize = _number(raw[483:495], "realsize")
         if not 0 <= realsize <= FILE_SIZE_MAX:
-            raise EpError(f"{_show(h.name)!r}: sparse real size {realsize} out of range")
+            raise InvalidInput(f"{_show(h.name)!r}: sparse real size {realsize} out of range")
         used = 0
         while isextended:
             used += BLOCK
             if used > self._limits.max_header_bytes:
-                raise EpError(f"{_show(h.name)!r}: GNU sparse map exceeds the limit of "
+                raise InvalidInput(f"{_show(h.name)!r}: GNU sparse map exceeds the limit of "
                               f"{self._limits.max_header_bytes} bytes (max_header_bytes)")
             ext = self._read_exact(BLOCK)
             runs += _sparse_entries(ext[:504])
@@ -422,7 +422,7 @@ class TarReader:
             nonlocal used
             while not lines:
                 if used >= self._limits.max_header_bytes:
-                    raise EpError("PAX sparse map exceeds the limit of "
+                    raise InvalidInput("PAX sparse map exceeds the limit of "
                                   f"{self._limits.max_header_bytes} bytes (max_header_bytes)")
                 block = self._read_exact(BLOCK)
                 used += BLOCK
@@ -432,15 +432,15 @@ class TarReader:
                     lines.extend(reversed(complete))
                     buf[:] = rest
                 elif len(buf) > 2 * BLOCK:  # no number is this long
-                    raise EpError("corrupt PAX sparse map (a line without an end)")
+                    raise InvalidInput("corrupt PAX sparse map (a line without an end)")
             text = lines.pop()
             if not _DECIMAL.fullmatch(text) or int(text) < 0:
-                raise EpError(f"corrupt PAX sparse map (bad number {bytes(text[:40])!r})")
+                raise InvalidInput(f"corrupt PAX sparse map (bad number {bytes(text[:40])!r})")
             return int(text)
 
         count = line()
         if count * 2 * 2 > self._limits.max_header_bytes:  # at least "0\n" per number
-            raise EpError(f"PAX sparse map of {count} entries is too large")
+            raise InvalidInput(f"PAX sparse map of {count} entries is too large")
         runs = [(line(), line()) for _ in range(count)]
         return runs, used
 
@@ -473,22 +473,22 @@ def _check_sparse_map(m: TarMember, stored: int) -> None:
     """Go's validateSparseEntries, plus: the runs must account for exactly the stored data
     (Go fails the read with "missing data" or "unreferenced data" otherwise)."""
     if m.typeflag in HEADER_ONLY:
-        raise EpError(f"{_show(m.name)!r}: a sparse map on a member that has no data")
+        raise InvalidInput(f"{_show(m.name)!r}: a sparse map on a member that has no data")
     if not 0 <= m.size <= FILE_SIZE_MAX:
-        raise EpError(f"{_show(m.name)!r}: sparse file size {m.size} out of range")
+        raise InvalidInput(f"{_show(m.name)!r}: sparse file size {m.size} out of range")
     end = 0
     total = 0
     for offset, length in m.sparse or ():
         if offset < 0 or length < 0:
-            raise EpError(f"{_show(m.name)!r}: negative offset or length in the sparse map")
+            raise InvalidInput(f"{_show(m.name)!r}: negative offset or length in the sparse map")
         if offset < end:
-            raise EpError(f"{_show(m.name)!r}: sparse map regions overlap or are out of order")
+            raise InvalidInput(f"{_show(m.name)!r}: sparse map regions overlap or are out of order")
         end = offset + length
         total += length
         if end > m.size:
-            raise EpError(f"{_show(m.name)!r}: sparse map reaches {end}, beyond the file "
+            raise InvalidInput(f"{_show(m.name)!r}: sparse map reaches {end}, beyond the file "
                           f"size {m.size}")
     if total != stored:
-        raise EpError(f"{_show(m.name)!r}: sparse map describes {total} bytes of data, the "
+        raise InvalidInput(f"{_show(m.name)!r}: sparse map describes {total} bytes of data, the "
                       f"archive stores {stored}")
     m.sparse = [run for run in m.sparse or () if run[1]]

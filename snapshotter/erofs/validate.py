@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import google_crc32c
 
-from snapshotter.errors import EpError
+from snapshotter.errors import EpError, InvalidInput
 
 from .format import (
     CHUNK_FORMAT_INDEXES,
@@ -47,7 +47,7 @@ BLKSZBITS_MIN, BLKSZBITS_MAX = 9, 12  # the kernel mounts block sizes up to PAGE
 _SB_CHECKSUM_FIELD = slice(4, 8)  # `checksum` in struct erofs_super_block
 
 
-class InvalidLayer(EpError):
+class InvalidLayer(InvalidInput):
     """An EROFS layer that is damaged or that a kernel, fsck.erofs or our merge would refuse."""
 
 
