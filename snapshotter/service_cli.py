@@ -15,6 +15,7 @@ import textwrap
 from pathlib import Path
 
 from snapshotter import logfmt
+from snapshotter.command import run_command
 from snapshotter.errors import EpError
 from snapshotter.serve_config import LOG_LEVELS, ConfigError, ServeConfig, keys_help, load_config
 
@@ -144,14 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m snapshotter.service_cli serve ...`: the service without the other commands."""
     parser = argparse.ArgumentParser(prog="erofs-passthrough")
     register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except EpError as exc:
-        print(f"erofs-passthrough {args.command}: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    return run_command(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
