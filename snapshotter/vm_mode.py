@@ -113,7 +113,8 @@ def _describe(result, metas: list[layer_build.LayerMeta], final: Path) -> dict:
         "layers": [
             {
                 "path": str(dev.path), "size": meta.blob_size, "role": "layer", "device": i,
-                "tag": dev.tag, "blocks": dev.blocks, "digest": meta.blob_digest,
+                "tag": dev.tag, "blocks": dev.blocks, "uniaddr": dev.uniaddr,
+                "digest": meta.blob_digest,
                 "diff_id": meta.diff_id, "root_hash": meta.root_hash,
                 "verity": meta.verity().to_json(),
             }

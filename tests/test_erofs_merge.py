@@ -144,8 +144,12 @@ def test_device_table_and_determinism(tmp_path: Path) -> None:
         slots = img.device_slots
         assert [s.blocks for s in slots] == [ErofsImage(p).sb.blocks for p in layers]
         assert [s.tag.decode() for s in slots] == [ErofsImage(p).sb.uuid.hex() for p in layers]
-        assert slots[0].uniaddr == img.sb.blocks
-        assert slots[1].uniaddr == slots[0].uniaddr + slots[0].blocks
+        # Device N starts where the whole file of device N-1 ends: the fsmeta's with its
+        # appended verity tree, then each blob's with its tree.
+        assert (tmp_path / "a.fsmeta").stat().st_size > img.sb.blocks * 4096
+        assert slots[0].uniaddr * 4096 == (tmp_path / "a.fsmeta").stat().st_size
+        assert layers[0].stat().st_size > slots[0].blocks * 4096
+        assert slots[1].uniaddr * 4096 == slots[0].uniaddr * 4096 + layers[0].stat().st_size
         # Every regular file's data points into a layer blob, never into the fsmeta.
         for _path, info in img.walk():
             for ref in img.data_map(info) if info.mode & 0o170000 == 0o100000 else []:

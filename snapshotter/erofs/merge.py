@@ -9,9 +9,17 @@ linked within their layer. No whiteout and no `trusted.overlay.*` xattr remains 
 Regular files become chunk-based inodes whose chunk indexes address (device, block) in the
 layer blob that holds their data: device i is the i-th layer given (1 = lowest). The device
 table names each blob by a tag (its sha256 digest in hex, or its EROFS UUID) with its block
-count, and gives each a start block in a flat address space right after the fsmeta, so the
-same fsmeta mounts either with one `device=` per blob or, on kernels with flat multi-blob
-support (Linux >= 6.3), as one flat image: fsmeta and blobs back to back.
+count, and gives each a start block (`uniaddr`) in a flat address space of *whole files*: the
+fsmeta's file (image plus its appended dm-verity tree) first, then each layer's file (blob
+plus its appended tree) in device order. So the same fsmeta mounts with one `device=` per
+blob, or, on kernels with flat multi-blob support (Linux >= 6.3), as one flat image, and that
+flat image is just the files joined whole (`cat fsmeta layer1 layer2 ...`), which is what
+Kata's fsmerge mode and `mkfs.erofs --vmdk-desc` users build.
+
+The kernel (fs/erofs/super.c `erofs_init_device`, data.c `erofs_map_dev`) uses a slot's
+`blocks` only for statfs and, without a flat device, to find which device a device-0 address
+falls in; chunk indexes name their device, so a device file longer than `blocks` (its tree
+after the image) is fine. `blocks` keeps erofs-utils' meaning: the blob image's own blocks.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from pathlib import Path
 from snapshotter.errors import EpError
 from snapshotter.fsutil import atomic_output
 from snapshotter.verity import VerityInfo, VerityParams
+from snapshotter.verity.geometry import TreeGeometry, tree_start_block
 
 from .format import NULL_ADDR, DeviceSlot
 from .image_verity import append_verity
@@ -57,6 +66,11 @@ class MergedDevice:
     tag: str
     blocks: int  # the blob's primary-device blocks (its EROFS image, no verity tree)
     uniaddr: int  # start block in the flat address space
+    file_size: int  # bytes of the whole blob file (image plus any appended verity tree)
+
+    def span(self, block_size: int) -> int:
+        """Blocks the whole file takes in the flat address space."""
+        return max(self.blocks, -(-self.file_size // block_size))
 
 
 @dataclass(frozen=True)
@@ -238,8 +252,12 @@ def build_merged_tree(layers: list[LayerBlob], data: DataWriter,
                 raise EpError(f"{layer.path}: a multi-device image cannot be merged as a layer")
             _LayerApplier(img, index, data, mtimes).apply_root(root)
             tag = layer.tag or img.sb.uuid.hex()
+            file_size = os.stat(layer.path).st_size
+            if file_size < img.sb.blocks * img.block_size:
+                raise EpError(f"{layer.path}: {file_size} bytes, shorter than the "
+                              f"{img.sb.blocks} blocks its superblock counts (truncated)")
             devices.append(MergedDevice(path=layer.path, tag=tag, blocks=img.sb.blocks,
-                                        uniaddr=0))
+                                        uniaddr=0, file_size=file_size))
     build_time, nsec = pick_build_time(mtimes)
     return MergeTree(SourceTree(root, build_time, nsec, sum(mtimes.values())), devices,
                      block_size or 4096)
@@ -249,6 +267,7 @@ def build_merged_tree(layers: list[LayerBlob], data: DataWriter,
 class MergeResult:
     fsmeta: Path
     size: int  # bytes of the fsmeta image (without a verity tree)
+    file_size: int  # bytes of the whole fsmeta file: the image plus its appended verity tree
     block_size: int
     devices: list[MergedDevice]
     uuid: str
@@ -261,27 +280,40 @@ class MergeResult:
 
     def extents(self) -> list[dict]:
         """The flat image's layout, for a hypervisor that presents the devices from it (or
-        assembles it from the files): byte ranges of the fsmeta and of each blob."""
+        assembles it from the files): where each whole file (the fsmeta's, then each blob's,
+        verity trees included) lies. `image_length` is the EROFS image part of it."""
         bs = self.block_size
-        out = [{"source": str(self.fsmeta), "offset": 0, "length": self.size}]
-        out += [{"source": str(d.path), "offset": d.uniaddr * bs, "length": d.blocks * bs}
+        out = [{"source": str(self.fsmeta), "offset": 0, "length": self.file_size,
+                "image_length": self.size}]
+        out += [{"source": str(d.path), "offset": d.uniaddr * bs, "length": d.file_size,
+                 "image_length": d.blocks * bs}
                 for d in self.devices]
         return out
+
+    @property
+    def concatenable(self) -> bool:
+        """Whether joining the files whole (`cat fsmeta blob1 blob2 ...`) gives the flat
+        image: every file but the last is a whole number of blocks (ours always are), so
+        each starts exactly at its `uniaddr`. Otherwise only `--flat` (which pads) does."""
+        bs = self.block_size
+        return all(e["length"] % bs == 0 for e in self.extents()[:-1])
 
     def to_json(self) -> dict:
         return {
             "fsmeta": str(self.fsmeta),
             "size": self.size,
+            "file_size": self.file_size,
             "digest": self.digest,
             "block_size": self.block_size,
             "uuid": self.uuid,
             "entries": self.entries,
             "devices": [
                 {"id": i, "path": str(d.path), "tag": d.tag, "blocks": d.blocks,
-                 "uniaddr": d.uniaddr}
+                 "uniaddr": d.uniaddr, "file_size": d.file_size}
                 for i, d in enumerate(self.devices, start=1)
             ],
             "verity": self.verity.to_json() if self.verity is not None else None,
+            "concatenable": self.concatenable,
             "flat": None if self.flat is None else {
                 "path": str(self.flat),
                 "size": self.flat_size,
@@ -301,22 +333,29 @@ def merge_layers(
     progress: Callable[[str], None] | None = None,
 ) -> MergeResult:
     """Merge layer images (lowest first) into an fsmeta at `out_path`; optionally also one
-    flat image (fsmeta + blobs back to back) at `flat_path`. With `verity` (True, or the
-    parameters, e.g. `KATA_VERITY` for unsalted trees), each output gets its own dm-verity tree
-    appended (a salt derived from the fsmeta's digest unless unsalted). Outputs appear
-    only when complete. `progress` is told each step as it starts (for a status line)."""
+    flat image (the fsmeta's file and the blob files, whole, back to back) at `flat_path`.
+    With `verity` (True, or the parameters, e.g. `KATA_VERITY` for unsalted trees), each
+    output gets its own dm-verity tree appended (a salt derived from the fsmeta's digest
+    unless unsalted); the device table already counts the fsmeta's tree, whose size follows
+    from the image's size and the tree geometry alone. Outputs appear only when complete.
+    `progress` is told each step as it starts (for a status line)."""
     blobs = [b if isinstance(b, LayerBlob) else LayerBlob(Path(b)) for b in layers]
     out_path = Path(out_path)
     step = progress or (lambda _text: None)
+    tree_params = (VerityParams() if verity is True else verity) or None
     with atomic_output(out_path) as out:
         fd = out.fileno()
-        result = _write_fsmeta(blobs, fd, progress)
+        result = _write_fsmeta(blobs, fd, progress, tree_params)
         step("digest and verity tree" if verity else "digest")
         digest = _digest_fd(fd, result.size)
         result = dataclasses.replace(result, fsmeta=out_path, digest=digest)
         if verity:
             result = dataclasses.replace(
                 result, verity=append_verity(out, result.size, verity, digest))
+        written = os.fstat(fd).st_size
+        if written != result.file_size:
+            raise AssertionError(f"the fsmeta file is {written} bytes, its device table "
+                                 f"expects {result.file_size}")
     if flat_path is not None:
         flat_path = Path(flat_path)
         step(f"flat image {flat_path}")
@@ -327,9 +366,23 @@ def merge_layers(
     return result
 
 
+def appended_tree_size(image_size: int, params: VerityParams) -> int:
+    """Bytes `append_verity` adds after an image of `image_size` bytes: padding to a data
+    block, the v1 superblock (if any) padded to a hash block, and the tree. They depend only
+    on the size and the geometry, so they are known before the tree is built."""
+    data_blocks = -(-image_size // params.data_block_size)
+    hash_offset = data_blocks * params.data_block_size
+    start = tree_start_block(hash_offset, params.hash_block_size, params.superblock)
+    digest_size = hashlib.new(params.hash_name).digest_size
+    tree = TreeGeometry.compute(data_blocks, params.hash_block_size, digest_size).tree_size
+    return start * params.hash_block_size + tree - image_size
+
+
 def _write_fsmeta(layers: list[LayerBlob], fd: int,
-                  progress: Callable[[str], None] | None = None) -> MergeResult:
-    """Write the fsmeta of `layers` into the open file `fd` (from offset 0)."""
+                  progress: Callable[[str], None] | None = None,
+                  tree_params: VerityParams | None = None) -> MergeResult:
+    """Write the fsmeta of `layers` into the open file `fd` (from offset 0). With
+    `tree_params`, the device table leaves room for the tree to be appended to it."""
     if not layers:
         raise EpError("nothing to merge: no layers given")
     if len(layers) > 0xFFFF:
@@ -344,6 +397,14 @@ def _write_fsmeta(layers: list[LayerBlob], fd: int,
             raise EpError(f"device tag {d.tag!r} longer than 64 bytes")
     identity = "fsmeta:" + ",".join(f"{d.tag}/{d.blocks}" for d in merged.devices)
     fs_uuid = uuid.uuid5(FSMETA_UUID_NAMESPACE, identity)
+    if tree_params is not None:
+        tree_params.validate()
+
+    def trailing_blocks(image_blocks: int) -> int:
+        if tree_params is None:
+            return 0
+        return -(-appended_tree_size(image_blocks * bs, tree_params) // bs)
+
     params = ImageParams(
         block_size=bs,
         build_time=merged.tree.build_time,
@@ -351,19 +412,24 @@ def _write_fsmeta(layers: list[LayerBlob], fd: int,
         uuid=fs_uuid.bytes,
         devices=tuple(DeviceSlot(d.tag.encode(), d.blocks) for d in merged.devices),
         unified_addresses=True,
+        device_spans=tuple(d.span(bs) for d in merged.devices),
+        trailing_blocks=trailing_blocks,
     )
     sb = write_metadata(data, merged.tree.root, params)
-    start = sb.blocks
+    size = sb.blocks * bs
+    file_size = size + (0 if tree_params is None else appended_tree_size(size, tree_params))
+    start = sb.blocks + trailing_blocks(sb.blocks)
     devices = []
     for d in merged.devices:
-        devices.append(MergedDevice(d.path, d.tag, d.blocks, start))
-        start += d.blocks
-    return MergeResult(fsmeta=Path(), size=sb.blocks * bs, block_size=bs, devices=devices,
-                       uuid=str(fs_uuid), entries=merged.tree.entries)
+        devices.append(dataclasses.replace(d, uniaddr=start))
+        start += d.span(bs)
+    return MergeResult(fsmeta=Path(), size=size, file_size=file_size, block_size=bs,
+                       devices=devices, uuid=str(fs_uuid), entries=merged.tree.entries)
 
 
 def _write_flat(result: MergeResult, dst: int) -> int:
-    """fsmeta then every blob's image blocks, at their unified addresses."""
+    """The fsmeta's file then every blob's file, whole, at their unified addresses (a file
+    that is not whole blocks is followed by a hole up to the next one)."""
     end = 0
     for extent in result.extents():
         src = os.open(extent["source"], os.O_RDONLY)
@@ -391,6 +457,8 @@ def _block_size_of(path: Path) -> int:
             return img.block_size
     except FileNotFoundError:
         raise EpError(f"{path}: no such layer image") from None
+
+
 def copy_range(src_fd: int, dst_fd: int, length: int, src_offset: int, dst_offset: int) -> None:
     """Copy bytes between files in the kernel (reflinks where the filesystem can)."""
     while length:

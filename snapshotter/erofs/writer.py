@@ -354,9 +354,16 @@ class ImageParams:
     uuid: bytes = b"\0" * 16
     volume_name: bytes = b""
     devices: tuple[DeviceSlot, ...] = ()
-    # Give each device its start block in one flat address space: this image first, then
-    # the devices back to back (what a flat multi-blob device and erofs-utils expect).
+    # Give each device its start block in one flat address space: this image's file first,
+    # then each device's file back to back (what a flat multi-blob device and erofs-utils
+    # expect, and what joining the files whole with `cat` gives).
     unified_addresses: bool = False
+    # Blocks each device's *file* takes in that space (default: the slot's `blocks`): a blob
+    # file may carry its dm-verity tree after its image, and the next device starts after it.
+    device_spans: tuple[int, ...] = ()
+    # Blocks this image's own file carries after the image (its appended dm-verity tree),
+    # given the image's blocks, which are known only once the metadata is laid out.
+    trailing_blocks: Callable[[int], int] | None = None
 
 
 @dataclass(slots=True)
@@ -483,10 +490,17 @@ def write_metadata(
     data.flush()
     devices = list(params.devices)
     if params.unified_addresses:
+        spans = params.device_spans or tuple(slot.blocks for slot in devices)
+        if len(spans) != len(devices):
+            raise AssertionError("one span per device")
         start = sb.blocks
-        for i, slot in enumerate(devices):
+        if params.trailing_blocks is not None:
+            start += params.trailing_blocks(sb.blocks)
+        for i, (slot, span) in enumerate(zip(devices, spans, strict=True)):
+            if span < slot.blocks:
+                raise AssertionError("a device's file is shorter than its image")
             devices[i] = DeviceSlot(slot.tag, slot.blocks, start)
-            start += slot.blocks
+            start += span
     if sb.root_nid > 0xFFFF:
         raise EpError("root inode beyond the 16-bit root nid range")
     head = bytearray(header_blocks(bs, len(params.devices)) * bs)
