@@ -71,7 +71,10 @@ def _erofs_mount(layout: Layout, sid: str) -> Mount | None:
     meta = layer_build.read_layer(directory)
     if meta is None:
         return None
-    sidecar = layer_build.ensure_sidecar(directory, meta)
+    sidecar = directory / layer_build.SIDECAR
+    if not sidecar.is_file():
+        with layout.hold(sid):  # Cleanup's leftover scan would take the sidecar's temp file
+            layer_build.ensure_sidecar(directory, meta)
     return Mount("erofs", str(layout.layer(sid)), ["ro", "loop", DMVERITY_OPTION + str(sidecar)])
 
 

@@ -266,3 +266,15 @@ def test_serve_config_key_reaches_the_snapshots_service(tmp_path: Path) -> None:
         if service.proc is not None and service.proc.poll() is None:
             service.stop()
         unmount_under(tmp_path)
+
+
+def test_a_layer_without_sidecar_gets_it_when_a_list_names_it(sn: Snapshotter) -> None:
+    """A layer committed before sidecars were written: the first containerd-2.3 list naming it
+    writes the sidecar (from layer.json), so the option never names a missing file."""
+    [key] = _chain(sn, 1)
+    sidecar = Path(_blob(sn, key) + ".dmverity")
+    written = sidecar.read_bytes()
+    sidecar.unlink()
+    [m] = sn.view("ns/x/view", key)
+    assert m.options[2] == f"X-containerd.dmverity={sidecar}"
+    assert sidecar.read_bytes() == written
