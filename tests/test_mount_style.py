@@ -278,3 +278,51 @@ def test_a_layer_without_sidecar_gets_it_when_a_list_names_it(sn: Snapshotter) -
     [m] = sn.view("ns/x/view", key)
     assert m.options[2] == f"X-containerd.dmverity={sidecar}"
     assert sidecar.read_bytes() == written
+
+
+@pytest.mark.containerd
+@pytest.mark.parametrize("setup", ["1.6", "2.1+differ"])
+def test_containerd_before_2_2_cannot_mount_the_containerd_2_3_list(tmp_path: Path,
+                                                                    setup: str) -> None:
+    """Why "classic" stays the default (docs/containerd.md, "Which to pick"): a real containerd
+    1.6 or 2.1 hands the containerd-2.3 list to mount(2), which refuses the erofs mount's
+    `X-containerd.dmverity` option (EINVAL). 1.6 (walking differ) cannot even unpack the
+    second layer; 2.1 unpacks through our differ (which finds the list's upperdir) but cannot
+    mount the container's rootfs."""
+    import shutil as _shutil
+
+    from shim_integration.containerd_dist import from_suite
+    from shim_integration.containerd_private import Stack, system_dist
+    from shim_integration.oci_archive import build_image
+
+    require_root()
+    require_tool("containerd")
+    busybox = Path(require_tool("busybox")).read_bytes()
+    config = tmp_path / "serve.toml"
+    config.write_text('mount_style = "containerd-2.3"\n')
+    version, _, differ = setup.partition("+")
+    dist = system_dist() if version == "1.6" else from_suite("sid")
+    base = Path(tempfile.mkdtemp(prefix="ctd-style-"))
+    stack = Stack(dist, base, differ=bool(differ), service_args=["--config", str(config)])
+    layers = [[("dir", "bin", 0o755), ("file", "bin/busybox", busybox, 0o755)],
+              [("file", "hello", b"two layers\n", 0o644)]]
+    try:
+        stack.start()
+        build_image(layers, "example.com/erofs-py/style:1", base / "image.tar")
+        ctr = stack.containerd.ctr
+        imported = ctr("images", "import", "--snapshotter", "erofs-py", str(base / "image.tar"),
+                       check=False)
+        if version == "1.6":
+            assert imported.returncode != 0
+            assert "failed to mount" in imported.stderr, imported.stderr
+            assert "invalid argument" in imported.stderr, imported.stderr
+            return
+        assert imported.returncode == 0, imported.stderr
+        run = ctr("run", "--rm", "--snapshotter", "erofs-py", "example.com/erofs-py/style:1",
+                  "style", "/bin/busybox", "cat", "/hello", check=False)
+        assert run.returncode != 0 and "two layers" not in run.stdout
+        assert 'data: "X-containerd.dmverity=' in run.stderr, run.stderr
+        assert run.stderr.rstrip().endswith("err: invalid argument"), run.stderr
+    finally:
+        stack.stop()
+        _shutil.rmtree(base, ignore_errors=True)
