@@ -40,13 +40,15 @@ EROFS_LAYER = "application/vnd.erofs.layer.v1"  # stored as it is
 
 
 def upper_dir(mounts: list) -> Path | None:
-    """The directory a layer is unpacked into: the bind source or the overlay upperdir."""
-    if len(mounts) != 1:
+    """The directory a layer is unpacked into: the bind source or the overlay upperdir, in
+    either mount style (mounts.py): a classic single mount, or containerd-2.3's erofs lowers
+    followed by a `format/mkdir/overlay`."""
+    if not mounts:
         return None
-    m = mounts[0]
-    if m.type == "bind":
+    m = mounts[-1]
+    if len(mounts) == 1 and m.type == "bind":
         return Path(m.source)
-    if m.type == "overlay":
+    if (m.type == "overlay" and len(mounts) == 1) or m.type == "format/mkdir/overlay":
         for option in m.options:
             if option.startswith("upperdir="):
                 return Path(option.removeprefix("upperdir="))

@@ -1,12 +1,19 @@
-"""A committed layer's files: layer.erofs (+ dm-verity tree) and layer.json, written atomically.
+"""A committed layer's files: layer.erofs (+ dm-verity tree), layer.erofs.dmverity and
+layer.json, each written atomically.
 
 `publish_layer` is the only way a layer blob appears in a snapshot directory:
-  1. remove an older layer.json, then an older layer.erofs (each removal fsync'd);
+  1. remove an older layer.json, then an older sidecar and layer.erofs (each removal fsync'd);
   2. PRODUCE writes the image (+ tree) to a temp name, which is fsync'd and renamed to layer.erofs;
-  3. layer.json (LayerMeta) is written by temp name + rename.
-So if layer.json exists, layer.erofs exists and is the one it describes: a Commit that finds
-both (left by the differ, or by a Commit killed before its metadata transaction) reuses them,
-anything less is redone.
+  3. layer.erofs.dmverity, containerd's sidecar (`VerityInfo.write_containerd_sidecar`), is
+     written by temp name + rename;
+  4. layer.json (LayerMeta) is written by temp name + rename.
+So if layer.json exists, layer.erofs and its sidecar exist and are the ones it describes: a
+Commit that finds them (left by the differ, or by a Commit killed before its metadata
+transaction) reuses them, anything less is redone.
+
+The sidecar is what containerd's erofs differ writes beside each blob, so tools written for
+containerd's erofs snapshotter (its mount manager, Kata runtime-rs) can read our snapshot tree.
+A layer published before sidecars existed gets one from its layer.json (`ensure_sidecar`).
 
 `convert_directory` turns an unpacked layer directory (an overlay upper: whiteouts as 0:0
 character devices, opaque directories as trusted.overlay.opaque=y) into that image.
@@ -23,8 +30,10 @@ from pathlib import Path
 
 from snapshotter.fsutil import fsync_file, rename_durable, unlink_durable, write_atomic
 from snapshotter.verity import VerityInfo, VerityParams
+from snapshotter.verity.info import SIDECAR_SUFFIX
 
 LAYER = "layer.erofs"
+SIDECAR = LAYER + SIDECAR_SUFFIX  # containerd's name: layer.erofs.dmverity
 META = "layer.json"
 LABEL_PREFIX = "containerd.io/snapshot/erofs."
 BLOCK = 4096
@@ -83,6 +92,7 @@ def publish_layer(directory: Path, produce: Producer) -> LayerMeta:
     active: a committed snapshot's layer (which its labels describe) is never replaced.
     """
     unlink_durable(directory / META)
+    unlink_durable(directory / SIDECAR)
     unlink_durable(directory / LAYER)
     fd, tmp_name = tempfile.mkstemp(prefix=".layer-", suffix=".tmp", dir=directory)
     os.close(fd)
@@ -94,8 +104,18 @@ def publish_layer(directory: Path, produce: Producer) -> LayerMeta:
         rename_durable(tmp, directory / LAYER)
     finally:
         tmp.unlink(missing_ok=True)
+    meta.verity().write_containerd_sidecar(directory / LAYER)
     write_atomic(directory / META, json.dumps(asdict(meta), sort_keys=True).encode())
     return meta
+
+
+def ensure_sidecar(directory: Path, meta: LayerMeta) -> Path:
+    """DIRECTORY's layer.erofs.dmverity, written from META (its layer.json) when missing: a
+    layer committed before sidecars were written gets the one publish_layer writes today."""
+    sidecar = directory / SIDECAR
+    if not sidecar.is_file():
+        meta.verity().write_containerd_sidecar(directory / LAYER)
+    return sidecar
 
 
 def convert_directory(src: Path, out: Path, verity: bool | VerityParams = True) -> LayerMeta:

@@ -181,7 +181,8 @@ class Server:
             self.snapshotter = Snapshotter(
                 config.root, vm_mode=config.vm_mode,
                 signing_key=Path(config.signing_key) if config.signing_key else None,
-                kata_verity=config.kata_verity, limits=config.limits())
+                kata_verity=config.kata_verity, limits=config.limits(),
+                mount_style=config.mount_style)
         except BaseException:
             self._release_root()
             raise

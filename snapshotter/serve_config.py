@@ -21,6 +21,7 @@ from typing import Any, get_type_hints
 
 from snapshotter.erofs.limits import DEFAULT_LIMITS, Limits
 from snapshotter.errors import EpError
+from snapshotter.mounts import CLASSIC, MOUNT_STYLES
 
 MAX_CONFIG_BYTES = 1 << 20  # a configuration file is a few lines; refuse anything bigger
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -66,6 +67,12 @@ class ServeConfig:
     kata_verity: bool = field(default=False, metadata=_meta(
         "layer and fsmeta dm-verity trees without a salt, so every Kata reader of the "
         "volume options loads the same table (docs/kata.md); applies to layers stored after"))
+    mount_style: str = field(default=CLASSIC, metadata=_meta(
+        "the mounts non-VM-mode snapshots get: \"classic\" (host-mounted layers under bind, "
+        "erofs or overlay mounts; every containerd from 1.6 mounts them) or \"containerd-2.3\" "
+        "(containerd main's erofs snapshotter shape: an erofs mount per layer with "
+        "X-containerd.dmverity=<sidecar>, then format/mkdir/overlay; for containerd 2.3+ and "
+        "Kata runtime-rs; docs/containerd.md)", choices=MOUNT_STYLES))
     # The differ's ceilings on one tar layer (snapshotter.erofs.limits.Limits).
     max_tar_bytes: int = field(default=DEFAULT_LIMITS.max_tar_bytes, metadata=_meta(
         "a layer may decompress to at most this many tar bytes", min=1))

@@ -27,7 +27,7 @@ from snapshotter.errdefs import AlreadyExists, FailedPrecondition, InvalidArgume
 from snapshotter.filters import compile_filters
 from snapshotter.fsutil import disk_usage
 from snapshotter.layout import Layout
-from snapshotter.mounts import Mount, plan
+from snapshotter.mounts import CLASSIC, MOUNT_STYLES, Mount, plan
 from snapshotter.store import Info, Kind, Snapshot, Store, Usage
 from snapshotter.verity import KATA_VERITY, VerityParams
 
@@ -40,7 +40,11 @@ DirConverter = Callable[[Path, Path], layer_build.LayerMeta]
 class Snapshotter:
     def __init__(self, root: Path, convert: DirConverter | None = None,
                  vm_mode: bool = False, signing_key: Path | None = None,
-                 kata_verity: bool = False, limits: Limits = DEFAULT_LIMITS) -> None:
+                 kata_verity: bool = False, limits: Limits = DEFAULT_LIMITS,
+                 mount_style: str = CLASSIC) -> None:
+        if mount_style not in MOUNT_STYLES:
+            raise InvalidArgument(f"mount style {mount_style!r} is not one of "
+                                  f"{', '.join(MOUNT_STYLES)}")
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.root = root
         self.store = Store(root / "metadata.db")
@@ -51,6 +55,7 @@ class Snapshotter:
         self.limits = limits  # the differ's ceilings on one tar layer (docs/erofs.md)
         self._convert = convert or functools.partial(layer_build.convert_directory,
                                                      verity=self.layer_verity)
+        self.mount_style = mount_style  # non-VM-mode snapshots' mounts (mounts.py)
         self.vm_mode = vm_mode  # default for container rootfs snapshots without the label
         self.signing_key = signing_key  # signs VM-mode chains' root-hash manifests
         # Held while a chain image is built or a VM-mode snapshot is created, and by Cleanup's
@@ -95,7 +100,7 @@ class Snapshotter:
                                    "vm_mode": vm})
         if vm:
             return vm_mode.vm_mounts(self._chain_image(snap.parent_ids))
-        return plan(snap, self.layout)
+        return plan(snap, self.layout, self.mount_style)
 
     def _chain_image(self, parent_ids: list[str]) -> vm_mode.ChainImage:
         with self._chains_lock:
@@ -114,7 +119,7 @@ class Snapshotter:
         snap = self.store.get_snapshot(key)
         if snap.parent_ids and self.stat(key).labels.get(vm_mode.VM_MODE_LABEL) == "true":
             return vm_mode.vm_mounts(self._chain_image(snap.parent_ids))
-        return plan(snap, self.layout)
+        return plan(snap, self.layout, self.mount_style)
 
     def stat(self, key: str) -> Info:
         return self.store.get_info(key)[1]

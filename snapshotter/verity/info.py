@@ -21,6 +21,8 @@ from snapshotter.fsutil import write_atomic
 from snapshotter.verity.geometry import tree_start_block
 from snapshotter.verity.params import HASH_TYPE, VerityParams, parse_uuid
 
+#: containerd's `dmverity.MetadataPath`: the sidecar is the blob's path plus this.
+SIDECAR_SUFFIX = ".dmverity"
 #: What Kata's runtime-go and image-rs accept (sha256, sha1) and we format.
 KATA_HASH_NAMES = ("sha256",)
 #: The digest lengths runtime-go and image-rs check (`validateHashType`, `validate`).
@@ -222,16 +224,24 @@ class VerityInfo:
         return info
 
     def containerd_sidecar(self) -> dict[str, Any]:
-        """containerd's `DmverityMetadata`: root hash and the superblock's byte offset."""
-        return {"roothash": self.root_hash, "hashoffset": self.hash_offset}
+        """The `<blob>.dmverity` JSON: containerd's `DmverityMetadata` (internal/dmverity), the
+        root hash and the byte offset of the v1 superblock (not of the tree after it), plus
+        `"salt": "-"` for an unsalted tree. containerd ignores that key; Kata runtime-rs'
+        erofs path reads it, and without it opens an unsalted tree with containerd's default
+        salt (32 zero bytes), a table that fails every read (docs/kata.md, "Salt")."""
+        sidecar: dict[str, Any] = {"roothash": self.root_hash, "hashoffset": self.hash_offset}
+        if not self.salt:
+            sidecar["salt"] = "-"
+        return sidecar
 
     def write_containerd_sidecar(self, blob_path: str | os.PathLike[str]) -> Path:
-        """Write `<blob>.dmverity` byte for byte as containerd does (Go's MarshalIndent, two
-        spaces, no trailing newline), atomically: temp file, fsync, rename."""
+        """Write `<blob>.dmverity` byte for byte as containerd's erofs differ does
+        (`dmverity.FormatLayer`: Go's MarshalIndent, two spaces, no trailing newline),
+        atomically: temp file, fsync, rename. The one writer of sidecars in the project."""
         if not self.superblock:
             # containerd opens the device by reading the superblock at hashoffset.
             raise EpError("containerd's .dmverity sidecar needs a tree with a superblock")
-        path = Path(str(blob_path) + ".dmverity")
+        path = Path(str(blob_path) + SIDECAR_SUFFIX)
         write_atomic(path, json.dumps(self.containerd_sidecar(), indent=2).encode())
         return path
 
