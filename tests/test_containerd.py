@@ -3,6 +3,7 @@ images through our snapshotter, compared with the same images on containerd's ov
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import subprocess
 import tempfile
@@ -211,7 +212,10 @@ def test_kill_during_commit_restarts_consistent(stack: Stack, image: dict) -> No
     wait_for(lambda: stack.containerd.ctr("snapshots", "--snapshotter", OURS, "ls",
                                           check=False).returncode == 0, 30, "reconnect")
     stack.containerd.ctr("images", "import", "--snapshotter", OURS, str(stack.base / "big.tar"))
-    out = stack.containerd.ctr("run", "--rm", "--snapshotter", OURS, "example.com/erofs-py/big:1",
-                               "after-crash", "/bin/busybox", "sh", "-c",
-                               "md5sum /big/blob; cat /data/sub/deep").stdout
-    assert "deep" in out
+    # The container checks its own files and says so by its exit status, which `ctr run`
+    # returns (check=True): under load ctr has been seen to return 0 with the task's stdout
+    # lost, so the verdict must not depend on it.
+    md5 = hashlib.md5(bytes(range(256)) * (1 << 19)).hexdigest()
+    stack.containerd.ctr("run", "--rm", "--snapshotter", OURS, "example.com/erofs-py/big:1",
+                         "after-crash", "/bin/busybox", "sh", "-c",
+                         f"md5sum /big/blob | grep -q '^{md5} ' && grep -q deep /data/sub/deep")
