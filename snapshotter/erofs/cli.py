@@ -45,7 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--verity", action="store_true",
                    help="append a dm-verity tree to the fsmeta (and the flat image)")
     p.add_argument("--flat", metavar="OUT.img",
-                   help="also write one flat image: the fsmeta and every blob back to back")
+                   help="also write one flat image: the fsmeta's file and every blob file, whole "
+                        "(verity trees included), back to back: what `cat` of them gives")
     p.add_argument("--tag", action="append", default=[], metavar="DIGEST",
                    help="device tag per layer, in order (default: the layer's UUID)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
