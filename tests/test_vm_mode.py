@@ -299,7 +299,6 @@ def test_500_layer_vm_mode_options_fit_one_page_and_mount(tmp_path: Path) -> Non
         (fs / f"f{n}").write_text(f"layer {n}\n")
         sn.commit(f"default/{n}/sha256:layer{n}", key)
         parent = f"default/{n}/sha256:layer{n}"
-        unmount_below(tmp_path)  # the unpacks' overlays mounted every parent layer
     for mounts in (sn.prepare("default/501/container", parent),
                    sn.view("default/502/view", parent)):
         (mount,) = mounts
