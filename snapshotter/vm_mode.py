@@ -29,7 +29,7 @@ from pathlib import Path
 from snapshotter import layer_build
 from snapshotter.erofs.merge import LayerBlob, merge_layers
 from snapshotter.errors import EpError
-from snapshotter.fsutil import fsync_dir, remove_tree
+from snapshotter.fsutil import fsync_dir, remove_tree, write_atomic
 from snapshotter.layout import Layout
 from snapshotter.mounts import Mount
 from snapshotter.verity import KATA_VERITY
@@ -103,7 +103,10 @@ def ensure_chain_image(root: Path, layout: Layout, parent_ids: list[str],
         if signing_key is not None:
             description["manifest"] = _write_signed_manifest(staged, final, description,
                                                              signing_key)
-        (staged / DESCRIPTION).write_text(json.dumps(description, indent=2, sort_keys=True))
+        # Durable before the directory is published: VM-mode mounts name this file, and the
+        # mount program and the shim read their devices from it.
+        write_atomic(staged / DESCRIPTION,
+                     json.dumps(description, indent=2, sort_keys=True).encode())
         fsync_dir(staged)
         try:
             os.rename(staged, final)
@@ -152,8 +155,8 @@ def _write_signed_manifest(staged: Path, final: Path, description: dict,
                 "verity": verity_entry(fsmeta["verity"])},
     )
     payload, signature = sign(manifest, load_private_key(signing_key))
-    (staged / "manifest.json").write_bytes(payload)
-    (staged / "manifest.sig").write_text(json.dumps(signature))
+    write_atomic(staged / "manifest.json", payload)
+    write_atomic(staged / "manifest.sig", json.dumps(signature).encode())
     return {"path": str(final / "manifest.json"), "signature": str(final / "manifest.sig"),
             "key_id": signature["key_id"]}
 

@@ -10,6 +10,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,21 @@ def _mounts_of(*paths: object) -> list[str]:
     with open("/proc/self/mounts") as f:
         return [line for line in f if any(str(p) in field for p in paths
                                           for field in line.split()[:2])]
+
+
+def _loop_backing_files() -> list[str]:
+    return subprocess.run(["losetup", "--list", "--noheadings", "-O", "BACK-FILE"],
+                          capture_output=True, text=True, check=True).stdout.split()
+
+
+def _eventually(check, timeout: float = 5.0) -> bool:
+    """CHECK() within TIMEOUT (an autoclear loop device is released just after the unmount)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def _host_view(sn: Snapshotter, key: str, top: str, tmp_path: Path) -> dict:
@@ -246,14 +262,10 @@ def test_mount_program_over_loop_devices_releases_them(tmp_path: Path) -> None:
         got = tree_view(target)
         assert diff_views({k: v for k, v in got.items() if k != "."},
                           {k: v for k, v in want.items() if k != "."}) == []
-        backing = subprocess.run(["losetup", "--list", "--noheadings", "-O", "BACK-FILE"],
-                                 capture_output=True, text=True, check=True).stdout.split()
-        assert set(files) <= set(backing)
+        assert set(files) <= set(_loop_backing_files())
     finally:
         subprocess.run(["umount", str(target)], check=True)
-    backing = subprocess.run(["losetup", "--list", "--noheadings", "-O", "BACK-FILE"],
-                             capture_output=True, text=True, check=True).stdout.split()
-    assert not set(files) & set(backing)
+    assert _eventually(lambda: not set(files) & set(_loop_backing_files()))
 
 
 def test_mount_program_refuses_what_the_snapshotter_did_not_hand_out(tmp_path: Path) -> None:
@@ -313,3 +325,42 @@ def test_500_layer_vm_mode_options_fit_one_page_and_mount(tmp_path: Path) -> Non
             assert (target / f"f{n}").read_text() == f"layer {n}\n"
     finally:
         subprocess.run(["umount", str(target)], check=True)
+
+
+def test_file_backed_probe_matches_the_kernel_and_layers_use_it(tmp_path: Path) -> None:
+    """The probe's answer is what this kernel does with a real image given as a regular file,
+    and host layer mounts follow it: the file itself as the source, or a loop device that is
+    gone once the layer is unmounted."""
+    require_root()
+    from snapshotter import hostmount
+
+    sn = Snapshotter(tmp_path / "root")
+    _chain(sn, 1)
+    unmount_below(tmp_path)
+    blob = next((tmp_path / "root" / "snapshots").glob("*/layer.erofs"))
+    fsmount.set_file_backed(None)
+    try:
+        fd = fsmount._mount_detached(str(blob), [], fsmount.MOUNT_FLAGS["ro"], b"erofs")
+        os.close(fd)
+        kernel_mounts_files = True
+    except OSError:
+        kernel_mounts_files = False
+    assert fsmount.file_backed_supported() == kernel_mounts_files
+    target = tmp_path / "layer"
+    target.mkdir()
+    for file_backed in (kernel_mounts_files, False):
+        fsmount.set_file_backed(file_backed)
+        try:
+            hostmount.mount_erofs(blob, target)
+        finally:
+            fsmount.set_file_backed(None)
+        (line,) = _mounts_of(target)
+        source = line.split()[0]
+        assert (target / "etc" / "from-layer-1").read_text() == "layer 1\n"
+        hostmount.unmount_all(target)
+        if file_backed:
+            assert source == str(blob)
+        else:
+            assert source.startswith("/dev/loop")
+            bound = Path(f"/sys/block/{source.removeprefix('/dev/')}/loop")
+            assert _eventually(lambda bound=bound: not bound.exists())
