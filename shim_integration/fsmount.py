@@ -83,7 +83,9 @@ def file_backed_supported() -> bool:
     """Whether this kernel's EROFS mounts a regular file as its source (tried once).
 
     The probe hands fsconfig a regular file of zeros: a kernel with file-backed mounts reads
-    it and refuses the superblock (EINVAL); one without looks for a block device (ENOTBLK)."""
+    it and refuses the superblock (EINVAL); one without looks for a block device (ENOTBLK).
+    Any other answer (no EROFS, no privilege) is taken as "no": the loop path then reports
+    the real error on the real image."""
     global _file_backed
     with _probe_lock:
         if _file_backed is None:
@@ -95,7 +97,7 @@ def file_backed_supported() -> bool:
                                     fstype=b"erofs", close=True)
                     _file_backed = True  # (a zero superblock never mounts; be permissive)
                 except OSError as exc:
-                    _file_backed = exc.errno != errno.ENOTBLK
+                    _file_backed = exc.errno == errno.EINVAL
         return _file_backed
 
 
