@@ -37,7 +37,7 @@ from snapshotter.verity import KATA_VERITY
 VM_MODE_LABEL = "containerd.io/snapshot/erofs.vm-mode"
 MOUNT_PROGRAM = "erofs-passthrough-mount"
 MOUNT_TYPE = "fuse." + MOUNT_PROGRAM
-# No `X-`/`x-` prefix: mount(8) keeps those from mount helpers, and mount.fuse drops `x-`.
+# No `X-`/`x-` prefix: mount(8) does not pass those on to mount helpers (measured).
 DESCRIPTION_OPTION = "erofs-passthrough.description="
 FSMETA = "image.fsmeta"
 DESCRIPTION = "fsmeta.json"
