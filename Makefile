@@ -44,6 +44,7 @@ install:
 	install -d -m 0755 $(BINDIR) $(UNITDIR)
 	install -d -m 0700 $(CONFDIR)
 	ln -sfn $(PREFIX)/bin/erofs-passthrough $(BINDIR)/erofs-passthrough
+	ln -sfn $(PREFIX)/bin/erofs-passthrough-mount $(BINDIR)/erofs-passthrough-mount
 	sed -e 's|/usr/local/bin/|$(BINDIR)/|g' -e 's|/etc/erofs-passthrough/|$(CONFDIR)/|g' \
 	    contrib/systemd/erofs-passthrough.service > $(UNITDIR)/.erofs-passthrough.service.tmp
 	chmod 0644 $(UNITDIR)/.erofs-passthrough.service.tmp
@@ -55,4 +56,5 @@ install:
 # Leaves $(CONFDIR) and the state directory (/var/lib/erofs-passthrough) alone.
 uninstall:
 	rm -f $(UNITDIR)/erofs-passthrough.service $(BINDIR)/erofs-passthrough
+	rm -f $(BINDIR)/erofs-passthrough-mount
 	rm -rf $(PREFIX)

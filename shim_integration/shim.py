@@ -18,9 +18,7 @@ The same plan gives Kata's volume options for runtimes that hand the devices to 
 from __future__ import annotations
 
 import base64
-import binascii
 import errno
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -38,7 +36,7 @@ from passthrough.attach import (
 from passthrough.errors import AgentFailure, NotAttached
 from shim_integration.kata_volume import KataVirtualVolume, volumes_from_devices
 from snapshotter.errors import EpError
-from snapshotter.vm_mode import DEVICES_OPTION
+from snapshotter.vm_mode import MOUNT_TYPE, VmMountError, description_option, load_chain_image
 
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
@@ -126,24 +124,17 @@ class AttachPlan:
 
 
 def devices_of(mounts: Sequence[MountLike]) -> tuple[str, list[dict[str, Any]]]:
-    """(fsmeta path, device list) from a VM-mode rootfs's mounts."""
-    if len(mounts) != 1 or mounts[0].type != "erofs":
-        raise ShimError("not a VM-mode rootfs: expected one erofs mount of an fsmeta, got "
-                        f"{[m.type for m in mounts]}")
-    options = [o for o in mounts[0].options if o.startswith(DEVICES_OPTION)]
-    if len(options) != 1:
-        raise ShimError(f"the erofs mount carries no {DEVICES_OPTION.rstrip('=')} option "
-                        "(is the snapshot in VM mode?)")
+    """(fsmeta path, device list) from a VM-mode rootfs's mounts: the device list is read
+    from the description the mount names, which must be the fsmeta.json in the fsmeta's own
+    chain directory (anything else is refused)."""
+    if len(mounts) != 1 or mounts[0].type != MOUNT_TYPE:
+        raise ShimError(f"not a VM-mode rootfs: expected one {MOUNT_TYPE} mount of an fsmeta, "
+                        f"got {[m.type for m in mounts]}")
     try:
-        devices = json.loads(base64.b64decode(options[0][len(DEVICES_OPTION):], validate=True))
-    except (binascii.Error, ValueError) as exc:
-        raise ShimError(f"bad {DEVICES_OPTION.rstrip('=')} option: {exc}") from None
-    if not isinstance(devices, list) or not devices or devices[0].get("role") != "fsmeta":
-        raise ShimError("the device list must start with the fsmeta")
-    if devices[0]["path"] != mounts[0].source:
-        raise ShimError(f"the device list's fsmeta {devices[0]['path']} is not the mount "
-                        f"source {mounts[0].source}")
-    return mounts[0].source, devices
+        image = load_chain_image(mounts[0].source, description_option(mounts[0].options))
+    except VmMountError as exc:
+        raise ShimError(str(exc)) from None
+    return mounts[0].source, image.devices()
 
 
 def plan_from_mounts(mounts: Sequence[MountLike], transport: str | Sequence[str] = "virtio-blk",

@@ -1,13 +1,17 @@
-"""Mounting and unmounting EROFS layer blobs on the host (util-linux `mount`, umount2)."""
+"""Mounting and unmounting EROFS layer blobs on the host (the new mount API, umount2).
+
+A layer is mounted file-backed on kernels whose EROFS takes a regular file (6.12+, probed once
+by shim_integration.fsmount), else over a read-only loop device that detaches with the mount.
+"""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import os
-import subprocess
 from pathlib import Path
 
+from shim_integration import fsmount
 from snapshotter.errors import EpError
 
 MNT_DETACH = 2
@@ -19,13 +23,12 @@ def is_mountpoint(path: Path) -> bool:
 
 
 def mount_erofs(image: Path, target: Path) -> None:
-    """Mount IMAGE read-only at TARGET through a loop device that goes away on unmount."""
-    proc = subprocess.run(
-        ["mount", "-t", "erofs", "-o", "ro,loop", str(image), str(target)],
-        capture_output=True, text=True,
-    )
-    if proc.returncode != 0:
-        raise EpError(f"mount -t erofs {image} {target}: {proc.stderr.strip()}")
+    """Mount IMAGE read-only at TARGET (file-backed, or over a loop device that goes away on
+    unmount)."""
+    try:
+        fsmount.mount_erofs(str(image), str(target))
+    except OSError as exc:
+        raise EpError(f"mount erofs {image} at {target}: {exc.strerror}") from None
 
 
 def unmount_all(target: Path) -> None:

@@ -99,8 +99,15 @@ class Snapshotter:
         log.info("created", extra={"key": key, "id": snap.id, "kind": kind.name.lower(),
                                    "vm_mode": vm})
         if vm:
-            return vm_mode.vm_mounts(self._chain_image(snap.parent_ids))
+            return self._vm_mounts(snap)
         return plan(snap, self.layout, self.mount_style)
+
+    def _vm_mounts(self, snap: Snapshot) -> list[Mount]:
+        """The VM-mode mount; an active snapshot's names its upper/work (runc's overlay)."""
+        image = self._chain_image(snap.parent_ids)
+        if snap.kind == Kind.ACTIVE:
+            return vm_mode.vm_mounts(image, self.layout.fs(snap.id), self.layout.work(snap.id))
+        return vm_mode.vm_mounts(image)
 
     def _chain_image(self, parent_ids: list[str]) -> vm_mode.ChainImage:
         with self._chains_lock:
@@ -118,7 +125,7 @@ class Snapshotter:
     def mounts(self, key: str) -> list[Mount]:
         snap = self.store.get_snapshot(key)
         if snap.parent_ids and self.stat(key).labels.get(vm_mode.VM_MODE_LABEL) == "true":
-            return vm_mode.vm_mounts(self._chain_image(snap.parent_ids))
+            return self._vm_mounts(snap)
         return plan(snap, self.layout, self.mount_style)
 
     def stat(self, key: str) -> Info:

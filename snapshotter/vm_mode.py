@@ -1,8 +1,13 @@
 """VM-mode rootfs: one fsmeta per parent chain, and the mounts a VM runtime attaches.
 
-A container rootfs for a VM (not an unpack) gets, instead of an overlay of host loop mounts,
-one `erofs` mount of the chain's fsmeta with one `device=` per layer blob, plus what the
-runtime needs to hand every device to the guest behind dm-verity.
+A container rootfs for a VM (not an unpack) gets, instead of an overlay of host layer mounts,
+one mount of the chain's fsmeta that names, by reference, the chain's description (fsmeta.json:
+every device in device order with its dm-verity data). A VM runtime reads the description and
+hands every device to the guest behind dm-verity; runc gets the same mount working too: its type
+is `fuse.erofs-passthrough-mount`, which containerd (1.6 on) and mount(8) give to the
+`mount.fuse` helper, which runs our mount program (snapshotter/mount_helper.py): it mounts the
+fsmeta with its devices and the snapshot's overlay on top. The options stay a few hundred bytes
+for any number of layers (the kernel takes one page; 500 `device=` paths alone are ~47 KB).
 
 The fsmeta of a chain is built once, before the metadata transaction that creates the
 snapshot, under `<root>/fsmeta/<key>/` where the key is the sha256 of the chain's blob digests
@@ -12,25 +17,35 @@ existing snapshot never change either (upstream's fsmeta hit ESTALE when they di
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
+import stat
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from snapshotter import layer_build
 from snapshotter.erofs.merge import LayerBlob, merge_layers
-from snapshotter.fsutil import fsync_dir, remove_tree
+from snapshotter.errors import EpError
+from snapshotter.fsutil import fsync_dir, remove_tree, write_atomic
 from snapshotter.layout import Layout
 from snapshotter.mounts import Mount
 from snapshotter.verity import KATA_VERITY
 
 VM_MODE_LABEL = "containerd.io/snapshot/erofs.vm-mode"
-DEVICES_OPTION = "X-erofs-passthrough.devices="
+MOUNT_PROGRAM = "erofs-passthrough-mount"
+MOUNT_TYPE = "fuse." + MOUNT_PROGRAM
+# No `X-`/`x-` prefix: mount(8) does not pass those on to mount helpers (measured).
+DESCRIPTION_OPTION = "erofs-passthrough.description="
 FSMETA = "image.fsmeta"
 DESCRIPTION = "fsmeta.json"
+MAX_DESCRIPTION_BYTES = 64 << 20  # ~1 KB a layer: far beyond any real chain, bounded memory
+
+
+class VmMountError(EpError):
+    """A VM-mode mount or its description is not what the snapshotter hands out."""
 
 
 @dataclass(frozen=True)
@@ -88,7 +103,10 @@ def ensure_chain_image(root: Path, layout: Layout, parent_ids: list[str],
         if signing_key is not None:
             description["manifest"] = _write_signed_manifest(staged, final, description,
                                                              signing_key)
-        (staged / DESCRIPTION).write_text(json.dumps(description, indent=2, sort_keys=True))
+        # Durable before the directory is published: VM-mode mounts name this file, and the
+        # mount program and the shim read their devices from it.
+        write_atomic(staged / DESCRIPTION,
+                     json.dumps(description, indent=2, sort_keys=True).encode())
         fsync_dir(staged)
         try:
             os.rename(staged, final)
@@ -138,20 +156,72 @@ def _write_signed_manifest(staged: Path, final: Path, description: dict,
                 "verity": verity_entry(fsmeta["verity"])},
     )
     payload, signature = sign(manifest, load_private_key(signing_key))
-    (staged / "manifest.json").write_bytes(payload)
-    (staged / "manifest.sig").write_text(json.dumps(signature))
+    write_atomic(staged / "manifest.json", payload)
+    write_atomic(staged / "manifest.sig", json.dumps(signature).encode())
     return {"path": str(final / "manifest.json"), "signature": str(final / "manifest.sig"),
             "key_id": signature["key_id"]}
 
 
-def vm_mounts(image: ChainImage) -> list[Mount]:
-    """One erofs mount of the fsmeta, one `device=` per blob (in device-table order), and
-    an option carrying every device's dm-verity data for the runtime (mount(8) ignores
-    `X-` options; a VM runtime reads it and attaches the devices instead of mounting)."""
-    devices = image.devices()
-    payload = base64.b64encode(json.dumps(devices, sort_keys=True).encode()).decode()
-    options = ["ro", *(f"device={d['path']}" for d in devices[1:]), DEVICES_OPTION + payload]
-    return [Mount("erofs", str(image.fsmeta), options)]
+def vm_mounts(image: ChainImage, upper: Path | None = None,
+              work: Path | None = None) -> list[Mount]:
+    """The one mount of a VM-mode snapshot: the fsmeta, its description by path, and for an
+    active snapshot its upper and work directories (for runc's overlay; a VM runtime keeps
+    its writable layer in the guest). Nothing in it grows with the number of layers."""
+    options = ["ro"] if upper is None else [f"upperdir={upper}", f"workdir={work}"]
+    options.append(DESCRIPTION_OPTION + str(image.directory / DESCRIPTION))
+    return [Mount(MOUNT_TYPE, str(image.fsmeta), options)]
+
+
+def description_option(options: Sequence[str]) -> str:
+    """The description path a VM-mode mount's options carry (exactly one)."""
+    found = [o[len(DESCRIPTION_OPTION):] for o in options if o.startswith(DESCRIPTION_OPTION)]
+    if len(found) != 1:
+        raise VmMountError(f"the mount carries {len(found)} {DESCRIPTION_OPTION.rstrip('=')} "
+                           "options, not one (is the snapshot in VM mode?)")
+    return found[0]
+
+
+def load_chain_image(fsmeta: str | Path, description: str | Path) -> ChainImage:
+    """The chain image a VM-mode mount names, read from its description file.
+
+    Only `fsmeta.json` in the fsmeta's own chain directory is read (no symlinks, no other
+    place: a mount is not a way to make us read or attach arbitrary files), of bounded size,
+    and it must describe that very fsmeta."""
+    fsmeta, description = Path(fsmeta), Path(description)
+    if not fsmeta.is_absolute() or fsmeta.name != FSMETA:
+        raise VmMountError(f"{fsmeta}: not an absolute path to a chain's {FSMETA}")
+    if description != fsmeta.parent / DESCRIPTION:
+        raise VmMountError(f"description {description} is not {DESCRIPTION} in the chain "
+                           f"directory of {fsmeta}")
+    if os.path.realpath(description) != os.path.join(os.path.realpath(fsmeta.parent),
+                                                     DESCRIPTION):
+        raise VmMountError(f"description {description} leads outside {fsmeta.parent}")
+    try:
+        fd = os.open(description, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise VmMountError(f"description {description}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_DESCRIPTION_BYTES:
+            raise VmMountError(f"description {description}: not a regular file of at most "
+                               f"{MAX_DESCRIPTION_BYTES} bytes")
+        raw = f.read(MAX_DESCRIPTION_BYTES + 1)
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise VmMountError(f"description {description}: not JSON ({exc})") from None
+    image = ChainImage(fsmeta.parent, data)
+    try:
+        devices = image.devices()
+        if not all(isinstance(d, dict) and isinstance(d["path"], str)
+                   and isinstance(d["root_hash"], str) for d in devices):
+            raise TypeError("a device is not an object with a path and a root_hash")
+    except (KeyError, TypeError) as exc:
+        raise VmMountError(f"description {description}: malformed ({exc})") from None
+    if devices[0]["path"] != str(fsmeta) or devices[0].get("role") != "fsmeta":
+        raise VmMountError(f"description {description} describes {devices[0]['path']}, "
+                           f"not {fsmeta}")
+    return image
 
 
 def cleanup_chain_images(root: Path, in_use: set[str]) -> list[Path]:

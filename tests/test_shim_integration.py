@@ -198,9 +198,17 @@ def test_key_cli(tmp_path: Path) -> None:
 
 # -- the shim's attach plan ---------------------------------------------------------------------
 
-def _vm_mount(tmp_path: Path, with_manifest: bool = True):
+def _described_mount(fsmeta: Path, devices: list[dict]):
+    """A VM-mode mount as the snapshotter hands it out: the description beside the fsmeta."""
     from snapshotter.mounts import Mount
-    from snapshotter.vm_mode import DEVICES_OPTION
+    from snapshotter.vm_mode import DESCRIPTION_OPTION, MOUNT_TYPE
+
+    description = fsmeta.parent / "fsmeta.json"
+    description.write_text(json.dumps({"fsmeta": devices[0], "layers": devices[1:]}))
+    return Mount(MOUNT_TYPE, str(fsmeta), ["ro", DESCRIPTION_OPTION + str(description)])
+
+
+def _vm_mount(tmp_path: Path, with_manifest: bool = True):
 
     fsmeta = tmp_path / "image.fsmeta"
     devices = [
@@ -213,9 +221,7 @@ def _vm_mount(tmp_path: Path, with_manifest: bool = True):
     if with_manifest:
         (tmp_path / "manifest.json").write_bytes(b"{}")
         (tmp_path / "manifest.sig").write_bytes(b"{}")
-    option = DEVICES_OPTION + base64.b64encode(json.dumps(devices).encode()).decode()
-    return Mount("erofs", str(fsmeta), ["ro", f"device={devices[1]['path']}",
-                                        f"device={devices[2]['path']}", option]), devices
+    return _described_mount(fsmeta, devices), devices
 
 
 def test_attach_plan_from_vm_mode_mounts(tmp_path: Path) -> None:
@@ -253,9 +259,27 @@ def test_attach_plan_refuses_what_it_cannot_use(tmp_path: Path) -> None:
     overlay = Mount("overlay", "overlay", ["lowerdir=/a:/b"])
     with pytest.raises(ShimError, match="not a VM-mode rootfs"):
         plan_from_mounts([overlay])
-    with pytest.raises(ShimError, match=r"no X-erofs-passthrough\.devices option"):
+    with pytest.raises(ShimError, match="not a VM-mode rootfs"):
         plan_from_mounts([Mount("erofs", "/x/layer.erofs", ["ro", "loop"])])
     mount, _ = _vm_mount(tmp_path, with_manifest=False)
+    # the description is read from the fsmeta's own chain directory only
+    elsewhere = tmp_path / "other"
+    elsewhere.mkdir()
+    (elsewhere / "fsmeta.json").write_text((tmp_path / "fsmeta.json").read_text())
+    for description, why in [(elsewhere / "fsmeta.json", "not fsmeta.json in the chain"),
+                             (tmp_path / "manifest.json", "not fsmeta.json in the chain"),
+                             (tmp_path / "other" / ".." / "fsmeta.json", "not fsmeta.json")]:
+        with pytest.raises(ShimError, match=why):
+            plan_from_mounts([Mount(mount.type, mount.source,
+                                    ["ro", f"erofs-passthrough.description={description}"])])
+    (tmp_path / "fsmeta.json").rename(tmp_path / "real.json")
+    (tmp_path / "fsmeta.json").symlink_to(elsewhere / "fsmeta.json")
+    with pytest.raises(ShimError, match="leads outside"):
+        plan_from_mounts([mount])
+    (tmp_path / "fsmeta.json").unlink()
+    (tmp_path / "real.json").rename(tmp_path / "fsmeta.json")
+    with pytest.raises(ShimError, match=r"0 erofs-passthrough\.description options"):
+        plan_from_mounts([Mount(mount.type, mount.source, ["ro"])])
     with pytest.raises(ShimError, match="no signed manifest beside the fsmeta"):
         plan_from_mounts([mount])
     assert plan_from_mounts([mount], manifest=b"m", signature=b"s").manifest == b"m"
@@ -270,9 +294,7 @@ def test_kata_options_of_a_vm_mode_plan_verify_each_device_for_every_reader(tmp_
     from shim_integration.shim import plan_from_mounts
     from snapshotter.erofs.convert import convert_directory
     from snapshotter.erofs.merge import merge_layers
-    from snapshotter.mounts import Mount
     from snapshotter.verity import KATA_VERITY, format_file
-    from snapshotter.vm_mode import DEVICES_OPTION
     from tests.helpers import require_tool
     from tests.test_kata_readers import DEVICE, tables_of, veritysetup_verify
 
@@ -291,8 +313,7 @@ def test_kata_options_of_a_vm_mode_plan_verify_each_device_for_every_reader(tmp_
     info = format_file(fsmeta, params=KATA_VERITY)  # the tree appended, as serve's is
     devices.insert(0, {"role": "fsmeta", "path": str(fsmeta), "root_hash": info.root_hash,
                        "verity": info.to_json()})
-    option = DEVICES_OPTION + base64.b64encode(json.dumps(devices).encode()).decode()
-    plan = plan_from_mounts([Mount("erofs", str(fsmeta), ["ro", option])],
+    plan = plan_from_mounts([_described_mount(fsmeta, devices)],
                             manifest=b"{}", signature=b"{}")
     options = plan.kata_options()
     assert len(options) == 3
