@@ -4,8 +4,8 @@ virtio-serial port.
 
 Runs under the guest's Debian python3 with the standard library, pyudev and (for images)
 python3-cryptography; vm-images/build copies it into the guest root image together with the
-`shim_integration` modules it imports (manifest, guest_verify, fsmount). One request per line,
-one response per line:
+modules it imports (shim_integration's manifest and guest_verify, snapshotter's fsmount).
+One request per line, one response per line:
 
     -> {"id": 7, "op": "mount", "source": "/dev/mapper/l1", "target": "/run/ep/mnt/l1"}
     <- {"id": 7, "ok": true, "result": {...}}
@@ -318,7 +318,8 @@ def _shim_modules() -> Any:
     cryptography they use is Debian's python3-cryptography)."""
     if DIST_PACKAGES not in sys.path:
         sys.path.append(DIST_PACKAGES)
-    from shim_integration import fsmount, guest_verify, manifest
+    from shim_integration import guest_verify, manifest
+    from snapshotter import fsmount
 
     return manifest, guest_verify, fsmount
 

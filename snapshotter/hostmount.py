@@ -1,7 +1,7 @@
 """Mounting and unmounting EROFS layer blobs on the host (the new mount API, umount2).
 
 A layer is mounted file-backed on kernels whose EROFS takes a regular file (6.12+, probed once
-by shim_integration.fsmount), else over a read-only loop device that detaches with the mount.
+by snapshotter.fsmount), else over a read-only loop device that detaches with the mount.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import ctypes.util
 import os
 from pathlib import Path
 
-from shim_integration import fsmount
+from snapshotter import fsmount
 from snapshotter.errors import EpError
 
 MNT_DETACH = 2

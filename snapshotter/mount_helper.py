@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from shim_integration import fsmount
+from snapshotter import fsmount
 from snapshotter.errors import EpError
 from snapshotter.hostmount import unmount_all
 from snapshotter.vm_mode import MOUNT_PROGRAM, description_option, load_chain_image

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from shim_integration import fsmount
 from shim_integration.shim import devices_of
-from snapshotter import mount_helper
+from snapshotter import fsmount, mount_helper
 from snapshotter.snapshots import Snapshotter
 from snapshotter.vm_mode import MOUNT_PROGRAM, MOUNT_TYPE, VM_MODE_LABEL
 from tests.helpers import require_root, require_tool, unmount_below

@@ -39,10 +39,11 @@ PRUNE = ("var/cache/apt", "var/lib/apt/lists", "usr/share/doc", "usr/share/man",
          "usr/share/info", "usr/share/locale")
 BLOCK = 4096
 AGENT_PATH = "usr/lib/erofs-passthrough/agent.py"
-# The shim_integration modules the agent imports (beside it, as the package shim_integration;
-# stdlib + python3-cryptography only). Their bytes are part of the root image's key.
-GUEST_MODULES = ("__init__.py", "manifest.py", "guest_verify.py", "fsmount.py")
-GUEST_MODULE_DIR = "usr/lib/erofs-passthrough/shim_integration"
+# The modules the agent imports, by package (beside it, as those packages; stdlib +
+# python3-cryptography only). Their bytes are part of the root image's key.
+GUEST_MODULES = {"shim_integration": ("__init__.py", "manifest.py", "guest_verify.py"),
+                 "snapshotter": ("__init__.py", "fsmount.py")}
+GUEST_MODULE_DIR = "usr/lib/erofs-passthrough"
 # File mtimes are kept (python checks its .pyc files by them); files we add get this one.
 FIXED_TIME = 1700000000
 TREE_RECIPE = 1  # bump when build_tree changes what it produces
@@ -176,10 +177,12 @@ def converter_digest() -> str:
 
 def guest_files(agent: Path) -> dict[str, tuple[bytes, int]]:
     """What the project adds to the guest tree: the agent and the modules it imports (taken
-    from the agent's own directory, the shim_integration package)."""
+    from the packages beside the agent's own, shim_integration)."""
     files = {AGENT_PATH: (agent.read_bytes(), 0o755)}
-    for name in GUEST_MODULES:
-        files[f"{GUEST_MODULE_DIR}/{name}"] = ((agent.parent / name).read_bytes(), 0o644)
+    for package, names in GUEST_MODULES.items():
+        for name in names:
+            source = agent.parent.parent / package / name
+            files[f"{GUEST_MODULE_DIR}/{package}/{name}"] = (source.read_bytes(), 0o644)
     return files
 
 
