@@ -32,6 +32,7 @@ from .registry import (
     Reference,
     RegistryClient,
     check_digest,
+    sha256_digest,
 )
 
 ARTIFACT_TYPE = "application/vnd.erofs-passthrough.root-manifest.v1"
@@ -80,26 +81,53 @@ def resolve_image(ref: Reference, plain_http: bool, platform: str = "linux/amd64
     """The image manifest REF names (for an index: the PLATFORM entry) and its config."""
     client = RegistryClient(ref, plain_http)
     data, media_type, digest = client.get_manifest(ref.target)
-    manifest = json.loads(data)
+    manifest = _json_object(data, f"manifest {digest}")
     if media_type in (OCI_INDEX, DOCKER_LIST):
         os_name, _, arch = platform.partition("/")
-        for entry in manifest.get("manifests") or []:
-            p = entry.get("platform") or {}
+        for entry in _list(manifest.get("manifests")):
+            p = _dict(_dict(entry).get("platform"))
             if p.get("os") == os_name and p.get("architecture") == arch:
-                data, media_type, digest = client.get_manifest(check_digest(entry["digest"]))
-                manifest = json.loads(data)
+                data, media_type, digest = client.get_manifest(check_digest(entry.get("digest")))
+                manifest = _json_object(data, f"manifest {digest}")
                 break
         else:
             raise PublishError(f"{ref}: the index has no {platform} image")
-    if media_type not in (OCI_MANIFEST, DOCKER_MANIFEST) or not isinstance(
-            manifest.get("layers"), list) or not isinstance(manifest.get("config"), dict):
+    layers = manifest.get("layers")
+    if media_type not in (OCI_MANIFEST, DOCKER_MANIFEST) or not isinstance(layers, list) or \
+            not all(isinstance(d, dict) for d in layers) or \
+            not isinstance(manifest.get("config"), dict):
         raise PublishError(f"{ref}: {digest} is not an image manifest ({media_type})")
-    config = json.loads(client.get_small_blob(check_digest(manifest["config"]["digest"]),
-                                              MAX_CONFIG_BYTES))
+    config = _json_object(client.get_small_blob(check_digest(manifest["config"].get("digest")),
+                                                MAX_CONFIG_BYTES), f"config of {digest}")
     plat = {"os": str(config.get("os", "")), "architecture": str(config.get("architecture", ""))}
     if config.get("variant"):
         plat["variant"] = str(config["variant"])
     return Image(client, digest, data, manifest, config, plat)
+
+
+def _json_object(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise PublishError(f"{what} is not JSON") from None
+    if not isinstance(value, dict):
+        raise PublishError(f"{what} is not a JSON object")
+    return value
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _declared_size(desc: dict[str, Any], what: str) -> int:
+    size = desc.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise PublishError(f"{what}: descriptor size {size!r} is not a byte count")
+    return size
 
 
 # -- conversion ----------------------------------------------------------------------------
@@ -118,9 +146,9 @@ def convert_image(image: Image, work: Path, kata_verity: bool = False) -> list[C
     """Every layer of IMAGE, lowest first, converted as the node's differ converts it."""
     from snapshotter.erofs.convert import convert_layer, import_erofs_image
 
-    diff_ids = (image.config.get("rootfs") or {}).get("diff_ids") or []
+    diff_ids = _list(_dict(image.config.get("rootfs")).get("diff_ids"))
     layers = image.manifest["layers"]
-    if len(diff_ids) != len(layers):
+    if len(diff_ids) != len(layers) or not all(isinstance(d, str) for d in diff_ids):
         raise PublishError(f"image {image.digest}: {len(layers)} layers but "
                            f"{len(diff_ids)} diffIDs in its config")
     verity = KATA_VERITY if kata_verity else True
@@ -129,7 +157,7 @@ def convert_image(image: Image, work: Path, kata_verity: bool = False) -> list[C
         digest = check_digest(desc.get("digest"))
         media_type = desc.get("mediaType")
         blob = work / f"layer{i}.blob"
-        image.client.get_blob(digest, blob, max_size=int(desc.get("size", 0)) or None)
+        image.client.get_blob(digest, blob, max_size=_declared_size(desc, f"layer {i}"))
         target = work / f"layer{i}.erofs"
         with open(blob, "rb") as f:
             if media_type == EROFS_LAYER:
@@ -244,8 +272,8 @@ def _push_root_manifest(image: Image, manifest: dict[str, Any], private_key: Any
         "annotations": annotations,
     }
     data = json.dumps(artifact, sort_keys=True, separators=(",", ":")).encode()
-    digest = client.put_manifest(data, OCI_MANIFEST)
-    index = client.add_referrer(image.digest, {
+    digest = sha256_digest(data)
+    index = client.push_referrer(image.digest, data, OCI_MANIFEST, {
         "mediaType": OCI_MANIFEST, "digest": digest, "size": len(data),
         "artifactType": ARTIFACT_TYPE, "annotations": annotations})
     return {"artifact": digest, "manifest_blob": signed["digest"],
@@ -322,15 +350,15 @@ def fetch_manifest(reference: str, out: Path, *, plain_http: bool = False,
     ours = [d for d in descriptors if d.get("artifactType") == ARTIFACT_TYPE]
     if not ours:
         raise PublishError(f"{ref}: no signed root manifest refers to image {image.digest}")
-    newest = max(ours, key=lambda d: (str((d.get("annotations") or {}).get(CREATED, "")),
+    newest = max(ours, key=lambda d: (str(_dict(d.get("annotations")).get(CREATED, "")),
                                       d["digest"]))
     artifact, digest = client.get_json(newest["digest"], OCI_MANIFEST)
-    subject = (artifact.get("subject") or {}).get("digest")
+    subject = _dict(artifact.get("subject")).get("digest")
     if subject != image.digest:
         raise PublishError(f"referrer {digest} has subject {subject}, not {image.digest}")
     if artifact.get("artifactType") != ARTIFACT_TYPE:
         raise PublishError(f"referrer {digest} is not a root manifest artifact")
-    blobs = {d.get("mediaType"): d for d in artifact.get("layers") or []
+    blobs = {d.get("mediaType"): d for d in _list(artifact.get("layers"))
              if isinstance(d, dict)}
     if set(blobs) != {MANIFEST_MEDIA_TYPE, SIGNATURE_MEDIA_TYPE}:
         raise PublishError(f"referrer {digest}: expected one manifest and one signature blob")
@@ -350,7 +378,7 @@ def fetch_manifest(reference: str, out: Path, *, plain_http: bool = False,
     write_atomic(out / "manifest.json", payload)
     write_atomic(out / "manifest.sig", signature)
     return {"image": str(ref), "image_digest": image.digest, "artifact": digest,
-            "referrers_api": via_api, "created": (newest.get("annotations") or {}).get(CREATED),
+            "referrers_api": via_api, "created": _dict(newest.get("annotations")).get(CREATED),
             "manifest": str(out / "manifest.json"), "signature": str(out / "manifest.sig"),
             "manifest_digest": "sha256:" + hashlib.sha256(payload).hexdigest()}
 

@@ -19,8 +19,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import random
 import re
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 MANIFEST_TYPES = (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST)
 #: The largest manifest or index we read (the distribution server's own limit is 4 MiB).
 MAX_MANIFEST_BYTES = 4 << 20
+REFERRERS_ATTEMPTS = 20 # read-merge-write rounds against concurrent publishers
 REQUEST_TIMEOUT = 60.0  # seconds without a byte from the registry
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 # host[:port]/repo[/more][:tag][@sha256:hex]; the host part is required (no Docker Hub default).
@@ -45,6 +48,10 @@ _REFERENCE = re.compile(
 
 class RegistryError(EpError):
     """The registry refused, is unreachable, or served content that does not match its digest."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status  # the HTTP status, when the registry answered with an error
 
 
 @dataclass(frozen=True)
@@ -132,7 +139,8 @@ class RegistryClient:
         except (ValueError, AttributeError):
             pass
         raise RegistryError(f"{self.ref.host}/{self.ref.repository}: {what}: HTTP "
-                            f"{response.status_code}{': ' + detail if detail else ''}")
+                            f"{response.status_code}{': ' + detail if detail else ''}",
+                            response.status_code)
 
     # -- manifests -------------------------------------------------------------------------
 
@@ -157,14 +165,16 @@ class RegistryClient:
             parsed = json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise RegistryError(f"manifest {target} is not JSON") from None
-        media_type = (parsed.get("mediaType") if isinstance(parsed, dict) else None) or \
+        if not isinstance(parsed, dict):
+            raise RegistryError(f"manifest {target} is not a JSON object")
+        media_type = parsed.get("mediaType") or \
             response.headers.get("Content-Type", "").split(";")[0]
         return data, media_type, digest
 
     def get_json(self, target: str, expected_type: str | None = None) -> tuple[dict, str]:
         data, media_type, digest = self.get_manifest(target)
         parsed = json.loads(data)
-        if not isinstance(parsed, dict) or (expected_type and media_type != expected_type):
+        if expected_type and media_type != expected_type:
             raise RegistryError(f"manifest {target} is a {media_type or 'thing of no type'}, "
                                 f"not {expected_type}")
         return parsed, digest
@@ -251,12 +261,53 @@ class RegistryClient:
         with response:
             if response.status_code == 200 and response.headers.get(
                     "Content-Type", "").startswith(OCI_INDEX):
-                index = json.loads(_read_bounded(response, MAX_MANIFEST_BYTES, "referrers"))
+                data = _read_bounded(response, MAX_MANIFEST_BYTES, "referrers")
+                try:
+                    index = json.loads(data)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    raise RegistryError(f"referrers of {subject}: not JSON") from None
                 return _descriptors(index), True
             if response.status_code not in (404, 405, 400):
                 self._fail(response, f"referrers of {subject}")
         index = self._referrers_index(subject)
-        return (_descriptors(index) if index else []), False
+        found = {d["digest"]: d for d in (_descriptors(index) if index else [])}
+        prefix = referrers_tag(subject) + "."
+        for tag in self.tags():
+            if not tag.startswith(prefix):
+                continue
+            try:
+                data, media_type, digest = self.get_manifest(tag)
+            except RegistryError as exc:
+                if exc.status == 404 or "no such manifest" in str(exc):
+                    continue  # deleted since the listing
+                raise
+            body = json.loads(data)
+            if digest in found or (body.get("subject") or {}).get("digest") != subject:
+                continue
+            found[digest] = {"mediaType": media_type, "digest": digest, "size": len(data),
+                             "artifactType": body.get("artifactType"),
+                             "annotations": body.get("annotations") or {}}
+        return list(found.values()), False
+
+    def tags(self) -> list[str]:
+        """Every tag of the repository (following the `Link` pagination)."""
+        url: str | None = f"{self._base}/tags/list?n=1000"
+        tags: list[str] = []
+        while url is not None:
+            response = self._request("GET", url)
+            if response.status_code == 404:
+                return tags
+            if response.status_code != 200:
+                self._fail(response, "tags")
+            try:
+                page = response.json().get("tags") or []
+            except (ValueError, AttributeError):
+                raise RegistryError(f"{self.ref.host}: tag list is not JSON") from None
+            tags += [t for t in page if isinstance(t, str)]
+            link = response.links.get("next", {}).get("url")
+            url = None if not link else (link if link.startswith("http") else
+                                         self._base.split("/v2/")[0] + link)
+        return tags
 
     def _referrers_index(self, subject: str) -> dict | None:
         try:
@@ -267,24 +318,50 @@ class RegistryClient:
             raise
         return index
 
-    def add_referrer(self, subject: str, descriptor: dict[str, Any]) -> str | None:
-        """Make DESCRIPTOR findable as a referrer of SUBJECT on a registry without the API:
-        add it to the referrers tag's index (OCI 1.1 distribution spec, "pushing manifests
-        with subject"). Returns the new index digest, or None when the API serves referrers.
-
-        A read-modify-write: two publishers adding a referrer to one subject at the same
-        moment can lose one entry (the spec's own caveat); publish again to restore it."""
+    def push_referrer(self, subject: str, artifact: bytes, media_type: str,
+                      descriptor: dict[str, Any]) -> str | None:
+        """Push ARTIFACT (a manifest whose `subject` is SUBJECT) so that it is found as a
+        referrer of SUBJECT. With a referrers API, pushing it is all. Without one:
+        1. it is also tagged `<alg>-<hex>.<first 32 hex of its digest>`: one tag per artifact,
+           written once, so concurrent publishers never lose each other's (`referrers` reads
+           these tags too);
+        2. DESCRIPTOR is added to the referrers tag's index (OCI 1.1 distribution spec,
+           "pushing manifests with subject") for other OCI 1.1 clients. That is a
+           read-modify-write the API offers no compare-and-swap for: writers at the same moment
+           can still drop each other's entries there (not from step 1).
+        Returns the referrers index digest, or None when the API serves referrers."""
+        digest = self.put_manifest(artifact, media_type)
         response = self._request("GET", f"{self._base}/referrers/{check_digest(subject)}",
                                  headers={"Accept": OCI_INDEX})
         if response.status_code == 200 and response.headers.get(
                 "Content-Type", "").startswith(OCI_INDEX):
             return None
-        index = self._referrers_index(subject) or {
-            "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
-        manifests = [d for d in _descriptors(index) if d.get("digest") != descriptor["digest"]]
-        index["manifests"] = [*manifests, descriptor]
-        data = json.dumps(index, sort_keys=True, separators=(",", ":")).encode()
-        return self.put_manifest(data, OCI_INDEX, referrers_tag(subject))
+        self.put_manifest(artifact, media_type, f"{referrers_tag(subject)}.{digest[7:39]}")
+        rng = random.Random(descriptor["digest"])  # jitter: writers in step fall out of it
+        for _attempt in range(REFERRERS_ATTEMPTS):
+            try:
+                index = self._referrers_index(subject) or {
+                    "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
+                manifests = [d for d in _descriptors(index)
+                             if d.get("digest") != descriptor["digest"]]
+                index["manifests"] = [*manifests, descriptor]
+                data = json.dumps(index, sort_keys=True, separators=(",", ":")).encode()
+                digest = self.put_manifest(data, OCI_INDEX, referrers_tag(subject))
+                # No conditional PUT in the distribution API: read back, and merge again if
+                # a concurrent publisher's write replaced ours.
+                after = self._referrers_index(subject)
+            except RegistryError as exc:
+                # distribution's filesystem storage answers 500 to a read of a tag being
+                # rewritten at that moment: transient, try again
+                if exc.status is None or exc.status < 500:
+                    raise
+            else:
+                if after and descriptor["digest"] in {d["digest"]
+                                                      for d in _descriptors(after)}:
+                    return digest
+            time.sleep(rng.uniform(0.02, 0.2))
+        raise RegistryError(f"referrers tag of {subject}: kept being replaced by concurrent "
+                            f"writers; publish again")
 
 
 def _descriptors(index: Any) -> list[dict[str, Any]]:

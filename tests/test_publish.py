@@ -25,7 +25,7 @@ import requests
 
 from shim_integration.oci_archive import build_image
 from shim_integration.publish import ARTIFACT_TYPE, EROFS_LAYER
-from shim_integration.registry import OCI_MANIFEST, Reference, RegistryClient
+from shim_integration.registry import OCI_MANIFEST, Reference, RegistryClient, sha256_digest
 from snapshotter.erofs.convert import convert_layer
 from snapshotter.erofs.rules import CONVERSION_RULES
 from snapshotter.verity import KATA_VERITY
@@ -93,6 +93,8 @@ log:
 storage:
   filesystem:
     rootdirectory: {storage}
+  delete:
+    enabled: true
 http:
   addr: 127.0.0.1:{port}
 """)
@@ -280,18 +282,20 @@ def test_refuses_a_manifest_for_another_image(world, tmp_path):
     forged["annotations"]["org.opencontainers.image.created"] = "2999-01-01T00:00:00.000000Z"
     body = json.dumps(forged).encode()
     forged_digest = client.put_manifest(body, OCI_MANIFEST)
-    client.add_referrer(digest, {"mediaType": OCI_MANIFEST, "digest": forged_digest,
-                                 "size": len(body), "artifactType": ARTIFACT_TYPE,
-                                 "annotations": forged["annotations"]})
+    client.push_referrer(digest, body, OCI_MANIFEST, {
+        "mediaType": OCI_MANIFEST, "digest": forged_digest, "size": len(body),
+        "artifactType": ARTIFACT_TYPE, "annotations": forged["annotations"]})
     try:
         proc = run_cli("manifest", "fetch", ref, "--out", tmp_path / "f", "--plain-http")
         assert_one_line_error(proc, "is for image", other["image_digest"])
         assert not (tmp_path / "f" / "manifest.json").exists()
-    finally:  # the forged entry out again, for the other tests' fetches
+    finally:  # the forged artifact out again, for the other tests' fetches
         index, _ = client.get_json("sha256-" + digest[7:])
         index["manifests"] = [d for d in index["manifests"] if d["digest"] != forged_digest]
         client.put_manifest(json.dumps(index).encode(), index["mediaType"],
                             "sha256-" + digest[7:])
+        assert requests.delete(f"http://{registry.host}/v2/demo/app/manifests/{forged_digest}",
+                               timeout=10).status_code == 202
 
 
 def test_refuses_a_node_whose_conversion_differs(world, tmp_path):
@@ -333,3 +337,37 @@ def test_unreachable_registry_and_bad_reference_are_one_line(tmp_path):
     proc = run_cli("manifest", "fetch", "no-host-here", "--out", tmp_path / "m")
     assert_one_line_error(proc, "not an image reference")
     assert not (tmp_path / "m").exists()
+
+
+def test_concurrent_referrer_additions_lose_none(world):
+    """Publishers adding referrers to one subject at once (the referrers tag is a
+    read-modify-write): every one ends up in the index. 8 writers, 3 rounds."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    registry = world["registry"]
+    client = RegistryClient(Reference.parse(f"{registry.host}/demo/race:v1"), plain_http=True)
+    empty = client.put_bytes(b"{}")
+    for round_ in range(3):
+        subject_body = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                                   "config": {"mediaType": "application/vnd.oci.empty.v1+json",
+                                              **empty},
+                                   "layers": [], "annotations": {"round": str(round_)}}).encode()
+        subject = client.put_manifest(subject_body, OCI_MANIFEST)
+        artifacts = []
+        for i in range(8):
+            body = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                               "artifactType": ARTIFACT_TYPE,
+                               "config": {"mediaType": "application/vnd.oci.empty.v1+json",
+                                          **empty}, "layers": [],
+                               "subject": {"mediaType": OCI_MANIFEST, "digest": subject,
+                                           "size": len(subject_body)},
+                               "annotations": {"n": f"{round_}.{i}"}}).encode()
+            artifacts.append((body, {"mediaType": OCI_MANIFEST, "size": len(body),
+                                     "digest": sha256_digest(body),
+                                     "artifactType": ARTIFACT_TYPE}))
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda a, s=subject: RegistryClient(
+                client.ref, plain_http=True).push_referrer(s, a[0], OCI_MANIFEST, a[1]),
+                artifacts))
+        found, _ = client.referrers(subject)
+        assert {d["digest"] for d in found} == {d["digest"] for _, d in artifacts}
