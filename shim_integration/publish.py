@@ -21,7 +21,7 @@ from typing import Any
 
 from snapshotter.erofs.rules import CONVERSION_RULES
 from snapshotter.errors import EpError
-from snapshotter.fsutil import write_atomic
+from snapshotter.fsutil import check_input, check_output, open_input, write_atomic
 from snapshotter.verity import KATA_VERITY
 
 from .registry import (
@@ -48,6 +48,8 @@ RULES_ANNOTATION = "dev.erofs-passthrough.conversion"
 #: A root manifest or its signature is a few KiB per layer; refuse anything absurd.
 MAX_ROOT_MANIFEST_BYTES = 1 << 20
 MAX_CONFIG_BYTES = 1 << 20
+MAX_KEY_BYTES = 64 << 10
+MAX_DEVICE_LIST_BYTES = 16 << 20
 TAR_LAYER_TYPES = (
     "application/vnd.oci.image.layer.v1.tar",
     "application/vnd.oci.image.layer.v1.tar+gzip",
@@ -113,6 +115,16 @@ def _json_object(data: bytes, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise PublishError(f"{what} is not a JSON object")
     return value
+
+
+def read_input(path: Path, limit: int) -> bytes:
+    """A small input file (a key, a manifest, a device list): a regular file (a FIFO cannot
+    hang us) of at most LIMIT bytes (its size cannot cost memory)."""
+    with open_input(path) as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise PublishError(f"{path}: larger than {limit} bytes")
+    return data
 
 
 def _dict(value: Any) -> dict[str, Any]:
@@ -225,6 +237,7 @@ def publish(reference: str, key_path: Path, *, plain_http: bool = False,
     """Convert, merge, sign and push; returns every digest pushed (the `--json` object)."""
     from .manifest import ManifestError, load_private_key
 
+    check_input(key_path)
     try:
         private_key = load_private_key(key_path)
     except ManifestError as exc:
@@ -344,6 +357,11 @@ def fetch_manifest(reference: str, out: Path, *, plain_http: bool = False,
     newest by its `created` annotation is taken; if it is damaged, fetch fails rather than
     fall back to an older one (which could be a rollback)."""
     ref = Reference.parse(reference)
+    if out.exists() and not out.is_dir():
+        raise PublishError(f"{out}: not a directory")
+    for name in ("manifest.json", "manifest.sig"):  # both writable, before any work
+        if (out / name).exists():
+            check_output(out / name)
     image = resolve_image(ref, plain_http, platform)
     client = image.client
     descriptors, via_api = client.referrers(image.digest)
@@ -390,7 +408,7 @@ def load_device_roots(path: Path) -> tuple[list[str], list[str]]:
     directory's fsmeta.json (`{"fsmeta": {...}, "layers": [...]}`) or a JSON list of devices
     (fsmeta first), each with a `root_hash`."""
     try:
-        data = json.loads(path.read_bytes())
+        data = json.loads(read_input(path, MAX_DEVICE_LIST_BYTES))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise PublishError(f"{path}: not a JSON device list") from None
     if isinstance(data, dict) and "fsmeta" in data and isinstance(data.get("layers"), list):
@@ -422,33 +440,38 @@ def verify_directory(directory: Path, trusted_keys: list[Path],
     keys = []
     for path in trusted_keys:
         try:
-            keys.append(load_public_key(path.read_bytes()))
+            keys.append(load_public_key(read_input(path, MAX_KEY_BYTES)))
         except ManifestError as exc:
             raise PublishError(f"{path}: {exc}") from None
+    payload = read_input(directory / "manifest.json", MAX_ROOT_MANIFEST_BYTES)
+    signature = read_input(directory / "manifest.sig", MAX_ROOT_MANIFEST_BYTES)
     try:
-        signed = verify((directory / "manifest.json").read_bytes(),
-                        (directory / "manifest.sig").read_bytes(), keys)
+        signed = verify(payload, signature, keys)
     except ManifestError as exc:
         raise PublishError(f"{directory}: {exc}") from None
-    image = signed.manifest.get("image") or {}
+    image = _dict(signed.manifest.get("image"))
+    try:
+        roots = signed.expected_roots()
+        signed_ids = [layer.get("diff_id") for layer in signed.manifest["layers"]]
+    except (KeyError, TypeError, AttributeError):
+        raise PublishError(f"{directory}: the signed manifest has no device list") from None
     if image_digest is not None and image.get("digest") != image_digest:
         raise PublishError(f"{directory}: the manifest is signed for image "
                            f"{image.get('digest')}, not {image_digest}")
     report: dict[str, Any] = {"verified": True, "key_id": signed.signature["key_id"],
                               "image": image, "manifest_digest": signed.digest(),
-                              "roots": signed.expected_roots()}
+                              "roots": roots}
     if devices is not None:
-        roots, diff_ids = load_device_roots(devices)
-        signed_ids = [layer.get("diff_id") for layer in signed.manifest["layers"]]
+        device_roots, diff_ids = load_device_roots(devices)
         rules = image.get("conversion")
         try:
-            check_devices(signed, roots)
+            check_devices(signed, device_roots)
         except ManifestError as exc:
             hint = ""
             if rules != CONVERSION_RULES:
                 hint = f" (signed under conversion rules {rules}, this node has " \
                        f"{CONVERSION_RULES})"
-            elif all(diff_ids) and diff_ids != signed_ids:
+            elif diff_ids and all(diff_ids) and diff_ids != signed_ids:
                 hint = " (the device list is of other layers than the signed ones)"
             raise PublishError(f"{devices}: {exc}: this node's conversion differs from "
                                f"the publisher's{hint}") from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -371,3 +372,67 @@ def test_concurrent_referrer_additions_lose_none(world):
                 artifacts))
         found, _ = client.referrers(subject)
         assert {d["digest"] for d in found} == {d["digest"] for _, d in artifacts}
+
+
+@pytest.fixture
+def fetched(world, tmp_path) -> Path:
+    ok_json("manifest", "fetch", f"{world['registry'].host}/demo/app:v1", "--out",
+            tmp_path / "m", "--plain-http")
+    return tmp_path / "m"
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("missing-dir", "no such file"),
+    ("garbage-sig", "not JSON"),
+    ("truncated-manifest", "does not verify"),
+    ("garbage-key", "not a usable public key"),
+    ("fifo-key", "a FIFO, not a regular file"),
+    ("garbage-devices", "not a JSON device list"),
+    ("rootless-devices", "device 1 has no root_hash"),
+    ("short-devices", "2 devices offered, the manifest names 4"),
+    ("fifo-devices", "a FIFO, not a regular file"),
+])
+def test_verify_bad_input_is_one_line(world, fetched, tmp_path, case, expected):
+    trust = Path(f"{world['keys']['publisher']}.pub")
+    directory, devices = fetched, None
+    bad = tmp_path / "bad"
+    if case == "missing-dir":
+        directory = tmp_path / "nothing"
+    elif case == "garbage-sig":
+        (fetched / "manifest.sig").write_bytes(b"\x00garbage")
+    elif case == "truncated-manifest":
+        data = (fetched / "manifest.json").read_bytes()
+        (fetched / "manifest.json").write_bytes(data[:-1])
+    elif case == "garbage-key":
+        bad.write_bytes(b"-----BEGIN PUBLIC KEY-----\nzz\n")
+        trust = bad
+    elif case in ("fifo-key", "fifo-devices"):
+        os.mkfifo(bad)
+        trust, devices = (bad, None) if case == "fifo-key" else (trust, bad)
+    else:
+        bad.write_text({"garbage-devices": "{not json",
+                        "rootless-devices": json.dumps([{"root_hash": "00"}, {}]),
+                        "short-devices": json.dumps([{"root_hash": "00"}] * 2)}[case])
+        devices = bad
+    before = {p.name: p.read_bytes() for p in fetched.iterdir()}
+    args = ["manifest", "verify", directory, "--trust", trust]
+    proc = run_cli(*args, *(["--devices", devices] if devices else []))
+    assert_one_line_error(proc, expected)
+    assert {p.name: p.read_bytes() for p in fetched.iterdir()} == before
+
+
+def test_fetch_and_publish_bad_local_input_is_one_line(world, tmp_path):
+    host = world["registry"].host
+    not_dir = tmp_path / "file"
+    not_dir.write_text("x")
+    proc = run_cli("manifest", "fetch", f"{host}/demo/app:v1", "--out", not_dir, "--plain-http")
+    assert_one_line_error(proc, "not a directory")
+    assert not_dir.read_text() == "x"
+    proc = run_cli("manifest", "fetch", f"{host}/demo/nothing:v1", "--out", tmp_path / "m",
+                   "--plain-http")
+    assert_one_line_error(proc, "no such manifest")
+    proc = run_cli("publish", f"{host}/demo/app:v1", "--key", tmp_path / "missing",
+                   "--plain-http")
+    assert_one_line_error(proc, "no such file")
+    proc = run_cli("publish", f"{host}/demo/app:v1", "--key", not_dir, "--plain-http")
+    assert_one_line_error(proc, "not a usable private key")
