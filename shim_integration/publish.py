@@ -430,6 +430,54 @@ def load_device_roots(path: Path) -> tuple[list[str], list[str]]:
     return roots, diff_ids
 
 
+def snapshot_devices(spec: Path) -> Path:
+    """The device list of a VM-mode snapshot given as ROOT/KEY (ROOT: `serve`'s root, the
+    directory with metadata.db; KEY: the snapshot's key, which may contain slashes): its
+    parents' layers name the chain directory, `ROOT/fsmeta/<chain key>/fsmeta.json`, as
+    `snapshotter.vm_mode.ensure_chain_image` publishes it. The metadata is read through a
+    read-only connection: a running `serve` is neither blocked nor changed."""
+    import sqlite3
+
+    from snapshotter import layer_build
+    from snapshotter.vm_mode import DESCRIPTION, chain_key
+
+    parts = spec.parts
+    for cut in range(len(parts) - 1, 0, -1):
+        root = Path(*parts[:cut])
+        if (root / "metadata.db").is_file():
+            key = "/".join(parts[cut:])
+            break
+    else:
+        raise PublishError(f"{spec}: no snapshotter root (a directory with metadata.db) in it")
+    try:
+        db = sqlite3.connect(f"file:{root / 'metadata.db'}?mode=ro", uri=True, timeout=10)
+        try:
+            row = db.execute("SELECT id, parent_id FROM snapshots WHERE key = ?",
+                             (key,)).fetchone()
+            if row is None:
+                raise PublishError(f"{root}: no snapshot {key!r}")
+            parent_ids, parent = [], row[1]
+            while parent is not None:
+                parent_ids.append(str(parent))
+                parent = db.execute("SELECT parent_id FROM snapshots WHERE id = ?",
+                                    (parent,)).fetchone()[0]
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise PublishError(f"{root}/metadata.db: {exc}") from None
+    metas = []
+    for sid in reversed(parent_ids):  # lowest first
+        meta = layer_build.read_layer(root / "snapshots" / sid)
+        if meta is None:
+            raise PublishError(f"snapshot {key!r}: parent {sid} has no layer image")
+        metas.append(meta)
+    description = root / "fsmeta" / chain_key(metas) / DESCRIPTION
+    if not metas or not description.is_file():
+        raise PublishError(f"snapshot {key!r} has no VM-mode chain image (not a VM-mode "
+                           "rootfs?)")
+    return description
+
+
 def verify_directory(directory: Path, trusted_keys: list[Path],
                      devices: Path | None = None, image_digest: str | None = None
                      ) -> dict[str, Any]:

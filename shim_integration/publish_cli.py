@@ -38,8 +38,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     v.add_argument("directory", type=Path, help="holds manifest.json and manifest.sig")
     v.add_argument("--trust", required=True, action="append", type=Path,
                    help="a trusted public key (repeatable)")
-    v.add_argument("--devices", type=Path,
-                   help="device list to compare: a chain's fsmeta.json or a JSON device list")
+    which = v.add_mutually_exclusive_group()
+    which.add_argument("--devices", type=Path,
+                       help="device list to compare: a chain's fsmeta.json or a JSON list")
+    which.add_argument("--snapshot", type=Path, metavar="ROOT/KEY",
+                       help="compare a VM-mode snapshot's devices (serve's root, then its key)")
     v.add_argument("--image", help="require the manifest to be for this image digest")
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=_verify)
@@ -81,14 +84,14 @@ def _fetch(args: argparse.Namespace) -> int:
 
 @os_errors_as_ep(lambda args: str(args.directory))
 def _verify(args: argparse.Namespace) -> int:
-    from .publish import verify_directory
+    from .publish import snapshot_devices, verify_directory
 
-    report = verify_directory(args.directory, args.trust, args.devices, args.image)
+    devices = snapshot_devices(args.snapshot) if args.snapshot else args.devices
+    report = verify_directory(args.directory, args.trust, devices, args.image)
     if args.json:
         print(json.dumps(report, sort_keys=True))
     else:
-        what = f"; the {len(report['roots'])} roots of {args.devices} match" \
-            if args.devices else ""
+        what = f"; the {len(report['roots'])} roots of {devices} match" if devices else ""
         print(f"{args.directory}: signed by {report['key_id']} for image "
               f"{report['image'].get('digest', '?')}{what}")
     return 0

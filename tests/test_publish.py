@@ -436,3 +436,52 @@ def test_fetch_and_publish_bad_local_input_is_one_line(world, tmp_path):
     assert_one_line_error(proc, "no such file")
     proc = run_cli("publish", f"{host}/demo/app:v1", "--key", not_dir, "--plain-http")
     assert_one_line_error(proc, "not a usable private key")
+
+
+def test_verify_against_a_vm_mode_snapshot(world, fetched, tmp_path):
+    """The node's real store: the image's layers applied into snapshots as the differ does
+    (convert_layer with the snapshotter's layer verity, published into the snapshot, then
+    Commit), a VM-mode rootfs prepared over them; `verify --snapshot ROOT/KEY` finds its
+    chain's devices and they match the publisher's signed roots."""
+    from snapshotter import layer_build
+    from snapshotter.snapshots import Snapshotter
+    from tests.helpers import require_root, unmount_below
+
+    require_root()
+    root = tmp_path / "root"
+    sn = Snapshotter(root, vm_mode=True)
+    try:
+        parent = ""
+        with tarfile.open(world["tmp"] / "v1.tar") as tar:
+            index = json.load(tar.extractfile("index.json"))
+            manifest = json.load(tar.extractfile(
+                f"blobs/sha256/{index['manifests'][0]['digest'][7:]}"))
+            for i, desc in enumerate(manifest["layers"], start=1):
+                blob = tmp_path / f"blob{i}"
+                blob.write_bytes(tar.extractfile(f"blobs/sha256/{desc['digest'][7:]}").read())
+                key = f"default/{i}/extract-{i}"
+                sn.prepare(key, parent)
+                sid = sn.store.get_snapshot(key).id
+
+                def produce(out: Path, blob: Path = blob) -> layer_build.LayerMeta:
+                    r = convert_layer(blob, out, verity=sn.layer_verity, blob_digest=True)
+                    return layer_build.LayerMeta(
+                        blob_size=r.size, blob_digest=r.blob_digest,
+                        root_hash=r.verity.root_hash, salt=r.verity.salt,
+                        hash_offset=r.verity.hash_offset, diff_id=r.diff_id)
+
+                with sn.layout.busy(sid):
+                    layer_build.publish_layer(sn.layout.dir(sid), produce)
+                parent = f"default/{i}/{world['images']['v1']['diff_ids'][i - 1]}"
+                sn.commit(parent, key)
+        sn.prepare("default/9/rootfs", parent)
+        trust = f"{world['keys']['publisher']}.pub"
+        report = ok_json("manifest", "verify", fetched, "--trust", trust, "--snapshot",
+                         root / "default/9/rootfs")
+        assert report["devices"].endswith("fsmeta.json")
+        proc = run_cli("manifest", "verify", fetched, "--trust", trust, "--snapshot",
+                       root / "default/9/nothing")
+        assert_one_line_error(proc, "no snapshot 'default/9/nothing'")
+    finally:
+        sn.close()
+        unmount_below(tmp_path)
