@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -119,13 +120,19 @@ http:
 
 
 def push_image(archive: Path, reference: str, tmp: Path) -> None:
-    """skopeo, with a private temp dir (its blob cache must not mix runs, docs/publish.md)."""
+    """skopeo with a private temp dir and, as root, a private empty /var/lib/containers (a
+    tmpfs in its own mount namespace): its blob-info cache there can silently substitute a
+    blob pushed earlier (DESIGN.md, "Registry")."""
     skopeo = require_tool("skopeo")
     (tmp / "skopeo").mkdir(exist_ok=True)
-    proc = subprocess.run([skopeo, "copy", "--tmpdir", str(tmp / "skopeo"), "--quiet",
-                           f"oci-archive:{archive}", f"docker://{reference}",
-                           "--dest-tls-verify=false"], capture_output=True, text=True,
-                          timeout=TIMEOUT)
+    argv = [skopeo, "copy", "--tmpdir", str(tmp / "skopeo"), "--quiet",
+            f"oci-archive:{archive}", f"docker://{reference}", "--dest-tls-verify=false"]
+    unshare = shutil.which("unshare")
+    if os.geteuid() == 0 and unshare is not None:
+        Path("/var/lib/containers").mkdir(parents=True, exist_ok=True)
+        argv = [unshare, "--mount", "--propagation", "private", "sh", "-c",
+                'mount -t tmpfs tmpfs /var/lib/containers && exec "$@"', "sh", *argv]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr
 
 
