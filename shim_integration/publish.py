@@ -50,12 +50,6 @@ MAX_ROOT_MANIFEST_BYTES = 1 << 20
 MAX_CONFIG_BYTES = 1 << 20
 MAX_KEY_BYTES = 64 << 10
 MAX_DEVICE_LIST_BYTES = 16 << 20
-TAR_LAYER_TYPES = (
-    "application/vnd.oci.image.layer.v1.tar",
-    "application/vnd.oci.image.layer.v1.tar+gzip",
-    "application/vnd.oci.image.layer.v1.tar+zstd",
-    "application/vnd.docker.image.rootfs.diff.tar.gzip",
-)
 
 
 class PublishError(EpError):
@@ -156,6 +150,7 @@ class ConvertedLayer:
 
 def convert_image(image: Image, work: Path, kata_verity: bool = False) -> list[ConvertedLayer]:
     """Every layer of IMAGE, lowest first, converted as the node's differ converts it."""
+    from snapshotter.diff_service import LAYER_MEDIA_TYPES  # what the node's differ takes
     from snapshotter.erofs.convert import convert_layer, import_erofs_image
 
     diff_ids = _list(_dict(image.config.get("rootfs")).get("diff_ids"))
@@ -177,7 +172,7 @@ def convert_image(image: Image, work: Path, kata_verity: bool = False) -> list[C
                     raise PublishError(f"layer {i}: a native EROFS layer's diffID is its "
                                        f"digest {digest}, the config says {diff_id}")
                 result = import_erofs_image(f, target, expected_digest=digest, verity=verity)
-            elif media_type in TAR_LAYER_TYPES:
+            elif media_type in LAYER_MEDIA_TYPES:
                 result = convert_layer(f, target, expected_diff_id=diff_id, verity=verity,
                                        blob_digest=True)
             else:

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from shim_integration.oci_archive import build_image
+from shim_integration.oci_archive import Blob, build_image, layer_tar
 from shim_integration.publish import ARTIFACT_TYPE, EROFS_LAYER
 from shim_integration.registry import OCI_MANIFEST, Reference, RegistryClient, sha256_digest
 from snapshotter.erofs.convert import convert_layer
@@ -492,3 +492,49 @@ def test_verify_against_a_vm_mode_snapshot(world, fetched, tmp_path):
     finally:
         sn.close()
         unmount_below(tmp_path)
+
+
+def zstd_archive(layers: list[list[tuple]], out: Path) -> None:
+    """An OCI archive of the same layer tars as build_image's, compressed with zstd."""
+    import io
+
+    import zstandard
+
+    tars = [layer_tar(entries) for entries in layers]
+    blobs = [Blob("application/vnd.oci.image.layer.v1.tar+zstd",
+                  zstandard.ZstdCompressor(level=3).compress(t)) for t in tars]
+    config = Blob("application/vnd.oci.image.config.v1+json", json.dumps({
+        "architecture": "amd64", "os": "linux", "config": {"Cmd": ["/bin/sh"]},
+        "rootfs": {"type": "layers",
+                   "diff_ids": ["sha256:" + hashlib.sha256(t).hexdigest() for t in tars]},
+    }).encode())
+    manifest = Blob(OCI_MANIFEST, json.dumps({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config.descriptor(),
+        "layers": [b.descriptor() for b in blobs]}).encode())
+    index = {"schemaVersion": 2, "manifests": [manifest.descriptor()]}
+    with tarfile.open(out, "w") as tar:
+        for path, data in [("oci-layout", b'{"imageLayoutVersion":"1.0.0"}'),
+                           ("index.json", json.dumps(index).encode()),
+                           *((f"blobs/sha256/{b.digest[7:]}", b.data)
+                             for b in [config, manifest, *blobs])]:
+            info = tarfile.TarInfo(path)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_same_layers_in_zstd_publish_to_the_same_roots(world, tmp_path):
+    """The 3-layer image's layer tars compressed with zstd instead (other blob digests, the
+    same diffIDs): the signed roots are the gzip image's, layer by layer and the fsmeta's."""
+    registry = world["registry"]
+    ref = f"{registry.host}/demo/app:zstd"
+    zstd_archive(LAYERS, tmp_path / "zstd.tar")
+    push_image(tmp_path / "zstd.tar", ref, tmp_path)
+    client = RegistryClient(Reference.parse(ref), plain_http=True)
+    manifest, _ = client.get_json("zstd")
+    assert {d["mediaType"] for d in manifest["layers"]} == {
+        "application/vnd.oci.image.layer.v1.tar+zstd"}
+    assert not {d["digest"] for d in manifest["layers"]} & set(
+        world["images"]["v1"]["layer_digests"])
+    zstd = ok_json("publish", ref, "--key", world["keys"]["publisher"], "--plain-http")
+    assert zstd["image_digest"] != world["published"]["image_digest"]
+    assert zstd["devices"] == world["published"]["devices"]
