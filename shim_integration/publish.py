@@ -31,6 +31,7 @@ from .registry import (
     OCI_MANIFEST,
     Reference,
     RegistryClient,
+    artifact_tag,
     check_digest,
     sha256_digest,
 )
@@ -286,7 +287,9 @@ def _push_root_manifest(image: Image, manifest: dict[str, Any], private_key: Any
         "artifactType": ARTIFACT_TYPE, "annotations": annotations})
     return {"artifact": digest, "manifest_blob": signed["digest"],
             "signature_blob": sig["digest"], "config_blob": empty["digest"],
-            "referrers_index": index, "subject": image.digest, "key_id": signature["key_id"],
+            "referrers_index": index,
+            "referrer_tag": artifact_tag(image.digest, digest) if index else None,
+            "subject": image.digest, "key_id": signature["key_id"],
             "manifest_digest": "sha256:" + hashlib.sha256(payload).hexdigest()}
 
 

@@ -99,6 +99,11 @@ def referrers_tag(digest: str) -> str:
     return check_digest(digest).replace(":", "-", 1)
 
 
+def artifact_tag(subject: str, artifact: str) -> str:
+    """The tag of one referrer artifact of SUBJECT: `<alg>-<hex>.<32 hex of the artifact>`."""
+    return f"{referrers_tag(subject)}.{check_digest(artifact)[7:39]}"
+
+
 class RegistryClient:
     """One repository on one registry."""
 
@@ -336,7 +341,7 @@ class RegistryClient:
         if response.status_code == 200 and response.headers.get(
                 "Content-Type", "").startswith(OCI_INDEX):
             return None
-        self.put_manifest(artifact, media_type, f"{referrers_tag(subject)}.{digest[7:39]}")
+        self.put_manifest(artifact, media_type, artifact_tag(subject, digest))
         rng = random.Random(descriptor["digest"])  # jitter: writers in step fall out of it
         for _attempt in range(REFERRERS_ATTEMPTS):
             try:

@@ -207,6 +207,8 @@ def test_publish_pushes_a_referrer_a_node_fetches_and_verifies(world, tmp_path):
     index, index_digest = client.get_json("sha256-" + image_digest[7:])
     assert index_digest == published["root_manifest"]["referrers_index"]
     assert published["root_manifest"]["artifact"] in [d["digest"] for d in index["manifests"]]
+    tag = published["root_manifest"]["referrer_tag"]
+    assert client.get_manifest(tag)[2] == published["root_manifest"]["artifact"]
 
     got = ok_json("manifest", "fetch", ref, "--out", tmp_path / "m", "--plain-http")
     assert got["artifact"] == published["root_manifest"]["artifact"]
