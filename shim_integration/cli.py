@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "snapshotter.verity.cli",
     "snapshotter.service_cli",
     "shim_integration.key_cli",
+    "shim_integration.publish_cli",
     "shim_integration.demo",
     "passthrough.cli",
 )

@@ -152,8 +152,10 @@ def import_erofs_image(
     """Store a native EROFS layer (`application/vnd.erofs.layer.v1`) as it is: copied while
     hashed, checked against `expected_digest`, validated completely (`validate.validate_layer`:
     what fsck.erofs and the kernel check, and that it is an uncompressed single-device image
-    our merge can address), zero-padded to whole blocks, and given a verity tree (salt from
-    its digest). Nothing is left at `out_path` on error."""
+    our merge can address), zero-padded to whole blocks, and given a verity tree. Its salt
+    follows the one rule for every layer (`rules.py`): derived from the layer's diffID, and a
+    native layer is uncompressed, so the blob is the layer and its digest (of the bytes as
+    they arrived, before the padding) is its diffID. Nothing is left at `out_path` on error."""
     out_path = Path(out_path)
     digest = hashlib.sha256()
     with atomic_output(out_path) as out:
