@@ -186,18 +186,21 @@ def convert_image(image: Image, work: Path, kata_verity: bool = False) -> list[C
 
 
 def chain_key(layers: list[ConvertedLayer]) -> str:
-    """As snapshotter.vm_mode.chain_key: the sha256 of the chain's EROFS digests."""
-    return hashlib.sha256(",".join(c.erofs_digest for c in layers).encode()).hexdigest()
+    """The name a node's snapshotter gives this chain's directory."""
+    from snapshotter.vm_mode import chain_key_of
+
+    return chain_key_of([c.erofs_digest for c in layers])
 
 
 def merge_chain(layers: list[ConvertedLayer], out: Path) -> dict[str, Any]:
     """The chain's fsmeta, exactly as `snapshotter.vm_mode.ensure_chain_image` builds it,
     and its device description (the shape of a chain directory's fsmeta.json)."""
     from snapshotter.erofs.merge import LayerBlob, merge_layers
+    from snapshotter.vm_mode import fsmeta_verity
 
     blobs = [LayerBlob(c.path, tag=c.erofs_digest.removeprefix("sha256:")) for c in layers]
-    verity = KATA_VERITY if all(not c.verity.get("salt") for c in layers) else True
-    result = merge_layers(blobs, out, verity=verity)
+    result = merge_layers(blobs, out, verity=fsmeta_verity([c.verity.get("salt", "")
+                                                             for c in layers]))
     return {
         "fsmeta": {"digest": result.digest, "root_hash": result.verity.root_hash,
                    "size": result.size, "verity": result.verity.to_json()},

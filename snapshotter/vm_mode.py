@@ -32,7 +32,7 @@ from snapshotter.errors import EpError
 from snapshotter.fsutil import fsync_dir, remove_tree, write_atomic
 from snapshotter.layout import Layout
 from snapshotter.mounts import Mount
-from snapshotter.verity import KATA_VERITY
+from snapshotter.verity import KATA_VERITY, VerityParams
 
 VM_MODE_LABEL = "containerd.io/snapshot/erofs.vm-mode"
 MOUNT_PROGRAM = "erofs-passthrough-mount"
@@ -71,8 +71,27 @@ def wants_vm_mode(key: str, labels: dict[str, str], default: bool) -> bool:
     return default and "/extract-" not in key
 
 
+# Bumped whenever what a chain directory holds changes for the same layers (2: the device table
+# addresses whole files, the description travels by reference): an older service's chain
+# directories are then never reused, and Cleanup removes them once no snapshot uses them.
+CHAIN_LAYOUT = 2
+
+
+def chain_key_of(blob_digests: list[str]) -> str:
+    """A chain directory's name: its layers' EROFS blob digests, lowest first, and the layout
+    version. `publish` names the same chain the same way."""
+    layers = ",".join(blob_digests)
+    return hashlib.sha256(f"chain v{CHAIN_LAYOUT}:{layers}".encode()).hexdigest()
+
+
 def chain_key(metas: list[layer_build.LayerMeta]) -> str:
-    return hashlib.sha256(",".join(m.blob_digest for m in metas).encode()).hexdigest()
+    return chain_key_of([m.blob_digest for m in metas])
+
+
+def fsmeta_verity(layer_salts: list[str]) -> bool | VerityParams:
+    """The fsmeta's tree follows its layers': unsalted (for Kata's readers, which carry no
+    salt) when every layer's is, so one chain always gets the same fsmeta and root."""
+    return KATA_VERITY if all(not salt for salt in layer_salts) else True
 
 
 def ensure_chain_image(root: Path, layout: Layout, parent_ids: list[str],
@@ -95,10 +114,8 @@ def ensure_chain_image(root: Path, layout: Layout, parent_ids: list[str],
     try:
         blobs = [LayerBlob(layout.layer(sid), tag=m.blob_digest.removeprefix("sha256:"))
                  for sid, m in zip(lowest_first, metas, strict=True)]
-        # The fsmeta's tree follows its layers': unsalted (for Kata's readers, which carry no
-        # salt) when every layer's is, so one chain always gets the same fsmeta and root.
-        verity = KATA_VERITY if all(not m.salt for m in metas) else True
-        result = merge_layers(blobs, staged / FSMETA, verity=verity)
+        result = merge_layers(blobs, staged / FSMETA,
+                              verity=fsmeta_verity([m.salt for m in metas]))
         description = _describe(result, metas, final)
         if signing_key is not None:
             description["manifest"] = _write_signed_manifest(staged, final, description,
