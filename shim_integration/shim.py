@@ -2,6 +2,7 @@
 agent's `open_image` -> an opened image; and back, in reverse, when the container goes.
 
     plan = plan_from_mounts(mounts)           # the snapshotter's VM-mode Mounts
+    plan = plan_from_fetched(mounts, fetched) # ... with `manifest fetch`'s signed manifest
     shim = Shim(attacher, agent)              # passthrough.attach.Attacher, agent_client
     image = shim.open(plan, "ctr1")           # attach, the guest verifies and mounts
     image.rootfs, image.manifest_digest       # where the container runs; for attestation
@@ -9,7 +10,9 @@ agent's `open_image` -> an opened image; and back, in reverse, when the containe
 
 The plan holds every device in device order (the fsmeta, then device 1, 2, ... of its device
 table), the transport and device id (= virtio-blk serial) of each, and the signed manifest
-(manifest.json + manifest.sig beside the fsmeta, or given by the caller). The host decides
+(manifest.json + manifest.sig beside the fsmeta when the node signs, or given by the caller:
+a node without a key uses the publisher's, as `erofs-passthrough manifest fetch` writes it,
+through `plan_from_fetched`). The host decides
 nothing the guest relies on: the agent checks the manifest's signature against the keys it
 booted with and every offered disk's root hash before it opens anything (docs/kata.md).
 The same plan gives Kata's volume options for runtimes that hand the devices to a Kata agent.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -35,6 +39,7 @@ from passthrough.attach import (
 )
 from passthrough.errors import AgentFailure, NotAttached
 from shim_integration.kata_volume import KataVirtualVolume, volumes_from_devices
+from shim_integration.manifest import ManifestError, SignedManifest, check_devices
 from snapshotter.errors import EpError
 from snapshotter.vm_mode import MOUNT_TYPE, VmMountError, description_option, load_chain_image
 
@@ -161,6 +166,42 @@ def plan_from_mounts(mounts: Sequence[MountLike], transport: str | Sequence[str]
                       root_hash=d["root_hash"], description=d)
         for i, (d, t) in enumerate(zip(devices, transports, strict=True)))
     return AttachPlan(planned, manifest, signature)
+
+
+def read_fetched(directory: Path) -> tuple[bytes, bytes]:
+    """(manifest.json, manifest.sig) of a directory `erofs-passthrough manifest fetch` wrote."""
+    try:
+        return ((directory / MANIFEST_NAME).read_bytes(),
+                (directory / SIGNATURE_NAME).read_bytes())
+    except FileNotFoundError as exc:
+        raise ShimError(f"{exc.filename}: no fetched manifest (erofs-passthrough manifest "
+                        "fetch IMAGE --out DIR writes manifest.json and manifest.sig)") from None
+    except OSError as exc:
+        raise ShimError(f"{exc.filename}: {exc.strerror}") from None
+
+
+def plan_from_fetched(mounts: Sequence[MountLike], directory: Path,
+                      transport: str | Sequence[str] = "virtio-blk") -> AttachPlan:
+    """The attach plan of a VM-mode rootfs on a node without a key, with the publisher's
+    signed manifest fetched into DIRECTORY. Refused here, before anything is attached, when
+    the manifest's roots are not the snapshot's devices (another image, or a node whose
+    conversion differs): the guest would refuse it too, but the node can say why.
+
+    The signature is not checked here: the host holds no trust (any key it checked against
+    could be its own); the guest checks it against the keys it booted with."""
+    manifest, signature = read_fetched(directory)
+    plan = plan_from_mounts(mounts, transport, manifest=manifest, signature=signature)
+    try:
+        parsed = json.loads(manifest)
+        if not isinstance(parsed, dict):
+            raise ManifestError("not a JSON object")
+        check_devices(SignedManifest(parsed, manifest, {}), [d.root_hash for d in plan.devices])
+    except ManifestError as exc:
+        raise ShimError(f"{directory / MANIFEST_NAME} does not describe this rootfs: "
+                        f"{exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise ShimError(f"{directory / MANIFEST_NAME}: not a root manifest") from None
+    return plan
 
 
 @dataclass
