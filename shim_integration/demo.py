@@ -17,8 +17,18 @@
    layer blob with one byte of file data flipped: that file reads as EIO; and the agent, in
    lockdown, refuses to open a disk without a signed manifest at all.
 
+By default the node signs: `serve` holds the demo's signing key, which is a shape for tests and
+demos only (a key on the host signs whatever the host likes: docs/kata.md). With `--registry` the
+node holds no key: a local docker-registry gets the image (skopeo), a publisher whose key lives
+in its own temporary directory runs `erofs-passthrough publish` against it, the node's `serve`
+has no signing_key and pulls the image (`ctr images pull --plain-http`), fetches the
+publisher's signed manifest from the registry, and the guest boots trusting only the
+publisher's public key.
+
 With `--json` the progress goes to stderr and stdout gets one JSON object: `verified_read`,
-`tamper_detected`, the root hashes, the manifest digest, and timings per step. The exit status
+`tamper_detected`, the root hashes, the manifest digest, the key the guest accepted
+(`guest_key_id`), whether the node held a key (`node_signing_key`; with `--registry` also
+`published`: reference, image digest, referrer), and timings per step. The exit status
 is non-zero unless both proofs hold.
 """
 
@@ -61,6 +71,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="which containerd: a Debian suite's (trixie: 1.7, sid: 2.x; fetched "
                         "once, cached), the machine's (system: 1.6 on Debian 12), or the one in "
                         "BIN_DIR. 1.7+ unpacks through our differ (default: trixie)")
+    p.add_argument("--registry", action="store_true",
+                   help="the node holds no key: a local registry (docker-registry, skopeo) gets "
+                        "the image, a publisher signs it there, the node pulls and fetches the "
+                        "signed manifest, the guest trusts only the publisher")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     p.set_defaults(func=run)
 
@@ -139,9 +153,9 @@ def run(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {"verified_read": False, "tamper_detected": False,
                               "work_dir": str(work)}
     started = time.monotonic()
-    progress = Progress(out, STEPS + (args.containerd in ("trixie", "sid")))
+    progress = Progress(out, STEPS + (args.containerd in ("trixie", "sid")) + args.registry)
     try:
-        _demo(work, args.transport, args.containerd, progress, report)
+        _demo(work, args.transport, args.containerd, progress, report, args.registry)
     finally:
         report["timings"] = {**progress.timings,
                              "total": round(time.monotonic() - started, 3)}
@@ -177,15 +191,48 @@ def _containerd(choice: str, progress: Progress):  # -> containerd_private.Dist
     return system_dist(Path(choice))
 
 
+def _publish(work: Path, archive: Path, progress: Progress, cleanup: contextlib.ExitStack,
+             report: dict[str, Any]) -> tuple[str, Path]:
+    """The publisher's side: a local registry with the image, converted, signed and published
+    by a key in its own directory (not the node's work directory, which `serve` and the shim
+    see). Returns (the image reference, the publisher's public key)."""
+    from shim_integration.local_registry import push_archive, running_registry
+    from shim_integration.manifest import generate_key
+    from shim_integration.publish import publish
+
+    with progress.step("publish", "local registry; the publisher converts, signs and "
+                       "publishes the root manifest beside the image") as say:
+        registry = cleanup.enter_context(running_registry(work / "registry"))
+        reference = f"{registry.host}/erofs-passthrough/demo:1"
+        push_archive(archive, reference, work)
+        say.append(f"docker-registry on {registry.host}; skopeo pushed {reference}")
+        publisher = Path(tempfile.mkdtemp(prefix="erofs-publisher-"))
+        cleanup.callback(shutil.rmtree, publisher, ignore_errors=True)
+        key = publisher / "publisher.key"
+        kid = generate_key(key)
+        say.append(f"publisher key (its own directory, never the node's): ed25519 {kid}")
+        published = publish(reference, key, plain_http=True)
+        root = published["root_manifest"]
+        say.append(f"image {published['image_digest']}")
+        say.append(f"signed root manifest pushed as referrer {root['artifact']}")
+        public = work / "publisher.pub"  # all the guest is given; the private half stays
+        shutil.copyfile(f"{key}.pub", public)
+    report["key_id"] = kid
+    report["published"] = {"reference": reference, "image_digest": published["image_digest"],
+                           "artifact": root["artifact"]}
+    return reference, public
+
+
 def _demo(work: Path, transport: str, containerd: str, progress: Progress,
-          report: dict[str, Any]) -> None:
+          report: dict[str, Any], registry: bool = False) -> None:
     from passthrough.attach import Attacher
     from passthrough.guest_image import ensure_guest_image
     from passthrough.vm import Vm, VmConfig
     from shim_integration.containerd_private import SNAPSHOTTER, Snapshots, Stack
     from shim_integration.manifest import generate_key
     from shim_integration.oci_archive import build_image, chain_ids
-    from shim_integration.shim import Shim, plan_from_mounts
+    from shim_integration.publish import fetch_manifest
+    from shim_integration.shim import Shim, plan_from_fetched, plan_from_mounts
 
     busybox = BUSYBOX.read_bytes()
     with contextlib.ExitStack() as cleanup:
@@ -193,18 +240,24 @@ def _demo(work: Path, transport: str, containerd: str, progress: Progress,
             image = build_image(demo_layers(busybox), IMAGE, work / "image.tar", cmd=["/bin/sh"])
             say.append(f"{IMAGE}: {(work / 'image.tar').stat().st_size} bytes; layer 2 "
                        "whites out data/gone and data/olddir and makes data/opq opaque")
-            key = work / "signing.key"
-            kid = generate_key(key)
-            say.append(f"signing key for this run: ed25519 {kid}")
-        report["key_id"] = kid
+            if not registry:
+                key = work / "signing.key"
+                kid = generate_key(key)
+                say.append(f"node-side signing key for this run (a demo/test shape: keep "
+                           f"keys off hosts, see --registry): ed25519 {kid}")
+                trusted = Path(f"{key}.pub")
+                report["key_id"] = kid
+        if registry:
+            reference, trusted = _publish(work, work / "image.tar", progress, cleanup, report)
 
         dist = _containerd(containerd, progress)
         differ = dist.has_diff_proxies
         with progress.step("start_containerd",
                            f"private containerd {dist.version} + erofs-passthrough serve "
-                           "(VM mode, signing key)") as say:
+                           f"(VM mode, {'no key' if registry else 'signing key'})") as say:
             config = work / "serve.toml"
-            config.write_text(f'vm_mode = true\nsigning_key = "{key}"\n')
+            config.write_text("vm_mode = true\n" if registry else
+                              f'vm_mode = true\nsigning_key = "{key}"\n')
             stack = Stack(dist, work / "stack", differ=differ,
                           service_args=["--config", str(config)]).start()
             cleanup.callback(stack.stop)
@@ -213,9 +266,14 @@ def _demo(work: Path, transport: str, containerd: str, progress: Progress,
                        "converted on Commit)"))
         report["containerd"] = {"version": dist.version, "differ": differ}
 
-        with progress.step("import", f"ctr images import --snapshotter {SNAPSHOTTER}") as say:
-            stack.containerd.ctr("images", "import", "--snapshotter", SNAPSHOTTER,
-                                 str(work / "image.tar"))
+        verb = "pull --plain-http" if registry else "import"
+        with progress.step("import", f"ctr images {verb} --snapshotter {SNAPSHOTTER}") as say:
+            if registry:
+                stack.containerd.ctr("images", "pull", "--plain-http", "--snapshotter",
+                                     SNAPSHOTTER, reference)
+            else:
+                stack.containerd.ctr("images", "import", "--snapshotter", SNAPSHOTTER,
+                                     str(work / "image.tar"))
             chains = chain_ids(image["diff_ids"])
             layer_roots = []
             for i, chain in enumerate(chains, start=1):
@@ -235,7 +293,13 @@ def _demo(work: Path, transport: str, containerd: str, progress: Progress,
             mounts = snapshots.prepare(ROOTFS_KEY, chains[-1],
                                        {"containerd.io/gc.root": time.strftime("%FT%TZ")})
             cleanup.callback(snapshots.remove, ROOTFS_KEY)
-            plan = plan_from_mounts(mounts, transport)
+            if registry:
+                fetched = fetch_manifest(reference, work / "fetched", plain_http=True)
+                plan = plan_from_fetched(mounts, work / "fetched", transport)
+                say.append(f"the publisher's manifest fetched from the registry (referrer "
+                           f"{fetched['artifact']}); its roots are this rootfs's devices")
+            else:
+                plan = plan_from_mounts(mounts, transport)
             for dev in plan.devices:
                 say.append(f"device {dev.position} {dev.role:6} root {dev.root_hash}")
             manifest_digest = "sha256:" + hashlib.sha256(plan.manifest).hexdigest()
@@ -252,10 +316,11 @@ def _demo(work: Path, transport: str, containerd: str, progress: Progress,
         with progress.step("guest_image", "guest kernel, initramfs, verified root image "
                            "(vm-images/build, cached)"):
             guest = ensure_guest_image()
-        with progress.step("boot", "boot the guest under TCG, trusting only the demo's key") \
+        whose = "the publisher's" if registry else "the demo's"
+        with progress.step("boot", f"boot the guest under TCG, trusting only {whose} key") \
                 as say:
             vm = Vm(VmConfig.for_guest(guest, root_ports=8, lockdown=True,
-                                       trusted_keys=[Path(f"{key}.pub").read_bytes()]))
+                                       trusted_keys=[trusted.read_bytes()]))
             cleanup.enter_context(vm)
             agent = vm.wait_agent(timeout=120)
             cleanup.callback(agent.close)
@@ -274,6 +339,8 @@ def _demo(work: Path, transport: str, containerd: str, progress: Progress,
                 say.append(f"{dev['disk']} -> {dev['dm']} ({dev['role']})")
             say.append(f"guest timings: {opened.result['timings']}")
         report["guest_manifest_digest"] = opened.manifest_digest
+        report["guest_key_id"] = opened.result["key_id"]
+        report["node_signing_key"] = not registry
 
         with progress.step("run", f"in the image's root (chroot): sh -c '{COMMAND}'") as say:
             ran = agent.run("/bin/sh", "-c", COMMAND, image=opened.name)

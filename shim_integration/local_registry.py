@@ -61,6 +61,7 @@ def _free_port() -> int:
 @contextlib.contextmanager
 def running_registry(directory: Path) -> Iterator[LocalRegistry]:
     exe = _tool("docker-registry")
+    directory.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     storage = directory / "storage"
     config = directory / "registry.yml"

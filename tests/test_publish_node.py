@@ -205,3 +205,27 @@ def test_shim_refuses_a_fetched_manifest_of_another_image(node: Node, tmp_path: 
     assert "4 devices offered, the manifest names 2" in message
     with pytest.raises(ShimError, match="no fetched manifest"):
         plan_from_fetched(node.mounts, tmp_path / "nothing")
+
+
+def test_demo_registry_path_the_node_holds_no_key() -> None:
+    """`demo --registry`: the publisher signs beside the image in a local registry, the node
+    pulls with no key, the guest trusts only the publisher and still proves both things."""
+    from tests.guest_fixtures import require_guest
+
+    require_guest()
+    for tool in ("docker-registry", "skopeo", "busybox"):
+        require_tool(tool)
+    proc = subprocess.run([*CLI, "demo", "--registry", "--json"], capture_output=True,
+                          text=True, timeout=600)
+    print(proc.stderr)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["verified_read"] is True and report["tamper_detected"] is True
+    assert report["node_signing_key"] is False
+    assert report["guest_key_id"] == report["key_id"]  # the publisher's key, the only trusted
+    assert report["published"]["reference"].startswith("127.0.0.1:")
+    assert "ctr images pull --plain-http" in proc.stderr
+    assert "trusting only the publisher's key" in proc.stderr
+    assert "not the signed device" in report["swap_refused"]
+    assert report["manifest_digest"] == report["guest_manifest_digest"]
+    assert not Path(report["work_dir"]).exists()
