@@ -52,7 +52,8 @@ def _tool(name: str) -> str:
     return path
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on now (also: a registry that is not there)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -62,7 +63,7 @@ def _free_port() -> int:
 def running_registry(directory: Path) -> Iterator[LocalRegistry]:
     exe = _tool("docker-registry")
     directory.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     storage = directory / "storage"
     config = directory / "registry.yml"
     log_path = directory / "registry.log"

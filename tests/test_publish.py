@@ -12,19 +12,18 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import tarfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import requests
 
+from shim_integration import local_registry
+from shim_integration.local_registry import LocalRegistry
 from shim_integration.oci_archive import Blob, build_image, layer_tar
 from shim_integration.publish import ARTIFACT_TYPE, EROFS_LAYER
 from shim_integration.registry import OCI_MANIFEST, Reference, RegistryClient, sha256_digest
@@ -66,74 +65,14 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], *expected: str
         assert text in lines[0], lines[0]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Registry:
-    host: str
-    storage: Path
-
-    def blob_file(self, digest: str) -> Path:
-        hexdigest = digest.removeprefix("sha256:")
-        return (self.storage / "docker/registry/v2/blobs/sha256" / hexdigest[:2] / hexdigest
-                / "data")
-
-
-@contextlib.contextmanager
-def running_registry(directory: Path) -> Iterator[Registry]:
-    exe = require_tool("docker-registry")
-    port = free_port()
-    storage = directory / "storage"
-    config = directory / "config.yml"
-    config.write_text(f"""version: 0.1
-log:
-  level: warn
-storage:
-  filesystem:
-    rootdirectory: {storage}
-  delete:
-    enabled: true
-http:
-  addr: 127.0.0.1:{port}
-""")
-    with open(directory / "registry.log", "wb") as log:
-        proc = subprocess.Popen([exe, "serve", str(config)], stdout=log, stderr=log)
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/v2/", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert proc.poll() is None, (directory / "registry.log").read_text()
-            assert time.monotonic() < deadline, "docker-registry did not start in 15 s"
-            time.sleep(0.1)
-        yield Registry(f"127.0.0.1:{port}", storage)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+def running_registry(directory: Path) -> contextlib.AbstractContextManager[LocalRegistry]:
+    require_tool("docker-registry")  # a skip with the reason where it is missing
+    return local_registry.running_registry(directory)
 
 
 def push_image(archive: Path, reference: str, tmp: Path) -> None:
-    """skopeo with a private temp dir and, as root, a private empty /var/lib/containers (a
-    tmpfs in its own mount namespace): its blob-info cache there can silently substitute a
-    blob pushed earlier (DESIGN.md, "Registry")."""
-    skopeo = require_tool("skopeo")
-    (tmp / "skopeo").mkdir(exist_ok=True)
-    argv = [skopeo, "copy", "--tmpdir", str(tmp / "skopeo"), "--quiet",
-            f"oci-archive:{archive}", f"docker://{reference}", "--dest-tls-verify=false"]
-    unshare = shutil.which("unshare")
-    if os.geteuid() == 0 and unshare is not None:
-        Path("/var/lib/containers").mkdir(parents=True, exist_ok=True)
-        argv = [unshare, "--mount", "--propagation", "private", "sh", "-c",
-                'mount -t tmpfs tmpfs /var/lib/containers && exec "$@"', "sh", *argv]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT)
-    assert proc.returncode == 0, proc.stderr
+    require_tool("skopeo")
+    local_registry.push_archive(archive, reference, tmp)
 
 
 @pytest.fixture(scope="module")
@@ -340,7 +279,7 @@ def test_unreachable_registry_and_bad_reference_are_one_line(tmp_path):
     key = tmp_path / "k"
     ok_json("key", "generate", key)
     start = time.monotonic()
-    proc = run_cli("publish", f"127.0.0.1:{free_port()}/demo/app:v1", "--key", key,
+    proc = run_cli("publish", f"127.0.0.1:{local_registry.free_port()}/demo/app:v1", "--key", key,
                    "--plain-http")
     assert_one_line_error(proc, "cannot connect")
     assert time.monotonic() - start < 20  # no retry loop with sleeps
