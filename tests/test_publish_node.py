@@ -229,3 +229,19 @@ def test_demo_registry_path_the_node_holds_no_key() -> None:
     assert "not the signed device" in report["swap_refused"]
     assert report["manifest_digest"] == report["guest_manifest_digest"]
     assert not Path(report["work_dir"]).exists()
+
+
+def test_guest_refuses_another_images_manifest_a_node_hands_it_unchecked(
+        node: Node, shim: Shim, agent: AgentClient, attacher: Attacher, tmp_path: Path) -> None:
+    """A host that skips the shim's check and offers this rootfs's devices with the
+    publisher's (validly signed) manifest of app:other: the guest refuses, nothing opened."""
+    other = tmp_path / "other"
+    cli_json("manifest", "fetch", f"{node.registry_host}/demo/app:other", "--out", other,
+             "--plain-http")
+    plan = plan_from_mounts(node.mounts, manifest=(other / "manifest.json").read_bytes(),
+                            signature=(other / "manifest.sig").read_bytes())
+    with pytest.raises(ImageRefused, match="4 devices offered, the manifest names 2"):
+        shim.open(plan, "other")
+    assert agent.call("images") == {"images": {}}
+    assert agent.call("mounts") == {"mounts": [], "dm": []}
+    assert attacher.attached() == []
