@@ -40,11 +40,6 @@ def stack() -> Iterator[Stack]:
     require_root()
     base = Path(tempfile.mkdtemp(prefix="ctd-native-"))
     running = Stack(from_suite("trixie"), base, differ=True).start()
-    # containerd collects garbage once shortly after it starts (its GC scheduler's startup
-    # delay). Run that collection now, synchronously, so it cannot land between an ingest and
-    # the label that keeps the ingested blob.
-    running.containerd.ctr("leases", "create", "--id", "gc-now")
-    running.containerd.ctr("leases", "delete", "--sync", "gc-now")
     yield running
     running.stop()
     shutil.rmtree(base, ignore_errors=True)
