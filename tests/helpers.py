@@ -68,3 +68,15 @@ def unmount_below(path: Path) -> None:
     for target in sorted((t for t in targets if t == prefix or t.startswith(prefix + "/")),
                          key=len, reverse=True):
         subprocess.run(["umount", "-l", target], check=False, capture_output=True)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], *expected: str) -> None:
+    """What a user gets from the CLI on bad input: a non-zero exit and one line on stderr,
+    `erofs-passthrough COMMAND: ...`, containing each EXPECTED piece; never a traceback."""
+    assert proc.returncode != 0, f"succeeded: {proc.stdout!r}"
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("erofs-passthrough "), lines[0]
+    for text in expected:
+        assert text in lines[0], lines[0]

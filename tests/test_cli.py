@@ -26,7 +26,7 @@ import pytest
 
 from snapshotter.erofs.convert import convert_layer
 from snapshotter.progress import ERASE_LINE, INTERVAL
-from tests.helpers import require_tool
+from tests.helpers import assert_one_line_error, require_tool
 from tests.layers import Entry, write_tar
 
 CLI = [sys.executable, "-m", "shim_integration.cli"]
@@ -45,16 +45,6 @@ def sha256_of(path: Path) -> str:
 def temp_files(directory: Path) -> list[str]:
     """What atomic_output leaves if its cleanup does not run: `.NAME.*.tmp`."""
     return sorted(p.name for p in directory.iterdir() if p.name.endswith(".tmp"))
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess[str], *expected: str) -> None:
-    assert proc.returncode != 0, f"succeeded: {proc.stdout!r}"
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("erofs-passthrough "), lines[0]
-    for text in expected:
-        assert text in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from shim_integration.registry import OCI_MANIFEST, Reference, RegistryClient, s
 from snapshotter.erofs.convert import convert_layer
 from snapshotter.erofs.rules import CONVERSION_RULES
 from snapshotter.verity import KATA_VERITY
-from tests.helpers import require_tool
+from tests.helpers import assert_one_line_error, require_tool
 
 CLI = [sys.executable, "-m", "shim_integration.cli"]
 TIMEOUT = 120
@@ -53,16 +53,6 @@ def ok_json(*args: str | Path) -> dict:
     proc = run_cli(*args, "--json")
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess[str], *expected: str) -> None:
-    assert proc.returncode != 0, f"succeeded: {proc.stdout!r}"
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("erofs-passthrough "), lines[0]
-    for text in expected:
-        assert text in lines[0], lines[0]
 
 
 def running_registry(directory: Path) -> contextlib.AbstractContextManager[LocalRegistry]:
