@@ -112,7 +112,7 @@ class DiffService(diff_pb2_grpc.DiffServicer):
         if not cache:
             return None
         _, info, _ = self.sn.store.get_info(key)
-        diff_id = cache.diff_id_of(info.labels, info.parent)
+        diff_id = cache.diff_id_of(key, info.labels, info.parent)
         blob = cache.find(diff_id) if diff_id else None
         if blob is None:
             log.debug("layer cache miss", extra={"key": key, "diff_id": diff_id or ""})

@@ -8,9 +8,10 @@ dm-verity tree appended and containerd's `<blob>.dmverity` sidecar (`{"roothash"
 --out-cache` fill one; neither containerd nor `serve` ever writes to it.
 
 The differ is given only the layer's compressed digest, so the diffID comes from the
-extraction snapshot's labels, as containerd's own snapshotter takes it: containerd 2.3+
-labels it `containerd.io/snapshot/diff-id`; older ones label only the chain ID
-(`containerd.io/snapshot.ref`). A bottom layer's chain ID is its diffID; above it, chain ID =
+extraction snapshot, as containerd's own snapshotter takes it (from its labels, at Prepare):
+containerd 2.3+ labels it `containerd.io/snapshot/diff-id`; older ones give only the chain ID
+(the `containerd.io/snapshot.ref` label of a pull's unpacker, and in every version the
+extraction key's last word). A bottom layer's chain ID is its diffID; above it, chain ID =
 sha256(parent chain ID + " " + diffID), so the cache's entry whose diffID gives the label's
 chain ID over the snapshot's parent (which containerd names by its chain ID) is the layer.
 
@@ -176,17 +177,26 @@ class LayerCache:
                     if name.endswith(BLOB_SUFFIX) and hexdigest.startswith(shard.name):
                         yield "sha256:" + hexdigest
 
-    def diff_id_of(self, labels: dict[str, str], parent_chain_id: str) -> str | None:
-        """The diffID of the layer an extraction snapshot with LABELS over the committed
-        snapshot PARENT_CHAIN_ID unpacks (see the module doc), or None when not known."""
+    def diff_id_of(self, key: str, labels: dict[str, str], parent: str) -> str | None:
+        """The diffID of the layer the extraction snapshot KEY (with LABELS, over the committed
+        snapshot PARENT) unpacks, or None when it cannot be known (see the module doc).
+
+        Keys arrive as containerd's metadata layer makes them, `<namespace>/<n>/<name>`;
+        containerd names an extraction `extract-<unique> <chain ID>` (`UnpackKeyFormat`: the
+        unpacker of a pull, and `image.Unpack` of ctr import/run, which set no labels) and
+        commits it under its chain ID, which is thus the parent's name."""
         labelled = labels.get(DIFF_ID_LABEL, "")
         if parse_diff_id(labelled):
             return labelled
         target = labels.get(CHAIN_ID_LABEL, "")
         if not parse_diff_id(target):
-            return None
-        if not parent_chain_id:
+            name = key.rsplit("/", 1)[-1]
+            target = name.rsplit(" ", 1)[-1] if name.startswith("extract-") else ""
+            if not parse_diff_id(target):
+                return None
+        if not parent:
             return target
+        parent_chain_id = parent.rsplit("/", 1)[-1]
         if not parse_diff_id(parent_chain_id):  # a parent not named by its chain ID
             return None
         return _matching(self._entries(), parent_chain_id, target)
