@@ -10,7 +10,9 @@ layer converted; a miss converts.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import shutil
 import subprocess
 import tempfile
@@ -20,11 +22,12 @@ from pathlib import Path
 import pytest
 
 from shim_integration.containerd_private import Stack
-from shim_integration.oci_archive import build_image, chain_ids
+from shim_integration.oci_archive import build_image, chain_ids, layer_tar
 from snapshotter.layer_cache import CacheEntryError, LayerCache, blob_path, chain_id
 from snapshotter.verity import KATA_VERITY
 from snapshotter.verity.files import format_file
-from tests.helpers import require_root, require_tool
+from tests.erofs_utils_oracle import OracleUnavailable, erofs_utils
+from tests.helpers import mounted_erofs, require_root, require_tool
 from tests.test_containerd import LIST_SCRIPT, OURS, THEIRS, VERSIONS, image_layers
 from tests.test_publish import ok_json, push_image, running_registry
 
@@ -251,3 +254,38 @@ def test_containerd_corrupt_entry_and_miss_convert(cached_stack, published):
     assert "does not match its hash" in refused[0]["reason"]
     converted = _messages(stack, "converting layer")
     assert [c["digest"] for c in converted] == info["layer_digests"][1:]
+
+
+def test_entry_built_as_containerds_build_erofs_cache_is_used(published, tmp_path):
+    """An entry made the way `ctr images build-erofs-cache --dmverity` makes one (mkfs.erofs
+    --tar=f --aufs -Enoinline_data, then a tree with containerd's defaults: superblock at the
+    blob's end, 32 zero bytes of salt, sidecar {roothash, hashoffset}) passes our checks, and
+    the kernel mounts the staged copy with the layer's files."""
+    try:
+        mkfs = erofs_utils().mkfs  # containerd needs mkfs.erofs >= 1.8 for --tar=f
+    except OracleUnavailable as exc:
+        pytest.skip(f"no erofs-utils 1.8: {exc}")
+    veritysetup = require_tool("veritysetup")
+    tar = layer_tar(image_layers()[0])
+    diff_id = "sha256:" + hashlib.sha256(tar).hexdigest()
+    blob = blob_path(tmp_path / "cache", diff_id)
+    blob.parent.mkdir(parents=True)
+    layer = tmp_path / "layer.tar"
+    layer.write_bytes(tar)
+    subprocess.run([mkfs, "--tar=f", "--aufs", "--quiet", "-Enoinline_data", str(blob),
+                    str(layer)], check=True, capture_output=True)
+    hash_offset = blob.stat().st_size
+    assert hash_offset % BLOCK == 0
+    proc = subprocess.run([veritysetup, "format", str(blob), str(blob),
+                           f"--hash-offset={hash_offset}", f"--data-blocks={hash_offset // BLOCK}",
+                           "--salt=" + "00" * 32], capture_output=True, text=True, check=True)
+    root = re.search(r"Root hash:\s+([0-9a-f]{64})", proc.stdout).group(1)
+    Path(f"{blob}.dmverity").write_text(json.dumps({"roothash": root, "hashoffset": hash_offset},
+                                                   indent=2))
+    out = tmp_path / "layer.erofs"
+    out.touch()
+    meta = LayerCache([tmp_path / "cache"]).stage(blob, out, diff_id, True)
+    assert (meta.root_hash, meta.salt, meta.hash_offset) == (root, "00" * 32, hash_offset)
+    with mounted_erofs(out) as mnt:
+        assert (mnt / "bin/busybox").read_bytes() == Path(require_tool("busybox")).read_bytes()
+        assert (mnt / "data/olddir/x").read_bytes() == b"x\n"
