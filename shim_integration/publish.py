@@ -250,14 +250,16 @@ def publish(reference: str, key_path: Path, *, plain_http: bool = False,
         work = Path(tmp)
         layers = convert_image(image, work, kata_verity)
         devices = merge_chain(layers, work / "image.fsmeta")
+        # before anything is pushed: a cache that cannot be written fails the whole run
+        cache = fill_cache(out_cache, layers) if out_cache is not None else None
         report: dict[str, Any] = {"image": str(ref), "image_digest": image.digest,
                                   "conversion": CONVERSION_RULES,
                                   "root_manifest": _push_root_manifest(
                                       image, root_manifest(image, layers, devices),
                                       private_key)}
         report["devices"] = _roots(devices)
-        if out_cache is not None:
-            report["cache"] = fill_cache(out_cache, layers)
+        if cache is not None:
+            report["cache"] = cache
         if push_layers:
             report["erofs_image"] = _push_erofs_image(image, layers, work, private_key,
                                                       layers_tag, kata_verity)
@@ -274,7 +276,11 @@ def fill_cache(directory: Path, layers: list[ConvertedLayer]) -> list[dict[str, 
     directory = directory.absolute()
     entries = []
     for c in layers:
-        blob = write_entry(directory, c.diff_id, c.path, VerityInfo.from_json(c.verity))
+        try:
+            blob = write_entry(directory, c.diff_id, c.path, VerityInfo.from_json(c.verity))
+        except OSError as exc:
+            where = exc.filename or directory
+            raise PublishError(f"layer cache {where}: {exc.strerror}") from None
         entries.append({"diff_id": c.diff_id, "blob": str(blob),
                         "root_hash": c.verity["root_hash"]})
     return entries

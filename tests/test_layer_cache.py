@@ -29,7 +29,13 @@ from snapshotter.verity.files import format_file
 from tests.erofs_utils_oracle import OracleUnavailable, erofs_utils
 from tests.helpers import mounted_erofs, require_root, require_tool
 from tests.test_containerd import LIST_SCRIPT, OURS, THEIRS, VERSIONS, image_layers
-from tests.test_publish import ok_json, push_image, running_registry
+from tests.test_publish import (
+    assert_one_line_error,
+    ok_json,
+    push_image,
+    run_cli,
+    running_registry,
+)
 
 IMAGE = "example.com/erofs-py/cached:1"
 BLOCK = 4096
@@ -48,7 +54,8 @@ def published(tmp_path_factory) -> Iterator[dict]:
         cache = tmp / "cache"
         report = ok_json("publish", f"{registry.host}/demo/cached:1", "--key", key,
                          "--plain-http", "--out-cache", cache)
-    yield {"tmp": tmp, "archive": archive, "info": info, "cache": cache, "report": report}
+        yield {"tmp": tmp, "archive": archive, "info": info, "cache": cache, "report": report,
+               "registry": registry, "key": key}
 
 
 def test_publish_fills_containerds_layout_that_veritysetup_verifies(published):
@@ -68,6 +75,19 @@ def test_publish_fills_containerds_layout_that_veritysetup_verifies(published):
                               capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
     assert not list(cache.rglob(".*"))  # no temp files left
+
+
+def test_unwritable_cache_fails_publish_in_one_line_before_any_push(published, tmp_path):
+    image = f"{published['registry'].host}/demo/cached:1"
+    newest = ok_json("manifest", "fetch", image, "--out", tmp_path / "before", "--plain-http")
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("x")
+    proc = run_cli("publish", image, "--key", published["key"], "--plain-http",
+                   "--out-cache", not_a_directory)
+    assert_one_line_error(proc, "layer cache", str(not_a_directory))
+    assert not_a_directory.read_text() == "x"
+    after = ok_json("manifest", "fetch", image, "--out", tmp_path / "after", "--plain-http")
+    assert after["artifact"] == newest["artifact"]  # nothing was pushed
 
 
 def test_stage_gives_the_publishers_layer(published, tmp_path):
