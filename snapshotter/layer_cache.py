@@ -185,20 +185,23 @@ class LayerCache:
         containerd names an extraction `extract-<unique> <chain ID>` (`UnpackKeyFormat`: the
         unpacker of a pull, and `image.Unpack` of ctr import/run, which set no labels) and
         commits it under its chain ID, which is thus the parent's name."""
-        labelled = labels.get(DIFF_ID_LABEL, "")
-        if parse_diff_id(labelled):
-            return labelled
         target = labels.get(CHAIN_ID_LABEL, "")
         if not parse_diff_id(target):
             name = key.rsplit("/", 1)[-1]
             target = name.rsplit(" ", 1)[-1] if name.startswith("extract-") else ""
-            if not parse_diff_id(target):
+        parent_chain_id = parent.rsplit("/", 1)[-1] if parent else ""
+        known_chain = bool(parse_diff_id(target)) and (
+            not parent or bool(parse_diff_id(parent_chain_id)))
+        labelled = labels.get(DIFF_ID_LABEL, "")
+        if parse_diff_id(labelled):
+            # containerd 2.3+ names it; where the chain is known too, both must agree
+            if known_chain and chain_id(parent_chain_id, labelled) != target:
                 return None
+            return labelled
+        if not known_chain:  # not an extraction, or a parent not named by its chain ID
+            return None
         if not parent:
             return target
-        parent_chain_id = parent.rsplit("/", 1)[-1]
-        if not parse_diff_id(parent_chain_id):  # a parent not named by its chain ID
-            return None
         return _matching(self._entries(), parent_chain_id, target)
 
     def stage(self, blob: Path, out: Path, diff_id: str,

@@ -119,6 +119,12 @@ def test_diff_id_from_containerds_names_and_labels(published):
                             f"default/8/{chain[1]}") == diff_ids[2]
     assert cache.diff_id_of("default/9/k", {"containerd.io/snapshot/diff-id": diff_ids[0]},
                             "default/8/whatever") == diff_ids[0]
+    # a diff-id label that contradicts the chain ID is not believed
+    key = f"default/9/extract-1 {chain[1]}"
+    assert cache.diff_id_of(key, {"containerd.io/snapshot/diff-id": diff_ids[1]},
+                            f"default/8/{chain[0]}") == diff_ids[1]
+    assert cache.diff_id_of(key, {"containerd.io/snapshot/diff-id": diff_ids[2]},
+                            f"default/8/{chain[0]}") is None
     # not an extraction, or a layer not in the cache: unknown
     assert cache.diff_id_of("default/9/rootfs", {}, f"default/8/{chain[2]}") is None
     other = "sha256:" + "ab" * 32
