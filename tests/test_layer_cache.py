@@ -15,6 +15,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ import pytest
 from shim_integration.containerd_private import Stack
 from shim_integration.oci_archive import build_image, chain_ids, layer_tar
 from snapshotter.layer_cache import CacheEntryError, LayerCache, blob_path, chain_id
+from snapshotter.serve_config import load_config
 from snapshotter.verity import KATA_VERITY
 from snapshotter.verity.files import format_file
 from tests.erofs_utils_oracle import OracleUnavailable, erofs_utils
@@ -315,3 +317,30 @@ def test_entry_built_as_containerds_build_erofs_cache_is_used(published, tmp_pat
     with mounted_erofs(out) as mnt:
         assert (mnt / "bin/busybox").read_bytes() == Path(require_tool("busybox")).read_bytes()
         assert (mnt / "data/olddir/x").read_bytes() == b"x\n"
+
+
+@pytest.mark.parametrize(("toml", "expected"), [
+    ('layer_caches = "/var/cache"', "key 'layer_caches' must be an array of absolute paths, "
+                                    'got string "/var/cache"'),
+    ('layer_caches = ["/ok", "relative"]', "key 'layer_caches' item 2 must be an absolute "
+                                           'path, got string "relative"'),
+    ("layer_caches = [3]", "key 'layer_caches' item 1 must be a non-empty path string, got "
+                           "integer 3"),
+])
+def test_bad_layer_caches_setting_is_one_line(tmp_path, toml, expected):
+    config = tmp_path / "serve.toml"
+    config.write_text(toml + "\n")
+    proc = subprocess.run([sys.executable, "-m", "snapshotter.service_cli", "serve", "--config",
+                           str(config), "--root", str(tmp_path / "root")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"erofs-passthrough serve: config {config}: {expected}"]
+    assert not (tmp_path / "root").exists()
+
+
+def test_layer_caches_setting_loads_in_order(tmp_path):
+    config = tmp_path / "serve.toml"
+    config.write_text(f'layer_caches = ["{tmp_path}/a", "{tmp_path}/b"]\n')
+    loaded = load_config(config)
+    assert loaded.layer_caches == [tmp_path / "a", tmp_path / "b"]
+    assert load_config(None).layer_caches == []
