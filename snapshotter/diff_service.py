@@ -126,7 +126,8 @@ class DiffService(diff_pb2_grpc.DiffServicer):
         if cached is not None:
             diff_id, blob = cached
             try:
-                meta = self.sn.layer_cache.stage(blob, out, diff_id, self.sn.layer_verity)
+                meta = self.sn.layer_cache.stage(blob, out, diff_id, self.sn.layer_verity,
+                                                 self.sn.limits.max_image_bytes)
             except CacheEntryError as exc:
                 log.warning("layer cache entry refused, converting the layer",
                             extra={"key": key, "digest": desc.digest, "diff_id": diff_id,

@@ -205,14 +205,19 @@ class LayerCache:
         return _matching(self._entries(), parent_chain_id, target)
 
     def stage(self, blob: Path, out: Path, diff_id: str,
-              layer_verity: bool | VerityParams) -> LayerMeta:
+              layer_verity: bool | VerityParams, max_image_bytes: int | None = None
+              ) -> LayerMeta:
         """Copy cache BLOB to OUT and check the copy (module doc); its LayerMeta. Raises
-        CacheEntryError when it is not a layer this node would use."""
+        CacheEntryError when it is not a layer this node would use, or when its image is
+        bigger than MAX_IMAGE_BYTES (the ceiling a conversion has)."""
         from snapshotter.erofs.reader import ErofsImage
         from snapshotter.erofs.validate import validate_layer
         from snapshotter.verity.verify import verify_file
 
         root_hash, hash_offset = _read_sidecar(blob)
+        if max_image_bytes is not None and hash_offset > max_image_bytes:
+            raise CacheEntryError(f"{blob}: a {hash_offset}-byte image, more than the "
+                                  f"{max_image_bytes} bytes a layer may have")
         try:
             with open(blob, "rb") as src, open(out, "r+b") as dst:
                 dst.truncate(0)

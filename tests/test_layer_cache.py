@@ -186,6 +186,16 @@ def test_corrupt_entry_is_refused(published, tmp_path, case):
     assert cache.hits == 0
 
 
+def test_entry_bigger_than_the_image_ceiling_is_refused(published, tmp_path):
+    diff_id = published["info"]["diff_ids"][0]
+    cache = LayerCache([published["cache"]])
+    out = tmp_path / "layer.erofs"
+    out.touch()
+    with pytest.raises(CacheEntryError, match="more than the 4096 bytes a layer may have"):
+        cache.stage(cache.find(diff_id), out, diff_id, True, max_image_bytes=BLOCK)
+    assert out.stat().st_size == 0  # refused before anything was copied
+
+
 def test_salted_entry_refused_by_a_kata_verity_node(published, tmp_path):
     diff_id = published["info"]["diff_ids"][0]
     cache = LayerCache([published["cache"]])
