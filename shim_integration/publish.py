@@ -232,8 +232,11 @@ def root_manifest(image: Image, layers: list[ConvertedLayer], devices: dict[str,
 
 def publish(reference: str, key_path: Path, *, plain_http: bool = False,
             push_layers: bool = False, layers_tag: str | None = None,
-            kata_verity: bool = False, platform: str = "linux/amd64") -> dict[str, Any]:
-    """Convert, merge, sign and push; returns every digest pushed (the `--json` object)."""
+            kata_verity: bool = False, platform: str = "linux/amd64",
+            out_cache: Path | None = None) -> dict[str, Any]:
+    """Convert, merge, sign and push; returns every digest pushed (the `--json` object).
+    OUT_CACHE: also put every converted layer into that layer cache directory
+    (snapshotter.layer_cache, containerd's layer_content_caches layout)."""
     from .manifest import ManifestError, load_private_key
 
     check_input(key_path)
@@ -247,16 +250,40 @@ def publish(reference: str, key_path: Path, *, plain_http: bool = False,
         work = Path(tmp)
         layers = convert_image(image, work, kata_verity)
         devices = merge_chain(layers, work / "image.fsmeta")
+        # before anything is pushed: a cache that cannot be written fails the whole run
+        cache = fill_cache(out_cache, layers) if out_cache is not None else None
         report: dict[str, Any] = {"image": str(ref), "image_digest": image.digest,
                                   "conversion": CONVERSION_RULES,
                                   "root_manifest": _push_root_manifest(
                                       image, root_manifest(image, layers, devices),
                                       private_key)}
         report["devices"] = _roots(devices)
+        if cache is not None:
+            report["cache"] = cache
         if push_layers:
             report["erofs_image"] = _push_erofs_image(image, layers, work, private_key,
                                                       layers_tag, kata_verity)
     return report
+
+
+def fill_cache(directory: Path, layers: list[ConvertedLayer]) -> list[dict[str, str]]:
+    """Each converted layer as DIRECTORY's entry for its diffID (blob + .dmverity sidecar,
+    each atomically), exactly the bytes a node's differ stores, so a node's hit has the roots
+    the signed manifest names."""
+    from snapshotter.layer_cache import write_entry
+    from snapshotter.verity import VerityInfo
+
+    directory = directory.absolute()
+    entries = []
+    for c in layers:
+        try:
+            blob = write_entry(directory, c.diff_id, c.path, VerityInfo.from_json(c.verity))
+        except OSError as exc:
+            where = exc.filename or directory
+            raise PublishError(f"layer cache {where}: {exc.strerror}") from None
+        entries.append({"diff_id": c.diff_id, "blob": str(blob),
+                        "root_hash": c.verity["root_hash"]})
+    return entries
 
 
 def _roots(devices: dict[str, Any]) -> dict[str, Any]:

@@ -21,6 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--kata-verity", action="store_true",
                    help="unsalted layer trees, as `serve` with kata_verity (docs/kata.md)")
     p.add_argument("--platform", default="linux/amd64", help="os/arch to pick from an index")
+    p.add_argument("--out-cache", type=Path, metavar="DIR",
+                   help="also put the converted layers into this layer cache directory "
+                        "(serve's layer_caches, containerd's layer_content_caches layout)")
     p.add_argument("--json", action="store_true", help="print every digest pushed as JSON")
     p.set_defaults(func=_publish)
 
@@ -54,7 +57,8 @@ def _publish(args: argparse.Namespace) -> int:
 
     report = publish(args.image, args.key, plain_http=args.plain_http,
                      push_layers=args.layers, layers_tag=args.layers_tag,
-                     kata_verity=args.kata_verity, platform=args.platform)
+                     kata_verity=args.kata_verity, platform=args.platform,
+                     out_cache=args.out_cache)
     if args.json:
         print(json.dumps(report, sort_keys=True))
     else:
@@ -65,6 +69,8 @@ def _publish(args: argparse.Namespace) -> int:
             e = report["erofs_image"]
             print(f"EROFS image {e['reference']} ({e['digest']}): root manifest "
                   f"{e['root_manifest']['artifact']}")
+        if "cache" in report:
+            print(f"{len(report['cache'])} layers in the cache {args.out_cache}")
     return 0
 
 

@@ -7,11 +7,17 @@ the snapshot's layer.erofs (+ dm-verity); Commit then finds it and converts noth
 else (mounts that are not ours, media types we do not read, payloads such as decryption
 parameters) is UNIMPLEMENTED, and containerd falls back to its walking differ. Native EROFS
 layers (application/vnd.erofs.layer.v1) are stored as they are, after checking them.
+
+With `layer_caches` configured, a layer whose diffID (from the snapshot's labels:
+layer_cache.py) has a cache entry is staged from it instead: the blob is not read from the
+content store and nothing is converted. An entry that fails its checks is logged as a warning
+and the layer converted as if there were none.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 import grpc
@@ -22,6 +28,7 @@ from snapshotter.api.containerd.types import descriptor_pb2
 from snapshotter.content_client import ContentClient
 from snapshotter.errdefs import InvalidArgument, Unimplemented
 from snapshotter.grpc_errors import rpc
+from snapshotter.layer_cache import CacheEntryError
 from snapshotter.snapshots import Snapshotter
 from snapshotter.snapshots_service import NAMESPACE_HEADER
 from snapshotter.store import Kind
@@ -59,6 +66,8 @@ class DiffService(diff_pb2_grpc.DiffServicer):
     def __init__(self, snapshotter: Snapshotter, content: ContentClient) -> None:
         self.sn = snapshotter
         self.content = content
+        self._count_lock = threading.Lock()
+        self.conversions = 0  # layers read from the content store (tar or native EROFS)
 
     def _our_snapshot(self, mounts: list) -> tuple[str, str]:
         """(id, key) of the active snapshot of ours that MOUNTS unpack into."""
@@ -82,10 +91,11 @@ class DiffService(diff_pb2_grpc.DiffServicer):
         sid, key = self._our_snapshot(list(request.mounts))
         namespace = _namespace(context, key)
         directory = self.sn.layout.dir(sid)
+        cached = self._cache_entry(key)
         with self.sn.layout.busy(sid):
             try:
-                meta = layer_build.publish_layer(directory,
-                                                 lambda out: self._convert(namespace, desc, out))
+                meta = layer_build.publish_layer(
+                    directory, lambda out: self._produce(namespace, desc, out, key, cached))
             except OSError as exc:
                 if exc.filename is None:  # a write into an open file: say where it was
                     exc.filename = str(directory)
@@ -96,10 +106,49 @@ class DiffService(diff_pb2_grpc.DiffServicer):
         return diff_pb2.ApplyResponse(applied=descriptor_pb2.Descriptor(
             media_type=applied_type, digest=meta.diff_id))
 
-    def _convert(self, namespace: str, desc: descriptor_pb2.Descriptor, out: Path
+    def _cache_entry(self, key: str) -> tuple[str, Path] | None:
+        """(diffID, cache blob) for the layer active snapshot KEY unpacks, or None."""
+        cache = self.sn.layer_cache
+        if not cache:
+            return None
+        _, info, _ = self.sn.store.get_info(key)
+        diff_id = cache.diff_id_of(key, info.labels, info.parent)
+        blob = cache.find(diff_id) if diff_id else None
+        if blob is None:
+            log.debug("layer cache miss", extra={"key": key, "diff_id": diff_id or ""})
+            return None
+        return diff_id, blob
+
+    def _produce(self, namespace: str, desc: descriptor_pb2.Descriptor, out: Path, key: str,
+                 cached: tuple[str, Path] | None) -> layer_build.LayerMeta:
+        """The layer at OUT: from the cache entry CACHED when it passes its checks, else
+        converted from the content store."""
+        if cached is not None:
+            diff_id, blob = cached
+            try:
+                meta = self.sn.layer_cache.stage(blob, out, diff_id, self.sn.layer_verity,
+                                                 self.sn.limits.max_image_bytes)
+            except CacheEntryError as exc:
+                log.warning("layer cache entry refused, converting the layer",
+                            extra={"key": key, "digest": desc.digest, "diff_id": diff_id,
+                                   "reason": str(exc)})
+            else:
+                log.info("layer from cache", extra={
+                    "key": key, "digest": desc.digest, "diff_id": diff_id, "blob": str(blob),
+                    "cache_hits": self.sn.layer_cache.hits, "conversions": self.conversions})
+                return meta
+        return self._convert(namespace, desc, out, key)
+
+    def _convert(self, namespace: str, desc: descriptor_pb2.Descriptor, out: Path, key: str
                  ) -> layer_build.LayerMeta:
         from snapshotter.erofs.convert import convert_layer, import_erofs_image
 
+        with self._count_lock:
+            self.conversions += 1
+            conversions = self.conversions
+        log.info("converting layer", extra={"key": key, "digest": desc.digest,
+                                            "media_type": desc.media_type,
+                                            "conversions": conversions})
         with self.content.open(namespace, desc.digest) as blob:
             if desc.media_type == EROFS_LAYER:
                 result = import_erofs_image(blob, out, expected_digest=desc.digest,

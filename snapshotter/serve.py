@@ -182,7 +182,7 @@ class Server:
                 config.root, vm_mode=config.vm_mode,
                 signing_key=Path(config.signing_key) if config.signing_key else None,
                 kata_verity=config.kata_verity, limits=config.limits(),
-                mount_style=config.mount_style)
+                mount_style=config.mount_style, layer_caches=config.layer_caches)
         except BaseException:
             self._release_root()
             raise

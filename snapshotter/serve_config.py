@@ -73,6 +73,13 @@ class ServeConfig:
         "(containerd main's erofs snapshotter shape: an erofs mount per layer with "
         "X-containerd.dmverity=<sidecar>, then format/mkdir/overlay; for containerd 2.3+ and "
         "Kata runtime-rs; docs/containerd.md)", choices=MOUNT_STYLES))
+    # Pre-built layers keyed by diffID, containerd's layer_content_caches (layer_cache.py).
+    layer_caches: list[Path] = field(default_factory=list, metadata=_meta(
+        "read-only directories of pre-built layers keyed by diffID, in containerd's "
+        "layer_content_caches layout (<algo>/<xx>/<hex>.erofs + .dmverity; `ctr images "
+        "build-erofs-cache` or `erofs-passthrough publish --out-cache` fill one), searched in "
+        "order: a checked hit is copied into the snapshot, and the layer is neither read "
+        "from the content store nor converted (docs/containerd.md)"))
     # The differ's ceilings on one tar layer (snapshotter.erofs.limits.Limits).
     max_tar_bytes: int = field(default=DEFAULT_LIMITS.max_tar_bytes, metadata=_meta(
         "a layer may decompress to at most this many tar bytes", min=1))
@@ -92,7 +99,7 @@ class ServeConfig:
                                    max_metadata_bytes=self.max_metadata_bytes)
 
 
-_TYPES: dict[str, type] = get_type_hints(ServeConfig)
+_TYPES: dict[str, Any] = get_type_hints(ServeConfig)
 _TYPE_NAMES = {Path: "a path", bool: "a boolean", int: "an integer", float: "a number",
                str: "a string"}
 
@@ -124,22 +131,28 @@ def toml_literal(value: object) -> str:
         return str(value).lower()
     if isinstance(value, Path | str):
         return json.dumps(str(value))
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_literal(v) for v in value) + "]"
     return repr(value)
 
 
 def _check(f: Field, value: object, from_file: bool) -> tuple[object, str | None]:
     """(the value to use, None) or (None, what is wrong with VALUE for key F)."""
     want = _TYPES[f.name]
+    if want == list[Path]:
+        if not isinstance(value, list):
+            return None, f"must be an array of absolute paths, got {_describe(value)}"
+        paths = []
+        for i, item in enumerate(value):
+            checked, problem = _check_path(item.absolute() if isinstance(item, Path) else item)
+            if problem is not None:
+                return None, f"item {i + 1} {problem}"
+            paths.append(checked)
+        return paths, None
     if want is Path:
         if isinstance(value, Path):  # a flag: relative to the working directory, as usual
             return value.absolute(), None
-        if not isinstance(value, str) or not value:
-            return None, f"must be a non-empty path string, got {_describe(value)}"
-        if "\0" in value:
-            return None, "must not contain a NUL byte"
-        if not os.path.isabs(value):
-            return None, f"must be an absolute path, got {_describe(value)}"
-        return Path(value), None
+        return _check_path(value)
     ok = isinstance(value, want) and not (want is not bool and isinstance(value, bool))
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         value, ok = float(value), True
@@ -157,6 +170,18 @@ def _check(f: Field, value: object, from_file: bool) -> tuple[object, str | None
     if meta.get("path") and value and from_file and not os.path.isabs(str(value)):
         return None, f"must be an absolute path, got {_describe(value)}"
     return value, None
+
+
+def _check_path(value: object) -> tuple[Path | None, str | None]:
+    if isinstance(value, Path):
+        value = str(value)
+    if not isinstance(value, str) or not value:
+        return None, f"must be a non-empty path string, got {_describe(value)}"
+    if "\0" in value:
+        return None, "must not contain a NUL byte"
+    if not os.path.isabs(value):
+        return None, f"must be an absolute path, got {_describe(value)}"
+    return Path(value), None
 
 
 def read_config_file(path: Path) -> dict[str, object]:
@@ -212,11 +237,19 @@ def load_config(path: Path | None, **overrides: object) -> ServeConfig:
     return config
 
 
+def _default(f: Field) -> object:
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return None
+
+
 def keys_help() -> str:
     """Every config key with its default and meaning, for `serve --help`."""
     lines = ["configuration keys (TOML file given with --config; flags override the file):"]
     for f in fields(ServeConfig):
-        default = f.default if f.default is not MISSING else None
+        default = _default(f)
         lines.append(f"  {f.name} = {toml_literal(default)}")
         lines.append(f"      {f.metadata['help']}")
     return "\n".join(lines)
@@ -232,5 +265,5 @@ def example_toml() -> str:
     for f in fields(ServeConfig):
         out.append("")
         out.extend(f"# {line}" for line in textwrap.wrap(f.metadata["help"], 96))
-        out.append(f"#{f.name} = {toml_literal(f.default)}")
+        out.append(f"#{f.name} = {toml_literal(_default(f))}")
     return "\n".join(out) + "\n"

@@ -18,7 +18,7 @@ import functools
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from snapshotter import layer_build, vm_mode
@@ -26,6 +26,7 @@ from snapshotter.erofs.limits import DEFAULT_LIMITS, Limits
 from snapshotter.errdefs import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from snapshotter.filters import compile_filters
 from snapshotter.fsutil import disk_usage
+from snapshotter.layer_cache import LayerCache
 from snapshotter.layout import Layout
 from snapshotter.mounts import CLASSIC, MOUNT_STYLES, Mount, plan
 from snapshotter.store import Info, Kind, Snapshot, Store, Usage
@@ -41,7 +42,7 @@ class Snapshotter:
     def __init__(self, root: Path, convert: DirConverter | None = None,
                  vm_mode: bool = False, signing_key: Path | None = None,
                  kata_verity: bool = False, limits: Limits = DEFAULT_LIMITS,
-                 mount_style: str = CLASSIC) -> None:
+                 mount_style: str = CLASSIC, layer_caches: Sequence[Path] = ()) -> None:
         if mount_style not in MOUNT_STYLES:
             raise InvalidArgument(f"mount style {mount_style!r} is not one of "
                                   f"{', '.join(MOUNT_STYLES)}")
@@ -56,6 +57,7 @@ class Snapshotter:
         self._convert = convert or functools.partial(layer_build.convert_directory,
                                                      verity=self.layer_verity)
         self.mount_style = mount_style  # non-VM-mode snapshots' mounts (mounts.py)
+        self.layer_cache = LayerCache(layer_caches)  # the differ's pre-built layers
         self.vm_mode = vm_mode  # default for container rootfs snapshots without the label
         self.signing_key = signing_key  # signs VM-mode chains' root-hash manifests
         # Held while a chain image is built or a VM-mode snapshot is created, and by Cleanup's
