@@ -40,6 +40,9 @@ ARTIFACT_TYPE = "application/vnd.erofs-passthrough.root-manifest.v1"
 MANIFEST_MEDIA_TYPE = "application/vnd.erofs-passthrough.root-manifest.v1+json"
 SIGNATURE_MEDIA_TYPE = "application/vnd.erofs-passthrough.root-manifest.signature.v1+json"
 EROFS_LAYER = "application/vnd.erofs.layer.v1"
+# What `--layers` pushes: the same native layer under the OCI layer prefix, the only form
+# containerd 1.7 and 2.1 unpack at all (snapshotter/diff_service.py, docs/publish.md).
+OCI_EROFS_LAYER = "application/vnd.oci.image.layer.v1.erofs"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 EMPTY_MEDIA_TYPE = "application/vnd.oci.empty.v1+json"
 EMPTY_JSON = b"{}"
@@ -151,7 +154,8 @@ class ConvertedLayer:
 
 def convert_image(image: Image, work: Path, kata_verity: bool = False) -> list[ConvertedLayer]:
     """Every layer of IMAGE, lowest first, converted as the node's differ converts it."""
-    from snapshotter.diff_service import LAYER_MEDIA_TYPES  # what the node's differ takes
+    # what the node's differ takes
+    from snapshotter.diff_service import LAYER_MEDIA_TYPES, NATIVE_EROFS_LAYERS
     from snapshotter.erofs.convert import convert_layer, import_erofs_image
 
     diff_ids = _list(_dict(image.config.get("rootfs")).get("diff_ids"))
@@ -168,7 +172,7 @@ def convert_image(image: Image, work: Path, kata_verity: bool = False) -> list[C
         image.client.get_blob(digest, blob, max_size=_declared_size(desc, f"layer {i}"))
         target = work / f"layer{i}.erofs"
         with open(blob, "rb") as f:
-            if media_type == EROFS_LAYER:
+            if media_type in NATIVE_EROFS_LAYERS:
                 if diff_id != digest:
                     raise PublishError(f"layer {i}: a native EROFS layer's diffID is its "
                                        f"digest {digest}, the config says {diff_id}")
@@ -335,7 +339,8 @@ def _push_erofs_image(image: Image, layers: list[ConvertedLayer], work: Path,
         native = work / f"native{i}.erofs"
         with open(c.path, "rb") as src, open(native, "wb") as dst:
             _copy_prefix(src, dst, c.size)
-        pushed.append({"mediaType": EROFS_LAYER, **client.put_blob(native, c.erofs_digest)})
+        pushed.append({"mediaType": OCI_EROFS_LAYER,
+                       **client.put_blob(native, c.erofs_digest)})
         native.unlink()
     config = dict(image.config)
     config["rootfs"] = {"type": "layers", "diff_ids": [d["digest"] for d in pushed]}

@@ -6,7 +6,9 @@ snapshots, the blob is read from containerd's content store and converted in one
 the snapshot's layer.erofs (+ dm-verity); Commit then finds it and converts nothing. Anything
 else (mounts that are not ours, media types we do not read, payloads such as decryption
 parameters) is UNIMPLEMENTED, and containerd falls back to its walking differ. Native EROFS
-layers (application/vnd.erofs.layer.v1) are stored as they are, after checking them.
+layers (NATIVE_EROFS_LAYERS) are stored as they are, after checking them: that is not a
+conversion, and the log says so ("stored native EROFS layer", counted in `native_layers`, while
+`conversions` counts only tar layers converted).
 
 With `layer_caches` configured, a layer whose diffID (from the snapshot's labels:
 layer_cache.py) has a cache entry is staged from it instead: the blob is not read from the
@@ -19,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -33,6 +36,9 @@ from snapshotter.snapshots import Snapshotter
 from snapshotter.snapshots_service import NAMESPACE_HEADER
 from snapshotter.store import Kind
 
+if TYPE_CHECKING:
+    from snapshotter.erofs.convert import ConvertResult
+
 log = logging.getLogger(__name__)
 
 LAYER_MEDIA_TYPES = {
@@ -44,6 +50,13 @@ LAYER_MEDIA_TYPES = {
 }
 UNCOMPRESSED = "application/vnd.oci.image.layer.v1.tar"
 EROFS_LAYER = "application/vnd.erofs.layer.v1"  # stored as it is
+# The same native layer under the OCI layer prefix. containerd up to 2.1 unpacks only layers
+# its images.IsLayerType knows (the "application/vnd.oci.image.layer." prefix and Docker's tar
+# types): an image of EROFS_LAYER layers pulls, but its layers never reach a differ (1.7's
+# ctr: "mismatched image rootfs and manifest layers"; 2.1's transfer service unpacks nothing).
+# Under this name they are layers to every containerd, and still none a walking differ reads.
+OCI_EROFS_LAYER = "application/vnd.oci.image.layer.v1.erofs"
+NATIVE_EROFS_LAYERS = frozenset({EROFS_LAYER, OCI_EROFS_LAYER})
 
 
 def upper_dir(mounts: list) -> Path | None:
@@ -67,7 +80,8 @@ class DiffService(diff_pb2_grpc.DiffServicer):
         self.sn = snapshotter
         self.content = content
         self._count_lock = threading.Lock()
-        self.conversions = 0  # layers read from the content store (tar or native EROFS)
+        self.conversions = 0  # tar layers converted
+        self.native_layers = 0  # native EROFS layers stored as they are (not a conversion)
 
     def _our_snapshot(self, mounts: list) -> tuple[str, str]:
         """(id, key) of the active snapshot of ours that MOUNTS unpack into."""
@@ -84,7 +98,7 @@ class DiffService(diff_pb2_grpc.DiffServicer):
     @rpc
     def Apply(self, request: diff_pb2.ApplyRequest, context: grpc.ServicerContext):
         desc = request.diff
-        if desc.media_type not in LAYER_MEDIA_TYPES and desc.media_type != EROFS_LAYER:
+        if desc.media_type not in LAYER_MEDIA_TYPES | NATIVE_EROFS_LAYERS:
             raise Unimplemented(f"media type {desc.media_type} is not a tar layer")
         if request.payloads:
             raise Unimplemented("apply payloads (e.g. decryption) are not supported")
@@ -102,7 +116,7 @@ class DiffService(diff_pb2_grpc.DiffServicer):
                 raise
         log.info("applied", extra={"key": key, "id": sid, "digest": desc.digest,
                                    "diff_id": meta.diff_id, "root_hash": meta.root_hash})
-        applied_type = EROFS_LAYER if desc.media_type == EROFS_LAYER else UNCOMPRESSED
+        applied_type = desc.media_type if desc.media_type in NATIVE_EROFS_LAYERS else UNCOMPRESSED
         return diff_pb2.ApplyResponse(applied=descriptor_pb2.Descriptor(
             media_type=applied_type, digest=meta.diff_id))
 
@@ -137,11 +151,30 @@ class DiffService(diff_pb2_grpc.DiffServicer):
                     "key": key, "digest": desc.digest, "diff_id": diff_id, "blob": str(blob),
                     "cache_hits": self.sn.layer_cache.hits, "conversions": self.conversions})
                 return meta
+        if desc.media_type in NATIVE_EROFS_LAYERS:
+            return self._store_native(namespace, desc, out, key)
         return self._convert(namespace, desc, out, key)
+
+    def _store_native(self, namespace: str, desc: descriptor_pb2.Descriptor, out: Path,
+                      key: str) -> layer_build.LayerMeta:
+        """A native EROFS layer from the content store, checked and stored with its verity
+        tree: the bytes are the publisher's, nothing is converted."""
+        from snapshotter.erofs.convert import import_erofs_image
+
+        with self._count_lock:
+            self.native_layers += 1
+            native_layers, conversions = self.native_layers, self.conversions
+        with self.content.open(namespace, desc.digest) as blob:
+            result = import_erofs_image(blob, out, expected_digest=desc.digest,
+                                        verity=self.sn.layer_verity)
+        log.info("stored native EROFS layer", extra={
+            "key": key, "digest": desc.digest, "media_type": desc.media_type,
+            "native_layers": native_layers, "conversions": conversions})
+        return self._meta(desc, result)
 
     def _convert(self, namespace: str, desc: descriptor_pb2.Descriptor, out: Path, key: str
                  ) -> layer_build.LayerMeta:
-        from snapshotter.erofs.convert import convert_layer, import_erofs_image
+        from snapshotter.erofs.convert import convert_layer
 
         with self._count_lock:
             self.conversions += 1
@@ -150,12 +183,12 @@ class DiffService(diff_pb2_grpc.DiffServicer):
                                             "media_type": desc.media_type,
                                             "conversions": conversions})
         with self.content.open(namespace, desc.digest) as blob:
-            if desc.media_type == EROFS_LAYER:
-                result = import_erofs_image(blob, out, expected_digest=desc.digest,
-                                            verity=self.sn.layer_verity)
-            else:
-                result = convert_layer(blob, out, verity=self.sn.layer_verity,
-                                       blob_digest=True, limits=self.sn.limits)
+            result = convert_layer(blob, out, verity=self.sn.layer_verity,
+                                   blob_digest=True, limits=self.sn.limits)
+        return self._meta(desc, result)
+
+    @staticmethod
+    def _meta(desc: descriptor_pb2.Descriptor, result: ConvertResult) -> layer_build.LayerMeta:
         if result.compressed_digest != desc.digest:
             raise InvalidArgument(f"content {desc.digest} read as {result.compressed_digest}")
         v = result.verity

@@ -25,7 +25,7 @@ import requests
 from shim_integration import local_registry
 from shim_integration.local_registry import LocalRegistry
 from shim_integration.oci_archive import Blob, build_image, layer_tar
-from shim_integration.publish import ARTIFACT_TYPE, EROFS_LAYER
+from shim_integration.publish import ARTIFACT_TYPE, OCI_EROFS_LAYER
 from shim_integration.registry import OCI_MANIFEST, Reference, RegistryClient, sha256_digest
 from snapshotter.erofs.convert import convert_layer
 from snapshotter.erofs.rules import CONVERSION_RULES
@@ -170,7 +170,7 @@ def test_layers_image_is_native_erofs_with_its_own_signed_roots(world, tmp_path)
     client = RegistryClient(Reference.parse(erofs["reference"]), plain_http=True)
     manifest, digest = client.get_json(erofs["reference"].rsplit(":", 1)[1], OCI_MANIFEST)
     assert digest == erofs["digest"]
-    assert [d["mediaType"] for d in manifest["layers"]] == [EROFS_LAYER] * 3
+    assert [d["mediaType"] for d in manifest["layers"]] == [OCI_EROFS_LAYER] * 3
     blobs = []
     for i, desc in enumerate(manifest["layers"]):
         raw = tmp_path / f"raw{i}"
