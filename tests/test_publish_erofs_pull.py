@@ -8,7 +8,8 @@ that image (`ctr images pull --plain-http`, the reference `publish --json` repor
 differ's log shows every layer stored as a native EROFS layer and not one tar conversion; a
 VM-mode rootfs is prepared over the pulled chain; `manifest fetch` of the native image's root
 manifest and `manifest verify --snapshot` against the node's snapshot pass, with the roots the
-publisher signed.
+publisher signed; and the session's TCG guest, trusting only the publisher's key, opens and
+reads the image from the node's devices.
 """
 
 from __future__ import annotations
@@ -23,13 +24,15 @@ from pathlib import Path
 
 import pytest
 
-from shim_integration.manifest import generate_key
+from passthrough.agent_client import AgentClient
+from passthrough.attach import Attacher
+from shim_integration.manifest import key_id, load_private_key
 from shim_integration.oci_archive import build_image, chain_ids
 from shim_integration.publish import OCI_EROFS_LAYER
 from shim_integration.registry import OCI_MANIFEST, Reference, RegistryClient
-from shim_integration.shim import plan_from_fetched
+from shim_integration.shim import Shim, plan_from_fetched
 from tests.helpers import require_root, require_tool
-from tests.test_publish_node import LAYERS, _store_key
+from tests.test_publish_node import LAYERS, MOTD, PAYLOAD, _store_key
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -55,17 +58,18 @@ class Published:
 
 
 @pytest.fixture(scope="module")
-def published(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Published]:
-    """A registry holding a 3-layer tar image published with `--layers` by a key that lives
-    in its own directory (no node config names it)."""
+def published(tmp_path_factory: pytest.TempPathFactory, guest_key: Path
+              ) -> Iterator[Published]:
+    """A registry holding a 3-layer tar image published with `--layers`. The publisher's key
+    is the one the session's TCG guest trusts; it lives in its own directory, and nothing the
+    node runs is given it."""
     from shim_integration.local_registry import push_archive, running_registry
 
     require_root()
     require_tool("docker-registry")
     require_tool("skopeo")
     tmp = tmp_path_factory.mktemp("native-pull")
-    publisher = tmp_path_factory.mktemp("publisher") / "publisher.key"
-    generate_key(publisher)
+    publisher = guest_key
     with running_registry(tmp) as registry:
         build_image(LAYERS, "app:v1", tmp / "v1.tar")
         source = f"{registry.host}/demo/app:v1"
@@ -79,8 +83,8 @@ class PulledNode:
     version: str
     serve_root: Path
     service_log: Path
-    containerd_config: str
     mounts: list
+    fetched: Path
 
 
 @pytest.fixture(scope="module", params=sorted(SUITES))
@@ -107,8 +111,10 @@ def node(request: pytest.FixtureRequest, published: Published,
         snapshots = Snapshots(stack.containerd.socket)
         mounts = snapshots.prepare(ROOTFS_KEY, chain_ids(erofs["layers"])[-1],
                                    {"containerd.io/gc.root": time.strftime("%FT%TZ")})
+        fetched = published.tmp / f"fetched-{version}"
+        cli_json("manifest", "fetch", erofs["reference"], "--out", fetched, "--plain-http")
         yield PulledNode(version, stack.service.root, stack.service.log,
-                         stack.containerd.config.read_text(), mounts)
+                         mounts, fetched)
     finally:
         if snapshots is not None:
             snapshots.close()
@@ -155,10 +161,9 @@ def test_node_pulling_the_layers_image_converts_nothing(node: PulledNode,
 
 
 def test_node_snapshot_verifies_against_the_native_images_manifest(
-        node: PulledNode, published: Published, tmp_path: Path) -> None:
+        node: PulledNode, published: Published) -> None:
     erofs = published.report["erofs_image"]
-    fetched = tmp_path / "fetched"
-    cli_json("manifest", "fetch", erofs["reference"], "--out", fetched, "--plain-http")
+    fetched = node.fetched
     plan = plan_from_fetched(node.mounts, fetched)
     roots = [d.root_hash for d in plan.devices]
     assert len(roots) == 4  # the fsmeta and three layers
@@ -167,3 +172,23 @@ def test_node_snapshot_verifies_against_the_native_images_manifest(
     report = cli_json("manifest", "verify", fetched, "--trust", f"{published.publisher_key}.pub",
                       "--snapshot", node.serve_root / key, "--image", erofs["digest"])
     assert report["roots"] == roots
+
+
+@pytest.mark.qemu
+def test_guest_trusting_only_the_publisher_reads_the_pulled_native_image(
+        node: PulledNode, published: Published, agent: AgentClient, attacher: Attacher) -> None:
+    shim = Shim(attacher, agent)
+    plan = plan_from_fetched(node.mounts, node.fetched)
+    image = shim.open(plan, "native-" + node.version.replace(".", "-"))
+    try:
+        publisher = key_id(load_private_key(published.publisher_key).public_key())
+        assert image.result["key_id"] == publisher
+        assert [d["root_hash"] for d in image.result["devices"]] == [
+            d.root_hash for d in plan.devices]
+        assert agent.read_file(f"{image.rootfs}/etc/motd") == MOTD
+        assert agent.read_file(f"{image.rootfs}/data/payload.bin") == PAYLOAD
+        tree = agent.hash_tree(image.rootfs)
+        assert tree["data/link"]["target"] == "payload.bin"
+        assert "data/gone" not in tree
+    finally:
+        shim.close(image)
