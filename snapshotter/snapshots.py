@@ -26,7 +26,7 @@ from snapshotter.erofs.limits import DEFAULT_LIMITS, Limits
 from snapshotter.errdefs import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from snapshotter.filters import compile_filters
 from snapshotter.fsutil import disk_usage
-from snapshotter.layer_cache import LayerCache
+from snapshotter.layer_cache import CHAIN_ID_LABEL, CacheEntryError, LayerCache, parse_diff_id
 from snapshotter.layout import Layout
 from snapshotter.mounts import CLASSIC, MOUNT_STYLES, Mount, plan
 from snapshotter.store import Info, Kind, Snapshot, Store, Usage
@@ -71,7 +71,75 @@ class Snapshotter:
     # -- create --------------------------------------------------------------------------------
 
     def prepare(self, key: str, parent: str = "", labels: Labels = None) -> list[Mount]:
-        return self._create(Kind.ACTIVE, key, parent, labels or {})
+        labels = labels or {}
+        self._commit_from_cache(key, parent, labels)  # AlreadyExists on a hit
+        return self._create(Kind.ACTIVE, key, parent, labels)
+
+    def _commit_from_cache(self, key: str, parent: str, labels: dict[str, str]) -> None:
+        """On a layer-cache hit for the unpack Prepare KEY, commit its layer now and raise
+        AlreadyExists, as remote snapshotters (stargz, nydus) do.
+
+        containerd's unpacker (1.7 pkg/unpack, 2.x core/unpack) labels an extraction
+        `containerd.io/snapshot.ref=<chain ID>`; on AlreadyExists its metadata layer looks for
+        a committed backend snapshot with that label over the same parent, and the unpacker
+        then neither fetches the layer (its fetch starts at the first layer whose Prepare
+        succeeds) nor applies it. The snapshot is committed under the chain ID, like the
+        active snapshot KEY that Commit would turn into it: created, filled from the cache
+        entry (checked as the differ checks it, `LayerCache.stage`) under the snapshot's
+        lock by `publish_layer`, then committed in one transaction. A refused entry is logged
+        and the Prepare goes on as a miss, so containerd fetches and our differ converts."""
+        target = labels.get(CHAIN_ID_LABEL, "")
+        if not self.layer_cache or parse_diff_id(target) is None:
+            return
+        if self._already_committed(target, parent):
+            return
+        diff_id = self.layer_cache.diff_id_of(key, labels, parent)
+        blob = self.layer_cache.find(diff_id) if diff_id else None
+        if diff_id is None or blob is None:
+            return
+        self._create_snapshot(Kind.ACTIVE, key, parent, labels, vm=False)
+        try:
+            sid = self.store.get_info(key)[0]
+            with self.layout.busy(sid):
+                meta = layer_build.publish_layer(
+                    self.layout.dir(sid),
+                    lambda out: self.layer_cache.stage(blob, out, diff_id, self.layer_verity,
+                                                       self.limits.max_image_bytes))
+            self.commit(target, key, labels)
+        except CacheEntryError as exc:
+            self._remove_quietly(key)
+            log.warning("layer cache entry refused at prepare, the layer will be fetched",
+                        extra={"key": key, "diff_id": diff_id, "reason": str(exc)})
+            return
+        except AlreadyExists:  # another namespace's pull committed it meanwhile
+            self._remove_quietly(key)
+            if not self._already_committed(target, parent):
+                raise
+        except BaseException:
+            self._remove_quietly(key)
+            raise
+        else:
+            log.info("layer from cache at prepare", extra={
+                "key": key, "committed": target, "diff_id": diff_id, "blob": str(blob),
+                "root_hash": meta.root_hash, "cache_hits": self.layer_cache.hits})
+        raise AlreadyExists(f"target snapshot {target!r} committed from the layer cache")
+
+    def _already_committed(self, name: str, parent: str) -> bool:
+        """True when committed snapshot NAME exists over PARENT: raises AlreadyExists then,
+        which containerd takes as the layer being unpacked. False when there is none, or one
+        over another parent (containerd would not accept it: a normal Prepare follows)."""
+        try:
+            info = self.store.get_info(name)[1]
+        except NotFound:
+            return False
+        if info.kind == Kind.COMMITTED and info.parent == parent and \
+                info.labels.get(CHAIN_ID_LABEL) == name:
+            raise AlreadyExists(f"target snapshot {name!r} already exists")
+        return False
+
+    def _remove_quietly(self, key: str) -> None:
+        with contextlib.suppress(NotFound):
+            self.remove(key)
 
     def view(self, key: str, parent: str = "", labels: Labels = None) -> list[Mount]:
         return self._create(Kind.VIEW, key, parent, labels or {})

@@ -285,7 +285,9 @@ def test_containerd_corrupt_entry_and_miss_convert(cached_stack, published):
     stack.containerd.ctr("images", "rm", IMAGE)
     stack.containerd.ctr("images", "import", "--snapshotter", OURS, str(published["archive"]))
     assert _view(stack, OURS, "ours") == expected
-    assert [h["diff_id"] for h in _messages(stack, "layer from cache")] == info["diff_ids"][:1]
+    # 2.1's import unpacks through the unpacker, so its hit is taken at Prepare
+    hits = _messages(stack, "layer from cache") + _messages(stack, "layer from cache at prepare")
+    assert [h["diff_id"] for h in hits] == info["diff_ids"][:1]
     refused = _messages(stack, "layer cache entry refused, converting the layer")
     assert [r["diff_id"] for r in refused] == [info["diff_ids"][1]]
     assert refused[0]["level"].lower().startswith("warn")
@@ -354,3 +356,81 @@ def test_layer_caches_setting_loads_in_order(tmp_path):
     loaded = load_config(config)
     assert loaded.layer_caches == [tmp_path / "a", tmp_path / "b"]
     assert load_config(None).layer_caches == []
+
+
+# -- a hit at Prepare: containerd fetches nothing ----------------------------------------------
+#
+# Only 2.1: these pulls need containerd's unpacker (pkg/unpack, core/unpack in 2.x), which a
+# `ctr images pull` reaches only through the transfer service. 1.7's ctr has two pulls and
+# neither can serve here: its default (`--local`) runs content.Fetch, which downloads every blob,
+# and only then image.Unpack (rootfs.ApplyLayers: no snapshot.ref label, so nothing to skip);
+# its transfer pull builds `registry.NewOCIRegistry(ref, nil, creds)` with no plain-HTTP or
+# hosts option (cmd/ctr/commands/images/pull.go, v1.7.24), so it cannot reach a local
+# plain-HTTP registry. 1.7's unpacker itself (client.Pull with WithPullUnpack, as the CRI
+# plugin pulls) has the same Prepare/AlreadyExists and lazy fetch code as 2.1's.
+PULL_VERSIONS = ["2.1"]
+
+def _pull(stack: Stack, reference: str) -> list[str]:
+    """Pull REFERENCE through the unpacker (`--local=false`: the transfer service, whose
+    unpacker labels each extraction `containerd.io/snapshot.ref`; 1.7's default local pull
+    fetches every blob before it unpacks); the image manifest's layer digests."""
+    ctr = stack.containerd.ctr
+    ctr("images", "pull", "--local=false", "--plain-http", "--snapshotter", OURS, reference)
+    listed = ctr("images", "ls").stdout.splitlines()
+    target = next(line.split()[2] for line in listed if line.split()[0] == reference)
+    manifest = json.loads(ctr("content", "get", target).stdout)
+    return [layer["digest"] for layer in manifest["layers"]]
+
+
+def _in_content_store(stack: Stack) -> set[str]:
+    return set(stack.containerd.ctr("content", "ls", "-q").stdout.split())
+
+
+def _theirs(stack: Stack, published: dict) -> str:
+    stack.containerd.ctr("images", "import", "--snapshotter", THEIRS, str(published["archive"]))
+    return _view(stack, THEIRS, "theirs")
+
+
+@pytest.mark.parametrize("cached_stack", PULL_VERSIONS, indirect=True)
+def test_pull_of_cached_layers_fetches_none_and_runs(cached_stack, published):
+    stack, _ = cached_stack
+    info = published["info"]
+    reference = f"{published['registry'].host}/demo/cached:1"
+    layers = _pull(stack, reference)
+    assert len(layers) == 3
+    assert not _in_content_store(stack) & set(layers)  # no layer was downloaded
+    hits = _messages(stack, "layer from cache at prepare")
+    assert [h["diff_id"] for h in hits] == info["diff_ids"]
+    assert _messages(stack, "converting layer") == []
+    assert _messages(stack, "layer from cache") == []  # no Apply reached the differ
+    signed = published["report"]["devices"]["layers"]
+    for chain, root in zip(chain_ids(info["diff_ids"]), signed, strict=True):
+        labels = json.loads(stack.containerd.ctr("snapshots", "--snapshotter", OURS, "info",
+                                                 chain).stdout)["Labels"]
+        assert labels["containerd.io/snapshot/erofs.verity.root-hash"] == root
+    ours = stack.containerd.ctr("run", "--rm", "--snapshotter", OURS, reference, "ours",
+                                "/bin/busybox", "sh", "-c", LIST_SCRIPT).stdout
+    assert ours == _theirs(stack, published)
+
+
+@pytest.mark.parametrize("cached_stack", PULL_VERSIONS, indirect=True)
+def test_pull_fetches_and_converts_from_the_first_refused_or_missing_layer(cached_stack,
+                                                                           published):
+    stack, cache = cached_stack
+    info = published["info"]
+    _flip(blob_path(cache, info["diff_ids"][1]), 100)  # layer 2: corrupt
+    blob_path(cache, info["diff_ids"][2]).unlink()  # layer 3: a miss
+    reference = f"{published['registry'].host}/demo/cached:1"
+    layers = _pull(stack, reference)
+    fetched = _in_content_store(stack)
+    # containerd's unpacker starts fetching at the first layer it must apply
+    assert [digest in fetched for digest in layers] == [False, True, True]
+    hits = _messages(stack, "layer from cache at prepare")
+    assert [h["diff_id"] for h in hits] == info["diff_ids"][:1]
+    refused = _messages(stack, "layer cache entry refused at prepare, the layer will be fetched")
+    assert [r["diff_id"] for r in refused] == [info["diff_ids"][1]]
+    assert "does not match its hash" in refused[0]["reason"]
+    assert [c["digest"] for c in _messages(stack, "converting layer")] == layers[1:]
+    ours = stack.containerd.ctr("run", "--rm", "--snapshotter", OURS, reference, "ours",
+                                "/bin/busybox", "sh", "-c", LIST_SCRIPT).stdout
+    assert ours == _theirs(stack, published)
