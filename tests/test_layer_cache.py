@@ -434,3 +434,64 @@ def test_pull_fetches_and_converts_from_the_first_refused_or_missing_layer(cache
     ours = stack.containerd.ctr("run", "--rm", "--snapshotter", OURS, reference, "ours",
                                 "/bin/busybox", "sh", "-c", LIST_SCRIPT).stdout
     assert ours == _theirs(stack, published)
+
+
+# -- Prepare's hit, on the snapshotter itself -------------------------------------------------
+
+def _unpack_prepare(sn, chain: list[str], i: int, nonce: str, parent: str = "") -> None:
+    labels = {"containerd.io/snapshot.ref": chain[i]}
+    sn.prepare(f"default/{nonce}/extract-{nonce} {chain[i]}", parent, labels)
+
+
+def test_prepare_hit_commits_the_chain_id_once_even_when_raced(published, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from snapshotter.errdefs import AlreadyExists
+    from snapshotter.snapshots import Snapshotter
+    from snapshotter.store import Kind
+
+    info = published["info"]
+    chain = chain_ids(info["diff_ids"])
+    sn = Snapshotter(tmp_path / "root", layer_caches=[published["cache"]])
+    try:
+        # four pulls (other namespaces) of each layer at once; rounds 3 and 4 find it made
+        for round_ in range(5):
+            layer = round_ % 3
+            parent = chain[layer - 1] if layer else ""
+            with ThreadPoolExecutor(4) as pool:
+                futures = [pool.submit(_unpack_prepare, sn, chain, layer, f"{round_}{n}",
+                                       parent) for n in range(4)]
+            for future in futures:
+                with pytest.raises(AlreadyExists):
+                    future.result()
+            snaps = {i.name: i for i in sn.walk()}
+            assert snaps[chain[layer]].kind == Kind.COMMITTED
+            assert snaps[chain[layer]].parent == parent
+            assert all(i.kind == Kind.COMMITTED for i in snaps.values())  # no extraction left
+        labels = sn.stat(chain[1]).labels
+        assert labels["containerd.io/snapshot/erofs.verity.root-hash"] == \
+            published["report"]["devices"]["layers"][1]
+        with mounted_erofs(sn.layout.layer(sn.store.get_info(chain[0])[0])) as mnt:
+            assert (mnt / "bin/busybox").is_file()
+    finally:
+        sn.close()
+
+
+def test_prepare_with_a_refused_entry_is_a_normal_prepare(published, tmp_path):
+    from snapshotter.snapshots import Snapshotter
+    from snapshotter.store import Kind
+
+    info = published["info"]
+    chain = chain_ids(info["diff_ids"])
+    cache_dir = tmp_path / "cache"
+    shutil.copytree(published["cache"], cache_dir)
+    _flip(blob_path(cache_dir, info["diff_ids"][0]), 100)
+    sn = Snapshotter(tmp_path / "root", layer_caches=[cache_dir])
+    try:
+        key = f"default/1/extract-1 {chain[0]}"
+        mounts = sn.prepare(key, "", {"containerd.io/snapshot.ref": chain[0]})
+        assert mounts
+        assert [(i.name, i.kind) for i in sn.walk()] == [(key, Kind.ACTIVE)]
+        assert sn.layer_cache.hits == 0
+    finally:
+        sn.close()
