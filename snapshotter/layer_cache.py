@@ -15,6 +15,10 @@ extraction key's last word). A bottom layer's chain ID is its diffID; above it, 
 sha256(parent chain ID + " " + diffID), so the cache's entry whose diffID gives the label's
 chain ID over the snapshot's parent (which containerd names by its chain ID) is the layer.
 
+Prepare looks the same entry up when containerd's unpacker labels an extraction with its chain
+ID, and commits the layer there, so containerd skips the layer's download (snapshots.py
+`_commit_from_cache`; docs/containerd.md "Layer cache").
+
 An entry is trusted no more than a layer from a registry: it is copied (reflinked where the
 file system can) into the snapshot first, and the copy is checked, so a cache changed
 underneath cannot slip anything past: the verity superblock must declare the geometry every
