@@ -438,6 +438,15 @@ def test_pull_fetches_and_converts_from_the_first_refused_or_missing_layer(cache
 
 # -- Prepare's hit, on the snapshotter itself -------------------------------------------------
 
+def _close(sn) -> None:
+    """Close SN and unmount the parent layers its Prepares mounted (as `serve` leaves them)."""
+    from snapshotter import hostmount
+
+    sn.close()
+    for directory in (sn.root / "snapshots").iterdir():
+        hostmount.unmount_all(directory / "fs")
+
+
 def _unpack_prepare(sn, chain: list[str], i: int, nonce: str, parent: str = "") -> None:
     labels = {"containerd.io/snapshot.ref": chain[i]}
     sn.prepare(f"default/{nonce}/extract-{nonce} {chain[i]}", parent, labels)
@@ -474,7 +483,7 @@ def test_prepare_hit_commits_the_chain_id_once_even_when_raced(published, tmp_pa
         with mounted_erofs(sn.layout.layer(sn.store.get_info(chain[0])[0])) as mnt:
             assert (mnt / "bin/busybox").is_file()
     finally:
-        sn.close()
+        _close(sn)
 
 
 def test_prepare_with_a_refused_entry_is_a_normal_prepare(published, tmp_path):
@@ -494,4 +503,34 @@ def test_prepare_with_a_refused_entry_is_a_normal_prepare(published, tmp_path):
         assert [(i.name, i.kind) for i in sn.walk()] == [(key, Kind.ACTIVE)]
         assert sn.layer_cache.hits == 0
     finally:
-        sn.close()
+        _close(sn)
+
+
+def test_vm_mode_rootfs_over_layers_committed_at_prepare_verifies_against_the_publisher(
+        published, tmp_path):
+    """A keyless VM-mode node whose layers all came from the cache at Prepare: the rootfs over
+    them has the roots the publisher signed (`manifest verify --snapshot`)."""
+    from snapshotter.errdefs import AlreadyExists
+    from snapshotter.snapshots import Snapshotter
+    from snapshotter.vm_mode import MOUNT_TYPE
+
+    chain = chain_ids(published["info"]["diff_ids"])
+    root = tmp_path / "root"
+    sn = Snapshotter(root, vm_mode=True, layer_caches=[published["cache"]])
+    try:
+        for i in range(3):
+            with pytest.raises(AlreadyExists):
+                _unpack_prepare(sn, chain, i, str(i), chain[i - 1] if i else "")
+        assert sn.layer_cache.hits == 3
+        mounts = sn.prepare("rootfs", chain[2], {})
+        assert [m.type for m in mounts] == [MOUNT_TYPE]  # the VM-mode rootfs over the chain
+    finally:
+        _close(sn)
+    image = f"{published['registry'].host}/demo/cached:1"
+    fetched = tmp_path / "fetched"
+    ok_json("manifest", "fetch", image, "--out", fetched, "--plain-http")
+    report = ok_json("manifest", "verify", fetched, "--trust", f"{published['key']}.pub",
+                     "--snapshot", root / "rootfs", "--image",
+                     published["report"]["image_digest"])
+    devices = published["report"]["devices"]
+    assert report["roots"] == [devices["fsmeta"], *devices["layers"]]
