@@ -101,3 +101,16 @@ def extract_with_gnu_tar(tar_path: Path, dest: Path) -> None:
 def _pax_ns(text: str) -> int:
     sec, _, frac = text.partition(".")
     return int(sec) * 1_000_000_000 + int((frac + "000000000")[:9])
+
+
+def gzip_tar(files: dict[str, bytes]) -> bytes:
+    """A gzip'd PAX tar of regular FILES (name -> content), mtime 1: a small real layer."""
+    import gzip
+
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in files.items():
+            entry = tarfile.TarInfo(name)
+            entry.size, entry.mtime = len(data), 1
+            tar.addfile(entry, io.BytesIO(data))
+    return gzip.compress(raw.getvalue(), mtime=0)

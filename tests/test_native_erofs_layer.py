@@ -45,24 +45,6 @@ def stack() -> Iterator[Stack]:
     shutil.rmtree(base, ignore_errors=True)
 
 
-def _ingest(stack: Stack, blob: Path, digest: str) -> None:
-    """Put the blob in containerd's content store as a GC root. containerd collects content
-    nothing references at every GC (one runs shortly after it starts), so the blob is labelled
-    right after the ingest, and ingested again if a GC took it before the label could land."""
-    ctr = stack.containerd
-    base = [ctr.dist.tool("ctr"), "--address", str(ctr.socket), "-n", "default", "content"]
-    for _attempt in range(5):
-        with open(blob, "rb") as f:
-            subprocess.run([*base, "ingest", "--expected-digest", digest, "--expected-size",
-                            str(blob.stat().st_size), f"ingest-{digest[7:19]}"],
-                           stdin=f, check=True, capture_output=True, env=ctr.env())
-        label = subprocess.run([*base, "label", digest, "containerd.io/gc.root=test"],
-                               capture_output=True, env=ctr.env())
-        if label.returncode == 0:
-            return
-    raise AssertionError(f"containerd kept collecting {digest}: {label.stderr!r}")
-
-
 def _apply(stack: Stack, key: str, digest: str, size: int) -> tuple[grpc.StatusCode, object]:
     with grpc.insecure_channel(f"unix:{stack.service.socket}") as channel:
         snapshots = pb_grpc.SnapshotsStub(channel)
@@ -84,7 +66,7 @@ def test_native_erofs_layer_is_stored_as_it_is(stack: Stack, tmp_path: Path) -> 
                                                  Entry("etc/os", data=b"native\n")]), layer)
     blob = layer.read_bytes()
     digest = "sha256:" + hashlib.sha256(blob).hexdigest()
-    _ingest(stack, layer, digest)
+    stack.containerd.ingest(layer, digest)
     code, reply = _apply(stack, "default/1/extract-native", digest, len(blob))
     assert code == grpc.StatusCode.OK, reply
     assert reply.applied.digest == digest and reply.applied.media_type == EROFS_LAYER
@@ -118,7 +100,7 @@ def test_bad_native_layers_are_refused(stack: Stack, tmp_path: Path, damage: str
         blob.write_bytes(b"not an erofs image " * 500)
     size = blob.stat().st_size
     digest = "sha256:" + hashlib.sha256(blob.read_bytes()).hexdigest()
-    _ingest(stack, blob, digest)
+    stack.containerd.ingest(blob, digest)
     claimed = "sha256:" + "0" * 64 if damage == "wrong-digest" else digest
     code, details = _apply(stack, f"default/2/extract-{damage}", claimed, size)
     assert code != grpc.StatusCode.OK

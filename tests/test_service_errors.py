@@ -19,6 +19,7 @@ from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from snapshotter.api.containerd.types import descriptor_pb2
 from tests.helpers import require_root, require_tool
+from tests.layers import gzip_tar
 
 DEADLINE = 60.0
 MiB = 1 << 20
@@ -111,39 +112,6 @@ def test_unreachable_content_store_is_unavailable(tmp_path: Path) -> None:
         unmount_under(tmp_path)
 
 
-def _gzip_layer(payload: bytes) -> bytes:
-    import gzip
-    import io
-    import tarfile
-
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        entry = tarfile.TarInfo("data")
-        entry.size, entry.mtime = len(payload), 1
-        tar.addfile(entry, io.BytesIO(payload))
-    return gzip.compress(raw.getvalue(), mtime=0)
-
-
-def _ingest_as_gc_root(containerd, blob: Path, digest: str) -> None:
-    """Put BLOB in containerd's content store where its GC leaves it alone.
-
-    `ctr content ingest` holds no lease, so containerd's GC may collect the blob before it is
-    labelled a GC root; then the label fails with not found and the blob is ingested again.
-    """
-    ctr = [containerd.dist.tool("ctr"), "--address", str(containerd.socket), "-n", "default"]
-    for _ in range(10):
-        with open(blob, "rb") as f:
-            subprocess.run([*ctr, "content", "ingest", "--expected-size",
-                            str(blob.stat().st_size), "--expected-digest", digest,
-                            f"ingest-{digest[7:19]}"], stdin=f, check=True, capture_output=True,
-                           env=containerd.env(), timeout=60)
-        label = subprocess.run([*ctr, "content", "label", digest, "containerd.io/gc.root=test"],
-                               capture_output=True, text=True, env=containerd.env(), timeout=60)
-        if label.returncode == 0:
-            return
-    raise AssertionError(f"containerd kept collecting {digest}: {label.stderr}")
-
-
 def test_disk_full_apply_names_the_snapshot_directory(tmp_path: Path, small_disk: Path) -> None:
     """Through the differ, with the blob in a real containerd's content store."""
     from shim_integration.containerd_private import Containerd, system_dist
@@ -154,10 +122,10 @@ def test_disk_full_apply_names_the_snapshot_directory(tmp_path: Path, small_disk
     service = SnapshotterProcess(small_disk / "root", service_sock, tmp_path / "sn.log",
                                  extra=["--containerd-address", str(containerd.socket)])
     try:
-        blob = _gzip_layer(random.Random(29).randbytes(1 * MiB))
+        blob = gzip_tar({"data": random.Random(29).randbytes(1 * MiB)})
         digest = "sha256:" + hashlib.sha256(blob).hexdigest()
         (tmp_path / "layer.tar.gz").write_bytes(blob)
-        _ingest_as_gc_root(containerd, tmp_path / "layer.tar.gz", digest)
+        containerd.ingest(tmp_path / "layer.tar.gz", digest)
         service.start()
         filler = small_disk / "filler"
         filler.write_bytes(b"\0" * (3 * MiB))
@@ -189,20 +157,6 @@ def test_disk_full_apply_names_the_snapshot_directory(tmp_path: Path, small_disk
         unmount_under(tmp_path)
 
 
-def _gzip_tar(files: dict[str, bytes]) -> bytes:
-    import gzip
-    import io
-    import tarfile
-
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in files.items():
-            entry = tarfile.TarInfo(name)
-            entry.size, entry.mtime = len(data), 1
-            tar.addfile(entry, io.BytesIO(data))
-    return gzip.compress(raw.getvalue(), mtime=0)
-
-
 def test_configured_ceilings_reach_the_differ(tmp_path: Path) -> None:
     """serve's max_entries / max_tar_bytes keys bound what one Apply may convert: a layer over
     either is INVALID_ARGUMENT naming the ceiling, the snapshot stays active with nothing
@@ -219,9 +173,9 @@ def test_configured_ceilings_reach_the_differ(tmp_path: Path) -> None:
                                  extra=["--containerd-address", str(containerd.socket),
                                         "--config", str(config)])
     layers = {
-        "entries": (_gzip_tar({f"f{i}": b"x" for i in range(8)}), "more than 5 entries"),
-        "bytes": (_gzip_tar({"big": bytes(300 * 1024)}), f"more than {256 * 1024} bytes"),
-        "fits": (_gzip_tar({"a": b"a", "b": bytes(100 * 1024)}), None),
+        "entries": (gzip_tar({f"f{i}": b"x" for i in range(8)}), "more than 5 entries"),
+        "bytes": (gzip_tar({"big": bytes(300 * 1024)}), f"more than {256 * 1024} bytes"),
+        "fits": (gzip_tar({"a": b"a", "b": bytes(100 * 1024)}), None),
     }
     header = (("containerd-namespace", "default"),)
     try:
@@ -232,7 +186,7 @@ def test_configured_ceilings_reach_the_differ(tmp_path: Path) -> None:
             for name, (blob, refusal) in layers.items():
                 digest = "sha256:" + hashlib.sha256(blob).hexdigest()
                 (tmp_path / f"{name}.tar.gz").write_bytes(blob)
-                _ingest_as_gc_root(containerd, tmp_path / f"{name}.tar.gz", digest)
+                containerd.ingest(tmp_path / f"{name}.tar.gz", digest)
                 layer = descriptor_pb2.Descriptor(
                     media_type="application/vnd.oci.image.layer.v1.tar+gzip", digest=digest,
                     size=len(blob))

@@ -168,8 +168,7 @@ def test_apply_stores_a_sidecar_for_tar_and_native_layers(tmp_path: Path) -> Non
     from snapshotter.api.containerd.types import descriptor_pb2
     from snapshotter.diff_service import EROFS_LAYER
     from snapshotter.erofs import convert_layer
-    from tests.layers import Entry, write_tar
-    from tests.test_service_errors import _gzip_tar, _ingest_as_gc_root
+    from tests.layers import Entry, gzip_tar, write_tar
 
     require_root()
     require_tool("containerd")
@@ -178,7 +177,7 @@ def test_apply_stores_a_sidecar_for_tar_and_native_layers(tmp_path: Path) -> Non
     convert_layer(write_tar(tmp_path / "n.tar", [Entry("./", "dir"),
                                                  Entry("etc/os", data=b"native\n")]), native)
     blobs = {
-        "tar": (_gzip_tar({"a": b"a\n", "b": random.Random(3).randbytes(200_000)}),
+        "tar": (gzip_tar({"a": b"a\n", "b": random.Random(3).randbytes(200_000)}),
                 "application/vnd.oci.image.layer.v1.tar+gzip"),
         "native": (native.read_bytes(), EROFS_LAYER),
     }
@@ -195,7 +194,7 @@ def test_apply_stores_a_sidecar_for_tar_and_native_layers(tmp_path: Path) -> Non
             for name, (blob, media_type) in blobs.items():
                 digest = "sha256:" + hashlib.sha256(blob).hexdigest()
                 (tmp_path / f"{name}.blob").write_bytes(blob)
-                _ingest_as_gc_root(containerd, tmp_path / f"{name}.blob", digest)
+                containerd.ingest(tmp_path / f"{name}.blob", digest)
                 key = f"default/1/extract-{name}"
                 mounts = snapshots.Prepare(pb.PrepareSnapshotRequest(key=key), metadata=header,
                                            timeout=DEADLINE).mounts

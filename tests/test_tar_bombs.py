@@ -302,20 +302,7 @@ def _peak_rss(pid: int) -> int:
 def _apply_layer(stack: Stack, blob: Path, key: str, media_type: str
                  ) -> tuple[grpc.StatusCode, str]:
     digest = "sha256:" + hashlib.sha256(blob.read_bytes()).hexdigest()
-    ctr = stack.containerd
-    command = [ctr.dist.tool("ctr"), "--address", str(ctr.socket), "-n", "default", "content"]
-    for _ in range(5):
-        with open(blob, "rb") as f:
-            subprocess.run([*command, "ingest", "--expected-digest", digest, "--expected-size",
-                            str(blob.stat().st_size), f"ingest-{digest[7:19]}"],
-                           stdin=f, check=True, capture_output=True, env=ctr.env())
-        # Content nothing refers to is garbage to containerd's GC, which may run at any
-        # time; a gc.root label keeps it (if the GC was quicker, ingest again).
-        if subprocess.run([*command, "label", digest, "containerd.io/gc.root=test"],
-                          capture_output=True, env=ctr.env()).returncode == 0:
-            break
-    else:
-        raise AssertionError(f"containerd kept collecting {digest}")
+    stack.containerd.ingest(blob, digest)
     with grpc.insecure_channel(f"unix:{stack.service.socket}") as channel:
         mounts = pb_grpc.SnapshotsStub(channel).Prepare(
             pb.PrepareSnapshotRequest(key=key), metadata=NS).mounts
