@@ -445,7 +445,9 @@ def load_device_roots(path: Path) -> tuple[list[str], list[str]]:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise PublishError(f"{path}: not a JSON device list") from None
     if isinstance(data, dict) and "fsmeta" in data and isinstance(data.get("layers"), list):
-        devices = [data["fsmeta"], *data["layers"]]
+        from snapshotter.vm_mode import ChainImage
+
+        devices = ChainImage(path.parent, data).devices()  # the description's one reader
     elif isinstance(data, list):
         devices = data
     else:
