@@ -3,7 +3,8 @@
     python -m bench.containerd_bench [--repeat N] [--rpc-calls N]
 
 1. Import: a Debian bookworm minbase image (one gzip layer, from bench.convert_bench's cache)
-   with `ctr images import` into containerd 2.1 (Debian sid, via shim_integration.containerd_dist):
+   with `ctr images import` into containerd 2.1 (Debian sid, via
+   shim_integration.testbed.containerd_dist):
    overlayfs (walking differ), erofs-py with our differ, erofs-py converting on Commit, and
    as the anchor containerd 2.1's own erofs snapshotter with its erofs differ (`mkfs.erofs
    --tar=f`) and with the walking differ (mkfs.erofs of the directory on Commit), both running
@@ -27,11 +28,11 @@ from pathlib import Path
 import grpc
 
 from bench.convert_bench import minbase_layer
-from shim_integration.containerd_dist import from_suite
-from shim_integration.containerd_private import SnapshotterProcess, Stack, unmount_under
-from shim_integration.oci_archive import write_archive
-from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
-from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
+from shim_integration.testbed.containerd_dist import from_suite
+from shim_integration.testbed.containerd_private import SnapshotterProcess, Stack, unmount_under
+from shim_integration.testbed.oci_archive import write_archive
+from snapshotter.service.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
+from snapshotter.service.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from tests.erofs_utils_oracle import erofs_utils
 
 IMAGE = "example.com/bench/minbase:1"

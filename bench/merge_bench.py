@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 from bench.convert_bench import CACHE
-from snapshotter.erofs import convert_layer
-from snapshotter.erofs.merge import merge_layers
+from snapshotter.fsmeta.merge import merge_layers
+from snapshotter.ingest.convert import convert_layer
 from tests.layers import Entry, write_tar
 
 

@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         unpack()
         rows.append(("minbase from an unpacked directory", timed_rounds(args.repeat, [
             ("ours: convert_directory(DIR)", lambda: run([
-                sys.executable, "-c", "import sys; from snapshotter.erofs import "
+                sys.executable, "-c", "import sys; from snapshotter.ingest.convert import "
                 "convert_directory as c; c(sys.argv[1], sys.argv[2])", str(unpacked),
                 str(ours_out)]), rm(ours_out)),
             ("1.8: mkfs.erofs OUT DIR", lambda: run([*mkfs, str(theirs_out), str(unpacked)]),

@@ -1,4 +1,4 @@
-"""Host side of the guest agent protocol (shim_integration/agent.py): JSON lines over the unix
+"""Host side of the guest agent protocol (passthrough/guest/agent.py): JSON lines over the unix
 socket QEMU exposes for the agent's virtio-serial port."""
 
 from __future__ import annotations

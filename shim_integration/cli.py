@@ -15,12 +15,12 @@ from importlib.metadata import PackageNotFoundError, version
 from snapshotter.command import run_command
 
 COMMAND_MODULES = (
-    "snapshotter.erofs.cli",
+    "snapshotter.cli",
     "snapshotter.verity.cli",
-    "snapshotter.service_cli",
+    "snapshotter.service.cli",
     "shim_integration.key_cli",
     "shim_integration.publish_cli",
-    "shim_integration.demo",
+    "shim_integration.testbed.demo",
     "passthrough.cli",
 )
 

@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 @os_errors_as_ep(lambda args: args.path)
 def _generate(args: argparse.Namespace) -> int:
-    from .manifest import ManifestError, generate_key
+    from snapshotter.manifest import ManifestError, generate_key
 
     path = Path(args.path)
     if path.exists() and not args.force:
@@ -50,7 +50,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 @os_errors_as_ep(lambda args: args.path)
 def _show(args: argparse.Namespace) -> int:
-    from .manifest import ManifestError, key_id, load_public_key
+    from snapshotter.manifest import ManifestError, key_id, load_public_key
 
     with open_input(args.path) as f:
         data = f.read(1 << 20)  # a PEM key is a few hundred bytes

@@ -19,12 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from snapshotter.erofs.rules import CONVERSION_RULES
-from snapshotter.errors import EpError
-from snapshotter.fsutil import check_input, check_output, open_input, write_atomic
-from snapshotter.verity import KATA_VERITY
-
-from .registry import (
+from shim_integration.registry import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
     OCI_INDEX,
@@ -35,13 +30,17 @@ from .registry import (
     check_digest,
     sha256_digest,
 )
+from snapshotter.errors import EpError
+from snapshotter.fsutil import check_input, check_output, open_input, write_atomic
+from snapshotter.ingest.rules import CONVERSION_RULES
+from snapshotter.verity import KATA_VERITY
 
 ARTIFACT_TYPE = "application/vnd.erofs-passthrough.root-manifest.v1"
 MANIFEST_MEDIA_TYPE = "application/vnd.erofs-passthrough.root-manifest.v1+json"
 SIGNATURE_MEDIA_TYPE = "application/vnd.erofs-passthrough.root-manifest.signature.v1+json"
 EROFS_LAYER = "application/vnd.erofs.layer.v1"
 # What `--layers` pushes: the same native layer under the OCI layer prefix, the only form
-# containerd 1.7 and 2.1 unpack at all (snapshotter/diff_service.py, docs/publish.md).
+# containerd 1.7 and 2.1 unpack at all (snapshotter/service/diff_service.py, docs/publish.md).
 OCI_EROFS_LAYER = "application/vnd.oci.image.layer.v1.erofs"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 EMPTY_MEDIA_TYPE = "application/vnd.oci.empty.v1+json"
@@ -155,8 +154,8 @@ class ConvertedLayer:
 def convert_image(image: Image, work: Path, kata_verity: bool = False) -> list[ConvertedLayer]:
     """Every layer of IMAGE, lowest first, converted as the node's differ converts it."""
     # what the node's differ takes
-    from snapshotter.diff_service import LAYER_MEDIA_TYPES, NATIVE_EROFS_LAYERS
-    from snapshotter.erofs.convert import convert_layer, import_erofs_image
+    from snapshotter.ingest.convert import convert_layer, import_erofs_image
+    from snapshotter.service.diff_service import LAYER_MEDIA_TYPES, NATIVE_EROFS_LAYERS
 
     diff_ids = _list(_dict(image.config.get("rootfs")).get("diff_ids"))
     layers = image.manifest["layers"]
@@ -191,16 +190,16 @@ def convert_image(image: Image, work: Path, kata_verity: bool = False) -> list[C
 
 def chain_key(layers: list[ConvertedLayer]) -> str:
     """The name a node's snapshotter gives this chain's directory."""
-    from snapshotter.vm_mode import chain_key_of
+    from snapshotter.service.vm_mode import chain_key_of
 
     return chain_key_of([c.erofs_digest for c in layers])
 
 
 def merge_chain(layers: list[ConvertedLayer], out: Path) -> dict[str, Any]:
-    """The chain's fsmeta, exactly as `snapshotter.vm_mode.ensure_chain_image` builds it,
+    """The chain's fsmeta, exactly as `snapshotter.service.vm_mode.ensure_chain_image` builds it,
     and its device description (the shape of a chain directory's fsmeta.json)."""
-    from snapshotter.erofs.merge import LayerBlob, merge_layers
-    from snapshotter.vm_mode import fsmeta_verity
+    from snapshotter.fsmeta.merge import LayerBlob, merge_layers
+    from snapshotter.service.vm_mode import fsmeta_verity
 
     blobs = [LayerBlob(c.path, tag=c.erofs_digest.removeprefix("sha256:")) for c in layers]
     result = merge_layers(blobs, out, verity=fsmeta_verity([c.verity.get("salt", "")
@@ -218,7 +217,7 @@ def merge_chain(layers: list[ConvertedLayer], out: Path) -> dict[str, Any]:
 def root_manifest(image: Image, layers: list[ConvertedLayer], devices: dict[str, Any]
                   ) -> dict[str, Any]:
     """The root manifest of `serve`'s shape, bound to the image manifest and platform."""
-    from .manifest import build_manifest, verity_entry
+    from snapshotter.manifest import build_manifest, verity_entry
 
     return build_manifest(
         image={"repository": f"{image.client.ref.host}/{image.client.ref.repository}",
@@ -240,8 +239,8 @@ def publish(reference: str, key_path: Path, *, plain_http: bool = False,
             out_cache: Path | None = None) -> dict[str, Any]:
     """Convert, merge, sign and push; returns every digest pushed (the `--json` object).
     OUT_CACHE: also put every converted layer into that layer cache directory
-    (snapshotter.layer_cache, containerd's layer_content_caches layout)."""
-    from .manifest import ManifestError, load_private_key
+    (snapshotter.service.layer_cache, containerd's layer_content_caches layout)."""
+    from snapshotter.manifest import ManifestError, load_private_key
 
     check_input(key_path)
     try:
@@ -274,7 +273,7 @@ def fill_cache(directory: Path, layers: list[ConvertedLayer]) -> list[dict[str, 
     """Each converted layer as DIRECTORY's entry for its diffID (blob + .dmverity sidecar,
     each atomically), exactly the bytes a node's differ stores, so a node's hit has the roots
     the signed manifest names."""
-    from snapshotter.layer_cache import write_entry
+    from snapshotter.service.layer_cache import write_entry
     from snapshotter.verity import VerityInfo
 
     directory = directory.absolute()
@@ -297,7 +296,7 @@ def _roots(devices: dict[str, Any]) -> dict[str, Any]:
 
 def _push_root_manifest(image: Image, manifest: dict[str, Any], private_key: Any
                         ) -> dict[str, Any]:
-    from .manifest import sign
+    from snapshotter.manifest import sign
 
     payload, signature = sign(manifest, private_key)
     client = image.client
@@ -445,7 +444,7 @@ def load_device_roots(path: Path) -> tuple[list[str], list[str]]:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise PublishError(f"{path}: not a JSON device list") from None
     if isinstance(data, dict) and "fsmeta" in data and isinstance(data.get("layers"), list):
-        from snapshotter.vm_mode import ChainImage
+        from snapshotter.service.vm_mode import ChainImage
 
         devices = ChainImage(path.parent, data).devices()  # the description's one reader
     elif isinstance(data, list):
@@ -469,12 +468,12 @@ def snapshot_devices(spec: Path) -> Path:
     """The device list of a VM-mode snapshot given as ROOT/KEY (ROOT: `serve`'s root, the
     directory with metadata.db; KEY: the snapshot's key, which may contain slashes): its
     parents' layers name the chain directory, `ROOT/fsmeta/<chain key>/fsmeta.json`, as
-    `snapshotter.vm_mode.ensure_chain_image` publishes it. The metadata is read through a
+    `snapshotter.service.vm_mode.ensure_chain_image` publishes it. The metadata is read through a
     read-only connection: a running `serve` is neither blocked nor changed."""
     import sqlite3
 
-    from snapshotter import layer_build
-    from snapshotter.vm_mode import DESCRIPTION, chain_key
+    from snapshotter.service import layer_build
+    from snapshotter.service.vm_mode import DESCRIPTION, chain_key
 
     parts = spec.parts
     for cut in range(len(parts) - 1, 0, -1):
@@ -518,7 +517,7 @@ def verify_directory(directory: Path, trusted_keys: list[Path],
                      ) -> dict[str, Any]:
     """Check DIRECTORY's manifest.json + manifest.sig against the TRUSTED keys, that it is
     for IMAGE_DIGEST when given, and that every root of the DEVICES list is the signed one."""
-    from .manifest import ManifestError, check_devices, load_public_key, verify
+    from snapshotter.manifest import ManifestError, check_devices, load_public_key, verify
 
     keys = []
     for path in trusted_keys:

@@ -53,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 @os_errors_as_ep(lambda args: str(args.key))
 def _publish(args: argparse.Namespace) -> int:
-    from .publish import publish
+    from shim_integration.publish import publish
 
     report = publish(args.image, args.key, plain_http=args.plain_http,
                      push_layers=args.layers, layers_tag=args.layers_tag,
@@ -76,7 +76,7 @@ def _publish(args: argparse.Namespace) -> int:
 
 @os_errors_as_ep(lambda args: str(args.out))
 def _fetch(args: argparse.Namespace) -> int:
-    from .publish import fetch_manifest
+    from shim_integration.publish import fetch_manifest
 
     report = fetch_manifest(args.image, args.out, plain_http=args.plain_http,
                             platform=args.platform)
@@ -90,7 +90,7 @@ def _fetch(args: argparse.Namespace) -> int:
 
 @os_errors_as_ep(lambda args: str(args.directory))
 def _verify(args: argparse.Namespace) -> int:
-    from .publish import snapshot_devices, verify_directory
+    from shim_integration.publish import snapshot_devices, verify_directory
 
     devices = snapshot_devices(args.snapshot) if args.snapshot else args.devices
     report = verify_directory(args.directory, args.trust, devices, args.image)

@@ -39,9 +39,14 @@ from passthrough.attach import (
 )
 from passthrough.errors import AgentFailure, NotAttached
 from shim_integration.kata_volume import KataVirtualVolume, volumes_from_devices
-from shim_integration.manifest import ManifestError, SignedManifest, check_devices
 from snapshotter.errors import EpError
-from snapshotter.vm_mode import MOUNT_TYPE, VmMountError, description_option, load_chain_image
+from snapshotter.manifest import ManifestError, SignedManifest, check_devices
+from snapshotter.service.vm_mode import (
+    MOUNT_TYPE,
+    VmMountError,
+    description_option,
+    load_chain_image,
+)
 
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
@@ -61,7 +66,7 @@ class ImageRefused(ShimError):
 
 
 class MountLike(Protocol):
-    """containerd.types.Mount, as our snapshotter.mounts.Mount or the protobuf message."""
+    """containerd.types.Mount, as our snapshotter.service.mounts.Mount or the protobuf message."""
 
     type: str
     source: str

@@ -1,6 +1,6 @@
 """Running one parsed command the way every `erofs-passthrough` entry point does: an `EpError`
 is one line on stderr and exit 1, Ctrl-C is 130, SIGTERM 143 after cleanup, a closed stdout
-(`... | head`) ends quietly with 141. The root CLI and `python -m snapshotter.service_cli` both
+(`... | head`) ends quietly with 141. The root CLI and `python -m snapshotter.service.cli` both
 use it, so the service started either way behaves the same."""
 
 from __future__ import annotations

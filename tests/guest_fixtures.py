@@ -39,7 +39,7 @@ def guest_image() -> GuestImage:
 @pytest.fixture(scope="session")
 def guest_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The private key whose public half the shared guest trusts (KEY.pub beside it)."""
-    from shim_integration.manifest import generate_key
+    from snapshotter.manifest import generate_key
 
     path = tmp_path_factory.mktemp("guest-key") / "trusted.key"
     generate_key(path)

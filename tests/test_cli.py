@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.erofs.convert import convert_layer
+from snapshotter.ingest.convert import convert_layer
 from snapshotter.progress import ERASE_LINE, INTERVAL
 from tests.helpers import assert_one_line_error, require_tool
 from tests.layers import Entry, write_tar

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from shim_integration.containerd_dist import from_suite
-from shim_integration.containerd_private import Stack, system_dist, wait_for
-from shim_integration.oci_archive import build_image, chain_ids
+from shim_integration.testbed.containerd_dist import from_suite
+from shim_integration.testbed.containerd_private import Stack, system_dist, wait_for
+from shim_integration.testbed.oci_archive import build_image, chain_ids
 from tests.helpers import require_root, require_tool
 
 pytestmark = [pytest.mark.containerd, pytest.mark.root]

@@ -1,4 +1,4 @@
-"""The committed generated code in snapshotter/api matches our `.proto` files."""
+"""The committed generated code in snapshotter/service/api matches our `.proto` files."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from google.protobuf import descriptor_pb2
 
-from snapshotter.proto import generate
+from snapshotter.service.proto import generate
 
 
 def _module_for(proto: str) -> str:
-    return "snapshotter.api." + proto.removesuffix(".proto").replace("/", ".") + "_pb2"
+    return "snapshotter.service.api." + proto.removesuffix(".proto").replace("/", ".") + "_pb2"
 
 
 def _without_json_names(fdp: descriptor_pb2.FileDescriptorProto) -> None:
@@ -35,11 +35,11 @@ def test_generated_code_matches_proto_files(tmp_path: Path) -> None:
         _without_json_names(want)
         module = importlib.import_module(_module_for(want.name))
         got = descriptor_pb2.FileDescriptorProto.FromString(module.DESCRIPTOR.serialized_pb)
-        assert got == want, f"{want.name}: run python -m snapshotter.proto.generate"
+        assert got == want, f"{want.name}: run python -m snapshotter.service.proto.generate"
 
 
 def test_service_method_paths_are_containerds() -> None:
-    from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2
+    from snapshotter.service.api.containerd.services.snapshots.v1 import snapshots_pb2
 
     service = snapshots_pb2.DESCRIPTOR.services_by_name["Snapshots"]
     assert service.full_name == "containerd.services.snapshots.v1.Snapshots"

@@ -11,10 +11,10 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 
-from shim_integration.containerd_private import SnapshotterProcess, unmount_under
-from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
-from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
-from snapshotter.layout import MARKER, MARKER_TEXT
+from shim_integration.testbed.containerd_private import SnapshotterProcess, unmount_under
+from snapshotter.service.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
+from snapshotter.service.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
+from snapshotter.service.layout import MARKER, MARKER_TEXT
 from tests.helpers import require_root, require_tool
 
 Code = grpc.StatusCode

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from shim_integration.containerd_private import unmount_under
+from shim_integration.testbed.containerd_private import unmount_under
 from tests.helpers import require_root
 
 REPO = Path(__file__).resolve().parent.parent

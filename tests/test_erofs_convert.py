@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.erofs import ErofsImage
+from snapshotter.erofs.reader import ErofsImage
 from tests.helpers import mounted_erofs, require_root, require_tool
 from tests.layers import Entry, compress, extract_with_gnu_tar, write_tar
 from tests.treecompare import diff_views, hardlink_groups, tree_view
@@ -407,7 +407,7 @@ def test_directory_source_keeps_whiteouts_hardlinks_and_xattrs(
     awkward_tar: Path, tmp_path: Path
 ) -> None:
     require_root()
-    from snapshotter.erofs import convert_directory
+    from snapshotter.ingest.convert import convert_directory
 
     src = tmp_path / "upper"
     extract_with_gnu_tar(awkward_tar, src)

@@ -22,14 +22,14 @@ import pytest
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from snapshotter.erofs import ErofsImage, convert_layer
-from snapshotter.erofs.convert import import_erofs_image
 from snapshotter.erofs.format import NULL_ADDR, SUPER_OFFSET, Dirent
-from snapshotter.erofs.merge import merge_layers
+from snapshotter.erofs.reader import ErofsImage
 from snapshotter.erofs.tree import Chunks, Node
-from snapshotter.erofs.validate import InvalidLayer, superblock_checksum
 from snapshotter.erofs.writer import DataWriter, ImageParams, header_blocks, write_metadata
 from snapshotter.errors import EpError
+from snapshotter.fsmeta.merge import merge_layers
+from snapshotter.ingest.convert import convert_layer, import_erofs_image
+from snapshotter.ingest.validate import InvalidLayer, superblock_checksum
 from tests.fuzz import targets
 from tests.helpers import mounted_erofs, require_root
 from tests.layers import Entry, write_tar

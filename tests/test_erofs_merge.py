@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.erofs import ErofsImage, convert_layer
-from snapshotter.erofs.merge import merge_layers
+from snapshotter.erofs.reader import ErofsImage
+from snapshotter.fsmeta.merge import merge_layers
 from snapshotter.fsmount import mount_erofs
+from snapshotter.ingest.convert import convert_layer
 from tests.helpers import mounted_erofs, require_root
 from tests.layers import Entry, write_tar
 from tests.test_erofs_convert import run_cli

@@ -23,8 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.erofs import ErofsImage
-from snapshotter.erofs.reader import InodeInfo
+from snapshotter.erofs.reader import ErofsImage, InodeInfo
 from tests.erofs_utils_oracle import CACHE, ErofsUtils, OracleUnavailable, erofs_utils
 from tests.helpers import mounted_erofs, require_root
 from tests.layers import Entry, compress, extract_with_gnu_tar, write_tar

@@ -10,11 +10,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from shim_integration.containerd_private import SnapshotterProcess, unmount_under
-from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
-from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
+from shim_integration.testbed.containerd_private import SnapshotterProcess, unmount_under
 from snapshotter.errdefs import InvalidArgument
-from snapshotter.filters import compile_filters
+from snapshotter.service.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
+from snapshotter.service.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
+from snapshotter.service.filters import compile_filters
 from tests.helpers import require_root
 
 DEADLINE = 30.0  # only so that a regression cannot hang CI; a correct List takes milliseconds

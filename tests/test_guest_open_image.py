@@ -23,11 +23,11 @@ import pytest
 from passthrough.agent_client import AgentClient
 from passthrough.attach import Attacher
 from passthrough.errors import AgentFailure
+from passthrough.guest import agent as agent_module
 from passthrough.vm import Vm
-from shim_integration import agent as agent_module
-from shim_integration.manifest import generate_key, load_private_key, sign
 from shim_integration.shim import AttachPlan, ImageRefused, Shim, plan_from_mounts
-from snapshotter.snapshots import Snapshotter
+from snapshotter.manifest import generate_key, load_private_key, sign
+from snapshotter.service.snapshots import Snapshotter
 from tests.guest_fixtures import assert_clean
 from tests.helpers import require_root, require_tool, unmount_below
 from tests.test_erofs_merge import mounted_fsmeta

@@ -16,15 +16,15 @@ from typing import Any
 
 import pytest
 
-from passthrough.vm import Vm, VmConfig
-from shim_integration.guest_verify import (
+from passthrough.guest.verify import (
     check_offered,
     device_root,
     encode_trusted_keys,
     trusted_keys_from_cmdline,
     verity_params,
 )
-from shim_integration.manifest import (
+from passthrough.vm import Vm, VmConfig
+from snapshotter.manifest import (
     ManifestError,
     build_manifest,
     generate_key,

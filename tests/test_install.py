@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.serve_config import ServeConfig, example_toml, load_config
+from snapshotter.service.serve_config import ServeConfig, example_toml, load_config
 from tests.helpers import require_root, require_tool
 
 REPO = Path(__file__).resolve().parent.parent

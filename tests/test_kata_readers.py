@@ -47,8 +47,8 @@ from passthrough.agent_client import AgentClient
 from passthrough.attach import Attacher
 from passthrough.guest_volume import find_disk
 from shim_integration.kata_volume import KATA_VOLUME_OPTION, volumes_from_devices
-from snapshotter.erofs.convert import convert_directory, convert_layer, import_erofs_image
 from snapshotter.errors import EpError
+from snapshotter.ingest.convert import convert_directory, convert_layer, import_erofs_image
 from snapshotter.verity import KATA_VERITY, VerityInfo, VerityParams, format_file
 from tests.helpers import require_tool
 
@@ -410,8 +410,8 @@ def test_serve_kata_verity_makes_a_vm_mode_image_every_reader_verifies(tmp_path)
     Commit converts and the chain's fsmeta. The VM-mode plan's Kata options then need no
     kata-types-only opt-in, and each reader's table verifies each device with veritysetup."""
     from shim_integration.shim import plan_from_mounts
-    from snapshotter.snapshots import Snapshotter
-    from snapshotter.vm_mode import VM_MODE_LABEL
+    from snapshotter.service.snapshots import Snapshotter
+    from snapshotter.service.vm_mode import VM_MODE_LABEL
     from tests.helpers import require_root
 
     require_root()

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from shim_integration.containerd_private import Stack
-from shim_integration.oci_archive import build_image, chain_ids, layer_tar
-from snapshotter.layer_cache import CacheEntryError, LayerCache, blob_path, chain_id
-from snapshotter.serve_config import load_config
+from shim_integration.testbed.containerd_private import Stack
+from shim_integration.testbed.oci_archive import build_image, chain_ids, layer_tar
+from snapshotter.service.layer_cache import CacheEntryError, LayerCache, blob_path, chain_id
+from snapshotter.service.serve_config import load_config
 from snapshotter.verity import KATA_VERITY
 from snapshotter.verity.files import format_file
 from tests.erofs_utils_oracle import OracleUnavailable, erofs_utils
@@ -342,7 +342,7 @@ def test_entry_built_as_containerds_build_erofs_cache_is_used(published, tmp_pat
 def test_bad_layer_caches_setting_is_one_line(tmp_path, toml, expected):
     config = tmp_path / "serve.toml"
     config.write_text(toml + "\n")
-    proc = subprocess.run([sys.executable, "-m", "snapshotter.service_cli", "serve", "--config",
+    proc = subprocess.run([sys.executable, "-m", "snapshotter.service.cli", "serve", "--config",
                            str(config), "--root", str(tmp_path / "root")],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
@@ -440,7 +440,7 @@ def test_pull_fetches_and_converts_from_the_first_refused_or_missing_layer(cache
 
 def _close(sn) -> None:
     """Close SN and unmount the parent layers its Prepares mounted (as `serve` leaves them)."""
-    from snapshotter import hostmount
+    from snapshotter.service import hostmount
 
     sn.close()
     for directory in (sn.root / "snapshots").iterdir():
@@ -456,8 +456,8 @@ def test_prepare_hit_commits_the_chain_id_once_even_when_raced(published, tmp_pa
     from concurrent.futures import ThreadPoolExecutor
 
     from snapshotter.errdefs import AlreadyExists
-    from snapshotter.snapshots import Snapshotter
-    from snapshotter.store import Kind
+    from snapshotter.service.snapshots import Snapshotter
+    from snapshotter.service.store import Kind
 
     info = published["info"]
     chain = chain_ids(info["diff_ids"])
@@ -487,8 +487,8 @@ def test_prepare_hit_commits_the_chain_id_once_even_when_raced(published, tmp_pa
 
 
 def test_prepare_with_a_refused_entry_is_a_normal_prepare(published, tmp_path):
-    from snapshotter.snapshots import Snapshotter
-    from snapshotter.store import Kind
+    from snapshotter.service.snapshots import Snapshotter
+    from snapshotter.service.store import Kind
 
     info = published["info"]
     chain = chain_ids(info["diff_ids"])
@@ -511,8 +511,8 @@ def test_vm_mode_rootfs_over_layers_committed_at_prepare_verifies_against_the_pu
     """A keyless VM-mode node whose layers all came from the cache at Prepare: the rootfs over
     them has the roots the publisher signed (`manifest verify --snapshot`)."""
     from snapshotter.errdefs import AlreadyExists
-    from snapshotter.snapshots import Snapshotter
-    from snapshotter.vm_mode import MOUNT_TYPE
+    from snapshotter.service.snapshots import Snapshotter
+    from snapshotter.service.vm_mode import MOUNT_TYPE
 
     chain = chain_ids(published["info"]["diff_ids"])
     root = tmp_path / "root"

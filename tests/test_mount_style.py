@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter import layer_build
 from snapshotter.errdefs import InvalidArgument
-from snapshotter.mounts import Mount
-from snapshotter.serve_config import ConfigError, load_config
-from snapshotter.snapshots import Snapshotter
+from snapshotter.service import layer_build
+from snapshotter.service.mounts import Mount
+from snapshotter.service.serve_config import ConfigError, load_config
+from snapshotter.service.snapshots import Snapshotter
 from tests.helpers import require_root, require_tool
 from tests.test_sidecar import veritysetup_verify
 
@@ -58,7 +58,7 @@ def sn(tmp_path: Path) -> Iterator[Snapshotter]:
     s = Snapshotter(tmp_path / "root", mount_style="containerd-2.3")
     yield s
     s.close()
-    from shim_integration.containerd_private import unmount_under
+    from shim_integration.testbed.containerd_private import unmount_under
     unmount_under(tmp_path)
 
 
@@ -127,7 +127,7 @@ def test_a_parentless_snapshot_with_its_own_layer_mounts_that_layer(sn: Snapshot
 def test_differ_still_recognises_containerd_2_3_active_mounts(sn: Snapshotter) -> None:
     """Our differ finds its snapshot in the containerd-2.3 shape too (erofs lowers, then the
     format/mkdir/overlay with upperdir), not only in a single bind or overlay mount."""
-    from snapshotter.diff_service import upper_dir
+    from snapshotter.service.diff_service import upper_dir
 
     chain = _chain(sn, 2)
     mounts = sn.prepare("ns/x/extract", chain[-1])
@@ -213,7 +213,7 @@ def test_classic_is_the_default_and_unchanged(tmp_path: Path) -> None:
         assert m.type == "overlay" and not any("X-containerd" in o for o in m.options)
     finally:
         s.close()
-        from shim_integration.containerd_private import unmount_under
+        from shim_integration.testbed.containerd_private import unmount_under
         unmount_under(tmp_path)
 
 
@@ -222,9 +222,11 @@ def test_serve_config_key_reaches_the_snapshots_service(tmp_path: Path) -> None:
     from Prepare, View and Mounts is that shape."""
     import grpc
 
-    from shim_integration.containerd_private import SnapshotterProcess, unmount_under
-    from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
-    from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
+    from shim_integration.testbed.containerd_private import SnapshotterProcess, unmount_under
+    from snapshotter.service.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
+    from snapshotter.service.api.containerd.services.snapshots.v1 import (
+        snapshots_pb2_grpc as pb_grpc,
+    )
 
     require_root()
     config = tmp_path / "serve.toml"
@@ -291,9 +293,9 @@ def test_containerd_before_2_2_cannot_mount_the_containerd_2_3_list(tmp_path: Pa
     mount the container's rootfs."""
     import shutil as _shutil
 
-    from shim_integration.containerd_dist import from_suite
-    from shim_integration.containerd_private import Stack, system_dist
-    from shim_integration.oci_archive import build_image
+    from shim_integration.testbed.containerd_dist import from_suite
+    from shim_integration.testbed.containerd_private import Stack, system_dist
+    from shim_integration.testbed.oci_archive import build_image
 
     require_root()
     require_tool("containerd")

@@ -16,16 +16,15 @@ from pathlib import Path
 import grpc
 import pytest
 
-from shim_integration.containerd_dist import from_suite
-from shim_integration.containerd_private import Stack
-from snapshotter.api.containerd.services.diff.v1 import diff_pb2, diff_pb2_grpc
-from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
-from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
-from snapshotter.api.containerd.types import descriptor_pb2
-from snapshotter.diff_service import EROFS_LAYER
-from snapshotter.erofs import convert_layer
-from snapshotter.erofs.convert import import_erofs_image
-from snapshotter.erofs.merge import merge_layers
+from shim_integration.testbed.containerd_dist import from_suite
+from shim_integration.testbed.containerd_private import Stack
+from snapshotter.fsmeta.merge import merge_layers
+from snapshotter.ingest.convert import convert_layer, import_erofs_image
+from snapshotter.service.api.containerd.services.diff.v1 import diff_pb2, diff_pb2_grpc
+from snapshotter.service.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
+from snapshotter.service.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
+from snapshotter.service.api.containerd.types import descriptor_pb2
+from snapshotter.service.diff_service import EROFS_LAYER
 from tests.erofs_utils_oracle import OracleUnavailable, erofs_utils
 from tests.helpers import mounted_erofs, require_root, require_tool
 from tests.layers import Entry, write_tar

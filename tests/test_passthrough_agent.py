@@ -11,8 +11,8 @@ import json
 import os
 from pathlib import Path
 
+from passthrough.guest import agent
 from passthrough.guest_volume import verity_params
-from shim_integration import agent
 
 
 def _call(req: dict | bytes) -> dict:

@@ -22,13 +22,13 @@ from pathlib import Path
 import pytest
 import requests
 
-from shim_integration import local_registry
-from shim_integration.local_registry import LocalRegistry
-from shim_integration.oci_archive import Blob, build_image, layer_tar
 from shim_integration.publish import ARTIFACT_TYPE, OCI_EROFS_LAYER
 from shim_integration.registry import OCI_MANIFEST, Reference, RegistryClient, sha256_digest
-from snapshotter.erofs.convert import convert_layer
-from snapshotter.erofs.rules import CONVERSION_RULES
+from shim_integration.testbed import local_registry
+from shim_integration.testbed.local_registry import LocalRegistry
+from shim_integration.testbed.oci_archive import Blob, build_image, layer_tar
+from snapshotter.ingest.convert import convert_layer
+from snapshotter.ingest.rules import CONVERSION_RULES
 from snapshotter.verity import KATA_VERITY
 from tests.helpers import assert_one_line_error, require_tool
 
@@ -162,8 +162,8 @@ def test_layers_image_is_native_erofs_with_its_own_signed_roots(world, tmp_path)
     """--layers: an image of application/vnd.erofs.layer.v1 blobs that are the converted
     layers' EROFS bytes; a node importing them (the differ's native path) gets the roots the
     second signed manifest names, and the same fsmeta."""
-    from snapshotter.erofs.convert import import_erofs_image
-    from snapshotter.erofs.merge import LayerBlob, merge_layers
+    from snapshotter.fsmeta.merge import LayerBlob, merge_layers
+    from snapshotter.ingest.convert import import_erofs_image
 
     published = world["published"]
     erofs = published["erofs_image"]
@@ -381,8 +381,8 @@ def test_verify_against_a_vm_mode_snapshot(world, fetched, tmp_path):
     (convert_layer with the snapshotter's layer verity, published into the snapshot, then
     Commit), a VM-mode rootfs prepared over them; `verify --snapshot ROOT/KEY` finds its
     chain's devices and they match the publisher's signed roots."""
-    from snapshotter import layer_build
-    from snapshotter.snapshots import Snapshotter
+    from snapshotter.service import layer_build
+    from snapshotter.service.snapshots import Snapshotter
     from tests.helpers import require_root, unmount_below
 
     require_root()

@@ -26,11 +26,11 @@ import pytest
 
 from passthrough.agent_client import AgentClient
 from passthrough.attach import Attacher
-from shim_integration.manifest import key_id, load_private_key
-from shim_integration.oci_archive import build_image, chain_ids
 from shim_integration.publish import OCI_EROFS_LAYER
 from shim_integration.registry import OCI_MANIFEST, Reference, RegistryClient
 from shim_integration.shim import Shim, plan_from_fetched
+from shim_integration.testbed.oci_archive import build_image, chain_ids
+from snapshotter.manifest import key_id, load_private_key
 from tests.helpers import require_root, require_tool
 from tests.test_publish_node import LAYERS, MOTD, PAYLOAD, _store_key
 
@@ -63,7 +63,7 @@ def published(tmp_path_factory: pytest.TempPathFactory, guest_key: Path
     """A registry holding a 3-layer tar image published with `--layers`. The publisher's key
     is the one the session's TCG guest trusts; it lives in its own directory, and nothing the
     node runs is given it."""
-    from shim_integration.local_registry import push_archive, running_registry
+    from shim_integration.testbed.local_registry import push_archive, running_registry
 
     require_root()
     require_tool("docker-registry")
@@ -92,8 +92,8 @@ def node(request: pytest.FixtureRequest, published: Published,
          tmp_path_factory: pytest.TempPathFactory) -> Iterator[PulledNode]:
     """A keyless VM-mode node on containerd 1.7 or 2.1 that pulled the `--layers` image and
     prepared a rootfs over its chain."""
-    from shim_integration.containerd_dist import from_suite
-    from shim_integration.containerd_private import SNAPSHOTTER, Snapshots, Stack
+    from shim_integration.testbed.containerd_dist import from_suite
+    from shim_integration.testbed.containerd_private import SNAPSHOTTER, Snapshots, Stack
 
     version = request.param
     dist = from_suite(SUITES[version])

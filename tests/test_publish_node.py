@@ -26,9 +26,9 @@ import pytest
 
 from passthrough.agent_client import AgentClient
 from passthrough.attach import Attacher
-from shim_integration.manifest import generate_key, key_id, load_private_key, sign
-from shim_integration.oci_archive import build_image, chain_ids
 from shim_integration.shim import ImageRefused, Shim, ShimError, plan_from_fetched, plan_from_mounts
+from shim_integration.testbed.oci_archive import build_image, chain_ids
+from snapshotter.manifest import generate_key, key_id, load_private_key, sign
 from tests.helpers import require_root, require_tool
 
 pytestmark = [pytest.mark.qemu, pytest.mark.root, pytest.mark.slow]
@@ -85,9 +85,9 @@ def _store_key(serve_root: Path, containerd_key: str) -> str:
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory, guest_key: Path) -> Iterator[Node]:
     """Registry, published image, and a keyless node that pulled it and prepared a rootfs."""
-    from shim_integration.containerd_dist import from_suite
-    from shim_integration.containerd_private import SNAPSHOTTER, Snapshots, Stack
-    from shim_integration.local_registry import push_archive, running_registry
+    from shim_integration.testbed.containerd_dist import from_suite
+    from shim_integration.testbed.containerd_private import SNAPSHOTTER, Snapshots, Stack
+    from shim_integration.testbed.local_registry import push_archive, running_registry
 
     require_root()
     require_tool("docker-registry")

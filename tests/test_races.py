@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from shim_integration.containerd_private import unmount_under
-from snapshotter import layer_build
+from shim_integration.testbed.containerd_private import unmount_under
 from snapshotter.errdefs import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from snapshotter.errors import EpError
-from snapshotter.snapshots import Snapshotter
+from snapshotter.service import layer_build
+from snapshotter.service.snapshots import Snapshotter
 from tests.helpers import require_root, require_tool
 
 LOSING_COMMIT = (NotFound, AlreadyExists, FailedPrecondition)
@@ -265,7 +265,7 @@ def test_commit_of_an_unchanged_tree_keeps_every_kind(sn: Snapshotter) -> None:
 def test_cleanup_racing_vm_mode_prepares_keeps_their_chain_images(sn: Snapshotter) -> None:
     """A VM-mode Prepare builds its chain's fsmeta before its row exists: a Cleanup then
     must neither delete the build in progress nor the finished image."""
-    from snapshotter.vm_mode import VM_MODE_LABEL
+    from snapshotter.service.vm_mode import VM_MODE_LABEL
 
     _prepare_with(sn, "ns/1/a", {"hello": b"committed content\n"})
     sn.commit("ns/2/A", "ns/1/a")

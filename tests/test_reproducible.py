@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.erofs.convert import convert_layer, import_erofs_image
-from snapshotter.erofs.merge import LayerBlob, merge_layers
+from snapshotter.fsmeta.merge import LayerBlob, merge_layers
+from snapshotter.ingest.convert import convert_layer, import_erofs_image
 from snapshotter.verity.params import derive_salt
 from tests.helpers import require_tool
 from tests.layers import Entry, compress, write_tar

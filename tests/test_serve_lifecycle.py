@@ -19,9 +19,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from shim_integration.containerd_private import REPO, SnapshotterProcess, unmount_under
-from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
-from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
+from shim_integration.testbed.containerd_private import REPO, SnapshotterProcess, unmount_under
+from snapshotter.service.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
+from snapshotter.service.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from tests.helpers import mounted_erofs, require_root, require_tool
 
 SYS_TGKILL = 234  # x86_64

@@ -16,11 +16,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from shim_integration.containerd_private import SnapshotterProcess, unmount_under, wait_for
-from snapshotter import preflight
-from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
-from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
-from snapshotter.serve_config import ConfigError, ServeConfig, load_config, toml_literal
+from shim_integration.testbed.containerd_private import SnapshotterProcess, unmount_under, wait_for
+from snapshotter.service import preflight
+from snapshotter.service.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
+from snapshotter.service.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
+from snapshotter.service.serve_config import ConfigError, ServeConfig, load_config, toml_literal
 from tests.helpers import require_root, require_tool
 
 REPO = Path(__file__).resolve().parent.parent
@@ -117,7 +117,7 @@ def test_config_file_keys_reach_the_running_service(tmp_path: Path) -> None:
                       "vm_mode = false\ngrace_seconds = 1.5\n")
     log = tmp_path / "sn.log"
     with open(log, "ab") as out:
-        serve = subprocess.Popen([sys.executable, "-m", "snapshotter.service_cli", "serve",
+        serve = subprocess.Popen([sys.executable, "-m", "snapshotter.service.cli", "serve",
                                   "--root", str(tmp_path / "root"), "--config", str(config)],
                                  cwd=REPO, stdout=out, stderr=out)
     service = SnapshotterProcess(tmp_path / "root", socket, log)
@@ -279,7 +279,7 @@ def test_stray_entry_in_snapshots_does_not_stop_the_start(tmp_path: Path, kind: 
         os.mkfifo(stray)
     log = tmp_path / "sn.log"
     with open(log, "ab") as out:
-        serve = subprocess.Popen([sys.executable, "-m", "snapshotter.service_cli", "serve",
+        serve = subprocess.Popen([sys.executable, "-m", "snapshotter.service.cli", "serve",
                                   "--root", str(tmp_path / "root"), "--address",
                                   str(tmp_path / "sn.sock")], cwd=REPO, stdout=out, stderr=out)
     service = SnapshotterProcess(tmp_path / "root", tmp_path / "sn.sock", log)

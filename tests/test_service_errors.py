@@ -13,11 +13,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from shim_integration.containerd_private import SnapshotterProcess, unmount_under
-from snapshotter.api.containerd.services.diff.v1 import diff_pb2, diff_pb2_grpc
-from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
-from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
-from snapshotter.api.containerd.types import descriptor_pb2
+from shim_integration.testbed.containerd_private import SnapshotterProcess, unmount_under
+from snapshotter.service.api.containerd.services.diff.v1 import diff_pb2, diff_pb2_grpc
+from snapshotter.service.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
+from snapshotter.service.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
+from snapshotter.service.api.containerd.types import descriptor_pb2
 from tests.helpers import require_root, require_tool
 from tests.layers import gzip_tar
 
@@ -114,7 +114,7 @@ def test_unreachable_content_store_is_unavailable(tmp_path: Path) -> None:
 
 def test_disk_full_apply_names_the_snapshot_directory(tmp_path: Path, small_disk: Path) -> None:
     """Through the differ, with the blob in a real containerd's content store."""
-    from shim_integration.containerd_private import Containerd, system_dist
+    from shim_integration.testbed.containerd_private import Containerd, system_dist
 
     require_tool("containerd")
     service_sock = tmp_path / "sn.sock"
@@ -161,7 +161,7 @@ def test_configured_ceilings_reach_the_differ(tmp_path: Path) -> None:
     """serve's max_entries / max_tar_bytes keys bound what one Apply may convert: a layer over
     either is INVALID_ARGUMENT naming the ceiling, the snapshot stays active with nothing
     half-written, and a layer within both applies."""
-    from shim_integration.containerd_private import Containerd, system_dist
+    from shim_integration.testbed.containerd_private import Containerd, system_dist
 
     require_root()
     require_tool("containerd")

@@ -21,7 +21,8 @@ from shim_integration.kata_volume import (
     KataVirtualVolume,
     volumes_from_devices,
 )
-from shim_integration.manifest import (
+from snapshotter.errors import EpError
+from snapshotter.manifest import (
     ManifestError,
     build_manifest,
     check_devices,
@@ -31,7 +32,6 @@ from shim_integration.manifest import (
     sign,
     verify,
 )
-from snapshotter.errors import EpError
 
 ROOT = "ab" * 32
 
@@ -200,8 +200,8 @@ def test_key_cli(tmp_path: Path) -> None:
 
 def _described_mount(fsmeta: Path, devices: list[dict]):
     """A VM-mode mount as the snapshotter hands it out: the description beside the fsmeta."""
-    from snapshotter.mounts import Mount
-    from snapshotter.vm_mode import DESCRIPTION_OPTION, MOUNT_TYPE
+    from snapshotter.service.mounts import Mount
+    from snapshotter.service.vm_mode import DESCRIPTION_OPTION, MOUNT_TYPE
 
     description = fsmeta.parent / "fsmeta.json"
     description.write_text(json.dumps({"fsmeta": devices[0], "layers": devices[1:]}))
@@ -254,7 +254,7 @@ def test_attach_plan_from_vm_mode_mounts(tmp_path: Path) -> None:
 
 def test_attach_plan_refuses_what_it_cannot_use(tmp_path: Path) -> None:
     from shim_integration.shim import ShimError, plan_from_mounts
-    from snapshotter.mounts import Mount
+    from snapshotter.service.mounts import Mount
 
     overlay = Mount("overlay", "overlay", ["lowerdir=/a:/b"])
     with pytest.raises(ShimError, match="not a VM-mode rootfs"):
@@ -292,8 +292,8 @@ def test_kata_options_of_a_vm_mode_plan_verify_each_device_for_every_reader(tmp_
     options, decoded by each of Kata's readers (tests/test_kata_readers.py), give every
     device one table, and that table verifies the device's file with veritysetup."""
     from shim_integration.shim import plan_from_mounts
-    from snapshotter.erofs.convert import convert_directory
-    from snapshotter.erofs.merge import merge_layers
+    from snapshotter.fsmeta.merge import merge_layers
+    from snapshotter.ingest.convert import convert_directory
     from snapshotter.verity import KATA_VERITY, format_file
     from tests.helpers import require_tool
     from tests.test_kata_readers import DEVICE, tables_of, veritysetup_verify

@@ -17,8 +17,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from snapshotter import layer_build
-from snapshotter.snapshots import Snapshotter
+from snapshotter.service import layer_build
+from snapshotter.service.snapshots import Snapshotter
 from snapshotter.verity import VerityInfo
 from tests.helpers import require_root, require_tool
 
@@ -156,18 +156,20 @@ def test_sidecar_is_written_before_layer_json(tmp_path: Path, monkeypatch) -> No
 def test_apply_stores_a_sidecar_for_tar_and_native_layers(tmp_path: Path) -> None:
     """The differ's Apply with the blobs in a real containerd's content store: a gzip tar
     layer and a native EROFS layer, each committed, each with its verifying sidecar."""
-    from shim_integration.containerd_private import (
+    from shim_integration.testbed.containerd_private import (
         Containerd,
         SnapshotterProcess,
         system_dist,
         unmount_under,
     )
-    from snapshotter.api.containerd.services.diff.v1 import diff_pb2, diff_pb2_grpc
-    from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
-    from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
-    from snapshotter.api.containerd.types import descriptor_pb2
-    from snapshotter.diff_service import EROFS_LAYER
-    from snapshotter.erofs import convert_layer
+    from snapshotter.ingest.convert import convert_layer
+    from snapshotter.service.api.containerd.services.diff.v1 import diff_pb2, diff_pb2_grpc
+    from snapshotter.service.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
+    from snapshotter.service.api.containerd.services.snapshots.v1 import (
+        snapshots_pb2_grpc as pb_grpc,
+    )
+    from snapshotter.service.api.containerd.types import descriptor_pb2
+    from snapshotter.service.diff_service import EROFS_LAYER
     from tests.layers import Entry, gzip_tar, write_tar
 
     require_root()

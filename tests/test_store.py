@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from snapshotter.errdefs import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from snapshotter.store import Kind, Store, Usage
+from snapshotter.service.store import Kind, Store, Usage
 
 
 @pytest.fixture
@@ -99,7 +99,7 @@ def test_kill_mid_transaction_restarts_consistent(tmp_path: Path) -> None:
     db = tmp_path / "metadata.db"
     script = f"""
 import os, signal
-from snapshotter.store import Kind, Store
+from snapshotter.service.store import Kind, Store
 s = Store(__import__("pathlib").Path({str(db)!r}))
 with s.transaction() as db:
     s.create(db, Kind.ACTIVE, "kept", "", {{}})

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter import layer_build
-from snapshotter.snapshots import Snapshotter
+from snapshotter.service import layer_build
+from snapshotter.service.snapshots import Snapshotter
 from tests.helpers import require_tool
 
 

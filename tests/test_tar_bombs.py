@@ -23,15 +23,15 @@ from pathlib import Path
 import grpc
 import pytest
 
-from shim_integration.containerd_dist import from_suite
-from shim_integration.containerd_private import Stack
-from snapshotter.api.containerd.services.diff.v1 import diff_pb2, diff_pb2_grpc
-from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
-from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
-from snapshotter.api.containerd.types import descriptor_pb2
-from snapshotter.erofs.convert import convert_layer
+from shim_integration.testbed.containerd_dist import from_suite
+from shim_integration.testbed.containerd_private import Stack
 from snapshotter.erofs.limits import Limits
 from snapshotter.errors import EpError
+from snapshotter.ingest.convert import convert_layer
+from snapshotter.service.api.containerd.services.diff.v1 import diff_pb2, diff_pb2_grpc
+from snapshotter.service.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
+from snapshotter.service.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
+from snapshotter.service.api.containerd.types import descriptor_pb2
 from tests import tarcraft as t
 from tests.helpers import mounted_erofs, require_root
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.erofs import ErofsImage
-from snapshotter.erofs.tarstream import TarReader
+from snapshotter.erofs.reader import ErofsImage
+from snapshotter.ingest.tarstream import TarReader
 from tests.helpers import mounted_erofs, require_root, require_tool
 from tests.test_erofs_convert import convert
 

@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 
 from shim_integration.shim import devices_of
-from snapshotter import fsmount, mount_helper
-from snapshotter.snapshots import Snapshotter
-from snapshotter.vm_mode import MOUNT_PROGRAM, MOUNT_TYPE, VM_MODE_LABEL
+from snapshotter import fsmount
+from snapshotter.service import mount_helper
+from snapshotter.service.snapshots import Snapshotter
+from snapshotter.service.vm_mode import MOUNT_PROGRAM, MOUNT_TYPE, VM_MODE_LABEL
 from tests.helpers import require_root, require_tool, unmount_below
 from tests.test_erofs_merge import mounted_fsmeta
 from tests.treecompare import diff_views, tree_view
@@ -78,7 +79,7 @@ def mount_program_env(tmp_path: Path) -> dict[str, str]:
         bin_dir.mkdir(exist_ok=True)
         program = bin_dir / MOUNT_PROGRAM
         program.write_text(f"#!{sys.executable}\nimport sys\n"
-                           "from snapshotter.mount_helper import main\nsys.exit(main())\n")
+                           "from snapshotter.service.mount_helper import main\nsys.exit(main())\n")
         program.chmod(0o755)
     return {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
 
@@ -185,7 +186,7 @@ def test_label_overrides_the_configured_default(tmp_path: Path, label: str) -> N
 
 def test_signing_key_publishes_a_manifest_the_devices_match(tmp_path: Path) -> None:
     require_root()
-    from shim_integration.manifest import check_devices, generate_key, load_public_key, verify
+    from snapshotter.manifest import check_devices, generate_key, load_public_key, verify
 
     generate_key(tmp_path / "key")
     sn = Snapshotter(tmp_path / "root", vm_mode=True, signing_key=tmp_path / "key")
@@ -331,7 +332,7 @@ def test_file_backed_probe_matches_the_kernel_and_layers_use_it(tmp_path: Path) 
     and host layer mounts follow it: the file itself as the source, or a loop device that is
     gone once the layer is unmounted."""
     require_root()
-    from snapshotter import hostmount
+    from snapshotter.service import hostmount
 
     sn = Snapshotter(tmp_path / "root")
     _chain(sn, 1)

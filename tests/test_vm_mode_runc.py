@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from shim_integration.containerd_private import Stack
-from shim_integration.oci_archive import build_image, chain_ids
-from snapshotter.vm_mode import MOUNT_TYPE
+from shim_integration.testbed.containerd_private import Stack
+from shim_integration.testbed.oci_archive import build_image, chain_ids
+from snapshotter.service.vm_mode import MOUNT_TYPE
 from tests.helpers import require_root, require_tool
 from tests.test_containerd import IMAGE, LIST_SCRIPT, OURS, THEIRS, VERSIONS, image_layers
 from tests.test_vm_mode import mount_program_env

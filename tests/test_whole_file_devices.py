@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.erofs import ErofsImage
-from snapshotter.erofs.merge import merge_layers
-from snapshotter.snapshots import Snapshotter
+from snapshotter.erofs.reader import ErofsImage
+from snapshotter.fsmeta.merge import merge_layers
+from snapshotter.service.snapshots import Snapshotter
+from snapshotter.service.vm_mode import VM_MODE_LABEL
 from snapshotter.verity import KATA_VERITY
-from snapshotter.vm_mode import VM_MODE_LABEL
 from tests.helpers import mounted_erofs, require_root, require_tool, unmount_below
 from tests.layers import Entry
 from tests.test_erofs_convert import run_cli

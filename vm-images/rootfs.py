@@ -41,8 +41,9 @@ BLOCK = 4096
 AGENT_PATH = "usr/lib/erofs-passthrough/agent.py"
 # The modules the agent imports, by package (beside it, as those packages; stdlib +
 # python3-cryptography only). Their bytes are part of the root image's key.
-GUEST_MODULES = {"shim_integration": ("__init__.py", "manifest.py", "guest_verify.py"),
-                 "snapshotter": ("__init__.py", "fsmount.py")}
+GUEST_MODULES = {"passthrough": ("__init__.py",),
+                 "passthrough/guest": ("__init__.py", "verify.py"),
+                 "snapshotter": ("__init__.py", "manifest.py", "fsmount.py")}
 GUEST_MODULE_DIR = "usr/lib/erofs-passthrough"
 # File mtimes are kept (python checks its .pyc files by them); files we add get this one.
 FIXED_TIME = 1700000000
@@ -171,7 +172,8 @@ def make_verified_erofs(tree: Path, extras: dict[str, tuple[bytes, int]], out: P
 
 def converter_digest() -> str:
     """Hash of the project's converter sources: a changed converter rebuilds the image."""
-    files = sorted((HERE.parent / "snapshotter").glob("[ev]*/*.py"))
+    package = HERE.parent / "snapshotter"
+    files = sorted(p for d in ("erofs", "ingest", "verity") for p in (package / d).glob("*.py"))
     return digest(*(f.read_bytes() for f in files))
 
 
@@ -181,7 +183,7 @@ def guest_files(agent: Path) -> dict[str, tuple[bytes, int]]:
     files = {AGENT_PATH: (agent.read_bytes(), 0o755)}
     for package, names in GUEST_MODULES.items():
         for name in names:
-            source = agent.parent.parent / package / name
+            source = HERE.parent / package / name
             files[f"{GUEST_MODULE_DIR}/{package}/{name}"] = (source.read_bytes(), 0o644)
     return files
 

@@ -1,6 +1,4 @@
-"""The EROFS on-disk format: structures, writer, reader, tar import and layer conversion."""
+"""The EROFS on-disk format: structures (`format`), the writer, the reader and the inode tree.
 
-from .convert import ConvertResult, convert_directory, convert_layer
-from .reader import ErofsImage
-
-__all__ = ["ConvertResult", "ErofsImage", "convert_directory", "convert_layer"]
+Importing it loads no compressor and nothing of the layer ingestion (`snapshotter.ingest`).
+"""

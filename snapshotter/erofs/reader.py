@@ -16,9 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
-from snapshotter.errors import EpError
-
-from .format import (
+from snapshotter.erofs.format import (
     CHUNK_FORMAT_BLKBITS_MASK,
     CHUNK_FORMAT_INDEXES,
     INODE_SLOT_SIZE,
@@ -41,6 +39,7 @@ from .format import (
     XattrIbody,
     decode_dev,
 )
+from snapshotter.errors import EpError
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -28,9 +28,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from snapshotter.errors import EpError
-
-from .format import (
+from snapshotter.erofs.format import (
     CHUNK_FORMAT_INDEXES,
     FEATURE_INCOMPAT_CHUNKED_FILE,
     FEATURE_INCOMPAT_DEVICE_TABLE,
@@ -50,8 +48,9 @@ from .format import (
     encode_dev,
     file_type,
 )
-from .limits import DEFAULT_LIMITS, Limits
-from .tree import Chunks, Extent, FileData, InlineTail, Node
+from snapshotter.erofs.limits import DEFAULT_LIMITS, Limits
+from snapshotter.erofs.tree import Chunks, Extent, FileData, InlineTail, Node
+from snapshotter.errors import EpError
 
 # Called with (byte offset, bytes) for every region written, in the order written.
 WriteObserver = Callable[[int, bytes], None]

@@ -9,7 +9,7 @@
 //
 // Environment (set by tests/test_containerd_testsuite.py):
 //
-//	EROFS_PASSTHROUGH_PYTHON   the Python that runs `-m snapshotter.service_cli serve` (required)
+//	EROFS_PASSTHROUGH_PYTHON   the Python that runs `-m snapshotter.service.cli serve` (required)
 //	EROFS_PASSTHROUGH_SUITE_LOGS  directory for each serve's log (default: the case's temp dir)
 //
 // The working directory and PYTHONPATH select which checkout of the service runs.
@@ -95,7 +95,7 @@ func startServe(ctx context.Context, python, root string) (snapshots.Snapshotter
 	defer logFile.Close() // the child has its own descriptor
 
 	sp := &serveProcess{ctx: ctx, root: root, logPath: logFile.Name(), exited: make(chan struct{})}
-	sp.cmd = exec.Command(python, "-m", "snapshotter.service_cli", "serve",
+	sp.cmd = exec.Command(python, "-m", "snapshotter.service.cli", "serve",
 		"--root", root, "--address", socket, "--log-level", "debug")
 	sp.cmd.Stdout, sp.cmd.Stderr = logFile, logFile
 	if err := sp.cmd.Start(); err != nil {

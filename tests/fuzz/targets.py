@@ -23,11 +23,11 @@ from pathlib import Path
 
 from hypothesis import strategies as st
 
-from snapshotter.erofs import ErofsImage, convert_layer
-from snapshotter.erofs.convert import import_erofs_image
 from snapshotter.erofs.format import SUPER_OFFSET
-from snapshotter.erofs.merge import merge_layers
+from snapshotter.erofs.reader import ErofsImage
 from snapshotter.errors import EpError
+from snapshotter.fsmeta.merge import merge_layers
+from snapshotter.ingest.convert import convert_layer, import_erofs_image
 from tests.layers import write_tar
 from tests.test_erofs_convert import awkward_entries
 

@@ -1,0 +1,1 @@
+"""The guest agent: what runs inside the VM, verifying and mounting what the host attached."""

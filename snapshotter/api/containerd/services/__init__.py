@@ -1,1 +1,0 @@
-"""Generated from snapshotter/proto by snapshotter.proto.generate."""

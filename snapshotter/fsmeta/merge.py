@@ -1,0 +1,476 @@
+"""The fsmeta merge: an image's layer blobs become one metadata-only EROFS.
+
+Layers are applied bottom to top with overlayfs' rules, as a guest would see them stacked:
+a whiteout (character device 0:0) removes the entry below it, an opaque directory
+(`trusted.overlay.opaque=y`) hides everything below it, any other entry replaces what was
+there (a directory over a directory merges, the upper one's attributes win), and hardlinks stay
+linked within their layer. No whiteout and no `trusted.overlay.*` xattr remains in the result.
+
+Regular files become chunk-based inodes whose chunk indexes address (device, block) in the
+layer blob that holds their data: device i is the i-th layer given (1 = lowest). The device
+table names each blob by a tag (its sha256 digest in hex, or its EROFS UUID) with its block
+count, and gives each a start block (`uniaddr`) in a flat address space of *whole files*: the
+fsmeta's file (image plus its appended dm-verity tree) first, then each layer's file (blob
+plus its appended tree) in device order. So the same fsmeta mounts with one `device=` per
+blob, or, on kernels with flat multi-blob support (Linux >= 6.3), as one flat image, and that
+flat image is just the files joined whole (`cat fsmeta layer1 layer2 ...`), which is what
+Kata's fsmerge mode and `mkfs.erofs --vmdk-desc` users build.
+
+The kernel (fs/erofs/super.c `erofs_init_device`, data.c `erofs_map_dev`) uses a slot's
+`blocks` only for statfs and, without a flat device, to find which device a device-0 address
+falls in; chunk indexes name their device, so a device file longer than `blocks` (its tree
+after the image) is fine. `blocks` keeps erofs-utils' meaning: the blob image's own blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import stat
+import uuid
+from array import array
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from snapshotter.erofs.format import NULL_ADDR, DeviceSlot
+from snapshotter.erofs.image_verity import append_verity
+from snapshotter.erofs.reader import ChunkRef, ErofsImage, InodeInfo
+from snapshotter.erofs.tree import (
+    Chunks,
+    InlineTail,
+    Node,
+    SourceTree,
+    pick_build_time,
+    validate_name,
+)
+from snapshotter.erofs.writer import DataWriter, ImageParams, header_blocks, write_metadata
+from snapshotter.errors import EpError
+from snapshotter.fsutil import atomic_output
+from snapshotter.verity import VerityInfo, VerityParams
+from snapshotter.verity.geometry import TreeGeometry, tree_start_block
+
+OVERLAY_XATTR_PREFIX = b"trusted.overlay."
+OPAQUE_XATTR = b"trusted.overlay.opaque"
+FSMETA_UUID_NAMESPACE = uuid.UUID("0e1b7f4c-2b8e-4f39-a7a5-63f4a1d5c0de")
+MAX_CHUNKBITS = 31
+
+
+@dataclass(frozen=True)
+class LayerBlob:
+    """A layer image to merge; `tag` names it in the device table (at most 64 bytes)."""
+
+    path: Path
+    tag: str | None = None  # default: the image's UUID as 32 hex digits
+
+
+@dataclass(frozen=True)
+class MergedDevice:
+    path: Path
+    tag: str
+    blocks: int  # the blob's primary-device blocks (its EROFS image, no verity tree)
+    uniaddr: int  # start block in the flat address space
+    file_size: int  # bytes of the whole blob file (image plus any appended verity tree)
+
+    def span(self, block_size: int) -> int:
+        """Blocks the whole file takes in the flat address space."""
+        return max(self.blocks, -(-self.file_size // block_size))
+
+
+@dataclass(frozen=True)
+class MergeTree:
+    tree: SourceTree
+    devices: list[MergedDevice]
+    block_size: int
+
+
+def _strip_overlay(xattrs: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    if not xattrs:
+        return xattrs
+    return {k: v for k, v in xattrs.items() if not k.startswith(OVERLAY_XATTR_PREFIX)}
+
+
+def _is_whiteout(info: InodeInfo) -> bool:
+    return stat.S_ISCHR(info.mode) and info.inode.i_u == 0
+
+
+class _LayerApplier:
+    """Applies one layer image onto the merged tree."""
+
+    def __init__(self, img: ErofsImage, device: int, data: DataWriter,
+                 mtimes: Counter[tuple[int, int]]) -> None:
+        self.img = img
+        self.device = device
+        self.data = data
+        self.mtimes = mtimes
+        self.bs = img.block_size
+        self.links: dict[int, Node] = {}  # nid -> node, for hardlinks within the layer
+        self.budget = img.sb.blocks * img.block_size
+
+    def apply_root(self, root: Node) -> None:
+        info = self.img.inode(self.img.root_nid)
+        xattrs = self.img.xattrs(info)
+        if xattrs.get(OPAQUE_XATTR) == b"y":
+            root.children.clear()
+        self._set_attrs(root, info, xattrs)
+        self._apply_dir(root, info)
+
+    def _set_attrs(self, node: Node, info: InodeInfo, xattrs: dict[bytes, bytes]) -> None:
+        ino = info.inode
+        node.mode, node.uid, node.gid = ino.mode, ino.uid, ino.gid
+        node.mtime, node.mtime_nsec = ino.mtime, ino.mtime_nsec
+        node.xattrs = _strip_overlay(xattrs)
+        self.mtimes[(ino.mtime, ino.mtime_nsec)] += 1
+
+    def _apply_dir(self, target: Node, dir_info: InodeInfo) -> None:
+        stack = [(target, dir_info)]
+        seen: set[int] = set()
+        while stack:
+            target, dir_info = stack.pop()
+            if dir_info.nid in seen:
+                raise EpError(f"{self.img.name}: directory nid {dir_info.nid} appears twice "
+                              "(a cycle)")
+            seen.add(dir_info.nid)
+            children = target.children
+            self._charge(dir_info.size)
+            for name, nid, _ftype in self.img.listdir(dir_info):
+                if name == b"." or name == b"..":
+                    continue
+                try:
+                    validate_name(name)  # the reader refuses '/' and NUL; this re-checks
+                except EpError as exc:
+                    raise EpError(f"{self.img.name}: nid {dir_info.nid}: {exc}") from None
+                info = self.img.inode(nid)
+                if stat.S_ISDIR(info.mode):
+                    xattrs = self.img.xattrs(info)
+                    existing = children.get(name)
+                    if (existing is None or existing.children is None
+                            or xattrs.get(OPAQUE_XATTR) == b"y"):
+                        existing = Node.directory()
+                        children[name] = existing
+                    self._set_attrs(existing, info, xattrs)
+                    stack.append((existing, info))
+                elif _is_whiteout(info):
+                    children.pop(name, None)
+                else:
+                    children[name] = self._leaf(info)
+
+    def _leaf(self, info: InodeInfo) -> Node:
+        node = self.links.get(info.nid)
+        if node is not None:
+            return node
+        ino = info.inode
+        node = Node(mode=ino.mode)
+        self._set_attrs(node, info, self.img.xattrs(info))
+        if stat.S_ISREG(ino.mode):
+            node.size = ino.size
+            node.data = self._chunks(self.img.data_map(info), ino.size)
+        elif stat.S_ISLNK(ino.mode):
+            node.symlink = self.img.readlink(info)
+        elif stat.S_ISCHR(ino.mode) or stat.S_ISBLK(ino.mode):
+            node.rdev = self.img.rdev(info)
+        # Every non-directory by nid, whatever its nlink says: entries naming one inode are
+        # one file (as the kernel shows them), and a hostile nlink of 1 on an inode named a
+        # thousand times cannot make its chunk table be read a thousand times.
+        self.links[info.nid] = node
+        return node
+
+    def _chunks(self, refs: list[ChunkRef], size: int) -> Chunks | InlineTail | None:
+        """Chunk indexes addressing the file's data where it lies in this layer's blob.
+
+        Files stored wholly inline in their layer (small ones) stay inline in the fsmeta; a
+        tail after whole blocks (images other tools wrote) gets a block in the fsmeta.
+        The chunk size is the largest power of two (at most 2^31 blocks) that every piece
+        boundary is aligned to, and there is one index per chunk of the whole size: the
+        kernel finds chunk i's index at position i, whatever lies there.
+        """
+        if not refs:
+            return None
+        bs = self.bs
+        self._charge(4 * len(refs))
+        if len(refs) == 1 and refs[0].inline_pos is not None:
+            # A small file stored inline in its layer stays inline in the fsmeta.
+            return InlineTail(None, self.img.read_at(refs[0].inline_pos, refs[0].length))
+        pieces = []  # (offset, device, blkaddr or None)
+        for ref in refs:
+            if ref.device:
+                raise EpError(f"{self.img.name}: layer is itself multi-device")
+            if ref.inline_pos is not None:
+                tail = self.img.read_at(ref.inline_pos, ref.length)
+                pieces.append((ref.offset, 0, self.data.add_blocks(tail).start))
+            else:
+                pieces.append((ref.offset, self.device, ref.blkaddr))
+        total_blocks = -(-size // bs)
+        bits = max(0, (total_blocks - 1).bit_length())
+        for offset, _, _ in pieces[1:]:
+            block = offset // bs
+            bits = min(bits, (block & -block).bit_length() - 1)
+        bits = min(bits, MAX_CHUNKBITS)
+        chunk_blocks = 1 << bits
+        count = -(-total_blocks // chunk_blocks)
+        addrs = array("I", [NULL_ADDR]) * count
+        devices = array("H", [0]) * count
+        chunk_bytes = chunk_blocks * bs
+        ends = [p[0] for p in pieces[1:]] + [size]
+        for (offset, device, blkaddr), end in zip(pieces, ends, strict=True):
+            if blkaddr is None:
+                continue  # a hole: the chunks stay NULL_ADDR
+            first = offset // chunk_bytes
+            last_addr = blkaddr + (-(-end // chunk_bytes) - 1 - first) * chunk_blocks
+            if last_addr >= NULL_ADDR:  # the reader checked the range; never trust it blindly
+                raise EpError(f"{self.img.name}: data block {last_addr} beyond 32-bit "
+                              "addressing")
+            for i in range(first, -(-end // chunk_bytes)):
+                addrs[i] = blkaddr + (i - first) * chunk_blocks
+                devices[i] = device
+        return Chunks(bits, addrs, devices)
+
+    def _charge(self, nbytes: int) -> None:
+        """Directory bytes and chunk references read so far may not exceed the layer's size:
+        in a real image they never do, in a hostile one (many inodes sharing one huge chunk
+        table or directory) the merge's work would otherwise grow with the square of it."""
+        self.budget -= nbytes
+        if self.budget < 0:
+            raise EpError(f"{self.img.name}: directories and chunk tables take more bytes "
+                          "than the image has (they overlap)")
+
+
+def build_merged_tree(layers: list[LayerBlob], data: DataWriter,
+                      progress: Callable[[str], None] | None = None) -> MergeTree:
+    """Apply the layers (lowest first) into one tree; file data stays in the layers.
+    `progress` is told each step as it starts."""
+    root = Node.directory()
+    mtimes: Counter[tuple[int, int]] = Counter()
+    devices = []
+    block_size = None
+    for index, layer in enumerate(layers, start=1):
+        if progress is not None:
+            progress(f"layer {index}/{len(layers)} {layer.path}")
+        with ErofsImage(layer.path) as img:
+            if block_size is None:
+                block_size = img.block_size
+            elif img.block_size != block_size:
+                raise EpError(f"{layer.path}: block size {img.block_size} differs from the "
+                              f"other layers' {block_size}")
+            if img.device_slots:
+                raise EpError(f"{layer.path}: a multi-device image cannot be merged as a layer")
+            _LayerApplier(img, index, data, mtimes).apply_root(root)
+            tag = layer.tag or img.sb.uuid.hex()
+            file_size = os.stat(layer.path).st_size
+            if file_size < img.sb.blocks * img.block_size:
+                raise EpError(f"{layer.path}: {file_size} bytes, shorter than the "
+                              f"{img.sb.blocks} blocks its superblock counts (truncated)")
+            devices.append(MergedDevice(path=layer.path, tag=tag, blocks=img.sb.blocks,
+                                        uniaddr=0, file_size=file_size))
+    build_time, nsec = pick_build_time(mtimes)
+    return MergeTree(SourceTree(root, build_time, nsec, sum(mtimes.values())), devices,
+                     block_size or 4096)
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    fsmeta: Path
+    size: int  # bytes of the fsmeta image (without a verity tree)
+    file_size: int  # bytes of the whole fsmeta file: the image plus its appended verity tree
+    block_size: int
+    devices: list[MergedDevice]
+    uuid: str
+    entries: int
+    verity: VerityInfo | None = None  # of the fsmeta
+    digest: str = ""  # sha256 of the fsmeta image (without its verity tree)
+    flat: Path | None = None
+    flat_size: int | None = None
+    flat_verity: VerityInfo | None = None
+
+    def extents(self) -> list[dict]:
+        """The flat image's layout, for a hypervisor that presents the devices from it (or
+        assembles it from the files): where each whole file (the fsmeta's, then each blob's,
+        verity trees included) lies. `image_length` is the EROFS image part of it."""
+        bs = self.block_size
+        out = [{"source": str(self.fsmeta), "offset": 0, "length": self.file_size,
+                "image_length": self.size}]
+        out += [{"source": str(d.path), "offset": d.uniaddr * bs, "length": d.file_size,
+                 "image_length": d.blocks * bs}
+                for d in self.devices]
+        return out
+
+    @property
+    def concatenable(self) -> bool:
+        """Whether joining the files whole (`cat fsmeta blob1 blob2 ...`) gives the flat
+        image: every file but the last is a whole number of blocks (ours always are), so
+        each starts exactly at its `uniaddr`. Otherwise only `--flat` (which pads) does."""
+        bs = self.block_size
+        return all(e["length"] % bs == 0 for e in self.extents()[:-1])
+
+    def to_json(self) -> dict:
+        return {
+            "fsmeta": str(self.fsmeta),
+            "size": self.size,
+            "file_size": self.file_size,
+            "digest": self.digest,
+            "block_size": self.block_size,
+            "uuid": self.uuid,
+            "entries": self.entries,
+            "devices": [
+                {"id": i, "path": str(d.path), "tag": d.tag, "blocks": d.blocks,
+                 "uniaddr": d.uniaddr, "file_size": d.file_size}
+                for i, d in enumerate(self.devices, start=1)
+            ],
+            "verity": self.verity.to_json() if self.verity is not None else None,
+            "concatenable": self.concatenable,
+            "flat": None if self.flat is None else {
+                "path": str(self.flat),
+                "size": self.flat_size,
+                "extents": self.extents(),
+                "verity": (self.flat_verity.to_json() if self.flat_verity is not None
+                           else None),
+            },
+        }
+
+
+def merge_layers(
+    layers: list[LayerBlob | str | os.PathLike[str]],
+    out_path: str | os.PathLike[str],
+    *,
+    verity: bool | VerityParams = False,
+    flat_path: str | os.PathLike[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> MergeResult:
+    """Merge layer images (lowest first) into an fsmeta at `out_path`; optionally also one
+    flat image (the fsmeta's file and the blob files, whole, back to back) at `flat_path`.
+    With `verity` (True, or the parameters, e.g. `KATA_VERITY` for unsalted trees), each
+    output gets its own dm-verity tree appended (a salt derived from the fsmeta's digest
+    unless unsalted); the device table already counts the fsmeta's tree, whose size follows
+    from the image's size and the tree geometry alone. Outputs appear only when complete.
+    `progress` is told each step as it starts (for a status line)."""
+    blobs = [b if isinstance(b, LayerBlob) else LayerBlob(Path(b)) for b in layers]
+    out_path = Path(out_path)
+    step = progress or (lambda _text: None)
+    tree_params = (VerityParams() if verity is True else verity) or None
+    with atomic_output(out_path) as out:
+        fd = out.fileno()
+        result = _write_fsmeta(blobs, fd, progress, tree_params)
+        step("digest and verity tree" if verity else "digest")
+        digest = _digest_fd(fd, result.size)
+        result = dataclasses.replace(result, fsmeta=out_path, digest=digest)
+        if verity:
+            result = dataclasses.replace(
+                result, verity=append_verity(out, result.size, verity, digest))
+        written = os.fstat(fd).st_size
+        if written != result.file_size:
+            raise AssertionError(f"the fsmeta file is {written} bytes, its device table "
+                                 f"expects {result.file_size}")
+    if flat_path is not None:
+        flat_path = Path(flat_path)
+        step(f"flat image {flat_path}")
+        with atomic_output(flat_path) as flat:
+            size = _write_flat(result, flat.fileno())
+            info = append_verity(flat, size, verity, digest) if verity else None
+        result = dataclasses.replace(result, flat=flat_path, flat_size=size, flat_verity=info)
+    return result
+
+
+def appended_tree_size(image_size: int, params: VerityParams) -> int:
+    """Bytes `append_verity` adds after an image of `image_size` bytes: padding to a data
+    block, the v1 superblock (if any) padded to a hash block, and the tree. They depend only
+    on the size and the geometry, so they are known before the tree is built."""
+    data_blocks = -(-image_size // params.data_block_size)
+    hash_offset = data_blocks * params.data_block_size
+    start = tree_start_block(hash_offset, params.hash_block_size, params.superblock)
+    digest_size = hashlib.new(params.hash_name).digest_size
+    tree = TreeGeometry.compute(data_blocks, params.hash_block_size, digest_size).tree_size
+    return start * params.hash_block_size + tree - image_size
+
+
+def _write_fsmeta(layers: list[LayerBlob], fd: int,
+                  progress: Callable[[str], None] | None = None,
+                  tree_params: VerityParams | None = None) -> MergeResult:
+    """Write the fsmeta of `layers` into the open file `fd` (from offset 0). With
+    `tree_params`, the device table leaves room for the tree to be appended to it."""
+    if not layers:
+        raise EpError("nothing to merge: no layers given")
+    if len(layers) > 0xFFFF:
+        raise EpError(f"{len(layers)} layers: EROFS addresses at most 65535 devices")
+    bs = _block_size_of(layers[0].path)
+    data = DataWriter(fd, bs, header_blocks(bs, len(layers)))
+    merged = build_merged_tree(layers, data, progress)
+    if progress is not None:
+        progress(f"writing the metadata of {merged.tree.entries} entries")
+    for d in merged.devices:
+        if len(d.tag.encode()) > 64:
+            raise EpError(f"device tag {d.tag!r} longer than 64 bytes")
+    identity = "fsmeta:" + ",".join(f"{d.tag}/{d.blocks}" for d in merged.devices)
+    fs_uuid = uuid.uuid5(FSMETA_UUID_NAMESPACE, identity)
+    if tree_params is not None:
+        tree_params.validate()
+
+    def trailing_blocks(image_blocks: int) -> int:
+        if tree_params is None:
+            return 0
+        return -(-appended_tree_size(image_blocks * bs, tree_params) // bs)
+
+    params = ImageParams(
+        block_size=bs,
+        build_time=merged.tree.build_time,
+        build_time_nsec=merged.tree.build_time_nsec,
+        uuid=fs_uuid.bytes,
+        devices=tuple(DeviceSlot(d.tag.encode(), d.blocks) for d in merged.devices),
+        unified_addresses=True,
+        device_spans=tuple(d.span(bs) for d in merged.devices),
+        trailing_blocks=trailing_blocks,
+    )
+    sb = write_metadata(data, merged.tree.root, params)
+    size = sb.blocks * bs
+    file_size = size + (0 if tree_params is None else appended_tree_size(size, tree_params))
+    start = sb.blocks + trailing_blocks(sb.blocks)
+    devices = []
+    for d in merged.devices:
+        devices.append(dataclasses.replace(d, uniaddr=start))
+        start += d.span(bs)
+    return MergeResult(fsmeta=Path(), size=size, file_size=file_size, block_size=bs,
+                       devices=devices, uuid=str(fs_uuid), entries=merged.tree.entries)
+
+
+def _write_flat(result: MergeResult, dst: int) -> int:
+    """The fsmeta's file then every blob's file, whole, at their unified addresses (a file
+    that is not whole blocks is followed by a hole up to the next one)."""
+    end = 0
+    for extent in result.extents():
+        src = os.open(extent["source"], os.O_RDONLY)
+        try:
+            copy_range(src, dst, extent["length"], 0, extent["offset"])
+        finally:
+            os.close(src)
+        end = extent["offset"] + extent["length"]
+    return end
+
+
+def _digest_fd(fd: int, size: int) -> str:
+    h = hashlib.sha256()
+    offset = 0
+    while offset < size:
+        chunk = os.pread(fd, min(4 << 20, size - offset), offset)
+        h.update(chunk)
+        offset += len(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def _block_size_of(path: Path) -> int:
+    try:
+        with ErofsImage(path) as img:
+            return img.block_size
+    except FileNotFoundError:
+        raise EpError(f"{path}: no such layer image") from None
+
+
+def copy_range(src_fd: int, dst_fd: int, length: int, src_offset: int, dst_offset: int) -> None:
+    """Copy bytes between files in the kernel (reflinks where the filesystem can)."""
+    while length:
+        n = os.copy_file_range(src_fd, dst_fd, length, src_offset, dst_offset)
+        if n == 0:
+            raise EpError("source ended early while copying a blob into the flat image")
+        length -= n
+        src_offset += n
+        dst_offset += n

@@ -1,0 +1,1 @@
+"""Layer ingestion: tar stream, decompression, tar/directory/native import, conversion."""

@@ -1,0 +1,250 @@
+"""Layer conversion, the differ's core: a layer stream (or a directory) becomes one EROFS blob,
+optionally with a dm-verity tree appended, in a single pass over the data.
+
+The blob appears at its final name only when complete (temporary name, fsync, rename); on any
+error nothing is left behind. The dm-verity leaves are hashed as the image is written, so
+`--verity` costs no second read of the data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from snapshotter.erofs.image_verity import VerityFeed, append_verity, reread, verity_builder
+from snapshotter.erofs.limits import DEFAULT_LIMITS, Limits
+from snapshotter.erofs.reader import ErofsImage
+from snapshotter.erofs.tree import SourceTree
+from snapshotter.erofs.writer import (
+    DEFAULT_HOLE_CHUNK,
+    DEFAULT_INLINE_MAX,
+    DataWriter,
+    ImageParams,
+    header_blocks,
+    write_metadata,
+)
+from snapshotter.errors import EpError
+from snapshotter.fsutil import atomic_output
+from snapshotter.ingest.dir_import import import_directory
+from snapshotter.ingest.streams import LayerStream
+from snapshotter.ingest.tar_import import import_tar
+from snapshotter.ingest.validate import validate_layer
+from snapshotter.verity import VerityInfo
+
+# UUIDs of our layer images are UUIDv5 of the diffID in this namespace: the same layer always
+# gets the same UUID, and so the same bytes.
+LAYER_UUID_NAMESPACE = uuid.UUID("6f1d3c64-5f6e-4d0a-9c61-2f0b5b1e9a17")
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    blob: Path
+    size: int  # bytes of the EROFS image (without an appended verity tree)
+    diff_id: str | None  # sha256 of the tar; None for a directory source
+    compressed_digest: str | None  # sha256 of the bytes read (the OCI blob digest)
+    compression: str | None
+    entries: int
+    blocks: int
+    block_size: int
+    uuid: str
+    verity: VerityInfo | None
+    blob_digest: str | None = None  # sha256 of the image bytes, when asked for
+
+    def to_json(self) -> dict:
+        return {
+            "blob": str(self.blob),
+            "size": self.size,
+            "diff_id": self.diff_id,
+            "compressed_digest": self.compressed_digest,
+            "compression": self.compression,
+            "entries": self.entries,
+            "blocks": self.blocks,
+            "block_size": self.block_size,
+            "uuid": self.uuid,
+            "blob_digest": self.blob_digest,
+            "verity": self.verity.to_json() if self.verity is not None else None,
+        }
+
+
+def convert_layer(
+    source: BinaryIO | str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    *,
+    expected_diff_id: str | None = None,
+    verity=None,
+    block_size: int = 4096,
+    hole_chunk: int = DEFAULT_HOLE_CHUNK,
+    blob_digest: bool = False,
+    inline_max: int = DEFAULT_INLINE_MAX,
+    limits: Limits = DEFAULT_LIMITS,
+) -> ConvertResult:
+    """Convert a tar / tar.gz / tar.zst layer into an EROFS blob at `out_path`.
+
+    `verity`: None, True (containerd's defaults: sha256, 4096/4096, salt derived from the
+    diffID, tree appended with a v1 superblock) or a `VerityParams`. `blob_digest`: also
+    compute the sha256 of the image bytes. `limits`: the ceilings on what the layer may cost
+    (decompressed bytes, image bytes, entries, metadata; see `limits.Limits`). EpError on bad
+    input, a layer over a limit, or a diffID other than `expected_diff_id`; the output then
+    does not exist.
+    """
+    if isinstance(source, str | os.PathLike):
+        with open(source, "rb") as f:
+            return convert_layer(f, out_path, expected_diff_id=expected_diff_id, verity=verity,
+                                 block_size=block_size, hole_chunk=hole_chunk,
+                                 blob_digest=blob_digest, inline_max=inline_max,
+                                 limits=limits)
+    stream: LayerStream | None = None
+
+    def build(data: DataWriter) -> tuple[SourceTree, str]:
+        nonlocal stream
+        stream = LayerStream(source, limits)
+        tree = import_tar(stream, data, limits)
+        stream.drain()
+        if expected_diff_id is not None and stream.diff_id != expected_diff_id:
+            raise EpError(f"diffID mismatch: layer is {stream.diff_id}, "
+                          f"expected {expected_diff_id}")
+        return tree, stream.diff_id
+
+    result = _convert(Path(out_path), build, identity_hint=expected_diff_id, verity=verity,
+                      block_size=block_size, hole_chunk=hole_chunk, blob_digest=blob_digest,
+                      inline_max=inline_max, limits=limits)
+    return dataclasses.replace(result, diff_id=stream.diff_id,
+                               compressed_digest=stream.compressed_digest,
+                               compression=stream.compression)
+
+
+def convert_directory(
+    src_dir: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    *,
+    verity=None,
+    block_size: int = 4096,
+    hole_chunk: int = DEFAULT_HOLE_CHUNK,
+    blob_digest: bool = False,
+    inline_max: int = DEFAULT_INLINE_MAX,
+) -> ConvertResult:
+    """Convert an unpacked layer directory (whiteouts as 0:0 devices, opaque xattrs) into an
+    EROFS blob. The UUID and the default verity salt derive from the tree's content."""
+    src = Path(src_dir)
+
+    def build(data: DataWriter) -> tuple[SourceTree, str]:
+        return import_directory(src, data)
+
+    return _convert(Path(out_path), build, identity_hint=None, verity=verity,
+                    block_size=block_size, hole_chunk=hole_chunk, blob_digest=blob_digest,
+                    inline_max=inline_max)
+
+
+def import_erofs_image(
+    source: BinaryIO,
+    out_path: str | os.PathLike[str],
+    *,
+    expected_digest: str | None = None,
+    verity=None,
+) -> ConvertResult:
+    """Store a native EROFS layer (`application/vnd.erofs.layer.v1`) as it is: copied while
+    hashed, checked against `expected_digest`, validated completely (`validate.validate_layer`:
+    what fsck.erofs and the kernel check, and that it is an uncompressed single-device image
+    our merge can address), zero-padded to whole blocks, and given a verity tree. Its salt
+    follows the one rule for every layer (`rules.py`): derived from the layer's diffID, and a
+    native layer is uncompressed, so the blob is the layer and its digest (of the bytes as
+    they arrived, before the padding) is its diffID. Nothing is left at `out_path` on error."""
+    out_path = Path(out_path)
+    digest = hashlib.sha256()
+    with atomic_output(out_path) as out:
+        size = 0
+        while chunk := source.read(1 << 20):
+            digest.update(chunk)
+            out.write(chunk)
+            size += len(chunk)
+        out.flush()
+        got = "sha256:" + digest.hexdigest()
+        if expected_digest is not None and got != expected_digest:
+            raise EpError(f"digest mismatch: EROFS layer is {got}, expected {expected_digest}")
+        label = f"EROFS layer {got[:19]}"
+        try:
+            with ErofsImage(out.fileno(), name=label) as img:
+                bs, blocks, fs_uuid = img.block_size, img.sb.blocks, img.sb.uuid
+                checked = validate_layer(img, size, label)
+        except FileNotFoundError:
+            raise EpError("not an EROFS image") from None
+        padded = -(-size // 4096) * 4096
+        out.truncate(padded)
+        digest.update(bytes(padded - size))
+        info = append_verity(out, padded, verity, got) if verity else None
+    return ConvertResult(
+        blob=out_path, size=padded, diff_id=got, compressed_digest=got, compression=None,
+        entries=checked.entries, blocks=blocks, block_size=bs,
+        uuid=str(uuid.UUID(bytes=fs_uuid)),
+        verity=info, blob_digest="sha256:" + digest.hexdigest(),
+    )
+
+
+def _convert(
+    out_path: Path,
+    build: Callable[[DataWriter], tuple[SourceTree, str]],
+    *,
+    identity_hint: str | None,
+    verity,
+    block_size: int,
+    hole_chunk: int,
+    blob_digest: bool,
+    inline_max: int = DEFAULT_INLINE_MAX,
+    limits: Limits | None = None,
+) -> ConvertResult:
+    """Write the image of whatever `build` reads, atomically, with optional verity tree.
+
+    `limits` bound the image written (None: only the format does; `build` applies its own).
+
+    `build` returns the tree and the source's identity (a sha256 digest string), from which
+    the UUID and the default verity salt derive. When the identity is known up front
+    (`identity_hint`, e.g. the diffID containerd knows) the verity leaves are hashed while
+    the image is written; otherwise the image is hashed once more from the page cache.
+    """
+    _check_block_size(block_size)
+    with atomic_output(out_path) as out:
+        fd = out.fileno()
+        start = header_blocks(block_size)
+        feed = builder = vparams = None
+        if verity and identity_hint is not None:
+            builder, vparams = verity_builder(verity, identity_hint)
+            feed = VerityFeed(builder, vparams.data_block_size, start * block_size)
+        data = DataWriter(fd, block_size, start, feed.observe if feed else None, hole_chunk,
+                          inline_max, limits)
+        tree, identity = build(data)
+        params = ImageParams(
+            block_size=block_size,
+            build_time=tree.build_time,
+            build_time_nsec=tree.build_time_nsec,
+            uuid=uuid.uuid5(LAYER_UUID_NAMESPACE, identity).bytes,
+        )
+        sb = write_metadata(data, tree.root, params)
+        size = sb.blocks * block_size
+        digest = hashlib.sha256() if blob_digest else None
+        rehash_verity = bool(verity) and identity_hint is None
+        if rehash_verity:
+            builder, vparams = verity_builder(verity, identity)
+            feed = VerityFeed(builder, vparams.data_block_size, 0)
+        if digest is not None or rehash_verity:
+            reread(fd, size, feed if rehash_verity else None, digest)
+        info = None
+        if feed is not None:
+            data_end = feed.finish(fd)
+            info = builder.finish(data_end // vparams.data_block_size, out, data_end)
+    return ConvertResult(
+        blob=out_path, size=size, diff_id=None, compressed_digest=None, compression=None,
+        entries=tree.entries, blocks=sb.blocks, block_size=block_size,
+        uuid=str(uuid.UUID(bytes=params.uuid)), verity=info,
+        blob_digest="sha256:" + digest.hexdigest() if digest is not None else None,
+    )
+
+
+def _check_block_size(block_size: int) -> None:
+    if block_size not in (512, 1024, 2048, 4096):
+        raise EpError(f"block size {block_size}: must be 512, 1024, 2048 or 4096")

@@ -1,0 +1,1 @@
+"""The containerd service: store, layout, mounts, gRPC Snapshots and Diff, config, server."""

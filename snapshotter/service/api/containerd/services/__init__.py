@@ -1,0 +1,1 @@
+"""Generated from snapshotter/service/proto by snapshotter.service.proto.generate."""
