@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from shim_integration.testbed.containerd_private import SnapshotterProcess, unmount_under
-from snapshotter.errdefs import InvalidArgument
+from snapshotter.errors import InvalidArgument
 from snapshotter.service.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from snapshotter.service.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from snapshotter.service.filters import compile_filters

@@ -455,7 +455,7 @@ def _unpack_prepare(sn, chain: list[str], i: int, nonce: str, parent: str = "") 
 def test_prepare_hit_commits_the_chain_id_once_even_when_raced(published, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    from snapshotter.errdefs import AlreadyExists
+    from snapshotter.errors import AlreadyExists
     from snapshotter.service.snapshots import Snapshotter
     from snapshotter.service.store import Kind
 
@@ -510,7 +510,7 @@ def test_vm_mode_rootfs_over_layers_committed_at_prepare_verifies_against_the_pu
         published, tmp_path):
     """A keyless VM-mode node whose layers all came from the cache at Prepare: the rootfs over
     them has the roots the publisher signed (`manifest verify --snapshot`)."""
-    from snapshotter.errdefs import AlreadyExists
+    from snapshotter.errors import AlreadyExists
     from snapshotter.service.snapshots import Snapshotter
     from snapshotter.service.vm_mode import MOUNT_TYPE
 

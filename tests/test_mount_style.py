@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.errdefs import InvalidArgument
+from snapshotter.errors import InvalidArgument
 from snapshotter.service import layer_build
 from snapshotter.service.mounts import Mount
 from snapshotter.service.serve_config import ConfigError, load_config

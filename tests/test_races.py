@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 
 from shim_integration.testbed.containerd_private import unmount_under
-from snapshotter.errdefs import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from snapshotter.errors import EpError
+from snapshotter.errors import AlreadyExists, EpError, FailedPrecondition, InvalidArgument, NotFound
 from snapshotter.service import layer_build
 from snapshotter.service.snapshots import Snapshotter
 from tests.helpers import require_root, require_tool

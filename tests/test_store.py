@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.errdefs import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from snapshotter.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from snapshotter.service.store import Kind, Store, Usage
 
 

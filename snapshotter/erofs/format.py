@@ -13,7 +13,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from snapshotter.errors import InvalidInput
+from snapshotter.errors import CorruptImage
 
 SUPER_OFFSET = 1024
 SUPER_MAGIC = 0xE0F5E1E2
@@ -67,7 +67,7 @@ def decode_dev(rdev: int) -> tuple[int, int]:
     return major, minor
 
 
-class FormatError(InvalidInput, ValueError):
+class FormatError(CorruptImage, ValueError):
     """Bytes that are not a valid EROFS structure, or values EROFS cannot store."""
 
 

@@ -40,13 +40,13 @@ from snapshotter.erofs.format import (
     file_type,
 )
 from snapshotter.erofs.reader import ErofsImage, InodeInfo
-from snapshotter.errors import EpError, InvalidInput
+from snapshotter.errors import CorruptImage, EpError
 
 BLKSZBITS_MIN, BLKSZBITS_MAX = 9, 12  # the kernel mounts block sizes up to PAGE_SIZE
 _SB_CHECKSUM_FIELD = slice(4, 8)  # `checksum` in struct erofs_super_block
 
 
-class InvalidLayer(InvalidInput):
+class InvalidLayer(CorruptImage):
     """An EROFS layer that is damaged or that a kernel, fsck.erofs or our merge would refuse."""
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import grpc
 
-from snapshotter import errdefs
+from snapshotter import errors
 from snapshotter.errors import EpError
 from snapshotter.service.api.containerd.services.content.v1 import content_pb2, content_pb2_grpc
 
@@ -81,13 +81,13 @@ class ContentClient:
         code = exc.code()
         details = " ".join((exc.details() or "").split())
         if code == grpc.StatusCode.NOT_FOUND:
-            return errdefs.NotFound(f"content {digest} not found in containerd at {self.address}")
+            return errors.NotFound(f"content {digest} not found in containerd at {self.address}")
         if code == grpc.StatusCode.UNAVAILABLE:
             reason = details.rsplit("error: ", 1)[-1]  # gRPC's text repeats the address
-            return errdefs.Unavailable(f"containerd's content store at {self.address} is "
+            return errors.Unavailable(f"containerd's content store at {self.address} is "
                                        f"unreachable: {reason}")
         if code == grpc.StatusCode.INVALID_ARGUMENT:
-            return errdefs.InvalidArgument(f"containerd at {self.address} refused reading "
+            return errors.InvalidArgument(f"containerd at {self.address} refused reading "
                                            f"{digest}: {details}")
         return EpError(f"reading {digest} from containerd at {self.address}: {code.name}: "
                        f"{details}")

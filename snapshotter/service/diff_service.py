@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from snapshotter.errdefs import InvalidArgument, Unimplemented
+from snapshotter.errors import InvalidArgument, Unimplemented
 from snapshotter.service import layer_build
 from snapshotter.service.api.containerd.services.diff.v1 import diff_pb2, diff_pb2_grpc
 from snapshotter.service.api.containerd.types import descriptor_pb2

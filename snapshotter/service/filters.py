@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import re2
 
-from snapshotter.errdefs import InvalidArgument
+from snapshotter.errors import InvalidArgument
 
 _RE2_OPTIONS = re2.Options()
 _RE2_OPTIONS.log_errors = False  # the error comes back to the caller, not on our stderr

@@ -1,6 +1,6 @@
 """Our exceptions -> gRPC status codes containerd maps back to its errdefs classes, in one table.
 
-containerd's errdefs.FromGRPC turns NotFound, AlreadyExists, FailedPrecondition, InvalidArgument,
+containerd's errors.FromGRPC turns NotFound, AlreadyExists, FailedPrecondition, InvalidArgument,
 Unavailable, Unimplemented (and, from errdefs 0.3 on, ResourceExhausted and PermissionDenied)
 into the matching error class; every other code reaches the user as "...: unknown", so the
 message has to say what happened on its own. An OSError becomes one line naming its errno and
@@ -18,23 +18,23 @@ from typing import Any, TypeVar
 
 import grpc
 
-from snapshotter import errdefs
-from snapshotter.errors import EpError, InvalidInput
+from snapshotter import errors
+from snapshotter.errors import EpError
 
 log = logging.getLogger(__name__)
 
 # First match wins: subclasses before their bases. Plain EpError: UNKNOWN; anything else is a
 # bug: INTERNAL, logged with its traceback.
 CODES: dict[type[Exception], grpc.StatusCode] = {
-    errdefs.NotFound: grpc.StatusCode.NOT_FOUND,
-    errdefs.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
-    errdefs.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    errdefs.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    errdefs.Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
-    errdefs.Unavailable: grpc.StatusCode.UNAVAILABLE,
-    errdefs.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errdefs.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,  # a layer that is not what it claims
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,  # a request or layer not as claimed
+    errors.Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
+    errors.Unsupported: grpc.StatusCode.INVALID_ARGUMENT,  # the message says what we lack
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
 ERRNO_CODES: dict[int, grpc.StatusCode] = {
     errno.ENOSPC: grpc.StatusCode.RESOURCE_EXHAUSTED,

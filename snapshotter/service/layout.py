@@ -30,7 +30,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from snapshotter.errdefs import FailedPrecondition, NotFound
+from snapshotter.errors import FailedPrecondition, NotFound
 from snapshotter.fsutil import fsync_dir, remove_tree, rename_durable, write_atomic
 from snapshotter.service import hostmount
 from snapshotter.service.store import Kind

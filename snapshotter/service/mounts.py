@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from snapshotter.errdefs import FailedPrecondition
+from snapshotter.errors import FailedPrecondition
 from snapshotter.service import layer_build
 from snapshotter.service.layout import Layout
 from snapshotter.service.store import Kind, Snapshot

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from snapshotter.erofs.limits import DEFAULT_LIMITS, Limits
-from snapshotter.errdefs import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from snapshotter.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from snapshotter.fsutil import disk_usage
 from snapshotter.service import layer_build, vm_mode
 from snapshotter.service.filters import compile_filters

@@ -24,8 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from snapshotter.errdefs import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from snapshotter.errors import EpError
+from snapshotter.errors import AlreadyExists, EpError, FailedPrecondition, InvalidArgument, NotFound
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS snapshots (
