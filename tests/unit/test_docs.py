@@ -174,6 +174,8 @@ def test_every_docs_reference_resolves():
     problems = []
     for name in _tracked():
         path = REPO / name
+        if path == Path(__file__).resolve():
+            continue  # its own examples of broken references
         if path.suffix not in {".py", ".md", ".toml", ".service", ""} or not path.is_file():
             continue
         try:
