@@ -51,6 +51,7 @@ def build_layers(work: Path, files: int, layers: int) -> list[Path]:
 
 
 def main() -> None:
+    CACHE.mkdir(parents=True, exist_ok=True)  # convert_bench makes it, but may not have run
     mkfs = _mkfs_18()
     print(f"anchor: {mkfs or 'none (erofs-utils >= 1.8 not built)'}")
     print(f"{'files':>7} {'layers':>6} {'ours s':>8} {'anchor s':>9} {'ratio':>6} "
