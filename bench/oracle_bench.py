@@ -11,7 +11,7 @@ Cases (rounds alternate between the contenders of a case, so they share the mach
   unpacked, not timed), and the unpack-then-commit path `tar -xf` + 1.8 `mkfs.erofs DIR`;
 - one directory of 40,000 entries (`bench.convert_bench.wide_layer()`): ours vs 1.8 `--tar=f`.
 
-Times are wall clock of whole processes (interpreter start included for ours, ~0.1 s), page
+Times are wall clock of whole processes (interpreter start included for ours), page
 cache warm; best and median of N. Unless --no-check, the minbase images of both are mounted
 once and compared entry by entry (mtimes to the second: 1.8 misreads GNU tar's short PAX
 fractions, see tests/test_erofs_oracle.py).

@@ -30,7 +30,7 @@ from passthrough.storage_daemon import StorageDaemon
 AGENT_PORT = "org.erofs-passthrough.agent"
 ROOT_PORT_PREFIX = "ep-rp"
 FIRST_PORT_SLOT = 8  # root ports at 00:08.0 ... (8 functions per slot), fixed devices below
-# Fast boot under TCG (measured, see DESIGN §4): no mitigations, no crypto self tests, no TSC
+# Fast boot under TCG (docs/passthrough.md, "Boot"): no mitigations, no crypto self tests, no TSC
 # calibration; panic=-1 + -no-reboot make a dead guest end QEMU instead of hanging.
 BOOT_ARGS = ("console=ttyS0", "quiet", "panic=-1", "mitigations=off", "cryptomgr.notests=1",
              "tsc=reliable", "no_timer_check", "random.trust_cpu=on")

@@ -1,4 +1,4 @@
-"""The one TCG guest the guest tests share (session scope: booting costs ~4 s), and the check
+"""The one TCG guest the guest tests share (session scope: booting costs seconds), and the check
 that every test leaves it as it was booted.
 
 The guest boots with the test signing key's public key on its command line

@@ -9,7 +9,7 @@ built offline in GOPATH mode with Debian's golang-go and cached under
     ~/.cache/erofs-passthrough/containerd-testsuite/<go>-<containerd-dev>-<hash>/suite.test
 
 keyed by the Go version, the containerd-dev package version and a hash of our Go source and of
-every installed golang-*-dev package version, so CI builds it once (~30 s) and then only runs it.
+every installed golang-*-dev package version, so CI builds it once and then only runs it.
 Every case must PASS; the only SKIP allowed is Rename, with the suite's own skip message (the
 1.6 suite skips it for every snapshotter; 1.7+ skips it for overlay-based ones).
 """

@@ -1,4 +1,4 @@
-"""Issue 13's last acceptance item: a keyless node pulling the `--layers` image converts nothing.
+"""A keyless node pulling the `--layers` image (native EROFS layers) converts nothing.
 
 Debian's docker-registry on 127.0.0.1 holds a 3-layer image pushed by skopeo; `publish
 --layers` converts it once and pushes the converted layers as an image of native EROFS layers

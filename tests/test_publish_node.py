@@ -1,4 +1,4 @@
-"""A node without a key (issue 13, "Nodes without keys"): the publisher signs, the node only
+"""A node without a key (docs/publish.md): the publisher signs, the node only
 pulls, and the guest trusts only the publisher.
 
 Debian's docker-registry on 127.0.0.1 holds a 3-layer image pushed by skopeo, published

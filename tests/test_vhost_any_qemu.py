@@ -5,11 +5,11 @@ bring, reuse and stop the qemu-storage-daemon for it.
 No guest OS is needed: the vhost-user handshake with the daemon happens when QEMU realizes the
 device (device_add), not when a guest driver starts (measured: against a socket that accepts
 but does not speak vhost-user, device_add does not return, QEMU waits in realize for the
-backend's answer; with the daemon it returns in ~10 ms on a VM that only runs its firmware).
+backend's answer; with the daemon it returns at once on a VM that only runs its firmware).
 Unplug without a guest needs native PCIe hotplug: with q35's default
 ACPI hotplug, device_del waits for the guest's _EJ0 forever; with
 `-global ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off`, QEMU removes a device from a slot
-the guest never powered at once (DEVICE_DELETED within ~15 ms, measured on QEMU 7.2).
+the guest never powered at once (DEVICE_DELETED follows; measured on QEMU 7.2).
 """
 
 from __future__ import annotations

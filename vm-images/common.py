@@ -131,8 +131,8 @@ _APT_CACHE: dict[str, dict[str, str]] = {}
 
 def apt_fields(packages: Iterable[str]) -> dict[str, dict[str, str]]:
     """The candidate's control fields of each package, as apt would fetch it now (from the
-    host's package lists). One `apt-cache show` for all names not asked before (each call costs
-    ~0.7 s here, so the builder asks for everything it needs in one go)."""
+    host's package lists). One `apt-cache show` for all names not asked before (each call reads
+    all the package lists, so the builder asks for everything it needs in one go)."""
     names = list(packages)
     todo = [n for n in names if n not in _APT_CACHE]
     if todo:

@@ -94,7 +94,7 @@ def _with_debian_tools(tree: Path, extras: dict[str, tuple[bytes, int]], out: Pa
         tmp = out.with_name(f".{out.name}.tmp")
         uuid = f"{salt[:8]}-{salt[8:12]}-{salt[12:16]}-{salt[16:20]}-{salt[20:32]}"
         # No -T and no SOURCE_DATE_EPOCH: both overwrite every file's mtime, and python then
-        # finds all its .pyc files stale (and recompiles on every start, ~1 s under TCG).
+        # finds all its .pyc files stale (and recompiles on every start, slow under TCG).
         run(["mkfs.erofs", "--quiet", "--all-root", "--preserve-mtime", f"-U{uuid}", tmp, stage])
     size = tmp.stat().st_size
     data_blocks = -(-size // BLOCK)

@@ -1,7 +1,7 @@
 """containerd from Debian's newer suites without installing it: trixie's 1.7 and sid's 2.x,
 downloaded with a private apt configuration and unpacked into
 ~/.cache/erofs-passthrough/containerd/<version>/. Their binaries need only glibc 2.34, so they
-run on bookworm (DESIGN.md).
+run on bookworm (docs/design.md).
 """
 
 from __future__ import annotations

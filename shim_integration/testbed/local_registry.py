@@ -5,7 +5,7 @@ registry tests run.
   referrers API) serving a scratch filesystem storage below DIR, on a free port; stopped on exit.
 - `push_archive(archive, reference, tmp)`: `skopeo copy oci-archive:... docker://...` over plain
   HTTP. As root it runs in a private mount namespace with an empty tmpfs on /var/lib/containers:
-  skopeo's blob-info cache there can silently substitute a blob pushed earlier (DESIGN.md,
+  skopeo's blob-info cache there can silently substitute a blob pushed earlier (docs/design.md,
   "Registry").
 """
 

@@ -2,7 +2,7 @@
 memory, and hash both sides while the bytes pass (the blob digest of what was read, the diffID
 of the tar that came out).
 
-gzip goes through ISA-L (`isal`), several times faster than zlib here; zstd through
+gzip goes through ISA-L (`isal`), faster than zlib (docs/benchmarks.md); zstd through
 `zstandard`. Decompressor output is bounded per call: gzip by `max_length`, zstd by feeding it
 small pieces of input (a zstd block inflates at most ~32768:1), so a hostile or a merely very
 sparse layer cannot balloon memory.

@@ -1,8 +1,8 @@
 """Format-1 block hashing: digest = H(salt || block), for a run of equal-sized blocks.
 
 The salt is hashed once into a base context that each block copies; that and slicing a
-memoryview (no copies of the data) is the fastest pure-Python loop measured here
-(~1.4 GB/s for 4 KiB blocks with sha256 on one core).
+memoryview (no copies of the data) is the fastest pure-Python loop we measured (its speed:
+docs/benchmarks.md, "dm-verity format").
 """
 
 from __future__ import annotations

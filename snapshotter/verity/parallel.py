@@ -1,8 +1,8 @@
 """Leaf digests of a whole file, hashed by worker processes over large mmap ranges.
 
-Measured here (2 cores, 1 GiB in page cache): one thread hashes 4 KiB blocks of an mmap at
-~1.15 GB/s; threads make it slower (the GIL changes hands every block); one process per core,
-each over its own contiguous share of the file, scales with the cores.
+One thread hashing 4 KiB blocks of an mmap is bound by one core; threads make it slower (the GIL
+changes hands every block); one process per core, each over its own contiguous share of the
+file, scales with the cores (docs/benchmarks.md, "dm-verity format").
 
 The file is cut into one contiguous share per CPU; the calling process hashes the first
 share itself while child interpreters (`python -m snapshotter.verity.worker`) hash the
@@ -12,8 +12,8 @@ Not a multiprocessing pool: forking a process that runs gRPC threads (the snapsh
 service) is unsafe, and multiprocessing's spawn/forkserver re-import the caller's
 `__main__`, which breaks for scripts without a main guard or code read from stdin.
 
-Small inputs are hashed in the calling process: starting workers (~40 ms) costs more than
-it saves.
+Small inputs are hashed in the calling process: starting worker interpreters costs more
+than it saves.
 """
 
 from __future__ import annotations
