@@ -186,6 +186,8 @@ def test_every_docs_reference_resolves():
             if not (REPO / ref).is_file() and ref not in PENDING:
                 problems.append(f"{name}: {ref} does not exist")
         problems += [f"{name}: {p}" for p in section_problems(text)]
+        if re.search(r"\bDESIGN(\.md| §)", text):
+            problems.append(f"{name}: names DESIGN.md, which is docs/design.md")
     assert not problems, "\n".join(problems)
 
 
