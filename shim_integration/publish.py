@@ -456,7 +456,9 @@ def snapshot_devices(spec: Path) -> Path:
     read-only connection: a running `serve` is neither blocked nor changed."""
     import sqlite3
 
+    from snapshotter.errors import NotFound
     from snapshotter.service import layer_build
+    from snapshotter.service.store import Store
     from snapshotter.service.vm_mode import DESCRIPTION, chain_key
 
     parts = spec.parts
@@ -468,19 +470,13 @@ def snapshot_devices(spec: Path) -> Path:
     else:
         raise PublishError(f"{spec}: no snapshotter root (a directory with metadata.db) in it")
     try:
-        db = sqlite3.connect(f"file:{root / 'metadata.db'}?mode=ro", uri=True, timeout=10)
+        store = Store.open_read_only(root / "metadata.db")
         try:
-            row = db.execute("SELECT id, parent_id FROM snapshots WHERE key = ?",
-                             (key,)).fetchone()
-            if row is None:
-                raise PublishError(f"{root}: no snapshot {key!r}")
-            parent_ids, parent = [], row[1]
-            while parent is not None:
-                parent_ids.append(str(parent))
-                parent = db.execute("SELECT parent_id FROM snapshots WHERE id = ?",
-                                    (parent,)).fetchone()[0]
+            parent_ids = store.ancestors(key)
         finally:
-            db.close()
+            store.close()
+    except NotFound:
+        raise PublishError(f"{root}: no snapshot {key!r}") from None
     except sqlite3.Error as exc:
         raise PublishError(f"{root}/metadata.db: {exc}") from None
     metas = []
