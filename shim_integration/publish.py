@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -210,7 +211,8 @@ def merge_chain(layers: list[ConvertedLayer], out: Path) -> ChainDescription:
     from snapshotter.fsmeta.merge import LayerBlob, merge_layers
     from snapshotter.service.vm_mode import fsmeta_verity
 
-    blobs = [LayerBlob(c.path, tag=c.erofs_digest.removeprefix("sha256:")) for c in layers]
+    blobs: list[LayerBlob | str | os.PathLike[str]] = [
+        LayerBlob(c.path, tag=c.erofs_digest.removeprefix("sha256:")) for c in layers]
     result = merge_layers(blobs, out, verity=fsmeta_verity([c.verity.salt for c in layers]))
     return describe_merge(result, out, [LayerImage(c.size, c.erofs_digest, c.diff_id, c.verity)
                                         for c in layers])

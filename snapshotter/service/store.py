@@ -146,7 +146,7 @@ class Store:
 
     # -- reads ---------------------------------------------------------------------------------
 
-    def _row(self, db: sqlite3.Connection, key: str) -> sqlite3.Row | tuple:
+    def _row(self, db: sqlite3.Connection, key: str) -> tuple:
         row = db.execute(
             "SELECT s.id, s.kind, p.key, s.created, s.updated, s.size, s.inodes, s.parent_id"
             " FROM snapshots s LEFT JOIN snapshots p ON p.id = s.parent_id WHERE s.key = ?",

@@ -104,8 +104,9 @@ def ensure_chain_image(root: Path, layout: Layout, parent_ids: list[str],
         return _published(final)
     staged = Path(tempfile.mkdtemp(prefix="new-", dir=base))
     try:
-        blobs = [LayerBlob(layout.layer(sid), tag=m.blob_digest.removeprefix("sha256:"))
-                 for sid, m in zip(lowest_first, metas, strict=True)]
+        blobs: list[LayerBlob | str | os.PathLike[str]] = [
+            LayerBlob(layout.layer(sid), tag=m.blob_digest.removeprefix("sha256:"))
+            for sid, m in zip(lowest_first, metas, strict=True)]
         result = merge_layers(blobs, staged / FSMETA,
                               verity=fsmeta_verity([m.salt for m in metas]))
         description = describe_merge(result, final / FSMETA, [
