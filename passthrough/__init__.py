@@ -5,6 +5,7 @@
 - `vm`, `storage_daemon`, `procs`: the test/demo VM launcher and its helper processes
 - `guest_image`: the kernel, initramfs and verified root built by vm-images/build
 - `agent_client`, `guest_volume`: the host side of the guest agent protocol
+- `transports`: the transports, for the CLI without the attacher
 - `cli`: `erofs-passthrough attach|detach`
 
 See docs/passthrough.md.

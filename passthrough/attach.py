@@ -43,8 +43,8 @@ from passthrough.errors import (
 )
 from passthrough.qmp import QmpSession
 from passthrough.storage_daemon import VmDaemon, reap_orphans
+from passthrough.transports import TRANSPORTS
 
-TRANSPORTS = ("virtio-blk", "vhost-user-blk")
 ROOT_PORT_TYPE = "pcie-root-port"
 VHOST_USER_BLK_SERIAL = "vhost_user_blk"
 _PREFIX = {"virtio-blk": "ep-b-", "vhost-user-blk": "ep-v-"}

@@ -12,15 +12,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from passthrough.errors import PassthroughError
+from passthrough.transports import TRANSPORTS
 from snapshotter.errors import EpError
 from snapshotter.fsutil import file_kind
 
 if TYPE_CHECKING:
     from passthrough.attach import Attachment
-
-# passthrough.attach.TRANSPORTS; repeated here so that `erofs-passthrough` does not import
-# asyncio and qemu.qmp for every other subcommand (a test checks they agree).
-TRANSPORTS = ("virtio-blk", "vhost-user-blk")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

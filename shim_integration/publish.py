@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -31,9 +32,16 @@ from shim_integration.registry import (
     sha256_digest,
 )
 from snapshotter.errors import EpError
+from snapshotter.fsmeta.devices import (
+    ChainDescription,
+    DeviceListError,
+    LayerImage,
+    describe_merge,
+    device_list_roots,
+)
 from snapshotter.fsutil import check_input, check_output, open_input, write_atomic
 from snapshotter.ingest.rules import CONVERSION_RULES
-from snapshotter.verity import KATA_VERITY
+from snapshotter.verity import KATA_VERITY, VerityInfo
 
 ARTIFACT_TYPE = "application/vnd.erofs-passthrough.root-manifest.v1"
 MANIFEST_MEDIA_TYPE = "application/vnd.erofs-passthrough.root-manifest.v1+json"
@@ -148,7 +156,7 @@ class ConvertedLayer:
     diff_id: str
     erofs_digest: str  # sha256 of the EROFS image bytes (before the tree)
     size: int
-    verity: dict[str, Any]
+    verity: VerityInfo
 
 
 def convert_image(image: Image, work: Path, kata_verity: bool = False) -> list[ConvertedLayer]:
@@ -183,8 +191,10 @@ def convert_image(image: Image, work: Path, kata_verity: bool = False) -> list[C
                 raise PublishError(f"layer {i}: media type {media_type} is neither a tar "
                                    "layer nor a native EROFS layer")
         blob.unlink()
+        # both asked for above: verity=..., blob_digest=True (an import always has them)
+        assert result.blob_digest is not None and result.verity is not None
         out.append(ConvertedLayer(target, digest, result.diff_id or digest, result.blob_digest,
-                                  result.size, result.verity.to_json()))
+                                  result.size, result.verity))
     return out
 
 
@@ -195,26 +205,20 @@ def chain_key(layers: list[ConvertedLayer]) -> str:
     return chain_key_of([c.erofs_digest for c in layers])
 
 
-def merge_chain(layers: list[ConvertedLayer], out: Path) -> dict[str, Any]:
+def merge_chain(layers: list[ConvertedLayer], out: Path) -> ChainDescription:
     """The chain's fsmeta, exactly as `snapshotter.service.vm_mode.ensure_chain_image` builds it,
-    and its device description (the shape of a chain directory's fsmeta.json)."""
+    and its description (what a chain directory's fsmeta.json holds, with OUT's paths)."""
     from snapshotter.fsmeta.merge import LayerBlob, merge_layers
     from snapshotter.service.vm_mode import fsmeta_verity
 
-    blobs = [LayerBlob(c.path, tag=c.erofs_digest.removeprefix("sha256:")) for c in layers]
-    result = merge_layers(blobs, out, verity=fsmeta_verity([c.verity.get("salt", "")
-                                                             for c in layers]))
-    return {
-        "fsmeta": {"digest": result.digest, "root_hash": result.verity.root_hash,
-                   "size": result.size, "verity": result.verity.to_json()},
-        "layers": [{"device": i, "tag": dev.tag, "digest": c.erofs_digest, "diff_id": c.diff_id,
-                    "root_hash": c.verity["root_hash"], "verity": c.verity}
-                   for i, (dev, c) in enumerate(zip(result.devices, layers, strict=True),
-                                                start=1)],
-    }
+    blobs: list[LayerBlob | str | os.PathLike[str]] = [
+        LayerBlob(c.path, tag=c.erofs_digest.removeprefix("sha256:")) for c in layers]
+    result = merge_layers(blobs, out, verity=fsmeta_verity([c.verity.salt for c in layers]))
+    return describe_merge(result, out, [LayerImage(c.size, c.erofs_digest, c.diff_id, c.verity)
+                                        for c in layers])
 
 
-def root_manifest(image: Image, layers: list[ConvertedLayer], devices: dict[str, Any]
+def root_manifest(image: Image, layers: list[ConvertedLayer], devices: ChainDescription
                   ) -> dict[str, Any]:
     """The root manifest of `serve`'s shape, bound to the image manifest and platform."""
     from snapshotter.manifest import build_manifest, verity_entry
@@ -224,10 +228,9 @@ def root_manifest(image: Image, layers: list[ConvertedLayer], devices: dict[str,
                "digest": image.digest, "platform": image.platform,
                "conversion": CONVERSION_RULES, "chain": chain_key(layers)},
         layers=[{"diff_id": c.diff_id, "digest": c.digest, "erofs_digest": c.erofs_digest,
-                 "verity": verity_entry(c.verity)} for c in layers],
-        fsmeta={"digest": devices["fsmeta"]["digest"],
-                "tags": [d["tag"] for d in devices["layers"]],
-                "verity": verity_entry(devices["fsmeta"]["verity"])},
+                 "verity": verity_entry(c.verity.to_json())} for c in layers],
+        fsmeta={"digest": devices.fsmeta.digest, "tags": [d.tag for d in devices.layers],
+                "verity": verity_entry(devices.fsmeta.verity.to_json())},
     )
 
 
@@ -274,24 +277,22 @@ def fill_cache(directory: Path, layers: list[ConvertedLayer]) -> list[dict[str, 
     each atomically), exactly the bytes a node's differ stores, so a node's hit has the roots
     the signed manifest names."""
     from snapshotter.service.layer_cache import write_entry
-    from snapshotter.verity import VerityInfo
 
     directory = directory.absolute()
     entries = []
     for c in layers:
         try:
-            blob = write_entry(directory, c.diff_id, c.path, VerityInfo.from_json(c.verity))
+            blob = write_entry(directory, c.diff_id, c.path, c.verity)
         except OSError as exc:
             where = exc.filename or directory
             raise PublishError(f"layer cache {where}: {exc.strerror}") from None
         entries.append({"diff_id": c.diff_id, "blob": str(blob),
-                        "root_hash": c.verity["root_hash"]})
+                        "root_hash": c.verity.root_hash})
     return entries
 
 
-def _roots(devices: dict[str, Any]) -> dict[str, Any]:
-    return {"fsmeta": devices["fsmeta"]["root_hash"],
-            "layers": [d["root_hash"] for d in devices["layers"]]}
+def _roots(devices: ChainDescription) -> dict[str, Any]:
+    return {"fsmeta": devices.fsmeta.root_hash, "layers": [d.root_hash for d in devices.layers]}
 
 
 def _push_root_manifest(image: Image, manifest: dict[str, Any], private_key: Any
@@ -443,25 +444,10 @@ def load_device_roots(path: Path) -> tuple[list[str], list[str]]:
         data = json.loads(read_input(path, MAX_DEVICE_LIST_BYTES))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise PublishError(f"{path}: not a JSON device list") from None
-    if isinstance(data, dict) and "fsmeta" in data and isinstance(data.get("layers"), list):
-        from snapshotter.service.vm_mode import ChainImage
-
-        devices = ChainImage(path.parent, data).devices()  # the description's one reader
-    elif isinstance(data, list):
-        devices = data
-    else:
-        raise PublishError(f"{path}: neither a chain's fsmeta.json nor a list of devices")
-    roots, diff_ids = [], []
-    for i, d in enumerate(devices):
-        root = d.get("root_hash") if isinstance(d, dict) else None
-        if root is None and isinstance(d, dict) and isinstance(d.get("verity"), dict):
-            root = d["verity"].get("root_hash")
-        if not isinstance(root, str):
-            raise PublishError(f"{path}: device {i} has no root_hash")
-        roots.append(root)
-        if i and isinstance(d, dict):
-            diff_ids.append(str(d.get("diff_id", "")))
-    return roots, diff_ids
+    try:
+        return device_list_roots(data)
+    except DeviceListError as exc:
+        raise PublishError(f"{path}: {exc}") from None
 
 
 def snapshot_devices(spec: Path) -> Path:
@@ -472,7 +458,9 @@ def snapshot_devices(spec: Path) -> Path:
     read-only connection: a running `serve` is neither blocked nor changed."""
     import sqlite3
 
+    from snapshotter.errors import NotFound
     from snapshotter.service import layer_build
+    from snapshotter.service.store import Store
     from snapshotter.service.vm_mode import DESCRIPTION, chain_key
 
     parts = spec.parts
@@ -484,19 +472,13 @@ def snapshot_devices(spec: Path) -> Path:
     else:
         raise PublishError(f"{spec}: no snapshotter root (a directory with metadata.db) in it")
     try:
-        db = sqlite3.connect(f"file:{root / 'metadata.db'}?mode=ro", uri=True, timeout=10)
+        store = Store.open_read_only(root / "metadata.db")
         try:
-            row = db.execute("SELECT id, parent_id FROM snapshots WHERE key = ?",
-                             (key,)).fetchone()
-            if row is None:
-                raise PublishError(f"{root}: no snapshot {key!r}")
-            parent_ids, parent = [], row[1]
-            while parent is not None:
-                parent_ids.append(str(parent))
-                parent = db.execute("SELECT parent_id FROM snapshots WHERE id = ?",
-                                    (parent,)).fetchone()[0]
+            parent_ids = store.ancestors(key)
         finally:
-            db.close()
+            store.close()
+    except NotFound:
+        raise PublishError(f"{root}: no snapshot {key!r}") from None
     except sqlite3.Error as exc:
         raise PublishError(f"{root}/metadata.db: {exc}") from None
     metas = []

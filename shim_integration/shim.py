@@ -30,23 +30,18 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from passthrough.agent_client import AgentClient
-from passthrough.attach import (
-    TRANSPORTS,
-    VHOST_USER_BLK_SERIAL,
-    Attacher,
-    Attachment,
-    device_id_for,
-)
+from passthrough.attach import VHOST_USER_BLK_SERIAL, Attacher, Attachment, device_id_for
 from passthrough.errors import AgentFailure, NotAttached
+from passthrough.transports import TRANSPORTS
 from shim_integration.kata_volume import KataVirtualVolume, volumes_from_devices
 from snapshotter.errors import EpError
-from snapshotter.manifest import ManifestError, SignedManifest, check_devices
-from snapshotter.service.vm_mode import (
+from snapshotter.fsmeta.devices import (
     MOUNT_TYPE,
-    VmMountError,
-    description_option,
-    load_chain_image,
+    ChainDevice,
+    DeviceListError,
+    read_mounted_description,
 )
+from snapshotter.manifest import ManifestError, SignedManifest, check_devices
 
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
@@ -76,11 +71,25 @@ class MountLike(Protocol):
 @dataclass(frozen=True)
 class PlannedDevice:
     position: int  # 0 = the fsmeta, i = device i of its device table
-    role: str  # "fsmeta" | "layer"
-    path: str
     transport: str
-    root_hash: str
-    description: dict[str, Any] = field(repr=False)  # the snapshotter's device entry
+    device: ChainDevice = field(repr=False)  # the snapshotter's description of it
+
+    @property
+    def role(self) -> str:  # "fsmeta" | "layer"
+        return self.device.role
+
+    @property
+    def path(self) -> str:
+        return self.device.path
+
+    @property
+    def root_hash(self) -> str:
+        return self.device.root_hash
+
+    @property
+    def description(self) -> dict[str, Any]:
+        """The device's entry in the chain's fsmeta.json (`ChainDevice.to_json`)."""
+        return self.device.to_json()
 
     @property
     def device_id(self) -> str:
@@ -118,7 +127,7 @@ class AttachPlan:
         misbehaving host might offer: the guest's checks are what stands in the way)."""
         if len(paths) != len(self.devices):
             raise ShimError(f"{len(paths)} paths for {len(self.devices)} devices")
-        devices = tuple(replace(d, path=str(p), description={**d.description, "path": str(p)})
+        devices = tuple(replace(d, device=replace(d.device, path=str(p)))
                         for d, p in zip(self.devices, paths, strict=True))
         return replace(self, devices=devices)
 
@@ -133,7 +142,7 @@ class AttachPlan:
                 "timeout": timeout}
 
 
-def devices_of(mounts: Sequence[MountLike]) -> tuple[str, list[dict[str, Any]]]:
+def devices_of(mounts: Sequence[MountLike]) -> tuple[str, list[ChainDevice]]:
     """(fsmeta path, device list) from a VM-mode rootfs's mounts: the device list is read
     from the description the mount names, which must be the fsmeta.json in the fsmeta's own
     chain directory (anything else is refused)."""
@@ -141,10 +150,10 @@ def devices_of(mounts: Sequence[MountLike]) -> tuple[str, list[dict[str, Any]]]:
         raise ShimError(f"not a VM-mode rootfs: expected one {MOUNT_TYPE} mount of an fsmeta, "
                         f"got {[m.type for m in mounts]}")
     try:
-        image = load_chain_image(mounts[0].source, description_option(mounts[0].options))
-    except VmMountError as exc:
+        chain = read_mounted_description(mounts[0].source, mounts[0].options)
+    except DeviceListError as exc:
         raise ShimError(str(exc)) from None
-    return mounts[0].source, image.devices()
+    return mounts[0].source, chain.devices()
 
 
 def plan_from_mounts(mounts: Sequence[MountLike], transport: str | Sequence[str] = "virtio-blk",
@@ -166,10 +175,8 @@ def plan_from_mounts(mounts: Sequence[MountLike], transport: str | Sequence[str]
         except FileNotFoundError as exc:
             raise ShimError(f"no signed manifest beside the fsmeta ({exc.filename}): give "
                             "`serve` a signing_key, or pass the manifest") from None
-    planned = tuple(
-        PlannedDevice(position=i, role=d.get("role", "layer"), path=d["path"], transport=t,
-                      root_hash=d["root_hash"], description=d)
-        for i, (d, t) in enumerate(zip(devices, transports, strict=True)))
+    planned = tuple(PlannedDevice(position=i, transport=t, device=d)
+                    for i, (d, t) in enumerate(zip(devices, transports, strict=True)))
     return AttachPlan(planned, manifest, signature)
 
 

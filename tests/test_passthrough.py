@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from passthrough import cli as passthrough_cli
 from passthrough.attach import TRANSPORTS, Attacher, device_id_for
 from passthrough.errors import NotAttached, PassthroughError, PoolExhausted, QmpGone
 from passthrough.storage_daemon import VmDaemon
@@ -66,9 +65,18 @@ def test_device_ids_are_stable_short_and_per_transport(tmp_path: Path) -> None:
     assert a != device_id_for(tmp_path / "x", "vhost-user-blk")
     assert a != device_id_for(tmp_path / "y", "virtio-blk")
     assert len(a.encode()) <= 20  # virtio-blk serials hold 20 bytes
-    assert passthrough_cli.TRANSPORTS == TRANSPORTS
     with pytest.raises(PassthroughError, match="unknown transport"):
         device_id_for(tmp_path / "x", "nvme")
+
+
+def test_cli_offers_the_transports_without_loading_the_attacher() -> None:
+    """`erofs-passthrough` registers attach's --transport choices for every subcommand: from
+    passthrough.transports, without importing asyncio and qemu.qmp through the attacher."""
+    code = ("import sys, passthrough.cli as c; print(c.TRANSPORTS, "
+            "[m for m in ('passthrough.attach', 'qemu.qmp') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True).stdout
+    assert out.strip() == f"{TRANSPORTS} []"
 
 
 def test_virtio_blk_attach_is_idempotent(vm: Vm, files: list[Path]) -> None:

@@ -200,12 +200,12 @@ def test_key_cli(tmp_path: Path) -> None:
 
 def _described_mount(fsmeta: Path, devices: list[dict]):
     """A VM-mode mount as the snapshotter hands it out: the description beside the fsmeta."""
+    from snapshotter.fsmeta.devices import MOUNT_TYPE, encode_description_option
     from snapshotter.service.mounts import Mount
-    from snapshotter.service.vm_mode import DESCRIPTION_OPTION, MOUNT_TYPE
 
     description = fsmeta.parent / "fsmeta.json"
     description.write_text(json.dumps({"fsmeta": devices[0], "layers": devices[1:]}))
-    return Mount(MOUNT_TYPE, str(fsmeta), ["ro", DESCRIPTION_OPTION + str(description)])
+    return Mount(MOUNT_TYPE, str(fsmeta), ["ro", encode_description_option(description)])
 
 
 def _vm_mount(tmp_path: Path, with_manifest: bool = True):

@@ -15,11 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from shim_integration.shim import devices_of
 from snapshotter import fsmount
+from snapshotter.fsmeta.devices import (
+    MOUNT_PROGRAM,
+    MOUNT_TYPE,
+    ChainDevice,
+    read_mounted_description,
+)
 from snapshotter.service import mount_helper
 from snapshotter.service.snapshots import Snapshotter
-from snapshotter.service.vm_mode import MOUNT_PROGRAM, MOUNT_TYPE, VM_MODE_LABEL
+from snapshotter.service.vm_mode import VM_MODE_LABEL
 from tests.helpers import require_root, require_tool, unmount_below
 from tests.test_erofs_merge import mounted_fsmeta
 from tests.treecompare import diff_views, tree_view
@@ -62,8 +67,9 @@ def _chain(sn: Snapshotter, layers: int) -> str:
     return parent
 
 
-def _devices(mounts) -> list[dict]:
-    return devices_of(mounts)[1]
+def _devices(mounts) -> list[ChainDevice]:
+    (mount,) = mounts
+    return read_mounted_description(mount.source, mount.options).devices()
 
 
 def mount_program_env(tmp_path: Path) -> dict[str, str]:
@@ -139,12 +145,12 @@ def test_vm_mode_rootfs_is_one_fsmeta_with_verified_devices(tmp_path: Path) -> N
     (mount,) = mounts
     assert mount.type == MOUNT_TYPE and mount.source.endswith("image.fsmeta")
     devices = _devices(mounts)
-    assert [d["role"] for d in devices] == ["fsmeta", "layer", "layer", "layer"]
-    blobs = [d["path"] for d in devices[1:]]
+    assert [d.role for d in devices] == ["fsmeta", "layer", "layer", "layer"]
+    blobs = [d.path for d in devices[1:]]
     assert not [o for o in mount.options if o.startswith("device=")]  # by reference only
     for d in devices:  # every device the guest gets is verifiable by its root hash
-        proc = subprocess.run([veritysetup, "verify", d["path"], d["path"], d["root_hash"],
-                               f"--hash-offset={d['verity']['hash_offset']}"], capture_output=True)
+        proc = subprocess.run([veritysetup, "verify", d.path, d.path, d.root_hash,
+                               f"--hash-offset={d.verity.hash_offset}"], capture_output=True)
         assert proc.returncode == 0, d
     assert sn.mounts("default/9/container") == mounts  # Mounts never differ from Prepare's
 
@@ -197,8 +203,8 @@ def test_signing_key_publishes_a_manifest_the_devices_match(tmp_path: Path) -> N
     signed = verify((fsmeta_dir / "manifest.json").read_bytes(),
                     (fsmeta_dir / "manifest.sig").read_bytes(),
                     [load_public_key((tmp_path / "key.pub").read_bytes())])
-    check_devices(signed, [d["root_hash"] for d in devices])
-    assert signed.manifest["fsmeta"]["tags"] == [d["tag"] for d in devices[1:]]
+    check_devices(signed, [d.root_hash for d in devices])
+    assert signed.manifest["fsmeta"]["tags"] == [d.tag for d in devices[1:]]
 
 
 def test_mount_fuse_runs_the_mount_program_for_runc(tmp_path: Path) -> None:
@@ -250,7 +256,7 @@ def test_mount_program_over_loop_devices_releases_them(tmp_path: Path) -> None:
     top = _chain(sn, 2)
     want = _host_view(sn, "default/3/host-view", top, tmp_path)
     (mount,) = sn.prepare("default/4/container", top)
-    files = [d["path"] for d in _devices([mount])]
+    files = [d.path for d in _devices([mount])]
     target = tmp_path / "rootfs"
     target.mkdir()
     fsmount.set_file_backed(False)

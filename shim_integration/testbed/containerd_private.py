@@ -26,6 +26,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from snapshotter.errors import EpError
+from snapshotter.service.namespaces import namespace_metadata
 
 REPO = Path(__file__).resolve().parent.parent
 SNAPSHOTTER = "erofs-py"
@@ -283,7 +284,7 @@ class Snapshots:
 
         self._pb = pb
         self.snapshotter = snapshotter
-        self._metadata = (("containerd-namespace", namespace),)
+        self._metadata = namespace_metadata(namespace)
         self._channel = grpc.insecure_channel(f"unix:{socket}")
         self._stub = snapshots_pb2_grpc.SnapshotsStub(self._channel)
 

@@ -16,6 +16,8 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from snapshotter.ingest.whiteouts import OPAQUE_ENTRY, whiteout_of
+
 MTIME = 1_700_000_000
 
 
@@ -62,7 +64,7 @@ def layer_tar(entries: list[tuple]) -> bytes:
                 tar.addfile(ti)
             elif kind in ("whiteout", "opaque"):
                 parent, _, name = path.rpartition("/")
-                wh = ".wh..wh..opq" if kind == "opaque" else ".wh." + name
+                wh = OPAQUE_ENTRY if kind == "opaque" else whiteout_of(name)
                 target = f"{path}/{wh}" if kind == "opaque" else f"{parent}/{wh}".lstrip("/")
                 tar.addfile(_info(target, tarfile.REGTYPE, 0o644), io.BytesIO(b""))
             else:

@@ -38,10 +38,8 @@ from snapshotter.erofs.writer import CHUNK_INDEX_COST, DataWriter
 from snapshotter.errors import InvalidInput
 from snapshotter.ingest import tarstream as ts
 from snapshotter.ingest.tarstream import TarMember, TarReader
+from snapshotter.ingest.whiteouts import AUFS_META_PREFIX, OPAQUE_MARKER, WHITEOUT_PREFIX
 
-WHITEOUT_PREFIX = b".wh."
-OPAQUE_MARKER = b".wh..wh..opq"
-AUFS_META_PREFIX = b".wh..wh."
 OPAQUE_XATTR = b"trusted.overlay.opaque"
 ORIGIN_XATTR = b"trusted.overlay.origin"
 # What an inode costs in memory beyond its names and attributes: the Node, its dicts, and the

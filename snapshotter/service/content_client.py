@@ -1,9 +1,9 @@
 """Client of containerd's Content service: a blob of its content store as a readable stream.
 
 Every call carries the `containerd-namespace` metadata header (containerd's content store is
-per namespace); Read is a server stream of chunks, adapted to a buffered binary file. Failures
-become one-line errdefs errors naming containerd's address: NotFound, Unavailable (nothing
-answers there), or the code containerd sent.
+per namespace; `namespaces` declares it); Read is a server stream of chunks, adapted to a
+buffered binary file. Failures become one-line errdefs errors naming containerd's address:
+NotFound, Unavailable (nothing answers there), or the code containerd sent.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import grpc
 from snapshotter import errors
 from snapshotter.errors import EpError
 from snapshotter.service.api.containerd.services.content.v1 import content_pb2, content_pb2_grpc
+from snapshotter.service.namespaces import namespace_metadata
 
-NAMESPACE_HEADER = "containerd-namespace"
 BUFFER = 1 << 20
 
 
@@ -58,7 +58,7 @@ class ContentClient:
     def size(self, namespace: str, digest: str) -> int:
         try:
             reply = self._stub.Info(content_pb2.InfoRequest(digest=digest),
-                                    metadata=[(NAMESPACE_HEADER, namespace)])
+                                    metadata=namespace_metadata(namespace))
         except grpc.RpcError as exc:
             raise self._translate(exc, digest) from None
         return reply.info.size
@@ -66,7 +66,7 @@ class ContentClient:
     def open(self, namespace: str, digest: str) -> io.BufferedReader:
         """The blob DIGEST as a binary stream (errors surface as NotFound / RpcError on read)."""
         call = self._stub.Read(content_pb2.ReadContentRequest(digest=digest),
-                               metadata=[(NAMESPACE_HEADER, namespace)])
+                               metadata=namespace_metadata(namespace))
 
         def chunks() -> Iterator[bytes]:
             try:

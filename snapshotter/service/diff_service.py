@@ -32,8 +32,8 @@ from snapshotter.service.api.containerd.types import descriptor_pb2
 from snapshotter.service.content_client import ContentClient
 from snapshotter.service.grpc_errors import rpc
 from snapshotter.service.layer_cache import CacheEntryError
+from snapshotter.service.namespaces import namespace_of
 from snapshotter.service.snapshots import Snapshotter
-from snapshotter.service.snapshots_service import NAMESPACE_HEADER
 from snapshotter.service.store import Kind
 
 if TYPE_CHECKING:
@@ -103,7 +103,7 @@ class DiffService(diff_pb2_grpc.DiffServicer):
         if request.payloads:
             raise Unimplemented("apply payloads (e.g. decryption) are not supported")
         sid, key = self._our_snapshot(list(request.mounts))
-        namespace = _namespace(context, key)
+        namespace = namespace_of(context, key)
         directory = self.sn.layout.dir(sid)
         cached = self._cache_entry(key)
         with self.sn.layout.busy(sid):
@@ -201,9 +201,3 @@ class DiffService(diff_pb2_grpc.DiffServicer):
     def Diff(self, request: diff_pb2.DiffRequest, context: grpc.ServicerContext):
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "erofs-py does not create diffs")
 
-
-def _namespace(context: grpc.ServicerContext, key: str) -> str:
-    for name, value in context.invocation_metadata() or ():
-        if name == NAMESPACE_HEADER:
-            return str(value)
-    return key.split("/", 1)[0]

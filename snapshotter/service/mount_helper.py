@@ -27,8 +27,8 @@ from pathlib import Path
 
 from snapshotter import fsmount
 from snapshotter.errors import EpError
+from snapshotter.fsmeta.devices import MOUNT_PROGRAM, OPTION_PREFIX, read_mounted_description
 from snapshotter.service.hostmount import unmount_all
-from snapshotter.service.vm_mode import MOUNT_PROGRAM, description_option, load_chain_image
 
 # What mount(8)/mount.fuse add or a user may write that asks for the default: nothing to do.
 _DEFAULTS = {"rw", "dev", "suid", "exec", "async", "relatime", "defaults"}
@@ -54,7 +54,7 @@ def _parse(argv: list[str]) -> tuple[str, str, list[str]]:
 
 def mount(source: str, target: str, options: list[str]) -> None:
     """Mount the VM-mode snapshot SOURCE/OPTIONS at TARGET (see the module docstring)."""
-    image = load_chain_image(source, description_option(options))
+    chain = read_mounted_description(source, options)
     dirs: dict[str, str] = {}
     attrs = 0
     for option in options:
@@ -63,13 +63,13 @@ def mount(source: str, target: str, options: list[str]) -> None:
             dirs[key] = value
         elif key in fsmount.MOUNT_FLAGS:
             attrs |= fsmount.MOUNT_FLAGS[key]
-        elif key not in _DEFAULTS and not option.startswith("erofs-passthrough."):
+        elif key not in _DEFAULTS and not option.startswith(OPTION_PREFIX):
             raise MountHelperError(f"unknown mount option {option!r}")
     if set(dirs) not in (set(), {"upperdir", "workdir"}):
         raise MountHelperError("upperdir and workdir come together or not at all")
     if not os.path.isdir(target):
         raise MountHelperError(f"mount point {target} is not a directory")
-    devices = [d["path"] for d in image.devices()]
+    devices = [d.path for d in chain.devices()]
     if not dirs:  # a view: the image itself, read-only
         fsmount.mount_erofs(devices[0], target, devices[1:], attrs)
         return
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         mount(source, target, options)
     except (EpError, OSError) as exc:
         if isinstance(exc, OSError):
-            message = exc.strerror + (f": {exc.filename}" if exc.filename else "")
+            message = (exc.strerror or str(exc)) + (f": {exc.filename}" if exc.filename else "")
         else:
             message = str(exc)
         print(f"{MOUNT_PROGRAM}: {message}", file=sys.stderr)

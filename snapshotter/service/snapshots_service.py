@@ -18,19 +18,12 @@ from snapshotter.service.api.containerd.services.snapshots.v1 import snapshots_p
 from snapshotter.service.api.containerd.types import mount_pb2
 from snapshotter.service.grpc_errors import rpc
 from snapshotter.service.mounts import Mount
+from snapshotter.service.namespaces import namespace_of
 from snapshotter.service.snapshots import Snapshotter
 from snapshotter.service.store import Info
 
 log = logging.getLogger(__name__)
-NAMESPACE_HEADER = "containerd-namespace"
 LIST_BATCH = 100
-
-
-def namespace_of(context: grpc.ServicerContext, key: str = "") -> str:
-    for name, value in context.invocation_metadata() or ():
-        if name == NAMESPACE_HEADER:
-            return str(value)
-    return key.split("/", 1)[0] if "/" in key else ""
 
 
 def to_pb_mounts(mounts: list[Mount]) -> list[mount_pb2.Mount]:

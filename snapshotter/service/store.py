@@ -10,6 +10,10 @@ database lives (a rolled-back id can come back, which `Layout.claim` handles).
 The database and its -wal/-shm files are mode 0600 whatever the directory's mode or the umask
 (systemd's StateDirectory= makes 0755 directories): SQLite gives the -wal and -shm files the
 mode of the database file, which is created 0600 before SQLite opens it.
+
+`Store.open_read_only` is for readers beside a running service (`manifest verify
+--snapshot`): SQLite's `mode=ro`, no schema, no pragmas, no chmod, deferred transactions, so
+the service is neither blocked nor changed.
 """
 
 from __future__ import annotations
@@ -89,15 +93,36 @@ class Snapshot:
 class Store:
     """The metadata database. Thread-safe: one connection, one transaction at a time."""
 
-    def __init__(self, path: Path) -> None:
-        _make_private(path)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
         self._lock = threading.RLock()
         self._closed = False
+        self.read_only = read_only
+        if read_only:
+            # A read transaction needs no lock a writer waits for; BEGIN IMMEDIATE would ask
+            # for the write lock, which a read-only connection cannot take.
+            self._begin = "BEGIN"
+            self._db = sqlite3.connect(f"{Path(path).absolute().as_uri()}?mode=ro", uri=True,
+                                       isolation_level=None, check_same_thread=False,
+                                       timeout=10)
+            return
+        self._begin = "BEGIN IMMEDIATE"
+        _make_private(path)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)  # idempotent; executescript commits by itself
+
+    @classmethod
+    def open_read_only(cls, path: Path) -> Store:
+        """An existing database, for reading only (sqlite3.Error if it cannot be read)."""
+        store = cls(path, read_only=True)
+        try:
+            store._db.execute("SELECT 1 FROM snapshots LIMIT 1")
+        except sqlite3.Error:
+            store.close()
+            raise
+        return store
 
     def close(self) -> None:
         with self._lock:
@@ -106,11 +131,12 @@ class Store:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One atomic step: BEGIN IMMEDIATE .. COMMIT, ROLLBACK on any exception."""
+        """One atomic step: BEGIN IMMEDIATE .. COMMIT, ROLLBACK on any exception (read-only:
+        one consistent read, BEGIN .. COMMIT)."""
         with self._lock:
             if self._closed:  # a call that outlived the server's grace period
                 raise StoreClosed("the metadata store is closed: the service is stopping")
-            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(self._begin)
             try:
                 yield self._db
             except BaseException:
@@ -120,7 +146,7 @@ class Store:
 
     # -- reads ---------------------------------------------------------------------------------
 
-    def _row(self, db: sqlite3.Connection, key: str) -> sqlite3.Row | tuple:
+    def _row(self, db: sqlite3.Connection, key: str) -> tuple:
         row = db.execute(
             "SELECT s.id, s.kind, p.key, s.created, s.updated, s.size, s.inodes, s.parent_id"
             " FROM snapshots s LEFT JOIN snapshots p ON p.id = s.parent_id WHERE s.key = ?",
@@ -159,6 +185,12 @@ class Store:
             if row[1] not in (Kind.ACTIVE, Kind.VIEW):
                 raise FailedPrecondition(f"snapshot {key!r} is not active or view")
             return Snapshot(str(row[0]), Kind(row[1]), self._parent_ids(db, row[7]))
+
+    def ancestors(self, key: str) -> list[str]:
+        """The ids of snapshot KEY's parent, its parent's, ..., nearest first (any kind of
+        snapshot); NotFound if there is none."""
+        with self.transaction() as db:
+            return self._parent_ids(db, self._row(db, key)[7])
 
     def committed_chain(self, key: str) -> list[str]:
         """Committed snapshot KEY's id and its ancestors' ids, nearest first."""

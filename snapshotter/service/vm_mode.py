@@ -7,7 +7,8 @@ hands every device to the guest behind dm-verity; runc gets the same mount worki
 is `fuse.erofs-passthrough-mount`, which containerd (1.6 on) and mount(8) give to the
 `mount.fuse` helper, which runs our mount program (snapshotter/service/mount_helper.py): it mounts
 the fsmeta with its devices and the snapshot's overlay on top. The options stay a few hundred bytes
-for any number of layers (the kernel takes one page; 500 `device=` paths alone are ~47 KB).
+for any number of layers (the kernel takes one page; 500 `device=` paths alone are ~47 KB). The
+description, the mount type and the option naming it are defined in `snapshotter.fsmeta.devices`.
 
 The fsmeta of a chain is built once, before the metadata transaction that creates the
 snapshot, under `<root>/fsmeta/<key>/` where the key is the sha256 of the chain's blob digests
@@ -20,13 +21,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import stat
 import tempfile
-from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from snapshotter.errors import EpError
+from snapshotter.fsmeta.devices import (
+    DESCRIPTION,
+    FSMETA,
+    MOUNT_TYPE,
+    ChainDescription,
+    LayerImage,
+    describe_merge,
+    encode_description_option,
+)
 from snapshotter.fsmeta.merge import LayerBlob, merge_layers
 from snapshotter.fsutil import fsync_dir, remove_tree, write_atomic
 from snapshotter.service import layer_build
@@ -35,17 +42,6 @@ from snapshotter.service.mounts import Mount
 from snapshotter.verity import KATA_VERITY, VerityParams
 
 VM_MODE_LABEL = "containerd.io/snapshot/erofs.vm-mode"
-MOUNT_PROGRAM = "erofs-passthrough-mount"
-MOUNT_TYPE = "fuse." + MOUNT_PROGRAM
-# No `X-`/`x-` prefix: mount(8) does not pass those on to mount helpers (measured).
-DESCRIPTION_OPTION = "erofs-passthrough.description="
-FSMETA = "image.fsmeta"
-DESCRIPTION = "fsmeta.json"
-MAX_DESCRIPTION_BYTES = 64 << 20  # ~1 KB a layer: far beyond any real chain, bounded memory
-
-
-class VmMountError(EpError):
-    """A VM-mode mount or its description is not what the snapshotter hands out."""
 
 
 @dataclass(frozen=True)
@@ -53,15 +49,11 @@ class ChainImage:
     """A published fsmeta and the devices it addresses, as the guest must see them."""
 
     directory: Path
-    description: dict
+    description: ChainDescription
 
     @property
     def fsmeta(self) -> Path:
         return self.directory / FSMETA
-
-    def devices(self) -> list[dict]:
-        """Every device the guest gets, the fsmeta first, each with its dm-verity data."""
-        return [self.description["fsmeta"], *self.description["layers"]]
 
 
 def wants_vm_mode(key: str, labels: dict[str, str], default: bool) -> bool:
@@ -109,21 +101,22 @@ def ensure_chain_image(root: Path, layout: Layout, parent_ids: list[str],
     base.mkdir(mode=0o700, exist_ok=True)
     final = base / chain_key(metas)
     if (final / DESCRIPTION).is_file():
-        return ChainImage(final, json.loads((final / DESCRIPTION).read_text()))
+        return _published(final)
     staged = Path(tempfile.mkdtemp(prefix="new-", dir=base))
     try:
-        blobs = [LayerBlob(layout.layer(sid), tag=m.blob_digest.removeprefix("sha256:"))
-                 for sid, m in zip(lowest_first, metas, strict=True)]
+        blobs: list[LayerBlob | str | os.PathLike[str]] = [
+            LayerBlob(layout.layer(sid), tag=m.blob_digest.removeprefix("sha256:"))
+            for sid, m in zip(lowest_first, metas, strict=True)]
         result = merge_layers(blobs, staged / FSMETA,
                               verity=fsmeta_verity([m.salt for m in metas]))
-        description = _describe(result, metas, final)
+        description = describe_merge(result, final / FSMETA, [
+            LayerImage(m.blob_size, m.blob_digest, m.diff_id, m.verity()) for m in metas])
         if signing_key is not None:
-            description["manifest"] = _write_signed_manifest(staged, final, description,
-                                                             signing_key)
+            description = replace(description, manifest=_write_signed_manifest(
+                staged, final, description, signing_key))
         # Durable before the directory is published: VM-mode mounts name this file, and the
         # mount program and the shim read their devices from it.
-        write_atomic(staged / DESCRIPTION,
-                     json.dumps(description, indent=2, sort_keys=True).encode())
+        write_atomic(staged / DESCRIPTION, description.to_bytes())
         fsync_dir(staged)
         try:
             os.rename(staged, final)
@@ -135,42 +128,27 @@ def ensure_chain_image(root: Path, layout: Layout, parent_ids: list[str],
     finally:
         if staged.exists():
             remove_tree(staged)
-    return ChainImage(final, json.loads((final / DESCRIPTION).read_text()))
+    return _published(final)
 
 
-def _describe(result, metas: list[layer_build.LayerMeta], final: Path) -> dict:
-    v = result.verity
-    return {
-        "fsmeta": {
-            "path": str(final / FSMETA), "size": result.size, "role": "fsmeta",
-            "digest": result.digest, "root_hash": v.root_hash, "verity": v.to_json(),
-        },
-        "layers": [
-            {
-                "path": str(dev.path), "size": meta.blob_size, "role": "layer", "device": i,
-                "tag": dev.tag, "blocks": dev.blocks, "uniaddr": dev.uniaddr,
-                "digest": meta.blob_digest,
-                "diff_id": meta.diff_id, "root_hash": meta.root_hash,
-                "verity": meta.verity().to_json(),
-            }
-            for i, (dev, meta) in enumerate(zip(result.devices, metas, strict=True), start=1)
-        ],
-    }
+def _published(final: Path) -> ChainImage:
+    """A published chain directory, read back through the description's one parser."""
+    return ChainImage(final, ChainDescription.from_bytes((final / DESCRIPTION).read_bytes()))
 
 
-def _write_signed_manifest(staged: Path, final: Path, description: dict,
-                           signing_key: Path) -> dict:
+def _write_signed_manifest(staged: Path, final: Path, description: ChainDescription,
+                           signing_key: Path) -> dict[str, str]:
     """manifest.json + manifest.sig: every device's root hash, in device order."""
     from snapshotter.manifest import build_manifest, load_private_key, sign, verity_entry
 
-    fsmeta = description["fsmeta"]
-    layers = description["layers"]
+    fsmeta = description.fsmeta
+    layers = description.layers
     manifest = build_manifest(
         image={"chain": final.name},
-        layers=[{"diff_id": d["diff_id"], "erofs_digest": d["digest"],
-                 "verity": verity_entry(d["verity"])} for d in layers],
-        fsmeta={"digest": fsmeta.get("digest", ""), "tags": [d["tag"] for d in layers],
-                "verity": verity_entry(fsmeta["verity"])},
+        layers=[{"diff_id": d.diff_id, "erofs_digest": d.digest,
+                 "verity": verity_entry(d.verity.to_json())} for d in layers],
+        fsmeta={"digest": fsmeta.digest or "", "tags": [d.tag for d in layers],
+                "verity": verity_entry(fsmeta.verity.to_json())},
     )
     payload, signature = sign(manifest, load_private_key(signing_key))
     write_atomic(staged / "manifest.json", payload)
@@ -185,66 +163,14 @@ def vm_mounts(image: ChainImage, upper: Path | None = None,
     active snapshot its upper and work directories (for runc's overlay; a VM runtime keeps
     its writable layer in the guest). Nothing in it grows with the number of layers."""
     options = ["ro"] if upper is None else [f"upperdir={upper}", f"workdir={work}"]
-    options.append(DESCRIPTION_OPTION + str(image.directory / DESCRIPTION))
+    options.append(encode_description_option(image.directory / DESCRIPTION))
     return [Mount(MOUNT_TYPE, str(image.fsmeta), options)]
-
-
-def description_option(options: Sequence[str]) -> str:
-    """The description path a VM-mode mount's options carry (exactly one)."""
-    found = [o[len(DESCRIPTION_OPTION):] for o in options if o.startswith(DESCRIPTION_OPTION)]
-    if len(found) != 1:
-        raise VmMountError(f"the mount carries {len(found)} {DESCRIPTION_OPTION.rstrip('=')} "
-                           "options, not one (is the snapshot in VM mode?)")
-    return found[0]
-
-
-def load_chain_image(fsmeta: str | Path, description: str | Path) -> ChainImage:
-    """The chain image a VM-mode mount names, read from its description file.
-
-    Only `fsmeta.json` in the fsmeta's own chain directory is read (no symlinks, no other
-    place: a mount is not a way to make us read or attach arbitrary files), of bounded size,
-    and it must describe that very fsmeta."""
-    fsmeta, description = Path(fsmeta), Path(description)
-    if not fsmeta.is_absolute() or fsmeta.name != FSMETA:
-        raise VmMountError(f"{fsmeta}: not an absolute path to a chain's {FSMETA}")
-    if description != fsmeta.parent / DESCRIPTION:
-        raise VmMountError(f"description {description} is not {DESCRIPTION} in the chain "
-                           f"directory of {fsmeta}")
-    if os.path.realpath(description) != os.path.join(os.path.realpath(fsmeta.parent),
-                                                     DESCRIPTION):
-        raise VmMountError(f"description {description} leads outside {fsmeta.parent}")
-    try:
-        fd = os.open(description, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        raise VmMountError(f"description {description}: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_DESCRIPTION_BYTES:
-            raise VmMountError(f"description {description}: not a regular file of at most "
-                               f"{MAX_DESCRIPTION_BYTES} bytes")
-        raw = f.read(MAX_DESCRIPTION_BYTES + 1)
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise VmMountError(f"description {description}: not JSON ({exc})") from None
-    image = ChainImage(fsmeta.parent, data)
-    try:
-        devices = image.devices()
-        if not all(isinstance(d, dict) and isinstance(d["path"], str)
-                   and isinstance(d["root_hash"], str) for d in devices):
-            raise TypeError("a device is not an object with a path and a root_hash")
-    except (KeyError, TypeError) as exc:
-        raise VmMountError(f"description {description}: malformed ({exc})") from None
-    if devices[0]["path"] != str(fsmeta) or devices[0].get("role") != "fsmeta":
-        raise VmMountError(f"description {description} describes {devices[0]['path']}, "
-                           f"not {fsmeta}")
-    return image
 
 
 def cleanup_chain_images(root: Path, in_use: set[str]) -> list[Path]:
     """Remove fsmeta directories no VM-mode snapshot uses (and interrupted builds)."""
     base = root / "fsmeta"
-    removed = []
+    removed: list[Path] = []
     if not base.is_dir():
         return removed
     for entry in base.iterdir():

@@ -8,12 +8,15 @@
 - `VerityInfo`: the result, with the dm table line, Kata's `DmVerityInfo` and containerd's
   `.dmverity` sidecar; `KATA_VERITY`: the unsalted parameters of a tree meant for Kata.
 - `derive_salt`: the default salt of a blob, from its sha256 digest.
+- `tree_start_block`: where the tree starts on the hash device (`VerityInfo.hash_start_block`),
+  the one statement of that rule.
 
 See docs/verity.md.
 """
 
 from snapshotter.verity.builder import VerityTreeBuilder
 from snapshotter.verity.files import default_params, format_file
+from snapshotter.verity.geometry import tree_start_block
 from snapshotter.verity.info import DmVerityInfo, VerityInfo
 from snapshotter.verity.params import KATA_VERITY, VerityParams, derive_salt, derive_uuid
 from snapshotter.verity.superblock import VeritySuperblock
@@ -31,5 +34,6 @@ __all__ = [
     "derive_uuid",
     "format_file",
     "read_superblock",
+    "tree_start_block",
     "verify_file",
 ]
