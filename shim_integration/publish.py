@@ -11,6 +11,7 @@ checks the signature again with the key it booted with. Layout: docs/publish.md.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -47,9 +48,12 @@ ARTIFACT_TYPE = "application/vnd.erofs-passthrough.root-manifest.v1"
 MANIFEST_MEDIA_TYPE = "application/vnd.erofs-passthrough.root-manifest.v1+json"
 SIGNATURE_MEDIA_TYPE = "application/vnd.erofs-passthrough.root-manifest.signature.v1+json"
 EROFS_LAYER = "application/vnd.erofs.layer.v1"
-# What `--layers` pushes: the same native layer under the OCI layer prefix, the only form
-# containerd 1.7 and 2.1 unpack at all (snapshotter/service/diff_service.py, docs/publish.md).
+# What `--layers` pushes by default: the same native layer under the OCI layer prefix, the only
+# form containerd 1.7 to 2.2 unpack at all and the one containerd 2.1/2.2's own erofs differ
+# takes; `--layer-media-type` picks EROFS_LAYER for containerd 2.3+'s (docs/publish.md, "Media
+# type", with the upstream functions).
 OCI_EROFS_LAYER = "application/vnd.oci.image.layer.v1.erofs"
+LAYER_MEDIA_TYPES = (OCI_EROFS_LAYER, EROFS_LAYER)
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 EMPTY_MEDIA_TYPE = "application/vnd.oci.empty.v1+json"
 EMPTY_JSON = b"{}"
@@ -239,12 +243,17 @@ def root_manifest(image: Image, layers: list[ConvertedLayer], devices: ChainDesc
 def publish(reference: str, key_path: Path, *, plain_http: bool = False,
             push_layers: bool = False, layers_tag: str | None = None,
             kata_verity: bool = False, platform: str = "linux/amd64",
-            out_cache: Path | None = None) -> dict[str, Any]:
+            out_cache: Path | None = None,
+            layer_media_type: str = OCI_EROFS_LAYER) -> dict[str, Any]:
     """Convert, merge, sign and push; returns every digest pushed (the `--json` object).
     OUT_CACHE: also put every converted layer into that layer cache directory
-    (snapshotter.service.layer_cache, containerd's layer_content_caches layout)."""
+    (snapshotter.service.layer_cache, containerd's layer_content_caches layout).
+    LAYER_MEDIA_TYPE: the media type of the `--layers` image's layers (LAYER_MEDIA_TYPES)."""
     from snapshotter.manifest import ManifestError, load_private_key
 
+    if layer_media_type not in LAYER_MEDIA_TYPES:
+        raise PublishError(f"layer media type {layer_media_type!r}: choose "
+                           f"{' or '.join(LAYER_MEDIA_TYPES)}")
     check_input(key_path)
     try:
         private_key = load_private_key(key_path)
@@ -267,8 +276,9 @@ def publish(reference: str, key_path: Path, *, plain_http: bool = False,
         if cache is not None:
             report["cache"] = cache
         if push_layers:
-            report["erofs_image"] = _push_erofs_image(image, layers, work, private_key,
-                                                      layers_tag, kata_verity)
+            report["erofs_image"] = _push_erofs_image(image, layers, devices, work,
+                                                      private_key, layers_tag,
+                                                      layer_media_type)
     return report
 
 
@@ -327,11 +337,16 @@ def _push_root_manifest(image: Image, manifest: dict[str, Any], private_key: Any
             "manifest_digest": "sha256:" + hashlib.sha256(payload).hexdigest()}
 
 
-def _push_erofs_image(image: Image, layers: list[ConvertedLayer], work: Path,
-                      private_key: Any, tag: str | None, kata_verity: bool) -> dict[str, Any]:
+def _push_erofs_image(image: Image, layers: list[ConvertedLayer], devices: dict[str, Any],
+                      work: Path,
+                      private_key: Any, tag: str | None, media_type: str) -> dict[str, Any]:
     """The converted layers as an image of native EROFS layers (the image bytes without
     their trees: a node's differ adds its own), its config naming them as its diffIDs, and
-    a signed root manifest for it (its roots are those of a native import, docs/publish.md)."""
+    a signed root manifest for it. Its roots are the tar image's: a native import salts a
+    layer from its image's UUID, which the tar conversion also used (snapshotter/ingest/
+    rules.py), so the same bytes get the same tree and the same fsmeta (tags are the image
+    digests). Only the binding differs: the manifest names this image, and each layer's
+    digest and diffID is its EROFS image's (docs/publish.md)."""
     client = image.client
     ref = client.ref
     pushed = []
@@ -339,8 +354,7 @@ def _push_erofs_image(image: Image, layers: list[ConvertedLayer], work: Path,
         native = work / f"native{i}.erofs"
         with open(c.path, "rb") as src, open(native, "wb") as dst:
             _copy_prefix(src, dst, c.size)
-        pushed.append({"mediaType": OCI_EROFS_LAYER,
-                       **client.put_blob(native, c.erofs_digest)})
+        pushed.append({"mediaType": media_type, **client.put_blob(native, c.erofs_digest)})
         native.unlink()
     config = dict(image.config)
     config["rootfs"] = {"type": "layers", "diff_ids": [d["digest"] for d in pushed]}
@@ -357,16 +371,13 @@ def _push_erofs_image(image: Image, layers: list[ConvertedLayer], work: Path,
     client.put_manifest(data, OCI_MANIFEST, tag)
     erofs_ref = Reference(ref.host, ref.repository, tag, None)
     erofs_image = Image(client, digest, data, manifest, config, image.platform)
-    (work / "native").mkdir()
-    native_layers = convert_image(erofs_image, work / "native", kata_verity)
-    devices = merge_chain(native_layers, work / "native" / "image.fsmeta")
+    native_layers = [dataclasses.replace(c, digest=c.erofs_digest, diff_id=c.erofs_digest)
+                     for c in layers]
     signed = _push_root_manifest(erofs_image, root_manifest(erofs_image, native_layers,
                                                              devices), private_key)
-    for c in native_layers:
-        c.path.unlink()
     return {"reference": str(erofs_ref), "digest": digest, "config": config_desc["digest"],
-            "layers": [d["digest"] for d in pushed], "root_manifest": signed,
-            "devices": _roots(devices)}
+            "layers": [d["digest"] for d in pushed], "media_type": media_type,
+            "root_manifest": signed, "devices": _roots(devices)}
 
 
 def _copy_prefix(src, dst, size: int) -> None:

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from shim_integration.publish import LAYER_MEDIA_TYPES, OCI_EROFS_LAYER
 from snapshotter.fsutil import os_errors_as_ep
 
 
@@ -18,6 +19,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", action="store_true",
                    help="also push the converted layers as an image of native EROFS layers")
     p.add_argument("--layers-tag", help="tag of that image (default: TAG-erofs)")
+    p.add_argument("--layer-media-type", default=OCI_EROFS_LAYER, choices=LAYER_MEDIA_TYPES,
+                   help="media type of that image's layers: the default is what containerd "
+                        "1.7-2.2 unpack; application/vnd.erofs.layer.v1 is what containerd "
+                        "2.3+'s own erofs differ takes (docs/publish.md, \"Media type\")")
     p.add_argument("--kata-verity", action="store_true",
                    help="unsalted layer trees, as `serve` with kata_verity (docs/kata.md)")
     p.add_argument("--platform", default="linux/amd64", help="os/arch to pick from an index")
@@ -58,7 +63,7 @@ def _publish(args: argparse.Namespace) -> int:
     report = publish(args.image, args.key, plain_http=args.plain_http,
                      push_layers=args.layers, layers_tag=args.layers_tag,
                      kata_verity=args.kata_verity, platform=args.platform,
-                     out_cache=args.out_cache)
+                     out_cache=args.out_cache, layer_media_type=args.layer_media_type)
     if args.json:
         print(json.dumps(report, sort_keys=True))
     else:

@@ -1,6 +1,7 @@
 """Native EROFS layers (application/vnd.erofs.layer.v1) through our differ: read from a real
 containerd's content store, stored as they are with a verity tree, refused when they are not
-what the descriptor says."""
+what the descriptor says; a tar layer and the EROFS image it converted to, applied each way,
+get the same verity root."""
 
 from __future__ import annotations
 
@@ -24,14 +25,15 @@ from snapshotter.service.api.containerd.services.diff.v1 import diff_pb2, diff_p
 from snapshotter.service.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from snapshotter.service.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from snapshotter.service.api.containerd.types import descriptor_pb2
-from snapshotter.service.diff_service import EROFS_LAYER
+from snapshotter.service.diff_service import EROFS_LAYER, NATIVE_EROFS_LAYERS
 from tests.erofs_utils_oracle import OracleUnavailable, erofs_utils
 from tests.helpers import mounted_erofs, require_root, require_tool
-from tests.layers import Entry, write_tar
+from tests.layers import Entry, compress, write_tar
 from tests.test_erofs_convert import awkward_entries
 from tests.treecompare import diff_views, tree_view
 
 NS = [("containerd-namespace", "default")]
+LABEL = "containerd.io/snapshot/erofs."
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +46,14 @@ def stack() -> Iterator[Stack]:
     shutil.rmtree(base, ignore_errors=True)
 
 
-def _apply(stack: Stack, key: str, digest: str, size: int) -> tuple[grpc.StatusCode, object]:
+def _apply(stack: Stack, key: str, digest: str, size: int, media_type: str = EROFS_LAYER
+           ) -> tuple[grpc.StatusCode, object]:
     with grpc.insecure_channel(f"unix:{stack.service.socket}") as channel:
         snapshots = pb_grpc.SnapshotsStub(channel)
         mounts = snapshots.Prepare(pb.PrepareSnapshotRequest(key=key)).mounts
         differ = diff_pb2_grpc.DiffStub(channel)
         request = diff_pb2.ApplyRequest(
-            diff=descriptor_pb2.Descriptor(media_type=EROFS_LAYER, digest=digest, size=size),
+            diff=descriptor_pb2.Descriptor(media_type=media_type, digest=digest, size=size),
             mounts=mounts)
         try:
             return grpc.StatusCode.OK, differ.Apply(request, metadata=NS)
@@ -84,6 +87,39 @@ def test_native_erofs_layer_is_stored_as_it_is(stack: Stack, tmp_path: Path) -> 
     assert proc.returncode == 0, proc.stderr
     with mounted_erofs(stored) as got, mounted_erofs(layer) as want:
         assert diff_views(tree_view(got), tree_view(want)) == []
+
+
+def _apply_and_commit(stack: Stack, key: str, blob: Path, media_type: str
+                      ) -> dict[str, str]:
+    """BLOB applied by the differ into a new snapshot KEY, committed; its labels."""
+    digest = "sha256:" + hashlib.sha256(blob.read_bytes()).hexdigest()
+    stack.containerd.ingest(blob, digest)
+    code, reply = _apply(stack, f"{key}-extract", digest, blob.stat().st_size, media_type)
+    assert code == grpc.StatusCode.OK, reply
+    with grpc.insecure_channel(f"unix:{stack.service.socket}") as channel:
+        snapshots = pb_grpc.SnapshotsStub(channel)
+        snapshots.Commit(pb.CommitSnapshotRequest(key=f"{key}-extract", name=key))
+        return dict(snapshots.Stat(pb.StatSnapshotRequest(key=key)).info.labels)
+
+
+def test_tar_layer_and_its_erofs_image_get_one_root(stack: Stack, tmp_path: Path) -> None:
+    """The node's differ converts a gzip tar layer; the EROFS image it stored (the tree cut
+    off at the hash offset, what `publish --layers` pushes) applied again as a native layer,
+    under either media type, gets the same salt and the same verity root."""
+    tar = write_tar(tmp_path / "l.tar", [Entry("./", "dir"), Entry("etc/os", data=b"one\n"),
+                                         Entry("usr/big", data=bytes(range(256)) * 900)])
+    converted = _apply_and_commit(stack, "default/3/tar", compress(tar, "gzip"),
+                                  "application/vnd.oci.image.layer.v1.tar+gzip")
+    stored = next(p for p in stack.base.glob("erofs-py/snapshots/*/layer.json")
+                  if converted[LABEL + "blob.digest"] in p.read_text()).parent / "layer.erofs"
+    image = tmp_path / "image.erofs"
+    image.write_bytes(stored.read_bytes()[: int(converted[LABEL + "blob.size"])])
+    for i, media_type in enumerate(sorted(NATIVE_EROFS_LAYERS)):
+        native = _apply_and_commit(stack, f"default/3/native{i}", image, media_type)
+        assert native[LABEL + "blob.digest"] == converted[LABEL + "blob.digest"]
+        for name in ("verity.salt", "verity.root-hash", "verity.hash-offset"):
+            assert native[LABEL + name] == converted[LABEL + name], (media_type, name)
+        assert native[LABEL + "diff-id"] != converted[LABEL + "diff-id"]
 
 
 @pytest.mark.parametrize("damage", ["not-erofs", "wrong-digest", "name-with-slash"])

@@ -26,7 +26,7 @@ import pytest
 
 from passthrough.agent_client import AgentClient
 from passthrough.attach import Attacher
-from shim_integration.publish import OCI_EROFS_LAYER
+from shim_integration.publish import EROFS_LAYER, OCI_EROFS_LAYER
 from shim_integration.registry import OCI_MANIFEST, Reference, RegistryClient
 from shim_integration.shim import Shim, plan_from_fetched
 from shim_integration.testbed.oci_archive import build_image, chain_ids
@@ -144,6 +144,49 @@ def test_publish_layers_reports_a_native_erofs_image(published: Published) -> No
     assert len(erofs["layers"]) == 3
     assert erofs["root_manifest"]["subject"] == erofs["digest"]
     assert len(erofs["devices"]["layers"]) == 3
+    assert erofs["media_type"] == OCI_EROFS_LAYER
+
+
+def test_both_images_manifests_sign_the_same_roots(published: Published, tmp_path: Path
+                                                   ) -> None:
+    """One root per layer whichever way it arrives: the tar image's and the EROFS image's
+    signed manifests (fetched from the registry, not `publish`'s report) name the same
+    layer and fsmeta roots; only the image each is bound to, and the layers' digests, differ."""
+    erofs = published.report["erofs_image"]
+    assert erofs["devices"] == published.report["devices"]
+    signed = {}
+    for name, ref in (("tar", published.source), ("erofs", erofs["reference"])):
+        cli_json("manifest", "fetch", ref, "--out", tmp_path / name, "--plain-http")
+        signed[name] = json.loads((tmp_path / name / "manifest.json").read_text())
+    roots = {name: ([layer["verity"]["root_hash"] for layer in m["layers"]],
+                    m["fsmeta"]["verity"]["root_hash"]) for name, m in signed.items()}
+    assert roots["tar"] == roots["erofs"]
+    assert roots["tar"] == (published.report["devices"]["layers"],
+                            published.report["devices"]["fsmeta"])
+    assert signed["tar"]["image"]["digest"] == published.report["image_digest"]
+    assert signed["erofs"]["image"]["digest"] == erofs["digest"]
+    assert [layer["diff_id"] for layer in signed["erofs"]["layers"]] == erofs["layers"]
+
+
+def test_publish_layers_with_the_erofs_media_type(published: Published) -> None:
+    """`--layer-media-type application/vnd.erofs.layer.v1` (containerd 2.3+'s erofs differ):
+    the same layer blobs under that name, the same roots; a third name is refused."""
+    source = published.source
+    report = cli_json("publish", source, "--key", published.publisher_key, "--plain-http",
+                      "--layers", "--layers-tag", "v1-erofs-vnd", "--layer-media-type",
+                      EROFS_LAYER)
+    erofs = report["erofs_image"]
+    assert erofs["reference"] == source + "-erofs-vnd"
+    client = RegistryClient(Reference.parse(erofs["reference"]), plain_http=True)
+    manifest, _ = client.get_json(erofs["digest"], OCI_MANIFEST)
+    assert [d["mediaType"] for d in manifest["layers"]] == [EROFS_LAYER] * 3
+    assert erofs["layers"] == published.report["erofs_image"]["layers"]
+    assert erofs["devices"] == report["devices"] == published.report["devices"]
+    proc = subprocess.run([*CLI, "publish", source, "--key", str(published.publisher_key),
+                           "--layers", "--layer-media-type", "application/vnd.erofs.layer.v2"],
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode != 0 and "invalid choice" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_node_pulling_the_layers_image_converts_nothing(node: PulledNode,

@@ -1,9 +1,10 @@
 """Reproducible conversion (docs/erofs.md "Reproducibility"): the same layer, by diffID, becomes
 the same EROFS bytes and dm-verity root whatever compression it arrived in, however many
 conversions run at once, and whatever the converting process's environment (clock, time zone,
-umask, directory); a native EROFS layer's salt follows the same rule (its digest is its
-diffID); the same chain merges to the same fsmeta and root. veritysetup is the judge of the
-roots."""
+umask, directory); the EROFS image a tar converts to, imported as a native EROFS layer, gets
+the same salt and root (the salt derives from the image's UUID), and one without a UUID is
+salted from its digest; the same chain merges to the same fsmeta and root. veritysetup is the
+judge of the roots."""
 
 from __future__ import annotations
 
@@ -13,14 +14,16 @@ import os
 import random
 import subprocess
 import sys
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from snapshotter.errors import EpError
 from snapshotter.fsmeta.merge import LayerBlob, merge_layers
-from snapshotter.ingest.convert import convert_layer, import_erofs_image
-from snapshotter.verity.params import derive_salt
+from snapshotter.ingest.convert import LAYER_UUID_NAMESPACE, convert_layer, import_erofs_image
+from snapshotter.verity.params import derive_layer_salt, derive_salt
 from tests.helpers import require_tool
 from tests.layers import Entry, compress, write_tar
 
@@ -66,7 +69,8 @@ def test_same_layer_in_any_compression_gives_same_bytes_and_root(layer_tar, tmp_
         out = tmp_path / f"{how}.erofs"
         r = convert_layer(source, out, expected_diff_id=diff_id, verity=True, blob_digest=True)
         assert r.diff_id == diff_id
-        assert r.verity.salt == derive_salt(diff_id).hex()
+        assert r.uuid == str(uuid.uuid5(LAYER_UUID_NAMESPACE, diff_id))
+        assert r.verity.salt == derive_layer_salt(uuid.UUID(r.uuid).bytes).hex()
         veritysetup_root(out, r.verity)
         results[how] = (sha256_file(out), r.verity.root_hash, r.blob_digest)
     assert results["gzip"] == results["tar"] == results["zstd"], results
@@ -103,22 +107,42 @@ def test_environment_does_not_change_the_output(layer_tar, tmp_path):
     assert outs[0] == outs[1]
 
 
-def test_native_layer_salt_is_its_diffid_which_is_its_digest(layer_tar, tmp_path):
-    """A converted image arriving as a native EROFS layer: its diffID is its digest, and its
-    tree is salted from that, exactly as a tar's is salted from the tar's diffID."""
-    converted = convert_layer(layer_tar, tmp_path / "c.erofs", blob_digest=True)
-    native_digest = sha256_file(tmp_path / "c.erofs")
-    assert native_digest == converted.blob_digest
-    roots = set()
+def test_converted_image_imported_as_native_layer_gets_the_same_root(layer_tar, tmp_path):
+    """The one-root rule: a tar converted with its tree, and the EROFS image it converted to
+    (the tree cut off, as `publish --layers` pushes it) imported as a native layer, twice:
+    same salt, same tree, same root. The native layer's diffID is its digest, not the tar's."""
+    tar = convert_layer(layer_tar, tmp_path / "t.erofs", verity=True, blob_digest=True)
+    image = (tmp_path / "t.erofs").read_bytes()[: tar.size]
+    (tmp_path / "native.erofs").write_bytes(image)
+    native_digest = sha256_file(tmp_path / "native.erofs")
+    assert native_digest == tar.blob_digest
     for i in range(2):
-        with open(tmp_path / "c.erofs", "rb") as f:
+        with open(tmp_path / "native.erofs", "rb") as f:
             r = import_erofs_image(f, tmp_path / f"n{i}.erofs", expected_digest=native_digest,
                                    verity=True)
-        assert r.diff_id == native_digest
-        assert r.verity.salt == derive_salt(native_digest).hex()
+        assert r.diff_id == native_digest != tar.diff_id
+        assert r.uuid == tar.uuid
+        assert (r.verity.salt, r.verity.root_hash) == (tar.verity.salt, tar.verity.root_hash)
+        assert (tmp_path / f"n{i}.erofs").read_bytes() == (tmp_path / "t.erofs").read_bytes()
         veritysetup_root(tmp_path / f"n{i}.erofs", r.verity)
-        roots.add(r.verity.root_hash)
-    assert len(roots) == 1
+
+
+def test_native_image_without_uuid_is_salted_from_its_digest(tmp_path):
+    """mkfs.erofs with the nil UUID: no UUID to derive from, so the salt derives from the
+    blob's digest (which is the native layer's diffID)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "file").write_bytes(b"no uuid\n")
+    image = tmp_path / "nil.erofs"
+    proc = subprocess.run([require_tool("mkfs.erofs"), "--quiet", "-U", str(uuid.UUID(int=0)),
+                           str(image), str(src)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    digest = sha256_file(image)
+    with open(image, "rb") as f:
+        r = import_erofs_image(f, tmp_path / "stored.erofs", expected_digest=digest, verity=True)
+    assert r.uuid == str(uuid.UUID(int=0))
+    assert r.verity.salt == derive_salt(digest).hex()
+    veritysetup_root(tmp_path / "stored.erofs", r.verity)
 
 
 def test_same_chain_merges_to_same_fsmeta_and_root(tmp_path):
@@ -138,3 +162,14 @@ def test_same_chain_merges_to_same_fsmeta_and_root(tmp_path):
         results.append((sha256_file(d / "image.fsmeta"), m.verity.root_hash))
     assert results[0] == results[1]
 
+
+
+def test_layer_salt_derives_from_the_uuid_and_needs_a_digest_without_one():
+    some = uuid.uuid4().bytes
+    assert derive_layer_salt(some) == derive_layer_salt(some, "sha256:" + "0" * 64)
+    assert derive_layer_salt(some) != derive_layer_salt(uuid.uuid4().bytes)
+    assert derive_layer_salt(bytes(16), "sha256:" + "1" * 64) == derive_salt("1" * 64)
+    with pytest.raises(EpError, match="without a UUID needs its digest"):
+        derive_layer_salt(bytes(16))
+    with pytest.raises(EpError, match="16 bytes"):
+        derive_layer_salt(b"short")

@@ -10,7 +10,7 @@ import os
 from typing import BinaryIO
 
 from snapshotter.errors import EpError
-from snapshotter.verity import VerityInfo, VerityParams, VerityTreeBuilder, derive_salt
+from snapshotter.verity import VerityInfo, VerityParams, VerityTreeBuilder
 
 
 class VerityFeed:
@@ -62,14 +62,16 @@ class VerityFeed:
 
 
 def verity_builder(
-    verity: VerityParams | bool, salt_source: str | bytes
+    verity: VerityParams | bool, default_salt: bytes
 ) -> tuple[VerityTreeBuilder, VerityParams]:
     """A tree builder; `True` means containerd's geometry. Without a salt of its own, the
-    salt derives from `salt_source` (a digest), so the same content gets the same root;
-    `VerityParams(unsalted=True)` (`KATA_VERITY`) keeps the tree without one."""
+    tree is salted with `default_salt`, which the caller derives from content (a layer:
+    `derive_layer_salt` of its UUID; an fsmeta: `derive_salt` of its digest), so the same
+    content gets the same root; `VerityParams(unsalted=True)` (`KATA_VERITY`) keeps the tree
+    without one."""
     params = VerityParams() if verity is True else verity
     if not params.salt and not params.unsalted:
-        params = dataclasses.replace(params, salt=derive_salt(salt_source))
+        params = dataclasses.replace(params, salt=default_salt)
     params.validate()
     return VerityTreeBuilder(params), params
 
@@ -88,14 +90,12 @@ def reread(fd: int, size: int, feed: VerityFeed | None, digest: hashlib._Hash | 
         offset += len(chunk)
 
 
-
-
 def append_verity(
-    out: BinaryIO, size: int, verity: VerityParams | bool, salt_source: str | bytes
+    out: BinaryIO, size: int, verity: VerityParams | bool, default_salt: bytes
 ) -> VerityInfo:
     """Hash the first `size` bytes of the open file and append the tree at `size` (a whole
-    number of data blocks)."""
-    builder, params = verity_builder(verity, salt_source)
+    number of data blocks); `default_salt` as for `verity_builder`."""
+    builder, params = verity_builder(verity, default_salt)
     feed = VerityFeed(builder, params.data_block_size, 0)
     reread(out.fileno(), size, feed, None)
     end = feed.finish(out.fileno())

@@ -49,7 +49,7 @@ from snapshotter.erofs.tree import (
 from snapshotter.erofs.writer import DataWriter, ImageParams, header_blocks, write_metadata
 from snapshotter.errors import EpError
 from snapshotter.fsutil import atomic_output
-from snapshotter.verity import VerityInfo, VerityParams
+from snapshotter.verity import VerityInfo, VerityParams, derive_salt
 from snapshotter.verity.geometry import TreeGeometry, tree_start_block
 
 OVERLAY_XATTR_PREFIX = b"trusted.overlay."
@@ -357,7 +357,7 @@ def merge_layers(
         result = dataclasses.replace(result, fsmeta=out_path, digest=digest)
         if verity:
             result = dataclasses.replace(
-                result, verity=append_verity(out, result.size, verity, digest))
+                result, verity=append_verity(out, result.size, verity, derive_salt(digest)))
         written = os.fstat(fd).st_size
         if written != result.file_size:
             raise AssertionError(f"the fsmeta file is {written} bytes, its device table "
@@ -367,7 +367,7 @@ def merge_layers(
         step(f"flat image {flat_path}")
         with atomic_output(flat_path) as flat:
             size = _write_flat(result, flat.fileno())
-            info = append_verity(flat, size, verity, digest) if verity else None
+            info = append_verity(flat, size, verity, derive_salt(digest)) if verity else None
         result = dataclasses.replace(result, flat=flat_path, flat_size=size, flat_verity=info)
     return result
 

@@ -36,10 +36,16 @@ from snapshotter.ingest.streams import LayerStream
 from snapshotter.ingest.tar_import import import_tar
 from snapshotter.ingest.validate import validate_layer
 from snapshotter.verity import VerityInfo
+from snapshotter.verity.params import derive_layer_salt
 
 # UUIDs of our layer images are UUIDv5 of the diffID in this namespace: the same layer always
-# gets the same UUID, and so the same bytes.
+# gets the same UUID, and so the same bytes and (rules.py) the same verity salt.
 LAYER_UUID_NAMESPACE = uuid.UUID("6f1d3c64-5f6e-4d0a-9c61-2f0b5b1e9a17")
+
+
+def layer_uuid(identity: str) -> bytes:
+    """The superblock UUID of the layer image made from the source IDENTITY (a diffID)."""
+    return uuid.uuid5(LAYER_UUID_NAMESPACE, identity).bytes
 
 
 @dataclass(frozen=True)
@@ -87,11 +93,11 @@ def convert_layer(
     """Convert a tar / tar.gz / tar.zst layer into an EROFS blob at `out_path`.
 
     `verity`: None, True (containerd's defaults: sha256, 4096/4096, salt derived from the
-    diffID, tree appended with a v1 superblock) or a `VerityParams`. `blob_digest`: also
-    compute the sha256 of the image bytes. `limits`: the ceilings on what the layer may cost
-    (decompressed bytes, image bytes, entries, metadata; see `limits.Limits`). EpError on bad
-    input, a layer over a limit, or a diffID other than `expected_diff_id`; the output then
-    does not exist.
+    image's UUID, itself from the diffID (rules.py), tree appended with a v1 superblock) or a
+    `VerityParams`. `blob_digest`: also compute the sha256 of the image bytes. `limits`: the
+    ceilings on what the layer may cost (decompressed bytes, image bytes, entries, metadata;
+    see `limits.Limits`). EpError on bad input, a layer over a limit, or a diffID other than
+    `expected_diff_id`; the output then does not exist.
     """
     if isinstance(source, str | os.PathLike):
         with open(source, "rb") as f:
@@ -130,7 +136,8 @@ def convert_directory(
     inline_max: int = DEFAULT_INLINE_MAX,
 ) -> ConvertResult:
     """Convert an unpacked layer directory (whiteouts as 0:0 devices, opaque xattrs) into an
-    EROFS blob. The UUID and the default verity salt derive from the tree's content."""
+    EROFS blob. The UUID derives from the tree's content, and the default verity salt from the
+    UUID."""
     src = Path(src_dir)
 
     def build(data: DataWriter) -> tuple[SourceTree, str]:
@@ -152,9 +159,11 @@ def import_erofs_image(
     hashed, checked against `expected_digest`, validated completely (`validate.validate_layer`:
     what fsck.erofs and the kernel check, and that it is an uncompressed single-device image
     our merge can address), zero-padded to whole blocks, and given a verity tree. Its salt
-    follows the one rule for every layer (`rules.py`): derived from the layer's diffID, and a
-    native layer is uncompressed, so the blob is the layer and its digest (of the bytes as
-    they arrived, before the padding) is its diffID. Nothing is left at `out_path` on error."""
+    follows the one rule for every layer (`rules.py`): derived from the image's superblock
+    UUID, so the image a tar converts to gets the same salt and root whichever way it
+    arrives; an image whose UUID is all zero is salted from its digest (of the bytes as they
+    arrived, before the padding), which for an uncompressed native layer is its diffID.
+    Nothing is left at `out_path` on error."""
     out_path = Path(out_path)
     digest = hashlib.sha256()
     with atomic_output(out_path) as out:
@@ -177,7 +186,9 @@ def import_erofs_image(
         padded = -(-size // 4096) * 4096
         out.truncate(padded)
         digest.update(bytes(padded - size))
-        info = append_verity(out, padded, verity, got) if verity else None
+        info = None
+        if verity:
+            info = append_verity(out, padded, verity, derive_layer_salt(fs_uuid, got))
     return ConvertResult(
         blob=out_path, size=padded, diff_id=got, compressed_digest=got, compression=None,
         entries=checked.entries, blocks=blocks, block_size=bs,
@@ -203,9 +214,9 @@ def _convert(
     `limits` bound the image written (None: only the format does; `build` applies its own).
 
     `build` returns the tree and the source's identity (a sha256 digest string), from which
-    the UUID and the default verity salt derive. When the identity is known up front
-    (`identity_hint`, e.g. the diffID containerd knows) the verity leaves are hashed while
-    the image is written; otherwise the image is hashed once more from the page cache.
+    the UUID derives, and from the UUID the default verity salt. When the identity is known
+    up front (`identity_hint`, e.g. the diffID containerd knows) the verity leaves are hashed
+    while the image is written; otherwise the image is hashed once more from the page cache.
     """
     _check_block_size(block_size)
     with atomic_output(out_path) as out:
@@ -213,7 +224,8 @@ def _convert(
         start = header_blocks(block_size)
         feed = builder = vparams = None
         if verity and identity_hint is not None:
-            builder, vparams = verity_builder(verity, identity_hint)
+            builder, vparams = verity_builder(verity,
+                                              derive_layer_salt(layer_uuid(identity_hint)))
             feed = VerityFeed(builder, vparams.data_block_size, start * block_size)
         data = DataWriter(fd, block_size, start, feed.observe if feed else None, hole_chunk,
                           inline_max, limits)
@@ -222,14 +234,14 @@ def _convert(
             block_size=block_size,
             build_time=tree.build_time,
             build_time_nsec=tree.build_time_nsec,
-            uuid=uuid.uuid5(LAYER_UUID_NAMESPACE, identity).bytes,
+            uuid=layer_uuid(identity),
         )
         sb = write_metadata(data, tree.root, params)
         size = sb.blocks * block_size
         digest = hashlib.sha256() if blob_digest else None
         rehash_verity = bool(verity) and identity_hint is None
         if rehash_verity:
-            builder, vparams = verity_builder(verity, identity)
+            builder, vparams = verity_builder(verity, derive_layer_salt(params.uuid))
             feed = VerityFeed(builder, vparams.data_block_size, 0)
         if digest is not None or rehash_verity:
             reread(fd, size, feed if rehash_verity else None, digest)

@@ -49,12 +49,15 @@ LAYER_MEDIA_TYPES = {
     "application/vnd.docker.image.rootfs.diff.tar.gzip",
 }
 UNCOMPRESSED = "application/vnd.oci.image.layer.v1.tar"
-EROFS_LAYER = "application/vnd.erofs.layer.v1"  # stored as it is
-# The same native layer under the OCI layer prefix. containerd up to 2.1 unpacks only layers
+# containerd 2.3+'s name (core/images/mediatypes.go MediaTypeErofsLayer), the only one its own
+# erofs differ takes from 2.3 on; stored as it is.
+EROFS_LAYER = "application/vnd.erofs.layer.v1"
+# The same native layer under the OCI layer prefix. containerd up to 2.2 unpacks only layers
 # its images.IsLayerType knows (the "application/vnd.oci.image.layer." prefix and Docker's tar
 # types): an image of EROFS_LAYER layers pulls, but its layers never reach a differ (1.7's
 # ctr: "mismatched image rootfs and manifest layers"; 2.1's transfer service unpacks nothing).
-# Under this name they are layers to every containerd, and still none a walking differ reads.
+# Under this name they are layers to every containerd (and 2.1/2.2's erofs differ takes it:
+# a ".erofs" suffix), and still none a walking differ reads. docs/publish.md, "Media type".
 OCI_EROFS_LAYER = "application/vnd.oci.image.layer.v1.erofs"
 NATIVE_EROFS_LAYERS = frozenset({EROFS_LAYER, OCI_EROFS_LAYER})
 

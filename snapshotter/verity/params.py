@@ -26,6 +26,7 @@ MAX_SALT_SIZE = 256
 HASH_NAMES = ("sha256", "sha512")
 
 _SALT_DOMAIN = b"erofs-passthrough dm-verity salt v1\0"
+_LAYER_SALT_DOMAIN = b"erofs-passthrough dm-verity layer salt v2\0"
 _UUID_DOMAIN = b"erofs-passthrough dm-verity uuid v1\0"
 
 
@@ -43,7 +44,7 @@ class VerityParams:
     salt: bytes = b""
     superblock: bool = True
     uuid: bytes | None = None  # 16 bytes; None -> derived from root hash and salt on finish
-    #: No salt, not even the one a layer conversion derives from the blob's digest when `salt`
+    #: No salt, not even the one a layer conversion derives (`derive_layer_salt`) when `salt`
     #: is empty: a tree meant for Kata, whose runtime-go and older readers carry no salt.
     unsalted: bool = False
 
@@ -118,6 +119,25 @@ def derive_salt(digest: bytes | str) -> bytes:
     string keeps the salt from being the blob digest itself.
     """
     return hashlib.sha256(_SALT_DOMAIN + parse_digest(digest)).digest()
+
+
+def derive_layer_salt(fs_uuid: bytes, fallback_digest: bytes | str | None = None) -> bytes:
+    """The default 32-byte salt of an EROFS layer's tree: sha256(domain || the image's UUID).
+
+    The UUID is the EROFS superblock's, so the salt is a function of the image bytes alone: a
+    tar converted here (whose UUID is UUIDv5 of its diffID, known before a byte is written)
+    and the same image arriving as a native EROFS layer get the same salt, and so the same
+    root. An image without a UUID (all zero bytes: mkfs.erofs `-U` with the nil UUID, other
+    writers) is salted as any blob, with `derive_salt(fallback_digest)`, its sha256 digest.
+    """
+    raw = bytes(fs_uuid)
+    if len(raw) != 16:
+        raise EpError(f"an EROFS UUID has 16 bytes, got {len(raw)}")
+    if any(raw):
+        return hashlib.sha256(_LAYER_SALT_DOMAIN + raw).digest()
+    if fallback_digest is None:
+        raise EpError("an EROFS image without a UUID needs its digest to derive a salt")
+    return derive_salt(fallback_digest)
 
 
 def derive_uuid(hash_name: str, root_digest: bytes, salt: bytes) -> bytes:
