@@ -337,7 +337,7 @@ def _push_root_manifest(image: Image, manifest: dict[str, Any], private_key: Any
             "manifest_digest": "sha256:" + hashlib.sha256(payload).hexdigest()}
 
 
-def _push_erofs_image(image: Image, layers: list[ConvertedLayer], devices: dict[str, Any],
+def _push_erofs_image(image: Image, layers: list[ConvertedLayer], devices: ChainDescription,
                       work: Path,
                       private_key: Any, tag: str | None, media_type: str) -> dict[str, Any]:
     """The converted layers as an image of native EROFS layers (the image bytes without
