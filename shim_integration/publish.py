@@ -50,8 +50,8 @@ SIGNATURE_MEDIA_TYPE = "application/vnd.erofs-passthrough.root-manifest.signatur
 EROFS_LAYER = "application/vnd.erofs.layer.v1"
 # What `--layers` pushes by default: the same native layer under the OCI layer prefix, the only
 # form containerd 1.7 to 2.2 unpack at all and the one containerd 2.1/2.2's own erofs differ
-# takes; `--layer-media-type` picks EROFS_LAYER for containerd 2.3+'s (docs/publish.md, "Media
-# type", with the upstream functions).
+# takes; `--layer-media-type` picks EROFS_LAYER for containerd 2.3+'s (the upstream functions:
+# docs/publish.md, "Media type").
 OCI_EROFS_LAYER = "application/vnd.oci.image.layer.v1.erofs"
 LAYER_MEDIA_TYPES = (OCI_EROFS_LAYER, EROFS_LAYER)
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
