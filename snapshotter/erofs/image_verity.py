@@ -67,6 +67,8 @@ def verity_builder(
     """A tree builder; `True` means containerd's geometry. Without a salt of its own, the
     salt derives from `salt_source` (a digest), so the same content gets the same root;
     `VerityParams(unsalted=True)` (`KATA_VERITY`) keeps the tree without one."""
+    if verity is False:
+        raise AssertionError("verity_builder called with verity=False")
     params = VerityParams() if verity is True else verity
     if not params.salt and not params.unsalted:
         params = dataclasses.replace(params, salt=derive_salt(salt_source))
