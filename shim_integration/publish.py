@@ -183,6 +183,8 @@ def convert_image(image: Image, work: Path, kata_verity: bool = False) -> list[C
                 raise PublishError(f"layer {i}: media type {media_type} is neither a tar "
                                    "layer nor a native EROFS layer")
         blob.unlink()
+        if result.verity is None or result.blob_digest is None:
+            raise AssertionError(f"layer {i}: converted without verity or blob digest")
         out.append(ConvertedLayer(target, digest, result.diff_id or digest, result.blob_digest,
                                   result.size, result.verity.to_json()))
     return out
@@ -204,6 +206,8 @@ def merge_chain(layers: list[ConvertedLayer], out: Path) -> dict[str, Any]:
     blobs = [LayerBlob(c.path, tag=c.erofs_digest.removeprefix("sha256:")) for c in layers]
     result = merge_layers(blobs, out, verity=fsmeta_verity([c.verity.get("salt", "")
                                                              for c in layers]))
+    if result.verity is None:
+        raise AssertionError(f"{out}: merged without a verity tree")
     return {
         "fsmeta": {"digest": result.digest, "root_hash": result.verity.root_hash,
                    "size": result.size, "verity": result.verity.to_json()},

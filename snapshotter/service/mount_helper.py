@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         mount(source, target, options)
     except (EpError, OSError) as exc:
         if isinstance(exc, OSError):
-            message = exc.strerror + (f": {exc.filename}" if exc.filename else "")
+            message = (exc.strerror or str(exc)) + (f": {exc.filename}" if exc.filename else "")
         else:
             message = str(exc)
         print(f"{MOUNT_PROGRAM}: {message}", file=sys.stderr)

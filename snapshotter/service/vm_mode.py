@@ -244,7 +244,7 @@ def load_chain_image(fsmeta: str | Path, description: str | Path) -> ChainImage:
 def cleanup_chain_images(root: Path, in_use: set[str]) -> list[Path]:
     """Remove fsmeta directories no VM-mode snapshot uses (and interrupted builds)."""
     base = root / "fsmeta"
-    removed = []
+    removed: list[Path] = []
     if not base.is_dir():
         return removed
     for entry in base.iterdir():
