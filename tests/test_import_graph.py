@@ -235,3 +235,39 @@ def test_sys_path_edit_is_found(tmp_path: Path, edit: str) -> None:
     assert len(sys_path_edits(root)) == 1
     assert sys_path_edits(root)[0].startswith("passthrough/guest/a.py:4: ")
     assert sys_path_edits(root, {"passthrough/guest/a.py"}) == []
+
+
+# --- the package APIs ----------------------------------------------------------------------
+
+PACKAGES = ["snapshotter", "snapshotter.erofs", "snapshotter.ingest", "snapshotter.fsmeta",
+            "snapshotter.service", "snapshotter.verity", "passthrough", "shim_integration",
+            "shim_integration.testbed"]
+
+
+def _declared_names(package: str) -> tuple[list[str], set[str]]:
+    """`__all__` of PACKAGE's __init__ and the names it imports (eagerly or for type checkers)."""
+    tree = ast.parse((REPO / package.replace(".", "/") / "__init__.py").read_text())
+    declared: list[str] = []
+    imported: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and any(
+                isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+            declared = list(ast.literal_eval(node.value))
+        elif isinstance(node, ast.ImportFrom) and node.module not in (
+                "__future__", "typing", "snapshotter.lazy_exports"):
+            imported |= {alias.asname or alias.name for alias in node.names}
+    return declared, imported
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_package_all_resolves(package: str) -> None:
+    """Every name in `__all__` is imported for type checkers and resolves at run time."""
+    declared, imported = _declared_names(package)
+    assert declared and len(declared) == len(set(declared))
+    assert set(declared) == imported
+    code = (f"import {package} as p\n"
+            "missing = [n for n in p.__all__ if getattr(p, n, None) is None]\n"
+            "print(missing)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "[]"
