@@ -10,6 +10,7 @@ can fail, on a tiny synthetic tree.
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from collections.abc import Collection, Iterator
@@ -269,5 +270,36 @@ def test_package_all_resolves(package: str) -> None:
             "missing = [n for n in p.__all__ if getattr(p, n, None) is None]\n"
             "print(missing)\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_api_doc_names_exist() -> None:
+    """Every dotted name docs/api.md cites (`package.module.Name`) imports."""
+    text = (REPO / "docs" / "api.md").read_text()
+    names = sorted(set(re.findall(
+        r"`((?:snapshotter|passthrough|shim_integration)(?:\.\w+)+)", text)))
+    assert len(names) > 20
+    code = (
+        "import importlib, sys\n"
+        "missing = []\n"
+        "for name in sys.argv[1:]:\n"
+        "    parts = name.split('.')\n"
+        "    for cut in range(len(parts), 0, -1):\n"
+        "        try:\n"
+        "            obj = importlib.import_module('.'.join(parts[:cut]))\n"
+        "        except ModuleNotFoundError:\n"
+        "            continue\n"
+        "        try:\n"
+        "            for attr in parts[cut:]:\n"
+        "                obj = getattr(obj, attr)\n"
+        "        except AttributeError:\n"
+        "            missing.append(name)\n"
+        "        break\n"
+        "    else:\n"
+        "        missing.append(name)\n"
+        "print(missing)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, *names], cwd=REPO, capture_output=True,
                          text=True, check=True).stdout
     assert out.strip() == "[]"
