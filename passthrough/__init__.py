@@ -15,67 +15,40 @@ docs/api.md.
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING
-
-from snapshotter.lazy_exports import lazy_exports
 
 if TYPE_CHECKING:
     from passthrough.agent_client import (
-        AgentClient as AgentClient,
+        AgentClient,
     )
     from passthrough.attach import (
-        Attacher as Attacher,
-    )
-    from passthrough.attach import (
-        Attachment as Attachment,
-    )
-    from passthrough.attach import (
-        device_id_for as device_id_for,
+        Attacher,
+        Attachment,
+        device_id_for,
     )
     from passthrough.errors import (
-        AgentFailure as AgentFailure,
-    )
-    from passthrough.errors import (
-        GuestRamNotShared as GuestRamNotShared,
-    )
-    from passthrough.errors import (
-        NotAttached as NotAttached,
-    )
-    from passthrough.errors import (
-        PassthroughError as PassthroughError,
-    )
-    from passthrough.errors import (
-        PoolExhausted as PoolExhausted,
-    )
-    from passthrough.errors import (
-        QmpCommandError as QmpCommandError,
-    )
-    from passthrough.errors import (
-        QmpGone as QmpGone,
-    )
-    from passthrough.errors import (
-        QmpTimeout as QmpTimeout,
-    )
-    from passthrough.errors import (
-        StorageDaemonFailure as StorageDaemonFailure,
-    )
-    from passthrough.errors import (
-        VmFailure as VmFailure,
+        AgentFailure,
+        GuestRamNotShared,
+        NotAttached,
+        PassthroughError,
+        PoolExhausted,
+        QmpCommandError,
+        QmpGone,
+        QmpTimeout,
+        StorageDaemonFailure,
+        VmFailure,
     )
     from passthrough.guest_volume import (
-        find_disk as find_disk,
-    )
-    from passthrough.guest_volume import (
-        open_verity as open_verity,
+        find_disk,
+        open_verity,
     )
     from passthrough.qmp import (
-        QmpSession as QmpSession,
+        QmpSession,
     )
     from passthrough.vm import (
-        Vm as Vm,
-    )
-    from passthrough.vm import (
-        VmConfig as VmConfig,
+        Vm,
+        VmConfig,
     )
 
 __all__ = [
@@ -100,7 +73,9 @@ __all__ = [
     "VmConfig",
 ]
 
-__getattr__, __dir__ = lazy_exports(__name__, {
+# Standard library only, unlike the other packages' `lazy_exports`: the guest image ships
+# this file with a few modules of the package and nothing else.
+_EXPORTS = {
     "Attacher": "passthrough.attach",
     "Attachment": "passthrough.attach",
     "device_id_for": "passthrough.attach",
@@ -120,4 +95,16 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "open_verity": "passthrough.guest_volume",
     "Vm": "passthrough.vm",
     "VmConfig": "passthrough.vm",
-}, globals())
+}
+
+
+def __getattr__(name: str) -> object:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -14,58 +14,30 @@ from snapshotter.lazy_exports import lazy_exports
 
 if TYPE_CHECKING:
     from shim_integration.kata_volume import (
-        KataVirtualVolume as KataVirtualVolume,
-    )
-    from shim_integration.kata_volume import (
-        volumes_from_devices as volumes_from_devices,
+        KataVirtualVolume,
+        volumes_from_devices,
     )
     from shim_integration.publish import (
-        PublishError as PublishError,
-    )
-    from shim_integration.publish import (
-        fetch_manifest as fetch_manifest,
-    )
-    from shim_integration.publish import (
-        publish as publish,
-    )
-    from shim_integration.publish import (
-        verify_directory as verify_directory,
+        PublishError,
+        fetch_manifest,
+        publish,
+        verify_directory,
     )
     from shim_integration.registry import (
-        Reference as Reference,
-    )
-    from shim_integration.registry import (
-        RegistryClient as RegistryClient,
-    )
-    from shim_integration.registry import (
-        RegistryError as RegistryError,
+        Reference,
+        RegistryClient,
+        RegistryError,
     )
     from shim_integration.shim import (
-        AttachPlan as AttachPlan,
-    )
-    from shim_integration.shim import (
-        ImageRefused as ImageRefused,
-    )
-    from shim_integration.shim import (
-        OpenedImage as OpenedImage,
-    )
-    from shim_integration.shim import (
-        PlannedDevice as PlannedDevice,
-    )
-    from shim_integration.shim import (
-        Shim as Shim,
-    )
-    from shim_integration.shim import (
-        ShimError as ShimError,
-    )
-    from shim_integration.shim import (
-        devices_of as devices_of,
-    )
-    from shim_integration.shim import (
-        plan_from_fetched as plan_from_fetched,
-    )
-    from shim_integration.shim import (
-        plan_from_mounts as plan_from_mounts,
+        AttachPlan,
+        ImageRefused,
+        OpenedImage,
+        PlannedDevice,
+        Shim,
+        ShimError,
+        devices_of,
+        plan_from_fetched,
+        plan_from_mounts,
     )
 
 __all__ = [

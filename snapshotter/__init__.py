@@ -10,70 +10,37 @@ See docs/api.md for what a runtime integrator uses.
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING
-
-from snapshotter.errors import (
-    AlreadyExists as AlreadyExists,
-)
-from snapshotter.errors import (
-    CorruptImage as CorruptImage,
-)
-from snapshotter.errors import (
-    DigestMismatch as DigestMismatch,
-)
-from snapshotter.errors import (
-    EpError as EpError,
-)
-from snapshotter.errors import (
-    FailedPrecondition as FailedPrecondition,
-)
-from snapshotter.errors import (
-    InvalidArgument as InvalidArgument,
-)
-from snapshotter.errors import (
-    InvalidInput as InvalidInput,
-)
-from snapshotter.errors import (
-    NotFound as NotFound,
-)
-from snapshotter.errors import (
-    PermissionDenied as PermissionDenied,
-)
-from snapshotter.errors import (
-    ResourceExhausted as ResourceExhausted,
-)
-from snapshotter.errors import (
-    Unavailable as Unavailable,
-)
-from snapshotter.errors import (
-    Unimplemented as Unimplemented,
-)
-from snapshotter.errors import (
-    Unsupported as Unsupported,
-)
-from snapshotter.errors import (
-    VerityMismatch as VerityMismatch,
-)
-from snapshotter.lazy_exports import lazy_exports
 
 if TYPE_CHECKING:
     from snapshotter.erofs.format import (
-        FormatError as FormatError,
+        FormatError,
+    )
+    from snapshotter.errors import (
+        AlreadyExists,
+        CorruptImage,
+        DigestMismatch,
+        EpError,
+        FailedPrecondition,
+        InvalidArgument,
+        InvalidInput,
+        NotFound,
+        PermissionDenied,
+        ResourceExhausted,
+        Unavailable,
+        Unimplemented,
+        Unsupported,
+        VerityMismatch,
     )
     from snapshotter.ingest.validate import (
-        InvalidLayer as InvalidLayer,
+        InvalidLayer,
     )
     from snapshotter.manifest import (
-        ManifestError as ManifestError,
-    )
-    from snapshotter.manifest import (
-        SignedManifest as SignedManifest,
-    )
-    from snapshotter.manifest import (
-        check_devices as check_devices,
-    )
-    from snapshotter.manifest import (
-        verify as verify,
+        ManifestError,
+        SignedManifest,
+        check_devices,
+        verify,
     )
 
 __all__ = [
@@ -99,11 +66,39 @@ __all__ = [
     "InvalidLayer",
 ]
 
-__getattr__, __dir__ = lazy_exports(__name__, {
+# Standard library only, unlike the other packages' `lazy_exports`: the guest image ships
+# this file with a few modules of the package and nothing else.
+_EXPORTS = {
+    "EpError": "snapshotter.errors",
+    "InvalidInput": "snapshotter.errors",
+    "InvalidArgument": "snapshotter.errors",
+    "DigestMismatch": "snapshotter.errors",
+    "CorruptImage": "snapshotter.errors",
+    "VerityMismatch": "snapshotter.errors",
+    "Unsupported": "snapshotter.errors",
+    "Unimplemented": "snapshotter.errors",
+    "NotFound": "snapshotter.errors",
+    "AlreadyExists": "snapshotter.errors",
+    "FailedPrecondition": "snapshotter.errors",
+    "Unavailable": "snapshotter.errors",
+    "ResourceExhausted": "snapshotter.errors",
+    "PermissionDenied": "snapshotter.errors",
     "SignedManifest": "snapshotter.manifest",
     "verify": "snapshotter.manifest",
     "check_devices": "snapshotter.manifest",
     "ManifestError": "snapshotter.manifest",
     "FormatError": "snapshotter.erofs.format",
     "InvalidLayer": "snapshotter.ingest.validate",
-}, globals())
+}
+
+
+def __getattr__(name: str) -> object:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

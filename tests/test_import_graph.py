@@ -303,3 +303,20 @@ def test_api_doc_names_exist() -> None:
     out = subprocess.run([sys.executable, "-c", code, *names], cwd=REPO, capture_output=True,
                          text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_top_level_inits_need_nothing_else(tmp_path: Path) -> None:
+    """The guest image ships `snapshotter/__init__.py` and `passthrough/__init__.py` with only
+    a few of their modules: both must import alone, on the standard library."""
+    for package in ("snapshotter", "passthrough"):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_bytes(
+            (REPO / package / "__init__.py").read_bytes())
+    code = ("import sys\n"
+            f"sys.path.insert(0, {str(tmp_path)!r})\n"
+            "import passthrough, snapshotter\n"
+            "ours = ('snapshotter', 'passthrough')\n"
+            "print(sorted(m for m in sys.modules if m.startswith(ours)))\n")
+    out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "['passthrough', 'snapshotter']"

@@ -12,19 +12,11 @@ from snapshotter.lazy_exports import lazy_exports
 
 if TYPE_CHECKING:
     from shim_integration.testbed import (
-        containerd_dist as containerd_dist,
-    )
-    from shim_integration.testbed import (
-        containerd_private as containerd_private,
-    )
-    from shim_integration.testbed import (
-        demo as demo,
-    )
-    from shim_integration.testbed import (
-        local_registry as local_registry,
-    )
-    from shim_integration.testbed import (
-        oci_archive as oci_archive,
+        containerd_dist,
+        containerd_private,
+        demo,
+        local_registry,
+        oci_archive,
     )
 
 __all__ = [

@@ -12,67 +12,35 @@ from snapshotter.lazy_exports import lazy_exports
 
 if TYPE_CHECKING:
     from snapshotter.erofs.format import (
-        ChunkIndex as ChunkIndex,
-    )
-    from snapshotter.erofs.format import (
-        DeviceSlot as DeviceSlot,
-    )
-    from snapshotter.erofs.format import (
-        Dirent as Dirent,
-    )
-    from snapshotter.erofs.format import (
-        FormatError as FormatError,
-    )
-    from snapshotter.erofs.format import (
-        Inode as Inode,
-    )
-    from snapshotter.erofs.format import (
-        SuperBlock as SuperBlock,
-    )
-    from snapshotter.erofs.format import (
-        XattrEntry as XattrEntry,
+        ChunkIndex,
+        DeviceSlot,
+        Dirent,
+        FormatError,
+        Inode,
+        SuperBlock,
+        XattrEntry,
     )
     from snapshotter.erofs.limits import (
-        DEFAULT_LIMITS as DEFAULT_LIMITS,
-    )
-    from snapshotter.erofs.limits import (
-        Limits as Limits,
+        DEFAULT_LIMITS,
+        Limits,
     )
     from snapshotter.erofs.reader import (
-        ChunkRef as ChunkRef,
-    )
-    from snapshotter.erofs.reader import (
-        ErofsImage as ErofsImage,
-    )
-    from snapshotter.erofs.reader import (
-        InodeInfo as InodeInfo,
+        ChunkRef,
+        ErofsImage,
+        InodeInfo,
     )
     from snapshotter.erofs.tree import (
-        Chunks as Chunks,
-    )
-    from snapshotter.erofs.tree import (
-        Extent as Extent,
-    )
-    from snapshotter.erofs.tree import (
-        InlineTail as InlineTail,
-    )
-    from snapshotter.erofs.tree import (
-        Node as Node,
-    )
-    from snapshotter.erofs.tree import (
-        SourceTree as SourceTree,
+        Chunks,
+        Extent,
+        InlineTail,
+        Node,
+        SourceTree,
     )
     from snapshotter.erofs.writer import (
-        DataWriter as DataWriter,
-    )
-    from snapshotter.erofs.writer import (
-        ImageParams as ImageParams,
-    )
-    from snapshotter.erofs.writer import (
-        header_blocks as header_blocks,
-    )
-    from snapshotter.erofs.writer import (
-        write_metadata as write_metadata,
+        DataWriter,
+        ImageParams,
+        header_blocks,
+        write_metadata,
     )
 
 __all__ = [

@@ -11,19 +11,11 @@ from snapshotter.lazy_exports import lazy_exports
 
 if TYPE_CHECKING:
     from snapshotter.fsmeta.merge import (
-        LayerBlob as LayerBlob,
-    )
-    from snapshotter.fsmeta.merge import (
-        MergedDevice as MergedDevice,
-    )
-    from snapshotter.fsmeta.merge import (
-        MergeResult as MergeResult,
-    )
-    from snapshotter.fsmeta.merge import (
-        appended_tree_size as appended_tree_size,
-    )
-    from snapshotter.fsmeta.merge import (
-        merge_layers as merge_layers,
+        LayerBlob,
+        MergedDevice,
+        MergeResult,
+        appended_tree_size,
+        merge_layers,
     )
 
 __all__ = [

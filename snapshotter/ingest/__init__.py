@@ -13,31 +13,19 @@ from snapshotter.lazy_exports import lazy_exports
 
 if TYPE_CHECKING:
     from snapshotter.ingest.convert import (
-        ConvertResult as ConvertResult,
-    )
-    from snapshotter.ingest.convert import (
-        convert_directory as convert_directory,
-    )
-    from snapshotter.ingest.convert import (
-        convert_layer as convert_layer,
-    )
-    from snapshotter.ingest.convert import (
-        import_erofs_image as import_erofs_image,
+        ConvertResult,
+        convert_directory,
+        convert_layer,
+        import_erofs_image,
     )
     from snapshotter.ingest.streams import (
-        ByteReader as ByteReader,
-    )
-    from snapshotter.ingest.streams import (
-        LayerStream as LayerStream,
+        ByteReader,
+        LayerStream,
     )
     from snapshotter.ingest.validate import (
-        InvalidLayer as InvalidLayer,
-    )
-    from snapshotter.ingest.validate import (
-        LayerCheck as LayerCheck,
-    )
-    from snapshotter.ingest.validate import (
-        validate_layer as validate_layer,
+        InvalidLayer,
+        LayerCheck,
+        validate_layer,
     )
 
 __all__ = [

@@ -13,37 +13,27 @@ from snapshotter.lazy_exports import lazy_exports
 
 if TYPE_CHECKING:
     from snapshotter.service.layout import (
-        Layout as Layout,
+        Layout,
     )
     from snapshotter.service.mounts import (
-        Mount as Mount,
+        Mount,
     )
     from snapshotter.service.serve import (
-        Server as Server,
+        Server,
     )
     from snapshotter.service.snapshots import (
-        Snapshotter as Snapshotter,
+        Snapshotter,
     )
     from snapshotter.service.store import (
-        Info as Info,
-    )
-    from snapshotter.service.store import (
-        Kind as Kind,
-    )
-    from snapshotter.service.store import (
-        Store as Store,
-    )
-    from snapshotter.service.store import (
-        Usage as Usage,
+        Info,
+        Kind,
+        Store,
+        Usage,
     )
     from snapshotter.service.vm_mode import (
-        ChainImage as ChainImage,
-    )
-    from snapshotter.service.vm_mode import (
-        description_option as description_option,
-    )
-    from snapshotter.service.vm_mode import (
-        load_chain_image as load_chain_image,
+        ChainImage,
+        description_option,
+        load_chain_image,
     )
 
 __all__ = [
