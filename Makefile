@@ -9,10 +9,12 @@ demo: setup
 
 test: setup
 	.venv/bin/ruff check .
+	.venv/bin/mypy
 	.venv/bin/python -m pytest -q $(PYTEST_ARGS)
 
 lint: setup
 	.venv/bin/ruff check .
+	.venv/bin/mypy  # the files and options are in pyproject.toml ([tool.mypy])
 
 bench: setup
 	.venv/bin/python -m bench.run

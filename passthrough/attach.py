@@ -333,7 +333,7 @@ class Attacher:
         credentials. qemu.qmp does not expose the socket, hence its private stream writer."""
         writer = getattr(getattr(self.qmp, "_client", None), "_writer", None)
         sock = writer.get_extra_info("socket") if writer is not None else None
-        pid = procs.peer_pid(sock) if sock is not None else 0  # type: ignore[arg-type]
+        pid = procs.peer_pid(sock) if sock is not None else 0
         if pid <= 0:
             raise StorageDaemonFailure(
                 f"cannot tell which process serves {self.qmp.path} (no peer credentials: "

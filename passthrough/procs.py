@@ -26,6 +26,13 @@ def spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
             raise VmFailure(f"{argv[0]} is not installed (run .ci/setup)") from None
 
 
+def program_name(proc: subprocess.Popen[bytes]) -> str:
+    """The name of the program PROC runs (`spawn` gives it a list, Popen allows more)."""
+    args = proc.args
+    first = args if isinstance(args, str | bytes | os.PathLike) else args[0]
+    return Path(os.fsdecode(first)).name
+
+
 def wait_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float, log: Path,
                 qmp_greeting: bool = False) -> None:
     """Wait until PROC listens on unix socket PATH; VmFailure (with LOG's tail) if it exits.
@@ -36,7 +43,7 @@ def wait_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float, log: 
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
-            raise VmFailure(f"{Path(proc.args[0]).name} exited with {proc.returncode}: "
+            raise VmFailure(f"{program_name(proc)} exited with {proc.returncode}: "
                             f"{tail(log)}")
         if path.exists():
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -47,7 +54,7 @@ def wait_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float, log: 
                 except OSError:
                     pass
         if time.monotonic() > deadline:
-            raise VmFailure(f"{Path(proc.args[0]).name} did not open {path} in {timeout}s")
+            raise VmFailure(f"{program_name(proc)} did not open {path} in {timeout}s")
         time.sleep(0.005)
 
 

@@ -52,8 +52,10 @@ class QmpSession:
     def alive(self) -> bool:
         return self._client.runstate == Runstate.RUNNING
 
-    def cmd(self, command: str, timeout: float | None = None, **arguments: Any) -> Any:
-        """Execute COMMAND (arguments with QMP's dashed names passed as a dict via **)."""
+    def cmd(self, command: str, timeout: float | None = None, /, **arguments: Any) -> Any:
+        """Execute COMMAND (arguments with QMP's dashed names passed as a dict via **).
+
+        COMMAND and TIMEOUT are positional only: every keyword is a QMP argument."""
         if not self.alive:
             raise QmpGone(f"{command}: QMP peer at {self.path} is gone")
         return self._run(self._client.execute(command, arguments or None),

@@ -8,6 +8,7 @@ inodes (6.1 gives every compact inode the superblock's build time), and no xattr
 
 from __future__ import annotations
 
+import mmap
 import stat
 import struct
 from collections.abc import Sequence
@@ -333,7 +334,8 @@ class XattrEntry:
         return raw + b"\0" * (-len(raw) % 4)
 
     @classmethod
-    def unpack(cls, data: bytes | memoryview, offset: int = 0) -> tuple[XattrEntry, int]:
+    def unpack(cls, data: bytes | memoryview | mmap.mmap,
+               offset: int = 0) -> tuple[XattrEntry, int]:
         """Parse one entry at `offset`; returns it and the offset after it."""
         name_len, index, value_size = cls._HEAD.unpack_from(data, offset)
         start = offset + 4

@@ -69,6 +69,8 @@ def verity_builder(
     `derive_layer_salt` of its UUID; an fsmeta: `derive_salt` of its digest), so the same
     content gets the same root; `VerityParams(unsalted=True)` (`KATA_VERITY`) keeps the tree
     without one."""
+    if verity is False:
+        raise AssertionError("verity_builder called with verity=False")
     params = VerityParams() if verity is True else verity
     if not params.salt and not params.unsalted:
         params = dataclasses.replace(params, salt=default_salt)

@@ -14,7 +14,7 @@ import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ParamSpec, TypeVar
+from typing import Concatenate, ParamSpec, TypeVar
 
 from snapshotter.erofs.format import (
     CHUNK_FORMAT_BLKBITS_MASK,
@@ -84,18 +84,19 @@ SYMLINK_MAX = 4095  # PATH_MAX - 1: the kernel refuses longer inline targets, Li
 _CORRUPTION = (struct.error, IndexError, ValueError, OverflowError, KeyError)
 
 
-def _corrupt_is_an_error(method: Callable[P, R]) -> Callable[P, R]:
+def _corrupt_is_an_error(
+    method: Callable[Concatenate[ErofsImage, P], R],
+) -> Callable[Concatenate[ErofsImage, P], R]:
     """Untrusted images (a registry's EROFS layer, a merge input) must fail with EpError, never
     with whatever a malformed structure happens to raise deep inside."""
 
     @functools.wraps(method)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+    def wrapper(image: ErofsImage, /, *args: P.args, **kwargs: P.kwargs) -> R:
         try:
-            return method(*args, **kwargs)
+            return method(image, *args, **kwargs)
         except FormatError:
             raise  # already says what is wrong, and where
         except _CORRUPTION as exc:
-            image = args[0]
             raise FormatError(f"{image.name}: corrupt EROFS image ({exc})") from None
 
     return wrapper

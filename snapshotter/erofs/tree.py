@@ -66,12 +66,24 @@ class Node:
     children: dict[bytes, Node] | None = None
 
     @classmethod
-    def directory(cls, mode: int = 0o755, **attrs: int) -> Node:
-        return cls(mode=stat.S_IFDIR | (mode & 0o7777), children={}, **attrs)
+    def directory(cls, mode: int = 0o755, *, uid: int = 0, gid: int = 0, mtime: int = 0,
+                  mtime_nsec: int = 0) -> Node:
+        return cls(mode=stat.S_IFDIR | (mode & 0o7777), uid=uid, gid=gid, mtime=mtime,
+                   mtime_nsec=mtime_nsec, children={})
 
     @property
     def is_dir(self) -> bool:
         return stat.S_ISDIR(self.mode)
+
+    def dir_children(self) -> dict[bytes, Node]:
+        """`children` of a node known to be a directory (`Node.directory` made it).
+
+        For callers that walk directories only: a node without children here is a bug in
+        the tree's builder, not bad input, hence TypeError rather than an EpError."""
+        children = self.children
+        if children is None:
+            raise TypeError(f"inode of mode {self.mode:o} is not a directory node")
+        return children
 
 
 def validate_name(name: bytes) -> None:

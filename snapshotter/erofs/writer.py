@@ -564,7 +564,7 @@ def _count_links(root: Node) -> Counter[int]:
     links: Counter[int] = Counter()
     for node in _walk_dirs(root):
         links[id(node)] += 2
-        for child in node.children.values():
+        for child in node.dir_children().values():
             if child.children is None:
                 links[id(child)] += 1
             else:
@@ -577,7 +577,7 @@ def _walk_dirs(root: Node) -> Iterator[Node]:
     while stack:
         node = stack.pop()
         yield node
-        stack.extend(c for c in node.children.values() if c.children is not None)
+        stack.extend(c for c in node.dir_children().values() if c.children is not None)
 
 
 def _shared_xattrs(order: list[Node], bs: int) -> tuple[dict[tuple[bytes, bytes], int], bytes]:
@@ -600,7 +600,7 @@ def _dir_block_plan(node: Node, bs: int) -> list[list[bytes]]:
     writes each group as one block once they do."""
     groups: list[list[bytes]] = [[]]
     used = 0
-    for name in sorted([b".", b"..", *node.children]):
+    for name in sorted([b".", b"..", *node.dir_children()]):
         need = Dirent.SIZE + len(name)
         if used + need > bs:
             groups.append([])
@@ -621,6 +621,7 @@ def _encode_dir(
     """One directory block per group of `_dir_block_plan`, with the nids now known."""
     parent_nid = nid_of[id(parent_of[id(node)])]
     dir_type = file_type(stat.S_IFDIR)
+    children = node.dir_children()
     out: list[bytes] = []
     for names in groups:
         nameoff = Dirent.SIZE * len(names)
@@ -631,7 +632,7 @@ def _encode_dir(
             elif name == b"..":
                 nid, ftype = parent_nid, dir_type
             else:
-                child = node.children[name]
+                child = children[name]
                 nid, ftype = nid_of[id(child)], file_type(child.mode)
             ents += Dirent(nid, nameoff, ftype).pack()
             nameoff += len(name)
@@ -647,7 +648,7 @@ def _choose_layouts(placed: list[_Placed], cursor: _BlockCursor, bs: int) -> Non
             inode.i_u = encode_dev(*node.rdev)
             continue
         if p.dir_blocks is not None:
-            _layout_dir(p, cursor, bs)
+            _layout_dir(p, p.dir_blocks, cursor, bs)
             continue
         if node.symlink is not None:
             target = node.symlink
@@ -698,10 +699,11 @@ def _fits_inline(p: _Placed, tail_len: int, bs: int) -> bool:
     return 0 < tail_len < bs and p.inode.isize + p.inode.xattr_isize + tail_len <= bs
 
 
-def _layout_dir(p: _Placed, cursor: _BlockCursor, bs: int) -> None:
+def _layout_dir(p: _Placed, dir_blocks: list[list[bytes]], cursor: _BlockCursor,
+                bs: int) -> None:
     """A directory: whole blocks as an extent, the last partial block inline when it fits."""
-    whole = len(p.dir_blocks) - 1
-    tail_len = _block_used(p.dir_blocks[-1])
+    whole = len(dir_blocks) - 1
+    tail_len = _block_used(dir_blocks[-1])
     if _fits_inline(p, tail_len, bs):
         p.inode.layout = LAYOUT_FLAT_INLINE
         p.inode.i_u = cursor.take(whole * bs) if whole else 0
@@ -724,7 +726,7 @@ def _parents(root: Node) -> dict[int, Node]:
     """Each directory's parent, for its '..' entry (the root is its own parent)."""
     parent_of = {id(root): root}
     for node in _walk_dirs(root):
-        for child in node.children.values():
+        for child in node.dir_children().values():
             if child.is_dir:
                 parent_of[id(child)] = node
     return parent_of

@@ -31,7 +31,7 @@ import stat
 import uuid
 from array import array
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,7 +113,7 @@ class _LayerApplier:
         info = self.img.inode(self.img.root_nid)
         xattrs = self.img.xattrs(info)
         if xattrs.get(OPAQUE_XATTR) == b"y":
-            root.children.clear()
+            root.dir_children().clear()
         self._set_attrs(root, info, xattrs)
         self._apply_dir(root, info)
 
@@ -133,7 +133,7 @@ class _LayerApplier:
                 raise EpError(f"{self.img.name}: directory nid {dir_info.nid} appears twice "
                               "(a cycle)")
             seen.add(dir_info.nid)
-            children = target.children
+            children = target.dir_children()
             self._charge(dir_info.size)
             for name, nid, _ftype in self.img.listdir(dir_info):
                 if name == b"." or name == b"..":
@@ -193,7 +193,7 @@ class _LayerApplier:
         if len(refs) == 1 and refs[0].inline_pos is not None:
             # A small file stored inline in its layer stays inline in the fsmeta.
             return InlineTail(None, self.img.read_at(refs[0].inline_pos, refs[0].length))
-        pieces = []  # (offset, device, blkaddr or None)
+        pieces: list[tuple[int, int, int | None]] = []  # (offset, device, blkaddr; None: hole)
         for ref in refs:
             if ref.device:
                 raise EpError(f"{self.img.name}: layer is itself multi-device")
@@ -331,7 +331,7 @@ class MergeResult:
 
 
 def merge_layers(
-    layers: list[LayerBlob | str | os.PathLike[str]],
+    layers: Sequence[LayerBlob | str | os.PathLike[str]],
     out_path: str | os.PathLike[str],
     *,
     verity: bool | VerityParams = False,

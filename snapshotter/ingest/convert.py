@@ -32,10 +32,10 @@ from snapshotter.erofs.writer import (
 from snapshotter.errors import EpError
 from snapshotter.fsutil import atomic_output
 from snapshotter.ingest.dir_import import import_directory
-from snapshotter.ingest.streams import LayerStream
+from snapshotter.ingest.streams import ByteReader, LayerStream
 from snapshotter.ingest.tar_import import import_tar
 from snapshotter.ingest.validate import validate_layer
-from snapshotter.verity import VerityInfo
+from snapshotter.verity import VerityInfo, VerityParams
 from snapshotter.verity.params import derive_layer_salt
 
 # UUIDs of our layer images are UUIDv5 of the diffID in this namespace: the same layer always
@@ -79,11 +79,11 @@ class ConvertResult:
 
 
 def convert_layer(
-    source: BinaryIO | str | os.PathLike[str],
+    source: ByteReader | str | os.PathLike[str],
     out_path: str | os.PathLike[str],
     *,
     expected_diff_id: str | None = None,
-    verity=None,
+    verity: VerityParams | bool | None = None,
     block_size: int = 4096,
     hole_chunk: int = DEFAULT_HOLE_CHUNK,
     blob_digest: bool = False,
@@ -120,6 +120,7 @@ def convert_layer(
     result = _convert(Path(out_path), build, identity_hint=expected_diff_id, verity=verity,
                       block_size=block_size, hole_chunk=hole_chunk, blob_digest=blob_digest,
                       inline_max=inline_max, limits=limits)
+    assert stream is not None  # _convert returns only after `build` ran
     return dataclasses.replace(result, diff_id=stream.diff_id,
                                compressed_digest=stream.compressed_digest,
                                compression=stream.compression)
@@ -129,7 +130,7 @@ def convert_directory(
     src_dir: str | os.PathLike[str],
     out_path: str | os.PathLike[str],
     *,
-    verity=None,
+    verity: VerityParams | bool | None = None,
     block_size: int = 4096,
     hole_chunk: int = DEFAULT_HOLE_CHUNK,
     blob_digest: bool = False,
@@ -153,7 +154,7 @@ def import_erofs_image(
     out_path: str | os.PathLike[str],
     *,
     expected_digest: str | None = None,
-    verity=None,
+    verity: VerityParams | bool | None = None,
 ) -> ConvertResult:
     """Store a native EROFS layer (`application/vnd.erofs.layer.v1`) as it is: copied while
     hashed, checked against `expected_digest`, validated completely (`validate.validate_layer`:
@@ -202,7 +203,7 @@ def _convert(
     build: Callable[[DataWriter], tuple[SourceTree, str]],
     *,
     identity_hint: str | None,
-    verity,
+    verity: VerityParams | bool | None,
     block_size: int,
     hole_chunk: int,
     blob_digest: bool,
@@ -222,7 +223,7 @@ def _convert(
     with atomic_output(out_path) as out:
         fd = out.fileno()
         start = header_blocks(block_size)
-        feed = builder = vparams = None
+        feed: VerityFeed | None = None
         if verity and identity_hint is not None:
             builder, vparams = verity_builder(verity,
                                               derive_layer_salt(layer_uuid(identity_hint)))
@@ -239,8 +240,9 @@ def _convert(
         sb = write_metadata(data, tree.root, params)
         size = sb.blocks * block_size
         digest = hashlib.sha256() if blob_digest else None
-        rehash_verity = bool(verity) and identity_hint is None
-        if rehash_verity:
+        rehash_verity = False
+        if verity and identity_hint is None:
+            rehash_verity = True
             builder, vparams = verity_builder(verity, derive_layer_salt(params.uuid))
             feed = VerityFeed(builder, vparams.data_block_size, 0)
         if digest is not None or rehash_verity:
@@ -248,7 +250,7 @@ def _convert(
         info = None
         if feed is not None:
             data_end = feed.finish(fd)
-            info = builder.finish(data_end // vparams.data_block_size, out, data_end)
+            info = feed.builder.finish(data_end // feed.dbs, out, data_end)
     return ConvertResult(
         blob=out_path, size=size, diff_id=None, compressed_digest=None, compression=None,
         entries=tree.entries, blocks=sb.blocks, block_size=block_size,

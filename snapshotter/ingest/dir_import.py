@@ -125,6 +125,7 @@ class DirImporter:
         what the walk needs to descend into it (its fd stays open until it is done)."""
         bname = os.fsencode(name)
         validate_name(bname)
+        siblings = node.dir_children()
         path = dir_path / name
         try:
             st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
@@ -134,7 +135,7 @@ class DirImporter:
         self.digest.update(bname + b"\0")
         key = (st.st_dev, st.st_ino)
         if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1 and key in self._inodes:
-            node.children[bname] = self._inodes[key]
+            siblings[bname] = self._inodes[key]
             return None
         if stat.S_ISDIR(st.st_mode):
             fd = _open_checked(dir_fd, name, path, st, _DIR_FLAGS)
@@ -144,7 +145,7 @@ class DirImporter:
             except BaseException:
                 os.close(fd)
                 raise
-            node.children[bname] = child
+            siblings[bname] = child
             return fd, path, child, children
         if stat.S_ISREG(st.st_mode):
             opath = _open_checked(dir_fd, name, path, st, _PATH_FLAGS)
@@ -160,7 +161,7 @@ class DirImporter:
             child = self._other_node(dir_fd, name, path, st)
         if st.st_nlink > 1:
             self._inodes[key] = child
-        node.children[bname] = child
+        siblings[bname] = child
         return None
 
 

@@ -11,7 +11,7 @@ sparse layer cannot balloon memory.
 from __future__ import annotations
 
 import hashlib
-from typing import BinaryIO, Protocol
+from typing import Protocol, cast
 
 import zstandard
 from isal import isal_zlib
@@ -25,6 +25,15 @@ READ_CHUNK = 1 << 20
 ZSTD_FEED = 2048  # bytes of zstd input per call: at most ~64 MiB of output
 GZIP_FEED = 1 << 14  # first piece of gzip input per member (max_length bounds its output)
 OUT_LIMIT = 4 << 20
+
+# isal's stub declares `error` an instance (`error: Exception`); at run time it is the class.
+_GZIP_ERROR = cast("type[Exception]", isal_zlib.error)
+
+
+class ByteReader(Protocol):
+    """What a layer is read from: a file, a socket's reader, a progress-counting wrapper."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
 
 
 class _Decoder(Protocol):
@@ -88,7 +97,7 @@ class _Gzip:
             piece = tail[self._pos:self._pos + self._piece]
             try:
                 chunk = self._obj.decompress(piece, OUT_LIMIT - size)
-            except isal_zlib.error as exc:
+            except _GZIP_ERROR as exc:
                 raise InvalidInput(f"corrupt gzip data: {exc}") from None
             out.append(chunk)
             size += len(chunk)
@@ -158,7 +167,7 @@ class LayerStream:
     More than `limits.max_tar_bytes` of tar (a decompression bomb) is an EpError.
     """
 
-    def __init__(self, source: BinaryIO, limits: Limits = DEFAULT_LIMITS) -> None:
+    def __init__(self, source: ByteReader, limits: Limits = DEFAULT_LIMITS) -> None:
         self._src = source
         self._max_tar_bytes = limits.max_tar_bytes
         head = source.read(READ_CHUNK)
@@ -167,8 +176,8 @@ class LayerStream:
             else "zstd" if head.startswith(ZSTD_MAGIC)
             else "none"
         )
-        self._decoder: _Decoder = {"gzip": _Gzip, "zstd": _Zstd, "none": _Identity}[
-            self.compression]()
+        decoders: dict[str, type[_Decoder]] = {"gzip": _Gzip, "zstd": _Zstd, "none": _Identity}
+        self._decoder = decoders[self.compression]()
         self._blob_hash = hashlib.sha256()
         self._tar_hash = hashlib.sha256()
         self._buf = b""  # decompressed bytes not yet read, from _pos on

@@ -84,11 +84,12 @@ class TarImporter:
         """The directory holding the last component, creating missing ones (mode 0755)."""
         node = self.root
         for part in parts[:-1]:
-            child = node.children.get(part)
+            children = node.dir_children()
+            child = children.get(part)
             if child is None or _is_whiteout(child):
                 self._charge(NODE_COST + len(part), name)
                 child = self._implicit_dir(replaces_whiteout=child is not None)
-                node.children[part] = child
+                children[part] = child
             elif not child.is_dir:
                 kind = "a symlink" if stat.S_ISLNK(child.mode) else "not a directory"
                 raise InvalidInput(f"{_show(name)!r}: path component {_show(part)!r} is {kind}")
@@ -109,7 +110,7 @@ class TarImporter:
         for part in parts:
             if node is None or not node.is_dir:
                 return None
-            node = node.children.get(part)
+            node = node.dir_children().get(part)
         return node
 
     def _charge(self, nbytes: int, name: bytes) -> None:
@@ -144,16 +145,17 @@ class TarImporter:
             self._parent(parts, m.name).xattrs[OPAQUE_XATTR] = b"y"
             return
         parent = self._parent(parts, m.name)
+        siblings = parent.dir_children()
         if name.startswith(WHITEOUT_PREFIX):
             target = name[len(WHITEOUT_PREFIX):]
             validate_name(target)
             node = Node(mode=stat.S_IFCHR, rdev=(0, 0))
             self._set_attrs(node, m)
-            parent.children[target] = node
+            siblings[target] = node
             parent.xattrs[ORIGIN_XATTR] = b""
             return
         if m.typeflag == ts.DIRECTORY:
-            existing = parent.children.get(name)
+            existing = siblings.get(name)
             if existing is not None and existing.is_dir:
                 self._implicit.discard(id(existing))
                 self._set_attrs(existing, m)  # a directory over a directory: attributes only
@@ -164,12 +166,12 @@ class TarImporter:
                 # below, the new X to this one): X must hide what lies below it.
                 node.xattrs[OPAQUE_XATTR] = b"y"
         elif m.typeflag == ts.HARDLINK:
-            parent.children[name] = self._link_target(m)
+            siblings[name] = self._link_target(m)
             return
         else:
             node = self._new_node(m, read)
         self._set_attrs(node, m)
-        parent.children[name] = node  # a later entry wins
+        siblings[name] = node  # a later entry wins
 
     def _link_target(self, m: TarMember) -> Node:
         target = self._lookup(split_member_path(m.linkname, self.limits))

@@ -414,7 +414,7 @@ class TarReader:
     def _sparse_map_1x0(self) -> tuple[list[tuple[int, int]], int]:
         """PAX sparse 1.0: decimal lines at the start of the data, in whole blocks."""
         buf = bytearray()
-        lines: list[bytes] = []
+        lines: list[bytearray] = []  # pieces of `buf.split`, the next line last
         used = 0
 
         def line() -> int:

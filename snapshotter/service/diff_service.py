@@ -131,7 +131,7 @@ class DiffService(diff_pb2_grpc.DiffServicer):
         _, info, _ = self.sn.store.get_info(key)
         diff_id = cache.diff_id_of(key, info.labels, info.parent)
         blob = cache.find(diff_id) if diff_id else None
-        if blob is None:
+        if diff_id is None or blob is None:
             log.debug("layer cache miss", extra={"key": key, "diff_id": diff_id or ""})
             return None
         return diff_id, blob
@@ -194,12 +194,7 @@ class DiffService(diff_pb2_grpc.DiffServicer):
     def _meta(desc: descriptor_pb2.Descriptor, result: ConvertResult) -> layer_build.LayerMeta:
         if result.compressed_digest != desc.digest:
             raise InvalidArgument(f"content {desc.digest} read as {result.compressed_digest}")
-        v = result.verity
-        return layer_build.LayerMeta(
-            blob_size=result.size, blob_digest=result.blob_digest,
-            root_hash=v.root_hash, salt=v.salt, hash_offset=v.hash_offset,
-            diff_id=result.diff_id or "",
-        )
+        return layer_build.layer_meta(result, diff_id=result.diff_id or "")
 
     def Diff(self, request: diff_pb2.DiffRequest, context: grpc.ServicerContext):
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "erofs-py does not create diffs")

@@ -27,10 +27,14 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from snapshotter.fsutil import fsync_file, rename_durable, unlink_durable, write_atomic
 from snapshotter.verity import VerityInfo, VerityParams
 from snapshotter.verity.info import SIDECAR_SUFFIX
+
+if TYPE_CHECKING:
+    from snapshotter.ingest.convert import ConvertResult
 
 LAYER = "layer.erofs"
 SIDECAR = LAYER + SIDECAR_SUFFIX  # containerd's name: layer.erofs.dmverity
@@ -123,7 +127,13 @@ def convert_directory(src: Path, out: Path, verity: bool | VerityParams = True) 
     True for containerd's salted geometry, or the parameters, e.g. KATA_VERITY)."""
     from snapshotter.ingest.convert import convert_directory as convert
 
-    result = convert(src, out, verity=verity, blob_digest=True)
-    v = result.verity
-    return LayerMeta(blob_size=result.size, blob_digest=result.blob_digest,
-                     root_hash=v.root_hash, salt=v.salt, hash_offset=v.hash_offset)
+    return layer_meta(convert(src, out, verity=verity, blob_digest=True))
+
+
+def layer_meta(result: ConvertResult, diff_id: str = "") -> LayerMeta:
+    """The LayerMeta of a conversion that was asked for a verity tree and the blob digest."""
+    v, blob_digest = result.verity, result.blob_digest
+    if v is None or blob_digest is None:
+        raise AssertionError(f"{result.blob}: converted without verity or blob digest")
+    return LayerMeta(blob_size=result.size, blob_digest=blob_digest, root_hash=v.root_hash,
+                     salt=v.salt, hash_offset=v.hash_offset, diff_id=diff_id)

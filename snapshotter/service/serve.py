@@ -154,8 +154,8 @@ class _CallExecutor(futures.ThreadPoolExecutor):
         self._running = 0
         self._count_lock = threading.Lock()
 
-    def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def]
-        def counted():  # type: ignore[no-untyped-def]
+    def submit(self, fn, /, *args, **kwargs):
+        def counted():
             with self._count_lock:
                 self._running += 1
             try:

@@ -161,9 +161,9 @@ def _check(f: Field, value: object, from_file: bool) -> tuple[object, str | None
     meta = f.metadata
     if want is float and not math.isfinite(value):  # type: ignore[arg-type]
         return None, f"must be a finite number, got {_describe(value)}"
-    if "min" in meta and value < meta["min"]:  # type: ignore[operator]
+    if "min" in meta and value < meta["min"]:
         return None, f"must be at least {meta['min']}, got {_describe(value)}"
-    if "max" in meta and value > meta["max"]:  # type: ignore[operator]
+    if "max" in meta and value > meta["max"]:
         return None, f"must be at most {meta['max']}, got {_describe(value)}"
     if "choices" in meta and value not in meta["choices"]:
         return None, f"must be one of {', '.join(meta['choices'])}, got {_describe(value)}"

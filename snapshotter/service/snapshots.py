@@ -292,8 +292,9 @@ class Snapshotter:
     def _chains_in_use(self) -> set[str]:
         in_use = set()
         for chain in self.store.chains_labelled(vm_mode.VM_MODE_LABEL, "true"):
-            metas = [layer_build.read_layer(self.layout.dir(sid)) for sid in chain]
-            if chain and all(metas):
+            read = [layer_build.read_layer(self.layout.dir(sid)) for sid in chain]
+            metas = [meta for meta in read if meta is not None]
+            if chain and len(metas) == len(read):
                 in_use.add(vm_mode.chain_key(list(reversed(metas))))
         return in_use
 

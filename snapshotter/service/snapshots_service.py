@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from typing import cast
 
 import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
@@ -38,7 +39,8 @@ def _timestamp(ns: int) -> timestamp_pb2.Timestamp:
 
 
 def to_pb_info(info: Info) -> pb.Info:
-    return pb.Info(name=info.name, parent=info.parent, kind=int(info.kind),
+    # protoc's .pyi types an enum field as the enum class; the wire value is the int
+    return pb.Info(name=info.name, parent=info.parent, kind=cast("pb.Kind", int(info.kind)),
                    created_at=_timestamp(info.created), updated_at=_timestamp(info.updated),
                    labels=info.labels)
 

@@ -160,7 +160,7 @@ class Store:
         rows = db.execute("SELECT name, value FROM labels WHERE snapshot_id = ?", (sid,))
         return dict(rows.fetchall())
 
-    def _info(self, db: sqlite3.Connection, key: str, row: tuple) -> Info:
+    def _info(self, db: sqlite3.Connection, key: str, row: sqlite3.Row | tuple) -> Info:
         sid, kind, parent, created, updated = row[:5]
         return Info(key, Kind(kind), parent or "", self._labels(db, sid), created, updated)
 

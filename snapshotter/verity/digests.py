@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from typing import IO
 
 #: digests kept in memory before spilling: 64 MiB = 2 Mi sha256 leaves = 8 GiB of 4 KiB data
 DEFAULT_MEMORY_LIMIT = 64 << 20
@@ -35,7 +36,7 @@ class DigestStore:
         self._memory_limit = memory_limit
         self._tmp_dir = tmp_dir
         self._mem: bytearray | None = bytearray()
-        self._file = None
+        self._file: IO[bytes] | None = None
         self._extent = 0  # bytes covered so far
 
     @property

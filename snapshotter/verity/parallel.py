@@ -123,8 +123,8 @@ def _from_workers(
         for lo, hi in shares[1:]:
             # Frames go to an unnamed file, not a pipe: a full pipe would stall the worker
             # while this process is busy hashing its own share.
-            out = tempfile.TemporaryFile()  # noqa: SIM115 - closed in finally
-            err = tempfile.TemporaryFile()  # noqa: SIM115 - closed in finally
+            out: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - closed in finally
+            err: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - closed in finally
             procs.append(
                 (
                     subprocess.Popen(
