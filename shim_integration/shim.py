@@ -21,7 +21,6 @@ The same plan gives Kata's volume options for runtimes that hand the devices to 
 from __future__ import annotations
 
 import base64
-import errno
 import json
 import time
 from collections.abc import Sequence
@@ -37,7 +36,7 @@ from passthrough.attach import (
     Attachment,
     device_id_for,
 )
-from passthrough.errors import AgentFailure, NotAttached
+from passthrough.errors import NotAttached, Refused
 from shim_integration.kata_volume import KataVirtualVolume, volumes_from_devices
 from snapshotter.errors import EpError
 from snapshotter.manifest import ManifestError, SignedManifest, check_devices
@@ -265,9 +264,8 @@ class Shim:
                 self._release(attachments)
             except ShimError as undo:
                 exc.add_note(f"and undoing the attach: {undo}")
-            if isinstance(exc, AgentFailure) and exc.errno == errno.EPERM \
-                    and "refused: " in str(exc):
-                raise ImageRefused(str(exc).split("refused: ", 1)[1]) from None
+            if isinstance(exc, Refused):
+                raise ImageRefused(exc.reason) from None
             raise
         return OpenedImage(name, plan, attachments, result, timings)
 
