@@ -58,7 +58,7 @@ def _matches(info: dict[str, Any], serial: str | None, pci: str | None) -> bool:
 
 
 def _udev_monitor(state: AgentState) -> Any:
-    import pyudev
+    import pyudev  # type: ignore[import-not-found]
 
     monitor = pyudev.Monitor.from_netlink(state.udev(), source="kernel")
     monitor.filter_by("block")

@@ -116,7 +116,7 @@ class AgentState:
         """pyudev's Context: the guest's python3-pyudev, on PYTHONPATH (Debian's
         dist-packages), imported late so the agent starts fast."""
         if self._udev is None:
-            import pyudev
+            import pyudev  # type: ignore[import-not-found]
 
             self._udev = pyudev.Context()
         return self._udev
