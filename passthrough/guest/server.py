@@ -16,8 +16,6 @@ import select
 import time
 
 from passthrough.agent_protocol import AGENT_PORT, REQUESTS, error_reply, ok_reply
-from passthrough.guest import dm, files, images, mounts
-from passthrough.guest.disks import list_disks, wait_block, wait_block_gone
 from passthrough.guest.lockdown import check_lockdown
 from passthrough.guest.state import AgentError, AgentState, read_attr
 
@@ -61,29 +59,63 @@ def op_run(state: AgentState, req: dict[str, Any]) -> dict[str, Any]:
     return {"rc": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}
 
 
-OPS: dict[str, Op] = {
+def _block_devices(state: AgentState, req: dict[str, Any]) -> dict[str, Any]:
+    from passthrough.guest.disks import list_disks
+
+    return {"devices": list_disks(state)}
+
+
+def _wait_block(state: AgentState, req: dict[str, Any]) -> dict[str, Any]:
+    from passthrough.guest.disks import wait_block
+
+    return wait_block(state, req.get("serial"), req.get("pci"), float(req.get("timeout", 10)))
+
+
+def _wait_block_gone(state: AgentState, req: dict[str, Any]) -> dict[str, Any]:
+    from passthrough.guest.disks import wait_block_gone
+
+    return wait_block_gone(req["name"], float(req.get("timeout", 10)))
+
+
+def _mounts(state: AgentState, req: dict[str, Any]) -> dict[str, Any]:
+    return {"mounts": list(state.mounts), "dm": list(state.dm)}
+
+
+#: Each request's handler: a function here, or "module:function" of passthrough.guest,
+#: imported on first use (under TCG every module imported at start-up delays the first ping).
+OPS: dict[str, Op | str] = {
     "ping": op_ping,
     "run": op_run,
-    "block_devices": lambda state, req: {"devices": list_disks(state)},
-    "wait_block": lambda state, req: wait_block(state, req.get("serial"), req.get("pci"),
-                                                float(req.get("timeout", 10))),
-    "wait_block_gone": lambda state, req: wait_block_gone(req["name"],
-                                                          float(req.get("timeout", 10))),
-    "verity_open": dm.op_verity_open,
-    "verity_status": dm.op_verity_status,
-    "verity_close": dm.op_verity_close,
-    "mount": mounts.op_mount,
-    "umount": mounts.op_umount,
-    "teardown": mounts.op_teardown,
-    "hash_tree": files.op_hash_tree,
-    "read_file": files.op_read_file,
-    "read_speed": files.op_read_speed,
-    "mounts": lambda state, req: {"mounts": list(state.mounts), "dm": list(state.dm)},
-    "open_image": images.op_open_image,
-    "close_image": images.op_close_image,
-    "images": images.op_images,
+    "block_devices": _block_devices,
+    "wait_block": _wait_block,
+    "wait_block_gone": _wait_block_gone,
+    "verity_open": "dm:op_verity_open",
+    "verity_status": "dm:op_verity_status",
+    "verity_close": "dm:op_verity_close",
+    "mount": "mounts:op_mount",
+    "umount": "mounts:op_umount",
+    "teardown": "mounts:op_teardown",
+    "hash_tree": "files:op_hash_tree",
+    "read_file": "files:op_read_file",
+    "read_speed": "files:op_read_speed",
+    "mounts": _mounts,
+    "open_image": "images:op_open_image",
+    "close_image": "images:op_close_image",
+    "images": "images:op_images",
 }
 assert OPS.keys() == REQUESTS.keys(), "the agent serves exactly the protocol's requests"
+
+
+def handler(name: str) -> Op | None:
+    """The handler of request NAME (None if there is no such request)."""
+    op = OPS.get(name)
+    if isinstance(op, str):
+        import importlib
+
+        module, function = op.split(":")
+        op = OPS[name] = getattr(importlib.import_module(f"passthrough.guest.{module}"),
+                                 function)
+    return op
 
 
 class Agent:
@@ -98,7 +130,7 @@ class Agent:
         try:
             req = json.loads(line)
             req_id = req.get("id")
-            op = OPS.get(req.get("op"))
+            op = handler(req.get("op")) if isinstance(req.get("op"), str) else None
             if op is None:
                 raise AgentError(f"unknown op {req.get('op')!r}", errno.EINVAL)
             check_lockdown(self.state, req["op"], req)
