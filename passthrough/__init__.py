@@ -6,8 +6,9 @@
 - `agent_client`, `guest_volume`: the host side of the guest agent protocol
 - `vm`, `storage_daemon`, `procs`: the test/demo VM launcher and its helper processes
 - `guest_image`: the kernel, initramfs and verified root built by vm-images/build
+- `agent_protocol`: that protocol's one definition (port, requests, replies, `ep.*` arguments)
 - `transports`: the transports, for the CLI without the attacher
-- `guest`: the guest agent itself (runs inside the VM)
+- `guest`: the guest program (the agent), shipped in the guest image (`guest/payload.py`)
 - `cli`: `erofs-passthrough attach|detach`
 
 The names below are imported from their modules on first use. See docs/passthrough.md and

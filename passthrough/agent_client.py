@@ -1,5 +1,6 @@
-"""Host side of the guest agent protocol (passthrough/guest/agent.py): JSON lines over the unix
-socket QEMU exposes for the agent's virtio-serial port."""
+"""Host side of the guest agent protocol (`passthrough.agent_protocol`; the guest is
+`passthrough.guest`): JSON lines over the unix socket QEMU exposes for the agent's
+virtio-serial port."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from passthrough.errors import AgentFailure
+from passthrough.agent_protocol import is_refusal
+from passthrough.errors import AgentFailure, Refused
 
 
 class AgentClient:
@@ -103,7 +105,8 @@ class AgentClient:
             raise AgentFailure(f"agent connection lost: {exc}") from None
 
     def call(self, op: str, **args: Any) -> dict[str, Any]:
-        """Send one request; return its result or raise AgentFailure (with the guest errno).
+        """Send one request; return its result or raise AgentFailure (with the guest errno),
+        Refused when the guest declined on policy.
 
         An op-side `timeout` argument (seconds the agent may wait) extends the reply deadline.
         """
@@ -116,6 +119,9 @@ class AgentClient:
             reply = json.loads(self._readline(deadline))
             if reply.get("id") == req_id:
                 break  # older replies (of requests that timed out) are dropped
+        if is_refusal(reply):
+            raise Refused(f"agent {op} refused: {reply.get('error')}", str(reply.get("error")),
+                          reply.get("errno"))
         if not reply.get("ok"):
             raise AgentFailure(f"agent {op}: {reply.get('error')}", reply.get("errno"))
         return reply["result"]
@@ -141,10 +147,9 @@ class AgentClient:
     def wait_block_gone(self, name: str, timeout: float = 10.0) -> None:
         self.call("wait_block_gone", name=name, timeout=timeout)
 
-    def verity_open(self, name: str, **params: Any) -> str:
-        """Open dm-verity NAME: `table=` a full table line, or the fields of
-        `verity_table` in the agent (data_device, data_blocks, hash_start_block, root_hash...)."""
-        return self.call("verity_open", name=name, **params)["device"]
+    def verity_open(self, name: str, table: str) -> str:
+        """Open dm-verity NAME with TABLE (`VerityInfo.table_line`); returns its node."""
+        return self.call("verity_open", name=name, table=table)["device"]
 
     def verity_status(self, name: str) -> dict[str, Any]:
         return self.call("verity_status", name=name)

@@ -43,6 +43,15 @@ class AgentFailure(PassthroughError):
         self.errno = errno
 
 
+class Refused(AgentFailure):
+    """The guest declined on policy (a signature, a root hash, lockdown) and did nothing;
+    `reason` is the guest's. Carried by the reply's `refused` field (agent_protocol)."""
+
+    def __init__(self, message: str, reason: str, errno: int | None = None) -> None:
+        super().__init__(message, errno)
+        self.reason = reason
+
+
 class VmFailure(PassthroughError):
     """QEMU did not start, or the guest did not come up; the message carries the console tail."""
 

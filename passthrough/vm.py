@@ -10,7 +10,6 @@ way), agent.sock, console.log, qemu.log, qsd.log, and the vhost-user sockets att
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import os
 import shutil
@@ -22,20 +21,18 @@ from pathlib import Path
 
 from passthrough import procs
 from passthrough.agent_client import AgentClient
+from passthrough.agent_protocol import AGENT_PORT, LOCKDOWN_ON, encode_trusted_keys
 from passthrough.errors import AgentFailure, PassthroughError, VmFailure
 from passthrough.guest_image import GuestImage
 from passthrough.qmp import QmpSession
 from passthrough.storage_daemon import StorageDaemon
 
-AGENT_PORT = "org.erofs-passthrough.agent"
 ROOT_PORT_PREFIX = "ep-rp"
 FIRST_PORT_SLOT = 8  # root ports at 00:08.0 ... (8 functions per slot), fixed devices below
 # Fast boot under TCG (docs/passthrough.md, "Boot"): no mitigations, no crypto self tests, no TSC
 # calibration; panic=-1 + -no-reboot make a dead guest end QEMU instead of hanging.
 BOOT_ARGS = ("console=ttyS0", "quiet", "panic=-1", "mitigations=off", "cryptomgr.notests=1",
              "tsc=reliable", "no_timer_check", "random.trust_cpu=on")
-# The guest agent opens only images signed by one of these keys (docs/kata.md).
-TRUSTED_KEYS_ARG = "ep.trusted_keys"
 COMMAND_LINE_MAX = 2047  # x86's COMMAND_LINE_SIZE is 2048 with the NUL
 
 
@@ -129,10 +126,10 @@ class Vm:
     def command_line(self) -> str:
         args = [*BOOT_ARGS, *self.config.kernel_args]
         if self.config.trusted_keys:
-            keys = ",".join(base64.b64encode(pem).decode() for pem in self.config.trusted_keys)
-            args.append(f"{TRUSTED_KEYS_ARG}={keys}")
+            # The guest agent opens only images signed by one of these keys (docs/kata.md).
+            args.append(encode_trusted_keys(self.config.trusted_keys))
         if self.config.lockdown:
-            args.append("ep.lockdown=1")
+            args.append(LOCKDOWN_ON)
         line = " ".join(args)
         if len(line) > COMMAND_LINE_MAX:
             raise VmFailure(f"kernel command line of {len(line)} bytes exceeds "

@@ -21,7 +21,6 @@ The same plan gives Kata's volume options for runtimes that hand the devices to 
 from __future__ import annotations
 
 import base64
-import errno
 import json
 import time
 from collections.abc import Sequence
@@ -31,7 +30,7 @@ from typing import Any, Protocol
 
 from passthrough.agent_client import AgentClient
 from passthrough.attach import VHOST_USER_BLK_SERIAL, Attacher, Attachment, device_id_for
-from passthrough.errors import AgentFailure, NotAttached
+from passthrough.errors import NotAttached, Refused
 from passthrough.transports import TRANSPORTS
 from shim_integration.kata_volume import KataVirtualVolume, volumes_from_devices
 from snapshotter.errors import EpError
@@ -272,9 +271,8 @@ class Shim:
                 self._release(attachments)
             except ShimError as undo:
                 exc.add_note(f"and undoing the attach: {undo}")
-            if isinstance(exc, AgentFailure) and exc.errno == errno.EPERM \
-                    and "refused: " in str(exc):
-                raise ImageRefused(str(exc).split("refused: ", 1)[1]) from None
+            if isinstance(exc, Refused):
+                raise ImageRefused(exc.reason) from None
             raise
         return OpenedImage(name, plan, attachments, result, timings)
 

@@ -23,7 +23,7 @@ import pytest
 from passthrough.agent_client import AgentClient
 from passthrough.attach import Attacher
 from passthrough.errors import AgentFailure
-from passthrough.guest import agent as agent_module
+from passthrough.guest.files import hash_tree
 from passthrough.vm import Vm
 from shim_integration.shim import AttachPlan, ImageRefused, Shim, plan_from_mounts
 from snapshotter.manifest import generate_key, load_private_key, sign
@@ -99,7 +99,7 @@ def shim(agent: AgentClient, attacher: Attacher) -> Shim:
 def _host_tree(chain: Chain) -> dict:
     """The merged image as the host kernel shows it, in the agent's own hash_tree terms."""
     with mounted_fsmeta(chain.fsmeta, chain.blobs) as mnt:
-        return agent_module.hash_tree(str(mnt))["entries"]
+        return hash_tree(str(mnt))["entries"]
 
 
 def test_signed_image_opens_and_reads_what_the_host_sees(

@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 
+from passthrough.agent_protocol import encode_trusted_keys
 from passthrough.guest.verify import (
     check_offered,
     device_root,
-    encode_trusted_keys,
+    signed_verity,
     trusted_keys_from_cmdline,
-    verity_params,
 )
 from passthrough.vm import Vm, VmConfig
 from snapshotter.manifest import (
@@ -69,7 +69,7 @@ def test_device_root_is_the_root_veritysetup_computes(blobs: list) -> None:
 
 def test_a_changed_top_block_or_salt_is_another_root(blobs: list, tmp_path: Path) -> None:
     path, info = blobs[0]
-    start = verity_params(str(path), info)["hash_start_block"] * 4096
+    start = signed_verity(info).hash_start_block * 4096
     bad = tmp_path / "bad.img"
     shutil.copyfile(path, bad)
     with open(bad, "r+b") as fh:

@@ -35,7 +35,7 @@ NOT_YET_MOVED = {
     ("bench/oracle_bench.py", "tests.treecompare"),
     ("bench/containerd_bench.py", "tests.erofs_utils_oracle"),
 }
-SYS_PATH_NOT_YET_REMOVED = {"passthrough/guest/agent.py"}
+SYS_PATH_NOT_YET_REMOVED: set[str] = set()
 
 
 def _module_name(rel: Path) -> tuple[str, bool]:

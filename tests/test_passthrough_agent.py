@@ -1,5 +1,5 @@
 """The guest agent's request handling on the host, without a guest: the parts that do not need
-a guest kernel (dispatch, error replies, the verity table line, hashing a tree). The guest
+a guest kernel (dispatch, error and refusal replies, lockdown, hashing a tree). The guest
 tests (test_vm_guest.py) run the same code as PID 1 of a real guest."""
 
 from __future__ import annotations
@@ -11,8 +11,13 @@ import json
 import os
 from pathlib import Path
 
-from passthrough.guest import agent
-from passthrough.guest_volume import verity_params
+import pytest
+
+from passthrough.agent_protocol import REFUSED_ERRNO
+from passthrough.guest.server import Agent
+from passthrough.guest.state import AgentState, Image
+
+agent = Agent(AgentState(locked=False))
 
 
 def _call(req: dict | bytes) -> dict:
@@ -34,16 +39,11 @@ def test_errors_become_replies_with_errno(tmp_path: Path) -> None:
     assert ping["ok"] and ping["result"]["pid"] == os.getpid()
 
 
-def test_verity_table_line() -> None:
-    fields = verity_params({"root_hash": "ab" * 32, "salt": "cd" * 32, "data_block_size": 4096,
-                            "hash_block_size": 4096, "hash_offset": 40960, "hash_type": 1,
-                            "superblock": True}, "/dev/vdb")
-    assert fields["data_blocks"] == 10 and fields["hash_start_block"] == 11
-    assert agent.verity_table(fields) == (
-        f"0 80 verity 1 /dev/vdb /dev/vdb 4096 4096 10 11 sha256 {'ab' * 32} {'cd' * 32}")
-    nosalt = dict(fields, salt="", hash_device="/dev/vdc")
-    assert agent.verity_table(nosalt).endswith(f" {'ab' * 32} -")
-    assert " /dev/vdb /dev/vdc " in agent.verity_table(nosalt)
+def test_verity_open_takes_a_table_line() -> None:
+    """The agent builds no table line of its own: the host sends VerityInfo's."""
+    for bad in ({"name": "v", "table": 7}, {"name": "v", "table": "0 8 zero"}):
+        reply = _call({"id": 1, "op": "verity_open", **bad})
+        assert (reply["ok"], reply["errno"]) == (False, errno.EINVAL)
 
 
 def test_hash_tree_and_read_file(tmp_path: Path) -> None:
@@ -66,9 +66,11 @@ def test_open_image_refusals_on_a_guest_without_keys() -> None:
            "manifest": base64.b64encode(b"{}").decode(),
            "signature": base64.b64encode(b"{}").decode()}
     refused = _call(req)
-    assert refused["errno"] == errno.EPERM
-    assert "refused: the guest booted without trusted keys (ep.trusted_keys=)" in refused["error"]
-    assert _call({**req, "manifest": "!!"})["error"] == "refused: manifest is not base64"
+    assert (refused["errno"], refused["refused"]) == (errno.EPERM, True)
+    assert refused["error"] == "the guest booted without trusted keys (ep.trusted_keys=)"
+    bad64 = _call({**req, "manifest": "!!"})
+    assert (bad64["error"], bad64["refused"]) == ("manifest is not base64", True)
+    assert "refused" not in _call({**req, "devices": []})  # a bad request is no refusal
     assert _call({**req, "name": "../x"})["errno"] == errno.EINVAL
     assert _call({**req, "devices": []})["errno"] == errno.EINVAL
     assert _call({"id": 2, "op": "close_image", "name": "c1"})["errno"] == errno.ENOENT
@@ -81,34 +83,40 @@ def test_lockdown_serves_only_signed_images_and_their_roots(tmp_path: Path) -> N
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "f").write_bytes(b"inside")
     (tmp_path / "escape").symlink_to("/etc/hostname")
-    image = agent.Image("x", "sha256:0")
-    image.result = {"rootfs": str(tmp_path)}
-    saved = list(agent._LOCKED)
-    agent._LOCKED[:] = [True]
-    agent.IMAGES["x"] = image
-    try:
-        for req in ({"op": "verity_open", "name": "v", "table": "0 8 zero"},
-                    {"op": "mount", "source": "/dev/vdb"}, {"op": "run", "argv": ["true"]},
-                    {"op": "read_file", "path": "/etc/hostname"},
-                    {"op": "read_file", "path": str(tmp_path / "data" / ".." / ".." / "etc")},
-                    {"op": "hash_tree", "root": "/etc"}):
-            reply = _call({"id": 1, **req})
-            assert reply["errno"] == errno.EPERM, req
-            assert reply["error"].startswith("refused: ") and "ep.lockdown=1" in reply["error"]
-        inside = _call({"id": 2, "op": "read_file", "path": str(tmp_path / "data" / "f")})
-        assert inside["ok"] and inside["result"]["size"] == 6
-        # A link out of the image resolves inside it (openat2 RESOLVE_IN_ROOT): the image's
-        # /etc/hostname if it has one, never the guest's.
-        assert _call({"id": 5, "op": "read_file",
-                      "path": str(tmp_path / "escape")})["errno"] == errno.ENOENT
-        (tmp_path / "etc").mkdir()
-        (tmp_path / "etc" / "hostname").write_bytes(b"the image's\n")
-        confined = _call({"id": 6, "op": "read_file", "path": str(tmp_path / "escape")})
-        assert base64.b64decode(confined["result"]["data"]) == b"the image's\n"
-        assert _call({"id": 3, "op": "hash_tree", "root": str(tmp_path)})["ok"]
-        assert _call({"id": 4, "op": "ping"})["ok"]
-    finally:
-        agent.IMAGES.pop("x", None)
-        agent._LOCKED[:] = saved
-    assert agent.locked() is False  # this host booted without ep.lockdown=1
-    agent.check_lockdown("verity_open", {})  # so nothing is refused for lockdown
+    state = AgentState(locked=True)
+    state.add_image(Image("x", "sha256:0", rootfs=str(tmp_path)))
+    locked = Agent(state)
+
+    def call(req: dict) -> dict:
+        return locked.handle(json.dumps(req).encode())
+
+    for req in ({"op": "verity_open", "name": "v", "table": "0 8 zero"},
+                {"op": "mount", "source": "/dev/vdb"}, {"op": "run", "argv": ["true"]},
+                {"op": "read_file", "path": "/etc/hostname"},
+                {"op": "read_file", "path": str(tmp_path / "data" / ".." / ".." / "etc")},
+                {"op": "hash_tree", "root": "/etc"}):
+        reply = call({"id": 1, **req})
+        assert (reply["errno"], reply.get("refused")) == (REFUSED_ERRNO, True), req
+        assert "ep.lockdown=1" in reply["error"]
+    inside = call({"id": 2, "op": "read_file", "path": str(tmp_path / "data" / "f")})
+    assert inside["ok"] and inside["result"]["size"] == 6
+    # A link out of the image resolves inside it (openat2 RESOLVE_IN_ROOT): the image's
+    # /etc/hostname if it has one, never the guest's.
+    assert call({"id": 5, "op": "read_file",
+                  "path": str(tmp_path / "escape")})["errno"] == errno.ENOENT
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "hostname").write_bytes(b"the image's\n")
+    confined = call({"id": 6, "op": "read_file", "path": str(tmp_path / "escape")})
+    assert base64.b64decode(confined["result"]["data"]) == b"the image's\n"
+    assert call({"id": 3, "op": "hash_tree", "root": str(tmp_path)})["ok"]
+    assert call({"id": 4, "op": "ping"})["ok"]
+    state.forget_image("x")
+    assert call({"id": 7, "op": "hash_tree", "root": str(tmp_path)})["refused"] is True
+
+
+@pytest.mark.skipif("ep.lockdown=1" in Path("/proc/cmdline").read_text().split(),
+                    reason="this host booted with ep.lockdown=1")
+def test_lockdown_is_read_from_the_kernel_command_line() -> None:
+    state = AgentState()
+    assert state.locked is False  # this host booted without ep.lockdown=1
+    assert "refused" not in Agent(state).handle(b'{"id": 1, "op": "verity_close"}')

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from passthrough.agent_client import AgentClient
+from passthrough.agent_protocol import ARG_ROOT_TABLE
 from passthrough.attach import TRANSPORTS, Attacher, Attachment
 from passthrough.errors import AgentFailure
 from passthrough.guest_image import GuestImage
@@ -333,13 +334,10 @@ def test_guest_with_a_wrong_root_hash_does_not_boot(guest_image: GuestImage) -> 
     PID 1 exits, the kernel panics, QEMU stops (-no-reboot) and the launcher says why."""
     from passthrough.errors import VmFailure
 
-    args = []
-    for arg in guest_image.kernel_args:
-        if arg.startswith("ep.verity="):
-            blocks, start, root, salt = arg.removeprefix("ep.verity=").split(",")
-            root = root[:-1] + ("0" if root[-1] != "0" else "1")
-            arg = f"ep.verity={blocks},{start},{root},{salt}"
-        args.append(arg)
+    root = guest_image.root_verity["root_hash"]
+    wrong = root[:-1] + ("0" if root[-1] != "0" else "1")
+    args = [arg.replace(f",{root},", f",{wrong},") if arg.startswith(f"{ARG_ROOT_TABLE}=")
+            else arg for arg in guest_image.kernel_args]
     assert args != list(guest_image.kernel_args)
     config = VmConfig.for_guest(guest_image, root_ports=1, storage_daemon=False)
     config.kernel_args = args

@@ -1,7 +1,9 @@
 #!/bin/busybox sh
 # PID 1 of the guest initramfs: load the kernel modules, find the root disk by its virtio serial,
-# open it through dm-verity with the root hash from the kernel command line, mount the EROFS
-# root read-only and switch to it, where the guest agent runs.
+# open it through dm-verity with the table line from the kernel command line (ep.verity=, built
+# by vm-images/build with snapshotter.verity: spaces as commas, @ for the disk), mount the EROFS
+# root read-only and switch to it, where the guest agent runs (/etc/ep-agent.env: its command
+# and PYTHONPATH, from passthrough/guest/payload.py).
 # Any failure exits PID 1: the kernel panics, `panic=-1` reboots and QEMU's -no-reboot stops.
 /bin/busybox --install -s /bin
 export PATH=/bin:/sbin
@@ -21,7 +23,8 @@ done </etc/modules.order
 
 ROOT_SERIAL=
 VERITY=
-INIT=/usr/lib/erofs-passthrough/agent.py
+. /etc/ep-agent.env
+INIT=$EP_AGENT
 for arg in $(cat /proc/cmdline); do
 	case "$arg" in
 	ep.root=*) ROOT_SERIAL="${arg#ep.root=}" ;;
@@ -30,7 +33,7 @@ for arg in $(cat /proc/cmdline); do
 	esac
 done
 [ -n "$ROOT_SERIAL" ] || fail "no ep.root=SERIAL on the kernel command line"
-[ -n "$VERITY" ] || fail "no ep.verity=BLOCKS,HASH_START,ROOT,SALT on the kernel command line"
+[ -n "$VERITY" ] || fail "no ep.verity=TABLE on the kernel command line"
 
 dev=
 tries=0
@@ -45,12 +48,8 @@ while [ -z "$dev" ]; do
 	fi
 done
 
-set -- $(echo "$VERITY" | tr ',' ' ')
-[ $# -eq 4 ] || fail "ep.verity wants BLOCKS,HASH_START,ROOT,SALT"
-blocks=$1 hash_start=$2 root_hash=$3 salt=$4
-DM_DISABLE_UDEV=1 dmsetup create root --readonly --table \
-	"0 $((blocks * 8)) verity 1 /dev/$dev /dev/$dev 4096 4096 $blocks $hash_start sha256 $root_hash $salt" \
-	|| fail "dm-verity on /dev/$dev"
+table=$(echo "$VERITY" | tr ',' ' ' | sed "s|@|/dev/$dev|g")
+DM_DISABLE_UDEV=1 dmsetup create root --readonly --table "$table" || fail "dm-verity on /dev/$dev"
 mkdir -p /newroot
 mount -t erofs -o ro /dev/mapper/root /newroot || fail "mount the EROFS root (wrong root hash?)"
 mount -t tmpfs -o mode=0755,size=64m tmpfs /newroot/run || fail "tmpfs /run"
@@ -58,4 +57,5 @@ mount -t tmpfs -o mode=1777,size=64m tmpfs /newroot/tmp || fail "tmpfs /tmp"
 mount --move /dev /newroot/dev
 mount --move /proc /newroot/proc
 mount --move /sys /newroot/sys
+export PYTHONPATH="$EP_PYTHONPATH"
 exec switch_root /newroot $INIT

@@ -23,6 +23,8 @@ from common import (
 )
 from kernel import Kernel
 
+from passthrough.guest.payload import agent_env
+
 # What the guest needs before its root is mounted (modules.dep adds the dependencies).
 TOP_MODULES = ("virtio_pci", "virtio_blk", "virtio_console", "erofs", "sha256_ssse3", "dm-verity",
                "overlay")  # overlay: the writable upper over an opened image (agent open_image)
@@ -180,7 +182,7 @@ class Cpio:
 def build_initramfs(root: Path, kernel: Kernel, tree: Path, tree_key: str) -> Path:
     version = candidate_versions([BUSYBOX_PACKAGE])[BUSYBOX_PACKAGE]
     key = digest(kernel.release, kernel.version, version, tree_key,
-                 source_digest("initramfs.py", "init.sh"), *TOP_MODULES)
+                 source_digest("initramfs.py", "init.sh"), agent_env(), *TOP_MODULES)
     final = root / f"initramfs-{key}.cpio"
     if final.exists():
         return final
@@ -198,6 +200,7 @@ def build_initramfs(root: Path, kernel: Kernel, tree: Path, tree_key: str) -> Pa
         name = ko.name.removesuffix(".ko")
         names.append(name)
         cpio.add_file(f"lib/modules/{name}.ko", ko.read_bytes())
+    cpio.add_file("etc/ep-agent.env", agent_env().encode())
     cpio.add_file("etc/modules.order", ("\n".join(names) + "\n").encode())
     for dest, src in sorted(elf_closure(tree, "/sbin/dmsetup").items()):
         cpio.add_file(dest, src.read_bytes(), 0o755)

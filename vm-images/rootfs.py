@@ -30,6 +30,8 @@ from common import (
     write_json,
 )
 
+from passthrough.guest import payload
+
 SUITE = "bookworm"
 MIRROR = os.environ.get("EROFS_PASSTHROUGH_MIRROR", "http://deb.debian.org/debian")
 # python3-cffi-backend: python3-cryptography needs it through a virtual package that
@@ -38,13 +40,6 @@ INCLUDE = ("python3", "python3-cryptography", "python3-cffi-backend", "python3-p
 PRUNE = ("var/cache/apt", "var/lib/apt/lists", "usr/share/doc", "usr/share/man",
          "usr/share/info", "usr/share/locale")
 BLOCK = 4096
-AGENT_PATH = "usr/lib/erofs-passthrough/agent.py"
-# The modules the agent imports, by package (beside it, as those packages; stdlib +
-# python3-cryptography only). Their bytes are part of the root image's key.
-GUEST_MODULES = {"passthrough": ("__init__.py",),
-                 "passthrough/guest": ("__init__.py", "verify.py"),
-                 "snapshotter": ("__init__.py", "manifest.py", "fsmount.py")}
-GUEST_MODULE_DIR = "usr/lib/erofs-passthrough"
 # File mtimes are kept (python checks its .pyc files by them); files we add get this one.
 FIXED_TIME = 1700000000
 TREE_RECIPE = 1  # bump when build_tree changes what it produces
@@ -73,7 +68,7 @@ def build_tree(root: Path, key: str) -> Path:
                         shutil.rmtree(child)
                     else:
                         child.unlink()
-        (tmp / AGENT_PATH).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / payload.GUEST_DIR).mkdir(parents=True, exist_ok=True)
         versions = run(["chroot", tmp, "dpkg-query", "-W", "-f=${Package} ${Version}\n"]).stdout
         (tmp / "etc/erofs-passthrough-packages").write_text(versions)
     return final
@@ -171,25 +166,21 @@ def make_verified_erofs(tree: Path, extras: dict[str, tuple[bytes, int]], out: P
 
 
 def converter_digest() -> str:
-    """Hash of the project's converter sources: a changed converter rebuilds the image."""
+    """Hash of the sources of the converter that builds the image (its packages: the builder,
+    not the guest's content, which guest_files gives): a changed converter rebuilds it."""
     package = HERE.parent / "snapshotter"
     files = sorted(p for d in ("erofs", "ingest", "verity") for p in (package / d).glob("*.py"))
     return digest(*(f.read_bytes() for f in files))
 
 
-def guest_files(agent: Path) -> dict[str, tuple[bytes, int]]:
-    """What the project adds to the guest tree: the agent and the modules it imports (taken
-    from the packages beside the agent's own, shim_integration)."""
-    files = {AGENT_PATH: (agent.read_bytes(), 0o755)}
-    for package, names in GUEST_MODULES.items():
-        for name in names:
-            source = HERE.parent / package / name
-            files[f"{GUEST_MODULE_DIR}/{package}/{name}"] = (source.read_bytes(), 0o644)
-    return files
+def guest_files() -> dict[str, tuple[bytes, int]]:
+    """What the project adds to the guest tree: the guest payload (passthrough/guest/payload.py)
+    under its directory. Its bytes are part of the root image's key."""
+    return {f"{payload.GUEST_DIR}/{rel}": (data, 0o644) for rel, data in payload.files().items()}
 
 
-def build_root_image(root: Path, tree: Path, key: str, agent: Path) -> tuple[Path, dict]:
-    extras = guest_files(agent)
+def build_root_image(root: Path, tree: Path, key: str) -> tuple[Path, dict]:
+    extras = guest_files()
     builder = os.environ.get("EROFS_PASSTHROUGH_GUEST_BUILDER", "ours")
     image_key = digest(key, *(f"{rel}:{mode}".encode() + data
                               for rel, (data, mode) in sorted(extras.items())),

@@ -17,8 +17,8 @@ device order (the fsmeta, then device 1, 2, ... of the fsmeta's device table). T
    EIO), so a disk changed after step 3 gains the host nothing.
 
 Standard library plus `cryptography` (through `manifest`) only: this module runs in the guest
-under Debian's python3. The few superblock fields it reads are the v1 layout of
-`snapshotter.verity.superblock`; the host tests check both agree.
+under Debian's python3. The verity rules (superblock layout, tree start, table line) are
+`snapshotter.verity`'s, which ships in the guest too.
 """
 
 from __future__ import annotations
@@ -27,37 +27,37 @@ import base64
 import binascii
 import hashlib
 import os
-import struct
 from typing import Any
 
-from snapshotter.manifest import ManifestError, SignedManifest, check_devices, load_public_key
+from passthrough.agent_protocol import ARG_TRUSTED_KEYS, cmdline_values
+from snapshotter.errors import EpError
+from snapshotter.manifest import (
+    ManifestError,
+    SignedManifest,
+    check_devices,
+    load_public_key,
+    verity_entry,
+)
+from snapshotter.verity.info import VerityInfo
+from snapshotter.verity.superblock import SUPERBLOCK_SIZE, VeritySuperblock
 
-CMDLINE_KEYS = "ep.trusted_keys"
-_SB_SIGNATURE = b"verity\0\0"
-_SB_HEADER = struct.Struct("<8sII16s32sIIQH6x")  # up to the salt, 88 bytes
-_SB_SIZE = 512
+__all__ = ["ARG_TRUSTED_KEYS", "check_offered", "device_root", "signed_verity",
+           "trusted_keys_from_cmdline"]
 
 
 def trusted_keys_from_cmdline(cmdline: str) -> list[Any]:
     """Every `ep.trusted_keys=` value on CMDLINE: comma-separated base64 of PEM public keys."""
     keys = []
-    for arg in cmdline.split():
-        if not arg.startswith(CMDLINE_KEYS + "="):
-            continue
-        for part in arg[len(CMDLINE_KEYS) + 1:].split(","):
+    for value in cmdline_values(cmdline, ARG_TRUSTED_KEYS):
+        for part in value.split(","):
             if not part:
                 continue
             try:
                 pem = base64.b64decode(part, validate=True)
             except (binascii.Error, ValueError):
-                raise ManifestError(f"{CMDLINE_KEYS}: {part[:16]}... is not base64") from None
+                raise ManifestError(f"{ARG_TRUSTED_KEYS}: {part[:16]}... is not base64") from None
             keys.append(load_public_key(pem))
     return keys
-
-
-def encode_trusted_keys(pems: list[bytes]) -> str:
-    """The kernel command line argument for PEMS (the launcher builds the same)."""
-    return f"{CMDLINE_KEYS}=" + ",".join(base64.b64encode(p).decode() for p in pems)
 
 
 def _pread(fd: int, size: int, offset: int) -> bytes:
@@ -67,53 +67,51 @@ def _pread(fd: int, size: int, offset: int) -> bytes:
     return data
 
 
-def tree_start(verity: dict[str, Any]) -> int:
-    """The table line's hash_start_block for a signed verity entry (tree appended, hash
-    device = data device)."""
-    hbs = int(verity.get("hash_block_size", 4096))
-    offset = int(verity["hash_offset"])
-    if verity.get("superblock", True):
-        return -(-(offset + _SB_SIZE) // hbs)
-    return offset // hbs
+def signed_verity(entry: dict[str, Any]) -> VerityInfo:
+    """A signed manifest's verity entry (`manifest.verity_entry`, whose defaults apply) as a
+    VerityInfo: the tree appended to the data, so one device is data and hash device.
+    ManifestError if malformed."""
+    try:
+        return VerityInfo.from_json({"uuid": None, **verity_entry(entry)})
+    except (EpError, KeyError, TypeError) as exc:
+        raise ManifestError(f"malformed signed verity entry ({exc})") from None
 
 
-def device_root(path: str, verity: dict[str, Any]) -> str:
-    """The dm-verity root hash the device at PATH carries where VERITY (a signed manifest
+def device_root(path: str, entry: dict[str, Any]) -> str:
+    """The dm-verity root hash the device at PATH carries where ENTRY (a signed manifest
     entry) says its tree is. ManifestError if there is no such tree there."""
-    if verity.get("hash_name", "sha256") != "sha256":
-        raise ManifestError(f"unsupported hash {verity.get('hash_name')!r}")
-    dbs = int(verity.get("data_block_size", 4096))
-    hbs = int(verity.get("hash_block_size", 4096))
-    salt = bytes.fromhex(verity.get("salt") or "")
-    offset = int(verity["hash_offset"])
+    if entry.get("hash_name", "sha256") != "sha256":
+        raise ManifestError(f"unsupported hash {entry.get('hash_name')!r}")
+    info = signed_verity(entry)
+    dbs, hbs, offset = info.data_block_size, info.hash_block_size, info.hash_offset
+    salt = bytes.fromhex(info.salt)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise ManifestError(f"cannot open {path}: {exc.strerror}") from None
     try:
         size = os.lseek(fd, 0, os.SEEK_END)
-        if int(verity["data_blocks"]) > 1:
-            need = tree_start(verity) * hbs + hbs  # up to the end of the tree's top block
+        if info.data_blocks > 1:
+            need = info.hash_start_block * hbs + hbs  # up to the end of the tree's top block
         else:  # one data block has no tree (its hash is the root): data and superblock
-            need = max(dbs, offset + (_SB_SIZE if verity.get("superblock", True) else 0))
+            need = max(dbs, offset + (SUPERBLOCK_SIZE if info.superblock else 0))
         if size < need:
             raise ManifestError(f"the disk has {size} bytes, the signed image at least {need}")
-        if verity.get("superblock", True):
-            head = _pread(fd, _SB_HEADER.size, offset)
-            sig, version, hash_type, _uuid, alg, sb_dbs, sb_hbs, blocks, salt_size = \
-                _SB_HEADER.unpack(head)
-            if sig != _SB_SIGNATURE:
-                raise ManifestError(f"no dm-verity superblock at byte {offset}")
-            sb_salt = _pread(fd, salt_size, offset + _SB_HEADER.size) if salt_size else b""
-            found = (version, hash_type, alg.rstrip(b"\0"), sb_dbs, sb_hbs, blocks, sb_salt)
-            want = (1, 1, b"sha256", dbs, hbs, int(verity["data_blocks"]), salt)
-            if found != want:
+        if info.superblock:
+            try:
+                sb = VeritySuperblock.deserialize(_pread(fd, SUPERBLOCK_SIZE, offset))
+            except EpError as exc:
+                raise ManifestError(f"no dm-verity superblock at byte {offset} ({exc})") from None
+            found = (sb.hash_type, sb.algorithm, sb.data_block_size, sb.hash_block_size,
+                     sb.data_blocks, sb.salt)
+            if found != (1, "sha256", dbs, hbs, info.data_blocks, salt):
                 raise ManifestError("its dm-verity superblock is not the signed geometry "
-                                    f"({blocks} data blocks, salt {sb_salt.hex()[:16]}...)")
-        if int(verity["data_blocks"]) == 1:  # no tree: the root is the one data block's hash
+                                    f"({sb.data_blocks} data blocks, salt "
+                                    f"{sb.salt.hex()[:16]}...)")
+        if info.data_blocks == 1:  # no tree: the root is the one data block's hash
             top = _pread(fd, dbs, 0)
         else:
-            top = _pread(fd, hbs, tree_start(verity) * hbs)
+            top = _pread(fd, hbs, info.hash_start_block * hbs)
     except OSError as exc:
         raise ManifestError(f"reading {path}: {exc.strerror}") from None
     finally:
@@ -149,15 +147,3 @@ def check_offered(signed: SignedManifest, paths: list[str], labels: list[str]) -
 def _position(signed: SignedManifest, i: int) -> str:
     return "fsmeta" if i == 0 and "fsmeta" in signed.manifest else f"device {i}"
 
-
-def verity_params(device: str, verity: dict[str, Any]) -> dict[str, Any]:
-    """The agent's `verity_open` fields for DEVICE from a signed verity entry (tree appended
-    to the data, so the hash device is the data device)."""
-    return {
-        "data_device": device, "hash_device": device,
-        "data_blocks": int(verity["data_blocks"]), "hash_start_block": tree_start(verity),
-        "data_block_size": int(verity.get("data_block_size", 4096)),
-        "hash_block_size": int(verity.get("hash_block_size", 4096)),
-        "hash_type": 1, "algorithm": verity.get("hash_name", "sha256"),
-        "root_hash": verity["root_hash"], "salt": verity.get("salt") or "-",
-    }
