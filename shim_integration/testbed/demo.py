@@ -48,7 +48,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
+from passthrough.errors import Refused
 from snapshotter.errors import EpError
+from snapshotter.verity import VerityInfo
 
 IMAGE = "example.com/erofs-passthrough/demo:1"
 BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static
@@ -428,11 +430,14 @@ def _tamper(work: Path, plan: Any, shim: Any, agent: Any, say: list[str]) -> dic
         say.append(f"dm-verity device tampered-{position}: corrupted={status['corrupted']}")
         disk = opened.result["devices"][position]["disk"]
         try:
-            agent.call("verity_open", name="bypass", data_device=disk, data_blocks=1,
-                       hash_start_block=1, root_hash="00" * 32)
+            # a well-formed request for a tree the manifest never signed
+            bypass = VerityInfo(root_hash="00" * 32, salt="", hash_name="sha256",
+                                data_block_size=4096, hash_block_size=4096, data_blocks=1,
+                                hash_offset=4096, superblock=False, uuid=None)
+            agent.call("verity_open", name="bypass", table=bypass.table_line(disk, disk))
             say.append("raw verity_open of the disk: ACCEPTED (this must not happen)")
             result["bypass_refused"] = None
-        except AgentFailure as exc:
+        except Refused as exc:
             say.append(f"raw verity_open of {disk} without the manifest: {exc}")
             result["bypass_refused"] = str(exc)
     finally:
