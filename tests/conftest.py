@@ -12,7 +12,7 @@ import os
 import pytest
 
 # The shared TCG guest (session scope) and its cleanliness check, for every guest test module.
-from tests.guest_fixtures import (  # noqa: F401
+from tests.support.guest_fixtures import (  # noqa: F401
     agent,
     attacher,
     clean_guest,
