@@ -65,8 +65,6 @@ def image_layers() -> list[list[tuple]]:
 @pytest.fixture(scope="module", params=SETUPS)
 def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
     require_root()
-    require_tool("mkfs.erofs")
-    require_tool("veritysetup")
     version, _, differ = request.param.partition("+")
     dist = VERSIONS[version]()
     base = Path(tempfile.mkdtemp(prefix=f"ctd-{dist.version}-"))

@@ -15,15 +15,13 @@ from shim_integration.testbed.containerd_private import SnapshotterProcess, unmo
 from snapshotter.service.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from snapshotter.service.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from snapshotter.service.layout import MARKER, MARKER_TEXT
-from tests.support.helpers import require_root, require_tool
+from tests.support.helpers import require_root
 
 Code = grpc.StatusCode
 
 
 @pytest.fixture
 def service(tmp_path: Path) -> Iterator[SnapshotterProcess]:
-    require_tool("mkfs.erofs")
-    require_tool("veritysetup")
     proc = SnapshotterProcess(tmp_path / "root", tmp_path / "sn.sock", tmp_path / "sn.log").start()
     yield proc
     if proc.proc is not None and proc.proc.poll() is None:

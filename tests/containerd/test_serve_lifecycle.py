@@ -22,7 +22,7 @@ import pytest
 from shim_integration.testbed.containerd_private import REPO, SnapshotterProcess, unmount_under
 from snapshotter.service.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from snapshotter.service.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
-from tests.support.helpers import mounted_erofs, require_root, require_tool
+from tests.support.helpers import mounted_erofs, require_root
 
 SYS_TGKILL = 234  # x86_64
 SIGTERM_BIT = 1 << (signal.SIGTERM - 1)
@@ -31,8 +31,6 @@ SIGTERM_BIT = 1 << (signal.SIGTERM - 1)
 @pytest.fixture
 def started(tmp_path: Path) -> Iterator[list[SnapshotterProcess]]:
     """The servers a test starts; whatever still runs at the end is killed."""
-    require_tool("mkfs.erofs")
-    require_tool("veritysetup")
     procs: list[SnapshotterProcess] = []
     yield procs
     for p in procs:

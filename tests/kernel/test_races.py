@@ -19,7 +19,7 @@ from shim_integration.testbed.containerd_private import unmount_under
 from snapshotter.errors import AlreadyExists, EpError, FailedPrecondition, InvalidArgument, NotFound
 from snapshotter.service import layer_build
 from snapshotter.service.snapshots import Snapshotter
-from tests.support.helpers import require_root, require_tool
+from tests.support.helpers import require_root
 
 LOSING_COMMIT = (NotFound, AlreadyExists, FailedPrecondition)
 BLOB_DIGEST = layer_build.LABEL_PREFIX + "blob.digest"
@@ -27,8 +27,6 @@ BLOB_DIGEST = layer_build.LABEL_PREFIX + "blob.digest"
 
 @pytest.fixture
 def sn(tmp_path: Path) -> Iterator[Snapshotter]:
-    require_tool("mkfs.erofs")
-    require_tool("veritysetup")
     s = Snapshotter(tmp_path / "root")
     yield s
     s.close()

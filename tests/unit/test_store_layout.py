@@ -8,13 +8,10 @@ import pytest
 
 from snapshotter.service import layer_build
 from snapshotter.service.snapshots import Snapshotter
-from tests.support.helpers import require_tool
 
 
 @pytest.fixture
 def sn(tmp_path: Path) -> Snapshotter:
-    require_tool("mkfs.erofs")
-    require_tool("veritysetup")
     s = Snapshotter(tmp_path / "root")
     yield s
     s.close()
