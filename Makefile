@@ -1,5 +1,5 @@
 # Two entry points for a newcomer: `make demo` and `make test`. Both set up first.
-.PHONY: setup demo test lint bench fuzz guest-image install uninstall
+.PHONY: setup demo test test-unit lint bench fuzz guest-image install uninstall
 
 setup:
 	./.ci/setup
@@ -11,6 +11,10 @@ test: setup
 	.venv/bin/ruff check .
 	.venv/bin/mypy
 	.venv/bin/python -m pytest -q $(PYTEST_ARGS)
+
+# The fast tier alone (tests/unit: no root, no mounts, no daemons).
+test-unit: setup
+	.venv/bin/python -m pytest -q -m unit $(PYTEST_ARGS)
 
 lint: setup
 	.venv/bin/ruff check .

@@ -8,7 +8,7 @@
    overlayfs (walking differ), erofs-py with our differ, erofs-py converting on Commit, and
    as the anchor containerd 2.1's own erofs snapshotter with its erofs differ (`mkfs.erofs
    --tar=f`) and with the walking differ (mkfs.erofs of the directory on Commit), both running
-   erofs-utils 1.8 from tests.erofs_utils_oracle (its bin dir first in the daemon's PATH).
+   erofs-utils 1.8 from tests.support.erofs_utils_oracle (its bin dir first in the daemon's PATH).
    Best of N; content, image and snapshots are removed between runs.
 2. RPC latency of our service alone: 8 client threads, each Prepare -> write a small file ->
    Commit -> Stat -> Prepare child -> Mounts; p50/p99 per RPC.
@@ -33,7 +33,7 @@ from shim_integration.testbed.containerd_private import SnapshotterProcess, Stac
 from shim_integration.testbed.oci_archive import write_archive
 from snapshotter.service.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from snapshotter.service.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
-from tests.erofs_utils_oracle import erofs_utils
+from tests.support.erofs_utils_oracle import erofs_utils
 
 IMAGE = "example.com/bench/minbase:1"
 

@@ -8,7 +8,7 @@ inline data, "unsupported datalayout 2"), so both sides merge the same blobs.
 
 Ours: `merge_layers`, in process, the way the snapshotter calls it. Anchor: erofs-utils >= 1.8
 `mkfs.erofs` rebuild mode over the same layer images, if a build is cached under
-~/.cache/erofs-passthrough/erofs-utils/ (tests/erofs_utils_oracle.py builds it); otherwise
+~/.cache/erofs-passthrough/erofs-utils/ (tests/support/erofs_utils_oracle.py builds it); otherwise
 that column is empty.
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 from bench.convert_bench import CACHE
 from snapshotter.fsmeta.merge import merge_layers
 from snapshotter.ingest.convert import convert_layer
-from tests.layers import Entry, write_tar
+from tests.support.layers import Entry, write_tar
 
 
 def _mkfs_18() -> Path | None:

@@ -1,5 +1,5 @@
 """Layer conversion, ours against erofs-utils 1.8 (Debian trixie's source, built by
-tests/erofs_utils_oracle.py), in one run.
+tests/support/erofs_utils_oracle.py), in one run.
 
     python -m bench.oracle_bench [--repeat N] [--no-check]
 
@@ -14,7 +14,7 @@ Cases (rounds alternate between the contenders of a case, so they share the mach
 Times are wall clock of whole processes (interpreter start included for ours), page
 cache warm; best and median of N. Unless --no-check, the minbase images of both are mounted
 once and compared entry by entry (mtimes to the second: 1.8 misreads GNU tar's short PAX
-fractions, see tests/test_erofs_oracle.py).
+fractions, see tests/kernel/test_erofs_oracle.py).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.convert_bench import CACHE, CLI, minbase_layer, wide_layer
-from tests.erofs_utils_oracle import ErofsUtils, build_info, erofs_utils
+from tests.support.erofs_utils_oracle import ErofsUtils, build_info, erofs_utils
 
 
 @dataclass
@@ -68,8 +68,8 @@ def timed_rounds(repeat: int, contenders: list[tuple[str, Callable[[], None],
 
 
 def check_same_tree(ours: Path, theirs: Path) -> str:
-    from tests.helpers import mounted_erofs
-    from tests.treecompare import diff_views, hardlink_groups, tree_view
+    from tests.support.helpers import mounted_erofs
+    from tests.support.treecompare import diff_views, hardlink_groups, tree_view
 
     with mounted_erofs(ours) as mo, mounted_erofs(theirs) as mt:
         vo, vt = tree_view(mo), tree_view(mt)

@@ -3,7 +3,7 @@
 A package's `__init__` stays light (importing the EROFS format loads no compressor, importing
 `snapshotter` loads no gRPC): each re-exported name is imported from its module on first use.
 The `__init__` also imports the same names under `if TYPE_CHECKING:` so that type checkers
-and editors see them; tests/test_import_graph.py checks that both lists agree with `__all__`.
+and editors see them; tests/unit/test_import_graph.py checks that both lists agree with `__all__`.
 `snapshotter/__init__.py` and `passthrough/__init__.py` carry their own copy of these few
 lines instead: the guest image ships them with a handful of modules and not this one.
 """

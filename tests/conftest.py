@@ -8,11 +8,12 @@ never turn green by skipping the tests that matter.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
 # The shared TCG guest (session scope) and its cleanliness check, for every guest test module.
-from tests.guest_fixtures import (  # noqa: F401
+from tests.support.guest_fixtures import (  # noqa: F401
     agent,
     attacher,
     clean_guest,
@@ -22,6 +23,17 @@ from tests.guest_fixtures import (  # noqa: F401
 )
 
 STRICT = os.environ.get("EROFS_PASSTHROUGH_STRICT") == "1"
+
+# A test's tier is the directory it lives in; `-m unit`, `-m "not vm"` select by it.
+TIERS = ("unit", "kernel", "containerd", "vm")
+
+
+def pytest_collection_modifyitems(config, items):
+    here = Path(__file__).parent
+    for item in items:
+        tier = item.path.relative_to(here).parts[0] if item.path.is_relative_to(here) else ""
+        if tier in TIERS:
+            item.add_marker(tier)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -1,6 +1,6 @@
 """What the guest image carries of this repository: the one list, used by vm-images/rootfs.py
 to copy the files into the guest root (under GUEST_DIR, which the guest's init puts on
-PYTHONPATH) and as that image's rebuild key, and by tests/test_guest_payload.py to import the
+PYTHONPATH) and as that image's rebuild key, and by tests/unit/test_guest_payload.py to import the
 guest from a directory holding only these files.
 
 Everything here runs under Debian bookworm's python3 with python3-cryptography and

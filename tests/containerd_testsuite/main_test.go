@@ -7,7 +7,7 @@
 // when the case ends. A serve that does not exit within stopTimeout of SIGTERM, or exits with
 // a non-zero status, fails the case (the suite reports a cleanup error as a test error).
 //
-// Environment (set by tests/test_containerd_testsuite.py):
+// Environment (set by tests/containerd/test_containerd_testsuite.py):
 //
 //	EROFS_PASSTHROUGH_PYTHON   the Python that runs `-m snapshotter.service.cli serve` (required)
 //	EROFS_PASSTHROUGH_SUITE_LOGS  directory for each serve's log (default: the case's temp dir)

@@ -4,7 +4,7 @@ EpError, never in anything else (a traceback), a hang or unbounded memory.
 
 A damage is a list of (offset, bytes) writes, so an example is plain data: the ones that once
 broke something are kept as JSON in tests/fuzz/examples/ and replayed by the test suite
-(`tests/test_erofs_hostile_images.py`), whatever Hypothesis version generates new ones. The
+(`tests/kernel/test_erofs_hostile_images.py`), whatever Hypothesis version generates new ones. The
 CI test and `make fuzz` (tests/fuzz/__main__.py) generate with fixed seeds.
 """
 
@@ -28,8 +28,8 @@ from snapshotter.erofs.reader import ErofsImage
 from snapshotter.errors import EpError
 from snapshotter.fsmeta.merge import merge_layers
 from snapshotter.ingest.convert import convert_layer, import_erofs_image
-from tests.layers import write_tar
-from tests.test_erofs_convert import awkward_entries
+from tests.kernel.test_erofs_convert import awkward_entries
+from tests.support.layers import write_tar
 
 EXAMPLES = Path(__file__).parent / "examples"
 Damage = list[tuple[int, bytes]]

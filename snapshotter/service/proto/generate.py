@@ -5,7 +5,7 @@ Needs grpcio-tools.
     python -m snapshotter.service.proto.generate
 
 The generated modules are committed, so a checkout runs without grpcio-tools; this script is
-what produced them, and tests/test_containerd_api.py checks that they still match the `.proto`
+what produced them, and tests/unit/test_containerd_api.py checks that they still match the `.proto`
 files. protoc writes absolute imports named after the proto paths (`from containerd.types
 import ...`); they are rewritten to live under `snapshotter.service.api`.
 """
