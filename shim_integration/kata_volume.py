@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from snapshotter.errors import EpError
+from snapshotter.errors import InvalidInput
 from snapshotter.verity.info import DmVerityInfo, KataVerityError, VerityInfo, json_field
 
 KATA_VOLUME_OPTION = "io.katacontainers.volume"
@@ -48,13 +48,13 @@ class KataVirtualVolume:
         reads; other types are passed through."""
         if self.volume_type in (DIRECT_BLOCK, IMAGE_RAW_BLOCK, LAYER_RAW_BLOCK):
             if not self.source:
-                raise EpError(f"{self.volume_type} volume: missing source")
+                raise InvalidInput(f"{self.volume_type} volume: missing source")
             if not self.fs_type:
-                raise EpError(f"{self.volume_type} volume: missing fs_type")
+                raise InvalidInput(f"{self.volume_type} volume: missing fs_type")
         elif self.volume_type == IMAGE_GUEST_PULL and not self.source:
-            raise EpError("image_guest_pull volume: missing image reference")
+            raise InvalidInput("image_guest_pull volume: missing image reference")
         elif not self.volume_type:
-            raise EpError("volume without volume_type")
+            raise InvalidInput("volume without volume_type")
         if self.dm_verity is not None:
             self.dm_verity.validate()
 
@@ -76,11 +76,11 @@ class KataVirtualVolume:
     @classmethod
     def from_json(cls, data: Any) -> KataVirtualVolume:
         if not isinstance(data, dict):
-            raise EpError("a Kata volume must be a JSON object")
+            raise InvalidInput("a Kata volume must be a JSON object")
         try:
             options = json_field(data, "options", list, [])
             if not all(isinstance(o, str) for o in options):
-                raise EpError("field 'options' must be a list of strings")
+                raise InvalidInput("field 'options' must be a list of strings")
             volume = cls(
                 volume_type=json_field(data, "volume_type", str),
                 source=json_field(data, "source", str, ""),
@@ -94,7 +94,7 @@ class KataVirtualVolume:
                 extra={k: v for k, v in data.items() if k not in cls._FIELDS},
             )
         except KeyError as exc:
-            raise EpError(f"Kata volume: missing field {exc.args[0]!r}") from None
+            raise InvalidInput(f"Kata volume: missing field {exc.args[0]!r}") from None
         volume.validate()
         return volume
 
@@ -108,15 +108,15 @@ class KataVirtualVolume:
     def from_option(cls, option: str) -> KataVirtualVolume:
         prefix = KATA_VOLUME_OPTION + "="
         if not option.startswith(prefix):
-            raise EpError(f"not a Kata volume option: {option[:40]!r}")
+            raise InvalidInput(f"not a Kata volume option: {option[:40]!r}")
         try:
             raw = base64.b64decode(option[len(prefix):], validate=True)
         except (binascii.Error, ValueError):
-            raise EpError("Kata volume option: bad base64") from None
+            raise InvalidInput("Kata volume option: bad base64") from None
         try:
             data = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise EpError(f"Kata volume option: bad JSON ({exc})") from None
+            raise InvalidInput(f"Kata volume option: bad JSON ({exc})") from None
         return cls.from_json(data)
 
 

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from snapshotter.errors import EpError
+from snapshotter.errors import AlreadyExists, InvalidInput
 from snapshotter.fsutil import check_output, open_input, os_errors_as_ep
 
 ALGORITHMS = ("ed25519", "ecdsa-p256")  # as manifest.ALGORITHMS; cryptography loads lazily
@@ -33,13 +33,13 @@ def _generate(args: argparse.Namespace) -> int:
 
     path = Path(args.path)
     if path.exists() and not args.force:
-        raise EpError(f"{path} exists (use --force to replace it)")
+        raise AlreadyExists(f"{path} exists (use --force to replace it)")
     check_output(path)
     check_output(f"{path}.pub")
     try:
         kid = generate_key(path, args.algorithm)
     except ManifestError as exc:
-        raise EpError(str(exc)) from None
+        raise InvalidInput(str(exc)) from exc
     if args.json:
         print(json.dumps({"key_id": kid, "algorithm": args.algorithm, "private": str(path),
                           "public": f"{path}.pub"}))
@@ -57,7 +57,7 @@ def _show(args: argparse.Namespace) -> int:
     try:
         key = load_public_key(data)
     except ManifestError as exc:
-        raise EpError(f"{args.path}: {exc}") from None
+        raise InvalidInput(f"{args.path}: {exc}") from exc
     from cryptography.hazmat.primitives import serialization
 
     pem = key.public_bytes(serialization.Encoding.PEM,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from snapshotter.erofs.format import decode_dev
 from snapshotter.erofs.reader import ErofsImage
-from snapshotter.errors import EpError
+from snapshotter.errors import InvalidArgument
 from snapshotter.fsmeta.merge import LayerBlob, merge_layers
 from snapshotter.fsutil import check_input, check_output, open_input, os_errors_as_ep
 from snapshotter.ingest.convert import convert_layer
@@ -21,33 +21,55 @@ from snapshotter.progress import CountingReader, Progress
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "convert", help="convert an OCI layer (tar, tar.gz, tar.zst)",
+        "convert",
+        help="convert an OCI layer (tar, tar.gz, tar.zst)",
         description="Convert an OCI layer into an EROFS image. LAYER must be a regular file; "
         "to read a pipe or a FIFO, give '-' and redirect it to standard input. On a terminal, "
-        "progress is shown on stderr.")
+        "progress is shown on stderr.",
+    )
     p.add_argument("layer", help="the layer file ('-' for standard input)")
     p.add_argument("out", help="the EROFS image to write")
     p.add_argument("--diff-id", help="expected diffID (sha256:...) of the uncompressed tar")
-    p.add_argument("--verity", action="store_true",
-                   help="append a dm-verity tree (sha256, 4096/4096, v1 superblock)")
-    p.add_argument("--block-size", type=int, default=4096,
-                   help="EROFS block size (4096; 512 only for kernels >= 6.4)")
+    p.add_argument(
+        "--verity",
+        action="store_true",
+        help="append a dm-verity tree (sha256, 4096/4096, v1 superblock)",
+    )
+    p.add_argument(
+        "--block-size",
+        type=int,
+        default=4096,
+        help="EROFS block size (4096; 512 only for kernels >= 6.4)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_convert)
 
     p = subparsers.add_parser(
-        "merge", help="merge layer images (lowest first) into one metadata-only fsmeta",
+        "merge",
+        help="merge layer images (lowest first) into one metadata-only fsmeta",
         description="Merge layer images (lowest first) into one metadata-only fsmeta. On a "
-        "terminal, progress is shown on stderr.")
+        "terminal, progress is shown on stderr.",
+    )
     p.add_argument("out", help="the fsmeta image to write")
     p.add_argument("layers", nargs="+", help="layer images, lowest first (device 1 = first)")
-    p.add_argument("--verity", action="store_true",
-                   help="append a dm-verity tree to the fsmeta (and the flat image)")
-    p.add_argument("--flat", metavar="OUT.img",
-                   help="also write one flat image: the fsmeta's file and every blob file, whole "
-                        "(verity trees included), back to back: what `cat` of them gives")
-    p.add_argument("--tag", action="append", default=[], metavar="DIGEST",
-                   help="device tag per layer, in order (default: the layer's UUID)")
+    p.add_argument(
+        "--verity",
+        action="store_true",
+        help="append a dm-verity tree to the fsmeta (and the flat image)",
+    )
+    p.add_argument(
+        "--flat",
+        metavar="OUT.img",
+        help="also write one flat image: the fsmeta's file and every blob file, whole "
+        "(verity trees included), back to back: what `cat` of them gives",
+    )
+    p.add_argument(
+        "--tag",
+        action="append",
+        default=[],
+        metavar="DIGEST",
+        help="device tag per layer, in order (default: the layer's UUID)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_merge)
 
@@ -66,45 +88,57 @@ def _convert(args: argparse.Namespace) -> int:
         check_output(args.out, [] if from_stdin else [args.layer])
         total = None if from_stdin else os.fstat(source.fileno()).st_size
         with Progress("convert") as progress:
-            result = convert_layer(CountingReader(source, progress, total), args.out,
-                                   expected_diff_id=args.diff_id,
-                                   verity=True if args.verity else None,
-                                   block_size=args.block_size)
+            result = convert_layer(
+                CountingReader(source, progress, total),
+                args.out,
+                expected_diff_id=args.diff_id,
+                verity=True if args.verity else None,
+                block_size=args.block_size,
+            )
     finally:
         if not from_stdin:
             source.close()
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
     else:
-        print(f"{result.blob}: {result.size} bytes, {result.entries} entries, "
-              f"diff_id {result.diff_id}")
+        print(
+            f"{result.blob}: {result.size} bytes, {result.entries} entries, "
+            f"diff_id {result.diff_id}"
+        )
         if result.verity is not None:
-            print(f"verity root hash {result.verity.root_hash} "
-                  f"(hash offset {result.verity.hash_offset})")
+            print(
+                f"verity root hash {result.verity.root_hash} "
+                f"(hash offset {result.verity.hash_offset})"
+            )
     return 0
 
 
 @os_errors_as_ep(lambda args: args.out)
 def _merge(args: argparse.Namespace) -> int:
     if args.tag and len(args.tag) != len(args.layers):
-        raise EpError(f"{len(args.tag)} --tag values for {len(args.layers)} layers")
+        raise InvalidArgument(f"{len(args.tag)} --tag values for {len(args.layers)} layers")
     for path in args.layers:
         check_input(path)
     check_output(args.out, args.layers)
     if args.flat is not None:
         check_output(args.flat, [*args.layers, args.out])
         if os.path.abspath(args.flat) == os.path.abspath(args.out):
-            raise EpError(f"{args.flat}: the flat image and the fsmeta need different names")
+            raise InvalidArgument(
+                f"{args.flat}: the flat image and the fsmeta need different names"
+            )
     tags = args.tag or [None] * len(args.layers)
     layers = [LayerBlob(Path(p), t) for p, t in zip(args.layers, tags, strict=True)]
     with Progress("merge") as progress:
-        result = merge_layers(layers, args.out, verity=args.verity, flat_path=args.flat,
-                              progress=progress.update)
+        result = merge_layers(
+            layers, args.out, verity=args.verity, flat_path=args.flat, progress=progress.update
+        )
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
         return 0
-    print(f"{result.fsmeta}: {result.size} bytes, {result.entries} entries, "
-          f"{len(result.devices)} devices")
+    print(
+        f"{result.fsmeta}: {result.size} bytes, {result.entries} entries, "
+        f"{len(result.devices)} devices"
+    )
     for i, d in enumerate(result.devices, start=1):
         print(f"  device {i}: {d.path} tag={d.tag} blocks={d.blocks} uniaddr={d.uniaddr}")
     if result.verity is not None:
@@ -130,8 +164,10 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"{'paths walked':16} {report['inodes']}")
     for entry in report.get("tree", []):
         extra = f" -> {entry['target']}" if "target" in entry else ""
-        print(f"{entry['mode']} {entry['uid']:>5} {entry['gid']:>5} {entry['size']:>10} "
-              f"/{entry['path']}{extra}")
+        print(
+            f"{entry['mode']} {entry['uid']:>5} {entry['gid']:>5} {entry['size']:>10} "
+            f"/{entry['path']}{extra}"
+        )
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
 import shutil
@@ -13,7 +14,32 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from snapshotter.errors import EpError
+from snapshotter.errors import (
+    EpError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+)
+
+# An OSError a user can act on, as the error tree's class for its errno.
+_ERRNO_CLASSES: dict[int, type[EpError]] = {
+    errno.ENOENT: NotFound,
+    errno.ENOTDIR: NotFound,
+    errno.EACCES: PermissionDenied,
+    errno.EPERM: PermissionDenied,
+    errno.EROFS: PermissionDenied,
+    errno.ENOSPC: ResourceExhausted,
+    errno.EDQUOT: ResourceExhausted,
+    errno.EMFILE: ResourceExhausted,
+    errno.ENFILE: ResourceExhausted,
+    errno.ENOMEM: ResourceExhausted,
+}
+
+
+def os_error_class(exc: OSError) -> type[EpError]:
+    """The error-tree class for a failed system call: by errno, else the plain base."""
+    return _ERRNO_CLASSES.get(exc.errno or 0, EpError)
 
 
 def fsync_dir(path: Path) -> None:
@@ -94,11 +120,11 @@ def open_input(path: str | os.PathLike[str]) -> BinaryIO:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        raise EpError(f"{path}: {_os_reason(exc)}") from None
+        raise os_error_class(exc)(f"{path}: {_os_reason(exc)}") from None
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise EpError(f"{path}: is {file_kind(mode)}, not a regular file")
+            raise InvalidArgument(f"{path}: is {file_kind(mode)}, not a regular file")
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:
@@ -124,17 +150,17 @@ def check_output(
         parent = path.parent
         if not parent.is_dir():
             what = "no such directory" if not parent.exists() else "not a directory"
-            raise EpError(f"{path}: {parent}: {what}") from None
+            raise InvalidArgument(f"{path}: {parent}: {what}") from None
         return
     except OSError as exc:
-        raise EpError(f"{path}: {_os_reason(exc)}") from None
+        raise os_error_class(exc)(f"{path}: {_os_reason(exc)}") from None
     if not stat.S_ISREG(st.st_mode):
-        raise EpError(f"{path}: is {file_kind(st.st_mode)}; the output must be a file name")
+        raise InvalidArgument(f"{path}: is {file_kind(st.st_mode)}; the output must be a file name")
     for source in inputs:
         with contextlib.suppress(OSError):  # a missing input is reported as such elsewhere
             if os.path.samefile(source, path):
-                raise EpError(f"{path}: is also an input ({source}); writing it would "
-                              "destroy that input")
+                raise InvalidArgument(f"{path}: is also an input ({source}); writing it would "
+                                      "destroy that input")
 
 
 CommandFunc = Callable[[Any], int]
@@ -155,7 +181,7 @@ def os_errors_as_ep(output: Callable[[Any], str]) -> Callable[[CommandFunc], Com
                 base = os.path.basename(name)
                 if not name or (base.startswith(".") and base.endswith(".tmp")):
                     name = output(args)
-                raise EpError(f"{name}: {_os_reason(exc)}") from None
+                raise os_error_class(exc)(f"{name}: {_os_reason(exc)}") from None
 
         return wrapper
 

@@ -28,11 +28,13 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
+from snapshotter.errors import InvalidInput
+
 MANIFEST_VERSION = 1
 ALGORITHMS = ("ed25519", "ecdsa-p256")
 
 
-class ManifestError(Exception):
+class ManifestError(InvalidInput):
     """A manifest, signature or key that must not be trusted; the message says why."""
 
 

@@ -9,7 +9,7 @@ import hashlib
 import os
 from typing import BinaryIO
 
-from snapshotter.errors import EpError
+from snapshotter.errors import CorruptImage
 from snapshotter.verity import VerityInfo, VerityParams, VerityTreeBuilder
 
 
@@ -84,7 +84,7 @@ def reread(fd: int, size: int, feed: VerityFeed | None, digest: hashlib._Hash | 
     while offset < size:
         chunk = os.pread(fd, min(4 << 20, size - offset), offset)
         if not chunk:
-            raise EpError("image shorter than written")
+            raise CorruptImage("image shorter than written")
         if feed is not None:
             feed.observe(offset, chunk)
         if digest is not None:

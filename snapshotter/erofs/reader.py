@@ -39,7 +39,7 @@ from snapshotter.erofs.format import (
     XattrIbody,
     decode_dev,
 )
-from snapshotter.errors import EpError
+from snapshotter.errors import EpError, InvalidArgument, NotFound
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -345,7 +345,7 @@ class ErofsImage:
 
     def readlink(self, info: InodeInfo) -> bytes:
         if not stat.S_ISLNK(info.mode):
-            raise EpError(f"nid {info.nid} is not a symlink")
+            raise InvalidArgument(f"nid {info.nid} is not a symlink")
         if not 0 < info.size <= SYMLINK_MAX:
             raise FormatError(f"{self.name}: nid {info.nid}: symlink target of {info.size} bytes")
         return self.read(info)
@@ -361,7 +361,7 @@ class ErofsImage:
         previous one, 1..255 bytes, within the block; and no name holds a '/' or a NUL (the
         kernel would hand either to user space as a name)."""
         if not stat.S_ISDIR(info.mode):
-            raise EpError(f"nid {info.nid} is not a directory")
+            raise InvalidArgument(f"nid {info.nid} is not a directory")
         if info.size > self.sb.blocks * self.block_size:  # holes could make it any size
             raise FormatError(f"{self.name}: nid {info.nid}: directory larger than the image")
         data = self.read(info)
@@ -404,7 +404,7 @@ class ErofsImage:
                     info = self.inode(nid)
                     break
             else:
-                raise EpError(f"{path!r}: no such entry")
+                raise NotFound(f"{path!r}: no such entry")
         return info
 
     def walk(self) -> Iterator[tuple[bytes, InodeInfo]]:

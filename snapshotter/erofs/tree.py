@@ -12,7 +12,7 @@ from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 
-from snapshotter.errors import EpError
+from snapshotter.errors import InvalidInput
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,9 +89,9 @@ class Node:
 def validate_name(name: bytes) -> None:
     """A directory entry name EROFS and Linux accept: not empty, no '/', no NUL, <= 255."""
     if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
-        raise EpError(f"invalid file name {name!r}")
+        raise InvalidInput(f"invalid file name {name!r}")
     if len(name) > 255:
-        raise EpError(f"file name longer than 255 bytes: {name[:40]!r}...")
+        raise InvalidInput(f"file name longer than 255 bytes: {name[:40]!r}...")
 
 
 @dataclass

@@ -50,7 +50,7 @@ from snapshotter.erofs.format import (
 )
 from snapshotter.erofs.limits import DEFAULT_LIMITS, Limits
 from snapshotter.erofs.tree import Chunks, Extent, FileData, InlineTail, Node
-from snapshotter.errors import EpError
+from snapshotter.errors import InvalidArgument, InvalidInput
 
 # Called with (byte offset, bytes) for every region written, in the order written.
 WriteObserver = Callable[[int, bytes], None]
@@ -96,7 +96,9 @@ class DataWriter:
         that are not untrusted layers (a directory commit, a merge): only the format's
         32-bit block addresses bound them."""
         if hole_chunk % block_size or hole_chunk & (hole_chunk - 1):
-            raise EpError("hole chunk size must be a power-of-two multiple of the block size")
+            raise InvalidArgument(
+                "hole chunk size must be a power-of-two multiple of the block size"
+            )
         self.fd = fd
         # Past this block the image is too large: for the limits, or for 32-bit addresses.
         image_bytes = limits.max_image_bytes if limits else MAX_BLOCKS * block_size
@@ -129,8 +131,10 @@ class DataWriter:
 
     def _check_size(self) -> None:
         if self.next_block > self.max_blocks:
-            raise EpError(f"the image would exceed {self.max_blocks * self.block_size} bytes "
-                          "(max_image_bytes, or EROFS's 32-bit block addresses)")
+            raise InvalidInput(
+                f"the image would exceed {self.max_blocks * self.block_size} bytes "
+                "(max_image_bytes, or EROFS's 32-bit block addresses)"
+            )
 
     def flush(self) -> None:
         if not self._buffer:
@@ -192,7 +196,7 @@ class DataWriter:
             run_start = 0
             # Group consecutive non-zero chunks into one write.
             while pos < len(buf):
-                piece = buf[pos:pos + chunk]
+                piece = buf[pos : pos + chunk]
                 if len(piece) == chunk and piece == self._zero_chunk:
                     if run_start < pos:
                         self._emit(self._pad(buf[run_start:pos]))
@@ -207,8 +211,13 @@ class DataWriter:
             return Extent(start, self.next_block - start)
         return Chunks((chunk // self.block_size).bit_length() - 1, addrs)
 
-    def add_sparse(self, runs: list[tuple[int, int]], size: int, read: Callable[[int], bytes],
-                   max_indexes: int = MAX_CHUNK_INDEXES) -> FileData:
+    def add_sparse(
+        self,
+        runs: list[tuple[int, int]],
+        size: int,
+        read: Callable[[int], bytes],
+        max_indexes: int = MAX_CHUNK_INDEXES,
+    ) -> FileData:
         """A sparse file: `runs` (sorted (offset, length) pairs) hold its data, the rest are
         holes; `read` gives the runs' bytes back to back.
 
@@ -241,30 +250,36 @@ class DataWriter:
         chunkbits = bits - (self.block_size.bit_length() - 1)
         return Chunks(chunkbits, addrs)
 
-    def _chunk_bits(self, runs: list[tuple[int, int]], size: int, stored: int,
-                    max_indexes: int) -> tuple[int, int]:
+    def _chunk_bits(
+        self, runs: list[tuple[int, int]], size: int, stored: int, max_indexes: int
+    ) -> tuple[int, int]:
         """log2 of the chunk size for a sparse file, the cheapest that fits the limits, and
         its overhead: chunk indexes plus the zeros stored in data chunks."""
         block_bits = self.block_size.bit_length() - 1
         room = (self.max_blocks - self.next_block) * self.block_size
         best: tuple[int, int] | None = None
-        for bits in range(self.hole_chunk.bit_length() - 1,
-                          block_bits + MAX_CHUNK_EXTRA_BITS + 1):
+        for bits in range(self.hole_chunk.bit_length() - 1, block_bits + MAX_CHUNK_EXTRA_BITS + 1):
             data_bytes = _count_touched(runs, bits) << bits
             if best is not None and data_bytes - stored >= best[0]:
                 break  # data only grows with the chunk size, indexes only shrink
             nchunks = -(-size >> bits)
             cost = nchunks * CHUNK_INDEX_COST + max(data_bytes - stored, 0)
-            if (nchunks <= max_indexes and data_bytes <= room and cost <= self.sparse_budget
-                    and (best is None or cost < best[0])):
+            if (
+                nchunks <= max_indexes
+                and data_bytes <= room
+                and cost <= self.sparse_budget
+                and (best is None or cost < best[0])
+            ):
                 best = (cost, bits)
             if nchunks == 1:
                 break
         if best is None:
-            raise EpError(f"a sparse file of {size} bytes with {len(runs)} data runs would "
-                          f"cost more than the limits allow (max_sparse_overhead_bytes: "
-                          f"{self.sparse_budget} left; max_metadata_bytes: {max_indexes} "
-                          f"chunk indexes; max_image_bytes: {room} bytes left)")
+            raise InvalidInput(
+                f"a sparse file of {size} bytes with {len(runs)} data runs would "
+                f"cost more than the limits allow (max_sparse_overhead_bytes: "
+                f"{self.sparse_budget} left; max_metadata_bytes: {max_indexes} "
+                f"chunk indexes; max_image_bytes: {room} bytes left)"
+            )
         return best[1], best[0]
 
 
@@ -294,8 +309,9 @@ class _Expand:
     """`read(n)` over a sparse file's logical contents: its runs' bytes (from `read`) with
     zeros between them; `seek` forward skips zeros only (never data)."""
 
-    def __init__(self, runs: list[tuple[int, int]], size: int, read: Callable[[int], bytes]
-                 ) -> None:
+    def __init__(
+        self, runs: list[tuple[int, int]], size: int, read: Callable[[int], bytes]
+    ) -> None:
         self._runs = runs
         self._next = 0  # index of the first run not wholly consumed
         self._size = size
@@ -303,8 +319,9 @@ class _Expand:
         self._pos = 0
 
     def seek(self, pos: int) -> None:
-        if pos != self._pos and (pos < self._pos or (
-                self._next < len(self._runs) and self._runs[self._next][0] < pos)):
+        if pos != self._pos and (
+            pos < self._pos or (self._next < len(self._runs) and self._runs[self._next][0] < pos)
+        ):
             raise AssertionError("seek over sparse data")
         self._pos = pos
 
@@ -318,8 +335,7 @@ class _Expand:
                 if self._pos + n == offset + length:
                     self._next += 1
             else:
-                gap_end = self._runs[self._next][0] if self._next < len(self._runs) \
-                    else self._size
+                gap_end = self._runs[self._next][0] if self._next < len(self._runs) else self._size
                 n = min(size, gap_end - self._pos, len(ZEROS))
                 data = ZEROS[:n]
             self._pos += n
@@ -337,7 +353,7 @@ def _read_exact(read: Callable[[int], bytes], size: int) -> bytes:
     while got < size:
         more = read(size - got)
         if not more:
-            raise EpError(f"unexpected end of data: wanted {size} bytes, got {got}")
+            raise InvalidInput(f"unexpected end of data: wanted {size} bytes, got {got}")
         parts.append(more)
         got += len(more)
     return b"".join(parts)
@@ -411,13 +427,21 @@ def write_metadata(
                 entries=[XattrEntry(*kv) for kv in items if kv not in shared],
             )
         nlink = nlinks[id(node)]
-        extended = (
-            (node.mtime, node.mtime_nsec) != compactable_time
-            or not Inode.fits_compact(nlink, node.size, node.uid, node.gid)
+        extended = (node.mtime, node.mtime_nsec) != compactable_time or not Inode.fits_compact(
+            nlink, node.size, node.uid, node.gid
         )
-        inode = Inode(mode=node.mode, extended=extended, xattr_icount=ibody.icount,
-                      nlink=nlink, size=node.size, ino=ino, uid=node.uid, gid=node.gid,
-                      mtime=node.mtime, mtime_nsec=node.mtime_nsec)
+        inode = Inode(
+            mode=node.mode,
+            extended=extended,
+            xattr_icount=ibody.icount,
+            nlink=nlink,
+            size=node.size,
+            ino=ino,
+            uid=node.uid,
+            gid=node.gid,
+            mtime=node.mtime,
+            mtime_nsec=node.mtime_nsec,
+        )
         placed.append(_Placed(node=node, inode=inode, xattrs=ibody))
 
     # Directory sizes depend only on names, so every block address can be decided before
@@ -457,13 +481,13 @@ def write_metadata(
     for p in placed:
         off = p.pos - meta_start
         raw = p.inode.pack() + p.xattrs.pack() if p.xattrs.icount else p.inode.pack()
-        meta[off:off + len(raw)] = raw
+        meta[off : off + len(raw)] = raw
         off += len(raw)
         if p.chunk_table:
             off = (off + 7) & ~7
-            meta[off:off + len(p.chunk_table)] = p.chunk_table
+            meta[off : off + len(p.chunk_table)] = p.chunk_table
             off += len(p.chunk_table)
-        meta[off:off + len(p.tail)] = p.tail
+        meta[off : off + len(p.tail)] = p.tail
     data.add_blocks(bytes(meta))
 
     feature_incompat = 0
@@ -501,11 +525,11 @@ def write_metadata(
             devices[i] = DeviceSlot(slot.tag, slot.blocks, start)
             start += span
     if sb.root_nid > 0xFFFF:
-        raise EpError("root inode beyond the 16-bit root nid range")
+        raise InvalidInput("root inode beyond the 16-bit root nid range")
     head = bytearray(header_blocks(bs, len(params.devices)) * bs)
-    head[SUPER_OFFSET:SUPER_OFFSET + SUPER_SIZE] = sb.pack()
+    head[SUPER_OFFSET : SUPER_OFFSET + SUPER_SIZE] = sb.pack()
     slots = b"".join(d.pack() for d in devices)
-    head[SUPER_OFFSET + SUPER_SIZE:SUPER_OFFSET + SUPER_SIZE + len(slots)] = slots
+    head[SUPER_OFFSET + SUPER_SIZE : SUPER_OFFSET + SUPER_SIZE + len(slots)] = slots
     _write_at(data, 0, bytes(head))
     os.ftruncate(data.fd, data.next_block * bs)
     return sb
@@ -699,8 +723,7 @@ def _fits_inline(p: _Placed, tail_len: int, bs: int) -> bool:
     return 0 < tail_len < bs and p.inode.isize + p.inode.xattr_isize + tail_len <= bs
 
 
-def _layout_dir(p: _Placed, dir_blocks: list[list[bytes]], cursor: _BlockCursor,
-                bs: int) -> None:
+def _layout_dir(p: _Placed, dir_blocks: list[list[bytes]], cursor: _BlockCursor, bs: int) -> None:
     """A directory: whole blocks as an extent, the last partial block inline when it fits."""
     whole = len(dir_blocks) - 1
     tail_len = _block_used(dir_blocks[-1])

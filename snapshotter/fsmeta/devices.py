@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from snapshotter.errors import EpError, InvalidInput
+from snapshotter.errors import EpError, InvalidArgument, InvalidInput
 from snapshotter.verity import VerityInfo
 
 if TYPE_CHECKING:
@@ -206,7 +206,7 @@ def describe_merge(result: MergeResult, fsmeta: Path,
     """The description of a merge's result whose fsmeta is (or will be published) at FSMETA:
     what the service writes beside it and what `publish` signs, from the same facts."""
     if result.verity is None:
-        raise EpError("a VM-mode fsmeta needs its dm-verity tree")
+        raise InvalidArgument("a VM-mode fsmeta needs its dm-verity tree")
     head = ChainDevice(role="fsmeta", path=str(fsmeta), root_hash=result.verity.root_hash,
                        verity=result.verity, size=result.size, digest=result.digest)
     devices = tuple(

@@ -47,7 +47,14 @@ from snapshotter.erofs.tree import (
     validate_name,
 )
 from snapshotter.erofs.writer import DataWriter, ImageParams, header_blocks, write_metadata
-from snapshotter.errors import EpError
+from snapshotter.errors import (
+    CorruptImage,
+    EpError,
+    InvalidArgument,
+    InvalidInput,
+    NotFound,
+    Unsupported,
+)
 from snapshotter.fsutil import atomic_output
 from snapshotter.verity import VerityInfo, VerityParams, derive_salt
 from snapshotter.verity.geometry import TreeGeometry, tree_start_block
@@ -130,8 +137,8 @@ class _LayerApplier:
         while stack:
             target, dir_info = stack.pop()
             if dir_info.nid in seen:
-                raise EpError(f"{self.img.name}: directory nid {dir_info.nid} appears twice "
-                              "(a cycle)")
+                raise CorruptImage(f"{self.img.name}: directory nid {dir_info.nid} appears twice "
+                                   "(a cycle)")
             seen.add(dir_info.nid)
             children = target.dir_children()
             self._charge(dir_info.size)
@@ -141,7 +148,7 @@ class _LayerApplier:
                 try:
                     validate_name(name)  # the reader refuses '/' and NUL; this re-checks
                 except EpError as exc:
-                    raise EpError(f"{self.img.name}: nid {dir_info.nid}: {exc}") from None
+                    raise CorruptImage(f"{self.img.name}: nid {dir_info.nid}: {exc}") from exc
                 info = self.img.inode(nid)
                 if stat.S_ISDIR(info.mode):
                     xattrs = self.img.xattrs(info)
@@ -196,7 +203,7 @@ class _LayerApplier:
         pieces: list[tuple[int, int, int | None]] = []  # (offset, device, blkaddr; None: hole)
         for ref in refs:
             if ref.device:
-                raise EpError(f"{self.img.name}: layer is itself multi-device")
+                raise Unsupported(f"{self.img.name}: layer is itself multi-device")
             if ref.inline_pos is not None:
                 tail = self.img.read_at(ref.inline_pos, ref.length)
                 pieces.append((ref.offset, 0, self.data.add_blocks(tail).start))
@@ -220,8 +227,8 @@ class _LayerApplier:
             first = offset // chunk_bytes
             last_addr = blkaddr + (-(-end // chunk_bytes) - 1 - first) * chunk_blocks
             if last_addr >= NULL_ADDR:  # the reader checked the range; never trust it blindly
-                raise EpError(f"{self.img.name}: data block {last_addr} beyond 32-bit "
-                              "addressing")
+                raise InvalidInput(f"{self.img.name}: data block {last_addr} beyond 32-bit "
+                                   "addressing")
             for i in range(first, -(-end // chunk_bytes)):
                 addrs[i] = blkaddr + (i - first) * chunk_blocks
                 devices[i] = device
@@ -233,8 +240,8 @@ class _LayerApplier:
         table or directory) the merge's work would otherwise grow with the square of it."""
         self.budget -= nbytes
         if self.budget < 0:
-            raise EpError(f"{self.img.name}: directories and chunk tables take more bytes "
-                          "than the image has (they overlap)")
+            raise CorruptImage(f"{self.img.name}: directories and chunk tables take more bytes "
+                               "than the image has (they overlap)")
 
 
 def build_merged_tree(layers: list[LayerBlob], data: DataWriter,
@@ -252,16 +259,16 @@ def build_merged_tree(layers: list[LayerBlob], data: DataWriter,
             if block_size is None:
                 block_size = img.block_size
             elif img.block_size != block_size:
-                raise EpError(f"{layer.path}: block size {img.block_size} differs from the "
-                              f"other layers' {block_size}")
+                raise InvalidArgument(f"{layer.path}: block size {img.block_size} differs from the "
+                                      f"other layers' {block_size}")
             if img.device_slots:
-                raise EpError(f"{layer.path}: a multi-device image cannot be merged as a layer")
+                raise Unsupported(f"{layer.path}: a multi-device image cannot be merged as a layer")
             _LayerApplier(img, index, data, mtimes).apply_root(root)
             tag = layer.tag or img.sb.uuid.hex()
             file_size = os.stat(layer.path).st_size
             if file_size < img.sb.blocks * img.block_size:
-                raise EpError(f"{layer.path}: {file_size} bytes, shorter than the "
-                              f"{img.sb.blocks} blocks its superblock counts (truncated)")
+                raise CorruptImage(f"{layer.path}: {file_size} bytes, shorter than the "
+                                   f"{img.sb.blocks} blocks its superblock counts (truncated)")
             devices.append(MergedDevice(path=layer.path, tag=tag, blocks=img.sb.blocks,
                                         uniaddr=0, file_size=file_size))
     build_time, nsec = pick_build_time(mtimes)
@@ -390,9 +397,9 @@ def _write_fsmeta(layers: list[LayerBlob], fd: int,
     """Write the fsmeta of `layers` into the open file `fd` (from offset 0). With
     `tree_params`, the device table leaves room for the tree to be appended to it."""
     if not layers:
-        raise EpError("nothing to merge: no layers given")
+        raise InvalidArgument("nothing to merge: no layers given")
     if len(layers) > 0xFFFF:
-        raise EpError(f"{len(layers)} layers: EROFS addresses at most 65535 devices")
+        raise InvalidArgument(f"{len(layers)} layers: EROFS addresses at most 65535 devices")
     bs = _block_size_of(layers[0].path)
     data = DataWriter(fd, bs, header_blocks(bs, len(layers)))
     merged = build_merged_tree(layers, data, progress)
@@ -400,7 +407,7 @@ def _write_fsmeta(layers: list[LayerBlob], fd: int,
         progress(f"writing the metadata of {merged.tree.entries} entries")
     for d in merged.devices:
         if len(d.tag.encode()) > 64:
-            raise EpError(f"device tag {d.tag!r} longer than 64 bytes")
+            raise InvalidArgument(f"device tag {d.tag!r} longer than 64 bytes")
     identity = "fsmeta:" + ",".join(f"{d.tag}/{d.blocks}" for d in merged.devices)
     fs_uuid = uuid.uuid5(FSMETA_UUID_NAMESPACE, identity)
     if tree_params is not None:
@@ -462,7 +469,7 @@ def _block_size_of(path: Path) -> int:
         with ErofsImage(path) as img:
             return img.block_size
     except FileNotFoundError:
-        raise EpError(f"{path}: no such layer image") from None
+        raise NotFound(f"{path}: no such layer image") from None
 
 
 def copy_range(src_fd: int, dst_fd: int, length: int, src_offset: int, dst_offset: int) -> None:
@@ -470,7 +477,7 @@ def copy_range(src_fd: int, dst_fd: int, length: int, src_offset: int, dst_offse
     while length:
         n = os.copy_file_range(src_fd, dst_fd, length, src_offset, dst_offset)
         if n == 0:
-            raise EpError("source ended early while copying a blob into the flat image")
+            raise CorruptImage("source ended early while copying a blob into the flat image")
         length -= n
         src_offset += n
         dst_offset += n

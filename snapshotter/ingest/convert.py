@@ -29,7 +29,7 @@ from snapshotter.erofs.writer import (
     header_blocks,
     write_metadata,
 )
-from snapshotter.errors import EpError
+from snapshotter.errors import CorruptImage, DigestMismatch, InvalidArgument
 from snapshotter.fsutil import atomic_output
 from snapshotter.ingest.dir_import import import_directory
 from snapshotter.ingest.streams import ByteReader, LayerStream
@@ -101,10 +101,17 @@ def convert_layer(
     """
     if isinstance(source, str | os.PathLike):
         with open(source, "rb") as f:
-            return convert_layer(f, out_path, expected_diff_id=expected_diff_id, verity=verity,
-                                 block_size=block_size, hole_chunk=hole_chunk,
-                                 blob_digest=blob_digest, inline_max=inline_max,
-                                 limits=limits)
+            return convert_layer(
+                f,
+                out_path,
+                expected_diff_id=expected_diff_id,
+                verity=verity,
+                block_size=block_size,
+                hole_chunk=hole_chunk,
+                blob_digest=blob_digest,
+                inline_max=inline_max,
+                limits=limits,
+            )
     stream: LayerStream | None = None
 
     def build(data: DataWriter) -> tuple[SourceTree, str]:
@@ -113,17 +120,29 @@ def convert_layer(
         tree = import_tar(stream, data, limits)
         stream.drain()
         if expected_diff_id is not None and stream.diff_id != expected_diff_id:
-            raise EpError(f"diffID mismatch: layer is {stream.diff_id}, "
-                          f"expected {expected_diff_id}")
+            raise DigestMismatch(
+                f"diffID mismatch: layer is {stream.diff_id}, expected {expected_diff_id}"
+            )
         return tree, stream.diff_id
 
-    result = _convert(Path(out_path), build, identity_hint=expected_diff_id, verity=verity,
-                      block_size=block_size, hole_chunk=hole_chunk, blob_digest=blob_digest,
-                      inline_max=inline_max, limits=limits)
+    result = _convert(
+        Path(out_path),
+        build,
+        identity_hint=expected_diff_id,
+        verity=verity,
+        block_size=block_size,
+        hole_chunk=hole_chunk,
+        blob_digest=blob_digest,
+        inline_max=inline_max,
+        limits=limits,
+    )
     assert stream is not None  # _convert returns only after `build` ran
-    return dataclasses.replace(result, diff_id=stream.diff_id,
-                               compressed_digest=stream.compressed_digest,
-                               compression=stream.compression)
+    return dataclasses.replace(
+        result,
+        diff_id=stream.diff_id,
+        compressed_digest=stream.compressed_digest,
+        compression=stream.compression,
+    )
 
 
 def convert_directory(
@@ -144,9 +163,16 @@ def convert_directory(
     def build(data: DataWriter) -> tuple[SourceTree, str]:
         return import_directory(src, data)
 
-    return _convert(Path(out_path), build, identity_hint=None, verity=verity,
-                    block_size=block_size, hole_chunk=hole_chunk, blob_digest=blob_digest,
-                    inline_max=inline_max)
+    return _convert(
+        Path(out_path),
+        build,
+        identity_hint=None,
+        verity=verity,
+        block_size=block_size,
+        hole_chunk=hole_chunk,
+        blob_digest=blob_digest,
+        inline_max=inline_max,
+    )
 
 
 def import_erofs_image(
@@ -176,14 +202,16 @@ def import_erofs_image(
         out.flush()
         got = "sha256:" + digest.hexdigest()
         if expected_digest is not None and got != expected_digest:
-            raise EpError(f"digest mismatch: EROFS layer is {got}, expected {expected_digest}")
+            raise DigestMismatch(
+                f"digest mismatch: EROFS layer is {got}, expected {expected_digest}"
+            )
         label = f"EROFS layer {got[:19]}"
         try:
             with ErofsImage(out.fileno(), name=label) as img:
                 bs, blocks, fs_uuid = img.block_size, img.sb.blocks, img.sb.uuid
                 checked = validate_layer(img, size, label)
         except FileNotFoundError:
-            raise EpError("not an EROFS image") from None
+            raise CorruptImage("not an EROFS image") from None
         padded = -(-size // 4096) * 4096
         out.truncate(padded)
         digest.update(bytes(padded - size))
@@ -191,10 +219,17 @@ def import_erofs_image(
         if verity:
             info = append_verity(out, padded, verity, derive_layer_salt(fs_uuid, got))
     return ConvertResult(
-        blob=out_path, size=padded, diff_id=got, compressed_digest=got, compression=None,
-        entries=checked.entries, blocks=blocks, block_size=bs,
+        blob=out_path,
+        size=padded,
+        diff_id=got,
+        compressed_digest=got,
+        compression=None,
+        entries=checked.entries,
+        blocks=blocks,
+        block_size=bs,
         uuid=str(uuid.UUID(bytes=fs_uuid)),
-        verity=info, blob_digest="sha256:" + digest.hexdigest(),
+        verity=info,
+        blob_digest="sha256:" + digest.hexdigest(),
     )
 
 
@@ -225,11 +260,11 @@ def _convert(
         start = header_blocks(block_size)
         feed: VerityFeed | None = None
         if verity and identity_hint is not None:
-            builder, vparams = verity_builder(verity,
-                                              derive_layer_salt(layer_uuid(identity_hint)))
+            builder, vparams = verity_builder(verity, derive_layer_salt(layer_uuid(identity_hint)))
             feed = VerityFeed(builder, vparams.data_block_size, start * block_size)
-        data = DataWriter(fd, block_size, start, feed.observe if feed else None, hole_chunk,
-                          inline_max, limits)
+        data = DataWriter(
+            fd, block_size, start, feed.observe if feed else None, hole_chunk, inline_max, limits
+        )
         tree, identity = build(data)
         params = ImageParams(
             block_size=block_size,
@@ -252,13 +287,20 @@ def _convert(
             data_end = feed.finish(fd)
             info = feed.builder.finish(data_end // feed.dbs, out, data_end)
     return ConvertResult(
-        blob=out_path, size=size, diff_id=None, compressed_digest=None, compression=None,
-        entries=tree.entries, blocks=sb.blocks, block_size=block_size,
-        uuid=str(uuid.UUID(bytes=params.uuid)), verity=info,
+        blob=out_path,
+        size=size,
+        diff_id=None,
+        compressed_digest=None,
+        compression=None,
+        entries=tree.entries,
+        blocks=sb.blocks,
+        block_size=block_size,
+        uuid=str(uuid.UUID(bytes=params.uuid)),
+        verity=info,
         blob_digest="sha256:" + digest.hexdigest() if digest is not None else None,
     )
 
 
 def _check_block_size(block_size: int) -> None:
     if block_size not in (512, 1024, 2048, 4096):
-        raise EpError(f"block size {block_size}: must be 512, 1024, 2048 or 4096")
+        raise InvalidArgument(f"block size {block_size}: must be 512, 1024, 2048 or 4096")

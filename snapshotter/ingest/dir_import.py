@@ -17,7 +17,12 @@ from pathlib import Path
 
 from snapshotter.erofs.tree import Node, SourceTree, pick_build_time, validate_name
 from snapshotter.erofs.writer import DataWriter
-from snapshotter.errors import EpError
+from snapshotter.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    InvalidInput,
+    Unsupported,
+)
 
 READ_SIZE = 1 << 20
 MAX_DEPTH = 512  # one open descriptor per level of the walk
@@ -25,7 +30,7 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-class TreeChanged(EpError):
+class TreeChanged(FailedPrecondition):
     """An entry was replaced while the directory was read (e.g. by a process in a container
     whose upper directory this is): nothing it now points to is read."""
 
@@ -47,10 +52,14 @@ class DirImporter:
     def _common(self, st: os.stat_result, xattrs: dict[bytes, bytes]) -> dict:
         mtime = (st.st_mtime_ns // 1_000_000_000, st.st_mtime_ns % 1_000_000_000)
         self.mtimes[mtime] += 1
-        self.digest.update(repr((st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns,
-                                 sorted(xattrs.items()))).encode())
-        return dict(uid=st.st_uid, gid=st.st_gid, mtime=mtime[0], mtime_nsec=mtime[1],
-                    xattrs=xattrs)
+        self.digest.update(
+            repr(
+                (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, sorted(xattrs.items()))
+            ).encode()
+        )
+        return dict(
+            uid=st.st_uid, gid=st.st_gid, mtime=mtime[0], mtime_nsec=mtime[1], xattrs=xattrs
+        )
 
     def _dir_node(self, st: os.stat_result, fd: int) -> Node:
         return Node(mode=st.st_mode, children={}, **self._common(st, _xattrs(fd)))
@@ -85,7 +94,7 @@ class DirImporter:
             return Node(mode=mode, rdev=rdev, **common)
         if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
             return Node(mode=mode, **common)
-        raise EpError(f"{path}: unsupported file type {stat.S_IFMT(mode):#o}")
+        raise Unsupported(f"{path}: unsupported file type {stat.S_IFMT(mode):#o}")
 
     def add_tree(self, top: Path) -> Node:
         # TOP itself is the caller's (a snapshot's fs/, a CLI argument): it may be a symlink.
@@ -113,7 +122,9 @@ class DirImporter:
                 if child is not None:
                     if len(stack) >= MAX_DEPTH:
                         os.close(child[0])
-                        raise EpError(f"{child[1]}: directories nested deeper than {MAX_DEPTH}")
+                        raise InvalidInput(
+                            f"{child[1]}: directories nested deeper than {MAX_DEPTH}"
+                        )
                     stack.append(child)
         finally:
             for dir_fd, *_ in stack:
@@ -165,8 +176,7 @@ class DirImporter:
         return None
 
 
-def _open_checked(dir_fd: int | None, name: str, path: Path, st: os.stat_result,
-                  flags: int) -> int:
+def _open_checked(dir_fd: int | None, name: str, path: Path, st: os.stat_result, flags: int) -> int:
     """Open NAME (relative to DIR_FD) with FLAGS and check it is the inode ST describes."""
     try:
         fd = os.open(name, flags, dir_fd=dir_fd)
@@ -177,8 +187,11 @@ def _open_checked(dir_fd: int | None, name: str, path: Path, st: os.stat_result,
             raise TreeChanged(f"{path}: changed while being read (now a symlink)") from None
         raise
     opened = os.fstat(fd)
-    if (opened.st_dev, opened.st_ino, stat.S_IFMT(opened.st_mode)) != \
-            (st.st_dev, st.st_ino, stat.S_IFMT(st.st_mode)):
+    if (opened.st_dev, opened.st_ino, stat.S_IFMT(opened.st_mode)) != (
+        st.st_dev,
+        st.st_ino,
+        stat.S_IFMT(st.st_mode),
+    ):
         os.close(fd)
         raise TreeChanged(f"{path}: changed while being read (replaced by another file)")
     return fd
@@ -188,8 +201,11 @@ def _xattrs(target: int | str) -> dict[bytes, bytes]:
     """Extended attributes of an open file (fd) or of a path whose last component is not
     followed."""
     try:
-        names = os.listxattr(target, follow_symlinks=False) if isinstance(target, str) \
+        names = (
+            os.listxattr(target, follow_symlinks=False)
+            if isinstance(target, str)
             else os.listxattr(target)
+        )
     except OSError as exc:
         if exc.errno in (errno.ENOTSUP, errno.EPERM):
             return {}
@@ -199,8 +215,11 @@ def _xattrs(target: int | str) -> dict[bytes, bytes]:
     out = {}
     for name in names:
         try:
-            value = os.getxattr(target, name, follow_symlinks=False) \
-                if isinstance(target, str) else os.getxattr(target, name)
+            value = (
+                os.getxattr(target, name, follow_symlinks=False)
+                if isinstance(target, str)
+                else os.getxattr(target, name)
+            )
         except OSError as exc:
             if exc.errno not in (errno.ENODATA, errno.EPERM):
                 raise
@@ -212,7 +231,7 @@ def _xattrs(target: int | str) -> dict[bytes, bytes]:
 def import_directory(top: Path, data: DataWriter) -> tuple[SourceTree, str]:
     """The tree below `top`, and a sha256 identity of its content (names, attributes, data)."""
     if not top.is_dir():
-        raise EpError(f"{top}: not a directory")
+        raise InvalidArgument(f"{top}: not a directory")
     importer = DirImporter(data)
     root = importer.add_tree(top)
     build_time, nsec = pick_build_time(importer.mtimes)

@@ -117,7 +117,7 @@ class _Checker:
         try:
             info = self.img.inode(nid)
         except EpError as exc:
-            raise self.failed_read(path, nid, exc) from None
+            raise self.failed_read(path, nid, exc) from exc
         self.check_inode(path, info)
         self.inodes[nid] = info
         return info
@@ -143,14 +143,14 @@ class _Checker:
         except InvalidLayer:
             raise
         except EpError as exc:
-            raise self.failed_read(path, nid, exc) from None
+            raise self.failed_read(path, nid, exc) from exc
 
     def check_directory(self, path: bytes, info: InodeInfo, parent_nid: int,
                         queue: deque[tuple[bytes, int, int]], dirs_seen: set[int]) -> None:
         try:
             listing = self.img.listdir(info)
         except EpError as exc:
-            raise self.failed_read(path, info.nid, exc) from None
+            raise self.failed_read(path, info.nid, exc) from exc
         previous: bytes | None = None
         dots = {b".": 0, b"..": 0}
         for name, nid, ftype in listing:

@@ -15,7 +15,7 @@ import textwrap
 from pathlib import Path
 
 from snapshotter.command import run_command
-from snapshotter.errors import EpError
+from snapshotter.errors import Unavailable
 from snapshotter.service import logfmt
 from snapshotter.service.serve_config import (
     LOG_LEVELS,
@@ -107,9 +107,9 @@ def probe(address: Path, timeout: float = STATUS_TIMEOUT) -> dict[str, str]:
     try:
         address.stat()
     except FileNotFoundError:
-        raise EpError(f"nothing listens on {address}: no such socket") from None
+        raise Unavailable(f"nothing listens on {address}: no such socket") from None
     except OSError as exc:  # e.g. not root: /run/erofs-passthrough is 0700
-        raise EpError(f"cannot reach {address}: {exc.strerror}") from None
+        raise Unavailable(f"cannot reach {address}: {exc.strerror}") from None
     status: dict[str, str] = {}
     with grpc.insecure_channel(f"unix:{address}") as channel:
         stub = health_pb2_grpc.HealthStub(channel)
@@ -122,8 +122,8 @@ def probe(address: Path, timeout: float = STATUS_TIMEOUT) -> dict[str, str]:
                     continue
                 if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     reason = (exc.details() or "").rsplit("error: ", 1)[-1].lower()
-                    raise EpError(f"nothing answers on {address}: {reason}") from None
-                raise EpError(f"health check on {address}: {exc.code().name}: {exc.details()}"
+                    raise Unavailable(f"nothing answers on {address}: {reason}") from None
+                raise Unavailable(f"health check on {address}: {exc.code().name}: {exc.details()}"
                               ) from None
             status[name] = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     return status

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from snapshotter import fsmount
 from snapshotter.errors import EpError
+from snapshotter.fsutil import os_error_class
 
 MNT_DETACH = 2
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -28,7 +29,7 @@ def mount_erofs(image: Path, target: Path) -> None:
     try:
         fsmount.mount_erofs(str(image), str(target))
     except OSError as exc:
-        raise EpError(f"mount erofs {image} at {target}: {exc.strerror}") from None
+        raise os_error_class(exc)(f"mount erofs {image} at {target}: {exc.strerror}") from None
 
 
 def unmount_all(target: Path) -> None:

@@ -38,7 +38,7 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from snapshotter.errors import EpError
+from snapshotter.errors import CorruptImage, EpError, InvalidArgument
 from snapshotter.fsutil import atomic_output
 from snapshotter.service.layer_build import BLOCK, LayerMeta
 from snapshotter.verity import VerityInfo, VerityParams
@@ -51,7 +51,7 @@ BLOB_SUFFIX = ".erofs"
 MAX_SIDECAR_BYTES = 4096  # a sidecar is two keys; refuse anything bigger
 
 
-class CacheEntryError(EpError):
+class CacheEntryError(CorruptImage):
     """A cache entry that is not a sound layer; the differ converts the layer instead."""
 
 
@@ -68,7 +68,7 @@ def blob_path(directory: Path, diff_id: str) -> Path:
     """`<directory>/<algo>/<xx>/<hex>.erofs`, containerd's `erofsutils.CacheBlobPath`."""
     parsed = parse_diff_id(diff_id)
     if parsed is None:
-        raise EpError(f"not a sha256 diffID: {diff_id!r}")
+        raise InvalidArgument(f"not a sha256 diffID: {diff_id!r}")
     algo, hexdigest = parsed
     return directory / algo / hexdigest[:2] / (hexdigest + BLOB_SUFFIX)
 
@@ -235,7 +235,7 @@ class LayerCache:
                     sb = VeritySuperblock.deserialize(
                         os.pread(dst.fileno(), SUPERBLOCK_SIZE, hash_offset))
                 except EpError as exc:
-                    raise CacheEntryError(f"{blob}: {exc}") from None
+                    raise CacheEntryError(f"{blob}: {exc}") from exc
         except OSError as exc:
             raise CacheEntryError(f"{blob}: cannot copy: {exc.strerror}") from None
         geometry = (sb.algorithm, sb.data_block_size, sb.hash_block_size)
@@ -252,7 +252,7 @@ class LayerCache:
         try:
             verify_file(out, info)
         except EpError as exc:
-            raise CacheEntryError(f"{blob}: {exc}") from None
+            raise CacheEntryError(f"{blob}: {exc}") from exc
         label = f"cached layer {diff_id[:19]}"
         with open(out, "rb") as f:
             try:
@@ -261,7 +261,7 @@ class LayerCache:
             except FileNotFoundError:
                 raise CacheEntryError(f"{blob}: not an EROFS image") from None
             except EpError as exc:
-                raise CacheEntryError(f"{blob}: {exc}") from None
+                raise CacheEntryError(f"{blob}: {exc}") from exc
             digest = hashlib.sha256()
             for chunk in _read_range(f, hash_offset):
                 digest.update(chunk)

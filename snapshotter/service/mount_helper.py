@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 from snapshotter import fsmount
-from snapshotter.errors import EpError
+from snapshotter.errors import EpError, InvalidArgument
 from snapshotter.fsmeta.devices import MOUNT_PROGRAM, OPTION_PREFIX, read_mounted_description
 from snapshotter.service.hostmount import unmount_all
 
@@ -34,7 +34,7 @@ from snapshotter.service.hostmount import unmount_all
 _DEFAULTS = {"rw", "dev", "suid", "exec", "async", "relatime", "defaults"}
 
 
-class MountHelperError(EpError):
+class MountHelperError(InvalidArgument):
     """The arguments are not a VM-mode mount we can make; the message says why."""
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from snapshotter.errors import EpError
+from snapshotter.errors import AlreadyExists, EpError
 from snapshotter.service.api.containerd.services.diff.v1 import diff_pb2_grpc
 from snapshotter.service.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc
 from snapshotter.service.content_client import ContentClient
@@ -57,7 +57,7 @@ def _lock_root(root: Path) -> int:
     except BlockingIOError:
         holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
         os.close(fd)
-        raise EpError(f"{root} is already served by {holder} (lock {path})") from None
+        raise AlreadyExists(f"{root} is already served by {holder} (lock {path})") from None
     except BaseException:
         os.close(fd)
         raise
@@ -74,7 +74,7 @@ def _refuse_live_socket(address: Path) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
-        raise EpError(f"{address} exists and is not a socket: refusing to replace it")
+        raise AlreadyExists(f"{address} exists and is not a socket: refusing to replace it")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(2)
     try:
@@ -86,7 +86,7 @@ def _refuse_live_socket(address: Path) -> None:
         raise EpError(f"cannot check whether a server listens on {address}: {exc}") from None
     finally:
         probe.close()
-    raise EpError(f"another server is listening on {address}")
+    raise AlreadyExists(f"another server is listening on {address}")
 
 
 def _listen(server: grpc.Server, address: Path) -> tuple[int, int]:

@@ -20,14 +20,14 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from snapshotter.erofs.limits import DEFAULT_LIMITS, Limits
-from snapshotter.errors import EpError
+from snapshotter.errors import InvalidArgument
 from snapshotter.service.mounts import CLASSIC, MOUNT_STYLES
 
 MAX_CONFIG_BYTES = 1 << 20  # a configuration file is a few lines; refuse anything bigger
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-class ConfigError(EpError):
+class ConfigError(InvalidArgument):
     """The configuration is wrong; one problem per line. `serve` exits 2, as for bad usage."""
 
     def __init__(self, problems: list[str]) -> None:

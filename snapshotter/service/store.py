@@ -28,7 +28,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from snapshotter.errors import AlreadyExists, EpError, FailedPrecondition, InvalidArgument, NotFound
+from snapshotter.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS snapshots (
@@ -51,7 +57,7 @@ CREATE TABLE IF NOT EXISTS labels (
 """
 
 
-class StoreClosed(EpError):
+class StoreClosed(Unavailable):
     """A call reached the store after the service closed it (it is shutting down)."""
 
 

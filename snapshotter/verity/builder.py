@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from typing import BinaryIO
 
-from snapshotter.errors import EpError
+from snapshotter.errors import FailedPrecondition, InvalidArgument
 from snapshotter.verity.coverage import BlockRanges
 from snapshotter.verity.digests import DEFAULT_MEMORY_LIMIT, DigestStore
 from snapshotter.verity.geometry import TreeGeometry, tree_start_block
@@ -55,7 +55,7 @@ class VerityTreeBuilder:
         size = memoryview(data).nbytes
         dbs = self.params.data_block_size
         if size % dbs:
-            raise EpError(
+            raise InvalidArgument(
                 f"verity: {size} bytes at block {first_block} are not whole {dbs}-byte blocks"
             )
         self.add_leaf_digests(first_block, hash_run(self._base, data, dbs))
@@ -64,9 +64,9 @@ class VerityTreeBuilder:
         """Record digests H(salt || block) computed elsewhere (e.g. by worker processes)."""
         self._check_open()
         if first_block < 0:
-            raise EpError(f"verity: negative block index {first_block}")
+            raise InvalidArgument(f"verity: negative block index {first_block}")
         if len(digests) % self._digest_size:
-            raise EpError("verity: leaf digests are not whole digests")
+            raise InvalidArgument("verity: leaf digests are not whole digests")
         count = len(digests) // self._digest_size
         self._hashed.add(first_block, first_block + count)
         self._leaves.put(first_block, digests)
@@ -82,12 +82,14 @@ class VerityTreeBuilder:
         p = self.params
         try:
             if data_blocks < 1:
-                raise EpError("verity: a device needs at least one data block")
+                raise InvalidArgument("verity: a device needs at least one data block")
             missing = self._hashed.first_missing(data_blocks)
             if missing is not None:
-                raise EpError(f"verity: data block {missing} of {data_blocks} was never hashed")
+                raise FailedPrecondition(
+                    f"verity: data block {missing} of {data_blocks} was never hashed"
+                )
             if self._hashed.end > data_blocks:
-                raise EpError(
+                raise FailedPrecondition(
                     f"verity: blocks up to {self._hashed.end - 1} were hashed, but the device "
                     f"has only {data_blocks} data blocks"
                 )
@@ -141,7 +143,7 @@ class VerityTreeBuilder:
 
     def _check_open(self) -> None:
         if self._finished:
-            raise EpError("verity: this tree builder is already finished")
+            raise FailedPrecondition("verity: this tree builder is already finished")
 
     def __enter__(self) -> VerityTreeBuilder:
         return self

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from snapshotter.errors import EpError
+from snapshotter.errors import InvalidArgument
 from snapshotter.fsutil import check_input, check_output, os_errors_as_ep
 from snapshotter.verity.files import file_sha256, format_file
 from snapshotter.verity.info import VerityInfo
@@ -121,17 +121,17 @@ def _verify(args: argparse.Namespace) -> int:
     if hash_path is not None:
         check_input(hash_path)
     if args.hash_offset is not None and args.hash_offset < 0:
-        raise EpError(f"--hash-offset {args.hash_offset}: must be a byte offset >= 0")
+        raise InvalidArgument(f"--hash-offset {args.hash_offset}: must be a byte offset >= 0")
     if args.data_blocks is not None and args.data_blocks < 1:
-        raise EpError(f"--data-blocks {args.data_blocks}: must be at least 1")
+        raise InvalidArgument(f"--data-blocks {args.data_blocks}: must be at least 1")
     hash_offset = args.hash_offset
     if hash_offset is None:
         if hash_path is None:
-            raise EpError("an appended tree needs --hash-offset (or give --hash-file)")
+            raise InvalidArgument("an appended tree needs --hash-offset (or give --hash-file)")
         hash_offset = 0
     if args.no_superblock:
         if args.salt is None:
-            raise EpError("without a superblock the salt must be given (--salt HEX or -)")
+            raise InvalidArgument("without a superblock the salt must be given (--salt HEX or -)")
         params = VerityParams(
             hash_name=args.hash or "sha256",
             data_block_size=args.data_block_size or 4096,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import bisect
 
-from snapshotter.errors import EpError
+from snapshotter.errors import InvalidArgument
 
 
 class BlockRanges:
@@ -22,9 +22,9 @@ class BlockRanges:
             return
         i = bisect.bisect_right(self._starts, start)
         if i > 0 and self._ends[i - 1] > start:
-            raise EpError(f"data block {start} was already hashed")
+            raise InvalidArgument(f"data block {start} was already hashed")
         if i < len(self._starts) and self._starts[i] < end:
-            raise EpError(f"data block {self._starts[i]} was already hashed")
+            raise InvalidArgument(f"data block {self._starts[i]} was already hashed")
         merge_left = i > 0 and self._ends[i - 1] == start
         merge_right = i < len(self._starts) and self._starts[i] == end
         if merge_left and merge_right:

@@ -20,8 +20,8 @@ import os
 from pathlib import Path
 from typing import BinaryIO
 
-from snapshotter.errors import EpError
-from snapshotter.fsutil import atomic_output
+from snapshotter.errors import AlreadyExists, EpError, InvalidArgument
+from snapshotter.fsutil import atomic_output, os_error_class
 from snapshotter.verity.builder import VerityTreeBuilder
 from snapshotter.verity.digests import DEFAULT_MEMORY_LIMIT
 from snapshotter.verity.geometry import TreeGeometry, tree_start_block
@@ -78,7 +78,7 @@ def format_file(
             os.path.abspath(hash_path)
         ) and os.path.basename(where).startswith(f".{Path(hash_path).name}."):
             where = hash_path  # atomic_output's temp name stands for the hash file
-        raise EpError(f"verity format: {where}: {exc.strerror or exc}") from None
+        raise os_error_class(exc)(f"verity format: {where}: {exc.strerror or exc}") from None
 
 
 def _format(
@@ -91,7 +91,7 @@ def _format(
 ) -> VerityInfo:
     size = data_path.stat().st_size
     if size == 0:
-        raise EpError(f"{data_path} is empty: dm-verity needs at least one data block")
+        raise InvalidArgument(f"{data_path} is empty: dm-verity needs at least one data block")
     if params is None:
         params = default_params(data_path)
     params.validate()
@@ -100,7 +100,7 @@ def _format(
         existing = None if append_again else find_appended_tree(data_path)
         if existing is not None:
             offset, sb = existing
-            raise EpError(
+            raise AlreadyExists(
                 f"{data_path} already ends with a dm-verity tree (superblock at byte {offset}: "
                 f"{sb.algorithm}, {sb.data_block_size}/{sb.hash_block_size}, "
                 f"{sb.data_blocks} data blocks); formatting again would append a second one "
@@ -120,7 +120,7 @@ def _format(
                 raise
         return info
     if size % dbs:
-        raise EpError(
+        raise InvalidArgument(
             f"{data_path} is {size} bytes, not a whole number of {dbs}-byte data blocks "
             "(pad it, or let the tree be appended, which pads)"
         )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from snapshotter.errors import EpError
+from snapshotter.errors import InvalidArgument
 from snapshotter.verity.superblock import SUPERBLOCK_SIZE
 
 
@@ -22,11 +22,11 @@ def tree_start_block(hash_offset: int, hash_block_size: int, superblock: bool) -
     number of hash blocks (cryptsetup would silently round down, onto the data).
     """
     if hash_offset < 0 or hash_offset % SUPERBLOCK_SIZE:
-        raise EpError(f"dm-verity hash offset {hash_offset} must be a multiple of 512")
+        raise InvalidArgument(f"dm-verity hash offset {hash_offset} must be a multiple of 512")
     if superblock:
         return -(-(hash_offset + SUPERBLOCK_SIZE) // hash_block_size)
     if hash_offset % hash_block_size:
-        raise EpError(
+        raise InvalidArgument(
             f"without a superblock the hash offset {hash_offset} must be a multiple of the "
             f"hash block size {hash_block_size}"
         )
@@ -44,13 +44,13 @@ class TreeGeometry:
     @classmethod
     def compute(cls, data_blocks: int, hash_block_size: int, digest_size: int) -> TreeGeometry:
         if data_blocks < 1:
-            raise EpError("dm-verity needs at least one data block")
+            raise InvalidArgument("dm-verity needs at least one data block")
         if digest_size & (digest_size - 1):
             # Format 1 pads digests to a power of two; the hashes we offer need none.
-            raise EpError(f"digest size {digest_size} is not a power of two")
+            raise InvalidArgument(f"digest size {digest_size} is not a power of two")
         per_block = hash_block_size // digest_size
         if per_block < 2:
-            raise EpError(f"hash block size {hash_block_size} holds fewer than two digests")
+            raise InvalidArgument(f"hash block size {hash_block_size} holds fewer than two digests")
         levels: list[int] = []
         n = data_blocks
         while n > 1:

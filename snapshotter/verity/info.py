@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from snapshotter.errors import EpError
+from snapshotter.errors import EpError, InvalidInput, Unsupported
 from snapshotter.fsutil import write_atomic
 from snapshotter.verity.geometry import tree_start_block
 from snapshotter.verity.params import HASH_TYPE, VerityParams, parse_uuid
@@ -240,7 +240,7 @@ class VerityInfo:
         atomically: temp file, fsync, rename. The one writer of sidecars in the project."""
         if not self.superblock:
             # containerd opens the device by reading the superblock at hashoffset.
-            raise EpError("containerd's .dmverity sidecar needs a tree with a superblock")
+            raise Unsupported("containerd's .dmverity sidecar needs a tree with a superblock")
         path = Path(str(blob_path) + SIDECAR_SUFFIX)
         write_atomic(path, json.dumps(self.containerd_sidecar(), indent=2).encode())
         return path
@@ -266,6 +266,6 @@ class VerityInfo:
                 uuid=obj.get("uuid"),
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise EpError(f"not a verity description: {exc}") from None
+            raise InvalidInput(f"not a verity description: {exc}") from None
         info.params().validate()
         return info

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from snapshotter.errors import EpError
+from snapshotter.errors import EpError, InvalidArgument
 from snapshotter.verity.hashing import hash_run, salted_base
 
 #: data hashed per frame
@@ -56,7 +56,9 @@ def hash_file_range(
     per_range = max(1, RANGE_BYTES // block_size)
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size < start + count * block_size:
-            raise EpError(f"{path} is shorter than {first_block + count} blocks of {block_size}")
+            raise InvalidArgument(
+                f"{path} is shorter than {first_block + count} blocks of {block_size}"
+            )
         m = mmap.mmap(f.fileno(), length, access=mmap.ACCESS_READ, offset=aligned)
         try:
             with memoryview(m) as view:

@@ -10,7 +10,7 @@ import hashlib
 import uuid as uuidlib
 from dataclasses import dataclass
 
-from snapshotter.errors import EpError
+from snapshotter.errors import InvalidArgument, InvalidInput, Unsupported
 
 #: dm-verity on-disk hash format; 0 is the old Chrome OS one (salt after the data).
 HASH_TYPE = 1
@@ -50,7 +50,7 @@ class VerityParams:
 
     def validate(self) -> None:
         if self.hash_name not in HASH_NAMES:
-            raise EpError(
+            raise Unsupported(
                 f"unsupported dm-verity hash {self.hash_name!r} (choose {', '.join(HASH_NAMES)})"
             )
         for what, size in (
@@ -63,23 +63,25 @@ class VerityParams:
                 or size > MAX_BLOCK_SIZE
                 or size & (size - 1)
             ):
-                raise EpError(
+                raise InvalidArgument(
                     f"dm-verity {what} {size} must be a power of two from "
                     f"{MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}"
                 )
         if not isinstance(self.salt, bytes | bytearray):
-            raise EpError("dm-verity salt must be bytes")
+            raise InvalidArgument("dm-verity salt must be bytes")
         if len(self.salt) > MAX_SALT_SIZE:
-            raise EpError(
+            raise InvalidArgument(
                 f"dm-verity salt is {len(self.salt)} bytes, at most {MAX_SALT_SIZE} allowed"
             )
         if self.unsalted and self.salt:
-            raise EpError("dm-verity parameters ask for an unsalted tree but give a salt")
+            raise InvalidArgument("dm-verity parameters ask for an unsalted tree but give a salt")
         if self.uuid is not None:
             if not self.superblock:
-                raise EpError("a dm-verity UUID needs the superblock (it is stored only there)")
+                raise InvalidArgument(
+                    "a dm-verity UUID needs the superblock (it is stored only there)"
+                )
             if not isinstance(self.uuid, bytes | bytearray) or len(self.uuid) != 16:
-                raise EpError("dm-verity UUID must be 16 bytes")
+                raise InvalidArgument("dm-verity UUID must be 16 bytes")
 
     @property
     def digest_size(self) -> int:
@@ -101,13 +103,13 @@ def parse_digest(digest: bytes | str) -> bytes:
         if text.startswith("sha256:"):
             text = text[len("sha256:") :]
         elif ":" in text:
-            raise EpError(f"only sha256 digests can seed a dm-verity salt, got {digest!r}")
+            raise Unsupported(f"only sha256 digests can seed a dm-verity salt, got {digest!r}")
         try:
             raw = bytes.fromhex(text)
         except ValueError:
-            raise EpError(f"not a hex sha256 digest: {digest!r}") from None
+            raise InvalidArgument(f"not a hex sha256 digest: {digest!r}") from None
     if len(raw) != 32:
-        raise EpError(f"a sha256 digest has 32 bytes, got {len(raw)}")
+        raise InvalidArgument(f"a sha256 digest has 32 bytes, got {len(raw)}")
     return raw
 
 
@@ -132,11 +134,11 @@ def derive_layer_salt(fs_uuid: bytes, fallback_digest: bytes | str | None = None
     """
     raw = bytes(fs_uuid)
     if len(raw) != 16:
-        raise EpError(f"an EROFS UUID has 16 bytes, got {len(raw)}")
+        raise InvalidInput(f"an EROFS UUID has 16 bytes, got {len(raw)}")
     if any(raw):
         return hashlib.sha256(_LAYER_SALT_DOMAIN + raw).digest()
     if fallback_digest is None:
-        raise EpError("an EROFS image without a UUID needs its digest to derive a salt")
+        raise InvalidArgument("an EROFS image without a UUID needs its digest to derive a salt")
     return derive_salt(fallback_digest)
 
 
@@ -163,7 +165,7 @@ def parse_uuid(text: str) -> bytes:
     try:
         return uuidlib.UUID(text).bytes
     except ValueError:
-        raise EpError(f"not a UUID: {text!r}") from None
+        raise InvalidArgument(f"not a UUID: {text!r}") from None
 
 
 def parse_salt(text: str) -> bytes:
@@ -173,7 +175,9 @@ def parse_salt(text: str) -> bytes:
     try:
         salt = bytes.fromhex(text)
     except ValueError:
-        raise EpError(f"salt must be hex digits (or - for none), got {text!r}") from None
+        raise InvalidArgument(f"salt must be hex digits (or - for none), got {text!r}") from None
     if len(salt) > MAX_SALT_SIZE:
-        raise EpError(f"dm-verity salt is {len(salt)} bytes, at most {MAX_SALT_SIZE} allowed")
+        raise InvalidArgument(
+            f"dm-verity salt is {len(salt)} bytes, at most {MAX_SALT_SIZE} allowed"
+        )
     return salt

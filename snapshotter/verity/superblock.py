@@ -27,7 +27,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from snapshotter.errors import EpError
+from snapshotter.errors import CorruptImage, InvalidArgument, Unsupported
 from snapshotter.verity.params import MAX_SALT_SIZE, uuid_text
 
 SUPERBLOCK_SIZE = 512
@@ -51,11 +51,11 @@ class VeritySuperblock:
     def serialize(self) -> bytes:
         name = self.algorithm.encode("ascii")
         if len(name) > 32:
-            raise EpError(f"hash algorithm name {self.algorithm!r} is longer than 32 bytes")
+            raise InvalidArgument(f"hash algorithm name {self.algorithm!r} is longer than 32 bytes")
         if len(self.salt) > MAX_SALT_SIZE:
-            raise EpError(f"salt of {len(self.salt)} bytes does not fit the superblock")
+            raise InvalidArgument(f"salt of {len(self.salt)} bytes does not fit the superblock")
         if len(self.uuid) != 16:
-            raise EpError("superblock UUID must be 16 bytes")
+            raise InvalidArgument("superblock UUID must be 16 bytes")
         head = _HEADER.pack(
             SIGNATURE,
             VERSION,
@@ -73,16 +73,18 @@ class VeritySuperblock:
     @classmethod
     def deserialize(cls, raw: bytes) -> VeritySuperblock:
         if len(raw) < SUPERBLOCK_SIZE:
-            raise EpError(f"verity superblock truncated: {len(raw)} of {SUPERBLOCK_SIZE} bytes")
+            raise CorruptImage(
+                f"verity superblock truncated: {len(raw)} of {SUPERBLOCK_SIZE} bytes"
+            )
         (sig, version, hash_type, uuid, name, dbs, hbs, blocks, salt_size) = _HEADER.unpack_from(
             raw
         )
         if sig != SIGNATURE:
-            raise EpError("no verity superblock there (signature mismatch)")
+            raise CorruptImage("no verity superblock there (signature mismatch)")
         if version != VERSION:
-            raise EpError(f"unsupported verity superblock version {version}")
+            raise Unsupported(f"unsupported verity superblock version {version}")
         if salt_size > MAX_SALT_SIZE:
-            raise EpError(f"verity superblock corrupted: salt size {salt_size}")
+            raise CorruptImage(f"verity superblock corrupted: salt size {salt_size}")
         return cls(
             hash_type=hash_type,
             uuid=uuid,

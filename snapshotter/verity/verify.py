@@ -13,7 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from snapshotter.errors import EpError
+from snapshotter.errors import CorruptImage, InvalidArgument, NotFound, VerityMismatch
+from snapshotter.fsutil import os_error_class
 from snapshotter.verity.digests import DEFAULT_MEMORY_LIMIT, DigestStore
 from snapshotter.verity.geometry import TreeGeometry, tree_start_block
 from snapshotter.verity.hashing import hash_run, salted_base
@@ -30,13 +31,13 @@ _CHUNK = 4 << 20
 
 def read_superblock(path: PathLike, offset: int = 0) -> VeritySuperblock:
     if not 0 <= offset < 1 << 63:  # what a file offset can be (f.seek raises beyond)
-        raise EpError(f"verity superblock offset {offset} is not a possible file offset")
+        raise InvalidArgument(f"verity superblock offset {offset} is not a possible file offset")
     try:
         with open(path, "rb") as f:
             f.seek(offset)
             raw = f.read(SUPERBLOCK_SIZE)
     except OSError as exc:
-        raise EpError(f"cannot read {path}: {exc.strerror}") from None
+        raise os_error_class(exc)(f"cannot read {path}: {exc.strerror}") from None
     return VeritySuperblock.deserialize(raw)
 
 
@@ -68,43 +69,51 @@ def verify_file(
         params = info_or_params
     params.validate()
     if root_hash is None:
-        raise EpError("verity verify needs the root hash")
+        raise InvalidArgument("verity verify needs the root hash")
     try:
         root = bytes.fromhex(root_hash)
     except ValueError:
-        raise EpError(f"root hash is not hex: {root_hash!r}") from None
+        raise InvalidArgument(f"root hash is not hex: {root_hash!r}") from None
     if len(root) != params.digest_size:
-        raise EpError(f"a {params.hash_name} root hash has {params.digest_size * 2} hex digits")
+        raise InvalidArgument(
+            f"a {params.hash_name} root hash has {params.digest_size * 2} hex digits"
+        )
     if hash_offset is None:
         if hash_path is None:
-            raise EpError("an appended hash tree needs its hash offset")
+            raise InvalidArgument("an appended hash tree needs its hash offset")
         hash_offset = 0
     hpath = Path(hash_path if hash_path is not None else data_path)
     dpath = Path(data_path)
     for path in (dpath, hpath):
         if not path.is_file():
-            raise EpError(f"{path}: no such file")
+            raise NotFound(f"{path}: no such file")
     dbs = params.data_block_size
     if params.superblock:
         sb = read_superblock(hpath, hash_offset)
         _check_superblock(sb, params, hpath, hash_offset)
         if data_blocks is not None and data_blocks != sb.data_blocks:
-            raise EpError(f"superblock says {sb.data_blocks} data blocks, expected {data_blocks}")
+            raise VerityMismatch(
+                f"superblock says {sb.data_blocks} data blocks, expected {data_blocks}"
+            )
         data_blocks = sb.data_blocks
     elif data_blocks is None:
         data_blocks = (dpath.stat().st_size if hash_path is not None else hash_offset) // dbs
     if data_blocks < 1:
-        raise EpError("no data blocks to verify")
+        raise InvalidArgument("no data blocks to verify")
     if dpath.stat().st_size < data_blocks * dbs:
-        raise EpError(f"{dpath} is shorter than {data_blocks} data blocks of {dbs} bytes")
+        raise CorruptImage(f"{dpath} is shorter than {data_blocks} data blocks of {dbs} bytes")
     if hash_path is None and data_blocks * dbs > hash_offset:
-        raise EpError(f"data area ({data_blocks} blocks) overlaps the hash area at {hash_offset}")
+        raise InvalidArgument(
+            f"data area ({data_blocks} blocks) overlaps the hash area at {hash_offset}"
+        )
 
     geo = TreeGeometry.compute(data_blocks, params.hash_block_size, params.digest_size)
     tree_start = tree_start_block(hash_offset, params.hash_block_size, params.superblock)
     tree_start *= params.hash_block_size
     if hpath.stat().st_size < tree_start + geo.tree_size:
-        raise EpError(f"{hpath}: hash area truncated (needs {tree_start + geo.tree_size} bytes)")
+        raise CorruptImage(
+            f"{hpath}: hash area truncated (needs {tree_start + geo.tree_size} bytes)"
+        )
     base = salted_base(params.hash_name, bytes(params.salt))
     with (
         _verified_leaves(hpath, geo, base, tree_start, root, memory_limit) as leaves,
@@ -121,7 +130,7 @@ def verify_file(
             want, got = leaves.read(e0, n), computed.read(e0, n)
             if want != got:
                 bad = e0 + _first_diff(want, got) // ds
-                raise EpError(
+                raise VerityMismatch(
                     f"data block {bad} (bytes {bad * dbs}..{(bad + 1) * dbs - 1} of {dpath}) "
                     "does not match its hash: the data is corrupted"
                 )
@@ -141,7 +150,9 @@ def _check_superblock(sb: VeritySuperblock, p: VerityParams, path: Path, offset:
         if have != want
     ]
     if mismatches:
-        raise EpError(f"verity superblock at byte {offset} of {path} has " + ", ".join(mismatches))
+        raise VerityMismatch(
+            f"verity superblock at byte {offset} of {path} has " + ", ".join(mismatches)
+        )
 
 
 def _first_diff(a: bytes, b: bytes) -> int:
@@ -179,10 +190,10 @@ def _verified_leaves(
                             bad = b0 + _first_diff(got, want) // ds
                             where = f"(byte {pos + bad * hbs} of {hpath})"
                             if level == geo.levels - 1:
-                                raise EpError(
+                                raise VerityMismatch(
                                     f"the top hash block {where} does not match the root hash"
                                 )
-                            raise EpError(
+                            raise VerityMismatch(
                                 f"hash block {bad} of level {level} {where} does not match its "
                                 "parent hash: the hash tree is corrupted"
                             )
@@ -190,7 +201,7 @@ def _verified_leaves(
                         if any(raw[used:]):
                             tail = raw[used:]
                             spare = pos + b0 * hbs + used + _first_diff(tail, bytes(len(tail)))
-                            raise EpError(
+                            raise VerityMismatch(
                                 f"spare area of the hash tree is not zero at byte {spare} "
                                 f"of {hpath}"
                             )
