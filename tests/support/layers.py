@@ -1,4 +1,5 @@
-"""Building layer tars for tests: a small spec language over Python's tarfile."""
+"""Building layer tars for tests, in the layer-spec language of the demo's OCI archives
+(`Entry`, shim_integration.testbed.oci_archive), and the layers the tests share."""
 
 from __future__ import annotations
 
@@ -7,60 +8,17 @@ import os
 import random
 import subprocess
 import tarfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from isal import igzip
 
+from shim_integration.testbed.oci_archive import Entry, write_layer
 from snapshotter.ingest.convert import convert_layer
 
 
-@dataclass
-class Entry:
-    """One tar member. `kind`: file, dir, symlink, hardlink, chr, blk, fifo."""
-
-    name: str
-    kind: str = "file"
-    data: bytes = b""
-    mode: int | None = None
-    uid: int = 0
-    gid: int = 0
-    mtime: float | str = 1_700_000_000
-    link: str = ""
-    dev: tuple[int, int] = (0, 0)
-    xattrs: dict[str, bytes] = field(default_factory=dict)
-
-
-_TYPES = {
-    "file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE,
-    "hardlink": tarfile.LNKTYPE, "chr": tarfile.CHRTYPE, "blk": tarfile.BLKTYPE,
-    "fifo": tarfile.FIFOTYPE,
-}
-
-
-def tarinfo(e: Entry) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(e.name)
-    info.type = _TYPES[e.kind]
-    info.mode = e.mode if e.mode is not None else (0o755 if e.kind == "dir" else 0o644)
-    info.uid, info.gid = e.uid, e.gid
-    info.uname = info.gname = ""
-    if isinstance(e.mtime, str):  # an exact PAX mtime, e.g. "1700000000.123456789"
-        info.mtime = float(e.mtime)
-        info.pax_headers["mtime"] = e.mtime
-    else:
-        info.mtime = e.mtime
-    info.linkname = e.link
-    info.devmajor, info.devminor = e.dev
-    info.size = len(e.data) if e.kind == "file" else 0
-    for k, v in e.xattrs.items():
-        info.pax_headers["SCHILY.xattr." + k] = v.decode("utf-8", "surrogateescape")
-    return info
-
-
 def write_tar(path: Path, entries: list[Entry], fmt: int = tarfile.PAX_FORMAT) -> Path:
-    with tarfile.open(path, "w", format=fmt, encoding="utf-8", errors="surrogateescape") as tar:
-        for e in entries:
-            tar.addfile(tarinfo(e), io.BytesIO(e.data) if e.kind == "file" else None)
+    with open(path, "wb") as f:
+        write_layer(f, entries, fmt)
     return path
 
 
