@@ -1,9 +1,12 @@
 """Small OCI image archives (for `ctr images import`) from layer specs, in Python: the demo's image
 and the containerd tests' images.
 
-A layer is a list of entries: ("dir", path, mode), ("file", path, data, mode), ("link", path,
-target, mode) for hard links, ("symlink", path, target), ("whiteout", path) and ("opaque", dir);
-("file", ...) may carry xattrs as a 5th item (dict name -> bytes, written as PAX SCHILY.xattr).
+The layer-spec language (shared with the tests, tests/support/layers.py): a layer is a list of
+`Entry`s, one tar member each, written by `tarinfo`. A layer may also be written in the
+shorthand tuples, each read as one `Entry` by `entry_of`: ("dir", path, mode), ("file", path,
+data, mode), ("link", path, target, mode) for hard links, ("symlink", path, target),
+("whiteout", path) and ("opaque", dir); ("file", ...) may carry xattrs as a 5th item (dict
+name -> bytes, written as PAX SCHILY.xattr).
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ import hashlib
 import io
 import json
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from snapshotter.ingest.whiteouts import OPAQUE_ENTRY, whiteout_of
 
@@ -35,40 +39,86 @@ class Blob:
                 **extra}
 
 
-def _info(path: str, kind: bytes, mode: int) -> tarfile.TarInfo:
-    ti = tarfile.TarInfo(path)
-    ti.type, ti.mode, ti.mtime, ti.uid, ti.gid = kind, mode, MTIME, 0, 0
-    return ti
+@dataclass
+class Entry:
+    """One tar member. `kind`: file, dir, symlink, hardlink, chr, blk, fifo. Whiteouts are
+    what a layer holds: empty files named `.wh.NAME` (and `.wh..wh..opq`)."""
+
+    name: str
+    kind: str = "file"
+    data: bytes = b""
+    mode: int | None = None  # default 0o755 for a dir, 0o644 otherwise
+    uid: int = 0
+    gid: int = 0
+    mtime: float | str = MTIME  # a str is an exact PAX mtime, e.g. "1700000000.123456789"
+    link: str = ""
+    dev: tuple[int, int] = (0, 0)
+    xattrs: dict[str, bytes] = field(default_factory=dict)
 
 
-def layer_tar(entries: list[tuple]) -> bytes:
+_TYPES = {
+    "file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE,
+    "hardlink": tarfile.LNKTYPE, "chr": tarfile.CHRTYPE, "blk": tarfile.BLKTYPE,
+    "fifo": tarfile.FIFOTYPE,
+}
+
+
+def tarinfo(e: Entry) -> tarfile.TarInfo:
+    """The tar header of E (PAX: exact mtimes and xattrs, as raw bytes, in PAX records)."""
+    info = tarfile.TarInfo(e.name)
+    info.type = _TYPES[e.kind]
+    info.mode = e.mode if e.mode is not None else (0o755 if e.kind == "dir" else 0o644)
+    info.uid, info.gid = e.uid, e.gid
+    info.uname = info.gname = ""
+    pax: dict[str, str] = {}
+    if isinstance(e.mtime, str):
+        info.mtime = float(e.mtime)
+        pax["mtime"] = e.mtime
+    else:
+        info.mtime = e.mtime
+    info.linkname = e.link
+    info.devmajor, info.devminor = e.dev
+    info.size = len(e.data) if e.kind == "file" else 0
+    for k, v in e.xattrs.items():
+        pax["SCHILY.xattr." + k] = v.decode("utf-8", "surrogateescape")
+    info.pax_headers = pax
+    return info
+
+
+def entry_of(spec: tuple | Entry) -> Entry:
+    """The `Entry` a shorthand tuple (module docstring) stands for; an Entry stays itself."""
+    if isinstance(spec, Entry):
+        return spec
+    kind, path = spec[0], spec[1]
+    if kind == "dir":
+        return Entry(path, "dir", mode=spec[2])
+    if kind == "file":
+        return Entry(path, data=spec[2], mode=spec[3], xattrs=spec[4] if len(spec) > 4 else {})
+    if kind in ("link", "symlink"):
+        # a hard link's mode is its target's (extractors chmod the shared inode)
+        return Entry(path, "hardlink" if kind == "link" else "symlink", link=spec[2],
+                     mode=spec[3] if len(spec) > 3 else 0o777)
+    if kind in ("whiteout", "opaque"):
+        parent, _, name = path.rpartition("/")
+        wh = OPAQUE_ENTRY if kind == "opaque" else whiteout_of(name)
+        target = f"{path}/{wh}" if kind == "opaque" else f"{parent}/{wh}".lstrip("/")
+        return Entry(target, mode=0o644)
+    raise ValueError(f"unknown layer entry {spec!r}")
+
+
+def write_layer(fileobj: BinaryIO, entries: list[tuple] | list[Entry],
+                fmt: int = tarfile.PAX_FORMAT) -> None:
+    """ENTRIES as an uncompressed layer tar, written to FILEOBJ."""
+    with tarfile.open(fileobj=fileobj, mode="w", format=fmt, encoding="utf-8",
+                      errors="surrogateescape") as tar:
+        for e in map(entry_of, entries):
+            tar.addfile(tarinfo(e), io.BytesIO(e.data) if e.kind == "file" else None)
+
+
+def layer_tar(entries: list[tuple] | list[Entry]) -> bytes:
     """An uncompressed layer tar (PAX, so xattrs survive)."""
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for entry in entries:
-            kind, path = entry[0], entry[1]
-            if kind == "dir":
-                tar.addfile(_info(path, tarfile.DIRTYPE, entry[2]))
-            elif kind == "file":
-                ti = _info(path, tarfile.REGTYPE, entry[3])
-                ti.size = len(entry[2])
-                if len(entry) > 4:
-                    ti.pax_headers = {f"SCHILY.xattr.{k}": v.decode("latin-1")
-                                      for k, v in entry[4].items()}
-                tar.addfile(ti, io.BytesIO(entry[2]))
-            elif kind in ("link", "symlink"):
-                # a hard link's mode is its target's (extractors chmod the shared inode)
-                mode = entry[3] if len(entry) > 3 else 0o777
-                ti = _info(path, tarfile.LNKTYPE if kind == "link" else tarfile.SYMTYPE, mode)
-                ti.linkname = entry[2]
-                tar.addfile(ti)
-            elif kind in ("whiteout", "opaque"):
-                parent, _, name = path.rpartition("/")
-                wh = OPAQUE_ENTRY if kind == "opaque" else whiteout_of(name)
-                target = f"{path}/{wh}" if kind == "opaque" else f"{parent}/{wh}".lstrip("/")
-                tar.addfile(_info(target, tarfile.REGTYPE, 0o644), io.BytesIO(b""))
-            else:
-                raise ValueError(f"unknown layer entry {entry!r}")
+    write_layer(buf, entries)
     return buf.getvalue()
 
 

@@ -28,16 +28,11 @@ from snapshotter.service.layer_cache import CacheEntryError, LayerCache, blob_pa
 from snapshotter.service.serve_config import load_config
 from snapshotter.verity import KATA_VERITY
 from snapshotter.verity.files import format_file
-from tests.containerd.test_containerd import LIST_SCRIPT, OURS, THEIRS, VERSIONS, image_layers
-from tests.kernel.test_publish import (
-    assert_one_line_error,
-    ok_json,
-    push_image,
-    run_cli,
-    running_registry,
-)
+from tests.support.cli import TIMEOUT, ok_json, run_cli
+from tests.support.containerd import LIST_SCRIPT, OURS, THEIRS, VERSIONS, image_layers
 from tests.support.erofs_utils_oracle import OracleUnavailable, erofs_utils
-from tests.support.helpers import mounted_erofs, require_root, require_tool
+from tests.support.helpers import assert_one_line_error, mounted_erofs, require_root, require_tool
+from tests.support.registry import push_image, running_registry
 
 IMAGE = "example.com/erofs-py/cached:1"
 BLOCK = 4096
@@ -85,7 +80,7 @@ def test_unwritable_cache_fails_publish_in_one_line_before_any_push(published, t
     not_a_directory = tmp_path / "file"
     not_a_directory.write_text("x")
     proc = run_cli("publish", image, "--key", published["key"], "--plain-http",
-                   "--out-cache", not_a_directory)
+                   "--out-cache", not_a_directory, check=False, timeout=TIMEOUT)
     assert_one_line_error(proc, "layer cache", str(not_a_directory))
     assert not_a_directory.read_text() == "x"
     after = ok_json("manifest", "fetch", image, "--out", tmp_path / "after", "--plain-http")

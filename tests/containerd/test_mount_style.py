@@ -19,8 +19,8 @@ from snapshotter.service import layer_build
 from snapshotter.service.mounts import Mount
 from snapshotter.service.serve_config import ConfigError, load_config
 from snapshotter.service.snapshots import Snapshotter
-from tests.containerd.test_sidecar import veritysetup_verify
 from tests.support.helpers import require_root, require_tool
+from tests.support.verity import veritysetup_verify
 
 
 def containerd_main_mounts(kind: str, own_blob: str | None, parent_blobs: list[str],
@@ -109,7 +109,7 @@ def test_mounts_are_containerd_mains_shape(sn: Snapshotter, parents: int, kind: 
         for option in m.options:
             if option.startswith("X-containerd.dmverity="):
                 sidecar = Path(option.removeprefix("X-containerd.dmverity="))
-                assert veritysetup_verify(Path(m.source), sidecar).returncode == 0
+                assert veritysetup_verify(Path(m.source), sidecar=sidecar).returncode == 0
 
 
 def test_a_parentless_snapshot_with_its_own_layer_mounts_that_layer(sn: Snapshotter) -> None:
@@ -149,7 +149,7 @@ def mount_like_containerd(mounts: list[Mount], target: Path) -> Iterator[Path]:
         for m in mounts[:-1]:
             assert m.type == "erofs" and m.options[:2] == ["ro", "loop"]
             [option] = [o for o in m.options if o.startswith("X-containerd.dmverity=")]
-            proc = veritysetup_verify(Path(m.source), Path(option.split("=", 1)[1]))
+            proc = veritysetup_verify(Path(m.source), sidecar=Path(option.split("=", 1)[1]))
             assert proc.returncode == 0, proc.stderr
             point = Path(tempfile.mkdtemp(prefix="ep-lower-"))
             stack.callback(point.rmdir)

@@ -26,10 +26,9 @@ from snapshotter.service.api.containerd.services.snapshots.v1 import snapshots_p
 from snapshotter.service.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from snapshotter.service.api.containerd.types import descriptor_pb2
 from snapshotter.service.diff_service import EROFS_LAYER, NATIVE_EROFS_LAYERS
-from tests.kernel.test_erofs_convert import awkward_entries
 from tests.support.erofs_utils_oracle import OracleUnavailable, erofs_utils
 from tests.support.helpers import mounted_erofs, require_root, require_tool
-from tests.support.layers import Entry, compress, write_tar
+from tests.support.layers import Entry, awkward_entries, compress, write_tar
 from tests.support.treecompare import diff_views, tree_view
 
 NS = [("containerd-namespace", "default")]

@@ -45,7 +45,6 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_disk_full_commit_names_the_path_and_loses_nothing(tmp_path: Path, small_disk: Path):
-    require_tool("mkfs.erofs")
     service = SnapshotterProcess(small_disk / "root", tmp_path / "sn.sock", tmp_path / "sn.log")
     service.start()
     try:

@@ -11,7 +11,6 @@ import hashlib
 import json
 import random
 import shutil
-import subprocess
 from pathlib import Path
 
 import grpc
@@ -21,6 +20,8 @@ from snapshotter.service import layer_build
 from snapshotter.service.snapshots import Snapshotter
 from snapshotter.verity import VerityInfo
 from tests.support.helpers import require_root, require_tool
+from tests.support.kata_readers import runtime_rs_sidecar
+from tests.support.verity import veritysetup_verify
 
 PREFIX = "containerd.io/snapshot/erofs."
 DEADLINE = 60.0
@@ -35,15 +36,6 @@ def go_marshal_indent(roothash: str, hashoffset: int, salt: str | None = None) -
     return (text + "\n}").encode()
 
 
-def veritysetup_verify(blob: Path, sidecar: Path) -> subprocess.CompletedProcess:
-    """`veritysetup verify` of BLOB as containerd opens it: only the sidecar's root hash and
-    superblock offset; every other parameter comes from the superblock there."""
-    data = json.loads(sidecar.read_bytes())
-    return subprocess.run(["veritysetup", "verify", str(blob), str(blob), data["roothash"],
-                           f"--hash-offset={data['hashoffset']}"],
-                          capture_output=True, text=True, timeout=120)
-
-
 def check_sidecar(directory: Path, labels: dict[str, str], tmp_path: Path) -> dict:
     """The sidecar in DIRECTORY is containerd's, describes the labels' tree, verifies the blob,
     and stops verifying when one data byte changes."""
@@ -55,7 +47,7 @@ def check_sidecar(directory: Path, labels: dict[str, str], tmp_path: Path) -> di
     assert sidecar.read_bytes() == go_marshal_indent(data["roothash"], data["hashoffset"],
                                                      None if salted else "-")
     assert blob.read_bytes()[data["hashoffset"]:][:8] == b"verity\0\0"  # v1 superblock there
-    proc = veritysetup_verify(blob, sidecar)
+    proc = veritysetup_verify(blob, sidecar=sidecar)
     assert proc.returncode == 0, proc.stderr
     flipped = tmp_path / f"flipped-{directory.name}.erofs"
     shutil.copyfile(blob, flipped)
@@ -65,7 +57,7 @@ def check_sidecar(directory: Path, labels: dict[str, str], tmp_path: Path) -> di
         byte = f.read(1)
         f.seek(where)
         f.write(bytes([byte[0] ^ 0x01]))
-    proc = veritysetup_verify(flipped, sidecar)
+    proc = veritysetup_verify(flipped, sidecar=sidecar)
     assert proc.returncode != 0, f"a flipped byte at {where} still verified"
     flipped.unlink()
     assert sorted(p.name for p in directory.iterdir() if p.name.endswith(".tmp")) == []
@@ -103,11 +95,8 @@ def test_every_committed_layer_has_a_sidecar_veritysetup_verifies(tmp_path: Path
 
 
 def test_unsalted_sidecar_gives_runtime_rs_the_table_that_verifies(tmp_path: Path) -> None:
-    """Kata runtime-rs' erofs path reads our sidecar (its rules: tests/kernel/test_kata_readers.py
+    """Kata runtime-rs' erofs path reads our sidecar (its rules: tests/support/kata_readers.py
     `runtime_rs_sidecar`) and gets a table that verifies the blob, for both tree kinds."""
-    from tests.kernel.test_kata_readers import runtime_rs_sidecar
-    from tests.kernel.test_kata_readers import veritysetup_verify as verify_table
-
     require_tool("veritysetup")
     for kata_verity in (False, True):
         sn = Snapshotter(tmp_path / f"root-{kata_verity}", kata_verity=kata_verity)
@@ -117,7 +106,7 @@ def test_unsalted_sidecar_gives_runtime_rs_the_table_that_verifies(tmp_path: Pat
             sn.close()
         table = runtime_rs_sidecar(directory / "layer.erofs",
                                    json.loads((directory / "layer.erofs.dmverity").read_bytes()))
-        proc = verify_table(directory / "layer.erofs", table)
+        proc = veritysetup_verify(directory / "layer.erofs", table=table)
         assert proc.returncode == 0, (kata_verity, table, proc.stderr)
 
 

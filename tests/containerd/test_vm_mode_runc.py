@@ -16,7 +16,7 @@ import pytest
 from shim_integration.testbed.containerd_private import Stack
 from shim_integration.testbed.oci_archive import build_image, chain_ids
 from snapshotter.service.vm_mode import MOUNT_TYPE
-from tests.containerd.test_containerd import (
+from tests.support.containerd import (
     IMAGE,
     LIST_SCRIPT,
     OURS,
@@ -24,8 +24,8 @@ from tests.containerd.test_containerd import (
     VERSIONS,
     image_layers,
 )
-from tests.kernel.test_vm_mode import mount_program_env
 from tests.support.helpers import require_root, require_tool
+from tests.support.vm_mode import mount_program_env
 
 pytestmark = [pytest.mark.containerd, pytest.mark.root]
 

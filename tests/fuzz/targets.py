@@ -28,8 +28,7 @@ from snapshotter.erofs.reader import ErofsImage
 from snapshotter.errors import EpError
 from snapshotter.fsmeta.merge import merge_layers
 from snapshotter.ingest.convert import convert_layer, import_erofs_image
-from tests.kernel.test_erofs_convert import awkward_entries
-from tests.support.layers import write_tar
+from tests.support.layers import awkward_entries, write_tar
 
 EXAMPLES = Path(__file__).parent / "examples"
 Damage = list[tuple[int, bytes]]

@@ -4,85 +4,26 @@ loop`) and compared entry by entry with the same tar unpacked by GNU tar."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 import stat
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 
 from snapshotter.erofs.reader import ErofsImage
+from tests.support.cli import convert, run_cli
 from tests.support.helpers import mounted_erofs, require_root, require_tool
-from tests.support.layers import Entry, compress, extract_with_gnu_tar, write_tar
+from tests.support.layers import (
+    Entry,
+    awkward_entries,
+    compress,
+    extract_with_gnu_tar,
+    write_tar,
+)
 from tests.support.treecompare import diff_views, hardlink_groups, tree_view
-
-CLI = [sys.executable, "-m", "shim_integration.cli"]
-
-
-def run_cli(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"CLI failed ({proc.returncode}): {proc.stderr}")
-    return proc
-
-
-def convert(layer: Path, out: Path, *extra: str) -> dict:
-    return json.loads(run_cli("convert", layer, out, "--json", *extra).stdout)
-
-
-def _sized(n: int, seed: int) -> bytes:
-    return random.Random(seed).randbytes(n)
-
-
-def awkward_entries() -> list[Entry]:
-    long_dir = "d" * 120 + "/" + "e" * 100
-    entries = [
-        Entry("./", "dir", mode=0o755, mtime=1_600_000_000),
-        Entry("etc", "dir", mode=0o755),
-        Entry("etc/hostname", data=b"box\n"),
-        Entry("etc/dup", data=b"first version\n"),
-        Entry("sizes", "dir", mode=0o750, uid=1000, gid=1000),
-        Entry("tmp", "dir", mode=0o1777),
-        Entry("bin", "dir"),
-        Entry("bin/tool", data=b"\x7fELF" + _sized(9000, 1), mode=0o4755),
-        Entry("bin/tool-link", "hardlink", link="bin/tool"),
-        Entry("etc/tool-link2", "hardlink", link="./bin/tool"),
-        Entry("bin/sh", "symlink", link="/bin/busybox"),
-        Entry("bin/rel", "symlink", link="../etc/hostname"),
-        Entry("bin/longlink", "symlink", link="x/" * 150 + "end"),
-        Entry("d" * 120, "dir", mode=0o700),
-        Entry(long_dir, "dir"),
-        Entry(long_dir + "/" + "f" * 200, data=b"deep\n"),
-        Entry("dev", "dir"),
-        Entry("dev/null", "chr", dev=(1, 3), mode=0o666),
-        Entry("dev/sda1", "blk", dev=(8, 1), mode=0o660, gid=6),
-        Entry("dev/bigminor", "chr", dev=(240, 70000), mode=0o600),
-        Entry("dev/fifo", "fifo", mode=0o600),
-        Entry("owners", "dir", uid=100000, gid=200000),
-        Entry("owners/wide", data=b"w", uid=70000, gid=65536),
-        Entry("owners/ns", data=b"ns", mtime="1700000000.123456789"),
-        Entry("owners/old", data=b"old", mtime=0),
-        Entry("xattrs", "dir", xattrs={"trusted.dirattr": b"on dir"}),
-        Entry("xattrs/user", data=b"u", xattrs={"user.comment": b"hello",
-                                                  "user.shared": b"same value"}),
-        Entry("xattrs/cap", data=b"c", mode=0o755, xattrs={
-            "security.capability": bytes.fromhex("0100000200200000000000000000000000000000"),
-            "user.shared": b"same value"}),
-        Entry("xattrs/shared3", data=b"s", xattrs={"user.shared": b"same value",
-                                                     "user.big": b"v" * 1500}),
-        Entry("naïve-ünïcode", data=b"utf8 name"),
-        Entry("etc/dup", data=b"second version wins\n", mode=0o600),
-        Entry("sparse", data=b"a" + bytes(300_000) + b"z"),
-        Entry("zeros", data=bytes(256 * 1024)),
-    ]
-    for i, n in enumerate([0, 1, 511, 512, 513, 4095, 4096, 4097, 8191, 8192, 65535, 65536,
-                           65537, 131072 + 17]):
-        entries.append(Entry(f"sizes/f{n}", data=_sized(n, i)))
-    return entries
 
 
 @pytest.fixture(scope="module")

@@ -31,9 +31,8 @@ from snapshotter.fsmeta.merge import merge_layers
 from snapshotter.ingest.convert import convert_layer, import_erofs_image
 from snapshotter.ingest.validate import InvalidLayer, superblock_checksum
 from tests.fuzz import targets
-from tests.kernel.test_erofs_convert import awkward_entries
 from tests.support.helpers import mounted_erofs, require_root
-from tests.support.layers import Entry, write_tar
+from tests.support.layers import Entry, awkward_entries, write_tar
 
 
 @pytest.fixture(scope="module")

@@ -4,115 +4,19 @@ shows over the same layer images."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
-import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from snapshotter.erofs.reader import ErofsImage
 from snapshotter.fsmeta.merge import merge_layers
-from snapshotter.fsmount import mount_erofs
-from snapshotter.ingest.convert import convert_layer
-from tests.kernel.test_erofs_convert import run_cli
-from tests.support.helpers import mounted_erofs, require_root
-from tests.support.layers import Entry, write_tar
+from tests.support.cli import run_cli
+from tests.support.helpers import mounted_erofs, mounted_fsmeta, overlay_of, require_root
+from tests.support.layers import IMAGE_LAYERS, Entry, build_layers
 from tests.support.treecompare import diff_views, hardlink_groups, tree_view
-
-
-@contextlib.contextmanager
-def loop_devices(paths: list[Path]) -> Iterator[list[str]]:
-    loops: list[str] = []
-    try:
-        for p in paths:
-            loops.append(subprocess.run(
-                ["losetup", "--find", "--show", "--read-only", str(p)],
-                check=True, capture_output=True, text=True).stdout.strip())
-        yield loops
-    finally:
-        for loop in loops:
-            subprocess.run(["losetup", "-d", loop], check=False)
-
-
-@contextlib.contextmanager
-def overlay_of(layers: list[Path]) -> Iterator[Path]:
-    """The kernel's overlayfs over the layer images (each mounted read-only), lowest first."""
-    with contextlib.ExitStack() as stack:
-        lowers = [stack.enter_context(mounted_erofs(p)) for p in layers]
-        mnt = Path(tempfile.mkdtemp(prefix="ovl-"))
-        subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
-                        "ro,lowerdir=" + ":".join(str(p) for p in reversed(lowers)), str(mnt)],
-                       check=True)
-        try:
-            yield mnt
-        finally:
-            subprocess.run(["umount", str(mnt)], check=True)
-            mnt.rmdir()
-
-
-@contextlib.contextmanager
-def mounted_fsmeta(fsmeta: Path, blobs: list[Path]) -> Iterator[Path]:
-    """fsmeta + blobs through the new mount API: one fsconfig call per device."""
-    with loop_devices([fsmeta, *blobs]) as loops:
-        mnt = Path(tempfile.mkdtemp(prefix="fsmeta-"))
-        mount_erofs(loops[0], str(mnt), loops[1:])
-        try:
-            yield mnt
-        finally:
-            subprocess.run(["umount", str(mnt)], check=True)
-            mnt.rmdir()
-
-
-IMAGE_LAYERS = [
-    [
-        Entry("./", "dir"),
-        Entry("etc", "dir"), Entry("etc/a", data=b"a1"), Entry("etc/b", data=b"b" * 9000),
-        Entry("etc/sub", "dir"), Entry("etc/sub/deep", data=b"deep"),
-        Entry("var", "dir"), Entry("var/cache", "dir"), Entry("var/cache/old", data=b"o"),
-        Entry("var/keep", data=b"k"),
-        Entry("dir2file", "dir"), Entry("dir2file/inner", data=b"i"),
-        Entry("file2dir", data=b"f"),
-        Entry("hard1", data=b"hard" * 2000), Entry("hard2", "hardlink", link="hard1"),
-        Entry("bin", "dir"), Entry("bin/busybox", data=b"\x7fELF" * 5000, mode=0o755),
-        Entry("bin/sh", "symlink", link="busybox"),
-        Entry("x", "dir", xattrs={"user.lower": b"1"}),
-        Entry("sparse", data=b"s" + bytes(1 << 20) + b"e"),
-    ],
-    [
-        Entry("etc", "dir", mode=0o700, uid=5),
-        Entry("etc/.wh.a"), Entry("etc/c", data=b"c2"),
-        Entry("var", "dir"), Entry("var/cache", "dir"), Entry("var/cache/.wh..wh..opq"),
-        Entry("var/cache/new", data=b"n"),
-        Entry("dir2file", data=b"now a file"),
-        Entry("file2dir", "dir"), Entry("file2dir/inside", data=b"in"),
-        Entry("hard1", data=b"replaced"),
-        Entry("x", "dir", xattrs={"user.upper": b"2", "security.capability": b"\1" * 20}),
-        Entry("deep", "dir"), Entry("deep/" + "/".join(["d"] * 30), "dir"),
-    ],
-    [
-        Entry("etc", "dir", mode=0o750),
-        Entry("etc/sub", "dir"), Entry("etc/sub/.wh.deep"), Entry("etc/a", data=b"a3 back"),
-        Entry(".wh.bin"),
-        Entry("bin", "dir"), Entry("bin/new", data=b"n3"),
-        Entry("links", "dir"), Entry("links/l1", data=b"L" * 5000),
-        Entry("links/l2", "hardlink", link="links/l1"),
-    ],
-]
-
-
-def build_layers(tmp: Path, specs: list[list[Entry]]) -> list[Path]:
-    paths = []
-    for i, entries in enumerate(specs):
-        tar = write_tar(tmp / f"layer{i}.tar", entries)
-        out = tmp / f"layer{i}.erofs"
-        convert_layer(tar, out, verity=True)
-        paths.append(out)
-    return paths
 
 
 def test_merged_view_equals_overlayfs(tmp_path: Path) -> None:

@@ -24,10 +24,10 @@ from pathlib import Path
 import pytest
 
 from snapshotter.erofs.reader import ErofsImage, InodeInfo
-from tests.kernel.test_erofs_convert import awkward_entries, convert
+from tests.support.cli import convert
 from tests.support.erofs_utils_oracle import CACHE, ErofsUtils, OracleUnavailable, erofs_utils
 from tests.support.helpers import mounted_erofs, require_root
-from tests.support.layers import Entry, compress, extract_with_gnu_tar, write_tar
+from tests.support.layers import Entry, awkward_entries, compress, extract_with_gnu_tar, write_tar
 from tests.support.treecompare import EntryView, diff_views, hardlink_groups, tree_view
 
 MTIME = 1_700_000_000  # the Entry default: the most common mtime of every layer below

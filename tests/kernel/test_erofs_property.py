@@ -9,7 +9,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from tests.kernel.test_erofs_convert import convert
+from tests.support.cli import convert
 from tests.support.helpers import mounted_erofs, require_root
 from tests.support.layers import Entry, extract_with_gnu_tar, write_tar
 from tests.support.treecompare import diff_views, hardlink_groups, tree_view

@@ -1,189 +1,34 @@
-"""Our Kata volume options, read the way each Kata component reads them.
-
-Kata has four readers of `DmVerityInfo` (the `dm_verity` of an `io.katacontainers.volume`),
-with different field rules. The decoders below follow *their* rules, written from their
-source (kata-containers main 7c6ba40c, Aug 2026, = release 4.1 in these files;
-confidential-containers/guest-components 8246e5e0); no code of theirs is copied:
-
-- runtime-go, `src/runtime/virtcontainers/types/virtual_volume.go`: `DmVerityInfo` has only
-  hashtype, hash, blocknum, blocksize, hashsize, offset (Go's encoding/json drops every other
-  key, so no salt and no no_superblock); `IsValid` accepts hashtype sha256 (64 hex) or sha1
-  (40 hex), blocknum in 1..2^32-1, both block sizes in 2^9..2^19, `offset % hashsize == 0`
-  and `offset >= blocksize * blocknum`; anything else refuses the container. It builds no
-  table: what it keeps is what an agent of its time got, read by the rule below.
-- Kata's earlier agent code, `src/libs/kata-types/src/dmverity.rs` at 47c9f9cf42 (Dec 2023,
-  used by `src/agent/src/storage/dm_verity_handler.rs`): the same six fields; validation as
-  runtime-go's but sha1/sha224/sha256/sha384/sha512 and block sizes 2^9..2^31 powers of two;
-  table `1 <dev> <dev> <blocksize> <hashsize> <blocknum> ceil(offset/hashsize) <hashtype>
-  <hash> -` (no salt, ever).
-- image-rs, guest-components `image-rs/src/verity/dmverity.rs` (`DmVerityOption`): the same
-  six fields, sha256/sha1 only, block sizes powers of two in 2^9..2^19, the same offset rule;
-  table with `ceil(offset/hashsize)` and salt `-`.
-- kata-types today, `src/libs/kata-types/src/mount.rs` (`DmVerityInfo`: `salt: Option`,
-  `hash_type` default 1, `no_superblock` default false) and `src/libs/kata-types/src/
-  dmverity.rs` (`create_dmverity_device`): tree start `offset/hashsize` with no_superblock,
-  else `offset/hashsize + ceil(512/hashsize)`; salt or `-`; version `hash_type`. It
-  validates nothing itself.
-
-Each derives a dm-verity table; all must be the same, and that table must verify the blob
-with the real veritysetup and open it through a guest kernel's dm-verity (this host's kernel
-has no device-mapper; the shared test guest has).
-"""
+"""Our Kata volume options and sidecars, read the way each Kata component reads them
+(tests/support/kata_readers.py: the readers and their rules): all readers derive one table,
+and the real veritysetup verifies the blob by it. The same table opened through a guest
+kernel's dm-verity: tests/vm/test_kata_guest.py."""
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
-import json
 import re
 import subprocess
-import tarfile
 from pathlib import Path
 
 import pytest
 
-from passthrough.agent_client import AgentClient
-from passthrough.attach import Attacher
-from passthrough.guest_volume import find_disk
-from shim_integration.kata_volume import KATA_VOLUME_OPTION, volumes_from_devices
+from shim_integration.kata_volume import volumes_from_devices
 from snapshotter.errors import EpError
 from snapshotter.ingest.convert import convert_directory, convert_layer, import_erofs_image
 from snapshotter.verity import KATA_VERITY, VerityInfo, VerityParams, format_file
 from tests.support.helpers import require_tool
-
-SECTOR = 512
-DEVICE = "/dev/vdX"  # every reader names the same device twice: data and tree are one file
-RUNTIME_GO_FIELDS = ("hashtype", "hash", "blocknum", "blocksize", "hashsize", "offset")
-
-
-class Refused(Exception):
-    """A reader's validation refused the options (Kata would refuse the container)."""
-
-
-def _dm_verity_of(option: str) -> dict:
-    assert option.startswith(KATA_VOLUME_OPTION + "=")
-    volume = json.loads(base64.b64decode(option.split("=", 1)[1], validate=True))
-    return volume["dm_verity"]
-
-
-def _uint(obj: dict, key: str, default: int | None = None) -> int:
-    # Go's uint64 and serde's u64 both refuse negatives, fractions, strings and booleans.
-    value = obj.get(key, default)
-    if value is None:
-        raise Refused(f"missing field {key}")
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise Refused(f"{key}: {value!r} is not an unsigned integer")
-    return value
-
-
-def _six_fields(obj: dict, missing_is_zero: bool) -> dict:
-    """The six fields every reader has. A missing key is Go's zero value (runtime-go) or an
-    error (serde, the Rust readers); a value of the wrong JSON type is an error in both."""
-    out: dict = {}
-    for key in ("hashtype", "hash"):
-        value = obj.get(key, "" if missing_is_zero else None)
-        if not isinstance(value, str):
-            raise Refused(f"{key}: {value!r} is not a string")
-        out[key] = value
-    for key in ("blocknum", "blocksize", "hashsize", "offset"):
-        out[key] = _uint(obj, key, 0 if missing_is_zero else None)
-    return out
-
-
-def _check_common(f: dict, hash_hex: dict[str, int], sizes: tuple[int, int],
-                  powers_of_two: bool) -> None:
-    want = hash_hex.get(f["hashtype"].lower())
-    if want is None:
-        raise Refused(f"unsupported hash algorithm {f['hashtype']}")
-    try:
-        bytes.fromhex(f["hash"])
-    except ValueError:
-        raise Refused("root hash is not hex") from None
-    if len(f["hash"]) != want:
-        raise Refused("root hash has the wrong length")
-    if not 0 < f["blocknum"] <= 0xFFFFFFFF:
-        raise Refused("block count out of range")
-    for size in (f["blocksize"], f["hashsize"]):
-        if not sizes[0] <= size <= sizes[1] or (powers_of_two and size & (size - 1)):
-            raise Refused(f"unsupported block size {size}")
-    if f["offset"] % f["hashsize"] or f["offset"] < f["blocksize"] * f["blocknum"]:
-        raise Refused(f"invalid hash offset {f['offset']}")
-
-
-def _table(f: dict, hash_start: int, salt: str, version: int = 1) -> str:
-    return (f"0 {f['blocknum'] * f['blocksize'] // SECTOR} verity {version} {DEVICE} {DEVICE} "
-            f"{f['blocksize']} {f['hashsize']} {f['blocknum']} {hash_start} {f['hashtype']} "
-            f"{f['hash']} {salt}")
-
-
-def runtime_go(obj: dict) -> str:
-    """runtime-go keeps its six fields and validates them; the table is what the agent of its
-    time builds from exactly those (the `ceil` rule, no salt)."""
-    kept = _six_fields({k: obj[k] for k in RUNTIME_GO_FIELDS if k in obj}, True)
-    _check_common(kept, {"sha256": 64, "sha1": 40}, (1 << 9, 1 << 19), False)
-    return kata_agent_2023(kept)
-
-
-def kata_agent_2023(obj: dict) -> str:
-    f = _six_fields(obj, False)
-    _check_common(f, {"sha1": 40, "sha224": 56, "sha256": 64, "sha384": 96, "sha512": 128},
-                  (1 << 9, 1 << 31), True)
-    return _table(f, -(-f["offset"] // f["hashsize"]), "-")
-
-
-def image_rs(obj: dict) -> str:
-    # `DmVerityOption::try_from` takes the option text: one containing "sha256:" is read as
-    # nydus' tarfs triple "<blocknum>,<offset>,sha256:<hash>" (blocksize 512), not as JSON.
-    text = json.dumps(obj, separators=(",", ":"))
-    if "sha256:" in text:
-        raise Refused("read as a tarfs triple, not as JSON")
-    f = _six_fields(obj, False)
-    _check_common(f, {"sha256": 64, "sha1": 40}, (1 << 9, 1 << 19), True)
-    return _table(f, -(-f["offset"] // f["hashsize"]), "-")
-
-
-def kata_types(obj: dict) -> str:
-    f = _six_fields(obj, False)
-    if f["hashsize"] == 0:
-        raise Refused("hashsize 0 (a division by zero in the agent)")
-    no_superblock = obj.get("no_superblock", False)
-    if not isinstance(no_superblock, bool):
-        raise Refused("no_superblock is not a boolean")
-    salt = obj.get("salt")
-    if salt is not None and not isinstance(salt, str):
-        raise Refused("salt is not a string")
-    if no_superblock:
-        start = f["offset"] // f["hashsize"]
-    else:
-        start = f["offset"] // f["hashsize"] + -(-SECTOR // f["hashsize"])
-    return _table(f, start, salt or "-", _uint(obj, "hash_type", 1))
-
-
-READERS = {"runtime-go": runtime_go, "kata-agent-2023": kata_agent_2023, "image-rs": image_rs,
-           "kata-types": kata_types}
-
-
-def tables_of(option: str) -> dict[str, str]:
-    obj = _dm_verity_of(option)
-    return {name: read(obj) for name, read in READERS.items()}
-
-
-def veritysetup_verify(blob: Path, table: str) -> subprocess.CompletedProcess:
-    """Check BLOB against exactly what the table says, with the real veritysetup (the table
-    names no superblock, so neither does the check: every parameter comes from the table)."""
-    (_, _, _, version, _, _, dbs, hbs, blocks, start, alg, root, salt) = table.split()
-    return subprocess.run(
-        ["veritysetup", "verify", str(blob), str(blob), root, "--no-superblock",
-         f"--format={version}", f"--hash={alg}", f"--data-block-size={dbs}",
-         f"--hash-block-size={hbs}", f"--data-blocks={blocks}",
-         f"--hash-offset={int(start) * int(hbs)}", f"--salt={salt}"],
-        capture_output=True, text=True)
-
-
-def _layer_option(info: VerityInfo, path: Path) -> str:
-    devices = [{"role": "layer", "path": str(path), "verity": info.to_json()}]
-    return volumes_from_devices(devices)[0].to_option()
+from tests.support.kata_readers import (
+    DEVICE,
+    READERS,
+    Refused,
+    image_rs,
+    layer_option,
+    runtime_go,
+    runtime_rs_sidecar,
+    sample_layer_tar,
+    tables_of,
+)
+from tests.support.verity import veritysetup_verify
 
 
 def _blob(tmp_path: Path, size: int, params: VerityParams) -> tuple[Path, VerityInfo]:
@@ -196,37 +41,18 @@ def _blob(tmp_path: Path, size: int, params: VerityParams) -> tuple[Path, Verity
 def test_every_kata_reader_derives_one_table_that_verifies(tmp_path, size):
     require_tool("veritysetup")
     blob, info = _blob(tmp_path, size, VerityParams(salt=b""))
-    tables = tables_of(_layer_option(info, blob))
+    tables = tables_of(layer_option(info, blob))
     assert len(set(tables.values())) == 1, tables
     table = tables["kata-types"]
     assert table == info.table_line(DEVICE, DEVICE)
-    assert veritysetup_verify(blob, table).returncode == 0
+    assert veritysetup_verify(blob, table=table).returncode == 0
     # The check can fail: one flipped data byte and veritysetup refuses the same table.
     data = bytearray(blob.read_bytes())
     data[size // 2] ^= 1
     blob.write_bytes(data)
-    flipped = veritysetup_verify(blob, table)
+    flipped = veritysetup_verify(blob, table=table)
     assert flipped.returncode != 0
     assert re.search(r"corrupt|verification .* failed", flipped.stderr, re.I), flipped.stderr
-
-
-def _fill(root: Path) -> dict[str, bytes]:
-    files = {"etc/os-release": b"NAME=kata-readers\n", "bin/tool": bytes(range(256)) * 300,
-             "usr/share/big": b"\x5a" * (3 << 20)}
-    for name, data in files.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_bytes(data)
-    return files
-
-
-def _layer_tar(tmp_path: Path) -> tuple[Path, str, dict[str, bytes]]:
-    src = tmp_path / "src"
-    files = _fill(src)
-    tar = tmp_path / "layer.tar"
-    with tarfile.open(tar, "w", format=tarfile.PAX_FORMAT) as tf:
-        for name in sorted(files):
-            tf.add(src / name, arcname=name)
-    return tar, "sha256:" + hashlib.sha256(tar.read_bytes()).hexdigest(), files
 
 
 @pytest.mark.parametrize("how", ["tar", "directory", "native"])
@@ -235,7 +61,7 @@ def test_a_layer_converted_for_kata_verifies_by_every_readers_table(tmp_path, ho
     tree appended behind its superblock; Kata's options for it; the one table all readers
     derive, checked by veritysetup (and in a guest kernel by the test below)."""
     require_tool("veritysetup")
-    tar, diff_id, _files = _layer_tar(tmp_path)
+    tar, diff_id, _files = sample_layer_tar(tmp_path)
     blob = tmp_path / "layer.erofs"
     if how == "tar":  # the differ's path: leaves hashed while the image is written
         result = convert_layer(tar, blob, expected_diff_id=diff_id, verity=KATA_VERITY)
@@ -248,50 +74,16 @@ def test_a_layer_converted_for_kata_verifies_by_every_readers_table(tmp_path, ho
     info = result.verity
     assert info.salt == "" and info.superblock
     assert info.params().unsalted
-    tables = tables_of(_layer_option(info, blob))
+    tables = tables_of(layer_option(info, blob))
     assert len(set(tables.values())) == 1, tables
     table = tables["runtime-go"]
-    check = veritysetup_verify(blob, table)
+    check = veritysetup_verify(blob, table=table)
     assert check.returncode == 0, check.stderr
     # Our superblock is still there and says the same (containerd's sidecar reads it).
     by_superblock = subprocess.run(
         ["veritysetup", "verify", str(blob), str(blob), info.root_hash,
          f"--hash-offset={info.hash_offset}"], capture_output=True, text=True)
     assert by_superblock.returncode == 0, by_superblock.stderr
-
-
-@pytest.mark.qemu
-@pytest.mark.root
-@pytest.mark.slow
-def test_the_table_every_reader_derives_opens_the_layer_in_a_guest(
-        tmp_path: Path, agent: AgentClient, attacher: Attacher) -> None:
-    """What the Kata agent does with the volume, in a real guest kernel: the layer hotplugged
-    as a virtio disk, the readers' one table loaded with `dmsetup create` on it (the disk is
-    data and hash device both, as the agent names the source twice), then the EROFS on the
-    dm device mounted and its files read through dm-verity."""
-    tar, diff_id, files = _layer_tar(tmp_path)
-    blob = tmp_path / "layer.erofs"
-    info = convert_layer(tar, blob, expected_diff_id=diff_id, verity=KATA_VERITY).verity
-    tables = tables_of(_layer_option(info, blob))
-    assert len(set(tables.values())) == 1, tables
-    att = attacher.attach(blob, "virtio-blk")
-    disk = find_disk(agent, att)["path"]
-    name = "kata-readers"
-    dmsetup = ("env", "DM_DISABLE_UDEV=1", "dmsetup")  # no udev in the guest: dmsetup makes nodes
-    created = agent.run(*dmsetup, "create", name, "--readonly", "--table",
-                        tables["kata-types"].replace(DEVICE, disk))
-    assert created["rc"] == 0, created["stderr"]
-    try:
-        mnt = agent.mount(f"/dev/mapper/{name}")
-        try:
-            for rel, data in files.items():
-                assert agent.read_file(f"{mnt}/{rel}") == data
-            status = agent.run("dmsetup", "status", name)["stdout"]
-            assert status.split()[3] == "V", status  # dm-verity: no corruption seen
-        finally:
-            agent.umount(mnt)
-    finally:
-        agent.run(*dmsetup, "remove", name)
 
 
 def test_a_salted_tree_is_refused_unless_only_kata_types_reads_it(tmp_path):
@@ -306,10 +98,10 @@ def test_a_salted_tree_is_refused_unless_only_kata_types_reads_it(tmp_path):
         [{"role": "layer", "path": str(blob), "verity": info.to_json()}],
         kata_types_only=True)[0].to_option()
     tables = tables_of(option)
-    assert veritysetup_verify(blob, tables["kata-types"]).returncode == 0
+    assert veritysetup_verify(blob, table=tables["kata-types"]).returncode == 0
     for reader in ("runtime-go", "kata-agent-2023", "image-rs"):
         assert tables[reader].endswith(" -")
-        assert veritysetup_verify(blob, tables[reader]).returncode != 0, reader
+        assert veritysetup_verify(blob, table=tables[reader]).returncode != 0, reader
 
 
 def test_only_sha256_trees_get_kata_options(tmp_path):
@@ -344,41 +136,14 @@ def test_the_old_option_meant_two_trees(tmp_path):
            "blocksize": 4096, "hashsize": 4096, "offset": info.hash_offset}
     tables = {name: read(old) for name, read in READERS.items()}
     assert tables["kata-types"] != tables["image-rs"]
-    assert veritysetup_verify(blob, tables["kata-types"]).returncode == 0
-    assert veritysetup_verify(blob, tables["image-rs"]).returncode != 0
+    assert veritysetup_verify(blob, table=tables["kata-types"]).returncode == 0
+    assert veritysetup_verify(blob, table=tables["image-rs"]).returncode != 0
     assert info.kata_dm_verity().offset == info.hash_offset + 4096
 
 
 def test_unsalted_parameters_refuse_a_salt():
     with pytest.raises(EpError, match="ask for an unsalted tree but give a salt"):
         VerityParams(salt=b"\x01", unsalted=True).validate()
-
-
-def runtime_rs_sidecar(blob: Path, sidecar: dict) -> str:
-    """runtime-rs' erofs path (a `layer.erofs.dmverity` sidecar, not a volume option):
-    `kata-types/src/gpt_disk.rs` `generate_dmverity_options` looks for a v1 superblock magic at
-    `hashoffset` and takes the salt from the sidecar's optional `salt`, else from that
-    superblock when its salt_size is not 0, else containerd's default (32 zero bytes); the
-    agent (`src/agent/src/storage/multi_layer_erofs.rs` `parse_dmverity_options`) maps an
-    empty or `-` salt to none, defaults sha256 and 4096/4096, sets blocknum = hashoffset /
-    4096, and kata-types' table rule (above) starts the tree one block past the superblock."""
-    zero_salt = "00" * 32
-    offset = _uint(sidecar, "hashoffset")
-    with open(blob, "rb") as f:
-        f.seek(offset)
-        head = f.read(88 + 256)
-    has_superblock = head[:8] == b"verity\0\0"
-    if sidecar.get("salt") is not None:
-        salt = sidecar["salt"]
-    elif has_superblock:
-        size = int.from_bytes(head[80:82], "little")
-        salt = head[88:88 + size].hex() if 0 < size <= 256 else zero_salt
-    else:
-        salt = zero_salt
-    fields = {"hashtype": "sha256", "hash": sidecar["roothash"], "blocknum": offset // 4096,
-              "blocksize": 4096, "hashsize": 4096, "offset": offset}
-    return kata_types({**fields, "no_superblock": not has_superblock,
-                       **({"salt": salt} if salt not in ("", "-") else {})})
 
 
 def test_runtime_rs_sidecar_path_reads_an_unsalted_tree_only_with_an_explicit_salt(tmp_path):
@@ -390,16 +155,16 @@ def test_runtime_rs_sidecar_path_reads_an_unsalted_tree_only_with_an_explicit_sa
     require_tool("veritysetup")
     blob, salted = _blob(tmp_path, 30 * 4096, VerityParams(salt=b"\x42" * 32))
     table = runtime_rs_sidecar(blob, salted.containerd_sidecar())
-    assert veritysetup_verify(blob, table).returncode == 0
+    assert veritysetup_verify(blob, table=table).returncode == 0
     blob, unsalted = _blob(tmp_path, 30 * 4096, KATA_VERITY)
     containerd_only = {k: unsalted.containerd_sidecar()[k] for k in ("roothash", "hashoffset")}
     table = runtime_rs_sidecar(blob, containerd_only)
     assert table.endswith(" " + "00" * 32)
-    assert veritysetup_verify(blob, table).returncode != 0
+    assert veritysetup_verify(blob, table=table).returncode != 0
     assert unsalted.containerd_sidecar() == {**containerd_only, "salt": "-"}  # what we write
     table = runtime_rs_sidecar(blob, unsalted.containerd_sidecar())
-    assert table == tables_of(_layer_option(unsalted, blob))["kata-types"]
-    assert veritysetup_verify(blob, table).returncode == 0
+    assert table == tables_of(layer_option(unsalted, blob))["kata-types"]
+    assert veritysetup_verify(blob, table=table).returncode == 0
 
 
 # -- the service's kata_verity setting -------------------------------------------------------
@@ -437,7 +202,7 @@ def test_serve_kata_verity_makes_a_vm_mode_image_every_reader_verifies(tmp_path)
             tables = tables_of(option)
             assert len(set(tables.values())) == 1, (device.path, tables)
             assert tables["runtime-go"].endswith(f" {device.root_hash} -")
-            check = veritysetup_verify(Path(device.path), tables["kata-types"])
+            check = veritysetup_verify(Path(device.path), table=tables["kata-types"])
             assert check.returncode == 0, (device.path, check.stderr)
     finally:
         for key in ("default/3/rootfs", "default/2/sha256:2", "default/1/sha256:1"):

@@ -8,12 +8,10 @@ refusal is one line on stderr with nothing written.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import subprocess
-import sys
 import tarfile
 import time
 from collections.abc import Iterator
@@ -25,14 +23,15 @@ import requests
 from shim_integration.publish import ARTIFACT_TYPE, OCI_EROFS_LAYER
 from shim_integration.registry import OCI_MANIFEST, Reference, RegistryClient, sha256_digest
 from shim_integration.testbed import local_registry
-from shim_integration.testbed.local_registry import LocalRegistry
 from shim_integration.testbed.oci_archive import Blob, build_image, layer_tar
 from snapshotter.ingest.convert import convert_layer
 from snapshotter.ingest.rules import CONVERSION_RULES
 from snapshotter.verity import KATA_VERITY
-from tests.support.helpers import assert_one_line_error, require_tool
+from tests.support import cli
+from tests.support.cli import ok_json
+from tests.support.helpers import assert_one_line_error
+from tests.support.registry import push_image, running_registry
 
-CLI = [sys.executable, "-m", "shim_integration.cli"]
 TIMEOUT = 120
 
 LAYERS = [
@@ -45,24 +44,8 @@ OTHER_LAYERS = [[("dir", "srv", 0o755), ("file", "srv/other", b"another image", 
 
 
 def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True,
-                          timeout=TIMEOUT)
-
-
-def ok_json(*args: str | Path) -> dict:
-    proc = run_cli(*args, "--json")
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
-
-
-def running_registry(directory: Path) -> contextlib.AbstractContextManager[LocalRegistry]:
-    require_tool("docker-registry")  # a skip with the reason where it is missing
-    return local_registry.running_registry(directory)
-
-
-def push_image(archive: Path, reference: str, tmp: Path) -> None:
-    require_tool("skopeo")
-    local_registry.push_archive(archive, reference, tmp)
+    """The CLI with its exit status left to the test (refusals are what is checked)."""
+    return cli.run_cli(*args, check=False, timeout=TIMEOUT)
 
 
 @pytest.fixture(scope="module")

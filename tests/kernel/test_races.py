@@ -19,6 +19,7 @@ from shim_integration.testbed.containerd_private import unmount_under
 from snapshotter.errors import AlreadyExists, EpError, FailedPrecondition, InvalidArgument, NotFound
 from snapshotter.service import layer_build
 from snapshotter.service.snapshots import Snapshotter
+from tests.support.converters import SwappableConverter
 from tests.support.helpers import require_root
 
 LOSING_COMMIT = (NotFound, AlreadyExists, FailedPrecondition)
@@ -26,8 +27,13 @@ BLOB_DIGEST = layer_build.LABEL_PREFIX + "blob.digest"
 
 
 @pytest.fixture
-def sn(tmp_path: Path) -> Iterator[Snapshotter]:
-    s = Snapshotter(tmp_path / "root")
+def converter() -> SwappableConverter:
+    return SwappableConverter()
+
+
+@pytest.fixture
+def sn(tmp_path: Path, converter: SwappableConverter) -> Iterator[Snapshotter]:
+    s = Snapshotter(tmp_path / "root", convert=converter)
     yield s
     s.close()
     unmount_under(tmp_path)
@@ -40,7 +46,8 @@ def _prepare_with(sn: Snapshotter, key: str, files: dict[str, bytes]) -> Path:
     return upper
 
 
-def _slow_first_conversion(sn: Snapshotter, after_first: Callable[[], None]) -> threading.Event:
+def _slow_first_conversion(converter: SwappableConverter,
+                           after_first: Callable[[], None]) -> threading.Event:
     """Make the first conversion announce itself and wait a little (the window a concurrent
     call lands in); a later conversion first runs AFTER_FIRST (e.g. wait for the first
     Commit to finish). Both conversions are the real one."""
@@ -56,7 +63,7 @@ def _slow_first_conversion(sn: Snapshotter, after_first: Callable[[], None]) -> 
             after_first()
         return layer_build.convert_directory(src, out)
 
-    sn._convert = convert
+    converter.hook = convert
     return converting
 
 
@@ -71,11 +78,12 @@ def _layer_matches_labels(sn: Snapshotter, name: str) -> None:
     assert (sn.layout.mount_layer(sid) / "hello").read_bytes() == b"committed content\n"
 
 
-def test_two_commits_of_one_key_keep_the_layer(sn: Snapshotter) -> None:
+def test_two_commits_of_one_key_keep_the_layer(sn: Snapshotter,
+                                                converter: SwappableConverter) -> None:
     require_root()
     _prepare_with(sn, "ns/1/a", {"hello": b"committed content\n"})
     first_done = threading.Event()
-    converting = _slow_first_conversion(sn, lambda: first_done.wait(10))
+    converting = _slow_first_conversion(converter, lambda: first_done.wait(10))
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(sn.commit, "ns/2/A", "ns/1/a")
         assert converting.wait(10)
@@ -88,10 +96,11 @@ def test_two_commits_of_one_key_keep_the_layer(sn: Snapshotter) -> None:
     assert [i.name for i in sn.walk()] == ["ns/2/A"]
 
 
-def test_remove_during_commit_waits_and_keeps_the_layer(sn: Snapshotter) -> None:
+def test_remove_during_commit_waits_and_keeps_the_layer(
+        sn: Snapshotter, converter: SwappableConverter) -> None:
     require_root()
     _prepare_with(sn, "ns/1/a", {"hello": b"committed content\n"})
-    converting = _slow_first_conversion(sn, lambda: None)
+    converting = _slow_first_conversion(converter, lambda: None)
     with ThreadPoolExecutor(2) as pool:
         commit = pool.submit(sn.commit, "ns/2/A", "ns/1/a")
         assert converting.wait(10)

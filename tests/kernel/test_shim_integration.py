@@ -295,8 +295,9 @@ def test_kata_options_of_a_vm_mode_plan_verify_each_device_for_every_reader(tmp_
     from snapshotter.fsmeta.merge import merge_layers
     from snapshotter.ingest.convert import convert_directory
     from snapshotter.verity import KATA_VERITY, format_file
-    from tests.kernel.test_kata_readers import DEVICE, tables_of, veritysetup_verify
     from tests.support.helpers import require_tool
+    from tests.support.kata_readers import DEVICE, tables_of
+    from tests.support.verity import veritysetup_verify
 
     require_tool("veritysetup")
     devices = []
@@ -324,5 +325,5 @@ def test_kata_options_of_a_vm_mode_plan_verify_each_device_for_every_reader(tmp_
                                              f"{device['verity']['data_blocks']} "
                                              f"{device['verity']['hash_start_block']} sha256 "
                                              f"{device['root_hash']} -")
-        check = veritysetup_verify(Path(device["path"]), tables["kata-types"])
+        check = veritysetup_verify(Path(device["path"]), table=tables["kata-types"])
         assert check.returncode == 0, (device["path"], check.stderr)

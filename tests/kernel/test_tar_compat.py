@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.kernel.test_erofs_convert import convert, run_cli
 from tests.support import tarcraft as t
+from tests.support.cli import convert, run_cli
 from tests.support.helpers import mounted_erofs, require_root, require_tool
 
 GIB = 1 << 30

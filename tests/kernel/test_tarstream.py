@@ -11,7 +11,7 @@ import pytest
 
 from snapshotter.erofs.reader import ErofsImage
 from snapshotter.ingest.tarstream import TarReader
-from tests.kernel.test_erofs_convert import convert
+from tests.support.cli import convert
 from tests.support.helpers import mounted_erofs, require_root, require_tool
 
 
@@ -79,7 +79,7 @@ def test_corrupt_header_checksum_is_refused(tmp_path: Path) -> None:
     data = bytearray(layer.read_bytes())
     data[10] ^= 0x01  # inside the name field
     layer.write_bytes(bytes(data))
-    from tests.kernel.test_erofs_convert import run_cli
+    from tests.support.cli import run_cli
 
     proc = run_cli("convert", layer, tmp_path / "out.erofs", check=False)
     assert proc.returncode != 0 and "checksum" in proc.stderr

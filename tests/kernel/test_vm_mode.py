@@ -7,9 +7,7 @@ layers; mounts never change; unused fsmetas are cleaned up."""
 from __future__ import annotations
 
 import os
-import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,9 +23,9 @@ from snapshotter.fsmeta.devices import (
 from snapshotter.service import mount_helper
 from snapshotter.service.snapshots import Snapshotter
 from snapshotter.service.vm_mode import VM_MODE_LABEL
-from tests.kernel.test_erofs_merge import mounted_fsmeta
-from tests.support.helpers import require_root, require_tool, unmount_below
+from tests.support.helpers import mounted_fsmeta, require_root, require_tool, unmount_below
 from tests.support.treecompare import diff_views, tree_view
+from tests.support.vm_mode import commit_chain, mount_program_env
 
 
 @pytest.fixture(autouse=True)
@@ -37,57 +35,9 @@ def _unmount_layers(tmp_path: Path):
     unmount_below(tmp_path)
 
 
-def _write_layer(fs: Path, n: int) -> None:
-    """What containerd's applier leaves in an upper: files, 0:0 whiteouts, opaque dirs."""
-    (fs / "etc").mkdir(exist_ok=True)
-    (fs / "etc" / f"from-layer-{n}").write_text(f"layer {n}\n")
-    (fs / "shared").write_text(f"top is {n}\n")
-    if n == 1:
-        (fs / "var").mkdir()
-        (fs / "var" / "old").write_text("old")
-        (fs / "gone").write_text("gone")
-    if n == 2:
-        os.mknod(fs / "gone", stat.S_IFCHR | 0o600, os.makedev(0, 0))
-        (fs / "var").mkdir()
-        os.setxattr(fs / "var", "trusted.overlay.opaque", b"y")
-        (fs / "var" / "new").write_text("new")
-
-
-def _chain(sn: Snapshotter, layers: int) -> str:
-    parent = ""
-    for n in range(1, layers + 1):
-        key = f"default/{n}/extract-{n}"
-        mounts = sn.prepare(key, parent)
-        fs = Path(mounts[0].source) if mounts[0].type == "bind" else next(
-            Path(o.split("=", 1)[1]) for o in mounts[0].options if o.startswith("upperdir="))
-        _write_layer(fs, n)
-        name = f"default/{n}/sha256:layer{n}"
-        sn.commit(name, key)
-        parent = name
-    return parent
-
-
 def _devices(mounts) -> list[ChainDevice]:
     (mount,) = mounts
     return read_mounted_description(mount.source, mount.options).devices()
-
-
-def mount_program_env(tmp_path: Path) -> dict[str, str]:
-    """The environment in which `mount.fuse` finds our mount program on PATH, as containerd's
-    does once the package is installed. A venv whose editable install predates the console
-    script gets the same two-line entry point pip writes, in TMP_PATH."""
-    require_tool("mount.fuse")  # fuse3 (.ci/setup)
-    bin_dir = Path(sys.executable).parent
-    if not (bin_dir / MOUNT_PROGRAM).exists():
-        print(f"{MOUNT_PROGRAM} not installed in {bin_dir} (pip install -e . predates it): "
-              "using an equivalent entry point", file=sys.stderr)
-        bin_dir = tmp_path / "bin"
-        bin_dir.mkdir(exist_ok=True)
-        program = bin_dir / MOUNT_PROGRAM
-        program.write_text(f"#!{sys.executable}\nimport sys\n"
-                           "from snapshotter.service.mount_helper import main\nsys.exit(main())\n")
-        program.chmod(0o755)
-    return {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
 
 
 def containerd_mount(mount, target: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -140,7 +90,7 @@ def test_vm_mode_rootfs_is_one_fsmeta_with_verified_devices(tmp_path: Path) -> N
     require_root()
     veritysetup = require_tool("veritysetup")
     sn = Snapshotter(tmp_path / "root")
-    top = _chain(sn, 3)
+    top = commit_chain(sn, 3)
     mounts = sn.prepare("default/9/container", top, {VM_MODE_LABEL: "true"})
     (mount,) = mounts
     assert mount.type == MOUNT_TYPE and mount.source.endswith("image.fsmeta")
@@ -164,7 +114,7 @@ def test_vm_mode_rootfs_is_one_fsmeta_with_verified_devices(tmp_path: Path) -> N
 def test_chain_fsmeta_is_built_once_and_cleaned_when_unused(tmp_path: Path) -> None:
     require_root()
     sn = Snapshotter(tmp_path / "root", vm_mode=True)
-    top = _chain(sn, 2)
+    top = commit_chain(sn, 2)
     a = sn.prepare("default/5/container-a", top)
     fsmeta = Path(a[0].source)
     before = fsmeta.stat().st_mtime_ns
@@ -185,7 +135,7 @@ def test_chain_fsmeta_is_built_once_and_cleaned_when_unused(tmp_path: Path) -> N
 def test_label_overrides_the_configured_default(tmp_path: Path, label: str) -> None:
     require_root()
     sn = Snapshotter(tmp_path / "root", vm_mode=True)
-    top = _chain(sn, 1)
+    top = commit_chain(sn, 1)
     mounts = sn.prepare("default/3/c", top, {VM_MODE_LABEL: label})
     assert mounts[0].type == "overlay"
 
@@ -196,7 +146,7 @@ def test_signing_key_publishes_a_manifest_the_devices_match(tmp_path: Path) -> N
 
     generate_key(tmp_path / "key")
     sn = Snapshotter(tmp_path / "root", vm_mode=True, signing_key=tmp_path / "key")
-    top = _chain(sn, 2)
+    top = commit_chain(sn, 2)
     mounts = sn.prepare("default/3/c", top)
     devices = _devices(mounts)
     fsmeta_dir = Path(mounts[0].source).parent
@@ -213,7 +163,7 @@ def test_mount_fuse_runs_the_mount_program_for_runc(tmp_path: Path) -> None:
     require_root()
     env = mount_program_env(tmp_path)
     sn = Snapshotter(tmp_path / "root", vm_mode=True)
-    top = _chain(sn, 3)
+    top = commit_chain(sn, 3)
     want = _host_view(sn, "default/4/host-view", top, tmp_path)
     mounts = sn.prepare("default/5/container", top)
     (mount,) = mounts
@@ -253,7 +203,7 @@ def test_mount_program_over_loop_devices_releases_them(tmp_path: Path) -> None:
     the same rootfs, and none of them left once the rootfs is unmounted."""
     require_root()
     sn = Snapshotter(tmp_path / "root", vm_mode=True)
-    top = _chain(sn, 2)
+    top = commit_chain(sn, 2)
     want = _host_view(sn, "default/3/host-view", top, tmp_path)
     (mount,) = sn.prepare("default/4/container", top)
     files = [d.path for d in _devices([mount])]
@@ -279,7 +229,7 @@ def test_mount_program_refuses_what_the_snapshotter_did_not_hand_out(tmp_path: P
     require_root()
     env = mount_program_env(tmp_path)
     sn = Snapshotter(tmp_path / "root", vm_mode=True)
-    top = _chain(sn, 1)
+    top = commit_chain(sn, 1)
     (mount,) = sn.prepare("default/2/container", top)
     target = tmp_path / "rootfs"
     target.mkdir()
@@ -341,7 +291,7 @@ def test_file_backed_probe_matches_the_kernel_and_layers_use_it(tmp_path: Path) 
     from snapshotter.service import hostmount
 
     sn = Snapshotter(tmp_path / "root")
-    _chain(sn, 1)
+    commit_chain(sn, 1)
     unmount_below(tmp_path)
     blob = next((tmp_path / "root" / "snapshots").glob("*/layer.erofs"))
     fsmount.set_file_backed(None)

@@ -18,11 +18,18 @@ from snapshotter.fsmeta.merge import merge_layers
 from snapshotter.service.snapshots import Snapshotter
 from snapshotter.service.vm_mode import VM_MODE_LABEL
 from snapshotter.verity import KATA_VERITY
-from tests.kernel.test_erofs_convert import run_cli
-from tests.kernel.test_erofs_merge import IMAGE_LAYERS, build_layers, mounted_fsmeta, overlay_of
-from tests.support.helpers import mounted_erofs, require_root, require_tool, unmount_below
-from tests.support.layers import Entry
+from tests.support.cli import run_cli
+from tests.support.helpers import (
+    mounted_erofs,
+    mounted_fsmeta,
+    overlay_of,
+    require_root,
+    require_tool,
+    unmount_below,
+)
+from tests.support.layers import IMAGE_LAYERS, Entry, build_layers
 from tests.support.treecompare import diff_views, hardlink_groups, tree_view
+from tests.support.vm_mode import commit_chain
 
 # Every layer holds files of several sizes, each named after its layer, so a device read at
 # the wrong offset shows as wrong bytes in many files (the old table read 2 of 7 wrong).
@@ -156,10 +163,8 @@ def test_vm_mode_chain_files_joined_whole_mount(tmp_path: Path, _unmount_layers)
     """A VM-mode snapshot's published fsmeta and its layer files, joined whole in the order
     the description lists them, mount as one flat image showing the same tree."""
     require_root()
-    from tests.kernel.test_vm_mode import _chain
-
     sn = Snapshotter(tmp_path / "root")
-    top = _chain(sn, 3)
+    top = commit_chain(sn, 3)
     sn.prepare("default/9/container", top, {VM_MODE_LABEL: "true"})
     (description_path,) = (tmp_path / "root" / "fsmeta").glob("*/fsmeta.json")
     description = json.loads(description_path.read_text())

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from snapshotter.fsmount import mount_erofs
+
 
 def require_root() -> None:
     if os.geteuid() != 0:
@@ -80,3 +82,46 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], *expected: str
     assert lines[0].startswith("erofs-passthrough "), lines[0]
     for text in expected:
         assert text in lines[0], lines[0]
+
+
+@contextlib.contextmanager
+def loop_devices(paths: list[Path]) -> Iterator[list[str]]:
+    loops: list[str] = []
+    try:
+        for p in paths:
+            loops.append(subprocess.run(
+                ["losetup", "--find", "--show", "--read-only", str(p)],
+                check=True, capture_output=True, text=True).stdout.strip())
+        yield loops
+    finally:
+        for loop in loops:
+            subprocess.run(["losetup", "-d", loop], check=False)
+
+
+@contextlib.contextmanager
+def overlay_of(layers: list[Path]) -> Iterator[Path]:
+    """The kernel's overlayfs over the layer images (each mounted read-only), lowest first."""
+    with contextlib.ExitStack() as stack:
+        lowers = [stack.enter_context(mounted_erofs(p)) for p in layers]
+        mnt = Path(tempfile.mkdtemp(prefix="ovl-"))
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                        "ro,lowerdir=" + ":".join(str(p) for p in reversed(lowers)), str(mnt)],
+                       check=True)
+        try:
+            yield mnt
+        finally:
+            subprocess.run(["umount", str(mnt)], check=True)
+            mnt.rmdir()
+
+
+@contextlib.contextmanager
+def mounted_fsmeta(fsmeta: Path, blobs: list[Path]) -> Iterator[Path]:
+    """fsmeta + blobs through the new mount API: one fsconfig call per device."""
+    with loop_devices([fsmeta, *blobs]) as loops:
+        mnt = Path(tempfile.mkdtemp(prefix="fsmeta-"))
+        mount_erofs(loops[0], str(mnt), loops[1:])
+        try:
+            yield mnt
+        finally:
+            subprocess.run(["umount", str(mnt)], check=True)
+            mnt.rmdir()

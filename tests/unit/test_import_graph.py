@@ -1,7 +1,9 @@
 """The import graph points one way: snapshotter -> passthrough -> shim_integration -> tests,
 bench (issue 12). Read with `ast`, so every import counts: inside functions, inside
-`if TYPE_CHECKING:`, relative ones. Also: `bench` uses of `tests` only `tests.support`, and
-product code never edits `sys.path` (the guest payload must import as it is shipped).
+`if TYPE_CHECKING:`, relative ones. Also: `bench` uses of `tests` only `tests.support`, no
+module under `tests/` imports a test module (shared helpers and fixtures live in
+`tests/support/`), and product code never edits `sys.path` (the guest payload must import as
+it is shipped).
 
 Each rule is a function over a directory tree, checked on the repository and, to show it
 can fail, on a tiny synthetic tree.
@@ -95,6 +97,30 @@ def bench_imports_of_tests(root: Path, allowed: Collection[tuple[str, str]] = ()
     return sorted(set(found))
 
 
+def _test_module_of(module: str) -> str | None:
+    """The test module (`test_*` or `conftest`) MODULE is or lies in, if any."""
+    parts = module.split(".")
+    if parts[0] != "tests":  # a bare `import test_x` is a sibling test module too
+        return parts[0] if parts[0].startswith("test_") or parts[0] == "conftest" else None
+    for cut, part in enumerate(parts[1:], start=2):
+        if part.startswith("test_") or part == "conftest":
+            return ".".join(parts[:cut])
+    return None
+
+
+def imports_of_test_modules(root: Path) -> list[str]:
+    """Modules under `tests/` importing a test module: what two test modules share belongs in
+    `tests/support/` (pytest collects test modules; one importing another runs its tests'
+    module-level code twice and ties two tiers together)."""
+    found = []
+    for rel, tree in _python_files(root, ("tests",)):
+        for line, module in imports(rel, tree):
+            target = _test_module_of(module)
+            if target is not None:
+                found.append(f"{rel}:{line}: imports {target}")
+    return sorted(set(found))
+
+
 def _is_sys_path(node: ast.AST) -> bool:
     return (isinstance(node, ast.Attribute) and node.attr == "path"
             and isinstance(node.value, ast.Name) and node.value.id == "sys")
@@ -136,6 +162,10 @@ def test_no_upward_import() -> None:
 
 def test_bench_imports_only_tests_support() -> None:
     assert bench_imports_of_tests(REPO, NOT_YET_MOVED) == []
+
+
+def test_no_test_module_imports_another() -> None:
+    assert imports_of_test_modules(REPO) == []
 
 
 def test_not_yet_moved_lists_only_what_is_still_there() -> None:
@@ -217,6 +247,24 @@ def test_bench_import_of_tests_is_found(tmp_path: Path) -> None:
     ]
     assert bench_imports_of_tests(root, {("bench/b.py", "tests.helpers")}) == [
         "bench/c.py:1: imports tests", "bench/c.py:1: imports tests.layers"]
+
+
+def test_test_module_import_is_found(tmp_path: Path) -> None:
+    root = _tree(tmp_path, {
+        "tests/support/layers.py": "from tests.support.helpers import mounted\n",
+        "tests/fuzz/targets.py": "from tests.support.layers import Entry\n",
+        "tests/kernel/test_a.py": ("from tests.kernel.test_b import helper\n"
+                                   "from tests.fuzz import targets\n"),
+        "tests/kernel/test_c.py": "def f():\n    from . import test_b\n",
+        "tests/vm/test_d.py": "import tests.conftest\nimport test_e\n",
+        "tests/vm/test_ok.py": "from tests.support.helpers import require_root\n",
+    })
+    assert imports_of_test_modules(root) == [
+        "tests/kernel/test_a.py:1: imports tests.kernel.test_b",
+        "tests/kernel/test_c.py:2: imports tests.kernel.test_b",
+        "tests/vm/test_d.py:1: imports tests.conftest",
+        "tests/vm/test_d.py:2: imports test_e",
+    ]
 
 
 @pytest.mark.parametrize("edit", [

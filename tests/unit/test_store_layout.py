@@ -8,16 +8,23 @@ import pytest
 
 from snapshotter.service import layer_build
 from snapshotter.service.snapshots import Snapshotter
+from tests.support.converters import SwappableConverter
 
 
 @pytest.fixture
-def sn(tmp_path: Path) -> Snapshotter:
-    s = Snapshotter(tmp_path / "root")
+def converter() -> SwappableConverter:
+    return SwappableConverter()
+
+
+@pytest.fixture
+def sn(tmp_path: Path, converter: SwappableConverter) -> Snapshotter:
+    s = Snapshotter(tmp_path / "root", convert=converter)
     yield s
     s.close()
 
 
-def test_cleanup_during_commit_keeps_the_conversion(sn: Snapshotter) -> None:
+def test_cleanup_during_commit_keeps_the_conversion(sn: Snapshotter,
+                                                    converter: SwappableConverter) -> None:
     """containerd's GC may call Cleanup while a Commit converts: the temp blob must survive."""
     mounts = sn.prepare("ns/1/a")
     Path(mounts[0].source, "f").write_text("data\n")
@@ -29,13 +36,14 @@ def test_cleanup_during_commit_keeps_the_conversion(sn: Snapshotter) -> None:
         assert out.exists()
         return meta
 
-    sn._convert = convert
+    converter.hook = convert
     sn.commit("ns/2/A", "ns/1/a")
     assert removed_during == []
     assert sn.stat("ns/2/A").labels["containerd.io/snapshot/erofs.blob.size"]
 
 
-def test_leftovers_of_an_interrupted_commit_are_reused_or_removed(sn: Snapshotter) -> None:
+def test_leftovers_of_an_interrupted_commit_are_reused_or_removed(
+        sn: Snapshotter, converter: SwappableConverter) -> None:
     mounts = sn.prepare("ns/1/a")
     Path(mounts[0].source, "f").write_text("data\n")
     sid = sn.store.get_info("ns/1/a")[0]
@@ -45,7 +53,7 @@ def test_leftovers_of_an_interrupted_commit_are_reused_or_removed(sn: Snapshotte
         sn.layout.fs(sid), out))
     (directory / ".layer-dead.tmp").write_bytes(b"a killed conversion")
     assert [p.name for p in sn.cleanup()] == [".layer-dead.tmp"]
-    sn._convert = lambda src, out: pytest.fail("the published layer should be reused")
+    converter.hook = lambda src, out: pytest.fail("the published layer should be reused")
     sn.commit("ns/2/A", "ns/1/a")
     assert sn.stat("ns/2/A").labels["containerd.io/snapshot/erofs.verity.root-hash"] == \
         meta.root_hash

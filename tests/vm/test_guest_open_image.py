@@ -28,9 +28,8 @@ from passthrough.vm import Vm
 from shim_integration.shim import AttachPlan, ImageRefused, Shim, plan_from_mounts
 from snapshotter.manifest import generate_key, load_private_key, sign
 from snapshotter.service.snapshots import Snapshotter
-from tests.kernel.test_erofs_merge import mounted_fsmeta
 from tests.support.guest_fixtures import assert_clean
-from tests.support.helpers import require_root, require_tool, unmount_below
+from tests.support.helpers import mounted_fsmeta, require_root, require_tool, unmount_below
 
 pytestmark = [pytest.mark.qemu, pytest.mark.root, pytest.mark.slow]
 

@@ -31,8 +31,9 @@ from shim_integration.registry import OCI_MANIFEST, Reference, RegistryClient
 from shim_integration.shim import Shim, plan_from_fetched
 from shim_integration.testbed.oci_archive import build_image, chain_ids
 from snapshotter.manifest import key_id, load_private_key
+from tests.support.containerd import store_key
 from tests.support.helpers import require_root, require_tool
-from tests.vm.test_publish_node import LAYERS, MOTD, PAYLOAD, _store_key
+from tests.support.published_image import LAYERS, MOTD, PAYLOAD
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -211,7 +212,7 @@ def test_node_snapshot_verifies_against_the_native_images_manifest(
     roots = [d.root_hash for d in plan.devices]
     assert len(roots) == 4  # the fsmeta and three layers
     assert erofs["devices"] == {"fsmeta": roots[0], "layers": roots[1:]}
-    key = _store_key(node.serve_root, ROOTFS_KEY)
+    key = store_key(node.serve_root, ROOTFS_KEY)
     report = cli_json("manifest", "verify", fetched, "--trust", f"{published.publisher_key}.pub",
                       "--snapshot", node.serve_root / key, "--image", erofs["digest"])
     assert report["roots"] == roots

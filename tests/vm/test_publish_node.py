@@ -14,7 +14,6 @@ is the publisher's key, so the guest trusts only the publisher.
 from __future__ import annotations
 
 import json
-import sqlite3
 import subprocess
 import sys
 import time
@@ -29,23 +28,15 @@ from passthrough.attach import Attacher
 from shim_integration.shim import ImageRefused, Shim, ShimError, plan_from_fetched, plan_from_mounts
 from shim_integration.testbed.oci_archive import build_image, chain_ids
 from snapshotter.manifest import generate_key, key_id, load_private_key, sign
+from tests.support.containerd import store_key
 from tests.support.helpers import require_root, require_tool
+from tests.support.published_image import LAYERS, MOTD, PAYLOAD
 
 pytestmark = [pytest.mark.qemu, pytest.mark.root, pytest.mark.slow]
 
 CLI = [sys.executable, "-m", "shim_integration.cli"]
 TIMEOUT = 300
 ROOTFS_KEY = "node-rootfs"
-MOTD = b"published, never signed on the node\n"
-PAYLOAD = bytes(range(256)) * 64
-LAYERS = [
-    [("dir", "etc", 0o755), ("file", "etc/motd", b"layer one\n", 0o644),
-     ("dir", "data", 0o755), ("file", "data/gone", b"removed by layer 2\n", 0o644)],
-    [("dir", "data", 0o755), ("whiteout", "data/gone"),
-     ("file", "data/payload.bin", PAYLOAD, 0o644)],
-    [("dir", "etc", 0o755), ("file", "etc/motd", MOTD, 0o644),
-     ("symlink", "data/link", "payload.bin")],
-]
 OTHER_LAYERS = [[("dir", "srv", 0o755), ("file", "srv/other", b"another image\n", 0o644)]]
 
 
@@ -67,19 +58,6 @@ class Node:
     serve_root: Path
     mounts: list
     fetched: Path
-
-
-def _store_key(serve_root: Path, containerd_key: str) -> str:
-    """Our store's key for a snapshot containerd knows as CONTAINERD_KEY (containerd prefixes
-    its namespace and an id: default/<n>/<key>)."""
-    db = sqlite3.connect(f"file:{serve_root / 'metadata.db'}?mode=ro", uri=True, timeout=10)
-    try:
-        rows = db.execute("SELECT key FROM snapshots").fetchall()
-    finally:
-        db.close()
-    keys = [k for (k,) in rows if k.endswith("/" + containerd_key)]
-    assert len(keys) == 1, rows
-    return keys[0]
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +120,7 @@ def test_keyless_node_pulls_and_its_snapshot_verifies_against_the_publisher(node
     with pytest.raises(ShimError, match="no signed manifest beside the fsmeta"):
         plan_from_mounts(node.mounts)
     plan = plan_from_fetched(node.mounts, node.fetched)
-    key = _store_key(node.serve_root, ROOTFS_KEY)
+    key = store_key(node.serve_root, ROOTFS_KEY)
     report = cli_json("manifest", "verify", node.fetched, "--trust", f"{node.publisher_key}.pub",
                       "--snapshot", node.serve_root / key, "--image",
                       node.published["image_digest"])
