@@ -9,6 +9,7 @@ demo: setup
 
 test: setup
 	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
 	.venv/bin/mypy
 	.venv/bin/python -m pytest -q $(PYTEST_ARGS)
 
@@ -18,6 +19,7 @@ test-unit: setup
 
 lint: setup
 	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
 	.venv/bin/mypy  # the files and options are in pyproject.toml ([tool.mypy])
 
 bench: setup

@@ -51,13 +51,18 @@ def build_layer(workdir: Path, size: int) -> tuple[Path, dict[str, Any]]:
             info.size, info.mode = len(data), 0o644
             tar.addfile(info, io.BytesIO(data))
     blob = workdir / "bench.erofs"
-    proc = subprocess.run([*CLI, "convert", str(tar_path), str(blob), "--verity", "--json"],
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [*CLI, "convert", str(tar_path), str(blob), "--verity", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return blob, json.loads(proc.stdout)["verity"]
 
 
-def attach_latency(agent: AgentClient, at: Attacher, blob: Path, verity: dict[str, Any],
-                   transport: str) -> dict[str, float]:
+def attach_latency(
+    agent: AgentClient, at: Attacher, blob: Path, verity: dict[str, Any], transport: str
+) -> dict[str, float]:
     t0 = time.monotonic()
     att = at.attach(blob, transport)
     t1 = time.monotonic()
@@ -73,13 +78,21 @@ def attach_latency(agent: AgentClient, at: Attacher, blob: Path, verity: dict[st
     t6 = time.monotonic()
     at.detach(att.device_id)
     t7 = time.monotonic()
-    return {"attach_qmp": t1 - t0, "visible": t2 - t1, "verity_open": t3 - t2,
-            "mount": t4 - t3, "first_read": t5 - t4, "total": t5 - t0,
-            "teardown": t6 - t5, "detach": t7 - t6}
+    return {
+        "attach_qmp": t1 - t0,
+        "visible": t2 - t1,
+        "verity_open": t3 - t2,
+        "mount": t4 - t3,
+        "first_read": t5 - t4,
+        "total": t5 - t0,
+        "teardown": t6 - t5,
+        "detach": t7 - t6,
+    }
 
 
-def throughput(agent: AgentClient, at: Attacher, blob: Path, verity: dict[str, Any],
-               transport: str, size: int) -> dict[str, float]:
+def throughput(
+    agent: AgentClient, at: Attacher, blob: Path, verity: dict[str, Any], transport: str, size: int
+) -> dict[str, float]:
     att = at.attach(blob, transport)
     disk = find_disk(agent, att)
     out = {}
@@ -111,11 +124,18 @@ def main() -> int:
         with Vm(VmConfig.for_guest(image, root_ports=8)) as vm, Attacher(vm.qmp) as at:
             agent = vm.wait_agent(timeout=120)
             boot = time.monotonic() - t0
-            lat = {t: [attach_latency(agent, at, blob, verity, t) for _ in range(args.rounds)]
-                   for t in TRANSPORTS}
+            lat = {
+                t: [attach_latency(agent, at, blob, verity, t) for _ in range(args.rounds)]
+                for t in TRANSPORTS
+            }
             tput = {t: throughput(agent, at, blob, verity, t, size) for t in TRANSPORTS}
-    result = {"boot_to_agent_s": boot, "latency_s": lat, "read_mb_s": tput,
-              "rounds": args.rounds, "size_mib": args.size_mib}
+    result = {
+        "boot_to_agent_s": boot,
+        "latency_s": lat,
+        "read_mb_s": tput,
+        "rounds": args.rounds,
+        "size_mib": args.size_mib,
+    }
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -125,15 +145,20 @@ def main() -> int:
     print("| transport | " + " | ".join(keys) + " |")
     print("|---" * (len(keys) + 1) + "|")
     for t, runs in lat.items():
-        cells = [f"{statistics.median(r[k] for r in runs) * 1e3:.0f} "
-                 f"({min(r[k] for r in runs) * 1e3:.0f})" for k in keys]
+        cells = [
+            f"{statistics.median(r[k] for r in runs) * 1e3:.0f} "
+            f"({min(r[k] for r in runs) * 1e3:.0f})"
+            for k in keys
+        ]
         print(f"| {t} | " + " | ".join(cells) + " |")
     print(f"sequential read of {args.size_mib} MiB after drop_caches, MB/s:")
     print("| transport | raw device | dm-verity device | EROFS file on dm-verity |")
     print("|---|---|---|---|")
     for t, r in tput.items():
-        print(f"| {t} | {r['raw_device']:.0f} | {r['verity_device']:.0f} | "
-              f"{r['erofs_file_on_verity']:.0f} |")
+        print(
+            f"| {t} | {r['raw_device']:.0f} | {r['verity_device']:.0f} | "
+            f"{r['erofs_file_on_verity']:.0f} |"
+        )
     return 0
 
 

@@ -48,8 +48,7 @@ def _sha256_file(path: Path) -> str:
 
 def minbase_archive(out: Path) -> Path:
     tar_path, gz_path = minbase_layer()
-    write_archive([gz_path.read_bytes()], [_sha256_file(tar_path)], IMAGE, out,
-                  cmd=["/bin/sh"])
+    write_archive([gz_path.read_bytes()], [_sha256_file(tar_path)], IMAGE, out, cmd=["/bin/sh"])
     return out
 
 
@@ -57,8 +56,9 @@ def time_import(stack: Stack, snapshotter: str, archive: Path, repeat: int) -> f
     best = float("inf")
     for _ in range(repeat):
         t0 = time.perf_counter()
-        stack.containerd.ctr("images", "import", "--snapshotter", snapshotter, str(archive),
-                             timeout=600)
+        stack.containerd.ctr(
+            "images", "import", "--snapshotter", snapshotter, str(archive), timeout=600
+        )
         best = min(best, time.perf_counter() - t0)
         stack.containerd.ctr("images", "rm", "--sync", IMAGE)
     return best
@@ -69,9 +69,11 @@ def start_with_containerd_erofs(stack: Stack, differ: str, mkfs_dir: Path) -> St
     mkfs.erofs --tar=f; "walking": unpack, mkfs.erofs of the directory on Commit) and the
     mkfs.erofs in MKFS_DIR first on the daemon's PATH."""
     with open(stack.containerd.config, "a") as f:
-        f.write('[[plugins."io.containerd.transfer.v1.local".unpack_config]]\n'
-                '  platform = "linux/amd64"\n  snapshotter = "erofs"\n'
-                f'  differ = "{differ}"\n')
+        f.write(
+            '[[plugins."io.containerd.transfer.v1.local".unpack_config]]\n'
+            '  platform = "linux/amd64"\n  snapshotter = "erofs"\n'
+            f'  differ = "{differ}"\n'
+        )
     stack.service.start()
     path = os.environ.get("PATH", "")
     os.environ["PATH"] = f"{mkfs_dir}:{path}"  # read by Containerd.env() when it starts
@@ -89,24 +91,38 @@ def bench_import(base: Path, repeat: int) -> list[tuple[str, float]]:
     rows = []
     cases = ((True, ["overlayfs", "erofs-py", "erofs"]), (False, ["erofs-py", "erofs"]))
     for differ, setups in cases:
-        stack = start_with_containerd_erofs(Stack(dist, base / f"stack-{differ}", differ=differ),
-                                            "erofs" if differ else "walking", tools.bin_dir)
+        stack = start_with_containerd_erofs(
+            Stack(dist, base / f"stack-{differ}", differ=differ),
+            "erofs" if differ else "walking",
+            tools.bin_dir,
+        )
         try:
             for sn in setups:
                 path = "differ" if differ else "convert on Commit"
                 label = sn if sn == "overlayfs" else f"erofs-py ({path})"
                 if sn == "erofs":
-                    label = (f"containerd's erofs, {'erofs differ' if differ else 'walking'}"
-                             f" (mkfs.erofs {tools.upstream_version})")
-                rows.append((f"containerd {dist.version} import, {label}",
-                             time_import(stack, sn, archive, repeat)))
+                    label = (
+                        f"containerd's erofs, {'erofs differ' if differ else 'walking'}"
+                        f" (mkfs.erofs {tools.upstream_version})"
+                    )
+                rows.append(
+                    (
+                        f"containerd {dist.version} import, {label}",
+                        time_import(stack, sn, archive, repeat),
+                    )
+                )
         finally:
             stack.stop()
     return rows
 
 
-def _client(stub: pb_grpc.SnapshotsStub, n: int, worker: int, lat: dict[str, list[float]],
-            lock: threading.Lock) -> None:
+def _client(
+    stub: pb_grpc.SnapshotsStub,
+    n: int,
+    worker: int,
+    lat: dict[str, list[float]],
+    lock: threading.Lock,
+) -> None:
     def timed(name: str, call, request):
         t0 = time.perf_counter()
         reply = call(request)
@@ -121,21 +137,25 @@ def _client(stub: pb_grpc.SnapshotsStub, n: int, worker: int, lat: dict[str, lis
         timed("Commit", stub.Commit, pb.CommitSnapshotRequest(key=key, name=key + "-c"))
         timed("Stat", stub.Stat, pb.StatSnapshotRequest(key=key + "-c"))
         child = f"bench/{worker}/b{i}"
-        timed("Prepare (child)", stub.Prepare,
-              pb.PrepareSnapshotRequest(key=child, parent=key + "-c"))
+        timed(
+            "Prepare (child)", stub.Prepare, pb.PrepareSnapshotRequest(key=child, parent=key + "-c")
+        )
         timed("Mounts", stub.Mounts, pb.MountsRequest(key=child))
 
 
 def bench_rpc(base: Path, calls: int, clients: int = 8) -> list[tuple[str, float, float]]:
     service = SnapshotterProcess(base / "rpc-root", base / "rpc.sock", base / "rpc.log").start()
-    lat: dict[str, list[float]] = {k: [] for k in
-                                   ("Prepare", "Commit", "Stat", "Prepare (child)", "Mounts")}
+    lat: dict[str, list[float]] = {
+        k: [] for k in ("Prepare", "Commit", "Stat", "Prepare (child)", "Mounts")
+    }
     lock = threading.Lock()
     try:
         with grpc.insecure_channel(f"unix:{service.socket}") as ch:
             stub = pb_grpc.SnapshotsStub(ch)
-            threads = [threading.Thread(target=_client, args=(stub, calls, w, lat, lock))
-                       for w in range(clients)]
+            threads = [
+                threading.Thread(target=_client, args=(stub, calls, w, lat, lock))
+                for w in range(clients)
+            ]
             for t in threads:
                 t.start()
             for t in threads:

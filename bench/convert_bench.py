@@ -25,8 +25,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-CACHE = Path(os.environ.get("EROFS_PASSTHROUGH_CACHE",
-                            Path.home() / ".cache" / "erofs-passthrough")) / "bench"
+CACHE = (
+    Path(os.environ.get("EROFS_PASSTHROUGH_CACHE", Path.home() / ".cache" / "erofs-passthrough"))
+    / "bench"
+)
 CLI = [sys.executable, "-m", "shim_integration.cli"]
 SUITE = "bookworm"
 
@@ -39,12 +41,22 @@ def minbase_layer() -> tuple[Path, Path]:
         CACHE.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
             root = Path(tmp) / "root"
-            subprocess.run(["debootstrap", "--variant=minbase", SUITE, str(root),
-                            "http://deb.debian.org/debian"], check=True,
-                           stdout=subprocess.DEVNULL)
+            subprocess.run(
+                [
+                    "debootstrap",
+                    "--variant=minbase",
+                    SUITE,
+                    str(root),
+                    "http://deb.debian.org/debian",
+                ],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
             partial = tar_path.with_suffix(".partial")
-            subprocess.run(["tar", "--numeric-owner", "--xattrs", "-cf", str(partial),
-                            "-C", str(root), "."], check=True)
+            subprocess.run(
+                ["tar", "--numeric-owner", "--xattrs", "-cf", str(partial), "-C", str(root), "."],
+                check=True,
+            )
             partial.rename(tar_path)
     if not gz_path.exists():
         partial = gz_path.with_suffix(".partial")
@@ -79,8 +91,10 @@ def big_layer(total: int = 2 << 30, file_size: int = 10 << 20) -> Path:
 
         CACHE.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".partial")
-        with igzip.open(partial, "wb", compresslevel=0) as gz, \
-                tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        with (
+            igzip.open(partial, "wb", compresslevel=0) as gz,
+            tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as tar,
+        ):
             for i in range(total // file_size):
                 info = tarfile.TarInfo(f"data/blob-{i:04d}")
                 info.size = file_size
@@ -110,8 +124,9 @@ def best_of(n: int, run: Callable[[], None], before: Callable[[], None] | None =
 
 
 def ours(layer: Path, out: Path, *extra: str) -> Callable[[], None]:
-    return lambda: subprocess.run([*CLI, "convert", str(layer), str(out), *extra], check=True,
-                                  stdout=subprocess.DEVNULL)
+    return lambda: subprocess.run(
+        [*CLI, "convert", str(layer), str(out), *extra], check=True, stdout=subprocess.DEVNULL
+    )
 
 
 def anchor(layer: Path, work: Path, out: Path) -> tuple[Callable[[], None], Callable[[], None]]:
@@ -123,10 +138,14 @@ def anchor(layer: Path, work: Path, out: Path) -> tuple[Callable[[], None], Call
 
     def run() -> None:
         unpacked.mkdir()
-        subprocess.run(["tar", "--numeric-owner", "-xf", str(layer), "-C", str(unpacked)],
-                       check=True)
-        subprocess.run(["mkfs.erofs", "-Enoinline_data", str(out), str(unpacked)],
-                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            ["tar", "--numeric-owner", "-xf", str(layer), "-C", str(unpacked)], check=True
+        )
+        subprocess.run(
+            ["mkfs.erofs", "-Enoinline_data", str(out), str(unpacked)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
 
     return run, clean
 
@@ -155,17 +174,23 @@ def main() -> None:
             theirs = best_of(args.repeat, run, clean)
             rows.append((f"{label} -> EROFS", mine, theirs))
         plain = best_of(args.repeat, ours(gz_path, out))
-        diff_id = subprocess.run([*CLI, "convert", str(gz_path), str(out), "--json"],
-                                 check=True, capture_output=True, text=True).stdout
+        diff_id = subprocess.run(
+            [*CLI, "convert", str(gz_path), str(out), "--json"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         import json
 
         diff_id = json.loads(diff_id)["diff_id"]
         verity_known = best_of(args.repeat, ours(gz_path, out, "--verity", "--diff-id", diff_id))
         verity_unknown = best_of(args.repeat, ours(gz_path, out, "--verity"))
-        rows.append(("minbase .tar.gz --verity --diff-id (one pass) vs without verity",
-                     verity_known, plain))
-        rows.append(("minbase .tar.gz --verity, diffID unknown (re-read) vs without",
-                     verity_unknown, plain))
+        rows.append(
+            ("minbase .tar.gz --verity --diff-id (one pass) vs without verity", verity_known, plain)
+        )
+        rows.append(
+            ("minbase .tar.gz --verity, diffID unknown (re-read) vs without", verity_unknown, plain)
+        )
         wide = wide_layer()
         mine = best_of(args.repeat, ours(wide, out))
         run, clean = anchor(wide, work, work / "anchor.erofs")
@@ -174,8 +199,9 @@ def main() -> None:
         if not args.skip_rss:
             big = big_layer()
             rss = peak_rss_mib([*CLI, "convert", str(big), str(out)])
-            rows.append((f"peak RSS converting {big.stat().st_size >> 20} MiB .tar.gz (MiB)",
-                         rss, None))
+            rows.append(
+                (f"peak RSS converting {big.stat().st_size >> 20} MiB .tar.gz (MiB)", rss, None)
+            )
     print(f"{'case':70} {'ours':>9} {'anchor':>9} {'ratio':>7}")
     for label, mine, theirs in rows:
         ratio = f"{mine / theirs:7.2f}" if theirs else ""

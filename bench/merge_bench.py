@@ -38,8 +38,13 @@ def build_layers(work: Path, files: int, layers: int) -> list[Path]:
     specs = [base]
     for n in range(1, layers):
         d = n % max(1, files // 100)
-        specs.append([Entry(f"d{d:04d}", "dir"), Entry(f"d{d:04d}/new{n}", data=b"n"),
-                      Entry(f"d{d:04d}/.wh.f{n % 100:03d}")])
+        specs.append(
+            [
+                Entry(f"d{d:04d}", "dir"),
+                Entry(f"d{d:04d}/new{n}", data=b"n"),
+                Entry(f"d{d:04d}/.wh.f{n % 100:03d}"),
+            ]
+        )
     paths = []
     for i, entries in enumerate(specs):
         tar = write_tar(work / f"l{i}.tar", entries)
@@ -54,10 +59,17 @@ def main() -> None:
     CACHE.mkdir(parents=True, exist_ok=True)  # convert_bench makes it, but may not have run
     mkfs = _mkfs_18()
     print(f"anchor: {mkfs or 'none (erofs-utils >= 1.8 not built)'}")
-    print(f"{'files':>7} {'layers':>6} {'ours s':>8} {'anchor s':>9} {'ratio':>6} "
-          f"{'fsmeta KiB':>10}")
-    for files, layers in [(10_000, 1), (10_000, 10), (10_000, 100), (10_000, 500),
-                          (100_000, 1), (100_000, 128)]:
+    print(
+        f"{'files':>7} {'layers':>6} {'ours s':>8} {'anchor s':>9} {'ratio':>6} {'fsmeta KiB':>10}"
+    )
+    for files, layers in [
+        (10_000, 1),
+        (10_000, 10),
+        (10_000, 100),
+        (10_000, 500),
+        (100_000, 1),
+        (100_000, 128),
+    ]:
         with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
             work = Path(tmp)
             paths = build_layers(work, files, layers)
@@ -70,14 +82,23 @@ def main() -> None:
             anchor = None
             if mkfs is not None:
                 t = time.perf_counter()
-                proc = subprocess.run([str(mkfs), "--quiet", "--ovlfs-strip=1",
-                                       str(work / "a.fsmeta"), *map(str, paths)],
-                                      capture_output=True)
+                proc = subprocess.run(
+                    [
+                        str(mkfs),
+                        "--quiet",
+                        "--ovlfs-strip=1",
+                        str(work / "a.fsmeta"),
+                        *map(str, paths),
+                    ],
+                    capture_output=True,
+                )
                 anchor = time.perf_counter() - t if proc.returncode == 0 else None
             ratio = f"{best / anchor:6.2f}" if anchor else ""
             anchor_s = f"{anchor:9.3f}" if anchor else ""
-            print(f"{files:7} {layers:6} {best:8.3f} {anchor_s:>9} {ratio:>6} "
-                  f"{result.size // 1024:10}")
+            print(
+                f"{files:7} {layers:6} {best:8.3f} {anchor_s:>9} {ratio:>6} "
+                f"{result.size // 1024:10}"
+            )
 
 
 if __name__ == "__main__":

@@ -52,9 +52,9 @@ def run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
 
 
-def timed_rounds(repeat: int, contenders: list[tuple[str, Callable[[], None],
-                                                       Callable[[], None] | None]]
-                 ) -> list[Timing]:
+def timed_rounds(
+    repeat: int, contenders: list[tuple[str, Callable[[], None], Callable[[], None] | None]]
+) -> list[Timing]:
     """Each round runs every contender once (cleanup untimed before each run)."""
     timings = [Timing(label) for label, _, _ in contenders]
     for _ in range(repeat):
@@ -73,17 +73,18 @@ def check_same_tree(ours: Path, theirs: Path) -> str:
 
     with mounted_erofs(ours) as mo, mounted_erofs(theirs) as mt:
         vo, vt = tree_view(mo), tree_view(mt)
-        short_fraction = sum(1 for p in vo.keys() & vt.keys()
-                             if vo[p].mtime_ns != vt[p].mtime_ns)
+        short_fraction = sum(1 for p in vo.keys() & vt.keys() if vo[p].mtime_ns != vt[p].mtime_ns)
         vo, vt = tree_view(mo, mtimes=False), tree_view(mt, mtimes=False)
         problems = diff_views(vo, vt)
-        same_seconds = all(int(mo.joinpath(p).lstat().st_mtime) == int(mt.joinpath(p).lstat()
-                                                                      .st_mtime)
-                           for p in vo)
+        same_seconds = all(
+            int(mo.joinpath(p).lstat().st_mtime) == int(mt.joinpath(p).lstat().st_mtime) for p in vo
+        )
         if problems or not same_seconds or hardlink_groups(mo) != hardlink_groups(mt):
             raise SystemExit("images differ:\n" + "\n".join(problems[:20]))
-    return (f"same tree ({len(vo)} entries; {short_fraction} mtimes differ below the second "
-            "only: 1.8's PAX fraction bug)")
+    return (
+        f"same tree ({len(vo)} entries; {short_fraction} mtimes differ below the second "
+        "only: 1.8's PAX fraction bug)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,46 +109,137 @@ def main(argv: list[str] | None = None) -> int:
         def unpack() -> None:
             shutil.rmtree(unpacked, ignore_errors=True)
             unpacked.mkdir()
-            run(["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "-xf",
-                 str(tar_path), "-C", str(unpacked)])
+            run(
+                [
+                    "tar",
+                    "--numeric-owner",
+                    "--xattrs",
+                    "--xattrs-include=*",
+                    "-xf",
+                    str(tar_path),
+                    "-C",
+                    str(unpacked),
+                ]
+            )
 
         def unpack_then_mkfs() -> None:
             unpack()
             run([*mkfs, str(theirs_out), str(unpacked)])
 
-        rows.append(("minbase .tar", timed_rounds(args.repeat, [
-            ("ours: convert .tar", lambda: run([*CLI, "convert", str(tar_path), str(ours_out)]),
-             rm(ours_out)),
-            ("1.8: mkfs.erofs --tar=f --aufs", lambda: run(
-                [*mkfs, "--tar=f", "--aufs", str(theirs_out), str(tar_path)]), rm(theirs_out)),
-        ])))
+        rows.append(
+            (
+                "minbase .tar",
+                timed_rounds(
+                    args.repeat,
+                    [
+                        (
+                            "ours: convert .tar",
+                            lambda: run([*CLI, "convert", str(tar_path), str(ours_out)]),
+                            rm(ours_out),
+                        ),
+                        (
+                            "1.8: mkfs.erofs --tar=f --aufs",
+                            lambda: run(
+                                [*mkfs, "--tar=f", "--aufs", str(theirs_out), str(tar_path)]
+                            ),
+                            rm(theirs_out),
+                        ),
+                    ],
+                ),
+            )
+        )
         check = "" if args.no_check else check_same_tree(ours_out, theirs_out)
-        rows.append(("minbase .tar.gz", timed_rounds(args.repeat, [
-            ("ours: convert .tar.gz", lambda: run([*CLI, "convert", str(gz_path),
-                                                   str(ours_out)]), rm(ours_out)),
-            ("1.8: mkfs.erofs --tar=f --aufs --ungzip", lambda: run(
-                [*mkfs, "--tar=f", "--aufs", "--ungzip", str(theirs_out), str(gz_path)]),
-             rm(theirs_out)),
-        ])))
+        rows.append(
+            (
+                "minbase .tar.gz",
+                timed_rounds(
+                    args.repeat,
+                    [
+                        (
+                            "ours: convert .tar.gz",
+                            lambda: run([*CLI, "convert", str(gz_path), str(ours_out)]),
+                            rm(ours_out),
+                        ),
+                        (
+                            "1.8: mkfs.erofs --tar=f --aufs --ungzip",
+                            lambda: run(
+                                [
+                                    *mkfs,
+                                    "--tar=f",
+                                    "--aufs",
+                                    "--ungzip",
+                                    str(theirs_out),
+                                    str(gz_path),
+                                ]
+                            ),
+                            rm(theirs_out),
+                        ),
+                    ],
+                ),
+            )
+        )
         unpack()
-        rows.append(("minbase from an unpacked directory", timed_rounds(args.repeat, [
-            ("ours: convert_directory(DIR)", lambda: run([
-                sys.executable, "-c", "import sys; from snapshotter.ingest.convert import "
-                "convert_directory as c; c(sys.argv[1], sys.argv[2])", str(unpacked),
-                str(ours_out)]), rm(ours_out)),
-            ("1.8: mkfs.erofs OUT DIR", lambda: run([*mkfs, str(theirs_out), str(unpacked)]),
-             rm(theirs_out)),
-        ])))
-        rows.append(("minbase unpack-then-commit", timed_rounds(max(1, args.repeat // 2), [
-            ("1.8: tar -xf + mkfs.erofs OUT DIR", unpack_then_mkfs, rm(theirs_out)),
-        ])))
+        rows.append(
+            (
+                "minbase from an unpacked directory",
+                timed_rounds(
+                    args.repeat,
+                    [
+                        (
+                            "ours: convert_directory(DIR)",
+                            lambda: run(
+                                [
+                                    sys.executable,
+                                    "-c",
+                                    "import sys; from snapshotter.ingest.convert import "
+                                    "convert_directory as c; c(sys.argv[1], sys.argv[2])",
+                                    str(unpacked),
+                                    str(ours_out),
+                                ]
+                            ),
+                            rm(ours_out),
+                        ),
+                        (
+                            "1.8: mkfs.erofs OUT DIR",
+                            lambda: run([*mkfs, str(theirs_out), str(unpacked)]),
+                            rm(theirs_out),
+                        ),
+                    ],
+                ),
+            )
+        )
+        rows.append(
+            (
+                "minbase unpack-then-commit",
+                timed_rounds(
+                    max(1, args.repeat // 2),
+                    [
+                        ("1.8: tar -xf + mkfs.erofs OUT DIR", unpack_then_mkfs, rm(theirs_out)),
+                    ],
+                ),
+            )
+        )
         shutil.rmtree(unpacked)
-        rows.append(("one directory of 40k entries", timed_rounds(max(1, args.repeat // 2), [
-            ("ours: convert .tar", lambda: run([*CLI, "convert", str(wide), str(ours_out)]),
-             rm(ours_out)),
-            ("1.8: mkfs.erofs --tar=f --aufs", lambda: run(
-                [*mkfs, "--tar=f", "--aufs", str(theirs_out), str(wide)]), rm(theirs_out)),
-        ])))
+        rows.append(
+            (
+                "one directory of 40k entries",
+                timed_rounds(
+                    max(1, args.repeat // 2),
+                    [
+                        (
+                            "ours: convert .tar",
+                            lambda: run([*CLI, "convert", str(wide), str(ours_out)]),
+                            rm(ours_out),
+                        ),
+                        (
+                            "1.8: mkfs.erofs --tar=f --aufs",
+                            lambda: run([*mkfs, "--tar=f", "--aufs", str(theirs_out), str(wide)]),
+                            rm(theirs_out),
+                        ),
+                    ],
+                ),
+            )
+        )
 
     ref = rows[0][1][0].best  # ours, minbase .tar: what a case without ours compares to
     print(f"\n{'case':36} {'contender':44} {'best s':>8} {'median s':>9} {'ours/this':>10}")

@@ -59,16 +59,20 @@ def _veritysetup(data: Path, hash_path: Path) -> str:
     hash_path.unlink(missing_ok=True)
     out = subprocess.run(
         ["veritysetup", "format", str(data), str(hash_path), f"--salt={SALT.hex()}"],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
-    return next(line.split(":", 1)[1].strip() for line in out.splitlines()
-                if line.startswith("Root hash"))
+    return next(
+        line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Root hash")
+    )
 
 
 def _ours(data: Path, hash_path: Path, workers: int | None) -> str:
     hash_path.unlink(missing_ok=True)
-    return format_file(data, hash_path=hash_path, params=VerityParams(salt=SALT),
-                       workers=workers).root_hash
+    return format_file(
+        data, hash_path=hash_path, params=VerityParams(salt=SALT), workers=workers
+    ).root_hash
 
 
 def _streaming(data: Path, hash_path: Path) -> tuple[str, float]:
@@ -106,8 +110,10 @@ def _memory(gib: int, tmp_dir: str | None) -> int:
         finished = time.perf_counter() - t
         area = out.seek(0, os.SEEK_END)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
-    print(f"streaming builder, {gib} GiB blob = {blocks} leaves: feeding {fed:.1f} s, "
-          f"finish {finished:.1f} s, hash area {area >> 20} MiB, peak RSS {peak} MiB")
+    print(
+        f"streaming builder, {gib} GiB blob = {blocks} leaves: feeding {fed:.1f} s, "
+        f"finish {finished:.1f} s, hash area {area >> 20} MiB, peak RSS {peak} MiB"
+    )
     return 0
 
 
@@ -118,8 +124,11 @@ def _timed(fn: Callable[[], str]) -> tuple[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.verity_bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.verity_bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dir", help="where to put the data file (default: the temp directory)")
@@ -152,13 +161,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"root hashes differ: {sorted(roots)}", file=sys.stderr)
             return 1
     ref = min(runs["veritysetup format"])
-    print(f"dm-verity format of {args.size_mib} MiB (sha256, 4096/4096, superblock), "
-          f"{args.rounds} rounds, {len(os.sched_getaffinity(0))} CPUs; root {roots.pop()}")
+    print(
+        f"dm-verity format of {args.size_mib} MiB (sha256, 4096/4096, superblock), "
+        f"{args.rounds} rounds, {len(os.sched_getaffinity(0))} CPUs; root {roots.pop()}"
+    )
     print(f"{'':32} {'best s':>8} {'median s':>9} {'GB/s':>6} {'vs veritysetup':>15}")
     for name, times in runs.items():
         best = min(times)
-        print(f"{name:32} {best:8.3f} {statistics.median(times):9.3f} "
-              f"{size / best / 1e9:6.2f} {ref / best:14.2f}x")
+        print(
+            f"{name:32} {best:8.3f} {statistics.median(times):9.3f} "
+            f"{size / best / 1e9:6.2f} {ref / best:14.2f}x"
+        )
     return 0
 
 

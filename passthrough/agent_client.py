@@ -21,8 +21,9 @@ from passthrough.errors import AgentFailure, Refused
 class AgentClient:
     """One connection to the guest agent. The port admits one host connection at a time."""
 
-    def __init__(self, path: str | Path, timeout: float = 30.0,
-                 alive: Callable[[], bool] | None = None) -> None:
+    def __init__(
+        self, path: str | Path, timeout: float = 30.0, alive: Callable[[], bool] | None = None
+    ) -> None:
         self.path = str(path)
         self.timeout = timeout
         self._alive = alive or (lambda: True)
@@ -120,8 +121,11 @@ class AgentClient:
             if reply.get("id") == req_id:
                 break  # older replies (of requests that timed out) are dropped
         if is_refusal(reply):
-            raise Refused(f"agent {op} refused: {reply.get('error')}", str(reply.get("error")),
-                          reply.get("errno"))
+            raise Refused(
+                f"agent {op} refused: {reply.get('error')}",
+                str(reply.get("error")),
+                reply.get("errno"),
+            )
         if not reply.get("ok"):
             raise AgentFailure(f"agent {op}: {reply.get('error')}", reply.get("errno"))
         return reply["result"]
@@ -140,8 +144,9 @@ class AgentClient:
     def block_devices(self) -> list[dict[str, Any]]:
         return self.call("block_devices")["devices"]
 
-    def wait_block(self, serial: str | None = None, pci: str | None = None,
-                   timeout: float = 10.0) -> dict[str, Any]:
+    def wait_block(
+        self, serial: str | None = None, pci: str | None = None, timeout: float = 10.0
+    ) -> dict[str, Any]:
         return self.call("wait_block", serial=serial, pci=pci, timeout=timeout)
 
     def wait_block_gone(self, name: str, timeout: float = 10.0) -> None:
@@ -157,10 +162,16 @@ class AgentClient:
     def verity_close(self, name: str) -> None:
         self.call("verity_close", name=name)
 
-    def mount(self, source: str, target: str | None = None, fstype: str = "erofs",
-              options: list[str] | None = None) -> str:
-        return self.call("mount", source=source, target=target, fstype=fstype,
-                         options=options or [])["target"]
+    def mount(
+        self,
+        source: str,
+        target: str | None = None,
+        fstype: str = "erofs",
+        options: list[str] | None = None,
+    ) -> str:
+        return self.call(
+            "mount", source=source, target=target, fstype=fstype, options=options or []
+        )["target"]
 
     def umount(self, target: str) -> None:
         self.call("umount", target=target)

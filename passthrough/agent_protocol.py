@@ -56,8 +56,9 @@ def ok_reply(req_id: Any, result: dict[str, Any]) -> dict[str, Any]:
     return {"id": req_id, "ok": True, "result": result}
 
 
-def error_reply(req_id: Any, message: str, err: int | None,
-                refused: bool = False) -> dict[str, Any]:
+def error_reply(
+    req_id: Any, message: str, err: int | None, refused: bool = False
+) -> dict[str, Any]:
     """A failed request; REFUSED marks a policy refusal (then ERR is REFUSED_ERRNO)."""
     reply: dict[str, Any] = {"id": req_id, "ok": False, "error": message, "errno": err}
     if refused:
@@ -89,7 +90,7 @@ ROOT_DEVICE_MARK = "@"
 def cmdline_values(cmdline: str, name: str) -> list[str]:
     """The value of every `NAME=value` on CMDLINE, in order."""
     prefix = name + "="
-    return [arg[len(prefix):] for arg in cmdline.split() if arg.startswith(prefix)]
+    return [arg[len(prefix) :] for arg in cmdline.split() if arg.startswith(prefix)]
 
 
 def encode_trusted_keys(pems: list[bytes]) -> str:

@@ -108,10 +108,14 @@ class _Undo:
 class Attacher:
     """Attach/detach on one VM: its QEMU QMP session, and the storage daemon's for vhost-user."""
 
-    def __init__(self, qmp: QmpSession, qsd_path: str | Path | None = None,
-                 runtime_dir: str | Path | None = None,
-                 before_step: Callable[[str], None] | None = None,
-                 run_dir: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        qmp: QmpSession,
+        qsd_path: str | Path | None = None,
+        runtime_dir: str | Path | None = None,
+        before_step: Callable[[str], None] | None = None,
+        run_dir: str | Path | None = None,
+    ) -> None:
         """QSD_PATH is the storage daemon's QMP socket; without it, qsd.sock beside QEMU's
         QMP socket (our launcher's daemon) if there is one, else the daemon attach runs for
         this VM in its own runtime directory under RUN_DIR (storage_daemon.VmDaemon), where
@@ -143,8 +147,10 @@ class Attacher:
             if self.daemon is not None and self.daemon.running() is None:
                 raise QmpGone(f"no storage daemon runs for {self.daemon.vm_qmp}")
             if not self.qsd_path.exists():
-                raise QmpGone(f"no qemu-storage-daemon QMP socket at {self.qsd_path} "
-                              "(vhost-user-blk needs the VM's storage daemon)")
+                raise QmpGone(
+                    f"no qemu-storage-daemon QMP socket at {self.qsd_path} "
+                    "(vhost-user-blk needs the VM's storage daemon)"
+                )
             self._qsd = QmpSession(self.qsd_path, name="erofs-passthrough-qsd")
         return self._qsd
 
@@ -181,12 +187,13 @@ class Attacher:
         for prop in self.qmp.cmd("qom-list", path="/machine/peripheral"):
             t = prop["type"]
             if t.startswith("child<"):
-                out[prop["name"]] = t[len("child<"):-1]
+                out[prop["name"]] = t[len("child<") : -1]
         return out
 
     def _parent_port(self, device_id: str) -> str:
-        bus = self.qmp.cmd("qom-get", path=f"/machine/peripheral/{device_id}",
-                           property="parent_bus")
+        bus = self.qmp.cmd(
+            "qom-get", path=f"/machine/peripheral/{device_id}", property="parent_bus"
+        )
         # "/machine/peripheral/ep-rp3/ep-rp3": the root port's secondary bus
         return str(bus).rstrip("/").split("/")[-2]
 
@@ -196,8 +203,9 @@ class Attacher:
         for bus in self.qmp.cmd("query-pci"):
             for dev in bus["devices"]:
                 if dev.get("qdev_id"):
-                    slots[dev["qdev_id"]] = (f"0000:{bus['bus']:02x}:{dev['slot']:02x}."
-                                             f"{dev['function']:x}")
+                    slots[dev["qdev_id"]] = (
+                        f"0000:{bus['bus']:02x}:{dev['slot']:02x}.{dev['function']:x}"
+                    )
         ports = [d for d, t in self._peripherals().items() if t == ROOT_PORT_TYPE]
         ports.sort(key=lambda p: (slots.get(p) or "", p))
         return {p: slots.get(p) for p in ports}
@@ -223,8 +231,10 @@ class Attacher:
 
     def _block_nodes(self, session: QmpSession) -> dict[str, str]:
         """{node-name: filename} of the named block nodes of SESSION's peer."""
-        return {n["node-name"]: n.get("file", "")
-                for n in session.cmd("query-named-block-nodes", flat=True)}
+        return {
+            n["node-name"]: n.get("file", "")
+            for n in session.cmd("query-named-block-nodes", flat=True)
+        }
 
     def attached(self) -> list[Attachment]:
         """Every device this module attached to the VM (by its naming scheme)."""
@@ -244,20 +254,35 @@ class Attacher:
                         qsd_nodes = self._block_nodes(self.qsd)
                     except QmpGone:
                         qsd_nodes = {}
-                out.append(self._describe(dev, transport, qsd_nodes.get(names["node"]), port,
-                                          ports.get(port)))
+                out.append(
+                    self._describe(
+                        dev, transport, qsd_nodes.get(names["node"]), port, ports.get(port)
+                    )
+                )
             else:
-                out.append(self._describe(dev, transport, nodes.get(names["node"]), port,
-                                          ports.get(port)))
+                out.append(
+                    self._describe(dev, transport, nodes.get(names["node"]), port, ports.get(port))
+                )
         return out
 
-    def _describe(self, dev: str, transport: str, file: str | None, port: str,
-                  slot: str | None) -> Attachment:
+    def _describe(
+        self, dev: str, transport: str, file: str | None, port: str, slot: str | None
+    ) -> Attachment:
         names = _names(dev)
         if transport == "virtio-blk":
             return Attachment(dev, transport, file, port, slot, dev, names["node"])
-        return Attachment(dev, transport, file, port, slot, VHOST_USER_BLK_SERIAL, names["node"],
-                          names["chardev"], names["export"], str(self._socket_path(dev)))
+        return Attachment(
+            dev,
+            transport,
+            file,
+            port,
+            slot,
+            VHOST_USER_BLK_SERIAL,
+            names["node"],
+            names["chardev"],
+            names["export"],
+            str(self._socket_path(dev)),
+        )
 
     def _socket_path(self, device_id: str) -> Path:
         return self.runtime_dir / f"{device_id}.vhost.sock"
@@ -285,8 +310,10 @@ class Attacher:
             self._remove_leftovers(dev, transport)
             free = self.free_ports()
             if not free:
-                raise PoolExhausted(f"no free pcie-root-port for {file}: all "
-                                    f"{len(self.root_ports())} are in use (start the VM with more)")
+                raise PoolExhausted(
+                    f"no free pcie-root-port for {file}: all "
+                    f"{len(self.root_ports())} are in use (start the VM with more)"
+                )
             port = free[0]
             undo = _Undo()
             try:
@@ -326,7 +353,8 @@ class Attacher:
                 f"vhost-user-blk needs guest RAM the storage daemon can map, and memory "
                 f"backend {', '.join(unshared) or '(none)'} of the QEMU at {self.qmp.path} is "
                 "not shared (start QEMU with -object memory-backend-memfd,id=mem,size=...,"
-                "share=on -machine memory-backend=mem); nothing was attached")
+                "share=on -machine memory-backend=mem); nothing was attached"
+            )
 
     def _qemu_pid(self) -> int:
         """The pid of the QEMU behind our QMP connection, from its socket's peer
@@ -338,7 +366,8 @@ class Attacher:
             raise StorageDaemonFailure(
                 f"cannot tell which process serves {self.qmp.path} (no peer credentials: "
                 "another pid namespace?); start a qemu-storage-daemon for the VM and pass "
-                "its QMP socket with --storage-daemon")
+                "its QMP socket with --storage-daemon"
+            )
         return pid
 
     def _ensure_daemon(self) -> None:
@@ -385,42 +414,80 @@ class Attacher:
     def _attach_virtio_blk(self, path: str, dev: str, port: str, undo: _Undo) -> None:
         node = _names(dev)["node"]
         self._before_step("blockdev-add")
-        self.qmp.cmd("blockdev-add", **{
-            "driver": "raw", "node-name": node, "read-only": True,
-            "file": {"driver": "file", "node-name": f"{dev}-file", "filename": path,
-                     "read-only": True}})
-        undo.push(f"blockdev-del {node}",
-                  lambda: self.qmp.cmd("blockdev-del", **{"node-name": node}))
+        self.qmp.cmd(
+            "blockdev-add",
+            **{
+                "driver": "raw",
+                "node-name": node,
+                "read-only": True,
+                "file": {
+                    "driver": "file",
+                    "node-name": f"{dev}-file",
+                    "filename": path,
+                    "read-only": True,
+                },
+            },
+        )
+        undo.push(
+            f"blockdev-del {node}", lambda: self.qmp.cmd("blockdev-del", **{"node-name": node})
+        )
         self._before_step("device_add")
-        self.qmp.cmd("device_add", driver=_DRIVER["virtio-blk"], id=dev, drive=node, bus=port,
-                     serial=dev)
+        self.qmp.cmd(
+            "device_add", driver=_DRIVER["virtio-blk"], id=dev, drive=node, bus=port, serial=dev
+        )
 
     def _attach_vhost_user_blk(self, path: str, dev: str, port: str, undo: _Undo) -> None:
         names = _names(dev)
         sock = self._socket_path(dev)
         qsd = self.qsd
         self._before_step("qsd:blockdev-add")
-        qsd.cmd("blockdev-add", **{"driver": "file", "node-name": names["node"],
-                                   "filename": path, "read-only": True})
-        undo.push(f"qsd blockdev-del {names['node']}",
-                  lambda: qsd.cmd("blockdev-del", **{"node-name": names["node"]}))
+        qsd.cmd(
+            "blockdev-add",
+            **{"driver": "file", "node-name": names["node"], "filename": path, "read-only": True},
+        )
+        undo.push(
+            f"qsd blockdev-del {names['node']}",
+            lambda: qsd.cmd("blockdev-del", **{"node-name": names["node"]}),
+        )
         with contextlib.suppress(FileNotFoundError):
             sock.unlink()
         self._before_step("qsd:block-export-add")
-        qsd.cmd("block-export-add", **{
-            "type": "vhost-user-blk", "id": names["export"], "node-name": names["node"],
-            "writable": False, "addr": {"type": "unix", "path": str(sock)}})
-        undo.push(f"qsd block-export-del {names['export']}",
-                  lambda: self._del_export(qsd, names["export"]))
+        qsd.cmd(
+            "block-export-add",
+            **{
+                "type": "vhost-user-blk",
+                "id": names["export"],
+                "node-name": names["node"],
+                "writable": False,
+                "addr": {"type": "unix", "path": str(sock)},
+            },
+        )
+        undo.push(
+            f"qsd block-export-del {names['export']}",
+            lambda: self._del_export(qsd, names["export"]),
+        )
         self._before_step("chardev-add")
-        self.qmp.cmd("chardev-add", id=names["chardev"], backend={
-            "type": "socket",
-            "data": {"addr": {"type": "unix", "data": {"path": str(sock)}}, "server": False}})
-        undo.push(f"chardev-remove {names['chardev']}",
-                  lambda: self.qmp.cmd("chardev-remove", id=names["chardev"]))
+        self.qmp.cmd(
+            "chardev-add",
+            id=names["chardev"],
+            backend={
+                "type": "socket",
+                "data": {"addr": {"type": "unix", "data": {"path": str(sock)}}, "server": False},
+            },
+        )
+        undo.push(
+            f"chardev-remove {names['chardev']}",
+            lambda: self.qmp.cmd("chardev-remove", id=names["chardev"]),
+        )
         self._before_step("device_add")
-        self.qmp.cmd("device_add", driver=_DRIVER["vhost-user-blk"], id=dev,
-                     chardev=names["chardev"], bus=port, **{"num-queues": 1})
+        self.qmp.cmd(
+            "device_add",
+            driver=_DRIVER["vhost-user-blk"],
+            id=dev,
+            chardev=names["chardev"],
+            bus=port,
+            **{"num-queues": 1},
+        )
 
     def _del_export(self, qsd: QmpSession, export_id: str) -> None:
         with qsd.listen("BLOCK_EXPORT_DELETED") as events:
@@ -480,13 +547,16 @@ class Attacher:
                     return self._describe(dev, transport, None, "", None)
             raise NotAttached(f"{os.fspath(what)} is not attached")
         if len(found) > 1:
-            raise PassthroughError(f"{os.fspath(what)} is attached over several transports; "
-                                   f"detach by device id: {[a.device_id for a in found]}")
+            raise PassthroughError(
+                f"{os.fspath(what)} is attached over several transports; "
+                f"detach by device id: {[a.device_id for a in found]}"
+            )
         att = found[0]
         with self.qmp.listen("DEVICE_DELETED") as events:
             self.qmp.cmd("device_del", id=att.device_id)
             # The virtio backend's DEVICE_DELETED (no "device") comes first; wait for ours.
             self.qmp.wait_event(
-                events, lambda e: e.get("data", {}).get("device") == att.device_id, timeout)
+                events, lambda e: e.get("data", {}).get("device") == att.device_id, timeout
+            )
         self._remove_leftovers(att.device_id, att.transport)
         return att

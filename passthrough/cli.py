@@ -23,31 +23,47 @@ if TYPE_CHECKING:
 def register(subparsers: argparse._SubParsersAction) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--qmp", required=True, type=Path, help="QEMU's QMP unix socket")
-    common.add_argument("--storage-daemon", type=Path, default=None, metavar="SOCK",
-                        help="qemu-storage-daemon's QMP socket for vhost-user-blk (default: "
-                        "qsd.sock next to the QMP socket if there is one, else a daemon attach "
-                        "starts for the VM and stops after its last detach or the VM's exit)")
-    common.add_argument("--json", action="store_true",
-                        help="print one JSON object (also for an error: {\"error\": ...})")
+    common.add_argument(
+        "--storage-daemon",
+        type=Path,
+        default=None,
+        metavar="SOCK",
+        help="qemu-storage-daemon's QMP socket for vhost-user-blk (default: "
+        "qsd.sock next to the QMP socket if there is one, else a daemon attach "
+        "starts for the VM and stops after its last detach or the VM's exit)",
+    )
+    common.add_argument(
+        "--json",
+        action="store_true",
+        help='print one JSON object (also for an error: {"error": ...})',
+    )
 
-    p = subparsers.add_parser("attach", parents=[common],
-                              help="attach files read-only to a running QEMU")
+    p = subparsers.add_parser(
+        "attach", parents=[common], help="attach files read-only to a running QEMU"
+    )
     p.add_argument("--transport", choices=TRANSPORTS, default="virtio-blk")
     p.add_argument("files", nargs="+", metavar="FILE")
     p.set_defaults(func=cmd_attach)
 
-    p = subparsers.add_parser("detach", parents=[common],
-                              help="unplug devices (by device id or attached file)")
-    p.add_argument("--timeout", type=float, default=15.0,
-                   help="seconds to wait for the guest to release a device")
+    p = subparsers.add_parser(
+        "detach", parents=[common], help="unplug devices (by device id or attached file)"
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=15.0,
+        help="seconds to wait for the guest to release a device",
+    )
     p.add_argument("devices", nargs="+", metavar="DEVICE|FILE")
     p.set_defaults(func=cmd_detach)
 
 
-def _json_errors(command: Callable[[argparse.Namespace], int]
-                 ) -> Callable[[argparse.Namespace], int]:
+def _json_errors(
+    command: Callable[[argparse.Namespace], int],
+) -> Callable[[argparse.Namespace], int]:
     """With --json, an error is also one JSON object on stdout ({"error": message}) before the
     usual one line on stderr and exit status 1, so a caller parsing stdout always gets JSON."""
+
     @functools.wraps(command)
     def run(args: argparse.Namespace) -> int:
         try:
@@ -56,6 +72,7 @@ def _json_errors(command: Callable[[argparse.Namespace], int]
             if args.json:
                 print(json.dumps({"error": str(exc)}), flush=True)
             raise
+
     return run
 
 
@@ -64,8 +81,10 @@ def _print(args: argparse.Namespace, key: str, atts: list[Attachment]) -> None:
         print(json.dumps({key: [a.to_json() for a in atts]}, indent=2))
         return
     for a in atts:
-        print(f"{a.device_id} {a.transport} port={a.root_port} pci={a.pci_slot} "
-              f"serial={a.serial} {a.file or ''}".rstrip())
+        print(
+            f"{a.device_id} {a.transport} port={a.root_port} pci={a.pci_slot} "
+            f"serial={a.serial} {a.file or ''}".rstrip()
+        )
 
 
 def _check_qmp_socket(args: argparse.Namespace) -> None:
@@ -91,7 +110,8 @@ def cmd_attach(args: argparse.Namespace) -> int:
             raise PassthroughError(f"cannot attach {f}: {exc.strerror}") from None
         if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
             raise PassthroughError(
-                f"cannot attach {f}: is {file_kind(mode)}, not a regular file or a block device")
+                f"cannot attach {f}: is {file_kind(mode)}, not a regular file or a block device"
+            )
     _check_qmp_socket(args)
     with QmpSession(args.qmp) as qmp, Attacher(qmp, args.storage_daemon) as attacher:
         before = {a.device_id for a in attacher.attached()}
@@ -108,8 +128,9 @@ def cmd_attach(args: argparse.Namespace) -> int:
                     attacher.detach(att.device_id)
                     undone.append(att.device_id)
                 except PassthroughError as undo_exc:
-                    raise PassthroughError(f"{exc}; and detaching {att.device_id} again "
-                                           f"failed: {undo_exc}") from exc
+                    raise PassthroughError(
+                        f"{exc}; and detaching {att.device_id} again failed: {undo_exc}"
+                    ) from exc
             suffix = f" (detached again: {', '.join(undone)})" if undone else ""
             raise PassthroughError(f"{exc}{suffix}") from exc
         _print(args, "attached", done)

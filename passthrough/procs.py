@@ -20,8 +20,9 @@ def spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
     hit it before we stop it in order)."""
     with open(log, "ab") as fh:
         try:
-            return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fh, stderr=fh,
-                                    start_new_session=True)
+            return subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=fh, stderr=fh, start_new_session=True
+            )
         except FileNotFoundError:
             raise VmFailure(f"{argv[0]} is not installed (run .ci/setup)") from None
 
@@ -33,8 +34,9 @@ def program_name(proc: subprocess.Popen[bytes]) -> str:
     return Path(os.fsdecode(first)).name
 
 
-def wait_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float, log: Path,
-                qmp_greeting: bool = False) -> None:
+def wait_socket(
+    path: Path, proc: subprocess.Popen[bytes], timeout: float, log: Path, qmp_greeting: bool = False
+) -> None:
     """Wait until PROC listens on unix socket PATH; VmFailure (with LOG's tail) if it exits.
 
     QMP_GREETING: wait until the monitor there has sent its greeting. qemu-storage-daemon 7.2
@@ -43,8 +45,7 @@ def wait_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float, log: 
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
-            raise VmFailure(f"{program_name(proc)} exited with {proc.returncode}: "
-                            f"{tail(log)}")
+            raise VmFailure(f"{program_name(proc)} exited with {proc.returncode}: {tail(log)}")
         if path.exists():
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                 try:
@@ -101,7 +102,7 @@ def start_time(pid: int) -> int | None:
     except OSError:
         return None
     # the command name (field 2) is in parentheses and may itself hold spaces or ")"
-    return int(stat[stat.rindex(b")") + 2:].split()[19])
+    return int(stat[stat.rindex(b")") + 2 :].split()[19])
 
 
 def is_running(pid: int, started: int) -> bool:

@@ -24,8 +24,13 @@ Event = dict[str, Any]
 class QmpSession:
     """QMP over a unix socket, with blocking calls. Not thread-safe: one user at a time."""
 
-    def __init__(self, path: str | Path, name: str = "erofs-passthrough",
-                 timeout: float = 10.0, connect_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        name: str = "erofs-passthrough",
+        timeout: float = 10.0,
+        connect_timeout: float = 30.0,
+    ) -> None:
         """CONNECT_TIMEOUT covers the greeting too: a QMP monitor serves one client at a
         time, so a second one waits (in the listen backlog) until the first disconnects."""
         self.path = str(path)
@@ -58,8 +63,9 @@ class QmpSession:
         COMMAND and TIMEOUT are positional only: every keyword is a QMP argument."""
         if not self.alive:
             raise QmpGone(f"{command}: QMP peer at {self.path} is gone")
-        return self._run(self._client.execute(command, arguments or None),
-                         timeout or self.timeout, command)
+        return self._run(
+            self._client.execute(command, arguments or None), timeout or self.timeout, command
+        )
 
     @contextlib.contextmanager
     def listen(self, *names: str) -> Iterator[EventListener]:
@@ -69,8 +75,9 @@ class QmpSession:
         with self._client.listen(listener):
             yield listener
 
-    def wait_event(self, listener: EventListener, match: Callable[[Event], bool],
-                   timeout: float) -> Event:
+    def wait_event(
+        self, listener: EventListener, match: Callable[[Event], bool], timeout: float
+    ) -> Event:
         """The first event from LISTENER for which MATCH is true; QmpGone if the peer dies."""
         deadline = time.monotonic() + timeout
         while True:
@@ -81,7 +88,8 @@ class QmpSession:
                 raise QmpGone(f"QMP peer at {self.path} went away while waiting for an event")
             try:
                 event = self._loop.run_until_complete(
-                    asyncio.wait_for(listener.get(), min(left, 0.2)))
+                    asyncio.wait_for(listener.get(), min(left, 0.2))
+                )
             except TimeoutError:
                 continue
             if match(dict(event)):

@@ -53,8 +53,13 @@ _PR_SET_PDEATHSIG = 1
 class StorageDaemon:
     """A qemu-storage-daemon with only a QMP monitor; exports are added at run time."""
 
-    def __init__(self, qmp_path: Path, log: Path, own_qmp_path: Path | None = None,
-                 binary: str = "qemu-storage-daemon") -> None:
+    def __init__(
+        self,
+        qmp_path: Path,
+        log: Path,
+        own_qmp_path: Path | None = None,
+        binary: str = "qemu-storage-daemon",
+    ) -> None:
         """QMP_PATH is for attach tools; OWN_QMP_PATH (if given) a second monitor for the
         launcher's own inspection (one client per monitor at a time)."""
         self.qmp_path = qmp_path
@@ -64,12 +69,20 @@ class StorageDaemon:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 10.0) -> StorageDaemon:
-        argv = [shutil.which(self.binary) or self.binary,
-                "--chardev", f"socket,id=qmp0,path={self.qmp_path},server=on,wait=off",
-                "--monitor", "chardev=qmp0"]
+        argv = [
+            shutil.which(self.binary) or self.binary,
+            "--chardev",
+            f"socket,id=qmp0,path={self.qmp_path},server=on,wait=off",
+            "--monitor",
+            "chardev=qmp0",
+        ]
         if self.own_qmp_path:
-            argv += ["--chardev", f"socket,id=qmp1,path={self.own_qmp_path},server=on,wait=off",
-                     "--monitor", "chardev=qmp1"]
+            argv += [
+                "--chardev",
+                f"socket,id=qmp1,path={self.own_qmp_path},server=on,wait=off",
+                "--monitor",
+                "chardev=qmp1",
+            ]
         self.proc = procs.spawn(argv, self.log)
         for path in (self.qmp_path, self.own_qmp_path):
             if path:
@@ -156,8 +169,9 @@ class VmDaemon:
 
     Methods other than `locked` expect the caller to hold `locked()`."""
 
-    def __init__(self, vm_qmp_path: str | os.PathLike[str],
-                 run_dir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self, vm_qmp_path: str | os.PathLike[str], run_dir: str | os.PathLike[str] | None = None
+    ) -> None:
         self.vm_qmp = os.path.realpath(vm_qmp_path)
         self.root = Path(run_dir or default_run_dir()) / "qsd"
         key = hashlib.sha256(self.vm_qmp.encode()).hexdigest()[:KEY_HEX_DIGITS]
@@ -180,8 +194,12 @@ class VmDaemon:
     def running(self) -> DaemonState | None:
         """The state of a daemon that is up (supervisor and daemon both alive), else None."""
         st = self.state()
-        if (st is not None and procs.is_running(st.supervisor_pid, st.supervisor_start)
-                and procs.is_running(st.qsd_pid, st.qsd_start) and self.qmp_path.is_socket()):
+        if (
+            st is not None
+            and procs.is_running(st.supervisor_pid, st.supervisor_start)
+            and procs.is_running(st.qsd_pid, st.qsd_start)
+            and self.qmp_path.is_socket()
+        ):
             return st
         return None
 
@@ -216,9 +234,22 @@ class VmDaemon:
             return st
         self.stop()  # nothing, a dead one's remains, or one for an earlier VM on this socket
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        proc = procs.spawn([sys.executable, "-m", "passthrough.storage_daemon",
-                            "--dir", str(self.dir), "--vm-qmp", self.vm_qmp,
-                            "--vm-pid", str(vm_pid), "--vm-start", str(vm_start)], self.log)
+        proc = procs.spawn(
+            [
+                sys.executable,
+                "-m",
+                "passthrough.storage_daemon",
+                "--dir",
+                str(self.dir),
+                "--vm-qmp",
+                self.vm_qmp,
+                "--vm-pid",
+                str(vm_pid),
+                "--vm-start",
+                str(vm_start),
+            ],
+            self.log,
+        )
         return self._wait_ready(proc, timeout)
 
     def _wait_ready(self, proc: subprocess.Popen[bytes] | None, timeout: float) -> DaemonState:
@@ -229,15 +260,19 @@ class VmDaemon:
                 return st
             written = self.state()
             if (proc is not None and proc.poll() is not None) or (
-                    written is not None and not procs.is_running(written.qsd_pid,
-                                                                 written.qsd_start)):
-                raise StorageDaemonFailure(f"qemu-storage-daemon for {self.vm_qmp} did not "
-                                           f"start: {procs.tail(self.log, 5)}")
+                written is not None and not procs.is_running(written.qsd_pid, written.qsd_start)
+            ):
+                raise StorageDaemonFailure(
+                    f"qemu-storage-daemon for {self.vm_qmp} did not "
+                    f"start: {procs.tail(self.log, 5)}"
+                )
             if proc is None and self._live_supervisor() is None:
                 return self.running()  # type: ignore[return-value]  # None: caller restarts
             if time.monotonic() > deadline:
-                raise StorageDaemonFailure(f"qemu-storage-daemon for {self.vm_qmp} did not "
-                                           f"answer within {timeout}s: {procs.tail(self.log, 5)}")
+                raise StorageDaemonFailure(
+                    f"qemu-storage-daemon for {self.vm_qmp} did not "
+                    f"answer within {timeout}s: {procs.tail(self.log, 5)}"
+                )
             time.sleep(0.01)
 
     def session(self) -> QmpSession:
@@ -293,8 +328,7 @@ def reap_orphans(run_dir: str | os.PathLike[str] | None = None) -> list[Path]:
                 try:
                     st = DaemonState(**json.loads((directory / "daemon.json").read_text()))
                 except (OSError, ValueError, TypeError):
-                    with _flocked(directory, directory / "supervisor.lock",
-                                  blocking=False) as idle:
+                    with _flocked(directory, directory / "supervisor.lock", blocking=False) as idle:
                         pass
                     if idle:  # no attach, no daemon: remains of an attach that was killed
                         remove_runtime_dir(directory)
@@ -310,6 +344,7 @@ def reap_orphans(run_dir: str | os.PathLike[str] | None = None) -> list[Path]:
 
 
 # --- the supervisor (a process of its own: python -m passthrough.storage_daemon) ---------------
+
 
 def _die_with_parent() -> None:
     """In the daemon's child before exec: SIGKILL it when its supervisor dies."""
@@ -346,16 +381,23 @@ def _supervise(directory: Path, vm_qmp: str, vm_pid: int, vm_start: int) -> int:
         binary = shutil.which("qemu-storage-daemon") or "qemu-storage-daemon"
         with open(daemon.log, "ab") as log:
             qsd = subprocess.Popen(
-                [binary, "--chardev",
-                 f"socket,id=qmp0,path={daemon.qmp_path},server=on,wait=off",
-                 "--monitor", "chardev=qmp0"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                preexec_fn=_die_with_parent)  # the supervisor is single-threaded
+                [
+                    binary,
+                    "--chardev",
+                    f"socket,id=qmp0,path={daemon.qmp_path},server=on,wait=off",
+                    "--monitor",
+                    "chardev=qmp0",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                preexec_fn=_die_with_parent,
+            )  # the supervisor is single-threaded
         try:
-            procs.wait_socket(daemon.qmp_path, qsd, START_TIMEOUT, daemon.log,
-                              qmp_greeting=True)
-            state = DaemonState(vm_qmp, vm_pid, vm_start, me[0], me[1], qsd.pid,
-                                procs.start_time(qsd.pid) or 0)
+            procs.wait_socket(daemon.qmp_path, qsd, START_TIMEOUT, daemon.log, qmp_greeting=True)
+            state = DaemonState(
+                vm_qmp, vm_pid, vm_start, me[0], me[1], qsd.pid, procs.start_time(qsd.pid) or 0
+            )
             _write_atomic(daemon.state_path, json.dumps(asdict(state)) + "\n")
             qsd_fd = os.pidfd_open(qsd.pid)
             select.select([vm_fd, qsd_fd], [], [])
@@ -364,8 +406,7 @@ def _supervise(directory: Path, vm_qmp: str, vm_pid: int, vm_start: int) -> int:
                 print(f"supervisor: QEMU (pid {vm_pid}) exited; stopping", flush=True)
             else:
                 qsd.wait()
-                print(f"supervisor: qemu-storage-daemon exited with {qsd.returncode}",
-                      flush=True)
+                print(f"supervisor: qemu-storage-daemon exited with {qsd.returncode}", flush=True)
             procs.stop(qsd)
             with daemon.locked():
                 current = daemon.state()
@@ -380,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m passthrough.storage_daemon",
         description="Run a qemu-storage-daemon for one QEMU until that QEMU exits "
-        "(started by `erofs-passthrough attach`).")
+        "(started by `erofs-passthrough attach`).",
+    )
     parser.add_argument("--dir", type=Path, required=True)
     parser.add_argument("--vm-qmp", required=True)
     parser.add_argument("--vm-pid", type=int, required=True)

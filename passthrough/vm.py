@@ -31,8 +31,16 @@ ROOT_PORT_PREFIX = "ep-rp"
 FIRST_PORT_SLOT = 8  # root ports at 00:08.0 ... (8 functions per slot), fixed devices below
 # Fast boot under TCG (docs/passthrough.md, "Boot"): no mitigations, no crypto self tests, no TSC
 # calibration; panic=-1 + -no-reboot make a dead guest end QEMU instead of hanging.
-BOOT_ARGS = ("console=ttyS0", "quiet", "panic=-1", "mitigations=off", "cryptomgr.notests=1",
-             "tsc=reliable", "no_timer_check", "random.trust_cpu=on")
+BOOT_ARGS = (
+    "console=ttyS0",
+    "quiet",
+    "panic=-1",
+    "mitigations=off",
+    "cryptomgr.notests=1",
+    "tsc=reliable",
+    "no_timer_check",
+    "random.trust_cpu=on",
+)
 COMMAND_LINE_MAX = 2047  # x86's COMMAND_LINE_SIZE is 2048 with the NUL
 
 
@@ -58,9 +66,14 @@ class VmConfig:
 
     @classmethod
     def for_guest(cls, image: GuestImage, **overrides: object) -> VmConfig:
-        return cls(kernel=image.kernel, initrd=image.initrd, kernel_args=list(image.kernel_args),
-                   root_image=image.root_image, root_serial=image.root_serial,
-                   **overrides)  # type: ignore[arg-type]
+        return cls(
+            kernel=image.kernel,
+            initrd=image.initrd,
+            kernel_args=list(image.kernel_args),
+            root_image=image.root_image,
+            root_serial=image.root_serial,
+            **overrides,
+        )  # type: ignore[arg-type]
 
 
 def root_port_id(index: int) -> str:
@@ -90,35 +103,63 @@ class Vm:
     def argv(self) -> list[str]:
         c = self.config
         mem = f"{c.memory_mib}M"
-        argv = [shutil.which(c.qemu) or c.qemu,
-                "-machine", f"q35,accel={c.accel},memory-backend=mem",
-                "-object", f"memory-backend-memfd,id=mem,size={mem},share=on",
-                "-m", mem, "-cpu", "max", "-smp", str(c.cpus),
-                "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-                "-chardev", f"socket,id=qmp,path={self.qmp_path},server=on,wait=off",
-                "-mon", "chardev=qmp,mode=control",
-                "-chardev", f"socket,id=qmp-vm,path={self.own_qmp_path},server=on,wait=off",
-                "-mon", "chardev=qmp-vm,mode=control",
-                "-chardev", f"file,id=con,path={self.console_path}",
-                "-serial", "chardev:con",
-                "-device", "virtio-serial-pci,id=vser,bus=pcie.0,addr=0x3",
-                "-chardev", f"socket,id=agent,path={self.agent_path},server=on,wait=off",
-                "-device", f"virtserialport,bus=vser.0,chardev=agent,name={AGENT_PORT}"]
+        argv = [
+            shutil.which(c.qemu) or c.qemu,
+            "-machine",
+            f"q35,accel={c.accel},memory-backend=mem",
+            "-object",
+            f"memory-backend-memfd,id=mem,size={mem},share=on",
+            "-m",
+            mem,
+            "-cpu",
+            "max",
+            "-smp",
+            str(c.cpus),
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-chardev",
+            f"socket,id=qmp,path={self.qmp_path},server=on,wait=off",
+            "-mon",
+            "chardev=qmp,mode=control",
+            "-chardev",
+            f"socket,id=qmp-vm,path={self.own_qmp_path},server=on,wait=off",
+            "-mon",
+            "chardev=qmp-vm,mode=control",
+            "-chardev",
+            f"file,id=con,path={self.console_path}",
+            "-serial",
+            "chardev:con",
+            "-device",
+            "virtio-serial-pci,id=vser,bus=pcie.0,addr=0x3",
+            "-chardev",
+            f"socket,id=agent,path={self.agent_path},server=on,wait=off",
+            "-device",
+            f"virtserialport,bus=vser.0,chardev=agent,name={AGENT_PORT}",
+        ]
         for i in range(c.root_ports):
             slot, fn = FIRST_PORT_SLOT + i // 8, i % 8
             mf = ",multifunction=on" if fn == 0 else ""
-            argv += ["-device", f"pcie-root-port,id={root_port_id(i)},bus=pcie.0,"
-                     f"chassis={i + 1},slot={i + 1},addr={slot:#x}.{fn}{mf}"]
+            argv += [
+                "-device",
+                f"pcie-root-port,id={root_port_id(i)},bus=pcie.0,"
+                f"chassis={i + 1},slot={i + 1},addr={slot:#x}.{fn}{mf}",
+            ]
         if c.kernel:
             argv += ["-kernel", str(c.kernel), "-append", self.command_line()]
             if c.initrd:
                 argv += ["-initrd", str(c.initrd)]
         if c.root_image:
-            argv += ["-blockdev", "driver=file,node-name=rootfile,read-only=on,"
-                     f"filename={c.root_image}",
-                     "-blockdev", "driver=raw,node-name=root,read-only=on,file=rootfile",
-                     "-device", "virtio-blk-pci,drive=root,bus=pcie.0,addr=0x2,"
-                     f"serial={c.root_serial}"]
+            argv += [
+                "-blockdev",
+                f"driver=file,node-name=rootfile,read-only=on,filename={c.root_image}",
+                "-blockdev",
+                "driver=raw,node-name=root,read-only=on,file=rootfile",
+                "-device",
+                f"virtio-blk-pci,drive=root,bus=pcie.0,addr=0x2,serial={c.root_serial}",
+            ]
         if c.paused:
             argv.append("-S")
         return argv
@@ -132,16 +173,19 @@ class Vm:
             args.append(LOCKDOWN_ON)
         line = " ".join(args)
         if len(line) > COMMAND_LINE_MAX:
-            raise VmFailure(f"kernel command line of {len(line)} bytes exceeds "
-                            f"{COMMAND_LINE_MAX} (too many trusted keys?)")
+            raise VmFailure(
+                f"kernel command line of {len(line)} bytes exceeds "
+                f"{COMMAND_LINE_MAX} (too many trusted keys?)"
+            )
         return line
 
     def start(self, timeout: float = 20.0) -> Vm:
         self.started_at = time.monotonic()
         try:
             if self.config.storage_daemon:
-                self.qsd = StorageDaemon(self.qsd_path, self.workdir / "qsd.log",
-                                         self.workdir / "qsd-vm.sock").start()
+                self.qsd = StorageDaemon(
+                    self.qsd_path, self.workdir / "qsd.log", self.workdir / "qsd-vm.sock"
+                ).start()
             self.proc = procs.spawn(self.argv(), self.log_path)
             # QEMU makes them in argv order
             for sock in (self.qmp_path, self.own_qmp_path, self.agent_path):
@@ -153,8 +197,11 @@ class Vm:
             except PassthroughError as exc:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     self.proc.wait(2)
-                state = (f"exited with {self.proc.returncode}" if self.proc.poll() is not None
-                         else "does not answer on QMP")
+                state = (
+                    f"exited with {self.proc.returncode}"
+                    if self.proc.poll() is not None
+                    else "does not answer on QMP"
+                )
                 raise VmFailure(f"QEMU {state}: {procs.tail(self.log_path)} ({exc})") from None
         except BaseException:
             self.stop()
@@ -192,9 +239,11 @@ class Vm:
             client.ping()
         except AgentFailure as exc:
             client.close()
-            raise VmFailure(f"guest agent not ready: {exc}\n--- console ---\n"
-                            f"{self.console_summary()}\n--- qemu ---\n"
-                            f"{procs.tail(self.log_path)}") from None
+            raise VmFailure(
+                f"guest agent not ready: {exc}\n--- console ---\n"
+                f"{self.console_summary()}\n--- qemu ---\n"
+                f"{procs.tail(self.log_path)}"
+            ) from None
         client.timeout = 60.0
         return client
 

@@ -28,6 +28,7 @@ IMAGE_NYDUS_FS = "image_nydus_fs"
 LAYER_NYDUS_FS = "layer_nydus_fs"
 IMAGE_GUEST_PULL = "image_guest_pull"
 
+
 @dataclass
 class KataVirtualVolume:
     volume_type: str
@@ -40,8 +41,16 @@ class KataVirtualVolume:
     dm_verity: DmVerityInfo | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
-    _FIELDS = ("volume_type", "source", "fs_type", "options", "direct_volume", "image_pull",
-               "nydus_image", "dm_verity")
+    _FIELDS = (
+        "volume_type",
+        "source",
+        "fs_type",
+        "options",
+        "direct_volume",
+        "image_pull",
+        "nydus_image",
+        "dm_verity",
+    )
 
     def validate(self) -> None:
         """Kata's `KataVirtualVolume::validate`, for the types this project produces and
@@ -89,8 +98,11 @@ class KataVirtualVolume:
                 direct_volume=json_field(data, "direct_volume", dict, None),
                 image_pull=json_field(data, "image_pull", dict, None),
                 nydus_image=json_field(data, "nydus_image", dict, None),
-                dm_verity=(DmVerityInfo.from_json(data["dm_verity"])
-                           if data.get("dm_verity") is not None else None),
+                dm_verity=(
+                    DmVerityInfo.from_json(data["dm_verity"])
+                    if data.get("dm_verity") is not None
+                    else None
+                ),
                 extra={k: v for k, v in data.items() if k not in cls._FIELDS},
             )
         except KeyError as exc:
@@ -110,7 +122,7 @@ class KataVirtualVolume:
         if not option.startswith(prefix):
             raise InvalidInput(f"not a Kata volume option: {option[:40]!r}")
         try:
-            raw = base64.b64decode(option[len(prefix):], validate=True)
+            raw = base64.b64decode(option[len(prefix) :], validate=True)
         except (binascii.Error, ValueError):
             raise InvalidInput("Kata volume option: bad base64") from None
         try:
@@ -120,8 +132,12 @@ class KataVirtualVolume:
         return cls.from_json(data)
 
 
-def volumes_from_devices(devices: list[dict[str, Any]], flat: dict[str, Any] | None = None,
-                         *, kata_types_only: bool = False) -> list[KataVirtualVolume]:
+def volumes_from_devices(
+    devices: list[dict[str, Any]],
+    flat: dict[str, Any] | None = None,
+    *,
+    kata_types_only: bool = False,
+) -> list[KataVirtualVolume]:
     """Kata volumes for a VM-mode rootfs: from the device list our snapshotter's VM-mode
     mount carries (fsmeta first, then each layer in device-table order), or from one flat
     image. Each device is its own hash device, its tree appended. The volumes' order is the
@@ -130,23 +146,34 @@ def volumes_from_devices(devices: list[dict[str, Any]], flat: dict[str, Any] | N
     Every tree must be sha256 and, unless KATA_TYPES_ONLY, unsalted
     (`VerityInfo.kata_dm_verity`): a KataVerityError names the device that is not."""
     if flat is not None:
-        return [KataVirtualVolume(
-            volume_type=IMAGE_RAW_BLOCK, source=flat["path"], fs_type="erofs", options=["ro"],
-            dm_verity=_kata_dm_verity(flat, kata_types_only))]
+        return [
+            KataVirtualVolume(
+                volume_type=IMAGE_RAW_BLOCK,
+                source=flat["path"],
+                fs_type="erofs",
+                options=["ro"],
+                dm_verity=_kata_dm_verity(flat, kata_types_only),
+            )
+        ]
     volumes = []
     for dev in devices:
         is_fsmeta = dev.get("role") == "fsmeta"
-        volumes.append(KataVirtualVolume(
-            volume_type=IMAGE_RAW_BLOCK if is_fsmeta else LAYER_RAW_BLOCK,
-            source=dev["path"], fs_type="erofs", options=["ro"],
-            dm_verity=_kata_dm_verity(dev, kata_types_only),
-        ))
+        volumes.append(
+            KataVirtualVolume(
+                volume_type=IMAGE_RAW_BLOCK if is_fsmeta else LAYER_RAW_BLOCK,
+                source=dev["path"],
+                fs_type="erofs",
+                options=["ro"],
+                dm_verity=_kata_dm_verity(dev, kata_types_only),
+            )
+        )
     return volumes
 
 
 def _kata_dm_verity(device: dict[str, Any], kata_types_only: bool) -> DmVerityInfo:
     try:
         return VerityInfo.from_json(device["verity"]).kata_dm_verity(
-            kata_types_only=kata_types_only)
+            kata_types_only=kata_types_only
+        )
     except KataVerityError as exc:
         raise KataVerityError(f"{device['path']}: {exc}") from None

@@ -41,8 +41,16 @@ def _generate(args: argparse.Namespace) -> int:
     except ManifestError as exc:
         raise InvalidInput(str(exc)) from exc
     if args.json:
-        print(json.dumps({"key_id": kid, "algorithm": args.algorithm, "private": str(path),
-                          "public": f"{path}.pub"}))
+        print(
+            json.dumps(
+                {
+                    "key_id": kid,
+                    "algorithm": args.algorithm,
+                    "private": str(path),
+                    "public": f"{path}.pub",
+                }
+            )
+        )
     else:
         print(f"{kid}\nprivate key: {path} (mode 0600)\npublic key:  {path}.pub")
     return 0
@@ -60,8 +68,9 @@ def _show(args: argparse.Namespace) -> int:
         raise InvalidInput(f"{args.path}: {exc}") from exc
     from cryptography.hazmat.primitives import serialization
 
-    pem = key.public_bytes(serialization.Encoding.PEM,
-                           serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    pem = key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
     if args.json:
         print(json.dumps({"key_id": key_id(key), "public_key": pem}))
     else:

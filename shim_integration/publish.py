@@ -84,8 +84,11 @@ class Image:
 
     @property
     def descriptor(self) -> dict[str, Any]:
-        return {"mediaType": self.manifest.get("mediaType", OCI_MANIFEST),
-                "digest": self.digest, "size": len(self.manifest_bytes)}
+        return {
+            "mediaType": self.manifest.get("mediaType", OCI_MANIFEST),
+            "digest": self.digest,
+            "size": len(self.manifest_bytes),
+        }
 
 
 def resolve_image(ref: Reference, plain_http: bool, platform: str = "linux/amd64") -> Image:
@@ -104,12 +107,17 @@ def resolve_image(ref: Reference, plain_http: bool, platform: str = "linux/amd64
         else:
             raise PublishError(f"{ref}: the index has no {platform} image")
     layers = manifest.get("layers")
-    if media_type not in (OCI_MANIFEST, DOCKER_MANIFEST) or not isinstance(layers, list) or \
-            not all(isinstance(d, dict) for d in layers) or \
-            not isinstance(manifest.get("config"), dict):
+    if (
+        media_type not in (OCI_MANIFEST, DOCKER_MANIFEST)
+        or not isinstance(layers, list)
+        or not all(isinstance(d, dict) for d in layers)
+        or not isinstance(manifest.get("config"), dict)
+    ):
         raise PublishError(f"{ref}: {digest} is not an image manifest ({media_type})")
-    config = _json_object(client.get_small_blob(check_digest(manifest["config"].get("digest")),
-                                                MAX_CONFIG_BYTES), f"config of {digest}")
+    config = _json_object(
+        client.get_small_blob(check_digest(manifest["config"].get("digest")), MAX_CONFIG_BYTES),
+        f"config of {digest}",
+    )
     plat = {"os": str(config.get("os", "")), "architecture": str(config.get("architecture", ""))}
     if config.get("variant"):
         plat["variant"] = str(config["variant"])
@@ -153,6 +161,7 @@ def _declared_size(desc: dict[str, Any], what: str) -> int:
 
 # -- conversion ----------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class ConvertedLayer:
     path: Path  # the EROFS image with its tree appended, as a node stores layer.erofs
@@ -172,8 +181,9 @@ def convert_image(image: Image, work: Path, kata_verity: bool = False) -> list[C
     diff_ids = _list(_dict(image.config.get("rootfs")).get("diff_ids"))
     layers = image.manifest["layers"]
     if len(diff_ids) != len(layers) or not all(isinstance(d, str) for d in diff_ids):
-        raise PublishError(f"image {image.digest}: {len(layers)} layers but "
-                           f"{len(diff_ids)} diffIDs in its config")
+        raise PublishError(
+            f"image {image.digest}: {len(layers)} layers but {len(diff_ids)} diffIDs in its config"
+        )
     verity = KATA_VERITY if kata_verity else True
     out = []
     for i, (desc, diff_id) in enumerate(zip(layers, diff_ids, strict=True), start=1):
@@ -185,20 +195,33 @@ def convert_image(image: Image, work: Path, kata_verity: bool = False) -> list[C
         with open(blob, "rb") as f:
             if media_type in NATIVE_EROFS_LAYERS:
                 if diff_id != digest:
-                    raise PublishError(f"layer {i}: a native EROFS layer's diffID is its "
-                                       f"digest {digest}, the config says {diff_id}")
+                    raise PublishError(
+                        f"layer {i}: a native EROFS layer's diffID is its "
+                        f"digest {digest}, the config says {diff_id}"
+                    )
                 result = import_erofs_image(f, target, expected_digest=digest, verity=verity)
             elif media_type in LAYER_MEDIA_TYPES:
-                result = convert_layer(f, target, expected_diff_id=diff_id, verity=verity,
-                                       blob_digest=True)
+                result = convert_layer(
+                    f, target, expected_diff_id=diff_id, verity=verity, blob_digest=True
+                )
             else:
-                raise PublishError(f"layer {i}: media type {media_type} is neither a tar "
-                                   "layer nor a native EROFS layer")
+                raise PublishError(
+                    f"layer {i}: media type {media_type} is neither a tar "
+                    "layer nor a native EROFS layer"
+                )
         blob.unlink()
         # both asked for above: verity=..., blob_digest=True (an import always has them)
         assert result.blob_digest is not None and result.verity is not None
-        out.append(ConvertedLayer(target, digest, result.diff_id or digest, result.blob_digest,
-                                  result.size, result.verity))
+        out.append(
+            ConvertedLayer(
+                target,
+                digest,
+                result.diff_id or digest,
+                result.blob_digest,
+                result.size,
+                result.verity,
+            )
+        )
     return out
 
 
@@ -216,35 +239,60 @@ def merge_chain(layers: list[ConvertedLayer], out: Path) -> ChainDescription:
     from snapshotter.service.vm_mode import fsmeta_verity
 
     blobs: list[LayerBlob | str | os.PathLike[str]] = [
-        LayerBlob(c.path, tag=c.erofs_digest.removeprefix("sha256:")) for c in layers]
+        LayerBlob(c.path, tag=c.erofs_digest.removeprefix("sha256:")) for c in layers
+    ]
     result = merge_layers(blobs, out, verity=fsmeta_verity([c.verity.salt for c in layers]))
-    return describe_merge(result, out, [LayerImage(c.size, c.erofs_digest, c.diff_id, c.verity)
-                                        for c in layers])
+    return describe_merge(
+        result, out, [LayerImage(c.size, c.erofs_digest, c.diff_id, c.verity) for c in layers]
+    )
 
 
-def root_manifest(image: Image, layers: list[ConvertedLayer], devices: ChainDescription
-                  ) -> dict[str, Any]:
+def root_manifest(
+    image: Image, layers: list[ConvertedLayer], devices: ChainDescription
+) -> dict[str, Any]:
     """The root manifest of `serve`'s shape, bound to the image manifest and platform."""
     from snapshotter.manifest import build_manifest, verity_entry
 
     return build_manifest(
-        image={"repository": f"{image.client.ref.host}/{image.client.ref.repository}",
-               "digest": image.digest, "platform": image.platform,
-               "conversion": CONVERSION_RULES, "chain": chain_key(layers)},
-        layers=[{"diff_id": c.diff_id, "digest": c.digest, "erofs_digest": c.erofs_digest,
-                 "verity": verity_entry(c.verity.to_json())} for c in layers],
-        fsmeta={"digest": devices.fsmeta.digest, "tags": [d.tag for d in devices.layers],
-                "verity": verity_entry(devices.fsmeta.verity.to_json())},
+        image={
+            "repository": f"{image.client.ref.host}/{image.client.ref.repository}",
+            "digest": image.digest,
+            "platform": image.platform,
+            "conversion": CONVERSION_RULES,
+            "chain": chain_key(layers),
+        },
+        layers=[
+            {
+                "diff_id": c.diff_id,
+                "digest": c.digest,
+                "erofs_digest": c.erofs_digest,
+                "verity": verity_entry(c.verity.to_json()),
+            }
+            for c in layers
+        ],
+        fsmeta={
+            "digest": devices.fsmeta.digest,
+            "tags": [d.tag for d in devices.layers],
+            "verity": verity_entry(devices.fsmeta.verity.to_json()),
+        },
     )
 
 
 # -- publish -------------------------------------------------------------------------------
 
-def publish(reference: str, key_path: Path, *, plain_http: bool = False,
-            push_layers: bool = False, layers_tag: str | None = None,
-            kata_verity: bool = False, platform: str = "linux/amd64",
-            out_cache: Path | None = None,
-            layer_media_type: str = OCI_EROFS_LAYER) -> dict[str, Any]:
+
+def publish(
+    reference: str,
+    key_path: Path,
+    *,
+    plain_http: bool = False,
+    push_layers: bool = False,
+    layers_tag: str | None = None,
+    kata_verity: bool = False,
+    platform: str = "linux/amd64",
+    out_cache: Path | None = None,
+    layer_media_type: str = OCI_EROFS_LAYER,
+) -> dict[str, Any]:
     """Convert, merge, sign and push; returns every digest pushed (the `--json` object).
     OUT_CACHE: also put every converted layer into that layer cache directory
     (snapshotter.service.layer_cache, containerd's layer_content_caches layout).
@@ -252,8 +300,9 @@ def publish(reference: str, key_path: Path, *, plain_http: bool = False,
     from snapshotter.manifest import ManifestError, load_private_key
 
     if layer_media_type not in LAYER_MEDIA_TYPES:
-        raise PublishError(f"layer media type {layer_media_type!r}: choose "
-                           f"{' or '.join(LAYER_MEDIA_TYPES)}")
+        raise PublishError(
+            f"layer media type {layer_media_type!r}: choose {' or '.join(LAYER_MEDIA_TYPES)}"
+        )
     check_input(key_path)
     try:
         private_key = load_private_key(key_path)
@@ -267,18 +316,21 @@ def publish(reference: str, key_path: Path, *, plain_http: bool = False,
         devices = merge_chain(layers, work / "image.fsmeta")
         # before anything is pushed: a cache that cannot be written fails the whole run
         cache = fill_cache(out_cache, layers) if out_cache is not None else None
-        report: dict[str, Any] = {"image": str(ref), "image_digest": image.digest,
-                                  "conversion": CONVERSION_RULES,
-                                  "root_manifest": _push_root_manifest(
-                                      image, root_manifest(image, layers, devices),
-                                      private_key)}
+        report: dict[str, Any] = {
+            "image": str(ref),
+            "image_digest": image.digest,
+            "conversion": CONVERSION_RULES,
+            "root_manifest": _push_root_manifest(
+                image, root_manifest(image, layers, devices), private_key
+            ),
+        }
         report["devices"] = _roots(devices)
         if cache is not None:
             report["cache"] = cache
         if push_layers:
-            report["erofs_image"] = _push_erofs_image(image, layers, devices, work,
-                                                      private_key, layers_tag,
-                                                      layer_media_type)
+            report["erofs_image"] = _push_erofs_image(
+                image, layers, devices, work, private_key, layers_tag, layer_media_type
+            )
     return report
 
 
@@ -296,8 +348,7 @@ def fill_cache(directory: Path, layers: list[ConvertedLayer]) -> list[dict[str, 
         except OSError as exc:
             where = exc.filename or directory
             raise PublishError(f"layer cache {where}: {exc.strerror}") from None
-        entries.append({"diff_id": c.diff_id, "blob": str(blob),
-                        "root_hash": c.verity.root_hash})
+        entries.append({"diff_id": c.diff_id, "blob": str(blob), "root_hash": c.verity.root_hash})
     return entries
 
 
@@ -305,8 +356,7 @@ def _roots(devices: ChainDescription) -> dict[str, Any]:
     return {"fsmeta": devices.fsmeta.root_hash, "layers": [d.root_hash for d in devices.layers]}
 
 
-def _push_root_manifest(image: Image, manifest: dict[str, Any], private_key: Any
-                        ) -> dict[str, Any]:
+def _push_root_manifest(image: Image, manifest: dict[str, Any], private_key: Any) -> dict[str, Any]:
     from snapshotter.manifest import sign
 
     payload, signature = sign(manifest, private_key)
@@ -314,32 +364,59 @@ def _push_root_manifest(image: Image, manifest: dict[str, Any], private_key: Any
     empty = client.put_bytes(EMPTY_JSON)
     signed = client.put_bytes(payload)
     sig = client.put_bytes(json.dumps(signature, sort_keys=True).encode())
-    annotations = {CREATED: datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-                   KEY_ID_ANNOTATION: signature["key_id"], RULES_ANNOTATION: CONVERSION_RULES}
+    annotations = {
+        CREATED: datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        KEY_ID_ANNOTATION: signature["key_id"],
+        RULES_ANNOTATION: CONVERSION_RULES,
+    }
     artifact = {
-        "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": ARTIFACT_TYPE,
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": ARTIFACT_TYPE,
         "config": {"mediaType": EMPTY_MEDIA_TYPE, **empty},
-        "layers": [{"mediaType": MANIFEST_MEDIA_TYPE, **signed},
-                   {"mediaType": SIGNATURE_MEDIA_TYPE, **sig}],
+        "layers": [
+            {"mediaType": MANIFEST_MEDIA_TYPE, **signed},
+            {"mediaType": SIGNATURE_MEDIA_TYPE, **sig},
+        ],
         "subject": image.descriptor,
         "annotations": annotations,
     }
     data = json.dumps(artifact, sort_keys=True, separators=(",", ":")).encode()
     digest = sha256_digest(data)
-    index = client.push_referrer(image.digest, data, OCI_MANIFEST, {
-        "mediaType": OCI_MANIFEST, "digest": digest, "size": len(data),
-        "artifactType": ARTIFACT_TYPE, "annotations": annotations})
-    return {"artifact": digest, "manifest_blob": signed["digest"],
-            "signature_blob": sig["digest"], "config_blob": empty["digest"],
-            "referrers_index": index,
-            "referrer_tag": artifact_tag(image.digest, digest) if index else None,
-            "subject": image.digest, "key_id": signature["key_id"],
-            "manifest_digest": "sha256:" + hashlib.sha256(payload).hexdigest()}
+    index = client.push_referrer(
+        image.digest,
+        data,
+        OCI_MANIFEST,
+        {
+            "mediaType": OCI_MANIFEST,
+            "digest": digest,
+            "size": len(data),
+            "artifactType": ARTIFACT_TYPE,
+            "annotations": annotations,
+        },
+    )
+    return {
+        "artifact": digest,
+        "manifest_blob": signed["digest"],
+        "signature_blob": sig["digest"],
+        "config_blob": empty["digest"],
+        "referrers_index": index,
+        "referrer_tag": artifact_tag(image.digest, digest) if index else None,
+        "subject": image.digest,
+        "key_id": signature["key_id"],
+        "manifest_digest": "sha256:" + hashlib.sha256(payload).hexdigest(),
+    }
 
 
-def _push_erofs_image(image: Image, layers: list[ConvertedLayer], devices: ChainDescription,
-                      work: Path,
-                      private_key: Any, tag: str | None, media_type: str) -> dict[str, Any]:
+def _push_erofs_image(
+    image: Image,
+    layers: list[ConvertedLayer],
+    devices: ChainDescription,
+    work: Path,
+    private_key: Any,
+    tag: str | None,
+    media_type: str,
+) -> dict[str, Any]:
     """The converted layers as an image of native EROFS layers (the image bytes without
     their trees: a node's differ adds its own), its config naming them as its diffIDs, and
     a signed root manifest for it. Its roots are the tar image's: a native import salts a
@@ -359,25 +436,41 @@ def _push_erofs_image(image: Image, layers: list[ConvertedLayer], devices: Chain
     config = dict(image.config)
     config["rootfs"] = {"type": "layers", "diff_ids": [d["digest"] for d in pushed]}
     config.pop("history", None)  # the history describes the tar layers
-    config_desc = {"mediaType": OCI_CONFIG, **client.put_bytes(
-        json.dumps(config, sort_keys=True, separators=(",", ":")).encode())}
-    manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config_desc,
-                "layers": pushed,
-                "annotations": {"dev.erofs-passthrough.source": image.digest,
-                                RULES_ANNOTATION: CONVERSION_RULES}}
+    config_desc = {
+        "mediaType": OCI_CONFIG,
+        **client.put_bytes(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()),
+    }
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": config_desc,
+        "layers": pushed,
+        "annotations": {
+            "dev.erofs-passthrough.source": image.digest,
+            RULES_ANNOTATION: CONVERSION_RULES,
+        },
+    }
     data = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
     tag = tag or (f"{ref.tag}-erofs" if ref.tag else f"erofs-{image.digest[7:19]}")
     digest = client.put_manifest(data, OCI_MANIFEST)
     client.put_manifest(data, OCI_MANIFEST, tag)
     erofs_ref = Reference(ref.host, ref.repository, tag, None)
     erofs_image = Image(client, digest, data, manifest, config, image.platform)
-    native_layers = [dataclasses.replace(c, digest=c.erofs_digest, diff_id=c.erofs_digest)
-                     for c in layers]
-    signed = _push_root_manifest(erofs_image, root_manifest(erofs_image, native_layers,
-                                                             devices), private_key)
-    return {"reference": str(erofs_ref), "digest": digest, "config": config_desc["digest"],
-            "layers": [d["digest"] for d in pushed], "media_type": media_type,
-            "root_manifest": signed, "devices": _roots(devices)}
+    native_layers = [
+        dataclasses.replace(c, digest=c.erofs_digest, diff_id=c.erofs_digest) for c in layers
+    ]
+    signed = _push_root_manifest(
+        erofs_image, root_manifest(erofs_image, native_layers, devices), private_key
+    )
+    return {
+        "reference": str(erofs_ref),
+        "digest": digest,
+        "config": config_desc["digest"],
+        "layers": [d["digest"] for d in pushed],
+        "media_type": media_type,
+        "root_manifest": signed,
+        "devices": _roots(devices),
+    }
 
 
 def _copy_prefix(src, dst, size: int) -> None:
@@ -392,8 +485,10 @@ def _copy_prefix(src, dst, size: int) -> None:
 
 # -- fetch ---------------------------------------------------------------------------------
 
-def fetch_manifest(reference: str, out: Path, *, plain_http: bool = False,
-                   platform: str = "linux/amd64") -> dict[str, Any]:
+
+def fetch_manifest(
+    reference: str, out: Path, *, plain_http: bool = False, platform: str = "linux/amd64"
+) -> dict[str, Any]:
     """The newest root manifest referring to the image -> OUT/manifest.json + manifest.sig.
 
     No key is needed (or held): this only finds and checks consistency (digests, subject,
@@ -412,40 +507,50 @@ def fetch_manifest(reference: str, out: Path, *, plain_http: bool = False,
     ours = [d for d in descriptors if d.get("artifactType") == ARTIFACT_TYPE]
     if not ours:
         raise PublishError(f"{ref}: no signed root manifest refers to image {image.digest}")
-    newest = max(ours, key=lambda d: (str(_dict(d.get("annotations")).get(CREATED, "")),
-                                      d["digest"]))
+    newest = max(
+        ours, key=lambda d: (str(_dict(d.get("annotations")).get(CREATED, "")), d["digest"])
+    )
     artifact, digest = client.get_json(newest["digest"], OCI_MANIFEST)
     subject = _dict(artifact.get("subject")).get("digest")
     if subject != image.digest:
         raise PublishError(f"referrer {digest} has subject {subject}, not {image.digest}")
     if artifact.get("artifactType") != ARTIFACT_TYPE:
         raise PublishError(f"referrer {digest} is not a root manifest artifact")
-    blobs = {d.get("mediaType"): d for d in _list(artifact.get("layers"))
-             if isinstance(d, dict)}
+    blobs = {d.get("mediaType"): d for d in _list(artifact.get("layers")) if isinstance(d, dict)}
     if set(blobs) != {MANIFEST_MEDIA_TYPE, SIGNATURE_MEDIA_TYPE}:
         raise PublishError(f"referrer {digest}: expected one manifest and one signature blob")
-    payload = client.get_small_blob(check_digest(blobs[MANIFEST_MEDIA_TYPE]["digest"]),
-                                    MAX_ROOT_MANIFEST_BYTES)
-    signature = client.get_small_blob(check_digest(blobs[SIGNATURE_MEDIA_TYPE]["digest"]),
-                                      MAX_ROOT_MANIFEST_BYTES)
+    payload = client.get_small_blob(
+        check_digest(blobs[MANIFEST_MEDIA_TYPE]["digest"]), MAX_ROOT_MANIFEST_BYTES
+    )
+    signature = client.get_small_blob(
+        check_digest(blobs[SIGNATURE_MEDIA_TYPE]["digest"]), MAX_ROOT_MANIFEST_BYTES
+    )
     try:
         claimed = json.loads(payload)
         named = claimed["image"]["digest"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
         raise PublishError(f"referrer {digest}: the root manifest names no image") from None
     if named != image.digest:
-        raise PublishError(f"referrer {digest}: the root manifest is for image {named}, "
-                           f"not {image.digest}")
+        raise PublishError(
+            f"referrer {digest}: the root manifest is for image {named}, not {image.digest}"
+        )
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "manifest.json", payload)
     write_atomic(out / "manifest.sig", signature)
-    return {"image": str(ref), "image_digest": image.digest, "artifact": digest,
-            "referrers_api": via_api, "created": _dict(newest.get("annotations")).get(CREATED),
-            "manifest": str(out / "manifest.json"), "signature": str(out / "manifest.sig"),
-            "manifest_digest": "sha256:" + hashlib.sha256(payload).hexdigest()}
+    return {
+        "image": str(ref),
+        "image_digest": image.digest,
+        "artifact": digest,
+        "referrers_api": via_api,
+        "created": _dict(newest.get("annotations")).get(CREATED),
+        "manifest": str(out / "manifest.json"),
+        "signature": str(out / "manifest.sig"),
+        "manifest_digest": "sha256:" + hashlib.sha256(payload).hexdigest(),
+    }
 
 
 # -- verify --------------------------------------------------------------------------------
+
 
 def load_device_roots(path: Path) -> tuple[list[str], list[str]]:
     """(root hashes in device order, diffIDs where known) from a device list: a chain
@@ -500,14 +605,16 @@ def snapshot_devices(spec: Path) -> Path:
         metas.append(meta)
     description = root / "fsmeta" / chain_key(metas) / DESCRIPTION
     if not metas or not description.is_file():
-        raise PublishError(f"snapshot {key!r} has no VM-mode chain image (not a VM-mode "
-                           "rootfs?)")
+        raise PublishError(f"snapshot {key!r} has no VM-mode chain image (not a VM-mode rootfs?)")
     return description
 
 
-def verify_directory(directory: Path, trusted_keys: list[Path],
-                     devices: Path | None = None, image_digest: str | None = None
-                     ) -> dict[str, Any]:
+def verify_directory(
+    directory: Path,
+    trusted_keys: list[Path],
+    devices: Path | None = None,
+    image_digest: str | None = None,
+) -> dict[str, Any]:
     """Check DIRECTORY's manifest.json + manifest.sig against the TRUSTED keys, that it is
     for IMAGE_DIGEST when given, and that every root of the DEVICES list is the signed one."""
     from snapshotter.manifest import ManifestError, check_devices, load_public_key, verify
@@ -531,11 +638,17 @@ def verify_directory(directory: Path, trusted_keys: list[Path],
     except (KeyError, TypeError, AttributeError):
         raise PublishError(f"{directory}: the signed manifest has no device list") from None
     if image_digest is not None and image.get("digest") != image_digest:
-        raise PublishError(f"{directory}: the manifest is signed for image "
-                           f"{image.get('digest')}, not {image_digest}")
-    report: dict[str, Any] = {"verified": True, "key_id": signed.signature["key_id"],
-                              "image": image, "manifest_digest": signed.digest(),
-                              "roots": roots}
+        raise PublishError(
+            f"{directory}: the manifest is signed for image "
+            f"{image.get('digest')}, not {image_digest}"
+        )
+    report: dict[str, Any] = {
+        "verified": True,
+        "key_id": signed.signature["key_id"],
+        "image": image,
+        "manifest_digest": signed.digest(),
+        "roots": roots,
+    }
     if devices is not None:
         device_roots, diff_ids = load_device_roots(devices)
         rules = image.get("conversion")
@@ -544,11 +657,11 @@ def verify_directory(directory: Path, trusted_keys: list[Path],
         except ManifestError as exc:
             hint = ""
             if rules != CONVERSION_RULES:
-                hint = f" (signed under conversion rules {rules}, this node has " \
-                       f"{CONVERSION_RULES})"
+                hint = f" (signed under conversion rules {rules}, this node has {CONVERSION_RULES})"
             elif diff_ids and all(diff_ids) and diff_ids != signed_ids:
                 hint = " (the device list is of other layers than the signed ones)"
-            raise PublishError(f"{devices}: {exc}: this node's conversion differs from "
-                               f"the publisher's{hint}") from None
+            raise PublishError(
+                f"{devices}: {exc}: this node's conversion differs from the publisher's{hint}"
+            ) from None
         report["devices"] = str(devices)
     return report

@@ -37,13 +37,14 @@ DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 MANIFEST_TYPES = (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST)
 #: The largest manifest or index we read (the distribution server's own limit is 4 MiB).
 MAX_MANIFEST_BYTES = 4 << 20
-REFERRERS_ATTEMPTS = 20 # read-merge-write rounds against concurrent publishers
+REFERRERS_ATTEMPTS = 20  # read-merge-write rounds against concurrent publishers
 REQUEST_TIMEOUT = 60.0  # seconds without a byte from the registry
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 # host[:port]/repo[/more][:tag][@sha256:hex]; the host part is required (no Docker Hub default).
 _REFERENCE = re.compile(
     r"^(?P<host>[A-Za-z0-9.-]+(?::[0-9]+)?)/(?P<repo>[a-z0-9]+(?:[._/-][a-z0-9]+)*)"
-    r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?(?:@(?P<digest>sha256:[0-9a-f]{64}))?$")
+    r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?(?:@(?P<digest>sha256:[0-9a-f]{64}))?$"
+)
 
 
 class RegistryError(EpError):
@@ -67,8 +68,10 @@ class Reference:
     def parse(cls, text: str) -> Reference:
         m = _REFERENCE.match(text)
         if m is None:
-            raise RegistryError(f"{text!r} is not an image reference (host[:port]/repo[:tag] "
-                                "or host[:port]/repo@sha256:<hex>)")
+            raise RegistryError(
+                f"{text!r} is not an image reference (host[:port]/repo[:tag] "
+                "or host[:port]/repo@sha256:<hex>)"
+            )
         tag = m["tag"] or (None if m["digest"] else "latest")
         return cls(m["host"], m["repo"], tag, m["digest"])
 
@@ -107,8 +110,9 @@ def artifact_tag(subject: str, artifact: str) -> str:
 class RegistryClient:
     """One repository on one registry."""
 
-    def __init__(self, ref: Reference, plain_http: bool = False,
-                 timeout: float = REQUEST_TIMEOUT) -> None:
+    def __init__(
+        self, ref: Reference, plain_http: bool = False, timeout: float = REQUEST_TIMEOUT
+    ) -> None:
         import oras.container
         import oras.provider
 
@@ -116,11 +120,10 @@ class RegistryClient:
         self._oras = oras.provider.Registry(hostname=ref.host, insecure=plain_http)
         # oras wraps do_request in a retry loop that sleeps on any error; call it unwrapped.
         self._request_unretried = functools.partial(
-            oras.provider.Registry.do_request.__wrapped__, self._oras)
-        self._oras.session.request = functools.partial(self._oras.session.request,
-                                                       timeout=timeout)
-        self._container = oras.container.Container(f"{ref.repository}:latest",
-                                                   registry=ref.host)
+            oras.provider.Registry.do_request.__wrapped__, self._oras
+        )
+        self._oras.session.request = functools.partial(self._oras.session.request, timeout=timeout)
+        self._container = oras.container.Container(f"{ref.repository}:latest", registry=ref.host)
         self._base = f"{'http' if plain_http else 'https'}://{ref.host}/v2/{ref.repository}"
 
     # -- plumbing --------------------------------------------------------------------------
@@ -139,13 +142,16 @@ class RegistryClient:
         detail = ""
         try:
             errors = response.json().get("errors") or []
-            detail = "; ".join(str(e.get("message", e.get("code", ""))) for e in errors
-                               if isinstance(e, dict))
+            detail = "; ".join(
+                str(e.get("message", e.get("code", ""))) for e in errors if isinstance(e, dict)
+            )
         except (ValueError, AttributeError):
             pass
-        raise RegistryError(f"{self.ref.host}/{self.ref.repository}: {what}: HTTP "
-                            f"{response.status_code}{': ' + detail if detail else ''}",
-                            response.status_code)
+        raise RegistryError(
+            f"{self.ref.host}/{self.ref.repository}: {what}: HTTP "
+            f"{response.status_code}{': ' + detail if detail else ''}",
+            response.status_code,
+        )
 
     # -- manifests -------------------------------------------------------------------------
 
@@ -153,35 +159,40 @@ class RegistryClient:
         """(exact bytes, media type, digest) of the manifest or index at TARGET (tag or
         digest); a digest target must match the bytes served."""
         url = f"{self._base}/manifests/{target}"
-        response = self._request("GET", url, headers={"Accept": ", ".join(MANIFEST_TYPES)},
-                                 stream=True)
+        response = self._request(
+            "GET", url, headers={"Accept": ", ".join(MANIFEST_TYPES)}, stream=True
+        )
         with response:
             if response.status_code == 404:
-                raise RegistryError(f"{self.ref.host}/{self.ref.repository}:{target}: "
-                                    "no such manifest")
+                raise RegistryError(
+                    f"{self.ref.host}/{self.ref.repository}:{target}: no such manifest"
+                )
             if response.status_code != 200:
                 self._fail(response, f"manifest {target}")
             data = _read_bounded(response, MAX_MANIFEST_BYTES, f"manifest {target}")
         digest = sha256_digest(data)
         if target.startswith("sha256:") and digest != target:
-            raise RegistryError(f"manifest {target}: the registry served bytes with digest "
-                                f"{digest}")
+            raise RegistryError(
+                f"manifest {target}: the registry served bytes with digest {digest}"
+            )
         try:
             parsed = json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise RegistryError(f"manifest {target} is not JSON") from None
         if not isinstance(parsed, dict):
             raise RegistryError(f"manifest {target} is not a JSON object")
-        media_type = parsed.get("mediaType") or \
-            response.headers.get("Content-Type", "").split(";")[0]
+        media_type = (
+            parsed.get("mediaType") or response.headers.get("Content-Type", "").split(";")[0]
+        )
         return data, media_type, digest
 
     def get_json(self, target: str, expected_type: str | None = None) -> tuple[dict, str]:
         data, media_type, digest = self.get_manifest(target)
         parsed = json.loads(data)
         if expected_type and media_type != expected_type:
-            raise RegistryError(f"manifest {target} is a {media_type or 'thing of no type'}, "
-                                f"not {expected_type}")
+            raise RegistryError(
+                f"manifest {target} is a {media_type or 'thing of no type'}, not {expected_type}"
+            )
         return parsed, digest
 
     def put_manifest(self, data: bytes, media_type: str, target: str | None = None) -> str:
@@ -211,14 +222,17 @@ class RegistryClient:
                 for chunk in response.iter_content(chunk_size=1 << 20):
                     size += len(chunk)
                     if max_size is not None and size > max_size:
-                        raise RegistryError(f"blob {digest} is larger than its declared "
-                                            f"{max_size} bytes")
+                        raise RegistryError(
+                            f"blob {digest} is larger than its declared {max_size} bytes"
+                        )
                     hasher.update(chunk)
                     f.write(chunk)
                 got = "sha256:" + hasher.hexdigest()
                 if got != digest:
-                    raise RegistryError(f"blob {digest}: the registry served bytes with "
-                                        f"digest {got} (altered in its storage?)")
+                    raise RegistryError(
+                        f"blob {digest}: the registry served bytes with "
+                        f"digest {got} (altered in its storage?)"
+                    )
         return size
 
     def get_small_blob(self, digest: str, max_size: int) -> bytes:
@@ -240,8 +254,7 @@ class RegistryClient:
         import requests
 
         try:
-            response = self._oras.upload_blob(str(path), self._container, layer,
-                                              do_chunked=True)
+            response = self._oras.upload_blob(str(path), self._container, layer, do_chunked=True)
         except requests.exceptions.RequestException as exc:
             raise RegistryError(f"{self.ref.host}: {_reason(exc)}") from None
         except ValueError as exc:
@@ -261,11 +274,16 @@ class RegistryClient:
     def referrers(self, subject: str) -> tuple[list[dict[str, Any]], bool]:
         """Descriptors of the manifests whose subject is SUBJECT, and whether the registry's
         referrers API answered (False: read from the referrers tag, OCI 1.1's fallback)."""
-        response = self._request("GET", f"{self._base}/referrers/{check_digest(subject)}",
-                                 headers={"Accept": OCI_INDEX}, stream=True)
+        response = self._request(
+            "GET",
+            f"{self._base}/referrers/{check_digest(subject)}",
+            headers={"Accept": OCI_INDEX},
+            stream=True,
+        )
         with response:
-            if response.status_code == 200 and response.headers.get(
-                    "Content-Type", "").startswith(OCI_INDEX):
+            if response.status_code == 200 and response.headers.get("Content-Type", "").startswith(
+                OCI_INDEX
+            ):
                 data = _read_bounded(response, MAX_MANIFEST_BYTES, "referrers")
                 try:
                     index = json.loads(data)
@@ -289,9 +307,13 @@ class RegistryClient:
             body = json.loads(data)
             if digest in found or (body.get("subject") or {}).get("digest") != subject:
                 continue
-            found[digest] = {"mediaType": media_type, "digest": digest, "size": len(data),
-                             "artifactType": body.get("artifactType"),
-                             "annotations": body.get("annotations") or {}}
+            found[digest] = {
+                "mediaType": media_type,
+                "digest": digest,
+                "size": len(data),
+                "artifactType": body.get("artifactType"),
+                "annotations": body.get("annotations") or {},
+            }
         return list(found.values()), False
 
     def tags(self) -> list[str]:
@@ -310,8 +332,11 @@ class RegistryClient:
                 raise RegistryError(f"{self.ref.host}: tag list is not JSON") from None
             tags += [t for t in page if isinstance(t, str)]
             link = response.links.get("next", {}).get("url")
-            url = None if not link else (link if link.startswith("http") else
-                                         self._base.split("/v2/")[0] + link)
+            url = (
+                None
+                if not link
+                else (link if link.startswith("http") else self._base.split("/v2/")[0] + link)
+            )
         return tags
 
     def _referrers_index(self, subject: str) -> dict | None:
@@ -323,8 +348,9 @@ class RegistryClient:
             raise
         return index
 
-    def push_referrer(self, subject: str, artifact: bytes, media_type: str,
-                      descriptor: dict[str, Any]) -> str | None:
+    def push_referrer(
+        self, subject: str, artifact: bytes, media_type: str, descriptor: dict[str, Any]
+    ) -> str | None:
         """Push ARTIFACT (a manifest whose `subject` is SUBJECT) so that it is found as a
         referrer of SUBJECT. With a referrers API, pushing it is all. Without one:
         1. it is also tagged `<alg>-<hex>.<first 32 hex of its digest>`: one tag per artifact,
@@ -336,19 +362,25 @@ class RegistryClient:
            can still drop each other's entries there (not from step 1).
         Returns the referrers index digest, or None when the API serves referrers."""
         digest = self.put_manifest(artifact, media_type)
-        response = self._request("GET", f"{self._base}/referrers/{check_digest(subject)}",
-                                 headers={"Accept": OCI_INDEX})
-        if response.status_code == 200 and response.headers.get(
-                "Content-Type", "").startswith(OCI_INDEX):
+        response = self._request(
+            "GET", f"{self._base}/referrers/{check_digest(subject)}", headers={"Accept": OCI_INDEX}
+        )
+        if response.status_code == 200 and response.headers.get("Content-Type", "").startswith(
+            OCI_INDEX
+        ):
             return None
         self.put_manifest(artifact, media_type, artifact_tag(subject, digest))
         rng = random.Random(descriptor["digest"])  # jitter: writers in step fall out of it
         for _attempt in range(REFERRERS_ATTEMPTS):
             try:
                 index = self._referrers_index(subject) or {
-                    "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
-                manifests = [d for d in _descriptors(index)
-                             if d.get("digest") != descriptor["digest"]]
+                    "schemaVersion": 2,
+                    "mediaType": OCI_INDEX,
+                    "manifests": [],
+                }
+                manifests = [
+                    d for d in _descriptors(index) if d.get("digest") != descriptor["digest"]
+                ]
                 index["manifests"] = [*manifests, descriptor]
                 data = json.dumps(index, sort_keys=True, separators=(",", ":")).encode()
                 digest = self.put_manifest(data, OCI_INDEX, referrers_tag(subject))
@@ -361,19 +393,22 @@ class RegistryClient:
                 if exc.status is None or exc.status < 500:
                     raise
             else:
-                if after and descriptor["digest"] in {d["digest"]
-                                                      for d in _descriptors(after)}:
+                if after and descriptor["digest"] in {d["digest"] for d in _descriptors(after)}:
                     return digest
             time.sleep(rng.uniform(0.02, 0.2))
-        raise RegistryError(f"referrers tag of {subject}: kept being replaced by concurrent "
-                            f"writers; publish again")
+        raise RegistryError(
+            f"referrers tag of {subject}: kept being replaced by concurrent writers; publish again"
+        )
 
 
 def _descriptors(index: Any) -> list[dict[str, Any]]:
     if not isinstance(index, dict) or not isinstance(index.get("manifests"), list):
         raise RegistryError("referrers index is not an OCI index")
-    return [d for d in index["manifests"] if isinstance(d, dict) and isinstance(
-        d.get("digest"), str) and _DIGEST.match(d["digest"])]
+    return [
+        d
+        for d in index["manifests"]
+        if isinstance(d, dict) and isinstance(d.get("digest"), str) and _DIGEST.match(d["digest"])
+    ]
 
 
 def _read_bounded(response, limit: int, what: str) -> bytes:

@@ -126,19 +126,28 @@ class AttachPlan:
         misbehaving host might offer: the guest's checks are what stands in the way)."""
         if len(paths) != len(self.devices):
             raise ShimError(f"{len(paths)} paths for {len(self.devices)} devices")
-        devices = tuple(replace(d, device=replace(d.device, path=str(p)))
-                        for d, p in zip(self.devices, paths, strict=True))
+        devices = tuple(
+            replace(d, device=replace(d.device, path=str(p)))
+            for d, p in zip(self.devices, paths, strict=True)
+        )
         return replace(self, devices=devices)
 
-    def request(self, name: str, attachments: Sequence[Attachment],
-                timeout: float = 10.0) -> dict[str, Any]:
+    def request(
+        self, name: str, attachments: Sequence[Attachment], timeout: float = 10.0
+    ) -> dict[str, Any]:
         """The agent's `open_image` arguments: manifest, signature, and where each device is
         (by serial, or by PCI address for vhost-user-blk), in device order."""
-        where = [{"serial": a.serial} if a.transport == "virtio-blk" else {"pci": a.pci_slot}
-                 for a in attachments]
-        return {"name": name, "manifest": base64.b64encode(self.manifest).decode(),
-                "signature": base64.b64encode(self.signature).decode(), "devices": where,
-                "timeout": timeout}
+        where = [
+            {"serial": a.serial} if a.transport == "virtio-blk" else {"pci": a.pci_slot}
+            for a in attachments
+        ]
+        return {
+            "name": name,
+            "manifest": base64.b64encode(self.manifest).decode(),
+            "signature": base64.b64encode(self.signature).decode(),
+            "devices": where,
+            "timeout": timeout,
+        }
 
 
 def devices_of(mounts: Sequence[MountLike]) -> tuple[str, list[ChainDevice]]:
@@ -146,8 +155,10 @@ def devices_of(mounts: Sequence[MountLike]) -> tuple[str, list[ChainDevice]]:
     from the description the mount names, which must be the fsmeta.json in the fsmeta's own
     chain directory (anything else is refused)."""
     if len(mounts) != 1 or mounts[0].type != MOUNT_TYPE:
-        raise ShimError(f"not a VM-mode rootfs: expected one {MOUNT_TYPE} mount of an fsmeta, "
-                        f"got {[m.type for m in mounts]}")
+        raise ShimError(
+            f"not a VM-mode rootfs: expected one {MOUNT_TYPE} mount of an fsmeta, "
+            f"got {[m.type for m in mounts]}"
+        )
     try:
         chain = read_mounted_description(mounts[0].source, mounts[0].options)
     except DeviceListError as exc:
@@ -155,44 +166,54 @@ def devices_of(mounts: Sequence[MountLike]) -> tuple[str, list[ChainDevice]]:
     return mounts[0].source, chain.devices()
 
 
-def plan_from_mounts(mounts: Sequence[MountLike], transport: str | Sequence[str] = "virtio-blk",
-                     manifest: bytes | None = None, signature: bytes | None = None
-                     ) -> AttachPlan:
+def plan_from_mounts(
+    mounts: Sequence[MountLike],
+    transport: str | Sequence[str] = "virtio-blk",
+    manifest: bytes | None = None,
+    signature: bytes | None = None,
+) -> AttachPlan:
     """The attach plan of a VM-mode rootfs. TRANSPORT: one for all devices, or one per device
     (device order). MANIFEST/SIGNATURE default to manifest.json/manifest.sig beside the fsmeta
     (what `serve` writes when it has a signing_key)."""
     fsmeta, devices = devices_of(mounts)
     transports = [transport] * len(devices) if isinstance(transport, str) else list(transport)
     if len(transports) != len(devices) or not set(transports) <= set(TRANSPORTS):
-        raise ShimError(f"transports {transports}: need one of {TRANSPORTS} per device "
-                        f"({len(devices)})")
+        raise ShimError(
+            f"transports {transports}: need one of {TRANSPORTS} per device ({len(devices)})"
+        )
     if manifest is None or signature is None:
         base = Path(fsmeta).parent
         try:
             manifest = (base / MANIFEST_NAME).read_bytes() if manifest is None else manifest
             signature = (base / SIGNATURE_NAME).read_bytes() if signature is None else signature
         except FileNotFoundError as exc:
-            raise ShimError(f"no signed manifest beside the fsmeta ({exc.filename}): give "
-                            "`serve` a signing_key, or pass the manifest") from None
-    planned = tuple(PlannedDevice(position=i, transport=t, device=d)
-                    for i, (d, t) in enumerate(zip(devices, transports, strict=True)))
+            raise ShimError(
+                f"no signed manifest beside the fsmeta ({exc.filename}): give "
+                "`serve` a signing_key, or pass the manifest"
+            ) from None
+    planned = tuple(
+        PlannedDevice(position=i, transport=t, device=d)
+        for i, (d, t) in enumerate(zip(devices, transports, strict=True))
+    )
     return AttachPlan(planned, manifest, signature)
 
 
 def read_fetched(directory: Path) -> tuple[bytes, bytes]:
     """(manifest.json, manifest.sig) of a directory `erofs-passthrough manifest fetch` wrote."""
     try:
-        return ((directory / MANIFEST_NAME).read_bytes(),
-                (directory / SIGNATURE_NAME).read_bytes())
+        return ((directory / MANIFEST_NAME).read_bytes(), (directory / SIGNATURE_NAME).read_bytes())
     except FileNotFoundError as exc:
-        raise ShimError(f"{exc.filename}: no fetched manifest (erofs-passthrough manifest "
-                        "fetch IMAGE --out DIR writes manifest.json and manifest.sig)") from None
+        raise ShimError(
+            f"{exc.filename}: no fetched manifest (erofs-passthrough manifest "
+            "fetch IMAGE --out DIR writes manifest.json and manifest.sig)"
+        ) from None
     except OSError as exc:
         raise ShimError(f"{exc.filename}: {exc.strerror}") from None
 
 
-def plan_from_fetched(mounts: Sequence[MountLike], directory: Path,
-                      transport: str | Sequence[str] = "virtio-blk") -> AttachPlan:
+def plan_from_fetched(
+    mounts: Sequence[MountLike], directory: Path, transport: str | Sequence[str] = "virtio-blk"
+) -> AttachPlan:
     """The attach plan of a VM-mode rootfs on a node without a key, with the publisher's
     signed manifest fetched into DIRECTORY. Refused here, before anything is attached, when
     the manifest's roots are not the snapshot's devices (another image, or a node whose
@@ -208,8 +229,9 @@ def plan_from_fetched(mounts: Sequence[MountLike], directory: Path,
             raise ManifestError("not a JSON object")
         check_devices(SignedManifest(parsed, manifest, {}), [d.root_hash for d in plan.devices])
     except ManifestError as exc:
-        raise ShimError(f"{directory / MANIFEST_NAME} does not describe this rootfs: "
-                        f"{exc}") from None
+        raise ShimError(
+            f"{directory / MANIFEST_NAME} does not describe this rootfs: {exc}"
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
         raise ShimError(f"{directory / MANIFEST_NAME}: not a root manifest") from None
     return plan
@@ -263,8 +285,9 @@ class Shim:
                 self._users[att.device_id] = self._users.get(att.device_id, 0) + 1
             timings["attach"] = time.monotonic() - t
             t = time.monotonic()
-            result = self.agent.call("open_image",
-                                     **plan.request(name, attachments, self.device_timeout))
+            result = self.agent.call(
+                "open_image", **plan.request(name, attachments, self.device_timeout)
+            )
             timings["agent_open"] = time.monotonic() - t
         except BaseException as exc:
             try:

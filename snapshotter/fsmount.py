@@ -72,8 +72,12 @@ _LO_FLAGS_AUTOCLEAR = 4
 _LOOP_CONFIG_SIZE = 304  # struct loop_config: fd, block_size, loop_info64 (232), 8 x u64
 _LO_FLAGS_OFFSET = 8 + 40 + 12  # lo_flags within loop_config (after fd, block_size, ...)
 
-MOUNT_FLAGS = {"ro": _MOUNT_ATTR_RDONLY, "nosuid": _MOUNT_ATTR_NOSUID,
-               "nodev": _MOUNT_ATTR_NODEV, "noexec": _MOUNT_ATTR_NOEXEC}
+MOUNT_FLAGS = {
+    "ro": _MOUNT_ATTR_RDONLY,
+    "nosuid": _MOUNT_ATTR_NOSUID,
+    "nodev": _MOUNT_ATTR_NODEV,
+    "noexec": _MOUNT_ATTR_NOEXEC,
+}
 
 _probe_lock = threading.Lock()
 _file_backed: bool | None = None
@@ -93,8 +97,13 @@ def file_backed_supported() -> bool:
                 probe.write(bytes(4096))
                 probe.flush()
                 try:
-                    _mount_detached(f"/proc/self/fd/{probe.fileno()}", [], _MOUNT_ATTR_RDONLY,
-                                    fstype=b"erofs", close=True)
+                    _mount_detached(
+                        f"/proc/self/fd/{probe.fileno()}",
+                        [],
+                        _MOUNT_ATTR_RDONLY,
+                        fstype=b"erofs",
+                        close=True,
+                    )
                     _file_backed = True  # (a zero superblock never mounts; be permissive)
                 except OSError as exc:
                     _file_backed = exc.errno == errno.EINVAL
@@ -121,8 +130,9 @@ def loop_device(path: str) -> Iterator[str]:
                 loop_fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
                 config = bytearray(_LOOP_CONFIG_SIZE)
                 struct.pack_into("=II", config, 0, backing, 0)
-                struct.pack_into("=I", config, _LO_FLAGS_OFFSET,
-                                 _LO_FLAGS_READ_ONLY | _LO_FLAGS_AUTOCLEAR)
+                struct.pack_into(
+                    "=I", config, _LO_FLAGS_OFFSET, _LO_FLAGS_READ_ONLY | _LO_FLAGS_AUTOCLEAR
+                )
                 try:
                     fcntl.ioctl(loop_fd, _LOOP_CONFIGURE, bytes(config))
                 except OSError as exc:
@@ -145,28 +155,38 @@ def _is_regular(path: str) -> bool:
     return stat.S_ISREG(os.stat(path).st_mode)
 
 
-def _mount_detached(source: str, devices: Sequence[str], attrs: int, fstype: bytes,
-                    close: bool = False, strings: Sequence[tuple[str, str]] = ()) -> int:
+def _mount_detached(
+    source: str,
+    devices: Sequence[str],
+    attrs: int,
+    fstype: bytes,
+    close: bool = False,
+    strings: Sequence[tuple[str, str]] = (),
+) -> int:
     """fsopen + one fsconfig per option + fsmount: a detached mount's fd (closed if CLOSE)."""
     fs_fd = _syscall(_SYS_FSOPEN, fstype, _FSOPEN_CLOEXEC)
     try:
         try:
             if source:
-                _syscall(_SYS_FSCONFIG, fs_fd, _FSCONFIG_SET_STRING, b"source",
-                         os.fsencode(source), 0)
+                _syscall(
+                    _SYS_FSCONFIG, fs_fd, _FSCONFIG_SET_STRING, b"source", os.fsencode(source), 0
+                )
             for dev in devices:
-                _syscall(_SYS_FSCONFIG, fs_fd, _FSCONFIG_SET_STRING, b"device",
-                         os.fsencode(dev), 0)
+                _syscall(_SYS_FSCONFIG, fs_fd, _FSCONFIG_SET_STRING, b"device", os.fsencode(dev), 0)
             for key, value in strings:
-                _syscall(_SYS_FSCONFIG, fs_fd, _FSCONFIG_SET_STRING, key.encode(),
-                         os.fsencode(value), 0)
+                _syscall(
+                    _SYS_FSCONFIG, fs_fd, _FSCONFIG_SET_STRING, key.encode(), os.fsencode(value), 0
+                )
             if attrs & _MOUNT_ATTR_RDONLY:
                 _syscall(_SYS_FSCONFIG, fs_fd, _FSCONFIG_SET_FLAG, b"ro", None, 0)
             _syscall(_SYS_FSCONFIG, fs_fd, _FSCONFIG_CMD_CREATE, None, None, 0)
         except OSError as exc:
             detail = _read_fs_log(fs_fd)
-            raise OSError(exc.errno, f"{fstype.decode()} mount of {source or 'overlay'}: "
-                          f"{exc.strerror}" + (f" ({detail})" if detail else "")) from None
+            raise OSError(
+                exc.errno,
+                f"{fstype.decode()} mount of {source or 'overlay'}: "
+                f"{exc.strerror}" + (f" ({detail})" if detail else ""),
+            ) from None
         mnt_fd = _syscall(_SYS_FSMOUNT, fs_fd, _FSMOUNT_CLOEXEC, attrs)
     finally:
         os.close(fs_fd)
@@ -177,33 +197,42 @@ def _mount_detached(source: str, devices: Sequence[str], attrs: int, fstype: byt
 
 def _attach(mnt_fd: int, target: str) -> None:
     try:
-        _syscall(_SYS_MOVE_MOUNT, mnt_fd, b"", _AT_FDCWD, os.fsencode(target),
-                 _MOVE_MOUNT_F_EMPTY_PATH)
+        _syscall(
+            _SYS_MOVE_MOUNT, mnt_fd, b"", _AT_FDCWD, os.fsencode(target), _MOVE_MOUNT_F_EMPTY_PATH
+        )
     finally:
         os.close(mnt_fd)
 
 
-def mount_erofs(source: str, target: str, devices: Sequence[str] | None = None,
-                attrs: int = _MOUNT_ATTR_RDONLY) -> None:
+def mount_erofs(
+    source: str, target: str, devices: Sequence[str] | None = None, attrs: int = _MOUNT_ATTR_RDONLY
+) -> None:
     """Mount the EROFS at `source` read-only at `target`, with one `device` option per extra
     device (in device-table order). Block devices are used as they are; regular files
     file-backed when the kernel can, else each over its own autoclear loop device."""
     paths = [source, *(devices or [])]
     files = [p for p in paths if _is_regular(p)]
     if not files or (len(files) == len(paths) and file_backed_supported()):
-        _attach(_mount_detached(source, paths[1:], attrs | _MOUNT_ATTR_RDONLY, b"erofs"),
-                target)
+        _attach(_mount_detached(source, paths[1:], attrs | _MOUNT_ATTR_RDONLY, b"erofs"), target)
         return
     with ExitStack() as loops:
         # The erofs superblock holds each loop device open; ours close when this returns,
         # and autoclear detaches them when the mount goes.
         resolved = [loops.enter_context(loop_device(p)) if p in files else p for p in paths]
-        _attach(_mount_detached(resolved[0], resolved[1:], attrs | _MOUNT_ATTR_RDONLY,
-                                b"erofs"), target)
+        _attach(
+            _mount_detached(resolved[0], resolved[1:], attrs | _MOUNT_ATTR_RDONLY, b"erofs"), target
+        )
 
 
 def mount_overlay(lower: str, upper: str, work: str, target: str, attrs: int = 0) -> None:
     """An overlay of LOWER with UPPER/WORK at TARGET (through fsconfig: no option string)."""
-    _attach(_mount_detached("overlay", [], attrs, b"overlay",
-                            strings=[("lowerdir", lower), ("upperdir", upper),
-                                     ("workdir", work)]), target)
+    _attach(
+        _mount_detached(
+            "overlay",
+            [],
+            attrs,
+            b"overlay",
+            strings=[("lowerdir", lower), ("upperdir", upper), ("workdir", work)],
+        ),
+        target,
+    )

@@ -159,8 +159,9 @@ def check_output(
     for source in inputs:
         with contextlib.suppress(OSError):  # a missing input is reported as such elsewhere
             if os.path.samefile(source, path):
-                raise InvalidArgument(f"{path}: is also an input ({source}); writing it would "
-                                      "destroy that input")
+                raise InvalidArgument(
+                    f"{path}: is also an input ({source}); writing it would destroy that input"
+                )
 
 
 CommandFunc = Callable[[Any], int]

@@ -43,8 +43,9 @@ def canonical(obj: Any) -> bytes:
 
 
 def key_id(public_key: ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey) -> str:
-    der = public_key.public_bytes(serialization.Encoding.DER,
-                                  serialization.PublicFormat.SubjectPublicKeyInfo)
+    der = public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     return "sha256:" + hashlib.sha256(der).hexdigest()
 
 
@@ -52,12 +53,14 @@ def _algorithm(key: Any) -> str:
     if isinstance(key, ed25519.Ed25519PrivateKey | ed25519.Ed25519PublicKey):
         return "ed25519"
     if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey) and isinstance(
-            key.curve, ec.SECP256R1):
+        key.curve, ec.SECP256R1
+    ):
         return "ecdsa-p256"
     raise ManifestError(f"unsupported key type {type(key).__name__}")
 
 
 # -- keys -------------------------------------------------------------------------------------
+
 
 def generate_key(path: Path, algorithm: str = "ed25519") -> str:
     """Write a new private key to PATH (0600) and its public key to PATH.pub; return its id."""
@@ -70,11 +73,16 @@ def generate_key(path: Path, algorithm: str = "ed25519") -> str:
         key = ec.generate_private_key(ec.SECP256R1())
     else:
         raise ManifestError(f"unknown key algorithm {algorithm!r} (use {', '.join(ALGORITHMS)})")
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     write_atomic(path, pem, mode=0o600)
-    write_atomic(Path(f"{path}.pub"), key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    write_atomic(
+        Path(f"{path}.pub"),
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ),
+    )
     return key_id(key.public_key())
 
 
@@ -102,6 +110,7 @@ def load_public_key(data: bytes) -> Any:
 
 # -- manifests --------------------------------------------------------------------------------
 
+
 def verity_entry(info: dict[str, Any]) -> dict[str, Any]:
     """The dm-verity facts a guest needs for one device (from a VerityInfo JSON)."""
     return {
@@ -116,9 +125,12 @@ def verity_entry(info: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def build_manifest(image: dict[str, Any], layers: list[dict[str, Any]],
-                   fsmeta: dict[str, Any] | None = None,
-                   flat: dict[str, Any] | None = None) -> dict[str, Any]:
+def build_manifest(
+    image: dict[str, Any],
+    layers: list[dict[str, Any]],
+    fsmeta: dict[str, Any] | None = None,
+    flat: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """`image`: name / manifest digest; `layers`: lowest first, each with `diff_id`,
     `digest` (the compressed blob), `erofs_digest` and `verity`; `fsmeta`/`flat`: their
     `digest` and `verity`, and for the fsmeta the device `tags` in table order."""
@@ -158,12 +170,14 @@ def sign(manifest: dict[str, Any], private_key: Any) -> tuple[bytes, dict[str, A
         sig = private_key.sign(payload)
     else:
         sig = private_key.sign(payload, ec.ECDSA(hashes.SHA256()))
-    return payload, {"algorithm": algorithm, "key_id": key_id(private_key.public_key()),
-                     "signature": base64.b64encode(sig).decode()}
+    return payload, {
+        "algorithm": algorithm,
+        "key_id": key_id(private_key.public_key()),
+        "signature": base64.b64encode(sig).decode(),
+    }
 
 
-def verify(payload: bytes, signature: dict[str, Any] | bytes, trusted: list[Any]
-           ) -> SignedManifest:
+def verify(payload: bytes, signature: dict[str, Any] | bytes, trusted: list[Any]) -> SignedManifest:
     """Check PAYLOAD against SIGNATURE with one of the TRUSTED public keys; ManifestError
     saying why if anything is off. Returns the parsed manifest."""
     if isinstance(signature, bytes):

@@ -181,8 +181,11 @@ def prune(root: Path, current: Iterable[Path], keep_others: int = 2) -> list[Pat
     keep = {p.name for p in current} | {p.with_suffix(".json").name for p in current}
     removed = []
     for kind in ("kernel-", "tree-", "initramfs-", "root-"):
-        entries = [p for p in root.iterdir()
-                   if p.name.startswith(kind) and p.name not in keep and p.suffix != ".json"]
+        entries = [
+            p
+            for p in root.iterdir()
+            if p.name.startswith(kind) and p.name not in keep and p.suffix != ".json"
+        ]
         entries.sort(key=lambda p: p.stat().st_mtime, reverse=True)
         for old in entries[keep_others:]:
             if old.is_dir():

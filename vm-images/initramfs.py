@@ -26,8 +26,15 @@ from kernel import Kernel
 from passthrough.guest.payload import agent_env
 
 # What the guest needs before its root is mounted (modules.dep adds the dependencies).
-TOP_MODULES = ("virtio_pci", "virtio_blk", "virtio_console", "erofs", "sha256_ssse3", "dm-verity",
-               "overlay")  # overlay: the writable upper over an opened image (agent open_image)
+TOP_MODULES = (
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_console",
+    "erofs",
+    "sha256_ssse3",
+    "dm-verity",
+    "overlay",
+)  # overlay: the writable upper over an opened image (agent open_image)
 BUSYBOX_PACKAGE = "busybox-static"
 LIB_DIRS = ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu", "lib", "usr/lib")
 
@@ -70,7 +77,8 @@ def _elf_needed(data: bytes) -> tuple[str | None, list[str]]:
     dynamic = None
     for i in range(phnum):
         p_type, _f, off, vaddr, _pa, filesz = struct.unpack_from(
-            "<IIQQQQ", data, phoff + i * phentsize)
+            "<IIQQQQ", data, phoff + i * phentsize
+        )
         if p_type == 3:
             interp = data[off : off + filesz].rstrip(b"\0").decode()
         elif p_type == 1:
@@ -141,8 +149,9 @@ class Cpio:
         self.ino = 1
         self.dirs: set[str] = set()
 
-    def _entry(self, name: str, mode: int, data: bytes = b"",
-               rdev: tuple[int, int] = (0, 0)) -> None:
+    def _entry(
+        self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)
+    ) -> None:
         nameb = name.encode() + b"\0"
         fields = (self.ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1], len(nameb), 0)
         self.buf.write(b"070701" + b"".join(b"%08X" % f for f in fields) + nameb)
@@ -181,8 +190,15 @@ class Cpio:
 
 def build_initramfs(root: Path, kernel: Kernel, tree: Path, tree_key: str) -> Path:
     version = candidate_versions([BUSYBOX_PACKAGE])[BUSYBOX_PACKAGE]
-    key = digest(kernel.release, kernel.version, version, tree_key,
-                 source_digest("initramfs.py", "init.sh"), agent_env(), *TOP_MODULES)
+    key = digest(
+        kernel.release,
+        kernel.version,
+        version,
+        tree_key,
+        source_digest("initramfs.py", "init.sh"),
+        agent_env(),
+        *TOP_MODULES,
+    )
     final = root / f"initramfs-{key}.cpio"
     if final.exists():
         return final

@@ -37,8 +37,14 @@ MIRROR = os.environ.get("EROFS_PASSTHROUGH_MIRROR", "http://deb.debian.org/debia
 # python3-cffi-backend: python3-cryptography needs it through a virtual package that
 # debootstrap does not resolve.
 INCLUDE = ("python3", "python3-cryptography", "python3-cffi-backend", "python3-pyudev", "dmsetup")
-PRUNE = ("var/cache/apt", "var/lib/apt/lists", "usr/share/doc", "usr/share/man",
-         "usr/share/info", "usr/share/locale")
+PRUNE = (
+    "var/cache/apt",
+    "var/lib/apt/lists",
+    "usr/share/doc",
+    "usr/share/man",
+    "usr/share/info",
+    "usr/share/locale",
+)
 BLOCK = 4096
 # File mtimes are kept (python checks its .pyc files by them); files we add get this one.
 FIXED_TIME = 1700000000
@@ -48,8 +54,13 @@ TREE_RECIPE = 1  # bump when build_tree changes what it produces
 def tree_key() -> str:
     versions = candidate_versions(INCLUDE)
     debootstrap = candidate_versions(["debootstrap"])["debootstrap"]
-    return digest(SUITE, MIRROR, debootstrap, json.dumps(versions, sort_keys=True),
-                  repr((INCLUDE, PRUNE, TREE_RECIPE)))
+    return digest(
+        SUITE,
+        MIRROR,
+        debootstrap,
+        json.dumps(versions, sort_keys=True),
+        repr((INCLUDE, PRUNE, TREE_RECIPE)),
+    )
 
 
 def build_tree(root: Path, key: str) -> Path:
@@ -58,8 +69,16 @@ def build_tree(root: Path, key: str) -> Path:
     if (final / "etc/debian_version").exists():
         return final
     with staging_dir(final) as tmp:
-        run(["debootstrap", "--variant=minbase", f"--include={','.join(INCLUDE)}",
-             SUITE, tmp, MIRROR])
+        run(
+            [
+                "debootstrap",
+                "--variant=minbase",
+                f"--include={','.join(INCLUDE)}",
+                SUITE,
+                tmp,
+                MIRROR,
+            ]
+        )
         for rel in PRUNE:
             target = tmp / rel
             if target.is_dir():
@@ -74,8 +93,9 @@ def build_tree(root: Path, key: str) -> Path:
     return final
 
 
-def _with_debian_tools(tree: Path, extras: dict[str, tuple[bytes, int]], out: Path,
-                       salt: str) -> dict:
+def _with_debian_tools(
+    tree: Path, extras: dict[str, tuple[bytes, int]], out: Path, salt: str
+) -> dict:
     """mkfs.erofs (1.5, from a directory) + `veritysetup format`, tree appended to the data."""
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".stage.") as stage_dir:
         stage = Path(stage_dir) / "root"
@@ -94,20 +114,39 @@ def _with_debian_tools(tree: Path, extras: dict[str, tuple[bytes, int]], out: Pa
     size = tmp.stat().st_size
     data_blocks = -(-size // BLOCK)
     hash_offset = data_blocks * BLOCK
-    proc = run(["veritysetup", "format", tmp, tmp, f"--data-blocks={data_blocks}",
-                f"--hash-offset={hash_offset}", f"--salt={salt}", f"--uuid={uuid}",
-                f"--data-block-size={BLOCK}", f"--hash-block-size={BLOCK}"])
+    proc = run(
+        [
+            "veritysetup",
+            "format",
+            tmp,
+            tmp,
+            f"--data-blocks={data_blocks}",
+            f"--hash-offset={hash_offset}",
+            f"--salt={salt}",
+            f"--uuid={uuid}",
+            f"--data-block-size={BLOCK}",
+            f"--hash-block-size={BLOCK}",
+        ]
+    )
     m = re.search(r"Root hash:\s*([0-9a-f]{64})", proc.stdout)
     if not m:
         raise BuildError(f"veritysetup printed no root hash: {proc.stdout}")
     commit_file(tmp, out)
-    return {"root_hash": m.group(1), "salt": salt, "hash_offset": hash_offset,
-            "data_blocks": data_blocks, "data_block_size": BLOCK, "hash_block_size": BLOCK,
-            "hash_type": 1, "builder": "mkfs.erofs+veritysetup"}
+    return {
+        "root_hash": m.group(1),
+        "salt": salt,
+        "hash_offset": hash_offset,
+        "data_blocks": data_blocks,
+        "data_block_size": BLOCK,
+        "hash_block_size": BLOCK,
+        "hash_type": 1,
+        "builder": "mkfs.erofs+veritysetup",
+    }
 
 
-def _with_our_converter(tree: Path, extras: dict[str, tuple[bytes, int]], out: Path,
-                        salt: str) -> dict:
+def _with_our_converter(
+    tree: Path, extras: dict[str, tuple[bytes, int]], out: Path, salt: str
+) -> dict:
     """`erofs-passthrough convert TAR OUT --verity --json` over a tar of the tree + extras."""
     cli = shutil.which("erofs-passthrough") or str(HERE.parent / ".venv/bin/erofs-passthrough")
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".stage.") as stage_dir:
@@ -152,8 +191,9 @@ def write_tree_tar(tree: Path, extras: dict[str, tuple[bytes, int]], dest: Path)
             tar.addfile(info, io.BytesIO(data))
 
 
-def make_verified_erofs(tree: Path, extras: dict[str, tuple[bytes, int]], out: Path,
-                        salt: str) -> dict:
+def make_verified_erofs(
+    tree: Path, extras: dict[str, tuple[bytes, int]], out: Path, salt: str
+) -> dict:
     """TREE (+ EXTRAS: path -> (bytes, mode)) as EROFS with a dm-verity tree appended.
 
     Our own converter builds it (the guest that checks our images boots from one);
@@ -182,9 +222,13 @@ def guest_files() -> dict[str, tuple[bytes, int]]:
 def build_root_image(root: Path, tree: Path, key: str) -> tuple[Path, dict]:
     extras = guest_files()
     builder = os.environ.get("EROFS_PASSTHROUGH_GUEST_BUILDER", "ours")
-    image_key = digest(key, *(f"{rel}:{mode}".encode() + data
-                              for rel, (data, mode) in sorted(extras.items())),
-                       source_digest("rootfs.py"), builder, converter_digest())
+    image_key = digest(
+        key,
+        *(f"{rel}:{mode}".encode() + data for rel, (data, mode) in sorted(extras.items())),
+        source_digest("rootfs.py"),
+        builder,
+        converter_digest(),
+    )
     final = root / f"root-{image_key}.img"
     meta_path = root / f"root-{image_key}.json"
     if final.exists() and meta_path.exists():

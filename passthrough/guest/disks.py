@@ -47,8 +47,9 @@ def block_info(device: Any) -> dict[str, Any]:
 def list_disks(state: AgentState) -> list[dict[str, Any]]:
     """The guest's virtio disks (pyudev enumeration of block devices of type disk)."""
     disks = state.udev().list_devices(subsystem="block", DEVTYPE="disk")
-    return sorted((block_info(d) for d in disks if d.sys_name.startswith("vd")),
-                  key=lambda d: d["name"])
+    return sorted(
+        (block_info(d) for d in disks if d.sys_name.startswith("vd")), key=lambda d: d["name"]
+    )
 
 
 def _matches(info: dict[str, Any], serial: str | None, pci: str | None) -> bool:
@@ -66,8 +67,9 @@ def _udev_monitor(state: AgentState) -> Any:
     return monitor
 
 
-def wait_block(state: AgentState, serial: str | None, pci: str | None,
-               timeout: float) -> dict[str, Any]:
+def wait_block(
+    state: AgentState, serial: str | None, pci: str | None, timeout: float
+) -> dict[str, Any]:
     """Wait for a disk with SERIAL (virtio-blk) and/or behind PCI address PCI (vhost-user-blk,
     whose serial is fixed)."""
     if serial is None and pci is None:
@@ -80,8 +82,9 @@ def wait_block(state: AgentState, serial: str | None, pci: str | None,
                 return info
         left = deadline - time.monotonic()
         if left <= 0:
-            raise AgentError(f"no disk with serial={serial} pci={pci} after {timeout}s",
-                             errno.ENODEV)
+            raise AgentError(
+                f"no disk with serial={serial} pci={pci} after {timeout}s", errno.ENODEV
+            )
         monitor.poll(timeout=min(left, 0.5))
 
 

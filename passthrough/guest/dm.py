@@ -18,8 +18,7 @@ def dmsetup(*args: str) -> str:
     import subprocess
 
     env = dict(os.environ, DM_DISABLE_UDEV="1")  # no udev here: dmsetup makes the nodes itself
-    proc = subprocess.run(["dmsetup", *args], capture_output=True, text=True, env=env,
-                          check=False)
+    proc = subprocess.run(["dmsetup", *args], capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
         raise AgentError(f"dmsetup {args[0]} failed: {proc.stderr.strip()}", errno.EIO)
     return proc.stdout

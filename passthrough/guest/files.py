@@ -66,8 +66,7 @@ def _hash_regular(name: str, dirfd: int) -> dict[str, Any]:
     import stat
 
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                     dir_fd=dirfd)
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dirfd)
     except OSError as exc:
         return {"errno": exc.errno, "error": exc.strerror}
     try:
@@ -82,16 +81,20 @@ def _open_in_root(root: str, rel: str, flags: int) -> int:
     import ctypes
 
     class OpenHow(ctypes.Structure):
-        _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
-                    ("resolve", ctypes.c_uint64)]
+        _fields_ = [
+            ("flags", ctypes.c_uint64),
+            ("mode", ctypes.c_uint64),
+            ("resolve", ctypes.c_uint64),
+        ]
 
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
     how = OpenHow(flags | os.O_CLOEXEC, 0, _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
     rootfd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        fd = libc.syscall(_SYS_OPENAT2, rootfd, os.fsencode(rel), ctypes.byref(how),
-                          ctypes.sizeof(how))
+        fd = libc.syscall(
+            _SYS_OPENAT2, rootfd, os.fsencode(rel), ctypes.byref(how), ctypes.sizeof(how)
+        )
     finally:
         os.close(rootfd)
     if fd < 0:
@@ -111,8 +114,11 @@ def op_read_file(state: AgentState, req: dict[str, Any]) -> dict[str, Any]:
     length = req.get("length")
     inside = state.image_root_of(path)
     try:
-        fd = (_open_in_root(inside[0], inside[1], os.O_RDONLY | os.O_NONBLOCK) if inside
-              else os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+        fd = (
+            _open_in_root(inside[0], inside[1], os.O_RDONLY | os.O_NONBLOCK)
+            if inside
+            else os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        )
         with os.fdopen(fd, "rb", buffering=0) as fh:
             fh.seek(offset)
             data = fh.read(int(length)) if length is not None else fh.read()
@@ -121,8 +127,11 @@ def op_read_file(state: AgentState, req: dict[str, Any]) -> dict[str, Any]:
     import base64
     import hashlib
 
-    return {"data": base64.b64encode(data).decode(), "sha256": hashlib.sha256(data).hexdigest(),
-            "size": len(data)}
+    return {
+        "data": base64.b64encode(data).decode(),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "size": len(data),
+    }
 
 
 def op_read_speed(state: AgentState, req: dict[str, Any]) -> dict[str, Any]:

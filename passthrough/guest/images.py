@@ -27,8 +27,9 @@ if TYPE_CHECKING:
 
 def image_name(req: dict[str, Any]) -> str:
     name = req.get("name") or "image"
-    if not (isinstance(name, str) and len(name) <= 32
-            and all(c.isalnum() or c in "-_" for c in name)):
+    if not (
+        isinstance(name, str) and len(name) <= 32 and all(c.isalnum() or c in "-_" for c in name)
+    ):
         raise AgentError(f"bad image name {name!r} (1-32 of [A-Za-z0-9_-])", errno.EINVAL)
     return name
 
@@ -61,14 +62,16 @@ def op_open_image(state: AgentState, req: dict[str, Any]) -> dict[str, Any]:
         keys = verify.trusted_keys_from_cmdline(state.cmdline())
         if not keys:
             raise manifest.ManifestError(
-                f"the guest booted without trusted keys ({verify.ARG_TRUSTED_KEYS}=)")
+                f"the guest booted without trusted keys ({verify.ARG_TRUSTED_KEYS}=)"
+            )
         signed = manifest.verify(payload, signature, keys)
         if "fsmeta" not in signed.manifest:
             raise manifest.ManifestError("the manifest names no fsmeta to mount")
         expected = len(signed.device_verity())
         if len(offered) != expected:
             raise manifest.ManifestError(
-                f"{len(offered)} devices offered, the manifest names {expected}")
+                f"{len(offered)} devices offered, the manifest names {expected}"
+            )
     except manifest.ManifestError as exc:
         raise refusal(str(exc)) from None
     timings["verify_signature"] = time.monotonic() - started
@@ -78,9 +81,11 @@ def op_open_image(state: AgentState, req: dict[str, Any]) -> dict[str, Any]:
     disks = [wait_block(state, d.get("serial"), d.get("pci"), timeout) for d in offered]
     timings["wait_devices"] = time.monotonic() - t
     t = time.monotonic()
-    labels = [f"{d['name']} " + (f"serial {d['serial']}" if o.get("serial") is not None
-                                 else f"pci {o.get('pci')}")
-              for d, o in zip(disks, offered, strict=True)]
+    labels = [
+        f"{d['name']} "
+        + (f"serial {d['serial']}" if o.get("serial") is not None else f"pci {o.get('pci')}")
+        for d, o in zip(disks, offered, strict=True)
+    ]
     try:
         roots = verify.check_offered(signed, [d["path"] for d in disks], labels)
     except manifest.ManifestError as exc:
@@ -110,9 +115,16 @@ def op_open_image(state: AgentState, req: dict[str, Any]) -> dict[str, Any]:
         image.mounts.append(rw)
         os.makedirs(f"{rw}/upper", mode=0o755)
         os.makedirs(f"{rw}/work", mode=0o700)
-        mounts.op_mount(state, {
-            "source": "overlay", "target": rootfs, "fstype": "overlay", "read_only": False,
-            "options": [f"lowerdir={lower}", f"upperdir={rw}/upper", f"workdir={rw}/work"]})
+        mounts.op_mount(
+            state,
+            {
+                "source": "overlay",
+                "target": rootfs,
+                "fstype": "overlay",
+                "read_only": False,
+                "options": [f"lowerdir={lower}", f"upperdir={rw}/upper", f"workdir={rw}/work"],
+            },
+        )
         image.mounts.append(rootfs)
         timings["mount"] = time.monotonic() - t
     except BaseException:
@@ -122,13 +134,25 @@ def op_open_image(state: AgentState, req: dict[str, Any]) -> dict[str, Any]:
             pass  # the first error is the one to report; teardown retries the rest
         raise
     image.result = {
-        "name": name, "manifest_digest": image.digest, "key_id": signed.signature["key_id"],
-        "image": signed.manifest.get("image"), "rootfs": rootfs, "lower": lower,
+        "name": name,
+        "manifest_digest": image.digest,
+        "key_id": signed.signature["key_id"],
+        "image": signed.manifest.get("image"),
+        "rootfs": rootfs,
+        "lower": lower,
         "upper": f"{rw}/upper",
         "devices": [
-            {"position": i, "role": "fsmeta" if i == 0 else "layer", "disk": d["path"],
-             "serial": d["serial"], "pci_path": d["pci_path"], "dm": m, "root_hash": r}
-            for i, (d, m, r) in enumerate(zip(disks, mappers, roots, strict=True))],
+            {
+                "position": i,
+                "role": "fsmeta" if i == 0 else "layer",
+                "disk": d["path"],
+                "serial": d["serial"],
+                "pci_path": d["pci_path"],
+                "dm": m,
+                "root_hash": r,
+            }
+            for i, (d, m, r) in enumerate(zip(disks, mappers, roots, strict=True))
+        ],
         "timings": {k: round(v, 4) for k, v in timings.items()},
     }
     state.add_image(image)

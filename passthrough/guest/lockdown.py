@@ -12,9 +12,23 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-LOCKDOWN_OPS = frozenset({
-    "ping", "block_devices", "wait_block", "wait_block_gone", "open_image", "close_image",
-    "images", "teardown", "mounts", "verity_status", "run", "hash_tree", "read_file"})
+LOCKDOWN_OPS = frozenset(
+    {
+        "ping",
+        "block_devices",
+        "wait_block",
+        "wait_block_gone",
+        "open_image",
+        "close_image",
+        "images",
+        "teardown",
+        "mounts",
+        "verity_status",
+        "run",
+        "hash_tree",
+        "read_file",
+    }
+)
 
 
 def check_lockdown(state: AgentState, op: str, req: dict[str, Any]) -> None:
@@ -28,8 +42,10 @@ def check_lockdown(state: AgentState, op: str, req: dict[str, Any]) -> None:
         why = f"{op} is not served in lockdown"
     elif op == "run" and req.get("image") is None:
         why = "run needs image=NAME (an open image's root) in lockdown"
-    elif op in ("hash_tree", "read_file") and state.image_root_of(
-            str(req.get("root") or req.get("path") or "")) is None:
+    elif (
+        op in ("hash_tree", "read_file")
+        and state.image_root_of(str(req.get("root") or req.get("path") or "")) is None
+    ):
         why = f"{op} outside an open image's root in lockdown"
     if why:
         raise refusal(f"{why} ({LOCKDOWN_ON})")

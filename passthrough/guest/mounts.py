@@ -29,8 +29,13 @@ def op_mount(state: AgentState, req: dict[str, Any]) -> dict[str, Any]:
     options = ",".join(req.get("options", []))
     flags = MS_RDONLY if req.get("read_only", True) else 0
     libc, get_errno = state.libc()
-    rc = libc.mount(req["source"].encode(), target.encode(),
-                    req.get("fstype", "erofs").encode(), flags, options.encode() or None)
+    rc = libc.mount(
+        req["source"].encode(),
+        target.encode(),
+        req.get("fstype", "erofs").encode(),
+        flags,
+        options.encode() or None,
+    )
     if rc != 0:
         err = get_errno()
         rmdir_quiet(target)
@@ -42,8 +47,7 @@ def op_mount(state: AgentState, req: dict[str, Any]) -> dict[str, Any]:
 def mount_tmpfs(state: AgentState, target: str, size: str) -> None:
     os.makedirs(target, exist_ok=True)
     libc, get_errno = state.libc()
-    if libc.mount(b"tmpfs", target.encode(), b"tmpfs", 0,
-                  f"mode=0755,size={size}".encode()) != 0:
+    if libc.mount(b"tmpfs", target.encode(), b"tmpfs", 0, f"mode=0755,size={size}".encode()) != 0:
         err = get_errno()
         raise AgentError(f"tmpfs on {target}: {os.strerror(err)}", err)
     state.mounts.append(target)

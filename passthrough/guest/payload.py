@@ -43,9 +43,23 @@ MODULES = (
     "snapshotter/fsutil.py",
     "snapshotter/manifest.py",
     "snapshotter/verity/__init__.py",
-    *(f"snapshotter/verity/{name}.py" for name in (
-        "builder", "coverage", "digests", "files", "geometry", "hashing", "info",
-        "parallel", "params", "superblock", "tree", "verify")),
+    *(
+        f"snapshotter/verity/{name}.py"
+        for name in (
+            "builder",
+            "coverage",
+            "digests",
+            "files",
+            "geometry",
+            "hashing",
+            "info",
+            "parallel",
+            "params",
+            "superblock",
+            "tree",
+            "verify",
+        )
+    ),
 )
 
 

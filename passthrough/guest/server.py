@@ -29,8 +29,12 @@ if TYPE_CHECKING:
 
 def op_ping(state: AgentState, req: dict[str, Any]) -> dict[str, Any]:
     uptime = read_attr("/proc/uptime") or "0"
-    return {"pong": True, "pid": os.getpid(), "kernel": os.uname().release,
-            "uptime": float(uptime.split()[0])}
+    return {
+        "pong": True,
+        "pid": os.getpid(),
+        "kernel": os.uname().release,
+        "uptime": float(uptime.split()[0]),
+    }
 
 
 def op_run(state: AgentState, req: dict[str, Any]) -> dict[str, Any]:
@@ -49,9 +53,15 @@ def op_run(state: AgentState, req: dict[str, Any]) -> dict[str, Any]:
             os.chdir("/")
 
     try:
-        proc = subprocess.run(req["argv"], input=req.get("input"), capture_output=True,
-                              text=True, timeout=float(req.get("timeout", 30)), check=False,
-                              preexec_fn=chroot)
+        proc = subprocess.run(
+            req["argv"],
+            input=req.get("input"),
+            capture_output=True,
+            text=True,
+            timeout=float(req.get("timeout", 30)),
+            check=False,
+            preexec_fn=chroot,
+        )
     except FileNotFoundError as exc:
         raise AgentError(f"{req['argv'][0]}: {exc.strerror}", exc.errno) from None
     except subprocess.TimeoutExpired as exc:
@@ -113,8 +123,7 @@ def handler(name: str) -> Op | None:
         import importlib
 
         module, function = op.split(":")
-        op = OPS[name] = getattr(importlib.import_module(f"passthrough.guest.{module}"),
-                                 function)
+        op = OPS[name] = getattr(importlib.import_module(f"passthrough.guest.{module}"), function)
     return op
 
 
@@ -162,7 +171,7 @@ class Agent:
                     reply = (json.dumps(self.handle(line)) + "\n").encode()
                     view = memoryview(reply)
                     while view:
-                        view = view[os.write(fd, view):]
+                        view = view[os.write(fd, view) :]
 
 
 def find_port(name: str = AGENT_PORT) -> str | None:

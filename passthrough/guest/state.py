@@ -128,9 +128,13 @@ class AgentState:
             import ctypes
 
             lib = ctypes.CDLL(None, use_errno=True)
-            lib.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
-                                  ctypes.c_ulong, ctypes.c_char_p]
+            lib.mount.argtypes = [
+                ctypes.c_char_p,
+                ctypes.c_char_p,
+                ctypes.c_char_p,
+                ctypes.c_ulong,
+                ctypes.c_char_p,
+            ]
             lib.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
             self._libc = (lib, ctypes.get_errno)
         return self._libc
-

@@ -41,8 +41,13 @@ from snapshotter.manifest import (
 from snapshotter.verity.info import VerityInfo
 from snapshotter.verity.superblock import SUPERBLOCK_SIZE, VeritySuperblock
 
-__all__ = ["ARG_TRUSTED_KEYS", "check_offered", "device_root", "signed_verity",
-           "trusted_keys_from_cmdline"]
+__all__ = [
+    "ARG_TRUSTED_KEYS",
+    "check_offered",
+    "device_root",
+    "signed_verity",
+    "trusted_keys_from_cmdline",
+]
 
 
 def trusted_keys_from_cmdline(cmdline: str) -> list[Any]:
@@ -102,12 +107,20 @@ def device_root(path: str, entry: dict[str, Any]) -> str:
                 sb = VeritySuperblock.deserialize(_pread(fd, SUPERBLOCK_SIZE, offset))
             except EpError as exc:
                 raise ManifestError(f"no dm-verity superblock at byte {offset} ({exc})") from None
-            found = (sb.hash_type, sb.algorithm, sb.data_block_size, sb.hash_block_size,
-                     sb.data_blocks, sb.salt)
+            found = (
+                sb.hash_type,
+                sb.algorithm,
+                sb.data_block_size,
+                sb.hash_block_size,
+                sb.data_blocks,
+                sb.salt,
+            )
             if found != (1, "sha256", dbs, hbs, info.data_blocks, salt):
-                raise ManifestError("its dm-verity superblock is not the signed geometry "
-                                    f"({sb.data_blocks} data blocks, salt "
-                                    f"{sb.salt.hex()[:16]}...)")
+                raise ManifestError(
+                    "its dm-verity superblock is not the signed geometry "
+                    f"({sb.data_blocks} data blocks, salt "
+                    f"{sb.salt.hex()[:16]}...)"
+                )
         if info.data_blocks == 1:  # no tree: the root is the one data block's hash
             top = _pread(fd, dbs, 0)
         else:
@@ -130,20 +143,22 @@ def check_offered(signed: SignedManifest, paths: list[str], labels: list[str]) -
         try:
             roots.append(device_root(path, verity))
         except (KeyError, TypeError, ValueError) as exc:
-            raise ManifestError(f"{_position(signed, i)}: malformed signed verity entry "
-                                f"({exc!r})") from None
+            raise ManifestError(
+                f"{_position(signed, i)}: malformed signed verity entry ({exc!r})"
+            ) from None
         except ManifestError as exc:
-            raise ManifestError(f"{_position(signed, i)} ({label}): {exc}: not the signed "
-                                "device") from None
+            raise ManifestError(
+                f"{_position(signed, i)} ({label}): {exc}: not the signed device"
+            ) from None
     try:
         check_devices(signed, roots)
     except ManifestError as exc:
-        bad = next(i for i, (a, b) in enumerate(zip(roots, signed.expected_roots(),
-                                                    strict=True)) if a != b)
+        bad = next(
+            i for i, (a, b) in enumerate(zip(roots, signed.expected_roots(), strict=True)) if a != b
+        )
         raise ManifestError(f"{exc} ({labels[bad]})") from None
     return roots
 
 
 def _position(signed: SignedManifest, i: int) -> str:
     return "fsmeta" if i == 0 and "fsmeta" in signed.manifest else f"device {i}"
-

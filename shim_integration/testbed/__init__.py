@@ -27,10 +27,14 @@ __all__ = [
     "local_registry",
 ]
 
-__getattr__, __dir__ = lazy_exports(__name__, {
-    "demo": "",
-    "containerd_private": "",
-    "containerd_dist": "",
-    "oci_archive": "",
-    "local_registry": "",
-}, globals())
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "demo": "",
+        "containerd_private": "",
+        "containerd_dist": "",
+        "oci_archive": "",
+        "local_registry": "",
+    },
+    globals(),
+)

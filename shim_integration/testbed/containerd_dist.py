@@ -21,11 +21,17 @@ KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 
 
 def _apt(state: Path, *args: str) -> subprocess.CompletedProcess:
-    opts = [f"-oDir::Etc::SourceList={state / 'sources.list'}", "-oDir::Etc::SourceParts=/dev/null",
-            f"-oDir::State::Lists={state / 'lists'}", f"-oDir::Cache={state / 'cache'}",
-            "-oAPT::Get::List-Cleanup=0", "-qq"]
-    return subprocess.run(["apt-get", *opts, *args], capture_output=True, text=True, check=True,
-                          cwd=state)
+    opts = [
+        f"-oDir::Etc::SourceList={state / 'sources.list'}",
+        "-oDir::Etc::SourceParts=/dev/null",
+        f"-oDir::State::Lists={state / 'lists'}",
+        f"-oDir::Cache={state / 'cache'}",
+        "-oAPT::Get::List-Cleanup=0",
+        "-qq",
+    ]
+    return subprocess.run(
+        ["apt-get", *opts, *args], capture_output=True, text=True, check=True, cwd=state
+    )
 
 
 def _apt_state(suite: str) -> Path:

@@ -63,15 +63,17 @@ def system_dist(bin_dir: Path | None = None) -> Dist:
     BIN_DIR (containerd, ctr and containerd-shim-runc-v2 side by side)."""
     binary = str(bin_dir / "containerd") if bin_dir else shutil.which("containerd")
     if binary is None or not os.access(binary, os.X_OK):
-        raise ContainerdError(f"no containerd {'in ' + str(bin_dir) if bin_dir else 'on PATH'}"
-                              " (run .ci/setup)")
+        raise ContainerdError(
+            f"no containerd {'in ' + str(bin_dir) if bin_dir else 'on PATH'} (run .ci/setup)"
+        )
     out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True)
     version = out.stdout.split()[2].lstrip("v").split("~")[0]
     return Dist(version, Path(binary).parent)
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str,
-             proc: subprocess.Popen | None = None) -> None:
+def wait_for(
+    predicate: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if proc is not None and proc.poll() is not None:
@@ -89,8 +91,19 @@ class SnapshotterProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> SnapshotterProcess:
-        cmd = [sys.executable, "-m", "snapshotter.service.cli", "serve", "--root", str(self.root),
-               "--address", str(self.socket), "--log-level", "debug", *self.extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "snapshotter.service.cli",
+            "serve",
+            "--root",
+            str(self.root),
+            "--address",
+            str(self.socket),
+            "--log-level",
+            "debug",
+            *self.extra,
+        ]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=log)
         try:
@@ -104,8 +117,9 @@ class SnapshotterProcess:
             return False
         with grpc.insecure_channel(f"unix:{self.socket}") as ch:
             try:
-                reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
-                                                            timeout=1)
+                reply = health_pb2_grpc.HealthStub(ch).Check(
+                    health_pb2.HealthCheckRequest(), timeout=1
+                )
             except grpc.RpcError:
                 return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING
@@ -136,25 +150,36 @@ def containerd_config(dist: Dist, base: Path, snapshotter_socket: Path, differ: 
         disabled += ['"io.containerd.cri.v1.images"', '"io.containerd.cri.v1.runtime"']
     lines = [
         f"version = {3 if v2 else 2}",
-        f'root = "{base}/root"', f'state = "{base}/state"',
+        f'root = "{base}/root"',
+        f'state = "{base}/state"',
         f"disabled_plugins = [{', '.join(disabled)}]",
-        "[grpc]", f'  address = "{base}/containerd.sock"',
-        "[ttrpc]", f'  address = "{base}/containerd.sock.ttrpc"',
-        '[plugins."io.containerd.internal.v1.opt"]', f'  path = "{base}/opt"',
-        f"[proxy_plugins.{SNAPSHOTTER}]", '  type = "snapshot"',
+        "[grpc]",
+        f'  address = "{base}/containerd.sock"',
+        "[ttrpc]",
+        f'  address = "{base}/containerd.sock.ttrpc"',
+        '[plugins."io.containerd.internal.v1.opt"]',
+        f'  path = "{base}/opt"',
+        f"[proxy_plugins.{SNAPSHOTTER}]",
+        '  type = "snapshot"',
         f'  address = "{snapshotter_socket}"',
     ]
     if v2:  # the transfer service (ctr images import) unpacks only what unpack_config names
         ours = DIFFER if differ else "walking"
         for snapshotter, applier in (("overlayfs", "walking"), (SNAPSHOTTER, ours)):
-            lines += ['[[plugins."io.containerd.transfer.v1.local".unpack_config]]',
-                      '  platform = "linux/amd64"', f'  snapshotter = "{snapshotter}"',
-                      f'  differ = "{applier}"']
+            lines += [
+                '[[plugins."io.containerd.transfer.v1.local".unpack_config]]',
+                '  platform = "linux/amd64"',
+                f'  snapshotter = "{snapshotter}"',
+                f'  differ = "{applier}"',
+            ]
     if differ:
-        lines += [f"[proxy_plugins.{DIFFER}]", '  type = "diff"',
-                  f'  address = "{snapshotter_socket}"',
-                  '[plugins."io.containerd.service.v1.diff-service"]',
-                  f'  default = ["{DIFFER}", "walking"]']
+        lines += [
+            f"[proxy_plugins.{DIFFER}]",
+            '  type = "diff"',
+            f'  address = "{snapshotter_socket}"',
+            '[plugins."io.containerd.service.v1.diff-service"]',
+            f'  default = ["{DIFFER}", "walking"]',
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -188,14 +213,21 @@ class Containerd:
     def _ready(self) -> bool:
         return self.socket.exists() and self.ctr("version", check=False).returncode == 0
 
-    def ctr(self, *args: str, namespace: str = "default", check: bool = True,
-            timeout: float = 120) -> subprocess.CompletedProcess:
-        proc = subprocess.run([self.dist.tool("ctr"), "--address", str(self.socket),
-                               "--namespace", namespace, *args],
-                              capture_output=True, text=True, env=self.env(), timeout=timeout)
+    def ctr(
+        self, *args: str, namespace: str = "default", check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            [self.dist.tool("ctr"), "--address", str(self.socket), "--namespace", namespace, *args],
+            capture_output=True,
+            text=True,
+            env=self.env(),
+            timeout=timeout,
+        )
         if check and proc.returncode != 0:
-            raise ContainerdError(f"ctr {' '.join(args)} failed ({proc.returncode}):\n"
-                                  f"{proc.stdout}\n{proc.stderr}\n{self.log_tail()}")
+            raise ContainerdError(
+                f"ctr {' '.join(args)} failed ({proc.returncode}):\n"
+                f"{proc.stdout}\n{proc.stderr}\n{self.log_tail()}"
+            )
         return proc
 
     def ingest(self, blob: Path, digest: str, namespace: str = "default") -> None:
@@ -206,11 +238,29 @@ class Containerd:
         base = [self.dist.tool("ctr"), "--address", str(self.socket), "-n", namespace, "content"]
         for _attempt in range(10):
             with open(blob, "rb") as f:
-                subprocess.run([*base, "ingest", "--expected-digest", digest, "--expected-size",
-                                str(blob.stat().st_size), f"ingest-{digest[7:19]}"], stdin=f,
-                               check=True, capture_output=True, env=self.env(), timeout=120)
-            label = subprocess.run([*base, "label", digest, "containerd.io/gc.root=test"],
-                                   capture_output=True, text=True, env=self.env(), timeout=120)
+                subprocess.run(
+                    [
+                        *base,
+                        "ingest",
+                        "--expected-digest",
+                        digest,
+                        "--expected-size",
+                        str(blob.stat().st_size),
+                        f"ingest-{digest[7:19]}",
+                    ],
+                    stdin=f,
+                    check=True,
+                    capture_output=True,
+                    env=self.env(),
+                    timeout=120,
+                )
+            label = subprocess.run(
+                [*base, "label", digest, "containerd.io/gc.root=test"],
+                capture_output=True,
+                text=True,
+                env=self.env(),
+                timeout=120,
+            )
             if label.returncode == 0:
                 return
         raise ContainerdError(f"containerd kept collecting {digest}: {label.stderr}")
@@ -244,15 +294,18 @@ class Stack:
     """Our service plus a containerd using it, under BASE. SERVICE_ARGS go to `serve`
     (e.g. `--config serve.toml`)."""
 
-    def __init__(self, dist: Dist, base: Path, differ: bool = False,
-                 service_args: list[str] | None = None):
+    def __init__(
+        self, dist: Dist, base: Path, differ: bool = False, service_args: list[str] | None = None
+    ):
         self.base, self.differ = base, differ
         base.mkdir(parents=True, exist_ok=True)
         containerd_socket = base / "containerd" / "containerd.sock"
-        self.service = SnapshotterProcess(base / "erofs-py", base / "erofs-py.sock",
-                                          base / "erofs-py.log",
-                                          ["--containerd-address", str(containerd_socket),
-                                           *(service_args or [])])
+        self.service = SnapshotterProcess(
+            base / "erofs-py",
+            base / "erofs-py.sock",
+            base / "erofs-py.log",
+            ["--containerd-address", str(containerd_socket), *(service_args or [])],
+        )
         self.containerd = Containerd(dist, base / "containerd", self.service.socket, differ)
 
     def start(self) -> Stack:
@@ -291,18 +344,24 @@ class Snapshots:
     def prepare(self, key: str, parent: str, labels: dict[str, str] | None = None) -> list:
         """Mounts (containerd.types.Mount messages) of a new active snapshot KEY over PARENT."""
         try:
-            reply = self._stub.Prepare(self._pb.PrepareSnapshotRequest(
-                snapshotter=self.snapshotter, key=key, parent=parent, labels=labels or {}),
-                metadata=self._metadata, timeout=120)
+            reply = self._stub.Prepare(
+                self._pb.PrepareSnapshotRequest(
+                    snapshotter=self.snapshotter, key=key, parent=parent, labels=labels or {}
+                ),
+                metadata=self._metadata,
+                timeout=120,
+            )
         except grpc.RpcError as exc:
             raise ContainerdError(f"Prepare {key}: {exc.code().name}: {exc.details()}") from None
         return list(reply.mounts)
 
     def remove(self, key: str) -> None:
         try:
-            self._stub.Remove(self._pb.RemoveSnapshotRequest(snapshotter=self.snapshotter,
-                                                             key=key),
-                              metadata=self._metadata, timeout=60)
+            self._stub.Remove(
+                self._pb.RemoveSnapshotRequest(snapshotter=self.snapshotter, key=key),
+                metadata=self._metadata,
+                timeout=60,
+            )
         except grpc.RpcError as exc:
             raise ContainerdError(f"Remove {key}: {exc.code().name}: {exc.details()}") from None
 

@@ -41,8 +41,7 @@ class LocalRegistry:
     def blob_file(self, digest: str) -> Path:
         """Where the server keeps a blob's bytes (to alter one, as a hostile registry)."""
         hexdigest = digest.removeprefix("sha256:")
-        return (self.storage / "docker/registry/v2/blobs/sha256" / hexdigest[:2] / hexdigest
-                / "data")
+        return self.storage / "docker/registry/v2/blobs/sha256" / hexdigest[:2] / hexdigest / "data"
 
 
 def _tool(name: str) -> str:
@@ -90,8 +89,7 @@ http:
                 pass
             if proc.poll() is not None:
                 tail = log_path.read_text(errors="replace").strip().splitlines()[-1:]
-                raise RegistryError(f"docker-registry exited ({proc.returncode}): "
-                                    f"{' '.join(tail)}")
+                raise RegistryError(f"docker-registry exited ({proc.returncode}): {' '.join(tail)}")
             if time.monotonic() > deadline:
                 raise RegistryError(f"docker-registry did not answer in {START_TIMEOUT:.0f} s")
             time.sleep(0.1)
@@ -110,18 +108,36 @@ def push_archive(archive: Path, reference: str, tmp: Path) -> None:
     skopeo = _tool("skopeo")
     scratch = tmp / "skopeo"
     scratch.mkdir(parents=True, exist_ok=True)
-    argv = [skopeo, "copy", "--tmpdir", str(scratch), "--quiet", f"oci-archive:{archive}",
-            f"docker://{reference}", "--dest-tls-verify=false"]
+    argv = [
+        skopeo,
+        "copy",
+        "--tmpdir",
+        str(scratch),
+        "--quiet",
+        f"oci-archive:{archive}",
+        f"docker://{reference}",
+        "--dest-tls-verify=false",
+    ]
     unshare = shutil.which("unshare")
     if os.geteuid() == 0 and unshare is not None:
         Path("/var/lib/containers").mkdir(parents=True, exist_ok=True)
-        argv = [unshare, "--mount", "--propagation", "private", "sh", "-c",
-                'mount -t tmpfs tmpfs /var/lib/containers && exec "$@"', "sh", *argv]
+        argv = [
+            unshare,
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            'mount -t tmpfs tmpfs /var/lib/containers && exec "$@"',
+            "sh",
+            *argv,
+        ]
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=PUSH_TIMEOUT)
     except subprocess.TimeoutExpired:
-        raise RegistryError(f"skopeo push to {reference}: no answer in {PUSH_TIMEOUT:.0f} s"
-                            ) from None
+        raise RegistryError(
+            f"skopeo push to {reference}: no answer in {PUSH_TIMEOUT:.0f} s"
+        ) from None
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise RegistryError(f"skopeo push to {reference} failed: {last}")

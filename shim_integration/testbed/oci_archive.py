@@ -35,8 +35,12 @@ class Blob:
         return "sha256:" + hashlib.sha256(self.data).hexdigest()
 
     def descriptor(self, **extra: object) -> dict:
-        return {"mediaType": self.media_type, "digest": self.digest, "size": len(self.data),
-                **extra}
+        return {
+            "mediaType": self.media_type,
+            "digest": self.digest,
+            "size": len(self.data),
+            **extra,
+        }
 
 
 @dataclass
@@ -57,8 +61,12 @@ class Entry:
 
 
 _TYPES = {
-    "file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE,
-    "hardlink": tarfile.LNKTYPE, "chr": tarfile.CHRTYPE, "blk": tarfile.BLKTYPE,
+    "file": tarfile.REGTYPE,
+    "dir": tarfile.DIRTYPE,
+    "symlink": tarfile.SYMTYPE,
+    "hardlink": tarfile.LNKTYPE,
+    "chr": tarfile.CHRTYPE,
+    "blk": tarfile.BLKTYPE,
     "fifo": tarfile.FIFOTYPE,
 }
 
@@ -96,8 +104,12 @@ def entry_of(spec: tuple | Entry) -> Entry:
         return Entry(path, data=spec[2], mode=spec[3], xattrs=spec[4] if len(spec) > 4 else {})
     if kind in ("link", "symlink"):
         # a hard link's mode is its target's (extractors chmod the shared inode)
-        return Entry(path, "hardlink" if kind == "link" else "symlink", link=spec[2],
-                     mode=spec[3] if len(spec) > 3 else 0o777)
+        return Entry(
+            path,
+            "hardlink" if kind == "link" else "symlink",
+            link=spec[2],
+            mode=spec[3] if len(spec) > 3 else 0o777,
+        )
     if kind in ("whiteout", "opaque"):
         parent, _, name = path.rpartition("/")
         wh = OPAQUE_ENTRY if kind == "opaque" else whiteout_of(name)
@@ -106,11 +118,13 @@ def entry_of(spec: tuple | Entry) -> Entry:
     raise ValueError(f"unknown layer entry {spec!r}")
 
 
-def write_layer(fileobj: BinaryIO, entries: list[tuple] | list[Entry],
-                fmt: int = tarfile.PAX_FORMAT) -> None:
+def write_layer(
+    fileobj: BinaryIO, entries: list[tuple] | list[Entry], fmt: int = tarfile.PAX_FORMAT
+) -> None:
     """ENTRIES as an uncompressed layer tar, written to FILEOBJ."""
-    with tarfile.open(fileobj=fileobj, mode="w", format=fmt, encoding="utf-8",
-                      errors="surrogateescape") as tar:
+    with tarfile.open(
+        fileobj=fileobj, mode="w", format=fmt, encoding="utf-8", errors="surrogateescape"
+    ) as tar:
         for e in map(entry_of, entries):
             tar.addfile(tarinfo(e), io.BytesIO(e.data) if e.kind == "file" else None)
 
@@ -122,8 +136,9 @@ def layer_tar(entries: list[tuple] | list[Entry]) -> bytes:
     return buf.getvalue()
 
 
-def build_image(layers: list[list[tuple]], name: str, out: Path,
-                cmd: list[str] | None = None) -> dict:
+def build_image(
+    layers: list[list[tuple]], name: str, out: Path, cmd: list[str] | None = None
+) -> dict:
     """Write an OCI image archive to OUT; returns {name, diff_ids, layer_digests}."""
     tars = [layer_tar(entries) for entries in layers]
     blobs = [gzip.compress(t, mtime=0) for t in tars]
@@ -131,26 +146,54 @@ def build_image(layers: list[list[tuple]], name: str, out: Path,
     return write_archive(blobs, diff_ids, name, out, cmd)
 
 
-def write_archive(gzip_layers: list[bytes], diff_ids: list[str], name: str, out: Path,
-                  cmd: list[str] | None = None) -> dict:
+def write_archive(
+    gzip_layers: list[bytes],
+    diff_ids: list[str],
+    name: str,
+    out: Path,
+    cmd: list[str] | None = None,
+) -> dict:
     """An OCI image archive of already compressed (gzip) layers with their diffIDs."""
     blobs = [Blob("application/vnd.oci.image.layer.v1.tar+gzip", b) for b in gzip_layers]
-    config = Blob("application/vnd.oci.image.config.v1+json", json.dumps({
-        "architecture": "amd64", "os": "linux",
-        "config": {"Cmd": cmd or ["/bin/sh"], "Env": ["PATH=/bin"]},
-        "rootfs": {"type": "layers", "diff_ids": diff_ids},
-    }).encode())
-    manifest = Blob("application/vnd.oci.image.manifest.v1+json", json.dumps({
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": config.descriptor(), "layers": [b.descriptor() for b in blobs],
-    }).encode())
-    index = {"schemaVersion": 2, "manifests": [manifest.descriptor(annotations={
-        "io.containerd.image.name": name, "org.opencontainers.image.ref.name": name})]}
+    config = Blob(
+        "application/vnd.oci.image.config.v1+json",
+        json.dumps(
+            {
+                "architecture": "amd64",
+                "os": "linux",
+                "config": {"Cmd": cmd or ["/bin/sh"], "Env": ["PATH=/bin"]},
+                "rootfs": {"type": "layers", "diff_ids": diff_ids},
+            }
+        ).encode(),
+    )
+    manifest = Blob(
+        "application/vnd.oci.image.manifest.v1+json",
+        json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": config.descriptor(),
+                "layers": [b.descriptor() for b in blobs],
+            }
+        ).encode(),
+    )
+    index = {
+        "schemaVersion": 2,
+        "manifests": [
+            manifest.descriptor(
+                annotations={
+                    "io.containerd.image.name": name,
+                    "org.opencontainers.image.ref.name": name,
+                }
+            )
+        ],
+    }
     with tarfile.open(out, "w") as tar:
-        for path, data in [("oci-layout", b'{"imageLayoutVersion":"1.0.0"}'),
-                           ("index.json", json.dumps(index).encode()),
-                           *((f"blobs/sha256/{b.digest[7:]}", b.data)
-                             for b in [config, manifest, *blobs])]:
+        for path, data in [
+            ("oci-layout", b'{"imageLayoutVersion":"1.0.0"}'),
+            ("index.json", json.dumps(index).encode()),
+            *((f"blobs/sha256/{b.digest[7:]}", b.data) for b in [config, manifest, *blobs]),
+        ]:
             ti = tarfile.TarInfo(path)
             ti.size, ti.mtime = len(data), MTIME
             tar.addfile(ti, io.BytesIO(data))

@@ -103,32 +103,79 @@ class SuperBlock:
 
     def pack(self) -> bytes:
         return self._STRUCT.pack(
-            SUPER_MAGIC, self.checksum, self.feature_compat, self.blkszbits, self.sb_extslots,
-            self.root_nid, self.inos, self.build_time, self.build_time_nsec, self.blocks,
-            self.meta_blkaddr, self.xattr_blkaddr, self.uuid, self.volume_name,
-            self.feature_incompat, 0, self.extra_devices, self.devt_slotoff, self.dirblkbits,
-            0, self.packed_nid,
+            SUPER_MAGIC,
+            self.checksum,
+            self.feature_compat,
+            self.blkszbits,
+            self.sb_extslots,
+            self.root_nid,
+            self.inos,
+            self.build_time,
+            self.build_time_nsec,
+            self.blocks,
+            self.meta_blkaddr,
+            self.xattr_blkaddr,
+            self.uuid,
+            self.volume_name,
+            self.feature_incompat,
+            0,
+            self.extra_devices,
+            self.devt_slotoff,
+            self.dirblkbits,
+            0,
+            self.packed_nid,
         )
 
     @classmethod
     def unpack(cls, data: bytes) -> SuperBlock:
         if len(data) < SUPER_SIZE:
             raise FormatError("superblock truncated")
-        (magic, checksum, compat, blkszbits, extslots, root_nid, inos, build_time,
-         build_time_nsec, blocks, meta_blkaddr, xattr_blkaddr, uuid, volume_name, incompat,
-         _u1, extra_devices, devt_slotoff, dirblkbits, _prefix_count,
-         packed_nid) = cls._STRUCT.unpack_from(data)
+        (
+            magic,
+            checksum,
+            compat,
+            blkszbits,
+            extslots,
+            root_nid,
+            inos,
+            build_time,
+            build_time_nsec,
+            blocks,
+            meta_blkaddr,
+            xattr_blkaddr,
+            uuid,
+            volume_name,
+            incompat,
+            _u1,
+            extra_devices,
+            devt_slotoff,
+            dirblkbits,
+            _prefix_count,
+            packed_nid,
+        ) = cls._STRUCT.unpack_from(data)
         if magic != SUPER_MAGIC:
             raise FormatError(f"not an EROFS image (magic {magic:#x})")
         if not 9 <= blkszbits <= 16:
             raise FormatError(f"unsupported block size 2^{blkszbits}")
         return cls(
-            blkszbits=blkszbits, root_nid=root_nid, inos=inos, build_time=build_time,
-            build_time_nsec=build_time_nsec, blocks=blocks, meta_blkaddr=meta_blkaddr,
-            xattr_blkaddr=xattr_blkaddr, uuid=uuid, volume_name=volume_name,
-            feature_compat=compat, feature_incompat=incompat, extra_devices=extra_devices,
-            devt_slotoff=devt_slotoff, checksum=checksum, sb_extslots=extslots,
-            dirblkbits=dirblkbits, packed_nid=packed_nid,
+            blkszbits=blkszbits,
+            root_nid=root_nid,
+            inos=inos,
+            build_time=build_time,
+            build_time_nsec=build_time_nsec,
+            blocks=blocks,
+            meta_blkaddr=meta_blkaddr,
+            xattr_blkaddr=xattr_blkaddr,
+            uuid=uuid,
+            volume_name=volume_name,
+            feature_compat=compat,
+            feature_incompat=incompat,
+            extra_devices=extra_devices,
+            devt_slotoff=devt_slotoff,
+            checksum=checksum,
+            sb_extslots=extslots,
+            dirblkbits=dirblkbits,
+            packed_nid=packed_nid,
         )
 
 
@@ -147,15 +194,21 @@ class DeviceSlot:
         if len(self.tag) > 64:
             raise FormatError("device tag longer than 64 bytes")
         return self._STRUCT.pack(
-            self.tag, self.blocks & 0xFFFFFFFF, self.uniaddr & 0xFFFFFFFF,
-            self.blocks >> 32, self.uniaddr >> 32,
+            self.tag,
+            self.blocks & 0xFFFFFFFF,
+            self.uniaddr & 0xFFFFFFFF,
+            self.blocks >> 32,
+            self.uniaddr >> 32,
         )
 
     @classmethod
     def unpack(cls, data: bytes) -> DeviceSlot:
         tag, blocks_lo, uniaddr_lo, blocks_hi, uniaddr_hi = cls._STRUCT.unpack_from(data)
-        return cls(tag=tag.rstrip(b"\0"), blocks=blocks_lo | blocks_hi << 32,
-                   uniaddr=uniaddr_lo | uniaddr_hi << 32)
+        return cls(
+            tag=tag.rstrip(b"\0"),
+            blocks=blocks_lo | blocks_hi << 32,
+            uniaddr=uniaddr_lo | uniaddr_hi << 32,
+        )
 
 
 @dataclass(slots=True)
@@ -201,12 +254,31 @@ class Inode:
         fmt = (1 if self.extended else 0) | (self.layout << 1)
         if self.extended:
             return self._EXTENDED.pack(
-                fmt, self.xattr_icount, self.mode, 0, self.size, self.i_u, self.ino,
-                self.uid, self.gid, self.mtime, self.mtime_nsec, self.nlink,
+                fmt,
+                self.xattr_icount,
+                self.mode,
+                0,
+                self.size,
+                self.i_u,
+                self.ino,
+                self.uid,
+                self.gid,
+                self.mtime,
+                self.mtime_nsec,
+                self.nlink,
             )
         return self._COMPACT.pack(
-            fmt, self.xattr_icount, self.mode, self.nlink, self.size, 0, self.i_u, self.ino,
-            self.uid, self.gid, 0,
+            fmt,
+            self.xattr_icount,
+            self.mode,
+            self.nlink,
+            self.size,
+            0,
+            self.i_u,
+            self.ino,
+            self.uid,
+            self.gid,
+            0,
         )
 
     @classmethod
@@ -219,16 +291,40 @@ class Inode:
         if fmt & 1:
             if len(data) < cls.EXTENDED_SIZE:
                 raise FormatError("extended inode truncated")
-            (_, icount, mode, _nb, size, i_u, ino, uid, gid, mtime, nsec,
-             nlink) = cls._EXTENDED.unpack_from(data)
-            return cls(mode=mode, layout=layout, extended=True, xattr_icount=icount,
-                       nlink=nlink, size=size, i_u=i_u, ino=ino, uid=uid, gid=gid,
-                       mtime=mtime, mtime_nsec=nsec)
-        (_, icount, mode, nlink, size, _mtime, i_u, ino, uid, gid,
-         _) = cls._COMPACT.unpack_from(data)
-        return cls(mode=mode, layout=layout, extended=False, xattr_icount=icount, nlink=nlink,
-                   size=size, i_u=i_u, ino=ino, uid=uid, gid=gid, mtime=build_time,
-                   mtime_nsec=build_time_nsec)
+            (_, icount, mode, _nb, size, i_u, ino, uid, gid, mtime, nsec, nlink) = (
+                cls._EXTENDED.unpack_from(data)
+            )
+            return cls(
+                mode=mode,
+                layout=layout,
+                extended=True,
+                xattr_icount=icount,
+                nlink=nlink,
+                size=size,
+                i_u=i_u,
+                ino=ino,
+                uid=uid,
+                gid=gid,
+                mtime=mtime,
+                mtime_nsec=nsec,
+            )
+        (_, icount, mode, nlink, size, _mtime, i_u, ino, uid, gid, _) = cls._COMPACT.unpack_from(
+            data
+        )
+        return cls(
+            mode=mode,
+            layout=layout,
+            extended=False,
+            xattr_icount=icount,
+            nlink=nlink,
+            size=size,
+            i_u=i_u,
+            ino=ino,
+            uid=uid,
+            gid=gid,
+            mtime=build_time,
+            mtime_nsec=build_time_nsec,
+        )
 
 
 @dataclass(slots=True)
@@ -302,7 +398,7 @@ def split_xattr_name(name: bytes) -> tuple[int, bytes]:
     """(name index, suffix) for a full xattr name; FormatError if EROFS cannot store it."""
     for index, prefix in _XATTR_PREFIXES:
         if name.startswith(prefix):
-            suffix = name[len(prefix):]
+            suffix = name[len(prefix) :]
             if index in (XATTR_INDEX_POSIX_ACL_ACCESS, XATTR_INDEX_POSIX_ACL_DEFAULT):
                 if suffix:
                     continue
@@ -334,13 +430,14 @@ class XattrEntry:
         return raw + b"\0" * (-len(raw) % 4)
 
     @classmethod
-    def unpack(cls, data: bytes | memoryview | mmap.mmap,
-               offset: int = 0) -> tuple[XattrEntry, int]:
+    def unpack(
+        cls, data: bytes | memoryview | mmap.mmap, offset: int = 0
+    ) -> tuple[XattrEntry, int]:
         """Parse one entry at `offset`; returns it and the offset after it."""
         name_len, index, value_size = cls._HEAD.unpack_from(data, offset)
         start = offset + 4
-        suffix = bytes(data[start:start + name_len])
-        value = bytes(data[start + name_len:start + name_len + value_size])
+        suffix = bytes(data[start : start + name_len])
+        value = bytes(data[start + name_len : start + name_len + value_size])
         if len(value) != value_size or index not in _PREFIX_BY_INDEX:
             raise FormatError(f"bad xattr entry at {offset}")
         end = offset + ((4 + name_len + value_size + 3) & ~3)

@@ -105,8 +105,13 @@ def _corrupt_is_an_error(
 class ErofsImage:
     """A read-only view of an EROFS image file. `devices` are the extra devices' paths."""
 
-    def __init__(self, path: str | os.PathLike[str] | int,
-                 devices: list[Path] | None = None, *, name: str | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | int,
+        devices: list[Path] | None = None,
+        *,
+        name: str | None = None,
+    ) -> None:
         """`path`: the image file, or an open file descriptor of it (left open). `name`: what
         error messages call the image (default: its path)."""
         if isinstance(path, int):
@@ -119,7 +124,7 @@ class ErofsImage:
             with open(self.path, "rb") as f:
                 self._map = self._map_fd(f.fileno())
         try:
-            self.sb = SuperBlock.unpack(self._map[SUPER_OFFSET:SUPER_OFFSET + 128])
+            self.sb = SuperBlock.unpack(self._map[SUPER_OFFSET : SUPER_OFFSET + 128])
         except FormatError as exc:
             self._map.close()
             raise FormatError(f"{self.name}: {exc}") from None
@@ -159,8 +164,9 @@ class ErofsImage:
     def _read_device_table(self) -> list[DeviceSlot]:
         start = self.sb.devt_slotoff * DeviceSlot.SIZE
         return [
-            DeviceSlot.unpack(self._map[start + i * DeviceSlot.SIZE:
-                                        start + (i + 1) * DeviceSlot.SIZE])
+            DeviceSlot.unpack(
+                self._map[start + i * DeviceSlot.SIZE : start + (i + 1) * DeviceSlot.SIZE]
+            )
             for i in range(self.sb.extra_devices)
         ]
 
@@ -171,7 +177,7 @@ class ErofsImage:
     def _bytes(self, pos: int, length: int) -> bytes:
         if pos < 0 or pos + length > len(self._map):
             raise FormatError(f"{self.name}: read beyond the image at {pos}+{length}")
-        return self._map[pos:pos + length]
+        return self._map[pos : pos + length]
 
     @property
     def root_nid(self) -> int:
@@ -181,9 +187,13 @@ class ErofsImage:
     def inode(self, nid: int) -> InodeInfo:
         pos = self.sb.meta_blkaddr * self.block_size + nid * INODE_SLOT_SIZE
         try:
-            inode = Inode.unpack(self._bytes(pos, Inode.EXTENDED_SIZE if self._is_extended(pos)
-                                             else Inode.COMPACT_SIZE),
-                                 self.sb.build_time, self.sb.build_time_nsec)
+            inode = Inode.unpack(
+                self._bytes(
+                    pos, Inode.EXTENDED_SIZE if self._is_extended(pos) else Inode.COMPACT_SIZE
+                ),
+                self.sb.build_time,
+                self.sb.build_time_nsec,
+            )
         except FormatError as exc:
             raise FormatError(f"{self.name}: nid {nid}: {exc}") from None
         return InodeInfo(nid=nid, inode=inode, pos=pos)
@@ -197,8 +207,10 @@ class ErofsImage:
             return {}
         start = info.pos + info.inode.isize
         if start + info.inode.xattr_isize > self.sb.blocks * self.block_size:
-            raise FormatError(f"{self.name}: nid {info.nid}: xattrs of "
-                          f"{info.inode.xattr_isize} bytes beyond the image")
+            raise FormatError(
+                f"{self.name}: nid {info.nid}: xattrs of "
+                f"{info.inode.xattr_isize} bytes beyond the image"
+            )
         raw = self._bytes(start, info.inode.xattr_isize)
         body = XattrIbody.unpack(raw)
         out: dict[bytes, bytes] = {}
@@ -232,8 +244,10 @@ class ErofsImage:
         if device == 0:
             return self.sb.blocks
         if device > len(self.device_slots):
-            raise FormatError(f"{self.name}: data on device {device}, but the image has "
-                          f"{len(self.device_slots)} extra devices")
+            raise FormatError(
+                f"{self.name}: data on device {device}, but the image has "
+                f"{len(self.device_slots)} extra devices"
+            )
         return self.device_slots[device - 1].blocks
 
     def _check_blocks(self, info: InodeInfo, device: int, blkaddr: int, length: int) -> None:
@@ -242,8 +256,10 @@ class ErofsImage:
         limit = self._device_blocks(device)
         if blkaddr + nblocks > limit:
             where = f"device {device}" if device else "the image"
-            raise FormatError(f"{self.name}: nid {info.nid}: data blocks {blkaddr}+{nblocks} "
-                          f"beyond {where} ({limit} blocks)")
+            raise FormatError(
+                f"{self.name}: nid {info.nid}: data blocks {blkaddr}+{nblocks} "
+                f"beyond {where} ({limit} blocks)"
+            )
 
     @_corrupt_is_an_error
     def data_map(self, info: InodeInfo) -> list[ChunkRef]:
@@ -275,8 +291,10 @@ class ErofsImage:
         if inode.layout == LAYOUT_CHUNK_BASED:
             return self._chunk_map(info)
         if inode.layout in (LAYOUT_COMPRESSED_FULL, LAYOUT_COMPRESSED_COMPACT):
-            raise FormatError(f"{self.name}: nid {info.nid}: compressed data (layout "
-                          f"{inode.layout}) is not supported")
+            raise FormatError(
+                f"{self.name}: nid {info.nid}: compressed data (layout "
+                f"{inode.layout}) is not supported"
+            )
         raise FormatError(f"{self.name}: nid {info.nid}: unknown data layout {inode.layout}")
 
     def _chunk_map(self, info: InodeInfo) -> list[ChunkRef]:
@@ -291,21 +309,24 @@ class ErofsImage:
         unit = ChunkIndex.SIZE if fmt & CHUNK_FORMAT_INDEXES else 4
         base = (info.data_pos + unit - 1) & ~(unit - 1)
         if base + count * unit > self.sb.blocks * bs:
-            raise FormatError(f"{self.name}: nid {info.nid}: chunk table of {count} entries "
-                          f"(for {inode.size} bytes) beyond the image")
+            raise FormatError(
+                f"{self.name}: nid {info.nid}: chunk table of {count} entries "
+                f"(for {inode.size} bytes) beyond the image"
+            )
         refs = []
         if fmt & CHUNK_FORMAT_INDEXES:
-            table = struct.iter_unpack("<HHI", self._map[base:base + count * unit])
+            table = struct.iter_unpack("<HHI", self._map[base : base + count * unit])
             for i, (_advise, device, addr) in enumerate(table):
                 refs.append(self._chunk_ref(info, i, chunk_size, device, addr))
         else:
-            table = struct.iter_unpack("<I", self._map[base:base + count * unit])
+            table = struct.iter_unpack("<I", self._map[base : base + count * unit])
             for i, (addr,) in enumerate(table):
                 refs.append(self._chunk_ref(info, i, chunk_size, 0, addr))
         return refs
 
-    def _chunk_ref(self, info: InodeInfo, i: int, chunk_size: int, device: int,
-                   addr: int) -> ChunkRef:
+    def _chunk_ref(
+        self, info: InodeInfo, i: int, chunk_size: int, device: int, addr: int
+    ) -> ChunkRef:
         offset = i * chunk_size
         length = min(chunk_size, info.inode.size - offset)
         if addr == NULL_ADDR:
@@ -335,9 +356,10 @@ class ErofsImage:
                 m = self._device_map(ref.device)
                 start = ref.blkaddr * self.block_size
                 if start + ref.length > len(m):
-                    raise FormatError(f"{self.name}: nid {info.nid}: data beyond device "
-                                  f"{ref.device}")
-                yield m[start:start + ref.length]
+                    raise FormatError(
+                        f"{self.name}: nid {info.nid}: data beyond device {ref.device}"
+                    )
+                yield m[start : start + ref.length]
 
     @_corrupt_is_an_error
     def read(self, info: InodeInfo) -> bytes:
@@ -368,25 +390,31 @@ class ErofsImage:
         bs = self.block_size
         out = []
         for blk in range(0, len(data), bs):
-            block = data[blk:blk + bs]
+            block = data[blk : blk + bs]
             first_nameoff = int.from_bytes(block[8:10], "little") if len(block) >= 12 else 0
             if first_nameoff < Dirent.SIZE or first_nameoff >= bs or first_nameoff > len(block):
-                raise FormatError(f"{self.name}: nid {info.nid}: directory block {blk // bs}: "
-                              f"first name offset {first_nameoff} is invalid")
+                raise FormatError(
+                    f"{self.name}: nid {info.nid}: directory block {blk // bs}: "
+                    f"first name offset {first_nameoff} is invalid"
+                )
             count = first_nameoff // Dirent.SIZE
             ents = [Dirent.unpack(block, i * Dirent.SIZE) for i in range(count)]
             next_nameoff = first_nameoff
             for i, ent in enumerate(ents):
                 if ent.nameoff != next_nameoff:
-                    raise FormatError(f"{self.name}: nid {info.nid}: directory block {blk // bs}: "
-                                  f"entry {i} has a bogus name offset")
+                    raise FormatError(
+                        f"{self.name}: nid {info.nid}: directory block {blk // bs}: "
+                        f"entry {i} has a bogus name offset"
+                    )
                 if i + 1 < count:
-                    name = block[ent.nameoff:ents[i + 1].nameoff]
+                    name = block[ent.nameoff : ents[i + 1].nameoff]
                 else:
-                    name = block[ent.nameoff:].split(b"\0", 1)[0]
+                    name = block[ent.nameoff :].split(b"\0", 1)[0]
                 if not name or len(name) > NAME_LEN_MAX:
-                    raise FormatError(f"{self.name}: nid {info.nid}: directory block {blk // bs}: "
-                                  f"entry {i} has a name of bogus length")
+                    raise FormatError(
+                        f"{self.name}: nid {info.nid}: directory block {blk // bs}: "
+                        f"entry {i} has a name of bogus length"
+                    )
                 if b"/" in name or b"\0" in name:
                     raise FormatError(f"{self.name}: nid {info.nid}: invalid file name {name!r}")
                 next_nameoff += len(name)

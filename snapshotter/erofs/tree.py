@@ -66,10 +66,17 @@ class Node:
     children: dict[bytes, Node] | None = None
 
     @classmethod
-    def directory(cls, mode: int = 0o755, *, uid: int = 0, gid: int = 0, mtime: int = 0,
-                  mtime_nsec: int = 0) -> Node:
-        return cls(mode=stat.S_IFDIR | (mode & 0o7777), uid=uid, gid=gid, mtime=mtime,
-                   mtime_nsec=mtime_nsec, children={})
+    def directory(
+        cls, mode: int = 0o755, *, uid: int = 0, gid: int = 0, mtime: int = 0, mtime_nsec: int = 0
+    ) -> Node:
+        return cls(
+            mode=stat.S_IFDIR | (mode & 0o7777),
+            uid=uid,
+            gid=gid,
+            mtime=mtime,
+            mtime_nsec=mtime_nsec,
+            children={},
+        )
 
     @property
     def is_dir(self) -> bool:

@@ -41,16 +41,20 @@ __all__ = [
     "decode_description_option",
 ]
 
-__getattr__, __dir__ = lazy_exports(__name__, {
-    "merge_layers": "snapshotter.fsmeta.merge",
-    "MergeResult": "snapshotter.fsmeta.merge",
-    "LayerBlob": "snapshotter.fsmeta.merge",
-    "MergedDevice": "snapshotter.fsmeta.merge",
-    "appended_tree_size": "snapshotter.fsmeta.merge",
-    "ChainDescription": "snapshotter.fsmeta.devices",
-    "ChainDevice": "snapshotter.fsmeta.devices",
-    "read_description": "snapshotter.fsmeta.devices",
-    "read_mounted_description": "snapshotter.fsmeta.devices",
-    "encode_description_option": "snapshotter.fsmeta.devices",
-    "decode_description_option": "snapshotter.fsmeta.devices",
-}, globals())
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "merge_layers": "snapshotter.fsmeta.merge",
+        "MergeResult": "snapshotter.fsmeta.merge",
+        "LayerBlob": "snapshotter.fsmeta.merge",
+        "MergedDevice": "snapshotter.fsmeta.merge",
+        "appended_tree_size": "snapshotter.fsmeta.merge",
+        "ChainDescription": "snapshotter.fsmeta.devices",
+        "ChainDevice": "snapshotter.fsmeta.devices",
+        "read_description": "snapshotter.fsmeta.devices",
+        "read_mounted_description": "snapshotter.fsmeta.devices",
+        "encode_description_option": "snapshotter.fsmeta.devices",
+        "decode_description_option": "snapshotter.fsmeta.devices",
+    },
+    globals(),
+)

@@ -95,8 +95,12 @@ class ChainDevice:
     _OPTIONAL = ("size", "digest", "device", "tag", "blocks", "uniaddr", "diff_id")
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"role": self.role, "path": self.path,
-                               "root_hash": self.root_hash, "verity": self.verity.to_json()}
+        out: dict[str, Any] = {
+            "role": self.role,
+            "path": self.path,
+            "root_hash": self.root_hash,
+            "verity": self.verity.to_json(),
+        }
         for key in self._OPTIONAL:
             value = getattr(self, key)
             if value is not None:
@@ -121,17 +125,20 @@ class ChainDevice:
         except EpError as exc:
             raise DeviceListError(f"{what}: {exc}") from None
         if verity.root_hash != root_hash:
-            raise DeviceListError(f"{what}: root_hash {root_hash} is not its tree's root "
-                                  f"{verity.root_hash}")
-        counts = {k: _field(data, k, int, what, required=False)
-                  for k in ("size", "device", "blocks", "uniaddr")}
+            raise DeviceListError(
+                f"{what}: root_hash {root_hash} is not its tree's root {verity.root_hash}"
+            )
+        counts = {
+            k: _field(data, k, int, what, required=False)
+            for k in ("size", "device", "blocks", "uniaddr")
+        }
         for key, value in counts.items():
             if value is not None and value < 0:
                 raise DeviceListError(f"{what}: {key} {value} is negative")
-        texts = {k: _field(data, k, str, what, required=False)
-                 for k in ("digest", "tag", "diff_id")}
-        return cls(role=role, path=path, root_hash=root_hash, verity=verity, **counts,
-                   **texts)
+        texts = {
+            k: _field(data, k, str, what, required=False) for k in ("digest", "tag", "diff_id")
+        }
+        return cls(role=role, path=path, root_hash=root_hash, verity=verity, **counts, **texts)
 
 
 @dataclass(frozen=True)
@@ -148,8 +155,10 @@ class ChainDescription:
         return [self.fsmeta, *self.layers]
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"fsmeta": self.fsmeta.to_json(),
-                               "layers": [d.to_json() for d in self.layers]}
+        out: dict[str, Any] = {
+            "fsmeta": self.fsmeta.to_json(),
+            "layers": [d.to_json() for d in self.layers],
+        }
         if self.manifest is not None:
             out["manifest"] = dict(self.manifest)
         return out
@@ -163,8 +172,9 @@ class ChainDescription:
         if not isinstance(data, dict) or not isinstance(data.get("layers"), list):
             raise DeviceListError("not a chain description (an object with fsmeta and layers)")
         if len(data["layers"]) > MAX_LAYERS:
-            raise DeviceListError(f"{len(data['layers'])} layers: EROFS addresses at most "
-                                  f"{MAX_LAYERS} devices")
+            raise DeviceListError(
+                f"{len(data['layers'])} layers: EROFS addresses at most {MAX_LAYERS} devices"
+            )
         fsmeta = ChainDevice.from_json(data.get("fsmeta"), "fsmeta")
         if fsmeta.role != "fsmeta":
             raise DeviceListError(f"fsmeta: role {fsmeta.role!r}, not 'fsmeta'")
@@ -172,12 +182,14 @@ class ChainDescription:
         for i, entry in enumerate(data["layers"], start=1):
             layer = ChainDevice.from_json(entry, f"layer {i}")
             if layer.role != "layer" or layer.device not in (None, i):
-                raise DeviceListError(f"layer {i}: role {layer.role!r}, device "
-                                      f"{layer.device}: not layer device {i}")
+                raise DeviceListError(
+                    f"layer {i}: role {layer.role!r}, device {layer.device}: not layer device {i}"
+                )
             layers.append(layer)
         manifest = data.get("manifest")
-        if manifest is not None and not (isinstance(manifest, dict) and all(
-                isinstance(v, str) for v in manifest.values())):
+        if manifest is not None and not (
+            isinstance(manifest, dict) and all(isinstance(v, str) for v in manifest.values())
+        ):
             raise DeviceListError("manifest: not an object of strings")
         return cls(fsmeta, tuple(layers), manifest)
 
@@ -201,24 +213,42 @@ class LayerImage:
     verity: VerityInfo
 
 
-def describe_merge(result: MergeResult, fsmeta: Path,
-                   layers: Sequence[LayerImage]) -> ChainDescription:
+def describe_merge(
+    result: MergeResult, fsmeta: Path, layers: Sequence[LayerImage]
+) -> ChainDescription:
     """The description of a merge's result whose fsmeta is (or will be published) at FSMETA:
     what the service writes beside it and what `publish` signs, from the same facts."""
     if result.verity is None:
         raise InvalidArgument("a VM-mode fsmeta needs its dm-verity tree")
-    head = ChainDevice(role="fsmeta", path=str(fsmeta), root_hash=result.verity.root_hash,
-                       verity=result.verity, size=result.size, digest=result.digest)
+    head = ChainDevice(
+        role="fsmeta",
+        path=str(fsmeta),
+        root_hash=result.verity.root_hash,
+        verity=result.verity,
+        size=result.size,
+        digest=result.digest,
+    )
     devices = tuple(
-        ChainDevice(role="layer", path=str(dev.path), root_hash=layer.verity.root_hash,
-                    verity=layer.verity, size=layer.size, digest=layer.digest, device=i,
-                    tag=dev.tag, blocks=dev.blocks, uniaddr=dev.uniaddr,
-                    diff_id=layer.diff_id)
-        for i, (dev, layer) in enumerate(zip(result.devices, layers, strict=True), start=1))
+        ChainDevice(
+            role="layer",
+            path=str(dev.path),
+            root_hash=layer.verity.root_hash,
+            verity=layer.verity,
+            size=layer.size,
+            digest=layer.digest,
+            device=i,
+            tag=dev.tag,
+            blocks=dev.blocks,
+            uniaddr=dev.uniaddr,
+            diff_id=layer.diff_id,
+        )
+        for i, (dev, layer) in enumerate(zip(result.devices, layers, strict=True), start=1)
+    )
     return ChainDescription(head, devices)
 
 
 # -- the mount option ------------------------------------------------------------------------
+
 
 def encode_description_option(description: Path) -> str:
     """The mount option that names a chain's description."""
@@ -227,11 +257,13 @@ def encode_description_option(description: Path) -> str:
 
 def decode_description_option(options: Sequence[str]) -> str:
     """The description path a VM-mode mount's options carry (exactly one)."""
-    found = [o[len(DESCRIPTION_OPTION):] for o in options if o.startswith(DESCRIPTION_OPTION)]
+    found = [o[len(DESCRIPTION_OPTION) :] for o in options if o.startswith(DESCRIPTION_OPTION)]
     if len(found) != 1:
-        raise DeviceListError(f"the mount carries {len(found)} "
-                              f"{DESCRIPTION_OPTION.rstrip('=')} options, not one (is the "
-                              "snapshot in VM mode?)")
+        raise DeviceListError(
+            f"the mount carries {len(found)} "
+            f"{DESCRIPTION_OPTION.rstrip('=')} options, not one (is the "
+            "snapshot in VM mode?)"
+        )
     return found[0]
 
 
@@ -250,10 +282,10 @@ def read_description(fsmeta: str | Path, description: str | Path) -> ChainDescri
     if not fsmeta.is_absolute() or fsmeta.name != FSMETA:
         raise DeviceListError(f"{fsmeta}: not an absolute path to a chain's {FSMETA}")
     if description != fsmeta.parent / DESCRIPTION:
-        raise DeviceListError(f"description {description} is not {DESCRIPTION} in the chain "
-                              f"directory of {fsmeta}")
-    if os.path.realpath(description) != os.path.join(os.path.realpath(fsmeta.parent),
-                                                     DESCRIPTION):
+        raise DeviceListError(
+            f"description {description} is not {DESCRIPTION} in the chain directory of {fsmeta}"
+        )
+    if os.path.realpath(description) != os.path.join(os.path.realpath(fsmeta.parent), DESCRIPTION):
         raise DeviceListError(f"description {description} leads outside {fsmeta.parent}")
     try:
         fd = os.open(description, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -262,20 +294,24 @@ def read_description(fsmeta: str | Path, description: str | Path) -> ChainDescri
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_DESCRIPTION_BYTES:
-            raise DeviceListError(f"description {description}: not a regular file of at "
-                                  f"most {MAX_DESCRIPTION_BYTES} bytes")
+            raise DeviceListError(
+                f"description {description}: not a regular file of at "
+                f"most {MAX_DESCRIPTION_BYTES} bytes"
+            )
         raw = f.read(MAX_DESCRIPTION_BYTES + 1)
     try:
         chain = ChainDescription.from_bytes(raw)
     except DeviceListError as exc:
         raise DeviceListError(f"description {description}: {exc}") from None
     if chain.fsmeta.path != str(fsmeta):
-        raise DeviceListError(f"description {description} describes {chain.fsmeta.path}, "
-                              f"not {fsmeta}")
+        raise DeviceListError(
+            f"description {description} describes {chain.fsmeta.path}, not {fsmeta}"
+        )
     return chain
 
 
 # -- a device list to compare ----------------------------------------------------------------
+
 
 def device_list_roots(data: Any) -> tuple[list[str], list[str]]:
     """(root hashes in device order, diffIDs of the layers where known) of a device list to
@@ -305,8 +341,7 @@ def _device_entries(data: Any) -> Iterator[Any]:
         raise DeviceListError("neither a chain's fsmeta.json nor a list of devices")
 
 
-def _field(data: dict[str, Any], key: str, kind: type, what: str,
-           required: bool = True) -> Any:
+def _field(data: dict[str, Any], key: str, kind: type, what: str, required: bool = True) -> Any:
     if key not in data:
         if required:
             raise DeviceListError(f"{what}: no {key}")

@@ -106,8 +106,9 @@ def _is_whiteout(info: InodeInfo) -> bool:
 class _LayerApplier:
     """Applies one layer image onto the merged tree."""
 
-    def __init__(self, img: ErofsImage, device: int, data: DataWriter,
-                 mtimes: Counter[tuple[int, int]]) -> None:
+    def __init__(
+        self, img: ErofsImage, device: int, data: DataWriter, mtimes: Counter[tuple[int, int]]
+    ) -> None:
         self.img = img
         self.device = device
         self.data = data
@@ -137,8 +138,9 @@ class _LayerApplier:
         while stack:
             target, dir_info = stack.pop()
             if dir_info.nid in seen:
-                raise CorruptImage(f"{self.img.name}: directory nid {dir_info.nid} appears twice "
-                                   "(a cycle)")
+                raise CorruptImage(
+                    f"{self.img.name}: directory nid {dir_info.nid} appears twice (a cycle)"
+                )
             seen.add(dir_info.nid)
             children = target.dir_children()
             self._charge(dir_info.size)
@@ -153,8 +155,11 @@ class _LayerApplier:
                 if stat.S_ISDIR(info.mode):
                     xattrs = self.img.xattrs(info)
                     existing = children.get(name)
-                    if (existing is None or existing.children is None
-                            or xattrs.get(OPAQUE_XATTR) == b"y"):
+                    if (
+                        existing is None
+                        or existing.children is None
+                        or xattrs.get(OPAQUE_XATTR) == b"y"
+                    ):
                         existing = Node.directory()
                         children[name] = existing
                     self._set_attrs(existing, info, xattrs)
@@ -227,8 +232,9 @@ class _LayerApplier:
             first = offset // chunk_bytes
             last_addr = blkaddr + (-(-end // chunk_bytes) - 1 - first) * chunk_blocks
             if last_addr >= NULL_ADDR:  # the reader checked the range; never trust it blindly
-                raise InvalidInput(f"{self.img.name}: data block {last_addr} beyond 32-bit "
-                                   "addressing")
+                raise InvalidInput(
+                    f"{self.img.name}: data block {last_addr} beyond 32-bit addressing"
+                )
             for i in range(first, -(-end // chunk_bytes)):
                 addrs[i] = blkaddr + (i - first) * chunk_blocks
                 devices[i] = device
@@ -240,12 +246,15 @@ class _LayerApplier:
         table or directory) the merge's work would otherwise grow with the square of it."""
         self.budget -= nbytes
         if self.budget < 0:
-            raise CorruptImage(f"{self.img.name}: directories and chunk tables take more bytes "
-                               "than the image has (they overlap)")
+            raise CorruptImage(
+                f"{self.img.name}: directories and chunk tables take more bytes "
+                "than the image has (they overlap)"
+            )
 
 
-def build_merged_tree(layers: list[LayerBlob], data: DataWriter,
-                      progress: Callable[[str], None] | None = None) -> MergeTree:
+def build_merged_tree(
+    layers: list[LayerBlob], data: DataWriter, progress: Callable[[str], None] | None = None
+) -> MergeTree:
     """Apply the layers (lowest first) into one tree; file data stays in the layers.
     `progress` is told each step as it starts."""
     root = Node.directory()
@@ -259,21 +268,29 @@ def build_merged_tree(layers: list[LayerBlob], data: DataWriter,
             if block_size is None:
                 block_size = img.block_size
             elif img.block_size != block_size:
-                raise InvalidArgument(f"{layer.path}: block size {img.block_size} differs from the "
-                                      f"other layers' {block_size}")
+                raise InvalidArgument(
+                    f"{layer.path}: block size {img.block_size} differs from the "
+                    f"other layers' {block_size}"
+                )
             if img.device_slots:
                 raise Unsupported(f"{layer.path}: a multi-device image cannot be merged as a layer")
             _LayerApplier(img, index, data, mtimes).apply_root(root)
             tag = layer.tag or img.sb.uuid.hex()
             file_size = os.stat(layer.path).st_size
             if file_size < img.sb.blocks * img.block_size:
-                raise CorruptImage(f"{layer.path}: {file_size} bytes, shorter than the "
-                                   f"{img.sb.blocks} blocks its superblock counts (truncated)")
-            devices.append(MergedDevice(path=layer.path, tag=tag, blocks=img.sb.blocks,
-                                        uniaddr=0, file_size=file_size))
+                raise CorruptImage(
+                    f"{layer.path}: {file_size} bytes, shorter than the "
+                    f"{img.sb.blocks} blocks its superblock counts (truncated)"
+                )
+            devices.append(
+                MergedDevice(
+                    path=layer.path, tag=tag, blocks=img.sb.blocks, uniaddr=0, file_size=file_size
+                )
+            )
     build_time, nsec = pick_build_time(mtimes)
-    return MergeTree(SourceTree(root, build_time, nsec, sum(mtimes.values())), devices,
-                     block_size or 4096)
+    return MergeTree(
+        SourceTree(root, build_time, nsec, sum(mtimes.values())), devices, block_size or 4096
+    )
 
 
 @dataclass(frozen=True)
@@ -296,11 +313,23 @@ class MergeResult:
         assembles it from the files): where each whole file (the fsmeta's, then each blob's,
         verity trees included) lies. `image_length` is the EROFS image part of it."""
         bs = self.block_size
-        out = [{"source": str(self.fsmeta), "offset": 0, "length": self.file_size,
-                "image_length": self.size}]
-        out += [{"source": str(d.path), "offset": d.uniaddr * bs, "length": d.file_size,
-                 "image_length": d.blocks * bs}
-                for d in self.devices]
+        out = [
+            {
+                "source": str(self.fsmeta),
+                "offset": 0,
+                "length": self.file_size,
+                "image_length": self.size,
+            }
+        ]
+        out += [
+            {
+                "source": str(d.path),
+                "offset": d.uniaddr * bs,
+                "length": d.file_size,
+                "image_length": d.blocks * bs,
+            }
+            for d in self.devices
+        ]
         return out
 
     @property
@@ -321,18 +350,25 @@ class MergeResult:
             "uuid": self.uuid,
             "entries": self.entries,
             "devices": [
-                {"id": i, "path": str(d.path), "tag": d.tag, "blocks": d.blocks,
-                 "uniaddr": d.uniaddr, "file_size": d.file_size}
+                {
+                    "id": i,
+                    "path": str(d.path),
+                    "tag": d.tag,
+                    "blocks": d.blocks,
+                    "uniaddr": d.uniaddr,
+                    "file_size": d.file_size,
+                }
                 for i, d in enumerate(self.devices, start=1)
             ],
             "verity": self.verity.to_json() if self.verity is not None else None,
             "concatenable": self.concatenable,
-            "flat": None if self.flat is None else {
+            "flat": None
+            if self.flat is None
+            else {
                 "path": str(self.flat),
                 "size": self.flat_size,
                 "extents": self.extents(),
-                "verity": (self.flat_verity.to_json() if self.flat_verity is not None
-                           else None),
+                "verity": (self.flat_verity.to_json() if self.flat_verity is not None else None),
             },
         }
 
@@ -364,11 +400,13 @@ def merge_layers(
         result = dataclasses.replace(result, fsmeta=out_path, digest=digest)
         if verity:
             result = dataclasses.replace(
-                result, verity=append_verity(out, result.size, verity, derive_salt(digest)))
+                result, verity=append_verity(out, result.size, verity, derive_salt(digest))
+            )
         written = os.fstat(fd).st_size
         if written != result.file_size:
-            raise AssertionError(f"the fsmeta file is {written} bytes, its device table "
-                                 f"expects {result.file_size}")
+            raise AssertionError(
+                f"the fsmeta file is {written} bytes, its device table expects {result.file_size}"
+            )
     if flat_path is not None:
         flat_path = Path(flat_path)
         step(f"flat image {flat_path}")
@@ -391,9 +429,12 @@ def appended_tree_size(image_size: int, params: VerityParams) -> int:
     return start * params.hash_block_size + tree - image_size
 
 
-def _write_fsmeta(layers: list[LayerBlob], fd: int,
-                  progress: Callable[[str], None] | None = None,
-                  tree_params: VerityParams | None = None) -> MergeResult:
+def _write_fsmeta(
+    layers: list[LayerBlob],
+    fd: int,
+    progress: Callable[[str], None] | None = None,
+    tree_params: VerityParams | None = None,
+) -> MergeResult:
     """Write the fsmeta of `layers` into the open file `fd` (from offset 0). With
     `tree_params`, the device table leaves room for the tree to be appended to it."""
     if not layers:
@@ -436,8 +477,15 @@ def _write_fsmeta(layers: list[LayerBlob], fd: int,
     for d in merged.devices:
         devices.append(dataclasses.replace(d, uniaddr=start))
         start += d.span(bs)
-    return MergeResult(fsmeta=Path(), size=size, file_size=file_size, block_size=bs,
-                       devices=devices, uuid=str(fs_uuid), entries=merged.tree.entries)
+    return MergeResult(
+        fsmeta=Path(),
+        size=size,
+        file_size=file_size,
+        block_size=bs,
+        devices=devices,
+        uuid=str(fs_uuid),
+        entries=merged.tree.entries,
+    )
 
 
 def _write_flat(result: MergeResult, dst: int) -> int:

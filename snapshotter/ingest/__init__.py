@@ -40,14 +40,18 @@ __all__ = [
     "ByteReader",
 ]
 
-__getattr__, __dir__ = lazy_exports(__name__, {
-    "convert_layer": "snapshotter.ingest.convert",
-    "convert_directory": "snapshotter.ingest.convert",
-    "import_erofs_image": "snapshotter.ingest.convert",
-    "ConvertResult": "snapshotter.ingest.convert",
-    "validate_layer": "snapshotter.ingest.validate",
-    "InvalidLayer": "snapshotter.ingest.validate",
-    "LayerCheck": "snapshotter.ingest.validate",
-    "LayerStream": "snapshotter.ingest.streams",
-    "ByteReader": "snapshotter.ingest.streams",
-}, globals())
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "convert_layer": "snapshotter.ingest.convert",
+        "convert_directory": "snapshotter.ingest.convert",
+        "import_erofs_image": "snapshotter.ingest.convert",
+        "ConvertResult": "snapshotter.ingest.convert",
+        "validate_layer": "snapshotter.ingest.validate",
+        "InvalidLayer": "snapshotter.ingest.validate",
+        "LayerCheck": "snapshotter.ingest.validate",
+        "LayerStream": "snapshotter.ingest.streams",
+        "ByteReader": "snapshotter.ingest.streams",
+    },
+    globals(),
+)

@@ -74,7 +74,7 @@ class _Gzip:
         self._piece = GZIP_FEED
 
     def feed(self, data: bytes) -> bytes:
-        self._tail = self._tail[self._pos:] + data if self.pending() else data
+        self._tail = self._tail[self._pos :] + data if self.pending() else data
         self._pos = 0
         return self.drain()
 
@@ -88,13 +88,13 @@ class _Gzip:
         while self._pos < len(tail) and size < OUT_LIMIT:
             if self._between_members:
                 if tail[self._pos] == 0:  # zero padding after the last member
-                    if tail[self._pos:].strip(b"\0"):
+                    if tail[self._pos :].strip(b"\0"):
                         raise InvalidInput("corrupt gzip data: garbage after a gzip member")
                     self._pos = len(tail)
                     break
                 self._obj = isal_zlib.decompressobj(31)
                 self._between_members = False
-            piece = tail[self._pos:self._pos + self._piece]
+            piece = tail[self._pos : self._pos + self._piece]
             try:
                 chunk = self._obj.decompress(piece, OUT_LIMIT - size)
             except _GZIP_ERROR as exc:
@@ -124,7 +124,7 @@ class _Zstd:
         self._between_frames = False
 
     def feed(self, data: bytes) -> bytes:
-        self._tail = self._tail[self._pos:] + data if self.pending() else data
+        self._tail = self._tail[self._pos :] + data if self.pending() else data
         self._pos = 0
         return self.drain()
 
@@ -136,7 +136,7 @@ class _Zstd:
         size = 0
         tail = self._tail
         while self._pos < len(tail) and size < OUT_LIMIT:
-            piece = tail[self._pos:self._pos + ZSTD_FEED]
+            piece = tail[self._pos : self._pos + ZSTD_FEED]
             self._pos += len(piece)
             if self._between_frames:
                 if not piece.strip(b"\0"):
@@ -172,8 +172,10 @@ class LayerStream:
         self._max_tar_bytes = limits.max_tar_bytes
         head = source.read(READ_CHUNK)
         self.compression = (
-            "gzip" if head.startswith(GZIP_MAGIC)
-            else "zstd" if head.startswith(ZSTD_MAGIC)
+            "gzip"
+            if head.startswith(GZIP_MAGIC)
+            else "zstd"
+            if head.startswith(ZSTD_MAGIC)
             else "none"
         )
         decoders: dict[str, type[_Decoder]] = {"gzip": _Gzip, "zstd": _Zstd, "none": _Identity}
@@ -199,9 +201,10 @@ class LayerStream:
             self._tar_hash.update(out)
             self.tar_size += len(out)
             if self.tar_size > self._max_tar_bytes:
-                raise InvalidInput(f"layer decompresses to more than {self._max_tar_bytes} bytes "
-                              "(max_tar_bytes)")
-            self._buf = self._buf[self._pos:] + out if self._pos < len(self._buf) else out
+                raise InvalidInput(
+                    f"layer decompresses to more than {self._max_tar_bytes} bytes (max_tar_bytes)"
+                )
+            self._buf = self._buf[self._pos :] + out if self._pos < len(self._buf) else out
             self._pos = 0
 
     def _fill(self) -> bool:
@@ -225,7 +228,7 @@ class LayerStream:
             self._pos = end
             return self._buf[pos:end]
         if size < 0:  # pieces joined once: appending to the buffer would be quadratic
-            parts = [self._buf[self._pos:]]
+            parts = [self._buf[self._pos :]]
             self._buf, self._pos = b"", 0
             while self._fill():
                 parts.append(self._buf)
@@ -233,7 +236,7 @@ class LayerStream:
             return b"".join(parts)
         while len(self._buf) - self._pos < size and self._fill():
             pass
-        out = self._buf[self._pos:self._pos + size]
+        out = self._buf[self._pos : self._pos + size]
         self._pos += len(out)
         return out
 

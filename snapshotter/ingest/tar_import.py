@@ -51,14 +51,18 @@ def split_member_path(name: bytes, limits: Limits = DEFAULT_LIMITS) -> list[byte
     """A member name as path components, refusing names that would leave the layer or that
     exceed the path limits."""
     if len(name) > limits.max_path_bytes:
-        raise InvalidInput(f"member name {_show(name[:60])!r}... is {len(name)} bytes, over the "
-                      f"limit of {limits.max_path_bytes} (max_path_bytes)")
+        raise InvalidInput(
+            f"member name {_show(name[:60])!r}... is {len(name)} bytes, over the "
+            f"limit of {limits.max_path_bytes} (max_path_bytes)"
+        )
     if name.startswith(b"/"):
         raise InvalidInput(f"absolute member name {_show(name)!r} in layer")
     parts = [p for p in name.split(b"/") if p and p != b"."]
     if len(parts) > limits.max_path_depth:
-        raise InvalidInput(f"member name {_show(name[:60])!r}... has {len(parts)} components, "
-                      f"over the limit of {limits.max_path_depth} (max_path_depth)")
+        raise InvalidInput(
+            f"member name {_show(name[:60])!r}... has {len(parts)} components, "
+            f"over the limit of {limits.max_path_depth} (max_path_depth)"
+        )
     if b".." in parts:
         raise InvalidInput(f"member name {_show(name)!r} contains '..'")
     if b"\0" in name or any(len(p) > 255 for p in parts):
@@ -117,20 +121,28 @@ class TarImporter:
         """Count `nbytes` of tree memory against `max_metadata_bytes`."""
         self.metadata_bytes += nbytes
         if self.metadata_bytes > self.limits.max_metadata_bytes:
-            raise InvalidInput(f"{_show(name[:100])!r}: the layer's metadata exceeds "
-                          f"{self.limits.max_metadata_bytes} bytes (max_metadata_bytes)")
+            raise InvalidInput(
+                f"{_show(name[:100])!r}: the layer's metadata exceeds "
+                f"{self.limits.max_metadata_bytes} bytes (max_metadata_bytes)"
+            )
 
     def add(self, m: TarMember, read) -> None:
         """One tar member; `read(n)` reads its stored data (for a sparse member, the bytes
         of its data runs back to back)."""
         self.entries += 1
         if self.entries > self.limits.max_entries:
-            raise InvalidInput(f"the layer has more than {self.limits.max_entries} entries "
-                          "(max_entries)")
+            raise InvalidInput(
+                f"the layer has more than {self.limits.max_entries} entries (max_entries)"
+            )
         parts = split_member_path(m.name, self.limits)
         _check_member(m)
-        self._charge(NODE_COST + len(m.name) + len(m.linkname)
-                     + sum(len(k) + len(v) for k, v in m.xattrs.items()), m.name)
+        self._charge(
+            NODE_COST
+            + len(m.name)
+            + len(m.linkname)
+            + sum(len(k) + len(v) for k, v in m.xattrs.items()),
+            m.name,
+        )
         self._mtimes[(m.mtime, m.mtime_nsec)] += 1
         if not parts:
             if m.typeflag != ts.DIRECTORY:
@@ -147,7 +159,7 @@ class TarImporter:
         parent = self._parent(parts, m.name)
         siblings = parent.dir_children()
         if name.startswith(WHITEOUT_PREFIX):
-            target = name[len(WHITEOUT_PREFIX):]
+            target = name[len(WHITEOUT_PREFIX) :]
             validate_name(target)
             node = Node(mode=stat.S_IFCHR, rdev=(0, 0))
             self._set_attrs(node, m)
@@ -176,8 +188,9 @@ class TarImporter:
     def _link_target(self, m: TarMember) -> Node:
         target = self._lookup(split_member_path(m.linkname, self.limits))
         if target is None:
-            raise InvalidInput(f"{_show(m.name)!r}: hardlink to missing entry "
-                          f"{_show(m.linkname)!r}")
+            raise InvalidInput(
+                f"{_show(m.name)!r}: hardlink to missing entry {_show(m.linkname)!r}"
+            )
         if target.is_dir:
             raise InvalidInput(f"{_show(m.name)!r}: hardlink to a directory {_show(m.linkname)!r}")
         return target
@@ -205,8 +218,9 @@ class TarImporter:
     def _set_attrs(node: Node, m: TarMember) -> None:
         # (uid_t)-1 is "no id" to Linux: such a file would be unreadable even by root.
         if not (0 <= m.uid < 0xFFFFFFFF and 0 <= m.gid < 0xFFFFFFFF):
-            raise InvalidInput(f"{_show(m.name)!r}: uid/gid {m.uid}/{m.gid} is not a valid "
-                          "Linux id")
+            raise InvalidInput(
+                f"{_show(m.name)!r}: uid/gid {m.uid}/{m.gid} is not a valid Linux id"
+            )
         perm = 0o777 if stat.S_ISLNK(node.mode) else m.mode & 0o7777
         node.mode = stat.S_IFMT(node.mode) | perm
         node.uid, node.gid = m.uid, m.gid
@@ -230,23 +244,30 @@ class TarImporter:
 def _check_member(m: TarMember) -> None:
     """What Linux or EROFS cannot represent, refused before anything is built from it."""
     if m.typeflag == ts.SYMLINK and len(m.linkname) > SYMLINK_TARGET_MAX:
-        raise InvalidInput(f"{_show(m.name)!r}: symlink target of {len(m.linkname)} bytes (Linux "
-                      f"takes at most {SYMLINK_TARGET_MAX})")
+        raise InvalidInput(
+            f"{_show(m.name)!r}: symlink target of {len(m.linkname)} bytes (Linux "
+            f"takes at most {SYMLINK_TARGET_MAX})"
+        )
     if m.typeflag == ts.SYMLINK and not m.linkname:
         raise InvalidInput(f"{_show(m.name)!r}: empty symlink target")
     if m.typeflag in (ts.CHRDEV, ts.BLKDEV) and not (
-            0 <= m.devmajor <= DEV_MAJOR_MAX and 0 <= m.devminor <= DEV_MINOR_MAX):
-        raise InvalidInput(f"{_show(m.name)!r}: device {m.devmajor}:{m.devminor} cannot be stored "
-                      f"(EROFS and Linux's u32 dev_t: major <= {DEV_MAJOR_MAX}, minor <= "
-                      f"{DEV_MINOR_MAX})")
+        0 <= m.devmajor <= DEV_MAJOR_MAX and 0 <= m.devminor <= DEV_MINOR_MAX
+    ):
+        raise InvalidInput(
+            f"{_show(m.name)!r}: device {m.devmajor}:{m.devminor} cannot be stored "
+            f"(EROFS and Linux's u32 dev_t: major <= {DEV_MAJOR_MAX}, minor <= "
+            f"{DEV_MINOR_MAX})"
+        )
     if m.xattrs:
         _check_xattrs(m)
 
 
 def _check_xattrs(m: TarMember) -> None:
     if len(m.xattrs) > XATTRS_PER_FILE_MAX:
-        raise InvalidInput(f"{_show(m.name)!r}: {len(m.xattrs)} xattrs, EROFS stores at most "
-                      f"{XATTRS_PER_FILE_MAX} per file")
+        raise InvalidInput(
+            f"{_show(m.name)!r}: {len(m.xattrs)} xattrs, EROFS stores at most "
+            f"{XATTRS_PER_FILE_MAX} per file"
+        )
     total = 0
     for key, value in m.xattrs.items():
         try:
@@ -254,13 +275,17 @@ def _check_xattrs(m: TarMember) -> None:
         except FormatError as exc:
             raise InvalidInput(f"{_show(m.name)!r}: {exc}") from None
         if len(suffix) > XATTR_NAME_MAX or len(value) > XATTR_VALUE_MAX:
-            raise InvalidInput(f"{_show(m.name)!r}: xattr {_show(key[:60])!r} too large for EROFS "
-                          f"(name suffix <= {XATTR_NAME_MAX}, value <= {XATTR_VALUE_MAX} "
-                          "bytes)")
+            raise InvalidInput(
+                f"{_show(m.name)!r}: xattr {_show(key[:60])!r} too large for EROFS "
+                f"(name suffix <= {XATTR_NAME_MAX}, value <= {XATTR_VALUE_MAX} "
+                "bytes)"
+            )
         total += (4 + len(suffix) + len(value) + 3) & ~3
     if total > XATTR_INLINE_MAX:
-        raise InvalidInput(f"{_show(m.name)!r}: {total} bytes of xattrs, EROFS stores at most "
-                      f"{XATTR_INLINE_MAX} per file")
+        raise InvalidInput(
+            f"{_show(m.name)!r}: {total} bytes of xattrs, EROFS stores at most "
+            f"{XATTR_INLINE_MAX} per file"
+        )
 
 
 def _is_whiteout(node: Node) -> bool:
@@ -271,8 +296,9 @@ def _show(name: bytes) -> str:
     return name.decode("utf-8", "replace")
 
 
-def import_tar(stream: ts.Readable, data: DataWriter, limits: Limits = DEFAULT_LIMITS
-               ) -> SourceTree:
+def import_tar(
+    stream: ts.Readable, data: DataWriter, limits: Limits = DEFAULT_LIMITS
+) -> SourceTree:
     """Read a whole tar stream into a tree; file data goes to `data`."""
     importer = TarImporter(data, limits)
     reader = TarReader(stream, limits)

@@ -91,8 +91,21 @@ class TarHeader:
 
     @classmethod
     def unpack(cls, block: bytes) -> TarHeader:
-        (name, mode, uid, gid, size, mtime, chksum, typeflag, linkname, magic,
-         devmajor, devminor, prefix) = cls._STRUCT.unpack(block)
+        (
+            name,
+            mode,
+            uid,
+            gid,
+            size,
+            mtime,
+            chksum,
+            typeflag,
+            linkname,
+            magic,
+            devmajor,
+            devminor,
+            prefix,
+        ) = cls._STRUCT.unpack(block)
         fields = (mode, uid, gid, size, mtime, devmajor, devminor)
         try:  # octal, the common case, in one go
             numbers = [int(f.rstrip(b"\0 ") or b"0", 8) for f in fields]
@@ -105,14 +118,25 @@ class TarHeader:
             expected = int(chksum.rstrip(b"\0 ") or b"0", 8)
         except ValueError:
             expected = _number(chksum, "checksum")
-        if expected != sum(block) - sum(chksum) + 8 * 32 and expected != _signed_sum(
-                block, chksum):
+        if expected != sum(block) - sum(chksum) + 8 * 32 and expected != _signed_sum(block, chksum):
             raise InvalidInput("tar header checksum mismatch (corrupt or not a tar)")
         name = _text(name)
         if magic[:6] == b"ustar\0" and prefix[0]:
             name = _text(prefix) + b"/" + name
-        return cls(name, numbers[0], numbers[1], numbers[2], numbers[3], numbers[4],
-                   typeflag[0], _text(linkname), numbers[5], numbers[6], magic, block)
+        return cls(
+            name,
+            numbers[0],
+            numbers[1],
+            numbers[2],
+            numbers[3],
+            numbers[4],
+            typeflag[0],
+            _text(linkname),
+            numbers[5],
+            numbers[6],
+            magic,
+            block,
+        )
 
 
 def _signed_sum(block: bytes, chksum: bytes) -> int:
@@ -161,7 +185,7 @@ def parse_pax(data: bytes) -> dict[bytes, bytes]:
         end = pos + length
         if length < 5 or end > len(data) or end <= space + 1 or data[end - 1] != 0x0A:
             raise InvalidInput("corrupt PAX header record (length does not match)")
-        key, eq, value = data[space + 1:end - 1].partition(b"=")
+        key, eq, value = data[space + 1 : end - 1].partition(b"=")
         if not eq or not key or b"\0" in key:
             raise InvalidInput("corrupt PAX header record (no key)")
         if key in (b"path", b"linkpath") and b"\0" in value:
@@ -220,8 +244,9 @@ class TarReader:
     def _read_exact(self, size: int) -> bytes:
         data = self._stream.read(size)
         if len(data) != size:
-            raise InvalidInput(f"truncated tar: unexpected end of data ({len(data)} of {size} "
-                          "bytes)")
+            raise InvalidInput(
+                f"truncated tar: unexpected end of data ({len(data)} of {size} bytes)"
+            )
         self.offset += size
         return data
 
@@ -233,8 +258,10 @@ class TarReader:
 
     def _read_meta(self, size: int, what: str) -> bytes:
         if size > self._limits.max_header_bytes:
-            raise InvalidInput(f"tar {what} of {size} bytes exceeds the limit of "
-                          f"{self._limits.max_header_bytes} (max_header_bytes)")
+            raise InvalidInput(
+                f"tar {what} of {size} bytes exceeds the limit of "
+                f"{self._limits.max_header_bytes} (max_header_bytes)"
+            )
         data = self._read_exact(size)
         self._skip(-size % BLOCK)
         return data
@@ -265,8 +292,10 @@ class TarReader:
             return None
         if len(second) != BLOCK:
             raise InvalidInput("truncated tar: partial header block")
-        raise InvalidInput(f"corrupt tar: a zero block at offset {self.offset} is followed by "
-                      "more headers (only two zero blocks may end an archive)")
+        raise InvalidInput(
+            f"corrupt tar: a zero block at offset {self.offset} is followed by "
+            "more headers (only two zero blocks may end an archive)"
+        )
 
     def _next(self) -> TarMember | None:
         if self._remaining or self._padding:
@@ -280,8 +309,9 @@ class TarReader:
                 return None
             header = TarHeader.unpack(block)
             if not 0 <= header.size <= FILE_SIZE_MAX:
-                raise InvalidInput(f"tar header {_show(header.name[:100])!r}: size {header.size} "
-                              "out of range")
+                raise InvalidInput(
+                    f"tar header {_show(header.name[:100])!r}: size {header.size} out of range"
+                )
             flag = header.typeflag
             if flag == GNU_LONGNAME:
                 long_name = _text(self._read_meta(header.size, "long name"))
@@ -298,12 +328,25 @@ class TarReader:
             else:
                 return self._member(header, pax, long_name, long_link)
 
-    def _member(self, h: TarHeader, pax: dict[bytes, bytes], long_name: bytes | None,
-                long_link: bytes | None) -> TarMember:
+    def _member(
+        self,
+        h: TarHeader,
+        pax: dict[bytes, bytes],
+        long_name: bytes | None,
+        long_link: bytes | None,
+    ) -> TarMember:
         m = TarMember(
-            name=h.name, typeflag=h.typeflag, mode=h.mode & 0o7777, uid=h.uid, gid=h.gid,
-            size=h.size, mtime=h.mtime, mtime_nsec=0, linkname=h.linkname,
-            devmajor=h.devmajor, devminor=h.devminor,
+            name=h.name,
+            typeflag=h.typeflag,
+            mode=h.mode & 0o7777,
+            uid=h.uid,
+            gid=h.gid,
+            size=h.size,
+            mtime=h.mtime,
+            mtime_nsec=0,
+            linkname=h.linkname,
+            devmajor=h.devmajor,
+            devminor=h.devminor,
         )
         self._apply_pax(m, pax)
         if long_name is not None:  # Go's order: GNU long names win over PAX paths
@@ -348,19 +391,21 @@ class TarReader:
             elif key == b"mtime":
                 m.mtime, m.mtime_nsec = _pax_time(value)
             elif key.startswith(b"SCHILY.xattr."):
-                m.xattrs[key[len(b"SCHILY.xattr."):]] = value
+                m.xattrs[key[len(b"SCHILY.xattr.") :]] = value
             elif key.startswith(b"LIBARCHIVE.xattr."):
-                name = urllib.parse.unquote_to_bytes(key[len(b"LIBARCHIVE.xattr."):])
+                name = urllib.parse.unquote_to_bytes(key[len(b"LIBARCHIVE.xattr.") :])
                 padded = value + b"=" * (-len(value) % 4)
                 try:
                     decoded = base64.b64decode(padded, validate=True)
                 except (ValueError, binascii.Error):
-                    raise InvalidInput(f"{_show(m.name)!r}: bad base64 in LIBARCHIVE xattr "
-                                  f"{_show(name)!r}") from None
+                    raise InvalidInput(
+                        f"{_show(m.name)!r}: bad base64 in LIBARCHIVE xattr {_show(name)!r}"
+                    ) from None
                 m.xattrs.setdefault(name, decoded)
 
-    def _pax_sparse(self, m: TarMember, pax: dict[bytes, bytes]
-                    ) -> tuple[list[tuple[int, int]], int] | None:
+    def _pax_sparse(
+        self, m: TarMember, pax: dict[bytes, bytes]
+    ) -> tuple[list[tuple[int, int]], int] | None:
         """GNU's PAX sparse formats, told apart as Go's archive/tar does: (runs, bytes of the
         stored data the map took), or None for a member that is not sparse."""
         major, minor = pax.get(b"GNU.sparse.major"), pax.get(b"GNU.sparse.minor")
@@ -369,8 +414,10 @@ class TarReader:
         elif major == b"1" and minor == b"0":
             is_1x0 = True
         elif major is not None or minor is not None:
-            raise InvalidInput(f"{_show(m.name)!r}: unknown GNU sparse format "
-                          f"{_show(major or b'')}.{_show(minor or b'')}")
+            raise InvalidInput(
+                f"{_show(m.name)!r}: unknown GNU sparse format "
+                f"{_show(major or b'')}.{_show(minor or b'')}"
+            )
         elif pax.get(_SPARSE_MAP):
             is_1x0 = False  # 0.0 and 0.1 have no version records
         else:
@@ -385,8 +432,9 @@ class TarReader:
         count = _pax_int(pax.get(b"GNU.sparse.numblocks", b""), b"GNU.sparse.numblocks")
         numbers = pax.get(_SPARSE_MAP, b"").split(b",") if pax.get(_SPARSE_MAP) else []
         if len(numbers) != 2 * count:
-            raise InvalidInput(f"{_show(m.name)!r}: GNU sparse map has {len(numbers)} numbers "
-                          f"for {count} entries")
+            raise InvalidInput(
+                f"{_show(m.name)!r}: GNU sparse map has {len(numbers)} numbers for {count} entries"
+            )
         values = [_pax_int(v, _SPARSE_MAP) for v in numbers]
         return list(zip(values[::2], values[1::2], strict=True)), 0
 
@@ -395,7 +443,7 @@ class TarReader:
         if h.magic != GNU_MAGIC:
             raise InvalidInput(f"{_show(h.name)!r}: sparse member in a non-GNU header")
         raw = h.raw
-        runs = _sparse_entries(raw[386:386 + 96])
+        runs = _sparse_entries(raw[386 : 386 + 96])
         isextended = raw[482]
         realsize = _number(raw[483:495], "realsize")
         if not 0 <= realsize <= FILE_SIZE_MAX:
@@ -404,8 +452,10 @@ class TarReader:
         while isextended:
             used += BLOCK
             if used > self._limits.max_header_bytes:
-                raise InvalidInput(f"{_show(h.name)!r}: GNU sparse map exceeds the limit of "
-                              f"{self._limits.max_header_bytes} bytes (max_header_bytes)")
+                raise InvalidInput(
+                    f"{_show(h.name)!r}: GNU sparse map exceeds the limit of "
+                    f"{self._limits.max_header_bytes} bytes (max_header_bytes)"
+                )
             ext = self._read_exact(BLOCK)
             runs += _sparse_entries(ext[:504])
             isextended = ext[504]
@@ -421,8 +471,10 @@ class TarReader:
             nonlocal used
             while not lines:
                 if used >= self._limits.max_header_bytes:
-                    raise InvalidInput("PAX sparse map exceeds the limit of "
-                                  f"{self._limits.max_header_bytes} bytes (max_header_bytes)")
+                    raise InvalidInput(
+                        "PAX sparse map exceeds the limit of "
+                        f"{self._limits.max_header_bytes} bytes (max_header_bytes)"
+                    )
                 block = self._read_exact(BLOCK)
                 used += BLOCK
                 buf.extend(block)
@@ -461,7 +513,7 @@ class TarReader:
 def _sparse_entries(raw: bytes) -> list[tuple[int, int]]:
     runs = []
     for i in range(0, len(raw), 24):
-        offset, numbytes = raw[i:i + 12], raw[i + 12:i + 24]
+        offset, numbytes = raw[i : i + 12], raw[i + 12 : i + 24]
         if offset[0] == 0:  # the end of the entries, as GNU, BSD tar and Go read it
             break
         runs.append((_number(offset, "sparse offset"), _number(numbytes, "sparse length")))
@@ -485,9 +537,12 @@ def _check_sparse_map(m: TarMember, stored: int) -> None:
         end = offset + length
         total += length
         if end > m.size:
-            raise InvalidInput(f"{_show(m.name)!r}: sparse map reaches {end}, beyond the file "
-                          f"size {m.size}")
+            raise InvalidInput(
+                f"{_show(m.name)!r}: sparse map reaches {end}, beyond the file size {m.size}"
+            )
     if total != stored:
-        raise InvalidInput(f"{_show(m.name)!r}: sparse map describes {total} bytes of data, the "
-                      f"archive stores {stored}")
+        raise InvalidInput(
+            f"{_show(m.name)!r}: sparse map describes {total} bytes of data, the "
+            f"archive stores {stored}"
+        )
     m.sparse = [run for run in m.sparse or () if run[1]]

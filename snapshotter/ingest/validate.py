@@ -71,7 +71,7 @@ def superblock_checksum(image_head: bytes, blkszbits: int) -> int:
     """The superblock checksum as the kernel's `erofs_superblock_csum_verify` computes it:
     Linux's `crc32c(~0, ...)`, which is not inverted at the end (so the bitwise NOT of the
     standard CRC-32C), over the checksummed bytes with the checksum field zeroed."""
-    area = bytearray(image_head[SUPER_OFFSET:_checksummed_end(blkszbits)])
+    area = bytearray(image_head[SUPER_OFFSET : _checksummed_end(blkszbits)])
     if len(area) != _checksummed_end(blkszbits) - SUPER_OFFSET:
         raise InvalidLayer("superblock block truncated")
     area[_SB_CHECKSUM_FIELD] = bytes(4)
@@ -106,8 +106,12 @@ class _Checker:
     def charge(self, path: bytes, nid: int, nbytes: int) -> None:
         self.budget -= nbytes
         if self.budget < 0:
-            raise self.fail(path, nid, "directories, chunk tables and xattrs together take "
-                                       "more bytes than the image has (they overlap)")
+            raise self.fail(
+                path,
+                nid,
+                "directories, chunk tables and xattrs together take "
+                "more bytes than the image has (they overlap)",
+            )
 
     def inode(self, path: bytes, nid: int) -> InodeInfo:
         """Read and check an inode once, however many entries name it."""
@@ -145,8 +149,14 @@ class _Checker:
         except EpError as exc:
             raise self.failed_read(path, nid, exc) from exc
 
-    def check_directory(self, path: bytes, info: InodeInfo, parent_nid: int,
-                        queue: deque[tuple[bytes, int, int]], dirs_seen: set[int]) -> None:
+    def check_directory(
+        self,
+        path: bytes,
+        info: InodeInfo,
+        parent_nid: int,
+        queue: deque[tuple[bytes, int, int]],
+        dirs_seen: set[int],
+    ) -> None:
         try:
             listing = self.img.listdir(info)
         except EpError as exc:
@@ -155,26 +165,36 @@ class _Checker:
         dots = {b".": 0, b"..": 0}
         for name, nid, ftype in listing:
             if previous is not None and name <= previous:
-                raise self.fail(path, info.nid, f"entries not sorted: {name[:64]!r} after "
-                                                f"{previous[:64]!r}")
+                raise self.fail(
+                    path, info.nid, f"entries not sorted: {name[:64]!r} after {previous[:64]!r}"
+                )
             previous = name
             if name in dots:
                 dots[name] += 1
                 want = info.nid if name == b"." else parent_nid
                 if nid != want or ftype != FT_DIR:
-                    raise self.fail(path, info.nid, f"'{name.decode()}' entry points at nid "
-                                                    f"{nid}, not at nid {want}")
+                    raise self.fail(
+                        path,
+                        info.nid,
+                        f"'{name.decode()}' entry points at nid {nid}, not at nid {want}",
+                    )
                 continue
             child_path = path + b"/" + name
             child = self.inode(child_path, nid)
             if ftype != file_type(child.mode):
-                raise self.fail(child_path, nid, f"entry file type {ftype} does not match "
-                                                 f"the inode's mode {child.mode:#o}")
+                raise self.fail(
+                    child_path,
+                    nid,
+                    f"entry file type {ftype} does not match the inode's mode {child.mode:#o}",
+                )
             self.entries += 1
             if stat.S_ISDIR(child.mode):
                 if nid in dirs_seen:
-                    raise self.fail(child_path, nid, "directory reached twice (a cycle or a "
-                                                     "hardlinked directory)")
+                    raise self.fail(
+                        child_path,
+                        nid,
+                        "directory reached twice (a cycle or a hardlinked directory)",
+                    )
                 dirs_seen.add(nid)
                 queue.append((child_path, nid, info.nid))
         for name, count in dots.items():
@@ -198,21 +218,24 @@ def check_superblock(img: ErofsImage, blob_size: int, label: str) -> None:
     """What the kernel checks when it mounts, and what a layer must be for our merge."""
     sb = img.sb
     if not BLKSZBITS_MIN <= sb.blkszbits <= BLKSZBITS_MAX:
-        raise InvalidLayer(f"{label}: block size 2^{sb.blkszbits}: the kernel mounts 512 to "
-                           "4096 bytes")
+        raise InvalidLayer(
+            f"{label}: block size 2^{sb.blkszbits}: the kernel mounts 512 to 4096 bytes"
+        )
     if sb.dirblkbits:
         raise InvalidLayer(f"{label}: directory block bits {sb.dirblkbits} are not supported")
     if SUPER_OFFSET + 128 + 16 * sb.sb_extslots > 4096:
         raise InvalidLayer(f"{label}: superblock extension slots {sb.sb_extslots} too large")
     if sb.blocks == 0 or sb.blocks * img.block_size > blob_size:
-        raise InvalidLayer(f"{label}: EROFS image claims {sb.blocks * img.block_size} bytes, "
-                           f"blob has {blob_size}")
+        raise InvalidLayer(
+            f"{label}: EROFS image claims {sb.blocks * img.block_size} bytes, blob has {blob_size}"
+        )
     if sb.feature_compat & FEATURE_COMPAT_SB_CHKSUM:
-        want = superblock_checksum(img.read_at(0, _checksummed_end(sb.blkszbits)),
-                                   sb.blkszbits)
+        want = superblock_checksum(img.read_at(0, _checksummed_end(sb.blkszbits)), sb.blkszbits)
         if want != sb.checksum:
-            raise InvalidLayer(f"{label}: superblock checksum {sb.checksum:#010x}, the "
-                               f"superblock's crc32c is {want:#010x}")
+            raise InvalidLayer(
+                f"{label}: superblock checksum {sb.checksum:#010x}, the "
+                f"superblock's crc32c is {want:#010x}"
+            )
     if img.device_slots:
         raise InvalidLayer(f"{label}: a multi-device EROFS image is not a layer")
     if sb.meta_blkaddr >= sb.blocks:

@@ -46,14 +46,18 @@ __all__ = [
     "Layout",
 ]
 
-__getattr__, __dir__ = lazy_exports(__name__, {
-    "Mount": "snapshotter.service.mounts",
-    "ChainImage": "snapshotter.service.vm_mode",
-    "Snapshotter": "snapshotter.service.snapshots",
-    "Server": "snapshotter.service.serve",
-    "Store": "snapshotter.service.store",
-    "Kind": "snapshotter.service.store",
-    "Info": "snapshotter.service.store",
-    "Usage": "snapshotter.service.store",
-    "Layout": "snapshotter.service.layout",
-}, globals())
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "Mount": "snapshotter.service.mounts",
+        "ChainImage": "snapshotter.service.vm_mode",
+        "Snapshotter": "snapshotter.service.snapshots",
+        "Server": "snapshotter.service.serve",
+        "Store": "snapshotter.service.store",
+        "Kind": "snapshotter.service.store",
+        "Info": "snapshotter.service.store",
+        "Usage": "snapshotter.service.store",
+        "Layout": "snapshotter.service.layout",
+    },
+    globals(),
+)

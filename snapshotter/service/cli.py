@@ -33,32 +33,46 @@ STATUS_TIMEOUT = 5.0
 def register(subparsers: argparse._SubParsersAction) -> None:
     defaults = ServeConfig()
     p = subparsers.add_parser(
-        "serve", help="serve containerd's Snapshots and Diff APIs on a unix socket (proxy plugin)",
+        "serve",
+        help="serve containerd's Snapshots and Diff APIs on a unix socket (proxy plugin)",
         description=textwrap.fill(
-            "Serve containerd's Snapshots API (proxy plugin type \"snapshot\") and Diff API "
-            "(type \"diff\", containerd >= 1.7: Apply converts layers straight to EROFS) on "
+            'Serve containerd\'s Snapshots API (proxy plugin type "snapshot") and Diff API '
+            '(type "diff", containerd >= 1.7: Apply converts layers straight to EROFS) on '
             "one unix socket, with gRPC health checking. Checks root, the kernel's erofs, "
             "loop devices and device-mapper first. Exit 2 on a configuration error, 1 when the "
-            "host lacks something the service needs.", 78),
-        epilog=keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter,
+            "host lacks something the service needs.",
+            78,
+        ),
+        epilog=keys_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--root", type=Path, help=f"state directory (default {defaults.root})")
-    p.add_argument("--address", type=Path,
-                   help=f"unix socket to listen on, mode 0600 (default {defaults.address})")
-    p.add_argument("--containerd-address", type=Path,
-                   help="containerd's socket, for the differ's content reads "
-                        f"(default {defaults.containerd_address})")
+    p.add_argument(
+        "--address",
+        type=Path,
+        help=f"unix socket to listen on, mode 0600 (default {defaults.address})",
+    )
+    p.add_argument(
+        "--containerd-address",
+        type=Path,
+        help="containerd's socket, for the differ's content reads "
+        f"(default {defaults.containerd_address})",
+    )
     p.add_argument("--config", type=Path, help="TOML file with the keys below")
     p.add_argument("--log-level", choices=LOG_LEVELS, help="default info")
     p.set_defaults(func=_serve)
 
     s = subparsers.add_parser(
-        "status", help="ask a running serve's health service whether it is serving",
+        "status",
+        help="ask a running serve's health service whether it is serving",
         description="Probe the gRPC health service of a running `serve`: one line per service, "
-                    "SERVING or NOT_SERVING. Exit 0 when all are SERVING, else 1.",
+        "SERVING or NOT_SERVING. Exit 0 when all are SERVING, else 1.",
     )
-    s.add_argument("--address", type=Path,
-                   help=f"the service's socket (default: the config's, else {defaults.address})")
+    s.add_argument(
+        "--address",
+        type=Path,
+        help=f"the service's socket (default: the config's, else {defaults.address})",
+    )
     s.add_argument("--config", type=Path, help="take the socket from this serve config file")
     s.add_argument("--json", action="store_true", help="one JSON object: service -> status")
     s.set_defaults(func=_status)
@@ -68,9 +82,13 @@ def _serve(args: argparse.Namespace) -> int:
     from snapshotter.service.preflight import preflight
 
     try:
-        config = load_config(args.config, root=args.root, address=args.address,
-                             containerd_address=args.containerd_address,
-                             log_level=args.log_level)
+        config = load_config(
+            args.config,
+            root=args.root,
+            address=args.address,
+            containerd_address=args.containerd_address,
+            log_level=args.log_level,
+        )
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"erofs-passthrough serve: {problem}", file=sys.stderr)
@@ -123,8 +141,9 @@ def probe(address: Path, timeout: float = STATUS_TIMEOUT) -> dict[str, str]:
                 if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     reason = (exc.details() or "").rsplit("error: ", 1)[-1].lower()
                     raise Unavailable(f"nothing answers on {address}: {reason}") from None
-                raise Unavailable(f"health check on {address}: {exc.code().name}: {exc.details()}"
-                              ) from None
+                raise Unavailable(
+                    f"health check on {address}: {exc.code().name}: {exc.details()}"
+                ) from None
             status[name] = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     return status
 

@@ -57,16 +57,18 @@ class ContentClient:
 
     def size(self, namespace: str, digest: str) -> int:
         try:
-            reply = self._stub.Info(content_pb2.InfoRequest(digest=digest),
-                                    metadata=namespace_metadata(namespace))
+            reply = self._stub.Info(
+                content_pb2.InfoRequest(digest=digest), metadata=namespace_metadata(namespace)
+            )
         except grpc.RpcError as exc:
             raise self._translate(exc, digest) from None
         return reply.info.size
 
     def open(self, namespace: str, digest: str) -> io.BufferedReader:
         """The blob DIGEST as a binary stream (errors surface as NotFound / RpcError on read)."""
-        call = self._stub.Read(content_pb2.ReadContentRequest(digest=digest),
-                               metadata=namespace_metadata(namespace))
+        call = self._stub.Read(
+            content_pb2.ReadContentRequest(digest=digest), metadata=namespace_metadata(namespace)
+        )
 
         def chunks() -> Iterator[bytes]:
             try:
@@ -84,10 +86,13 @@ class ContentClient:
             return errors.NotFound(f"content {digest} not found in containerd at {self.address}")
         if code == grpc.StatusCode.UNAVAILABLE:
             reason = details.rsplit("error: ", 1)[-1]  # gRPC's text repeats the address
-            return errors.Unavailable(f"containerd's content store at {self.address} is "
-                                       f"unreachable: {reason}")
+            return errors.Unavailable(
+                f"containerd's content store at {self.address} is unreachable: {reason}"
+            )
         if code == grpc.StatusCode.INVALID_ARGUMENT:
-            return errors.InvalidArgument(f"containerd at {self.address} refused reading "
-                                           f"{digest}: {details}")
-        return EpError(f"reading {digest} from containerd at {self.address}: {code.name}: "
-                       f"{details}")
+            return errors.InvalidArgument(
+                f"containerd at {self.address} refused reading {digest}: {details}"
+            )
+        return EpError(
+            f"reading {digest} from containerd at {self.address}: {code.name}: {details}"
+        )

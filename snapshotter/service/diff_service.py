@@ -112,16 +112,26 @@ class DiffService(diff_pb2_grpc.DiffServicer):
         with self.sn.layout.busy(sid):
             try:
                 meta = layer_build.publish_layer(
-                    directory, lambda out: self._produce(namespace, desc, out, key, cached))
+                    directory, lambda out: self._produce(namespace, desc, out, key, cached)
+                )
             except OSError as exc:
                 if exc.filename is None:  # a write into an open file: say where it was
                     exc.filename = str(directory)
                 raise
-        log.info("applied", extra={"key": key, "id": sid, "digest": desc.digest,
-                                   "diff_id": meta.diff_id, "root_hash": meta.root_hash})
+        log.info(
+            "applied",
+            extra={
+                "key": key,
+                "id": sid,
+                "digest": desc.digest,
+                "diff_id": meta.diff_id,
+                "root_hash": meta.root_hash,
+            },
+        )
         applied_type = desc.media_type if desc.media_type in NATIVE_EROFS_LAYERS else UNCOMPRESSED
-        return diff_pb2.ApplyResponse(applied=descriptor_pb2.Descriptor(
-            media_type=applied_type, digest=meta.diff_id))
+        return diff_pb2.ApplyResponse(
+            applied=descriptor_pb2.Descriptor(media_type=applied_type, digest=meta.diff_id)
+        )
 
     def _cache_entry(self, key: str) -> tuple[str, Path] | None:
         """(diffID, cache blob) for the layer active snapshot KEY unpacks, or None."""
@@ -136,30 +146,52 @@ class DiffService(diff_pb2_grpc.DiffServicer):
             return None
         return diff_id, blob
 
-    def _produce(self, namespace: str, desc: descriptor_pb2.Descriptor, out: Path, key: str,
-                 cached: tuple[str, Path] | None) -> layer_build.LayerMeta:
+    def _produce(
+        self,
+        namespace: str,
+        desc: descriptor_pb2.Descriptor,
+        out: Path,
+        key: str,
+        cached: tuple[str, Path] | None,
+    ) -> layer_build.LayerMeta:
         """The layer at OUT: from the cache entry CACHED when it passes its checks, else
         converted from the content store."""
         if cached is not None:
             diff_id, blob = cached
             try:
-                meta = self.sn.layer_cache.stage(blob, out, diff_id, self.sn.layer_verity,
-                                                 self.sn.limits.max_image_bytes)
+                meta = self.sn.layer_cache.stage(
+                    blob, out, diff_id, self.sn.layer_verity, self.sn.limits.max_image_bytes
+                )
             except CacheEntryError as exc:
-                log.warning("layer cache entry refused, converting the layer",
-                            extra={"key": key, "digest": desc.digest, "diff_id": diff_id,
-                                   "reason": str(exc)})
+                log.warning(
+                    "layer cache entry refused, converting the layer",
+                    extra={
+                        "key": key,
+                        "digest": desc.digest,
+                        "diff_id": diff_id,
+                        "reason": str(exc),
+                    },
+                )
             else:
-                log.info("layer from cache", extra={
-                    "key": key, "digest": desc.digest, "diff_id": diff_id, "blob": str(blob),
-                    "cache_hits": self.sn.layer_cache.hits, "conversions": self.conversions})
+                log.info(
+                    "layer from cache",
+                    extra={
+                        "key": key,
+                        "digest": desc.digest,
+                        "diff_id": diff_id,
+                        "blob": str(blob),
+                        "cache_hits": self.sn.layer_cache.hits,
+                        "conversions": self.conversions,
+                    },
+                )
                 return meta
         if desc.media_type in NATIVE_EROFS_LAYERS:
             return self._store_native(namespace, desc, out, key)
         return self._convert(namespace, desc, out, key)
 
-    def _store_native(self, namespace: str, desc: descriptor_pb2.Descriptor, out: Path,
-                      key: str) -> layer_build.LayerMeta:
+    def _store_native(
+        self, namespace: str, desc: descriptor_pb2.Descriptor, out: Path, key: str
+    ) -> layer_build.LayerMeta:
         """A native EROFS layer from the content store, checked and stored with its verity
         tree: the bytes are the publisher's, nothing is converted."""
         from snapshotter.ingest.convert import import_erofs_image
@@ -168,26 +200,42 @@ class DiffService(diff_pb2_grpc.DiffServicer):
             self.native_layers += 1
             native_layers, conversions = self.native_layers, self.conversions
         with self.content.open(namespace, desc.digest) as blob:
-            result = import_erofs_image(blob, out, expected_digest=desc.digest,
-                                        verity=self.sn.layer_verity)
-        log.info("stored native EROFS layer", extra={
-            "key": key, "digest": desc.digest, "media_type": desc.media_type,
-            "native_layers": native_layers, "conversions": conversions})
+            result = import_erofs_image(
+                blob, out, expected_digest=desc.digest, verity=self.sn.layer_verity
+            )
+        log.info(
+            "stored native EROFS layer",
+            extra={
+                "key": key,
+                "digest": desc.digest,
+                "media_type": desc.media_type,
+                "native_layers": native_layers,
+                "conversions": conversions,
+            },
+        )
         return self._meta(desc, result)
 
-    def _convert(self, namespace: str, desc: descriptor_pb2.Descriptor, out: Path, key: str
-                 ) -> layer_build.LayerMeta:
+    def _convert(
+        self, namespace: str, desc: descriptor_pb2.Descriptor, out: Path, key: str
+    ) -> layer_build.LayerMeta:
         from snapshotter.ingest.convert import convert_layer
 
         with self._count_lock:
             self.conversions += 1
             conversions = self.conversions
-        log.info("converting layer", extra={"key": key, "digest": desc.digest,
-                                            "media_type": desc.media_type,
-                                            "conversions": conversions})
+        log.info(
+            "converting layer",
+            extra={
+                "key": key,
+                "digest": desc.digest,
+                "media_type": desc.media_type,
+                "conversions": conversions,
+            },
+        )
         with self.content.open(namespace, desc.digest) as blob:
-            result = convert_layer(blob, out, verity=self.sn.layer_verity,
-                                   blob_digest=True, limits=self.sn.limits)
+            result = convert_layer(
+                blob, out, verity=self.sn.layer_verity, blob_digest=True, limits=self.sn.limits
+            )
         return self._meta(desc, result)
 
     @staticmethod
@@ -198,4 +246,3 @@ class DiffService(diff_pb2_grpc.DiffServicer):
 
     def Diff(self, request: diff_pb2.DiffRequest, context: grpc.ServicerContext):
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "erofs-py does not create diffs")
-

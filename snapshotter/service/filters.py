@@ -25,8 +25,9 @@ _PART = r'(?:"(?:[^"\\]|\\.)*"|[A-Za-z0-9_/\-]+)'
 # RE2 here too: with a backtracking engine, `[^,]*?` then `\s*` is quadratic in a run of spaces
 # (a filter of a few kilobytes stalls the server; a request of megabytes would never end).
 _SELECTOR = re2.compile(
-    rf'\s*(?P<path>{_PART}(?:\.{_PART})*)\s*'
-    rf'(?:(?P<op>==|!=|~=)\s*(?P<value>"(?:[^"\\]|\\.)*"|[^,]*?))?\s*(?:,|$)', _RE2_OPTIONS
+    rf"\s*(?P<path>{_PART}(?:\.{_PART})*)\s*"
+    rf'(?:(?P<op>==|!=|~=)\s*(?P<value>"(?:[^"\\]|\\.)*"|[^,]*?))?\s*(?:,|$)',
+    _RE2_OPTIONS,
 )
 
 Getter = Callable[[list[str]], str | None]

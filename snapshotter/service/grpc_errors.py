@@ -95,10 +95,17 @@ def rpc(method: F) -> F:
             code = code_for(exc)
             message = message_for(exc, _state_dir(self))
             bug = code == grpc.StatusCode.INTERNAL  # a traceback only where nothing is known
-            level = logging.ERROR if code in (grpc.StatusCode.INTERNAL,
-                                              grpc.StatusCode.RESOURCE_EXHAUSTED) else logging.INFO
-            log.log(level, "rpc failed", exc_info=bug,
-                    extra={"rpc": method.__name__, "code": code.name, "error": message})
+            level = (
+                logging.ERROR
+                if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED)
+                else logging.INFO
+            )
+            log.log(
+                level,
+                "rpc failed",
+                exc_info=bug,
+                extra={"rpc": method.__name__, "code": code.name, "error": message},
+            )
             context.abort(code, message)
 
     return wrapper  # type: ignore[return-value]

@@ -47,12 +47,12 @@ BLOCK = 4096
 class LayerMeta:
     """What we know of a layer blob; its labels are what Stat shows for the snapshot."""
 
-    blob_size: int          # bytes of the EROFS image; the verity tree starts at hash_offset
-    blob_digest: str        # sha256:... of those bytes
-    root_hash: str          # dm-verity root hash (hex), sha256, 4096/4096, v1 superblock
-    salt: str               # hex
-    hash_offset: int        # byte offset of the verity superblock in layer.erofs
-    diff_id: str = ""       # sha256 of the uncompressed tar, when built from one
+    blob_size: int  # bytes of the EROFS image; the verity tree starts at hash_offset
+    blob_digest: str  # sha256:... of those bytes
+    root_hash: str  # dm-verity root hash (hex), sha256, 4096/4096, v1 superblock
+    salt: str  # hex
+    hash_offset: int  # byte offset of the verity superblock in layer.erofs
+    diff_id: str = ""  # sha256 of the uncompressed tar, when built from one
 
     def labels(self) -> dict[str, str]:
         labels = {
@@ -69,10 +69,17 @@ class LayerMeta:
     def verity(self) -> VerityInfo:
         """The full dm-verity description: every layer uses containerd's geometry (sha256,
         4096/4096, v1 superblock at hash_offset, the data being everything before it)."""
-        return VerityInfo(root_hash=self.root_hash, salt=self.salt, hash_name="sha256",
-                          data_block_size=BLOCK, hash_block_size=BLOCK,
-                          data_blocks=self.hash_offset // BLOCK, hash_offset=self.hash_offset,
-                          superblock=True, uuid=None)
+        return VerityInfo(
+            root_hash=self.root_hash,
+            salt=self.salt,
+            hash_name="sha256",
+            data_block_size=BLOCK,
+            hash_block_size=BLOCK,
+            data_blocks=self.hash_offset // BLOCK,
+            hash_offset=self.hash_offset,
+            superblock=True,
+            uuid=None,
+        )
 
 
 Producer = Callable[[Path], LayerMeta]
@@ -135,5 +142,11 @@ def layer_meta(result: ConvertResult, diff_id: str = "") -> LayerMeta:
     v, blob_digest = result.verity, result.blob_digest
     if v is None or blob_digest is None:
         raise AssertionError(f"{result.blob}: converted without verity or blob digest")
-    return LayerMeta(blob_size=result.size, blob_digest=blob_digest, root_hash=v.root_hash,
-                     salt=v.salt, hash_offset=v.hash_offset, diff_id=diff_id)
+    return LayerMeta(
+        blob_size=result.size,
+        blob_digest=blob_digest,
+        root_hash=v.root_hash,
+        salt=v.salt,
+        hash_offset=v.hash_offset,
+        diff_id=diff_id,
+    )

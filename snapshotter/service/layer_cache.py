@@ -58,8 +58,12 @@ class CacheEntryError(CorruptImage):
 def parse_diff_id(value: str) -> tuple[str, str] | None:
     """(algorithm, hex) of a `sha256:<64 hex>` digest, or None."""
     algo, sep, hexdigest = value.partition(":")
-    if sep and algo == "sha256" and len(hexdigest) == 64 and \
-            all(c in "0123456789abcdef" for c in hexdigest):
+    if (
+        sep
+        and algo == "sha256"
+        and len(hexdigest) == 64
+        and all(c in "0123456789abcdef" for c in hexdigest)
+    ):
         return algo, hexdigest
     return None
 
@@ -130,11 +134,13 @@ def _read_sidecar(blob: Path) -> tuple[str, int]:
         raise CacheEntryError(f"{sidecar}: not JSON") from None
     root = data.get("roothash") if isinstance(data, dict) else None
     offset = data.get("hashoffset") if isinstance(data, dict) else None
-    if not isinstance(root, str) or len(root) != 64 or \
-            any(c not in "0123456789abcdef" for c in root):
+    if (
+        not isinstance(root, str)
+        or len(root) != 64
+        or any(c not in "0123456789abcdef" for c in root)
+    ):
         raise CacheEntryError(f"{sidecar}: roothash is not a sha256 hex digest")
-    if not isinstance(offset, int) or isinstance(offset, bool) or offset <= 0 or \
-            offset % BLOCK:
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset <= 0 or offset % BLOCK:
         raise CacheEntryError(f"{sidecar}: hashoffset is not a positive multiple of {BLOCK}")
     return root, offset
 
@@ -195,7 +201,8 @@ class LayerCache:
             target = name.rsplit(" ", 1)[-1] if name.startswith("extract-") else ""
         parent_chain_id = parent.rsplit("/", 1)[-1] if parent else ""
         known_chain = bool(parse_diff_id(target)) and (
-            not parent or bool(parse_diff_id(parent_chain_id)))
+            not parent or bool(parse_diff_id(parent_chain_id))
+        )
         labelled = labels.get(DIFF_ID_LABEL, "")
         if parse_diff_id(labelled):
             # containerd 2.3+ names it; where the chain is known too, both must agree
@@ -208,9 +215,14 @@ class LayerCache:
             return target
         return _matching(self._entries(), parent_chain_id, target)
 
-    def stage(self, blob: Path, out: Path, diff_id: str,
-              layer_verity: bool | VerityParams, max_image_bytes: int | None = None
-              ) -> LayerMeta:
+    def stage(
+        self,
+        blob: Path,
+        out: Path,
+        diff_id: str,
+        layer_verity: bool | VerityParams,
+        max_image_bytes: int | None = None,
+    ) -> LayerMeta:
         """Copy cache BLOB to OUT and check the copy (module doc); its LayerMeta. Raises
         CacheEntryError when it is not a layer this node would use, or when its image is
         bigger than MAX_IMAGE_BYTES (the ceiling a conversion has)."""
@@ -220,8 +232,10 @@ class LayerCache:
 
         root_hash, hash_offset = _read_sidecar(blob)
         if max_image_bytes is not None and hash_offset > max_image_bytes:
-            raise CacheEntryError(f"{blob}: a {hash_offset}-byte image, more than the "
-                                  f"{max_image_bytes} bytes a layer may have")
+            raise CacheEntryError(
+                f"{blob}: a {hash_offset}-byte image, more than the "
+                f"{max_image_bytes} bytes a layer may have"
+            )
         try:
             with open(blob, "rb") as src, open(out, "r+b") as dst:
                 dst.truncate(0)
@@ -229,26 +243,36 @@ class LayerCache:
                 dst.flush()
                 size = os.fstat(dst.fileno()).st_size
                 if size < hash_offset + SUPERBLOCK_SIZE:
-                    raise CacheEntryError(f"{blob}: {size} bytes, no verity superblock at "
-                                          f"{hash_offset}")
+                    raise CacheEntryError(
+                        f"{blob}: {size} bytes, no verity superblock at {hash_offset}"
+                    )
                 try:
                     sb = VeritySuperblock.deserialize(
-                        os.pread(dst.fileno(), SUPERBLOCK_SIZE, hash_offset))
+                        os.pread(dst.fileno(), SUPERBLOCK_SIZE, hash_offset)
+                    )
                 except EpError as exc:
                     raise CacheEntryError(f"{blob}: {exc}") from exc
         except OSError as exc:
             raise CacheEntryError(f"{blob}: cannot copy: {exc.strerror}") from None
         geometry = (sb.algorithm, sb.data_block_size, sb.hash_block_size)
         if geometry != ("sha256", BLOCK, BLOCK) or sb.data_blocks * BLOCK != hash_offset:
-            raise CacheEntryError(f"{blob}: verity superblock declares {geometry} and "
-                                  f"{sb.data_blocks} data blocks, not sha256 4096/4096 ending "
-                                  f"at {hash_offset}")
+            raise CacheEntryError(
+                f"{blob}: verity superblock declares {geometry} and "
+                f"{sb.data_blocks} data blocks, not sha256 4096/4096 ending "
+                f"at {hash_offset}"
+            )
         unsalted = isinstance(layer_verity, VerityParams) and layer_verity.unsalted
         if unsalted and sb.salt:
-            raise CacheEntryError(f"{blob}: salted tree, and this node stores unsalted ones "
-                                  "(kata_verity)")
-        info = LayerMeta(blob_size=hash_offset, blob_digest="", root_hash=root_hash,
-                         salt=sb.salt.hex(), hash_offset=hash_offset).verity()
+            raise CacheEntryError(
+                f"{blob}: salted tree, and this node stores unsalted ones (kata_verity)"
+            )
+        info = LayerMeta(
+            blob_size=hash_offset,
+            blob_digest="",
+            root_hash=root_hash,
+            salt=sb.salt.hex(),
+            hash_offset=hash_offset,
+        ).verity()
         try:
             verify_file(out, info)
         except EpError as exc:
@@ -267,9 +291,14 @@ class LayerCache:
                 digest.update(chunk)
         with self._lock:
             self.hits += 1
-        return LayerMeta(blob_size=hash_offset, blob_digest="sha256:" + digest.hexdigest(),
-                         root_hash=root_hash, salt=sb.salt.hex(), hash_offset=hash_offset,
-                         diff_id=diff_id)
+        return LayerMeta(
+            blob_size=hash_offset,
+            blob_digest="sha256:" + digest.hexdigest(),
+            root_hash=root_hash,
+            salt=sb.salt.hex(),
+            hash_offset=hash_offset,
+            diff_id=diff_id,
+        )
 
 
 def _matching(diff_ids: Iterable[str], parent_chain_id: str, target: str) -> str | None:

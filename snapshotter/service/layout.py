@@ -155,8 +155,9 @@ class Layout:
         # made, so a call that made it is still in these sets unless it has finished.
         with self._lock:
             busy = set(self._staging) | set(self._held)
-        return sorted(p for p in listed
-                      if p.name not in known and p.name not in busy and self._made_by_us(p))
+        return sorted(
+            p for p in listed if p.name not in known and p.name not in busy and self._made_by_us(p)
+        )
 
     def _made_by_us(self, path: Path) -> bool:
         """Only what this service made is ever removed: a real directory with our marker, or a
@@ -166,8 +167,9 @@ class Layout:
             st = path.lstat()
         except FileNotFoundError:
             return False
-        if stat.S_ISDIR(st.st_mode) and (path.name.startswith(STAGING_PREFIX)
-                                         or (path / MARKER).is_file()):
+        if stat.S_ISDIR(st.st_mode) and (
+            path.name.startswith(STAGING_PREFIX) or (path / MARKER).is_file()
+        ):
             return True
         log.warning("not a snapshot of ours; left alone", extra={"path": str(path)})
         return False
@@ -210,8 +212,9 @@ class Layout:
         with self.hold(sid, blocking=False) as ours:
             if not ours or not base.is_dir():
                 return []
-            junk = [p for p in base.iterdir()
-                    if p.name.endswith(".tmp") or p.name.startswith("fs.old")]
+            junk = [
+                p for p in base.iterdir() if p.name.endswith(".tmp") or p.name.startswith("fs.old")
+            ]
             if kind == Kind.COMMITTED and self.work(sid).exists():
                 junk.append(self.work(sid))
             for path in junk:

@@ -39,13 +39,22 @@ class MountHelperError(InvalidArgument):
 
 
 def _parse(argv: list[str]) -> tuple[str, str, list[str]]:
-    parser = argparse.ArgumentParser(prog=MOUNT_PROGRAM, description=(
-        "Mount a VM-mode snapshot of erofs-passthrough (what mount.fuse runs for the mount "
-        "type fuse.erofs-passthrough-mount)."))
+    parser = argparse.ArgumentParser(
+        prog=MOUNT_PROGRAM,
+        description=(
+            "Mount a VM-mode snapshot of erofs-passthrough (what mount.fuse runs for the mount "
+            "type fuse.erofs-passthrough-mount)."
+        ),
+    )
     parser.add_argument("source", help="the chain's image.fsmeta")
     parser.add_argument("target", help="where to mount the rootfs")
-    parser.add_argument("-o", dest="options", action="append", default=[],
-                        help="comma-separated mount options (repeatable)")
+    parser.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        default=[],
+        help="comma-separated mount options (repeatable)",
+    )
     parser.add_argument("-t", dest="type", help="ignored (the helper's own name)")
     args = parser.parse_args(argv)
     options = [o for group in args.options for o in group.split(",") if o]
@@ -77,8 +86,7 @@ def mount(source: str, target: str, options: list[str]) -> None:
     try:
         fsmount.mount_erofs(devices[0], str(lower), devices[1:])
         try:
-            fsmount.mount_overlay(str(lower), dirs["upperdir"], dirs["workdir"], target,
-                                  attrs)
+            fsmount.mount_overlay(str(lower), dirs["upperdir"], dirs["workdir"], target, attrs)
         finally:
             # The overlay holds its own private reference to the lower mount: detaching ours
             # leaves the rootfs whole and makes TARGET's unmount release the image.

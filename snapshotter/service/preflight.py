@@ -55,8 +55,7 @@ def check_erofs(table: Path = PROC_FILESYSTEMS, try_modprobe: bool = True) -> Fi
     modprobe = shutil.which("modprobe") if try_modprobe else None
     if modprobe is not None:
         try:
-            proc = subprocess.run([modprobe, "erofs"], capture_output=True, text=True,
-                                  timeout=30)
+            proc = subprocess.run([modprobe, "erofs"], capture_output=True, text=True, timeout=30)
         except (OSError, subprocess.TimeoutExpired) as exc:
             tried = f"; modprobe erofs: {exc}"
         else:
@@ -64,16 +63,22 @@ def check_erofs(table: Path = PROC_FILESYSTEMS, try_modprobe: bool = True) -> Fi
                 return None
             reason = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
             tried = f"; modprobe erofs: {reason}"
-    return Finding(True, f"the kernel has no erofs filesystem (not in {table}{tried}); "
-                         "enable CONFIG_EROFS_FS or install the module")
+    return Finding(
+        True,
+        f"the kernel has no erofs filesystem (not in {table}{tried}); "
+        "enable CONFIG_EROFS_FS or install the module",
+    )
 
 
 def check_root(euid: int | None = None) -> Finding | None:
     euid = os.geteuid() if euid is None else euid
     if euid == 0:
         return None
-    return Finding(True, f"must run as root (running as uid {euid}): the service mounts layers "
-                         "and serves containerd")
+    return Finding(
+        True,
+        f"must run as root (running as uid {euid}): the service mounts layers "
+        "and serves containerd",
+    )
 
 
 def check_directory(what: str, path: Path) -> Finding | None:
@@ -100,8 +105,9 @@ def check_socket_path(path: Path) -> Finding | None:
     size = len(os.fsencode(path))
     if size <= UNIX_PATH_MAX:
         return None
-    return Finding(True, f"socket path {path} is {size} bytes; a unix socket path has at most "
-                         f"{UNIX_PATH_MAX}")
+    return Finding(
+        True, f"socket path {path} is {size} bytes; a unix socket path has at most {UNIX_PATH_MAX}"
+    )
 
 
 def check_readable_file(what: str, path: Path) -> Finding | None:
@@ -124,10 +130,15 @@ def preflight(config: ServeConfig, euid: int | None = None) -> list[Finding]:
         check_directory("state directory", config.root),
         check_directory("socket directory", config.address.parent),
         check_socket_path(config.address),
-        check_device(LOOP_CONTROL, "no loop devices; host mounts of committed layers will fail "
-                                   "(modprobe loop)"),
-        check_device(DM_CONTROL, "no device-mapper; not used by the service itself, only by "
-                                 "runtimes that open dm-verity on the host (modprobe dm_mod)"),
+        check_device(
+            LOOP_CONTROL,
+            "no loop devices; host mounts of committed layers will fail (modprobe loop)",
+        ),
+        check_device(
+            DM_CONTROL,
+            "no device-mapper; not used by the service itself, only by "
+            "runtimes that open dm-verity on the host (modprobe dm_mod)",
+        ),
     ]
     if config.signing_key:
         found.append(check_readable_file("signing key", Path(config.signing_key)))

@@ -120,8 +120,9 @@ def _unlink_if_ours(address: Path, ours: tuple[int, int] | None) -> None:
     if (st.st_dev, st.st_ino) == ours:
         address.unlink(missing_ok=True)
     else:
-        log.warning("socket replaced by someone else; left in place",
-                    extra={"address": str(address)})
+        log.warning(
+            "socket replaced by someone else; left in place", extra={"address": str(address)}
+        )
 
 
 def sd_notify(state: str) -> bool:
@@ -179,10 +180,14 @@ class Server:
         self._root_lock: int | None = _lock_root(config.root)  # before the root is touched
         try:
             self.snapshotter = Snapshotter(
-                config.root, vm_mode=config.vm_mode,
+                config.root,
+                vm_mode=config.vm_mode,
                 signing_key=Path(config.signing_key) if config.signing_key else None,
-                kata_verity=config.kata_verity, limits=config.limits(),
-                mount_style=config.mount_style, layer_caches=config.layer_caches)
+                kata_verity=config.kata_verity,
+                limits=config.limits(),
+                mount_style=config.mount_style,
+                layer_caches=config.layer_caches,
+            )
         except BaseException:
             self._release_root()
             raise
@@ -190,10 +195,12 @@ class Server:
         self._executor = _CallExecutor(config.workers)
         self.grpc = grpc.server(self._executor)
         snapshots_pb2_grpc.add_SnapshotsServicer_to_server(
-            SnapshotsService(self.snapshotter), self.grpc)
+            SnapshotsService(self.snapshotter), self.grpc
+        )
         self.content = ContentClient(config.containerd_address)
-        diff_pb2_grpc.add_DiffServicer_to_server(DiffService(self.snapshotter, self.content),
-                                                 self.grpc)
+        diff_pb2_grpc.add_DiffServicer_to_server(
+            DiffService(self.snapshotter, self.content), self.grpc
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         self._socket: tuple[int, int] | None = None
         self._stop_requested = threading.Event()
@@ -213,8 +220,9 @@ class Server:
         self.grpc.start()
         for name in ("", *SERVICE_NAMES):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving", extra={"address": str(self.config.address),
-                                   "root": str(self.config.root)})
+        log.info(
+            "serving", extra={"address": str(self.config.address), "root": str(self.config.root)}
+        )
         sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving on {self.config.address}")
 
     def request_stop(self) -> None:
@@ -247,8 +255,10 @@ class Server:
         wake_r.setblocking(False)
         wake_w.setblocking(False)
         previous = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-        handlers = {sig: signal.signal(sig, lambda signum, frame: self.request_stop())
-                    for sig in (signal.SIGTERM, signal.SIGINT)}
+        handlers = {
+            sig: signal.signal(sig, lambda signum, frame: self.request_stop())
+            for sig in (signal.SIGTERM, signal.SIGINT)
+        }
         try:
             self.start()
         except BaseException:
@@ -280,7 +290,8 @@ class Server:
         self._executor.shutdown(wait=False, cancel_futures=True)
         running = self._executor.running()
         if running:
-            log.warning("abandoning calls still running after the grace period",
-                        extra={"calls": running})
+            log.warning(
+                "abandoning calls still running after the grace period", extra={"calls": running}
+            )
             logging.shutdown()
             os._exit(0)

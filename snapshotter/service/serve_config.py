@@ -42,66 +42,116 @@ def _meta(meaning: str, **checks: Any) -> dict[str, Any]:
 
 @dataclass
 class ServeConfig:
-    root: Path = field(default=Path("/var/lib/erofs-passthrough"), metadata=_meta(
-        "state directory: metadata.db and snapshots/ (one serve per root)"))
-    address: Path = field(default=Path("/run/erofs-passthrough/snapshotter.sock"), metadata=_meta(
-        "unix socket of the Snapshots, Diff and Health services (mode 0600)"))
-    containerd_address: Path = field(default=Path("/run/containerd/containerd.sock"),
-                                     metadata=_meta("containerd's socket: the differ reads layer "
-                                                    "blobs from its content store"))
-    workers: int = field(default=16, metadata=_meta(
-        "gRPC worker threads (calls served at once)", min=1, max=1024))
-    grace_seconds: float = field(default=5.0, metadata=_meta(
-        "on SIGTERM, in-flight calls get this long", min=0.0, max=3600.0))
-    log_level: str = field(default="info", metadata=_meta(
-        "debug logs every RPC; JSON lines on stderr", choices=LOG_LEVELS))
+    root: Path = field(
+        default=Path("/var/lib/erofs-passthrough"),
+        metadata=_meta("state directory: metadata.db and snapshots/ (one serve per root)"),
+    )
+    address: Path = field(
+        default=Path("/run/erofs-passthrough/snapshotter.sock"),
+        metadata=_meta("unix socket of the Snapshots, Diff and Health services (mode 0600)"),
+    )
+    containerd_address: Path = field(
+        default=Path("/run/containerd/containerd.sock"),
+        metadata=_meta("containerd's socket: the differ reads layer blobs from its content store"),
+    )
+    workers: int = field(
+        default=16, metadata=_meta("gRPC worker threads (calls served at once)", min=1, max=1024)
+    )
+    grace_seconds: float = field(
+        default=5.0,
+        metadata=_meta("on SIGTERM, in-flight calls get this long", min=0.0, max=3600.0),
+    )
+    log_level: str = field(
+        default="info",
+        metadata=_meta("debug logs every RPC; JSON lines on stderr", choices=LOG_LEVELS),
+    )
     # Container rootfs snapshots (not unpacks) get VM-mode mounts (fsmeta + devices) unless
     # their labels say otherwise (containerd.io/snapshot/erofs.vm-mode).
-    vm_mode: bool = field(default=False, metadata=_meta(
-        "container snapshots get VM-mode mounts (fsmeta + block devices) unless their labels "
-        "say otherwise"))
+    vm_mode: bool = field(
+        default=False,
+        metadata=_meta(
+            "container snapshots get VM-mode mounts (fsmeta + block devices) unless their labels "
+            "say otherwise"
+        ),
+    )
     # A private key (erofs-passthrough key generate): VM-mode chains get a signed manifest.
-    signing_key: str = field(default="", metadata=_meta(
-        "private key file (erofs-passthrough key generate): VM-mode chains get a signed "
-        "root-hash manifest; empty: unsigned", path=True))
-    kata_verity: bool = field(default=False, metadata=_meta(
-        "layer and fsmeta dm-verity trees without a salt, so every Kata reader of the "
-        "volume options loads the same table (docs/kata.md); applies to layers stored after"))
-    mount_style: str = field(default=CLASSIC, metadata=_meta(
-        "the mounts non-VM-mode snapshots get: \"classic\" (host-mounted layers under bind, "
-        "erofs or overlay mounts; every containerd from 1.6 mounts them) or \"containerd-2.3\" "
-        "(containerd main's erofs snapshotter shape: an erofs mount per layer with "
-        "X-containerd.dmverity=<sidecar>, then format/mkdir/overlay; for containerd 2.3+ and "
-        "Kata runtime-rs; docs/containerd.md)", choices=MOUNT_STYLES))
+    signing_key: str = field(
+        default="",
+        metadata=_meta(
+            "private key file (erofs-passthrough key generate): VM-mode chains get a signed "
+            "root-hash manifest; empty: unsigned",
+            path=True,
+        ),
+    )
+    kata_verity: bool = field(
+        default=False,
+        metadata=_meta(
+            "layer and fsmeta dm-verity trees without a salt, so every Kata reader of the "
+            "volume options loads the same table (docs/kata.md); applies to layers stored after"
+        ),
+    )
+    mount_style: str = field(
+        default=CLASSIC,
+        metadata=_meta(
+            'the mounts non-VM-mode snapshots get: "classic" (host-mounted layers under bind, '
+            'erofs or overlay mounts; every containerd from 1.6 mounts them) or "containerd-2.3" '
+            "(containerd main's erofs snapshotter shape: an erofs mount per layer with "
+            "X-containerd.dmverity=<sidecar>, then format/mkdir/overlay; for containerd 2.3+ and "
+            "Kata runtime-rs; docs/containerd.md)",
+            choices=MOUNT_STYLES,
+        ),
+    )
     # Pre-built layers keyed by diffID, containerd's layer_content_caches (layer_cache.py).
-    layer_caches: list[Path] = field(default_factory=list, metadata=_meta(
-        "read-only directories of pre-built layers keyed by diffID, in containerd's "
-        "layer_content_caches layout (<algo>/<xx>/<hex>.erofs + .dmverity; `ctr images "
-        "build-erofs-cache` or `erofs-passthrough publish --out-cache` fill one), searched in "
-        "order: a checked hit is copied into the snapshot, and the layer is neither read "
-        "from the content store nor converted (docs/containerd.md)"))
+    layer_caches: list[Path] = field(
+        default_factory=list,
+        metadata=_meta(
+            "read-only directories of pre-built layers keyed by diffID, in containerd's "
+            "layer_content_caches layout (<algo>/<xx>/<hex>.erofs + .dmverity; `ctr images "
+            "build-erofs-cache` or `erofs-passthrough publish --out-cache` fill one), searched in "
+            "order: a checked hit is copied into the snapshot, and the layer is neither read "
+            "from the content store nor converted (docs/containerd.md)"
+        ),
+    )
     # The differ's ceilings on one tar layer (snapshotter.erofs.limits.Limits).
-    max_tar_bytes: int = field(default=DEFAULT_LIMITS.max_tar_bytes, metadata=_meta(
-        "a layer may decompress to at most this many tar bytes", min=1))
-    max_image_bytes: int = field(default=DEFAULT_LIMITS.max_image_bytes, metadata=_meta(
-        "a layer's EROFS image may be at most this many bytes", min=1))
-    max_entries: int = field(default=DEFAULT_LIMITS.max_entries, metadata=_meta(
-        "a layer may have at most this many tar entries", min=1))
-    max_metadata_bytes: int = field(default=DEFAULT_LIMITS.max_metadata_bytes, metadata=_meta(
-        "memory a layer's inode tree (names, link targets, xattrs, chunk indexes) may take",
-        min=1))
+    max_tar_bytes: int = field(
+        default=DEFAULT_LIMITS.max_tar_bytes,
+        metadata=_meta("a layer may decompress to at most this many tar bytes", min=1),
+    )
+    max_image_bytes: int = field(
+        default=DEFAULT_LIMITS.max_image_bytes,
+        metadata=_meta("a layer's EROFS image may be at most this many bytes", min=1),
+    )
+    max_entries: int = field(
+        default=DEFAULT_LIMITS.max_entries,
+        metadata=_meta("a layer may have at most this many tar entries", min=1),
+    )
+    max_metadata_bytes: int = field(
+        default=DEFAULT_LIMITS.max_metadata_bytes,
+        metadata=_meta(
+            "memory a layer's inode tree (names, link targets, xattrs, chunk indexes) may take",
+            min=1,
+        ),
+    )
 
     def limits(self) -> Limits:
         """The differ's per-layer ceilings: the four configurable ones, the rest defaults."""
-        return dataclasses.replace(DEFAULT_LIMITS, max_tar_bytes=self.max_tar_bytes,
-                                   max_image_bytes=self.max_image_bytes,
-                                   max_entries=self.max_entries,
-                                   max_metadata_bytes=self.max_metadata_bytes)
+        return dataclasses.replace(
+            DEFAULT_LIMITS,
+            max_tar_bytes=self.max_tar_bytes,
+            max_image_bytes=self.max_image_bytes,
+            max_entries=self.max_entries,
+            max_metadata_bytes=self.max_metadata_bytes,
+        )
 
 
 _TYPES: dict[str, Any] = get_type_hints(ServeConfig)
-_TYPE_NAMES = {Path: "a path", bool: "a boolean", int: "an integer", float: "a number",
-               str: "a string"}
+_TYPE_NAMES = {
+    Path: "a path",
+    bool: "a boolean",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+}
 
 
 def _describe(value: object) -> str:
@@ -259,9 +309,11 @@ def example_toml() -> str:
     """contrib/serve.toml: every key commented out at its default, with its meaning."""
     import textwrap
 
-    out = ["# /etc/erofs-passthrough/serve.toml: erofs-passthrough serve --config FILE",
-           "# Every key, commented out at its default; `erofs-passthrough serve --help` lists "
-           "them too."]
+    out = [
+        "# /etc/erofs-passthrough/serve.toml: erofs-passthrough serve --config FILE",
+        "# Every key, commented out at its default; `erofs-passthrough serve --help` lists "
+        "them too.",
+    ]
     for f in fields(ServeConfig):
         out.append("")
         out.extend(f"# {line}" for line in textwrap.wrap(f.metadata["help"], 96))

@@ -44,13 +44,21 @@ DirConverter = Callable[[Path, Path], layer_build.LayerMeta]
 
 
 class Snapshotter:
-    def __init__(self, root: Path, convert: DirConverter | None = None,
-                 vm_mode: bool = False, signing_key: Path | None = None,
-                 kata_verity: bool = False, limits: Limits = DEFAULT_LIMITS,
-                 mount_style: str = CLASSIC, layer_caches: Sequence[Path] = ()) -> None:
+    def __init__(
+        self,
+        root: Path,
+        convert: DirConverter | None = None,
+        vm_mode: bool = False,
+        signing_key: Path | None = None,
+        kata_verity: bool = False,
+        limits: Limits = DEFAULT_LIMITS,
+        mount_style: str = CLASSIC,
+        layer_caches: Sequence[Path] = (),
+    ) -> None:
         if mount_style not in MOUNT_STYLES:
-            raise InvalidArgument(f"mount style {mount_style!r} is not one of "
-                                  f"{', '.join(MOUNT_STYLES)}")
+            raise InvalidArgument(
+                f"mount style {mount_style!r} is not one of {', '.join(MOUNT_STYLES)}"
+            )
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.root = root
         self.store = Store(root / "metadata.db")
@@ -59,8 +67,9 @@ class Snapshotter:
         # carry no salt; docs/kata.md). Commit's converter and the differ both use it.
         self.layer_verity: bool | VerityParams = KATA_VERITY if kata_verity else True
         self.limits = limits  # the differ's ceilings on one tar layer (docs/erofs.md)
-        self._convert = convert or functools.partial(layer_build.convert_directory,
-                                                     verity=self.layer_verity)
+        self._convert = convert or functools.partial(
+            layer_build.convert_directory, verity=self.layer_verity
+        )
         self.mount_style = mount_style  # non-VM-mode snapshots' mounts (mounts.py)
         self.layer_cache = LayerCache(layer_caches)  # the differ's pre-built layers
         self.vm_mode = vm_mode  # default for container rootfs snapshots without the label
@@ -108,13 +117,17 @@ class Snapshotter:
             with self.layout.busy(sid):
                 meta = layer_build.publish_layer(
                     self.layout.dir(sid),
-                    lambda out: self.layer_cache.stage(blob, out, diff_id, self.layer_verity,
-                                                       self.limits.max_image_bytes))
+                    lambda out: self.layer_cache.stage(
+                        blob, out, diff_id, self.layer_verity, self.limits.max_image_bytes
+                    ),
+                )
             self.commit(target, key, labels)
         except CacheEntryError as exc:
             self._remove_quietly(key)
-            log.warning("layer cache entry refused at prepare, the layer will be fetched",
-                        extra={"key": key, "diff_id": diff_id, "reason": str(exc)})
+            log.warning(
+                "layer cache entry refused at prepare, the layer will be fetched",
+                extra={"key": key, "diff_id": diff_id, "reason": str(exc)},
+            )
             return
         except AlreadyExists:  # another namespace's pull committed it meanwhile
             self._remove_quietly(key)
@@ -124,9 +137,17 @@ class Snapshotter:
             self._remove_quietly(key)
             raise
         else:
-            log.info("layer from cache at prepare", extra={
-                "key": key, "committed": target, "diff_id": diff_id, "blob": str(blob),
-                "root_hash": meta.root_hash, "cache_hits": self.layer_cache.hits})
+            log.info(
+                "layer from cache at prepare",
+                extra={
+                    "key": key,
+                    "committed": target,
+                    "diff_id": diff_id,
+                    "blob": str(blob),
+                    "root_hash": meta.root_hash,
+                    "cache_hits": self.layer_cache.hits,
+                },
+            )
         raise AlreadyExists(f"target snapshot {target!r} committed from the layer cache")
 
     def _already_committed(self, name: str, parent: str) -> bool:
@@ -137,8 +158,11 @@ class Snapshotter:
             info = self.store.get_info(name)[1]
         except NotFound:
             return False
-        if info.kind == Kind.COMMITTED and info.parent == parent and \
-                info.labels.get(CHAIN_ID_LABEL) == name:
+        if (
+            info.kind == Kind.COMMITTED
+            and info.parent == parent
+            and info.labels.get(CHAIN_ID_LABEL) == name
+        ):
             raise AlreadyExists(f"target snapshot {name!r} already exists")
         return False
 
@@ -155,8 +179,9 @@ class Snapshotter:
         with self._chains_lock if vm else contextlib.nullcontext():
             return self._create_snapshot(kind, key, parent, labels, vm)
 
-    def _create_snapshot(self, kind: Kind, key: str, parent: str, labels: dict[str, str],
-                         vm: bool) -> list[Mount]:
+    def _create_snapshot(
+        self, kind: Kind, key: str, parent: str, labels: dict[str, str], vm: bool
+    ) -> list[Mount]:
         if vm:
             # Built before the transaction, published immutably: the snapshot's mounts name
             # files that exist and never change.
@@ -171,8 +196,9 @@ class Snapshotter:
         finally:
             if staged.exists():
                 self.layout.unstage(staged)
-        log.info("created", extra={"key": key, "id": snap.id, "kind": kind.name.lower(),
-                                   "vm_mode": vm})
+        log.info(
+            "created", extra={"key": key, "id": snap.id, "kind": kind.name.lower(), "vm_mode": vm}
+        )
         if vm:
             return self._vm_mounts(snap)
         return plan(snap, self.layout, self.mount_style)
@@ -186,8 +212,7 @@ class Snapshotter:
 
     def _chain_image(self, parent_ids: list[str]) -> vm_mode.ChainImage:
         with self._chains_lock:
-            return vm_mode.ensure_chain_image(self.root, self.layout, parent_ids,
-                                              self.signing_key)
+            return vm_mode.ensure_chain_image(self.root, self.layout, parent_ids, self.signing_key)
 
     def _own_like_parent(self, staged: Path, snap: Snapshot) -> None:
         """The new upper's root gets the owner of the image's root (what overlay shows)."""
@@ -236,10 +261,19 @@ class Snapshotter:
             meta = self._layer_of(sid)
             usage = Usage(self.layout.layer(sid).stat().st_size, 1)
             with self.store.transaction() as db:
-                self.store.commit_active(db, key, name, usage,
-                                         {**(labels or {}), **meta.labels()}, parent)
-            log.info("committed", extra={"key": key, "committed": name, "id": sid,
-                                         "root_hash": meta.root_hash, "size": meta.blob_size})
+                self.store.commit_active(
+                    db, key, name, usage, {**(labels or {}), **meta.labels()}, parent
+                )
+            log.info(
+                "committed",
+                extra={
+                    "key": key,
+                    "committed": name,
+                    "id": sid,
+                    "root_hash": meta.root_hash,
+                    "size": meta.blob_size,
+                },
+            )
             self.layout.retire_upper(sid)
 
     def _exists(self, key: str) -> bool:
@@ -297,6 +331,7 @@ class Snapshotter:
             if chain and len(metas) == len(read):
                 in_use.add(vm_mode.chain_key(list(reversed(metas))))
         return in_use
+
 
 def _getter(info: Info) -> Callable[[list[str]], str | None]:
     def get(path: list[str]) -> str | None:

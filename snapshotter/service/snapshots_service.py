@@ -28,8 +28,10 @@ LIST_BATCH = 100
 
 
 def to_pb_mounts(mounts: list[Mount]) -> list[mount_pb2.Mount]:
-    return [mount_pb2.Mount(type=m.type, source=m.source, target=m.target, options=m.options)
-            for m in mounts]
+    return [
+        mount_pb2.Mount(type=m.type, source=m.source, target=m.target, options=m.options)
+        for m in mounts
+    ]
 
 
 def _timestamp(ns: int) -> timestamp_pb2.Timestamp:
@@ -40,9 +42,14 @@ def _timestamp(ns: int) -> timestamp_pb2.Timestamp:
 
 def to_pb_info(info: Info) -> pb.Info:
     # protoc's .pyi types an enum field as the enum class; the wire value is the int
-    return pb.Info(name=info.name, parent=info.parent, kind=cast("pb.Kind", int(info.kind)),
-                   created_at=_timestamp(info.created), updated_at=_timestamp(info.updated),
-                   labels=info.labels)
+    return pb.Info(
+        name=info.name,
+        parent=info.parent,
+        kind=cast("pb.Kind", int(info.kind)),
+        created_at=_timestamp(info.created),
+        updated_at=_timestamp(info.updated),
+        labels=info.labels,
+    )
 
 
 class SnapshotsService(pb_grpc.SnapshotsServicer):
@@ -50,8 +57,9 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
         self.sn = snapshotter
 
     def _log(self, rpc_name: str, context: grpc.ServicerContext, key: str) -> None:
-        log.debug("rpc", extra={"rpc": rpc_name, "key": key,
-                                "namespace": namespace_of(context, key)})
+        log.debug(
+            "rpc", extra={"rpc": rpc_name, "key": key, "namespace": namespace_of(context, key)}
+        )
 
     @rpc
     def Prepare(self, request: pb.PrepareSnapshotRequest, context: grpc.ServicerContext):
@@ -90,19 +98,21 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
     @rpc
     def Update(self, request: pb.UpdateSnapshotRequest, context: grpc.ServicerContext):
         self._log("Update", context, request.info.name)
-        info = self.sn.update(request.info.name, dict(request.info.labels),
-                              list(request.update_mask.paths))
+        info = self.sn.update(
+            request.info.name, dict(request.info.labels), list(request.update_mask.paths)
+        )
         return pb.UpdateSnapshotResponse(info=to_pb_info(info))
 
     @rpc
     def _walk(self, request: pb.ListSnapshotsRequest, context: grpc.ServicerContext) -> list[Info]:
         return self.sn.walk(list(request.filters))
 
-    def List(self, request: pb.ListSnapshotsRequest, context: grpc.ServicerContext
-             ) -> Iterator[pb.ListSnapshotsResponse]:
+    def List(
+        self, request: pb.ListSnapshotsRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.ListSnapshotsResponse]:
         infos = self._walk(request, context)
         for i in range(0, len(infos), LIST_BATCH):
-            yield pb.ListSnapshotsResponse(info=[to_pb_info(x) for x in infos[i:i + LIST_BATCH]])
+            yield pb.ListSnapshotsResponse(info=[to_pb_info(x) for x in infos[i : i + LIST_BATCH]])
 
     @rpc
     def Usage(self, request: pb.UsageRequest, context: grpc.ServicerContext):

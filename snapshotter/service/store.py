@@ -107,9 +107,13 @@ class Store:
             # A read transaction needs no lock a writer waits for; BEGIN IMMEDIATE would ask
             # for the write lock, which a read-only connection cannot take.
             self._begin = "BEGIN"
-            self._db = sqlite3.connect(f"{Path(path).absolute().as_uri()}?mode=ro", uri=True,
-                                       isolation_level=None, check_same_thread=False,
-                                       timeout=10)
+            self._db = sqlite3.connect(
+                f"{Path(path).absolute().as_uri()}?mode=ro",
+                uri=True,
+                isolation_level=None,
+                check_same_thread=False,
+                timeout=10,
+            )
             return
         self._begin = "BEGIN IMMEDIATE"
         _make_private(path)
@@ -224,7 +228,8 @@ class Store:
             rows = db.execute(
                 "SELECT s.parent_id FROM snapshots s JOIN labels l ON l.snapshot_id = s.id"
                 " WHERE s.kind != ? AND l.name = ? AND l.value = ?",
-                (int(Kind.COMMITTED), name, value)).fetchall()
+                (int(Kind.COMMITTED), name, value),
+            ).fetchall()
             return [self._parent_ids(db, parent_id) for (parent_id,) in rows]
 
     def kind_of(self, sid: str) -> Kind | None:
@@ -274,8 +279,13 @@ class Store:
         return Snapshot(str(sid), kind, self._parent_ids(db, parent_id))
 
     def commit_active(
-        self, db: sqlite3.Connection, key: str, name: str, usage: Usage,
-        labels: dict[str, str], parent: str = "",
+        self,
+        db: sqlite3.Connection,
+        key: str,
+        name: str,
+        usage: Usage,
+        labels: dict[str, str],
+        parent: str = "",
     ) -> str:
         """Turn active KEY into committed NAME (same id) inside the caller's transaction DB."""
         if db.execute("SELECT 1 FROM snapshots WHERE key = ?", (name,)).fetchone():

@@ -86,8 +86,9 @@ def fsmeta_verity(layer_salts: list[str]) -> bool | VerityParams:
     return KATA_VERITY if all(not salt for salt in layer_salts) else True
 
 
-def ensure_chain_image(root: Path, layout: Layout, parent_ids: list[str],
-                       signing_key: Path | None = None) -> ChainImage:
+def ensure_chain_image(
+    root: Path, layout: Layout, parent_ids: list[str], signing_key: Path | None = None
+) -> ChainImage:
     """The fsmeta of the chain (parent_ids nearest first), building and publishing it once.
     With a signing key, a signed root-hash manifest is published beside it."""
     lowest_first = list(reversed(parent_ids))
@@ -106,14 +107,19 @@ def ensure_chain_image(root: Path, layout: Layout, parent_ids: list[str],
     try:
         blobs: list[LayerBlob | str | os.PathLike[str]] = [
             LayerBlob(layout.layer(sid), tag=m.blob_digest.removeprefix("sha256:"))
-            for sid, m in zip(lowest_first, metas, strict=True)]
-        result = merge_layers(blobs, staged / FSMETA,
-                              verity=fsmeta_verity([m.salt for m in metas]))
-        description = describe_merge(result, final / FSMETA, [
-            LayerImage(m.blob_size, m.blob_digest, m.diff_id, m.verity()) for m in metas])
+            for sid, m in zip(lowest_first, metas, strict=True)
+        ]
+        result = merge_layers(blobs, staged / FSMETA, verity=fsmeta_verity([m.salt for m in metas]))
+        description = describe_merge(
+            result,
+            final / FSMETA,
+            [LayerImage(m.blob_size, m.blob_digest, m.diff_id, m.verity()) for m in metas],
+        )
         if signing_key is not None:
-            description = replace(description, manifest=_write_signed_manifest(
-                staged, final, description, signing_key))
+            description = replace(
+                description,
+                manifest=_write_signed_manifest(staged, final, description, signing_key),
+            )
         # Durable before the directory is published: VM-mode mounts name this file, and the
         # mount program and the shim read their devices from it.
         write_atomic(staged / DESCRIPTION, description.to_bytes())
@@ -136,8 +142,9 @@ def _published(final: Path) -> ChainImage:
     return ChainImage(final, ChainDescription.from_bytes((final / DESCRIPTION).read_bytes()))
 
 
-def _write_signed_manifest(staged: Path, final: Path, description: ChainDescription,
-                           signing_key: Path) -> dict[str, str]:
+def _write_signed_manifest(
+    staged: Path, final: Path, description: ChainDescription, signing_key: Path
+) -> dict[str, str]:
     """manifest.json + manifest.sig: every device's root hash, in device order."""
     from snapshotter.manifest import build_manifest, load_private_key, sign, verity_entry
 
@@ -145,20 +152,33 @@ def _write_signed_manifest(staged: Path, final: Path, description: ChainDescript
     layers = description.layers
     manifest = build_manifest(
         image={"chain": final.name},
-        layers=[{"diff_id": d.diff_id, "erofs_digest": d.digest,
-                 "verity": verity_entry(d.verity.to_json())} for d in layers],
-        fsmeta={"digest": fsmeta.digest or "", "tags": [d.tag for d in layers],
-                "verity": verity_entry(fsmeta.verity.to_json())},
+        layers=[
+            {
+                "diff_id": d.diff_id,
+                "erofs_digest": d.digest,
+                "verity": verity_entry(d.verity.to_json()),
+            }
+            for d in layers
+        ],
+        fsmeta={
+            "digest": fsmeta.digest or "",
+            "tags": [d.tag for d in layers],
+            "verity": verity_entry(fsmeta.verity.to_json()),
+        },
     )
     payload, signature = sign(manifest, load_private_key(signing_key))
     write_atomic(staged / "manifest.json", payload)
     write_atomic(staged / "manifest.sig", json.dumps(signature).encode())
-    return {"path": str(final / "manifest.json"), "signature": str(final / "manifest.sig"),
-            "key_id": signature["key_id"]}
+    return {
+        "path": str(final / "manifest.json"),
+        "signature": str(final / "manifest.sig"),
+        "key_id": signature["key_id"],
+    }
 
 
-def vm_mounts(image: ChainImage, upper: Path | None = None,
-              work: Path | None = None) -> list[Mount]:
+def vm_mounts(
+    image: ChainImage, upper: Path | None = None, work: Path | None = None
+) -> list[Mount]:
     """The one mount of a VM-mode snapshot: the fsmeta, its description by path, and for an
     active snapshot its upper and work directories (for runc's overlay; a VM runtime keeps
     its writable layer in the guest). Nothing in it grows with the number of layers."""

@@ -35,8 +35,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--digest",
         help="sha256:HEX of the blob to derive the salt from (default: DATA's own sha256)",
     )
-    p.add_argument("--force", action="store_true",
-                   help="append even if DATA already ends with a dm-verity tree")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="append even if DATA already ends with a dm-verity tree",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_format)
 

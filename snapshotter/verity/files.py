@@ -74,9 +74,11 @@ def format_file(
         return _format(data_path, hash_path, params, workers, memory_limit, append_again)
     except OSError as exc:
         where = exc.filename or data_path
-        if hash_path is not None and os.path.dirname(where) == os.path.dirname(
-            os.path.abspath(hash_path)
-        ) and os.path.basename(where).startswith(f".{Path(hash_path).name}."):
+        if (
+            hash_path is not None
+            and os.path.dirname(where) == os.path.dirname(os.path.abspath(hash_path))
+            and os.path.basename(where).startswith(f".{Path(hash_path).name}.")
+        ):
             where = hash_path  # atomic_output's temp name stands for the hash file
         raise os_error_class(exc)(f"verity format: {where}: {exc.strerror or exc}") from None
 

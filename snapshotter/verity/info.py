@@ -57,22 +57,32 @@ class DmVerityInfo:
     hash_type: int = HASH_TYPE
     extra: dict[str, Any] = field(default_factory=dict)
 
-    _FIELDS = ("hashtype", "hash", "blocknum", "blocksize", "hashsize", "offset", "salt",
-               "no_superblock", "hash_type")
+    _FIELDS = (
+        "hashtype",
+        "hash",
+        "blocknum",
+        "blocksize",
+        "hashsize",
+        "offset",
+        "salt",
+        "no_superblock",
+        "hash_type",
+    )
 
     def validate(self) -> None:
         """What every one of Kata's readers accepts (the strictest of their checks)."""
         want = _KATA_HASH_HEX_LEN.get(self.hashtype.lower())
         if want is None:
-            raise KataVerityError(f"dm-verity: Kata does not accept hash algorithm "
-                                  f"{self.hashtype!r} (only sha256, sha1)")
+            raise KataVerityError(
+                f"dm-verity: Kata does not accept hash algorithm "
+                f"{self.hashtype!r} (only sha256, sha1)"
+            )
         try:
             bytes.fromhex(self.hash)
         except ValueError:
             raise KataVerityError(f"dm-verity: root hash {self.hash!r} is not hex") from None
         if len(self.hash) != want:
-            raise KataVerityError(f"dm-verity: {self.hashtype} root hash must be {want} hex "
-                                  "digits")
+            raise KataVerityError(f"dm-verity: {self.hashtype} root hash must be {want} hex digits")
         if not 0 <= self.offset < 1 << 64:
             raise KataVerityError(f"dm-verity: hash offset {self.offset} out of range")
         if not 0 < self.blocknum <= 0xFFFFFFFF:
@@ -80,14 +90,18 @@ class DmVerityInfo:
         for name in ("blocksize", "hashsize"):
             size = getattr(self, name)
             if not _KATA_MIN_BLOCK <= size <= _KATA_MAX_BLOCK or size & (size - 1):
-                raise KataVerityError(f"dm-verity: {name} {size} is not a power of two in "
-                                      "512..512K")
+                raise KataVerityError(
+                    f"dm-verity: {name} {size} is not a power of two in 512..512K"
+                )
         if self.offset % self.hashsize or self.offset < self.blocksize * self.blocknum:
-            raise KataVerityError(f"dm-verity: hash offset {self.offset} must be hash-block "
-                                  "aligned and past the data")
+            raise KataVerityError(
+                f"dm-verity: hash offset {self.offset} must be hash-block aligned and past the data"
+            )
         if self.hash_type != HASH_TYPE:
-            raise KataVerityError(f"dm-verity: hash_type {self.hash_type}: Kata's earlier "
-                                  f"readers load only format {HASH_TYPE}")
+            raise KataVerityError(
+                f"dm-verity: hash_type {self.hash_type}: Kata's earlier "
+                f"readers load only format {HASH_TYPE}"
+            )
         if self.salt:
             try:
                 bytes.fromhex(self.salt)
@@ -98,8 +112,12 @@ class DmVerityInfo:
         """Kata's serde form: `salt` only when set, `no_superblock` only when true,
         `hash_type` only when not kata-types' default."""
         out: dict[str, Any] = {
-            "hashtype": self.hashtype, "hash": self.hash, "blocknum": self.blocknum,
-            "blocksize": self.blocksize, "hashsize": self.hashsize, "offset": self.offset,
+            "hashtype": self.hashtype,
+            "hash": self.hash,
+            "blocknum": self.blocknum,
+            "blocksize": self.blocksize,
+            "hashsize": self.hashsize,
+            "offset": self.offset,
         }
         if self.salt:
             out["salt"] = self.salt
@@ -115,11 +133,14 @@ class DmVerityInfo:
             raise KataVerityError("dm_verity must be a JSON object")
         try:
             salt = json_field(data, "salt", str, "", nullable=True)
-            sizes = {k: json_field(data, k, int)
-                     for k in ("blocknum", "blocksize", "hashsize", "offset")}
+            sizes = {
+                k: json_field(data, k, int) for k in ("blocknum", "blocksize", "hashsize", "offset")
+            }
             info = cls(
-                hashtype=json_field(data, "hashtype", str), hash=json_field(data, "hash", str),
-                **sizes, salt=salt or "",
+                hashtype=json_field(data, "hashtype", str),
+                hash=json_field(data, "hash", str),
+                **sizes,
+                salt=salt or "",
                 no_superblock=json_field(data, "no_superblock", bool, False),
                 hash_type=json_field(data, "hash_type", int, HASH_TYPE),
                 extra={k: v for k, v in data.items() if k not in cls._FIELDS},
@@ -130,8 +151,9 @@ class DmVerityInfo:
         return info
 
 
-def json_field(data: dict[str, Any], key: str, kind: type, default: Any = KeyError,
-               nullable: bool = False) -> Any:
+def json_field(
+    data: dict[str, Any], key: str, kind: type, default: Any = KeyError, nullable: bool = False
+) -> Any:
     """DATA[KEY] if it has JSON type KIND (a bool is no integer), else a clear error; a
     missing key (or null, when NULLABLE: serde's `Option`) gives DEFAULT or KeyError."""
     if key not in data or (nullable and data[key] is None):
@@ -205,21 +227,30 @@ class VerityInfo:
         if self.hash_name not in KATA_HASH_NAMES:
             raise KataVerityError(
                 f"Kata cannot read a {self.hash_name} dm-verity tree (runtime-go and image-rs "
-                f"accept only {', '.join(KATA_HASH_NAMES)} of what we format)")
+                f"accept only {', '.join(KATA_HASH_NAMES)} of what we format)"
+            )
         if self.salt and not kata_types_only:
             raise KataVerityError(
                 "this dm-verity tree has a salt, which Kata's runtime-go, image-rs and earlier "
                 "agent drop: build trees meant for Kata without one (KATA_VERITY), or ask "
-                "for kata-types-only options")
+                "for kata-types-only options"
+            )
         start = self.hash_start_block * self.hash_block_size
         if start < self.data_size:
             raise KataVerityError(
                 f"the hash tree starts at byte {start}, inside the {self.data_size} bytes of "
-                "data: Kata needs the tree appended to the data on one device")
+                "data: Kata needs the tree appended to the data on one device"
+            )
         info = DmVerityInfo(
-            hashtype=self.hash_name, hash=self.root_hash, blocknum=self.data_blocks,
-            blocksize=self.data_block_size, hashsize=self.hash_block_size, offset=start,
-            salt=self.salt if kata_types_only else "", no_superblock=True)
+            hashtype=self.hash_name,
+            hash=self.root_hash,
+            blocknum=self.data_blocks,
+            blocksize=self.data_block_size,
+            hashsize=self.hash_block_size,
+            offset=start,
+            salt=self.salt if kata_types_only else "",
+            no_superblock=True,
+        )
         info.validate()
         return info
 

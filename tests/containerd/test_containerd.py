@@ -49,14 +49,16 @@ def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
 def image(stack: Stack) -> dict:
     info = build_image(image_layers(), IMAGE, stack.base / "image.tar")
     for snapshotter in (OURS, THEIRS):
-        stack.containerd.ctr("images", "import", "--snapshotter", snapshotter,
-                             str(stack.base / "image.tar"))
+        stack.containerd.ctr(
+            "images", "import", "--snapshotter", snapshotter, str(stack.base / "image.tar")
+        )
     return info
 
 
 def run_in(stack: Stack, snapshotter: str, name: str, script: str) -> str:
-    proc = stack.containerd.ctr("run", "--rm", "--snapshotter", snapshotter, IMAGE, name,
-                                "/bin/busybox", "sh", "-c", script)
+    proc = stack.containerd.ctr(
+        "run", "--rm", "--snapshotter", snapshotter, IMAGE, name, "/bin/busybox", "sh", "-c", script
+    )
     return proc.stdout
 
 
@@ -83,9 +85,18 @@ def test_layers_are_erofs_with_true_verity_labels(stack: Stack, image: dict) -> 
     blob = _find_layer(stack, labels[prefix + "verity.root-hash"])
     assert blob.read_bytes()[1024:1028] == b"\xe2\xe1\xf5\xe0"  # EROFS superblock magic
     assert labels[prefix + "blob.size"] == labels[prefix + "verity.hash-offset"]
-    subprocess.run(["veritysetup", "verify", str(blob), str(blob),
-                    f"--hash-offset={labels[prefix + 'verity.hash-offset']}",
-                    labels[prefix + "verity.root-hash"]], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "veritysetup",
+            "verify",
+            str(blob),
+            str(blob),
+            f"--hash-offset={labels[prefix + 'verity.hash-offset']}",
+            labels[prefix + "verity.root-hash"],
+        ],
+        check=True,
+        capture_output=True,
+    )
 
 
 def _labels(info_json: str) -> dict[str, str]:
@@ -122,8 +133,16 @@ def test_xattrs_reach_the_host_view(stack: Stack, image: dict) -> None:
         ctr = stack.containerd.ctr
         # ctr >= 1.7 drops its lease when the command ends and GC may take the view at once:
         # take the mount command from the same call that creates it.
-        cmd = ctr("snapshots", "--snapshotter", snapshotter, "view", "--target", str(target),
-                  f"xv-{snapshotter}", top).stdout
+        cmd = ctr(
+            "snapshots",
+            "--snapshotter",
+            snapshotter,
+            "view",
+            "--target",
+            str(target),
+            f"xv-{snapshotter}",
+            top,
+        ).stdout
         subprocess.run(["sh", "-c", cmd], check=True)
         try:
             views[snapshotter] = _tree(target / "data")
@@ -140,10 +159,16 @@ def _tree(root: Path) -> dict[str, tuple]:
     out = {}
     for path in sorted(root.rglob("*")):
         st = path.lstat()
-        xattrs = {n: os.getxattr(path, n, follow_symlinks=False)
-                  for n in os.listxattr(path, follow_symlinks=False) if n.startswith("user.")}
-        out[str(path.relative_to(root))] = (st.st_mode, xattrs,
-                                           path.read_bytes() if path.is_file() else None)
+        xattrs = {
+            n: os.getxattr(path, n, follow_symlinks=False)
+            for n in os.listxattr(path, follow_symlinks=False)
+            if n.startswith("user.")
+        }
+        out[str(path.relative_to(root))] = (
+            st.st_mode,
+            xattrs,
+            path.read_bytes() if path.is_file() else None,
+        )
     return out
 
 
@@ -169,8 +194,9 @@ def test_kill_during_commit_restarts_consistent(stack: Stack, image: dict) -> No
 
     watcher = threading.Thread(target=kill_when_converting)
     watcher.start()
-    failed = stack.containerd.ctr("images", "import", "--snapshotter", OURS,
-                                  str(stack.base / "big.tar"), check=False)
+    failed = stack.containerd.ctr(
+        "images", "import", "--snapshotter", OURS, str(stack.base / "big.tar"), check=False
+    )
     killed.set()
     watcher.join()
     assert failed.returncode != 0, "the import should have failed with the service killed"
@@ -178,13 +204,28 @@ def test_kill_during_commit_restarts_consistent(stack: Stack, image: dict) -> No
     stack.restart_service()
     assert not any(snapshots.glob("*/.layer-*.tmp")), "start-up cleanup left a temp blob"
     # containerd's gRPC connection to the proxy reconnects with backoff (1 s, then longer)
-    wait_for(lambda: stack.containerd.ctr("snapshots", "--snapshotter", OURS, "ls",
-                                          check=False).returncode == 0, 30, "reconnect")
+    wait_for(
+        lambda: (
+            stack.containerd.ctr("snapshots", "--snapshotter", OURS, "ls", check=False).returncode
+            == 0
+        ),
+        30,
+        "reconnect",
+    )
     stack.containerd.ctr("images", "import", "--snapshotter", OURS, str(stack.base / "big.tar"))
     # The container checks its own files and says so by its exit status, which `ctr run`
     # returns (check=True): under load ctr has been seen to return 0 with the task's stdout
     # lost, so the verdict must not depend on it.
     md5 = hashlib.md5(bytes(range(256)) * (1 << 19)).hexdigest()
-    stack.containerd.ctr("run", "--rm", "--snapshotter", OURS, "example.com/erofs-py/big:1",
-                         "after-crash", "/bin/busybox", "sh", "-c",
-                         f"md5sum /big/blob | grep -q '^{md5} ' && grep -q deep /data/sub/deep")
+    stack.containerd.ctr(
+        "run",
+        "--rm",
+        "--snapshotter",
+        OURS,
+        "example.com/erofs-py/big:1",
+        "after-crash",
+        "/bin/busybox",
+        "sh",
+        "-c",
+        f"md5sum /big/blob | grep -q '^{md5} ' && grep -q deep /data/sub/deep",
+    )

@@ -54,15 +54,21 @@ def test_status_codes_are_containerds(stub: pb_grpc.SnapshotsStub, service) -> N
     commit_layer(stub, service.root, "ns/1/a", "ns/2/A")
     assert code_of(stub.Prepare, pb.PrepareSnapshotRequest(key="ns/2/A")) == Code.ALREADY_EXISTS
     stub.View(pb.ViewSnapshotRequest(key="ns/3/v"))
-    assert code_of(stub.Commit, pb.CommitSnapshotRequest(key="ns/3/v", name="ns/4/V")) == \
-        Code.FAILED_PRECONDITION
+    assert (
+        code_of(stub.Commit, pb.CommitSnapshotRequest(key="ns/3/v", name="ns/4/V"))
+        == Code.FAILED_PRECONDITION
+    )
     assert code_of(stub.Mounts, pb.MountsRequest(key="ns/2/A")) == Code.FAILED_PRECONDITION
-    assert code_of(stub.Prepare, pb.PrepareSnapshotRequest(key="x", parent="ns/3/v")) == \
-        Code.INVALID_ARGUMENT
-    assert code_of(stub.Prepare, pb.PrepareSnapshotRequest(key="x", parent="nope")) == \
-        Code.NOT_FOUND
-    bad = pb.UpdateSnapshotRequest(info=pb.Info(name="ns/2/A"),
-                                   update_mask=field_mask_pb2.FieldMask(paths=["parent"]))
+    assert (
+        code_of(stub.Prepare, pb.PrepareSnapshotRequest(key="x", parent="ns/3/v"))
+        == Code.INVALID_ARGUMENT
+    )
+    assert (
+        code_of(stub.Prepare, pb.PrepareSnapshotRequest(key="x", parent="nope")) == Code.NOT_FOUND
+    )
+    bad = pb.UpdateSnapshotRequest(
+        info=pb.Info(name="ns/2/A"), update_mask=field_mask_pb2.FieldMask(paths=["parent"])
+    )
     assert code_of(stub.Update, bad) == Code.INVALID_ARGUMENT
     assert code_of(stub.Remove, pb.RemoveSnapshotRequest(key="ns/9/none")) == Code.NOT_FOUND
 
@@ -74,20 +80,24 @@ def test_chain_labels_usage_list_remove(stub: pb_grpc.SnapshotsStub, service) ->
     assert info.kind == pb.COMMITTED and info.labels["l"] == "1"
     assert int(info.labels["containerd.io/snapshot/erofs.blob.size"]) > 0
     usage = stub.Usage(pb.UsageRequest(key="ns/2/A"))
-    assert usage.inodes == 1 and usage.size > int(info.labels[
-        "containerd.io/snapshot/erofs.blob.size"])  # blob + verity tree
+    assert usage.inodes == 1 and usage.size > int(
+        info.labels["containerd.io/snapshot/erofs.blob.size"]
+    )  # blob + verity tree
     mounts = stub.Prepare(pb.PrepareSnapshotRequest(key="ns/3/b", parent="ns/2/A")).mounts
     assert mounts[0].type == "overlay"
     lower = next(o for o in mounts[0].options if o.startswith("lowerdir=")).split("=", 1)[1]
     assert Path(lower, "hello").read_text() == "ns/2/A\n"  # the mounted layer.erofs
-    assert code_of(stub.Remove, pb.RemoveSnapshotRequest(key="ns/2/A")) == \
-        Code.FAILED_PRECONDITION
-    listed = [i.name for r in stub.List(pb.ListSnapshotsRequest(filters=["kind==active"]))
-              for i in r.info]
+    assert code_of(stub.Remove, pb.RemoveSnapshotRequest(key="ns/2/A")) == Code.FAILED_PRECONDITION
+    listed = [
+        i.name for r in stub.List(pb.ListSnapshotsRequest(filters=["kind==active"])) for i in r.info
+    ]
     assert listed == ["ns/3/b"]
-    updated = stub.Update(pb.UpdateSnapshotRequest(
-        info=pb.Info(name="ns/2/A", labels={"new": "v"}),
-        update_mask=field_mask_pb2.FieldMask(paths=["labels.new"]))).info
+    updated = stub.Update(
+        pb.UpdateSnapshotRequest(
+            info=pb.Info(name="ns/2/A", labels={"new": "v"}),
+            update_mask=field_mask_pb2.FieldMask(paths=["labels.new"]),
+        )
+    ).info
     assert updated.labels["new"] == "v" and updated.labels["l"] == "1"
     stub.Remove(pb.RemoveSnapshotRequest(key="ns/3/b"))
     stub.Remove(pb.RemoveSnapshotRequest(key="ns/2/A"))

@@ -37,17 +37,38 @@ GO_SOURCE = REPO / "tests" / "containerd_testsuite"
 GOCODE = Path("/usr/share/gocode")
 SUITE_PACKAGE = GOCODE / "src/github.com/containerd/containerd/snapshots/testsuite"
 CONTAINERD_DEV = "golang-github-containerd-containerd-dev"
-CACHE = (Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-         / "erofs-passthrough" / "containerd-testsuite")
+CACHE = (
+    Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    / "erofs-passthrough"
+    / "containerd-testsuite"
+)
 TOP = "TestErofsPassthroughSnapshotter"
 # The cases of containerd 1.6's SnapshotterSuite; a suite that ran fewer has not run at all.
-SUITE_CASES = frozenset({
-    "Basic", "StatActive", "StatComitted", "TransitivityTest", "PreareViewFailingtest",
-    "Update", "Remove", "Walk", "LayerFileupdate", "RemoveDirectoryInLowerLayer", "Chown",
-    "DirectoryPermissionOnCommit", "RemoveIntermediateSnapshot", "DeletedFilesInChildSnapshot",
-    "MoveFileFromLowerLayer", "Rename", "ViewReadonly", "StatInWalk", "CloseTwice",
-    "RootPermission", "128LayersMount",
-})
+SUITE_CASES = frozenset(
+    {
+        "Basic",
+        "StatActive",
+        "StatComitted",
+        "TransitivityTest",
+        "PreareViewFailingtest",
+        "Update",
+        "Remove",
+        "Walk",
+        "LayerFileupdate",
+        "RemoveDirectoryInLowerLayer",
+        "Chown",
+        "DirectoryPermissionOnCommit",
+        "RemoveIntermediateSnapshot",
+        "DeletedFilesInChildSnapshot",
+        "MoveFileFromLowerLayer",
+        "Rename",
+        "ViewReadonly",
+        "StatInWalk",
+        "CloseTwice",
+        "RootPermission",
+        "128LayersMount",
+    }
+)
 ALLOWED_SKIPS = {"Rename": "rename test still fails on some kernels with overlay"}
 BUILD_TIMEOUT = 900
 RUN_TIMEOUT = 900
@@ -105,8 +126,9 @@ def _cache_dir(go: str) -> Path:
             digest.update(path.relative_to(GO_SOURCE).as_posix().encode() + b"\0")
             digest.update(path.read_bytes() + b"\0")
     # The suite's dependencies (grpc, gogo protobuf, continuity, ...) are other -dev packages.
-    digest.update(_command_output(["dpkg-query", "-W", "-f=${Package} ${Version}\n",
-                                   "golang-*"]).encode())
+    digest.update(
+        _command_output(["dpkg-query", "-W", "-f=${Package} ${Version}\n", "golang-*"]).encode()
+    )
     safe = re.sub(r"[^A-Za-z0-9.+-]", "_", f"{go_version}-containerd{containerd_dev}")
     return CACHE / f"{safe}-{digest.hexdigest()[:16]}"
 
@@ -122,11 +144,23 @@ def build_suite() -> Path:
         return binary
     cache.mkdir(parents=True, exist_ok=True)
     partial = cache / f"suite.test.tmp-{os.getpid()}"
-    env = {**os.environ, "GO111MODULE": "off", "GOFLAGS": "", "GOPROXY": "off",
-           "GOPATH": f"{CACHE / 'gopath'}:{GOCODE}", "GOCACHE": str(CACHE / "go-build")}
+    env = {
+        **os.environ,
+        "GO111MODULE": "off",
+        "GOFLAGS": "",
+        "GOPROXY": "off",
+        "GOPATH": f"{CACHE / 'gopath'}:{GOCODE}",
+        "GOCACHE": str(CACHE / "go-build"),
+    }
     try:
-        build = subprocess.run([go, "test", "-c", "-o", str(partial), "."], cwd=GO_SOURCE,
-                               env=env, capture_output=True, text=True, timeout=BUILD_TIMEOUT)
+        build = subprocess.run(
+            [go, "test", "-c", "-o", str(partial), "."],
+            cwd=GO_SOURCE,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=BUILD_TIMEOUT,
+        )
         assert build.returncode == 0, f"building the suite failed:\n{build.stdout}{build.stderr}"
         os.replace(partial, binary)
     finally:
@@ -144,15 +178,24 @@ def test_containerd_snapshotter_suite_passes(tmp_path: Path) -> None:
     # The suite's per-case directories hold serve's socket: under pytest's long tmp_path its
     # path would pass the 107 bytes a unix socket address can have.
     suite_tmp = Path(tempfile.mkdtemp(prefix="ep-gosuite-", dir="/tmp"))
-    env = {**os.environ, "TMPDIR": str(suite_tmp), "EROFS_PASSTHROUGH_PYTHON": sys.executable,
-           "EROFS_PASSTHROUGH_SUITE_LOGS": str(logs),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
-                                                       os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "TMPDIR": str(suite_tmp),
+        "EROFS_PASSTHROUGH_PYTHON": sys.executable,
+        "EROFS_PASSTHROUGH_SUITE_LOGS": str(logs),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
     # Its own session: serve processes the binary leaves behind (a Go timeout panic skips the
     # cases' cleanups) are found by process group and killed, never left running.
-    suite = subprocess.Popen([str(binary), "-test.v", "-test.timeout", "10m"], cwd=REPO, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             start_new_session=True)
+    suite = subprocess.Popen(
+        [str(binary), "-test.v", "-test.timeout", "10m"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         output, _ = suite.communicate(timeout=RUN_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -168,14 +211,20 @@ def test_containerd_snapshotter_suite_passes(tmp_path: Path) -> None:
 
     never_ran = sorted(SUITE_CASES - report.output.keys())
     failed, unresolved = report.cases("FAIL"), report.cases(None)
-    bad_skips = [name for name in report.cases("SKIP")
-                 if not any(ALLOWED_SKIPS.get(name, "\0") in line for line in report.output[name])]
-    details = "\n".join(f"--- {name}:\n" + "\n".join(report.output[name])
-                        for name in [*failed, *bad_skips, *unresolved])
+    bad_skips = [
+        name
+        for name in report.cases("SKIP")
+        if not any(ALLOWED_SKIPS.get(name, "\0") in line for line in report.output[name])
+    ]
+    details = "\n".join(
+        f"--- {name}:\n" + "\n".join(report.output[name])
+        for name in [*failed, *bad_skips, *unresolved]
+    )
     assert not (never_ran or unresolved or failed or bad_skips) and suite.returncode == 0, (
         f"containerd snapshotter suite: failed {failed}, skipped (not allowed) {bad_skips}, "
         f"no result {unresolved}, never ran {never_ran}, exit status {suite.returncode}; "
-        f"serve logs in {logs}\n{details}\n--- end of output:\n{output[-4000:]}")
+        f"serve logs in {logs}\n{details}\n--- end of output:\n{output[-4000:]}"
+    )
     assert report.top_result == "PASS", output[-4000:]
     assert not survivors, "serve processes outlived the suite (killed)"
     assert not leftover, f"mounts left under the suite's directories: {leftover}"
@@ -192,5 +241,8 @@ def _kill_process_group(pgid: int) -> bool:
 
 def _mounts_under(base: Path) -> list[str]:
     prefix = str(base.resolve()) + "/"
-    return [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
-            if line.split()[4].startswith(prefix)]
+    return [
+        line.split()[4]
+        for line in Path("/proc/self/mountinfo").read_text().splitlines()
+        if line.split()[4].startswith(prefix)
+    ]

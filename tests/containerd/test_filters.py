@@ -38,8 +38,11 @@ def stub(tmp_path: Path) -> Iterator[pb_grpc.SnapshotsStub]:
 
 
 def listed(stub: pb_grpc.SnapshotsStub, *filters: str) -> list[str]:
-    return sorted(i.name for r in stub.List(pb.ListSnapshotsRequest(filters=list(filters)),
-                                            timeout=DEADLINE) for i in r.info)
+    return sorted(
+        i.name
+        for r in stub.List(pb.ListSnapshotsRequest(filters=list(filters)), timeout=DEADLINE)
+        for i in r.info
+    )
 
 
 def test_catastrophic_pattern_answers_and_server_keeps_serving(stub) -> None:
@@ -76,8 +79,10 @@ def test_invalid_regexp_is_invalid_argument(stub, pattern: str) -> None:
 
 
 def test_filters_on_labels_and_kinds(stub) -> None:
-    stub.Prepare(pb.PrepareSnapshotRequest(key="ns/1/x", labels={"containerd.io/gc.root": "t1"}),
-                 timeout=DEADLINE)
+    stub.Prepare(
+        pb.PrepareSnapshotRequest(key="ns/1/x", labels={"containerd.io/gc.root": "t1"}),
+        timeout=DEADLINE,
+    )
     stub.Prepare(pb.PrepareSnapshotRequest(key="ns/1/y", labels={"team": "b"}), timeout=DEADLINE)
     assert listed(stub, 'labels."containerd.io/gc.root"~=^t[0-9]$') == ["ns/1/x"]
     assert listed(stub, "labels.team==b", "name~=x$") == ["ns/1/x", "ns/1/y"]  # any string

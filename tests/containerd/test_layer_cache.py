@@ -49,10 +49,24 @@ def published(tmp_path_factory) -> Iterator[dict]:
         key = tmp / "publisher.key"
         ok_json("key", "generate", key)
         cache = tmp / "cache"
-        report = ok_json("publish", f"{registry.host}/demo/cached:1", "--key", key,
-                         "--plain-http", "--out-cache", cache)
-        yield {"tmp": tmp, "archive": archive, "info": info, "cache": cache, "report": report,
-               "registry": registry, "key": key}
+        report = ok_json(
+            "publish",
+            f"{registry.host}/demo/cached:1",
+            "--key",
+            key,
+            "--plain-http",
+            "--out-cache",
+            cache,
+        )
+        yield {
+            "tmp": tmp,
+            "archive": archive,
+            "info": info,
+            "cache": cache,
+            "report": report,
+            "registry": registry,
+            "key": key,
+        }
 
 
 def test_publish_fills_containerds_layout_that_veritysetup_verifies(published):
@@ -67,9 +81,18 @@ def test_publish_fills_containerds_layout_that_veritysetup_verifies(published):
         assert blob.is_file()
         sidecar = json.loads(Path(f"{blob}.dmverity").read_text())
         assert sidecar["roothash"] == root  # the root the signed manifest names
-        proc = subprocess.run([veritysetup, "verify", str(blob), str(blob), root,
-                               f"--hash-offset={sidecar['hashoffset']}"],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [
+                veritysetup,
+                "verify",
+                str(blob),
+                str(blob),
+                root,
+                f"--hash-offset={sidecar['hashoffset']}",
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert proc.returncode == 0, proc.stderr
     assert not list(cache.rglob(".*"))  # no temp files left
 
@@ -79,8 +102,17 @@ def test_unwritable_cache_fails_publish_in_one_line_before_any_push(published, t
     newest = ok_json("manifest", "fetch", image, "--out", tmp_path / "before", "--plain-http")
     not_a_directory = tmp_path / "file"
     not_a_directory.write_text("x")
-    proc = run_cli("publish", image, "--key", published["key"], "--plain-http",
-                   "--out-cache", not_a_directory, check=False, timeout=TIMEOUT)
+    proc = run_cli(
+        "publish",
+        image,
+        "--key",
+        published["key"],
+        "--plain-http",
+        "--out-cache",
+        not_a_directory,
+        check=False,
+        timeout=TIMEOUT,
+    )
     assert_one_line_error(proc, "layer cache", str(not_a_directory))
     assert not_a_directory.read_text() == "x"
     after = ok_json("manifest", "fetch", image, "--out", tmp_path / "after", "--plain-http")
@@ -112,16 +144,32 @@ def test_diff_id_from_containerds_names_and_labels(published):
         key = f"default/{i + 7}/extract-123-abc {chain[i]}"
         assert cache.diff_id_of(key, {}, parent) == diff_ids[i]
     # a pull's unpacker: the snapshot.ref label; containerd 2.3+: the diff-id label
-    assert cache.diff_id_of("default/9/k", {"containerd.io/snapshot.ref": chain[2]},
-                            f"default/8/{chain[1]}") == diff_ids[2]
-    assert cache.diff_id_of("default/9/k", {"containerd.io/snapshot/diff-id": diff_ids[0]},
-                            "default/8/whatever") == diff_ids[0]
+    assert (
+        cache.diff_id_of(
+            "default/9/k", {"containerd.io/snapshot.ref": chain[2]}, f"default/8/{chain[1]}"
+        )
+        == diff_ids[2]
+    )
+    assert (
+        cache.diff_id_of(
+            "default/9/k", {"containerd.io/snapshot/diff-id": diff_ids[0]}, "default/8/whatever"
+        )
+        == diff_ids[0]
+    )
     # a diff-id label that contradicts the chain ID is not believed
     key = f"default/9/extract-1 {chain[1]}"
-    assert cache.diff_id_of(key, {"containerd.io/snapshot/diff-id": diff_ids[1]},
-                            f"default/8/{chain[0]}") == diff_ids[1]
-    assert cache.diff_id_of(key, {"containerd.io/snapshot/diff-id": diff_ids[2]},
-                            f"default/8/{chain[0]}") is None
+    assert (
+        cache.diff_id_of(
+            key, {"containerd.io/snapshot/diff-id": diff_ids[1]}, f"default/8/{chain[0]}"
+        )
+        == diff_ids[1]
+    )
+    assert (
+        cache.diff_id_of(
+            key, {"containerd.io/snapshot/diff-id": diff_ids[2]}, f"default/8/{chain[0]}"
+        )
+        is None
+    )
     # not an extraction, or a layer not in the cache: unknown
     assert cache.diff_id_of("default/9/rootfs", {}, f"default/8/{chain[2]}") is None
     other = "sha256:" + "ab" * 32
@@ -142,8 +190,9 @@ def _not_erofs(blob: Path) -> None:
     data.write_bytes(bytes(8 * BLOCK))
     info = format_file(data)
     data.rename(blob)
-    Path(f"{blob}.dmverity").write_text(json.dumps({"roothash": info.root_hash,
-                                                    "hashoffset": info.hash_offset}))
+    Path(f"{blob}.dmverity").write_text(
+        json.dumps({"roothash": info.root_hash, "hashoffset": info.hash_offset})
+    )
 
 
 def _sidecar(blob: Path, **changes: object) -> None:
@@ -153,13 +202,17 @@ def _sidecar(blob: Path, **changes: object) -> None:
 
 CORRUPTIONS = {
     "data byte": (lambda b: _flip(b, 1500), "data block 0 (bytes 0..4095"),
-    "tree byte": (lambda b: _flip(b, json.loads(Path(f"{b}.dmverity").read_text())
-                                  ["hashoffset"] + BLOCK + 10), "does not match the root hash"),
+    "tree byte": (
+        lambda b: _flip(
+            b, json.loads(Path(f"{b}.dmverity").read_text())["hashoffset"] + BLOCK + 10
+        ),
+        "does not match the root hash",
+    ),
     "root hash": (lambda b: _sidecar(b, roothash="00" * 32), "does not match the root hash"),
     "hash offset": (lambda b: _sidecar(b, hashoffset=BLOCK), "no verity superblock"),
     "sidecar not json": (lambda b: Path(f"{b}.dmverity").write_text("{"), "not JSON"),
     "sidecar missing": (lambda b: Path(f"{b}.dmverity").unlink(), "cannot read"),
-    "truncated": (lambda b: b.write_bytes(b.read_bytes()[:BLOCK * 3]), "no verity superblock"),
+    "truncated": (lambda b: b.write_bytes(b.read_bytes()[: BLOCK * 3]), "no verity superblock"),
     "not erofs": (_not_erofs, "not an EROFS image"),
 }
 
@@ -201,6 +254,7 @@ def test_salted_entry_refused_by_a_kata_verity_node(published, tmp_path):
 
 
 # -- through containerd ----------------------------------------------------------------------
+
 
 def _log_records(stack: Stack) -> list[dict]:
     records = []
@@ -246,8 +300,18 @@ def _import_without_layer_blobs(stack: Stack, archive: Path, layer_digests: list
 
 
 def _view(stack: Stack, snapshotter: str, name: str) -> str:
-    return stack.containerd.ctr("run", "--rm", "--snapshotter", snapshotter, IMAGE, name,
-                                "/bin/busybox", "sh", "-c", LIST_SCRIPT).stdout
+    return stack.containerd.ctr(
+        "run",
+        "--rm",
+        "--snapshotter",
+        snapshotter,
+        IMAGE,
+        name,
+        "/bin/busybox",
+        "sh",
+        "-c",
+        LIST_SCRIPT,
+    ).stdout
 
 
 def test_containerd_unpack_hits_without_reading_the_content_store(cached_stack, published):
@@ -265,8 +329,9 @@ def test_containerd_unpack_hits_without_reading_the_content_store(cached_stack, 
     assert _messages(stack, "layer cache entry refused, converting the layer") == []
     signed = published["report"]["devices"]["layers"]
     for chain, root in zip(chain_ids(info["diff_ids"]), signed, strict=True):
-        labels = json.loads(stack.containerd.ctr("snapshots", "--snapshotter", OURS, "info",
-                                                 chain).stdout)["Labels"]
+        labels = json.loads(
+            stack.containerd.ctr("snapshots", "--snapshotter", OURS, "info", chain).stdout
+        )["Labels"]
         assert labels["containerd.io/snapshot/erofs.verity.root-hash"] == root
 
 
@@ -307,16 +372,31 @@ def test_entry_built_as_containerds_build_erofs_cache_is_used(published, tmp_pat
     blob.parent.mkdir(parents=True)
     layer = tmp_path / "layer.tar"
     layer.write_bytes(tar)
-    subprocess.run([mkfs, "--tar=f", "--aufs", "--quiet", "-Enoinline_data", str(blob),
-                    str(layer)], check=True, capture_output=True)
+    subprocess.run(
+        [mkfs, "--tar=f", "--aufs", "--quiet", "-Enoinline_data", str(blob), str(layer)],
+        check=True,
+        capture_output=True,
+    )
     hash_offset = blob.stat().st_size
     assert hash_offset % BLOCK == 0
-    proc = subprocess.run([veritysetup, "format", str(blob), str(blob),
-                           f"--hash-offset={hash_offset}", f"--data-blocks={hash_offset // BLOCK}",
-                           "--salt=" + "00" * 32], capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [
+            veritysetup,
+            "format",
+            str(blob),
+            str(blob),
+            f"--hash-offset={hash_offset}",
+            f"--data-blocks={hash_offset // BLOCK}",
+            "--salt=" + "00" * 32,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     root = re.search(r"Root hash:\s+([0-9a-f]{64})", proc.stdout).group(1)
-    Path(f"{blob}.dmverity").write_text(json.dumps({"roothash": root, "hashoffset": hash_offset},
-                                                   indent=2))
+    Path(f"{blob}.dmverity").write_text(
+        json.dumps({"roothash": root, "hashoffset": hash_offset}, indent=2)
+    )
     out = tmp_path / "layer.erofs"
     out.touch()
     meta = LayerCache([tmp_path / "cache"]).stage(blob, out, diff_id, True)
@@ -326,20 +406,41 @@ def test_entry_built_as_containerds_build_erofs_cache_is_used(published, tmp_pat
         assert (mnt / "data/olddir/x").read_bytes() == b"x\n"
 
 
-@pytest.mark.parametrize(("toml", "expected"), [
-    ('layer_caches = "/var/cache"', "key 'layer_caches' must be an array of absolute paths, "
-                                    'got string "/var/cache"'),
-    ('layer_caches = ["/ok", "relative"]', "key 'layer_caches' item 2 must be an absolute "
-                                           'path, got string "relative"'),
-    ("layer_caches = [3]", "key 'layer_caches' item 1 must be a non-empty path string, got "
-                           "integer 3"),
-])
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        (
+            'layer_caches = "/var/cache"',
+            "key 'layer_caches' must be an array of absolute paths, got string \"/var/cache\"",
+        ),
+        (
+            'layer_caches = ["/ok", "relative"]',
+            "key 'layer_caches' item 2 must be an absolute path, got string \"relative\"",
+        ),
+        (
+            "layer_caches = [3]",
+            "key 'layer_caches' item 1 must be a non-empty path string, got integer 3",
+        ),
+    ],
+)
 def test_bad_layer_caches_setting_is_one_line(tmp_path, toml, expected):
     config = tmp_path / "serve.toml"
     config.write_text(toml + "\n")
-    proc = subprocess.run([sys.executable, "-m", "snapshotter.service.cli", "serve", "--config",
-                           str(config), "--root", str(tmp_path / "root")],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snapshotter.service.cli",
+            "serve",
+            "--config",
+            str(config),
+            "--root",
+            str(tmp_path / "root"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [f"erofs-passthrough serve: config {config}: {expected}"]
     assert not (tmp_path / "root").exists()
@@ -364,6 +465,7 @@ def test_layer_caches_setting_loads_in_order(tmp_path):
 # plain-HTTP registry. 1.7's unpacker itself (client.Pull with WithPullUnpack, as the CRI
 # plugin pulls) has the same Prepare/AlreadyExists and lazy fetch code as 2.1's.
 PULL_VERSIONS = ["2.1"]
+
 
 def _pull(stack: Stack, reference: str) -> list[str]:
     """Pull REFERENCE through the unpacker (`--local=false`: the transfer service, whose
@@ -400,17 +502,27 @@ def test_pull_of_cached_layers_fetches_none_and_runs(cached_stack, published):
     assert _messages(stack, "layer from cache") == []  # no Apply reached the differ
     signed = published["report"]["devices"]["layers"]
     for chain, root in zip(chain_ids(info["diff_ids"]), signed, strict=True):
-        labels = json.loads(stack.containerd.ctr("snapshots", "--snapshotter", OURS, "info",
-                                                 chain).stdout)["Labels"]
+        labels = json.loads(
+            stack.containerd.ctr("snapshots", "--snapshotter", OURS, "info", chain).stdout
+        )["Labels"]
         assert labels["containerd.io/snapshot/erofs.verity.root-hash"] == root
-    ours = stack.containerd.ctr("run", "--rm", "--snapshotter", OURS, reference, "ours",
-                                "/bin/busybox", "sh", "-c", LIST_SCRIPT).stdout
+    ours = stack.containerd.ctr(
+        "run",
+        "--rm",
+        "--snapshotter",
+        OURS,
+        reference,
+        "ours",
+        "/bin/busybox",
+        "sh",
+        "-c",
+        LIST_SCRIPT,
+    ).stdout
     assert ours == _theirs(stack, published)
 
 
 @pytest.mark.parametrize("cached_stack", PULL_VERSIONS, indirect=True)
-def test_pull_fetches_and_converts_from_the_first_refused_or_missing_layer(cached_stack,
-                                                                           published):
+def test_pull_fetches_and_converts_from_the_first_refused_or_missing_layer(cached_stack, published):
     stack, cache = cached_stack
     info = published["info"]
     _flip(blob_path(cache, info["diff_ids"][1]), 100)  # layer 2: corrupt
@@ -426,12 +538,23 @@ def test_pull_fetches_and_converts_from_the_first_refused_or_missing_layer(cache
     assert [r["diff_id"] for r in refused] == [info["diff_ids"][1]]
     assert "does not match its hash" in refused[0]["reason"]
     assert [c["digest"] for c in _messages(stack, "converting layer")] == layers[1:]
-    ours = stack.containerd.ctr("run", "--rm", "--snapshotter", OURS, reference, "ours",
-                                "/bin/busybox", "sh", "-c", LIST_SCRIPT).stdout
+    ours = stack.containerd.ctr(
+        "run",
+        "--rm",
+        "--snapshotter",
+        OURS,
+        reference,
+        "ours",
+        "/bin/busybox",
+        "sh",
+        "-c",
+        LIST_SCRIPT,
+    ).stdout
     assert ours == _theirs(stack, published)
 
 
 # -- Prepare's hit, on the snapshotter itself -------------------------------------------------
+
 
 def _close(sn) -> None:
     """Close SN and unmount the parent layers its Prepares mounted (as `serve` leaves them)."""
@@ -463,8 +586,10 @@ def test_prepare_hit_commits_the_chain_id_once_even_when_raced(published, tmp_pa
             layer = round_ % 3
             parent = chain[layer - 1] if layer else ""
             with ThreadPoolExecutor(4) as pool:
-                futures = [pool.submit(_unpack_prepare, sn, chain, layer, f"{round_}{n}",
-                                       parent) for n in range(4)]
+                futures = [
+                    pool.submit(_unpack_prepare, sn, chain, layer, f"{round_}{n}", parent)
+                    for n in range(4)
+                ]
             for future in futures:
                 with pytest.raises(AlreadyExists):
                     future.result()
@@ -473,8 +598,10 @@ def test_prepare_hit_commits_the_chain_id_once_even_when_raced(published, tmp_pa
             assert snaps[chain[layer]].parent == parent
             assert all(i.kind == Kind.COMMITTED for i in snaps.values())  # no extraction left
         labels = sn.stat(chain[1]).labels
-        assert labels["containerd.io/snapshot/erofs.verity.root-hash"] == \
-            published["report"]["devices"]["layers"][1]
+        assert (
+            labels["containerd.io/snapshot/erofs.verity.root-hash"]
+            == published["report"]["devices"]["layers"][1]
+        )
         with mounted_erofs(sn.layout.layer(sn.store.get_info(chain[0])[0])) as mnt:
             assert (mnt / "bin/busybox").is_file()
     finally:
@@ -502,7 +629,8 @@ def test_prepare_with_a_refused_entry_is_a_normal_prepare(published, tmp_path):
 
 
 def test_vm_mode_rootfs_over_layers_committed_at_prepare_verifies_against_the_publisher(
-        published, tmp_path):
+    published, tmp_path
+):
     """A keyless VM-mode node whose layers all came from the cache at Prepare: the rootfs over
     them has the roots the publisher signed (`manifest verify --snapshot`)."""
     from snapshotter.errors import AlreadyExists
@@ -524,8 +652,16 @@ def test_vm_mode_rootfs_over_layers_committed_at_prepare_verifies_against_the_pu
     image = f"{published['registry'].host}/demo/cached:1"
     fetched = tmp_path / "fetched"
     ok_json("manifest", "fetch", image, "--out", fetched, "--plain-http")
-    report = ok_json("manifest", "verify", fetched, "--trust", f"{published['key']}.pub",
-                     "--snapshot", root / "rootfs", "--image",
-                     published["report"]["image_digest"])
+    report = ok_json(
+        "manifest",
+        "verify",
+        fetched,
+        "--trust",
+        f"{published['key']}.pub",
+        "--snapshot",
+        root / "rootfs",
+        "--image",
+        published["report"]["image_digest"],
+    )
     devices = published["report"]["devices"]
     assert report["roots"] == [devices["fsmeta"], *devices["layers"]]

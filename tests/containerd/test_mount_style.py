@@ -23,13 +23,15 @@ from tests.support.helpers import require_root, require_tool
 from tests.support.verity import veritysetup_verify
 
 
-def containerd_main_mounts(kind: str, own_blob: str | None, parent_blobs: list[str],
-                           upper: str, work: str) -> list[Mount]:
+def containerd_main_mounts(
+    kind: str, own_blob: str | None, parent_blobs: list[str], upper: str, work: str
+) -> list[Mount]:
     """containerd main (301026e, Aug 2026) `plugins/snapshots/erofs/erofs.go`, `(*snapshotter)
     mounts` with `createErofsMount` and `applyDmverityPolicy` (dmverity_mode "auto", every blob
     having its `.dmverity`), in its non-block mode, without a merged fsmeta (`mountFsMeta`
     finds no fsmeta.erofs in a parent's directory), no remapped ids and no `ovl_mount_options`.
     PARENT_BLOBS nearest first (containerd's ParentIDs order)."""
+
     def erofs(blob: str) -> Mount:
         return Mount("erofs", blob, ["ro", "loop", f"X-containerd.dmverity={blob}.dmverity"])
 
@@ -59,6 +61,7 @@ def sn(tmp_path: Path) -> Iterator[Snapshotter]:
     yield s
     s.close()
     from shim_integration.testbed.containerd_private import unmount_under
+
     unmount_under(tmp_path)
 
 
@@ -66,8 +69,9 @@ def _upper(mounts: list[Mount]) -> Path:
     last = mounts[-1]
     if last.type == "bind":
         return Path(last.source)
-    return Path(next(o for o in last.options if o.startswith("upperdir="))
-                .removeprefix("upperdir="))
+    return Path(
+        next(o for o in last.options if o.startswith("upperdir=")).removeprefix("upperdir=")
+    )
 
 
 def _chain(sn: Snapshotter, n: int) -> list[str]:
@@ -153,27 +157,47 @@ def mount_like_containerd(mounts: list[Mount], target: Path) -> Iterator[Path]:
             assert proc.returncode == 0, proc.stderr
             point = Path(tempfile.mkdtemp(prefix="ep-lower-"))
             stack.callback(point.rmdir)
-            subprocess.run(["mount", "-t", "erofs", "-o", "ro,loop", m.source, str(point)],
-                           check=True, capture_output=True, timeout=60)
+            subprocess.run(
+                ["mount", "-t", "erofs", "-o", "ro,loop", m.source, str(point)],
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
             stack.callback(subprocess.run, ["umount", str(point)], check=True)
             points.append(str(point))
         last = mounts[-1]
 
         def fill(option: str) -> str:
             option = re.sub(r"\{\{ mount (\d+) \}\}", lambda g: points[int(g[1])], option)
-            return re.sub(r"\{\{ overlay (\d+) (\d+) \}\}",
-                          lambda g: ":".join(points[int(g[1]):int(g[2]) + 1]), option)
+            return re.sub(
+                r"\{\{ overlay (\d+) (\d+) \}\}",
+                lambda g: ":".join(points[int(g[1]) : int(g[2]) + 1]),
+                option,
+            )
 
         kind = last.type.removeprefix("format/").removeprefix("mkdir/")
-        subprocess.run(["mount", "-t", kind, "-o", ",".join(map(fill, last.options)),
-                        last.source, str(target)], check=True, capture_output=True, timeout=60)
+        subprocess.run(
+            [
+                "mount",
+                "-t",
+                kind,
+                "-o",
+                ",".join(map(fill, last.options)),
+                last.source,
+                str(target),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
         stack.callback(subprocess.run, ["umount", str(target)], check=True)
         yield target
 
 
 @pytest.mark.parametrize("kind", ["active", "view"])
-def test_containerd_2_3_mounts_mount_with_the_host_kernel(sn: Snapshotter, tmp_path: Path,
-                                                       kind: str) -> None:
+def test_containerd_2_3_mounts_mount_with_the_host_kernel(
+    sn: Snapshotter, tmp_path: Path, kind: str
+) -> None:
     """The host kernel mounts the list: the nearest layer wins, every layer's own file is
     there, and an active snapshot's writes land in its upperdir."""
     chain = _chain(sn, 3)
@@ -183,8 +207,9 @@ def test_containerd_2_3_mounts_mount_with_the_host_kernel(sn: Snapshotter, tmp_p
     target.mkdir()
     with mount_like_containerd(mounts, target) as rootfs:
         assert (rootfs / "layer").read_text() == "2\n"
-        assert [(rootfs / f"only-{i}").read_text() for i in range(3)] == \
-            [f"from layer {i}\n" for i in range(3)]
+        assert [(rootfs / f"only-{i}").read_text() for i in range(3)] == [
+            f"from layer {i}\n" for i in range(3)
+        ]
         if kind == "active":
             (rootfs / "new").write_text("written\n")
     if kind == "active":
@@ -195,8 +220,9 @@ def test_mount_style_is_checked() -> None:
     """A misspelt style is one clear line at start, in the config file or the Snapshotter."""
     with pytest.raises(ConfigError) as err:
         load_config(None, mount_style="containerd-2.2")
-    assert str(err.value) == ("option: --mount-style must be one of classic, containerd-2.3, "
-                              'got string "containerd-2.2"')
+    assert str(err.value) == (
+        'option: --mount-style must be one of classic, containerd-2.3, got string "containerd-2.2"'
+    )
     assert load_config(None).mount_style == "classic"
     with pytest.raises(InvalidArgument, match="mount style 'overlay' is not one of"):
         Snapshotter(Path("/nonexistent/ep-style"), mount_style="overlay")
@@ -214,6 +240,7 @@ def test_classic_is_the_default_and_unchanged(tmp_path: Path) -> None:
     finally:
         s.close()
         from shim_integration.testbed.containerd_private import unmount_under
+
         unmount_under(tmp_path)
 
 
@@ -232,38 +259,60 @@ def test_serve_config_key_reaches_the_snapshots_service(tmp_path: Path) -> None:
     config = tmp_path / "serve.toml"
     config.write_text('mount_style = "containerd-2.3"\n')
     sock = tmp_path / "sn.sock"
-    service = SnapshotterProcess(tmp_path / "root", sock, tmp_path / "sn.log",
-                                 extra=["--config", str(config)])
+    service = SnapshotterProcess(
+        tmp_path / "root", sock, tmp_path / "sn.log", extra=["--config", str(config)]
+    )
     header = (("containerd-namespace", "default"),)
 
     def mounts_of(reply: object) -> list[Mount]:
-        return [Mount(m.type, m.source, list(m.options), m.target)
-                for m in reply.mounts]  # type: ignore[attr-defined]
+        return [Mount(m.type, m.source, list(m.options), m.target) for m in reply.mounts]  # type: ignore[attr-defined]
 
     try:
         service.start()
         with grpc.insecure_channel(f"unix:{sock}") as channel:
             stub = pb_grpc.SnapshotsStub(channel)
-            [bind] = mounts_of(stub.Prepare(pb.PrepareSnapshotRequest(key="default/1/x"),
-                                            metadata=header, timeout=60))
+            [bind] = mounts_of(
+                stub.Prepare(
+                    pb.PrepareSnapshotRequest(key="default/1/x"), metadata=header, timeout=60
+                )
+            )
             assert bind.type == "bind" and bind.options == ["rw", "rbind"]
             Path(bind.source, "f").write_text("served\n")
-            stub.Commit(pb.CommitSnapshotRequest(key="default/1/x", name="default/1/L"),
-                        metadata=header, timeout=60)
+            stub.Commit(
+                pb.CommitSnapshotRequest(key="default/1/x", name="default/1/L"),
+                metadata=header,
+                timeout=60,
+            )
             blob = str(Path(bind.source).parent / "layer.erofs")
-            view = mounts_of(stub.View(pb.ViewSnapshotRequest(key="default/2/v",
-                                                              parent="default/1/L"),
-                                       metadata=header, timeout=60))
+            view = mounts_of(
+                stub.View(
+                    pb.ViewSnapshotRequest(key="default/2/v", parent="default/1/L"),
+                    metadata=header,
+                    timeout=60,
+                )
+            )
             assert view == containerd_main_mounts("view", None, [blob], "", "")
-            active = mounts_of(stub.Prepare(pb.PrepareSnapshotRequest(key="default/3/a",
-                                                                      parent="default/1/L"),
-                                            metadata=header, timeout=60))
-            upper = Path(next(o for o in active[-1].options if o.startswith("upperdir="))
-                         .removeprefix("upperdir="))
-            assert active == containerd_main_mounts("active", None, [blob], str(upper),
-                                                    str(upper.parent / "work"))
-            assert mounts_of(stub.Mounts(pb.MountsRequest(key="default/3/a"), metadata=header,
-                                         timeout=60)) == active
+            active = mounts_of(
+                stub.Prepare(
+                    pb.PrepareSnapshotRequest(key="default/3/a", parent="default/1/L"),
+                    metadata=header,
+                    timeout=60,
+                )
+            )
+            upper = Path(
+                next(o for o in active[-1].options if o.startswith("upperdir=")).removeprefix(
+                    "upperdir="
+                )
+            )
+            assert active == containerd_main_mounts(
+                "active", None, [blob], str(upper), str(upper.parent / "work")
+            )
+            assert (
+                mounts_of(
+                    stub.Mounts(pb.MountsRequest(key="default/3/a"), metadata=header, timeout=60)
+                )
+                == active
+            )
     finally:
         if service.proc is not None and service.proc.poll() is None:
             service.stop()
@@ -284,8 +333,9 @@ def test_a_layer_without_sidecar_gets_it_when_a_list_names_it(sn: Snapshotter) -
 
 @pytest.mark.containerd
 @pytest.mark.parametrize("setup", ["1.6", "2.1+differ"])
-def test_containerd_before_2_2_cannot_mount_the_containerd_2_3_list(tmp_path: Path,
-                                                                    setup: str) -> None:
+def test_containerd_before_2_2_cannot_mount_the_containerd_2_3_list(
+    tmp_path: Path, setup: str
+) -> None:
     """Why "classic" stays the default (docs/containerd.md, "Which to pick"): a real containerd
     1.6 or 2.1 hands the containerd-2.3 list to mount(2), which refuses the erofs mount's
     `X-containerd.dmverity` option (EINVAL). 1.6 (walking differ) cannot even unpack the
@@ -306,22 +356,35 @@ def test_containerd_before_2_2_cannot_mount_the_containerd_2_3_list(tmp_path: Pa
     dist = system_dist() if version == "1.6" else from_suite("sid")
     base = Path(tempfile.mkdtemp(prefix="ctd-style-"))
     stack = Stack(dist, base, differ=bool(differ), service_args=["--config", str(config)])
-    layers = [[("dir", "bin", 0o755), ("file", "bin/busybox", busybox, 0o755)],
-              [("file", "hello", b"two layers\n", 0o644)]]
+    layers = [
+        [("dir", "bin", 0o755), ("file", "bin/busybox", busybox, 0o755)],
+        [("file", "hello", b"two layers\n", 0o644)],
+    ]
     try:
         stack.start()
         build_image(layers, "example.com/erofs-py/style:1", base / "image.tar")
         ctr = stack.containerd.ctr
-        imported = ctr("images", "import", "--snapshotter", "erofs-py", str(base / "image.tar"),
-                       check=False)
+        imported = ctr(
+            "images", "import", "--snapshotter", "erofs-py", str(base / "image.tar"), check=False
+        )
         if version == "1.6":
             assert imported.returncode != 0
             assert "failed to mount" in imported.stderr, imported.stderr
             assert "invalid argument" in imported.stderr, imported.stderr
             return
         assert imported.returncode == 0, imported.stderr
-        run = ctr("run", "--rm", "--snapshotter", "erofs-py", "example.com/erofs-py/style:1",
-                  "style", "/bin/busybox", "cat", "/hello", check=False)
+        run = ctr(
+            "run",
+            "--rm",
+            "--snapshotter",
+            "erofs-py",
+            "example.com/erofs-py/style:1",
+            "style",
+            "/bin/busybox",
+            "cat",
+            "/hello",
+            check=False,
+        )
         assert run.returncode != 0 and "two layers" not in run.stdout
         assert 'data: "X-containerd.dmverity=' in run.stderr, run.stderr
         assert run.stderr.rstrip().endswith("err: invalid argument"), run.stderr

@@ -45,15 +45,17 @@ def stack() -> Iterator[Stack]:
     shutil.rmtree(base, ignore_errors=True)
 
 
-def _apply(stack: Stack, key: str, digest: str, size: int, media_type: str = EROFS_LAYER
-           ) -> tuple[grpc.StatusCode, object]:
+def _apply(
+    stack: Stack, key: str, digest: str, size: int, media_type: str = EROFS_LAYER
+) -> tuple[grpc.StatusCode, object]:
     with grpc.insecure_channel(f"unix:{stack.service.socket}") as channel:
         snapshots = pb_grpc.SnapshotsStub(channel)
         mounts = snapshots.Prepare(pb.PrepareSnapshotRequest(key=key)).mounts
         differ = diff_pb2_grpc.DiffStub(channel)
         request = diff_pb2.ApplyRequest(
             diff=descriptor_pb2.Descriptor(media_type=media_type, digest=digest, size=size),
-            mounts=mounts)
+            mounts=mounts,
+        )
         try:
             return grpc.StatusCode.OK, differ.Apply(request, metadata=NS)
         except grpc.RpcError as exc:
@@ -63,8 +65,10 @@ def _apply(stack: Stack, key: str, digest: str, size: int, media_type: str = ERO
 def test_native_erofs_layer_is_stored_as_it_is(stack: Stack, tmp_path: Path) -> None:
     veritysetup = require_tool("veritysetup")
     layer = tmp_path / "native.erofs"
-    convert_layer(write_tar(tmp_path / "l.tar", [Entry("./", "dir"),
-                                                 Entry("etc/os", data=b"native\n")]), layer)
+    convert_layer(
+        write_tar(tmp_path / "l.tar", [Entry("./", "dir"), Entry("etc/os", data=b"native\n")]),
+        layer,
+    )
     blob = layer.read_bytes()
     digest = "sha256:" + hashlib.sha256(blob).hexdigest()
     stack.containerd.ingest(layer, digest)
@@ -73,23 +77,31 @@ def test_native_erofs_layer_is_stored_as_it_is(stack: Stack, tmp_path: Path) -> 
     assert reply.applied.digest == digest and reply.applied.media_type == EROFS_LAYER
     with grpc.insecure_channel(f"unix:{stack.service.socket}") as channel:
         snapshots = pb_grpc.SnapshotsStub(channel)
-        snapshots.Commit(pb.CommitSnapshotRequest(key="default/1/extract-native",
-                                                  name="default/1/native"))
+        snapshots.Commit(
+            pb.CommitSnapshotRequest(key="default/1/extract-native", name="default/1/native")
+        )
         labels = snapshots.Stat(pb.StatSnapshotRequest(key="default/1/native")).info.labels
     stored = next(stack.base.glob("erofs-py/snapshots/*/layer.erofs"))
     assert stored.read_bytes()[: len(blob)] == blob
     prefix = "containerd.io/snapshot/erofs."
-    proc = subprocess.run([veritysetup, "verify", str(stored), str(stored),
-                           labels[prefix + "verity.root-hash"],
-                           f"--hash-offset={labels[prefix + 'verity.hash-offset']}"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            veritysetup,
+            "verify",
+            str(stored),
+            str(stored),
+            labels[prefix + "verity.root-hash"],
+            f"--hash-offset={labels[prefix + 'verity.hash-offset']}",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     with mounted_erofs(stored) as got, mounted_erofs(layer) as want:
         assert diff_views(tree_view(got), tree_view(want)) == []
 
 
-def _apply_and_commit(stack: Stack, key: str, blob: Path, media_type: str
-                      ) -> dict[str, str]:
+def _apply_and_commit(stack: Stack, key: str, blob: Path, media_type: str) -> dict[str, str]:
     """BLOB applied by the differ into a new snapshot KEY, committed; its labels."""
     digest = "sha256:" + hashlib.sha256(blob.read_bytes()).hexdigest()
     stack.containerd.ingest(blob, digest)
@@ -105,12 +117,25 @@ def test_tar_layer_and_its_erofs_image_get_one_root(stack: Stack, tmp_path: Path
     """The node's differ converts a gzip tar layer; the EROFS image it stored (the tree cut
     off at the hash offset, what `publish --layers` pushes) applied again as a native layer,
     under either media type, gets the same salt and the same verity root."""
-    tar = write_tar(tmp_path / "l.tar", [Entry("./", "dir"), Entry("etc/os", data=b"one\n"),
-                                         Entry("usr/big", data=bytes(range(256)) * 900)])
-    converted = _apply_and_commit(stack, "default/3/tar", compress(tar, "gzip"),
-                                  "application/vnd.oci.image.layer.v1.tar+gzip")
-    stored = next(p for p in stack.base.glob("erofs-py/snapshots/*/layer.json")
-                  if converted[LABEL + "blob.digest"] in p.read_text()).parent / "layer.erofs"
+    tar = write_tar(
+        tmp_path / "l.tar",
+        [
+            Entry("./", "dir"),
+            Entry("etc/os", data=b"one\n"),
+            Entry("usr/big", data=bytes(range(256)) * 900),
+        ],
+    )
+    converted = _apply_and_commit(
+        stack, "default/3/tar", compress(tar, "gzip"), "application/vnd.oci.image.layer.v1.tar+gzip"
+    )
+    stored = (
+        next(
+            p
+            for p in stack.base.glob("erofs-py/snapshots/*/layer.json")
+            if converted[LABEL + "blob.digest"] in p.read_text()
+        ).parent
+        / "layer.erofs"
+    )
     image = tmp_path / "image.erofs"
     image.write_bytes(stored.read_bytes()[: int(converted[LABEL + "blob.size"])])
     for i, media_type in enumerate(sorted(NATIVE_EROFS_LAYERS)):
@@ -125,9 +150,10 @@ def test_tar_layer_and_its_erofs_image_get_one_root(stack: Stack, tmp_path: Path
 def test_bad_native_layers_are_refused(stack: Stack, tmp_path: Path, damage: str) -> None:
     blob = tmp_path / "bad.erofs"
     if damage == "name-with-slash":  # a real image whose etc/hostname is named host/ame
-        convert_layer(write_tar(tmp_path / "l.tar", [Entry("./", "dir"),
-                                                     Entry("etc/hostname", data=b"box")]),
-                      blob)
+        convert_layer(
+            write_tar(tmp_path / "l.tar", [Entry("./", "dir"), Entry("etc/hostname", data=b"box")]),
+            blob,
+        )
         image = blob.read_bytes()
         blob.write_bytes(image.replace(b"hostname", b"host/ame", 1))
     else:
@@ -150,6 +176,7 @@ def test_bad_native_layers_are_refused(stack: Stack, tmp_path: Path, damage: str
 
 
 # -- no false refusals: what other tools write is accepted, merges and mounts the same --------
+
 
 def _source_tree(root: Path) -> Path:
     """A directory with what layers hold: small and large files, a sparse one, long names,
@@ -184,29 +211,34 @@ def _accepted_and_merged_equal(image: Path, tmp_path: Path) -> None:
     stored = tmp_path / "stored.erofs"
     with open(image, "rb") as f:
         result = import_erofs_image(f, stored)
-    assert stored.read_bytes()[:image.stat().st_size] == image.read_bytes()
+    assert stored.read_bytes()[: image.stat().st_size] == image.read_bytes()
     merged = merge_layers([stored], tmp_path / "m.fsmeta")
     with mounted_erofs(image) as want, mounted_erofs(merged.fsmeta, [stored]) as got:
         assert diff_views(tree_view(got), tree_view(want)) == []
         assert result.entries == len([p for p in want.rglob("*")])
 
 
-@pytest.mark.parametrize("options", ["", "-Enoinline_data", "-Eforce-inode-extended",
-                                     "-Enosbcrc", "--chunksize=8192"])
+@pytest.mark.parametrize(
+    "options", ["", "-Enoinline_data", "-Eforce-inode-extended", "-Enosbcrc", "--chunksize=8192"]
+)
 def test_mkfs_erofs_1_5_images_are_accepted(tmp_path: Path, options: str) -> None:
     """Debian's mkfs.erofs 1.5 (superblock checksum on by default, tail packing, compact and
     extended inodes, chunk-based files): never refused by the validation."""
     require_root()
     mkfs = require_tool("mkfs.erofs")
     image = tmp_path / "theirs.erofs"
-    proc = subprocess.run([mkfs, "--quiet", *options.split(), str(image),
-                           str(_source_tree(tmp_path / "src"))], capture_output=True, text=True)
+    proc = subprocess.run(
+        [mkfs, "--quiet", *options.split(), str(image), str(_source_tree(tmp_path / "src"))],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     _accepted_and_merged_equal(image, tmp_path)
 
 
-@pytest.mark.parametrize("options", ["", "-b 512", "--chunksize=65536", "-Ededupe",
-                                     "--tar=f --aufs"])
+@pytest.mark.parametrize(
+    "options", ["", "-b 512", "--chunksize=65536", "-Ededupe", "--tar=f --aufs"]
+)
 def test_mkfs_erofs_1_8_images_are_accepted(tmp_path: Path, options: str) -> None:
     """erofs-utils 1.8 (built from trixie's source by tests/support/erofs_utils_oracle.py), from a
     directory, also with 512-byte blocks and chunk-based files, and from a tar."""
@@ -220,7 +252,10 @@ def test_mkfs_erofs_1_8_images_are_accepted(tmp_path: Path, options: str) -> Non
         source = write_tar(tmp_path / "layer.tar", awkward_entries())
     else:
         source = _source_tree(tmp_path / "src")
-    proc = subprocess.run([oracle.mkfs, "--quiet", *options.split(), str(image), str(source)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [oracle.mkfs, "--quiet", *options.split(), str(image), str(source)],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     _accepted_and_merged_equal(image, tmp_path)

@@ -40,13 +40,22 @@ def started(tmp_path: Path) -> Iterator[list[SnapshotterProcess]]:
 
 
 def _serve_args(root: Path, sock: Path) -> list[str]:
-    return [sys.executable, "-m", "shim_integration.cli", "serve", "--root", str(root),
-            "--address", str(sock)]
+    return [
+        sys.executable,
+        "-m",
+        "shim_integration.cli",
+        "serve",
+        "--root",
+        str(root),
+        "--address",
+        str(sock),
+    ]
 
 
 def _run_refused(root: Path, sock: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.run(_serve_args(root, sock), cwd=REPO, capture_output=True, text=True,
-                          timeout=15)
+    proc = subprocess.run(
+        _serve_args(root, sock), cwd=REPO, capture_output=True, text=True, timeout=15
+    )
     assert proc.returncode != 0, proc.stderr
     return proc
 
@@ -123,8 +132,9 @@ def _threads_taking_sigterm(pid: int) -> list[int]:
         if int(task.name) == pid:
             continue
         status = (task / "status").read_text()
-        blocked = int(next(x for x in status.splitlines() if x.startswith("SigBlk:")).split()[1],
-                      16)
+        blocked = int(
+            next(x for x in status.splitlines() if x.startswith("SigBlk:")).split()[1], 16
+        )
         if not blocked & SIGTERM_BIT:
             tids.append(int(task.name))
     return tids
@@ -134,8 +144,9 @@ def test_sigterm_delivered_to_another_thread_stops_the_server(tmp_path: Path, st
     if os.uname().machine != "x86_64":
         pytest.skip("SYS_tgkill number is the x86_64 one")
     for round_ in range(3):  # a different thread each round: gRPC's and the executor's
-        proc = SnapshotterProcess(tmp_path / "root", tmp_path / "sn.sock",
-                                  tmp_path / f"{round_}.log")
+        proc = SnapshotterProcess(
+            tmp_path / "root", tmp_path / "sn.sock", tmp_path / f"{round_}.log"
+        )
         started.append(proc.start())
         with grpc.insecure_channel(f"unix:{proc.socket}") as ch:  # wake a worker thread
             list(pb_grpc.SnapshotsStub(ch).List(pb.ListSnapshotsRequest()))
@@ -194,8 +205,9 @@ def test_readiness_is_notified_after_listening(tmp_path: Path, started, monkeypa
     monkeypatch.setenv("NOTIFY_SOCKET", str(notify.path))
     proc = SnapshotterProcess(tmp_path / "root", tmp_path / "sn.sock", tmp_path / "a.log")
     with open(proc.log, "ab") as log:
-        proc.proc = subprocess.Popen(_serve_args(proc.root, proc.socket), cwd=REPO,
-                                     stdout=log, stderr=log)
+        proc.proc = subprocess.Popen(
+            _serve_args(proc.root, proc.socket), cwd=REPO, stdout=log, stderr=log
+        )
     started.append(proc)
     try:
         ready = notify.next()
@@ -208,14 +220,14 @@ def test_readiness_is_notified_after_listening(tmp_path: Path, started, monkeypa
     assert proc.proc.wait(timeout=20) == 0
 
 
-def test_sigterm_during_a_long_commit_leaves_nothing_half_written(tmp_path: Path,
-                                                                  started) -> None:
+def test_sigterm_during_a_long_commit_leaves_nothing_half_written(tmp_path: Path, started) -> None:
     require_root()
     root = tmp_path / "root"
     config = tmp_path / "serve.toml"
     config.write_text("grace_seconds = 0.2\n")  # the Commit outlives the grace period
-    proc = SnapshotterProcess(root, tmp_path / "sn.sock", tmp_path / "a.log",
-                              ["--config", str(config)])
+    proc = SnapshotterProcess(
+        root, tmp_path / "sn.sock", tmp_path / "a.log", ["--config", str(config)]
+    )
     started.append(proc.start())
     with grpc.insecure_channel(f"unix:{proc.socket}") as ch:
         stub = pb_grpc.SnapshotsStub(ch)
@@ -227,7 +239,7 @@ def test_sigterm_during_a_long_commit_leaves_nothing_half_written(tmp_path: Path
         many = upper / "many"  # many entries: a conversion of seconds, not of the disk's speed
         many.mkdir()
         for i in range(20000):
-            (many / f"f{i}").write_bytes(block[i:i + 1024])
+            (many / f"f{i}").write_bytes(block[i : i + 1024])
         (upper / "hello").write_text("hello\n")
         commit = stub.Commit.future(pb.CommitSnapshotRequest(key="ns/1/a", name="ns/2/A"))
         sdir = upper.parent
@@ -243,8 +255,11 @@ def test_sigterm_during_a_long_commit_leaves_nothing_half_written(tmp_path: Path
     assert "abandoning calls still running" in proc.log.read_text()
     cleaned = [line for line in restarted.log.read_text().splitlines() if '"cleanup"' in line]
     assert cleaned and ".tmp" in cleaned[0]  # the interrupted conversion, removed at start
-    leftovers = [str(p) for p in root.rglob("*") if p.name.endswith(".tmp")
-                 or p.name.startswith(("fs.old", "new-"))]
+    leftovers = [
+        str(p)
+        for p in root.rglob("*")
+        if p.name.endswith(".tmp") or p.name.startswith(("fs.old", "new-"))
+    ]
     assert leftovers == []
     with grpc.insecure_channel(f"unix:{restarted.socket}") as ch:
         stub = pb_grpc.SnapshotsStub(ch)
@@ -294,9 +309,16 @@ def test_cleanup_calls_during_a_pull_keep_every_snapshot(tmp_path: Path, started
         with ThreadPoolExecutor(10) as pool:
             cleaners = [pool.submit(cleanups) for _ in range(3)]
             try:
-                sources = list(pool.map(
-                    lambda k: stub.Prepare(pb.PrepareSnapshotRequest(key=k), timeout=30)
-                    .mounts[0].source, keys))
+                sources = list(
+                    pool.map(
+                        lambda k: (
+                            stub.Prepare(pb.PrepareSnapshotRequest(key=k), timeout=30)
+                            .mounts[0]
+                            .source
+                        ),
+                        keys,
+                    )
+                )
             finally:
                 done.set()
             assert all(c.result(timeout=60) > 0 for c in cleaners)

@@ -27,15 +27,30 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def run_cli(*args: str, timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "shim_integration.cli", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "shim_integration.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
+    )
 
 
 def serve_with(tmp_path: Path, toml: str, *extra: str) -> subprocess.CompletedProcess:
     config = tmp_path / "serve.toml"
     config.write_text(toml)
-    return run_cli("serve", "--root", str(tmp_path / "root"), "--address",
-                   str(tmp_path / "sn.sock"), "--config", str(config), *extra, timeout=30)
+    return run_cli(
+        "serve",
+        "--root",
+        str(tmp_path / "root"),
+        "--address",
+        str(tmp_path / "sn.sock"),
+        "--config",
+        str(config),
+        *extra,
+        timeout=30,
+    )
 
 
 @pytest.fixture
@@ -48,18 +63,24 @@ def service(tmp_path: Path) -> Iterator[SnapshotterProcess]:
     unmount_under(tmp_path)
 
 
-@pytest.mark.parametrize(("toml", "line"), [
-    ('vm_mode = "false"\n', "key 'vm_mode' must be a boolean, got string \"false\""),
-    ("workers = true\n", "key 'workers' must be an integer, got boolean true"),
-    ("workers = 0\n", "key 'workers' must be at least 1, got integer 0"),
-    ('grace_seconds = "5"\n', "key 'grace_seconds' must be a number, got string \"5\""),
-    ('log_level = "loud"\n', "key 'log_level' must be one of debug, info, warning, error"),
-    ('root = "relative/dir"\n', "key 'root' must be an absolute path, got string \"relative/dir\""),
-    ("address = 7\n", "key 'address' must be a non-empty path string, got integer 7"),
-    ("vm-mode = true\n", "unknown key 'vm-mode' (did you mean 'vm_mode'?)"),
-    ("[root]\nx = 1\n", "key 'root' must be a non-empty path string, got table"),
-    ("workers = = 3\n", "not valid TOML: "),
-])
+@pytest.mark.parametrize(
+    ("toml", "line"),
+    [
+        ('vm_mode = "false"\n', "key 'vm_mode' must be a boolean, got string \"false\""),
+        ("workers = true\n", "key 'workers' must be an integer, got boolean true"),
+        ("workers = 0\n", "key 'workers' must be at least 1, got integer 0"),
+        ('grace_seconds = "5"\n', "key 'grace_seconds' must be a number, got string \"5\""),
+        ('log_level = "loud"\n', "key 'log_level' must be one of debug, info, warning, error"),
+        (
+            'root = "relative/dir"\n',
+            "key 'root' must be an absolute path, got string \"relative/dir\"",
+        ),
+        ("address = 7\n", "key 'address' must be a non-empty path string, got integer 7"),
+        ("vm-mode = true\n", "unknown key 'vm-mode' (did you mean 'vm_mode'?)"),
+        ("[root]\nx = 1\n", "key 'root' must be a non-empty path string, got table"),
+        ("workers = = 3\n", "not valid TOML: "),
+    ],
+)
 def test_bad_config_is_one_line_and_exit_2(tmp_path: Path, toml: str, line: str) -> None:
     proc = serve_with(tmp_path, toml)
     assert proc.returncode == 2, proc.stderr
@@ -86,12 +107,14 @@ def test_unreadable_config_file_is_one_line(tmp_path: Path, kind: str) -> None:
         os.mkfifo(config)  # opening it would block the start
     elif kind == "not utf-8":
         config.write_bytes(b'log_level = "\xff"\n')
-    proc = run_cli("serve", "--root", str(tmp_path / "root"), "--config", str(config),
-                   timeout=30)
+    proc = run_cli("serve", "--root", str(tmp_path / "root"), "--config", str(config), timeout=30)
     assert proc.returncode == 2, proc.stderr
-    expected = {"missing": "cannot read: No such file or directory",
-                "directory": "not a regular file", "fifo": "not a regular file",
-                "not utf-8": "not UTF-8 text"}[kind]
+    expected = {
+        "missing": "cannot read: No such file or directory",
+        "directory": "not a regular file",
+        "fifo": "not a regular file",
+        "not utf-8": "not UTF-8 text",
+    }[kind]
     assert proc.stderr.startswith(f"erofs-passthrough serve: config {config}: {expected}")
     assert proc.stderr.count("\n") == 1
 
@@ -113,13 +136,27 @@ def test_config_file_keys_reach_the_running_service(tmp_path: Path) -> None:
     require_root()
     socket = tmp_path / "from-config.sock"
     config = tmp_path / "serve.toml"
-    config.write_text(f'address = "{socket}"\nlog_level = "debug"\nworkers = 2\n'
-                      "vm_mode = false\ngrace_seconds = 1.5\n")
+    config.write_text(
+        f'address = "{socket}"\nlog_level = "debug"\nworkers = 2\n'
+        "vm_mode = false\ngrace_seconds = 1.5\n"
+    )
     log = tmp_path / "sn.log"
     with open(log, "ab") as out:
-        serve = subprocess.Popen([sys.executable, "-m", "snapshotter.service.cli", "serve",
-                                  "--root", str(tmp_path / "root"), "--config", str(config)],
-                                 cwd=REPO, stdout=out, stderr=out)
+        serve = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "snapshotter.service.cli",
+                "serve",
+                "--root",
+                str(tmp_path / "root"),
+                "--config",
+                str(config),
+            ],
+            cwd=REPO,
+            stdout=out,
+            stderr=out,
+        )
     service = SnapshotterProcess(tmp_path / "root", socket, log)
     service.proc = serve
     try:
@@ -154,18 +191,37 @@ def test_version_comes_from_the_package_metadata() -> None:
 
 # --- preflight ------------------------------------------------------------------------------
 
+
 def test_not_root_is_one_line(tmp_path: Path) -> None:
     require_root()  # to become someone else
     setpriv = require_tool("setpriv")
     tmp_path.chmod(0o777)
     proc = subprocess.run(
-        [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
-         "shim_integration.cli", "serve", "--root", str(tmp_path / "root"), "--address",
-         str(tmp_path / "sn.sock")], cwd=REPO, capture_output=True, text=True, timeout=60)
+        [
+            setpriv,
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            sys.executable,
+            "-m",
+            "shim_integration.cli",
+            "serve",
+            "--root",
+            str(tmp_path / "root"),
+            "--address",
+            str(tmp_path / "sn.sock"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 1, proc.stderr
     lines = proc.stderr.splitlines()
-    assert lines[0] == ("erofs-passthrough serve: must run as root (running as uid 65534): the "
-                        "service mounts layers and serves containerd")
+    assert lines[0] == (
+        "erofs-passthrough serve: must run as root (running as uid 65534): the "
+        "service mounts layers and serves containerd"
+    )
     # and whatever else nobody cannot do, one line each (here: reach the pytest directory)
     assert all(line.startswith("erofs-passthrough serve: ") for line in lines), lines
     assert not (tmp_path / "root").exists()
@@ -190,12 +246,13 @@ def test_path_that_is_a_file_is_one_line(tmp_path: Path, which: str) -> None:
 def test_socket_path_too_long_for_unix_sockets_is_one_line(tmp_path: Path) -> None:
     require_root()
     socket = tmp_path / ("s" * 120 + ".sock")
-    proc = run_cli("serve", "--root", str(tmp_path / "root"), "--address", str(socket),
-                   timeout=30)
+    proc = run_cli("serve", "--root", str(tmp_path / "root"), "--address", str(socket), timeout=30)
     assert proc.returncode == 1, proc.stderr
     size = len(str(socket))
-    assert proc.stderr.splitlines() == [f"erofs-passthrough serve: socket path {socket} is {size} "
-                                        "bytes; a unix socket path has at most 107"]
+    assert proc.stderr.splitlines() == [
+        f"erofs-passthrough serve: socket path {socket} is {size} "
+        "bytes; a unix socket path has at most 107"
+    ]
 
 
 def test_missing_socket_directory_is_created(service: SnapshotterProcess) -> None:
@@ -205,8 +262,11 @@ def test_missing_socket_directory_is_created(service: SnapshotterProcess) -> Non
 def test_host_devices_are_warned_about_only_when_missing(service: SnapshotterProcess) -> None:
     log = service.log.read_text()
     for device in (preflight.LOOP_CONTROL, preflight.DM_CONTROL):
-        warned = any(json.loads(line).get("level") == "warning" and str(device) in line
-                     for line in log.splitlines() if line.startswith("{"))
+        warned = any(
+            json.loads(line).get("level") == "warning" and str(device) in line
+            for line in log.splitlines()
+            if line.startswith("{")
+        )
         assert warned == (not device.exists()), (device, log)
     assert service.healthy()  # warnings do not stop the service
 
@@ -216,8 +276,13 @@ def test_kernel_erofs_check(tmp_path: Path) -> None:
     assert preflight.check_erofs() is None
     # A kernel without it cannot be made here; the decision is checked on a table without it.
     table = tmp_path / "filesystems"
-    table.write_text("".join(line + "\n" for line in Path("/proc/filesystems").read_text()
-                             .splitlines() if not line.endswith("erofs")))
+    table.write_text(
+        "".join(
+            line + "\n"
+            for line in Path("/proc/filesystems").read_text().splitlines()
+            if not line.endswith("erofs")
+        )
+    )
     finding = preflight.check_erofs(table, try_modprobe=False)
     assert finding is not None and finding.fatal
     assert finding.message.startswith(f"the kernel has no erofs filesystem (not in {table})")
@@ -227,34 +292,51 @@ def test_signing_key_must_be_readable(tmp_path: Path) -> None:
     require_root()
     config = tmp_path / "serve.toml"
     config.write_text(f'signing_key = "{tmp_path / "no-such.key"}"\n')
-    proc = run_cli("serve", "--root", str(tmp_path / "root"), "--address",
-                   str(tmp_path / "sn.sock"), "--config", str(config), timeout=30)
+    proc = run_cli(
+        "serve",
+        "--root",
+        str(tmp_path / "root"),
+        "--address",
+        str(tmp_path / "sn.sock"),
+        "--config",
+        str(config),
+        timeout=30,
+    )
     assert proc.returncode == 1
     assert proc.stderr.splitlines()[-1] == (
         f"erofs-passthrough serve: signing key {tmp_path / 'no-such.key'} is not a regular file "
-        "(or does not exist)")
+        "(or does not exist)"
+    )
 
 
 # --- status ---------------------------------------------------------------------------------
+
 
 def test_status_of_a_running_service(service: SnapshotterProcess) -> None:
     proc = run_cli("status", "--address", str(service.socket))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [
-        "(server)\tSERVING", "containerd.services.snapshots.v1.Snapshots\tSERVING",
-        "containerd.services.diff.v1.Diff\tSERVING"]
+        "(server)\tSERVING",
+        "containerd.services.snapshots.v1.Snapshots\tSERVING",
+        "containerd.services.diff.v1.Diff\tSERVING",
+    ]
     proc = run_cli("status", "--address", str(service.socket), "--json")
     assert json.loads(proc.stdout)["services"] == {
-        "": "SERVING", "containerd.services.snapshots.v1.Snapshots": "SERVING",
-        "containerd.services.diff.v1.Diff": "SERVING"}
+        "": "SERVING",
+        "containerd.services.snapshots.v1.Snapshots": "SERVING",
+        "containerd.services.diff.v1.Diff": "SERVING",
+    }
 
 
 def test_status_when_nothing_listens(tmp_path: Path) -> None:
     proc = run_cli("status", "--address", str(tmp_path / "none.sock"))
     assert proc.returncode == 1
-    assert proc.stderr == f"erofs-passthrough status: nothing listens on {tmp_path}/none.sock: " \
-                          "no such socket\n"
+    assert (
+        proc.stderr == f"erofs-passthrough status: nothing listens on {tmp_path}/none.sock: "
+        "no such socket\n"
+    )
     import socket as socketlib
+
     dead = tmp_path / "dead.sock"
     s = socketlib.socket(socketlib.AF_UNIX)
     s.bind(str(dead))
@@ -278,9 +360,21 @@ def test_stray_entry_in_snapshots_does_not_stop_the_start(tmp_path: Path, kind: 
         os.mkfifo(stray)
     log = tmp_path / "sn.log"
     with open(log, "ab") as out:
-        serve = subprocess.Popen([sys.executable, "-m", "snapshotter.service.cli", "serve",
-                                  "--root", str(tmp_path / "root"), "--address",
-                                  str(tmp_path / "sn.sock")], cwd=REPO, stdout=out, stderr=out)
+        serve = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "snapshotter.service.cli",
+                "serve",
+                "--root",
+                str(tmp_path / "root"),
+                "--address",
+                str(tmp_path / "sn.sock"),
+            ],
+            cwd=REPO,
+            stdout=out,
+            stderr=out,
+        )
     service = SnapshotterProcess(tmp_path / "root", tmp_path / "sn.sock", log)
     try:
         wait_for(service.healthy, 20, "serve with a stray entry", serve)
@@ -299,9 +393,24 @@ def test_status_without_access_to_the_socket_is_one_line(tmp_path: Path) -> None
     private = tmp_path / "run"
     private.mkdir(mode=0o700)  # as systemd's RuntimeDirectoryMode=0700
     proc = subprocess.run(
-        [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
-         "shim_integration.cli", "status", "--address", str(private / "snapshotter.sock")],
-        cwd=REPO, capture_output=True, text=True, timeout=60)
+        [
+            setpriv,
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            sys.executable,
+            "-m",
+            "shim_integration.cli",
+            "status",
+            "--address",
+            str(private / "snapshotter.sock"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 1
-    assert proc.stderr == (f"erofs-passthrough status: cannot reach {private}/snapshotter.sock: "
-                           "Permission denied\n")
+    assert proc.stderr == (
+        f"erofs-passthrough status: cannot reach {private}/snapshotter.sock: Permission denied\n"
+    )

@@ -35,8 +35,9 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     require_root()
     mnt = tmp_path / "disk"
     mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mnt)],
-                   check=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mnt)], check=True
+    )
     try:
         yield mnt
     finally:
@@ -57,8 +58,9 @@ def test_disk_full_commit_names_the_path_and_loses_nothing(tmp_path: Path, small
             filler = small_disk / "filler"
             filler.write_bytes(b"\0" * (5 * MiB // 2))
             with pytest.raises(grpc.RpcError) as err:
-                stub.Commit(pb.CommitSnapshotRequest(key="ns/1/big", name="ns/1/done"),
-                            timeout=DEADLINE)
+                stub.Commit(
+                    pb.CommitSnapshotRequest(key="ns/1/big", name="ns/1/done"), timeout=DEADLINE
+                )
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
             details = err.value.details()
             assert details.startswith("No space left on device (ENOSPC)"), details
@@ -66,13 +68,16 @@ def test_disk_full_commit_names_the_path_and_loses_nothing(tmp_path: Path, small
             # nothing lost, nothing half-written
             info = stub.Stat(pb.StatSnapshotRequest(key="ns/1/big"), timeout=DEADLINE).info
             assert info.kind == pb.ACTIVE
-            assert hashlib.sha256((upper / "data").read_bytes()).digest() == \
-                hashlib.sha256(data).digest()
+            assert (
+                hashlib.sha256((upper / "data").read_bytes()).digest()
+                == hashlib.sha256(data).digest()
+            )
             assert leftovers(upper.parent) == []
             # with room again, the same Commit works
             filler.unlink()
-            stub.Commit(pb.CommitSnapshotRequest(key="ns/1/big", name="ns/1/done"),
-                        timeout=DEADLINE)
+            stub.Commit(
+                pb.CommitSnapshotRequest(key="ns/1/big", name="ns/1/done"), timeout=DEADLINE
+            )
             info = stub.Stat(pb.StatSnapshotRequest(key="ns/1/done"), timeout=DEADLINE).info
             assert info.kind == pb.COMMITTED
     finally:
@@ -84,20 +89,28 @@ def test_disk_full_commit_names_the_path_and_loses_nothing(tmp_path: Path, small
 def test_unreachable_content_store_is_unavailable(tmp_path: Path) -> None:
     require_root()
     nowhere = tmp_path / "no-containerd.sock"
-    service = SnapshotterProcess(tmp_path / "root", tmp_path / "sn.sock", tmp_path / "sn.log",
-                                 extra=["--containerd-address", str(nowhere)])
+    service = SnapshotterProcess(
+        tmp_path / "root",
+        tmp_path / "sn.sock",
+        tmp_path / "sn.log",
+        extra=["--containerd-address", str(nowhere)],
+    )
     service.start()
     try:
         with grpc.insecure_channel(f"unix:{service.socket}") as channel:
             stub = pb_grpc.SnapshotsStub(channel)
-            mounts = stub.Prepare(pb.PrepareSnapshotRequest(key="ns/1/extract"),
-                                  timeout=DEADLINE).mounts
+            mounts = stub.Prepare(
+                pb.PrepareSnapshotRequest(key="ns/1/extract"), timeout=DEADLINE
+            ).mounts
             layer = descriptor_pb2.Descriptor(
                 media_type="application/vnd.oci.image.layer.v1.tar+gzip",
-                digest="sha256:" + "ab" * 32, size=123)
+                digest="sha256:" + "ab" * 32,
+                size=123,
+            )
             with pytest.raises(grpc.RpcError) as err:
                 diff_pb2_grpc.DiffStub(channel).Apply(
-                    diff_pb2.ApplyRequest(diff=layer, mounts=mounts), timeout=DEADLINE)
+                    diff_pb2.ApplyRequest(diff=layer, mounts=mounts), timeout=DEADLINE
+                )
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
             details = err.value.details()
             assert details.startswith(f"containerd's content store at {nowhere} is unreachable:")
@@ -118,8 +131,12 @@ def test_disk_full_apply_names_the_snapshot_directory(tmp_path: Path, small_disk
     require_tool("containerd")
     service_sock = tmp_path / "sn.sock"
     containerd = Containerd(system_dist(), tmp_path / "containerd", service_sock).start()
-    service = SnapshotterProcess(small_disk / "root", service_sock, tmp_path / "sn.log",
-                                 extra=["--containerd-address", str(containerd.socket)])
+    service = SnapshotterProcess(
+        small_disk / "root",
+        service_sock,
+        tmp_path / "sn.log",
+        extra=["--containerd-address", str(containerd.socket)],
+    )
     try:
         blob = gzip_tar({"data": random.Random(29).randbytes(1 * MiB)})
         digest = "sha256:" + hashlib.sha256(blob).hexdigest()
@@ -130,24 +147,32 @@ def test_disk_full_apply_names_the_snapshot_directory(tmp_path: Path, small_disk
         filler.write_bytes(b"\0" * (3 * MiB))
         header = (("containerd-namespace", "default"),)
         layer = descriptor_pb2.Descriptor(
-            media_type="application/vnd.oci.image.layer.v1.tar+gzip", digest=digest,
-            size=len(blob))
+            media_type="application/vnd.oci.image.layer.v1.tar+gzip", digest=digest, size=len(blob)
+        )
         with grpc.insecure_channel(f"unix:{service_sock}") as channel:
             stub = pb_grpc.SnapshotsStub(channel)
             differ = diff_pb2_grpc.DiffStub(channel)
-            mounts = stub.Prepare(pb.PrepareSnapshotRequest(key="default/1/extract"),
-                                  metadata=header, timeout=DEADLINE).mounts
+            mounts = stub.Prepare(
+                pb.PrepareSnapshotRequest(key="default/1/extract"),
+                metadata=header,
+                timeout=DEADLINE,
+            ).mounts
             snapshot_dir = Path(mounts[0].source).parent
             with pytest.raises(grpc.RpcError) as err:
-                differ.Apply(diff_pb2.ApplyRequest(diff=layer, mounts=mounts), metadata=header,
-                             timeout=DEADLINE)
+                differ.Apply(
+                    diff_pb2.ApplyRequest(diff=layer, mounts=mounts),
+                    metadata=header,
+                    timeout=DEADLINE,
+                )
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
             assert err.value.details() == f"No space left on device (ENOSPC): {snapshot_dir}"
             assert leftovers(snapshot_dir) == [] and not (snapshot_dir / "layer.erofs").exists()
             filler.unlink()
-            applied = differ.Apply(diff_pb2.ApplyRequest(diff=layer, mounts=mounts),
-                                   metadata=header, timeout=DEADLINE).applied
+            applied = differ.Apply(
+                diff_pb2.ApplyRequest(diff=layer, mounts=mounts), metadata=header, timeout=DEADLINE
+            ).applied
             import gzip
+
             assert applied.digest == "sha256:" + hashlib.sha256(gzip.decompress(blob)).hexdigest()
     finally:
         if service.proc is not None and service.proc.poll() is None:
@@ -168,9 +193,12 @@ def test_configured_ceilings_reach_the_differ(tmp_path: Path) -> None:
     config.write_text(f"max_entries = 5\nmax_tar_bytes = {256 * 1024}\n")
     service_sock = tmp_path / "sn.sock"
     containerd = Containerd(system_dist(), tmp_path / "containerd", service_sock).start()
-    service = SnapshotterProcess(tmp_path / "root", service_sock, tmp_path / "sn.log",
-                                 extra=["--containerd-address", str(containerd.socket),
-                                        "--config", str(config)])
+    service = SnapshotterProcess(
+        tmp_path / "root",
+        service_sock,
+        tmp_path / "sn.log",
+        extra=["--containerd-address", str(containerd.socket), "--config", str(config)],
+    )
     layers = {
         "entries": (gzip_tar({f"f{i}": b"x" for i in range(8)}), "more than 5 entries"),
         "bytes": (gzip_tar({"big": bytes(300 * 1024)}), f"more than {256 * 1024} bytes"),
@@ -187,10 +215,15 @@ def test_configured_ceilings_reach_the_differ(tmp_path: Path) -> None:
                 (tmp_path / f"{name}.tar.gz").write_bytes(blob)
                 containerd.ingest(tmp_path / f"{name}.tar.gz", digest)
                 layer = descriptor_pb2.Descriptor(
-                    media_type="application/vnd.oci.image.layer.v1.tar+gzip", digest=digest,
-                    size=len(blob))
-                mounts = stub.Prepare(pb.PrepareSnapshotRequest(key=f"default/1/extract-{name}"),
-                                      metadata=header, timeout=DEADLINE).mounts
+                    media_type="application/vnd.oci.image.layer.v1.tar+gzip",
+                    digest=digest,
+                    size=len(blob),
+                )
+                mounts = stub.Prepare(
+                    pb.PrepareSnapshotRequest(key=f"default/1/extract-{name}"),
+                    metadata=header,
+                    timeout=DEADLINE,
+                ).mounts
                 snapshot_dir = Path(mounts[0].source).parent
                 request = diff_pb2.ApplyRequest(diff=layer, mounts=mounts)
                 if refusal is None:
@@ -202,8 +235,11 @@ def test_configured_ceilings_reach_the_differ(tmp_path: Path) -> None:
                 assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
                 assert refusal in err.value.details() and "\n" not in err.value.details()
                 assert leftovers(snapshot_dir) == [] and not (snapshot_dir / "layer.erofs").exists()
-                info = stub.Stat(pb.StatSnapshotRequest(key=f"default/1/extract-{name}"),
-                                 metadata=header, timeout=DEADLINE).info
+                info = stub.Stat(
+                    pb.StatSnapshotRequest(key=f"default/1/extract-{name}"),
+                    metadata=header,
+                    timeout=DEADLINE,
+                ).info
                 assert info.kind == pb.ACTIVE
     finally:
         if service.proc is not None and service.proc.poll() is None:

@@ -44,9 +44,10 @@ def check_sidecar(directory: Path, labels: dict[str, str], tmp_path: Path) -> di
     assert data["roothash"] == labels[PREFIX + "verity.root-hash"]
     assert data["hashoffset"] == int(labels[PREFIX + "verity.hash-offset"])
     salted = labels[PREFIX + "verity.salt"] != "-"
-    assert sidecar.read_bytes() == go_marshal_indent(data["roothash"], data["hashoffset"],
-                                                     None if salted else "-")
-    assert blob.read_bytes()[data["hashoffset"]:][:8] == b"verity\0\0"  # v1 superblock there
+    assert sidecar.read_bytes() == go_marshal_indent(
+        data["roothash"], data["hashoffset"], None if salted else "-"
+    )
+    assert blob.read_bytes()[data["hashoffset"] :][:8] == b"verity\0\0"  # v1 superblock there
     proc = veritysetup_verify(blob, sidecar=sidecar)
     assert proc.returncode == 0, proc.stderr
     flipped = tmp_path / f"flipped-{directory.name}.erofs"
@@ -77,16 +78,18 @@ def _commit_layers(sn: Snapshotter, files: list[dict[str, bytes]]) -> list[tuple
 
 
 @pytest.mark.parametrize("kata_verity", [False, True], ids=["salted", "kata-unsalted"])
-def test_every_committed_layer_has_a_sidecar_veritysetup_verifies(tmp_path: Path,
-                                                                  kata_verity: bool) -> None:
+def test_every_committed_layer_has_a_sidecar_veritysetup_verifies(
+    tmp_path: Path, kata_verity: bool
+) -> None:
     """Commit's conversion (layer_build.publish_layer): an empty layer, a small one, one of
     several data blocks. Unsalted trees (kata_verity) say `"salt": "-"` as runtime-rs needs."""
     require_tool("veritysetup")
     rng = random.Random(14)
     sn = Snapshotter(tmp_path / "root", kata_verity=kata_verity)
     try:
-        layers = _commit_layers(sn, [{}, {"etc-os": b"sidecar\n"},
-                                     {"big": rng.randbytes(300_000), "small": b"x"}])
+        layers = _commit_layers(
+            sn, [{}, {"etc-os": b"sidecar\n"}, {"big": rng.randbytes(300_000), "small": b"x"}]
+        )
     finally:
         sn.close()
     for directory, labels in layers:
@@ -104,8 +107,9 @@ def test_unsalted_sidecar_gives_runtime_rs_the_table_that_verifies(tmp_path: Pat
             [(directory, _labels)] = _commit_layers(sn, [{"f": b"runtime-rs\n" * 1000}])
         finally:
             sn.close()
-        table = runtime_rs_sidecar(directory / "layer.erofs",
-                                   json.loads((directory / "layer.erofs.dmverity").read_bytes()))
+        table = runtime_rs_sidecar(
+            directory / "layer.erofs", json.loads((directory / "layer.erofs.dmverity").read_bytes())
+        )
         proc = veritysetup_verify(directory / "layer.erofs", table=table)
         assert proc.returncode == 0, (kata_verity, table, proc.stderr)
 
@@ -120,10 +124,12 @@ def test_sidecar_is_written_before_layer_json(tmp_path: Path, monkeypatch) -> No
     (src / "f").write_bytes(b"one\n")
     directory = tmp_path / "snap"
     directory.mkdir()
-    first = layer_build.publish_layer(directory,
-                                      lambda out: layer_build.convert_directory(src, out))
-    assert json.loads((directory / "layer.erofs.dmverity").read_bytes())["roothash"] == \
-        first.root_hash
+    first = layer_build.publish_layer(
+        directory, lambda out: layer_build.convert_directory(src, out)
+    )
+    assert (
+        json.loads((directory / "layer.erofs.dmverity").read_bytes())["roothash"] == first.root_hash
+    )
 
     def refuse(self: VerityInfo, blob_path: object) -> Path:
         raise OSError(28, "No space left on device", str(blob_path) + ".dmverity")
@@ -135,11 +141,14 @@ def test_sidecar_is_written_before_layer_json(tmp_path: Path, monkeypatch) -> No
     assert layer_build.read_layer(directory) is None
     assert not (directory / "layer.erofs.dmverity").exists()  # the old one went first
     monkeypatch.undo()
-    second = layer_build.publish_layer(directory,
-                                       lambda out: layer_build.convert_directory(src, out))
+    second = layer_build.publish_layer(
+        directory, lambda out: layer_build.convert_directory(src, out)
+    )
     assert second.root_hash != first.root_hash
-    assert json.loads((directory / "layer.erofs.dmverity").read_bytes())["roothash"] == \
-        second.root_hash
+    assert (
+        json.loads((directory / "layer.erofs.dmverity").read_bytes())["roothash"]
+        == second.root_hash
+    )
 
 
 def test_apply_stores_a_sidecar_for_tar_and_native_layers(tmp_path: Path) -> None:
@@ -165,17 +174,25 @@ def test_apply_stores_a_sidecar_for_tar_and_native_layers(tmp_path: Path) -> Non
     require_tool("containerd")
     require_tool("veritysetup")
     native = tmp_path / "native.erofs"
-    convert_layer(write_tar(tmp_path / "n.tar", [Entry("./", "dir"),
-                                                 Entry("etc/os", data=b"native\n")]), native)
+    convert_layer(
+        write_tar(tmp_path / "n.tar", [Entry("./", "dir"), Entry("etc/os", data=b"native\n")]),
+        native,
+    )
     blobs = {
-        "tar": (gzip_tar({"a": b"a\n", "b": random.Random(3).randbytes(200_000)}),
-                "application/vnd.oci.image.layer.v1.tar+gzip"),
+        "tar": (
+            gzip_tar({"a": b"a\n", "b": random.Random(3).randbytes(200_000)}),
+            "application/vnd.oci.image.layer.v1.tar+gzip",
+        ),
         "native": (native.read_bytes(), EROFS_LAYER),
     }
     service_sock = tmp_path / "sn.sock"
     containerd = Containerd(system_dist(), tmp_path / "containerd", service_sock).start()
-    service = SnapshotterProcess(tmp_path / "root", service_sock, tmp_path / "sn.log",
-                                 extra=["--containerd-address", str(containerd.socket)])
+    service = SnapshotterProcess(
+        tmp_path / "root",
+        service_sock,
+        tmp_path / "sn.log",
+        extra=["--containerd-address", str(containerd.socket)],
+    )
     header = (("containerd-namespace", "default"),)
     try:
         service.start()
@@ -187,20 +204,35 @@ def test_apply_stores_a_sidecar_for_tar_and_native_layers(tmp_path: Path) -> Non
                 (tmp_path / f"{name}.blob").write_bytes(blob)
                 containerd.ingest(tmp_path / f"{name}.blob", digest)
                 key = f"default/1/extract-{name}"
-                mounts = snapshots.Prepare(pb.PrepareSnapshotRequest(key=key), metadata=header,
-                                           timeout=DEADLINE).mounts
+                mounts = snapshots.Prepare(
+                    pb.PrepareSnapshotRequest(key=key), metadata=header, timeout=DEADLINE
+                ).mounts
                 directory = Path(mounts[0].source).parent
-                differ.Apply(diff_pb2.ApplyRequest(
-                    diff=descriptor_pb2.Descriptor(media_type=media_type, digest=digest,
-                                                   size=len(blob)), mounts=mounts),
-                    metadata=header, timeout=DEADLINE)
-                snapshots.Commit(pb.CommitSnapshotRequest(key=key, name=f"default/1/{name}"),
-                                 metadata=header, timeout=DEADLINE)
-                labels = dict(snapshots.Stat(pb.StatSnapshotRequest(key=f"default/1/{name}"),
-                                             metadata=header, timeout=DEADLINE).info.labels)
+                differ.Apply(
+                    diff_pb2.ApplyRequest(
+                        diff=descriptor_pb2.Descriptor(
+                            media_type=media_type, digest=digest, size=len(blob)
+                        ),
+                        mounts=mounts,
+                    ),
+                    metadata=header,
+                    timeout=DEADLINE,
+                )
+                snapshots.Commit(
+                    pb.CommitSnapshotRequest(key=key, name=f"default/1/{name}"),
+                    metadata=header,
+                    timeout=DEADLINE,
+                )
+                labels = dict(
+                    snapshots.Stat(
+                        pb.StatSnapshotRequest(key=f"default/1/{name}"),
+                        metadata=header,
+                        timeout=DEADLINE,
+                    ).info.labels
+                )
                 check_sidecar(directory, labels, tmp_path)
                 if name == "native":  # stored as it is: the sidecar's data is the blob
-                    assert (directory / "layer.erofs").read_bytes()[:len(blob)] == blob
+                    assert (directory / "layer.erofs").read_bytes()[: len(blob)] == blob
     finally:
         if service.proc is not None and service.proc.poll() is None:
             service.stop()

@@ -48,8 +48,13 @@ def _limit_memory() -> None:
 def convert_bounded(layer: Path, out: Path) -> subprocess.CompletedProcess[str]:
     """`convert` in a child with at most MEMORY_LIMIT of address space and TIMEOUT seconds."""
     try:
-        return subprocess.run([*CLI, "convert", str(layer), str(out)], capture_output=True,
-                              text=True, timeout=TIMEOUT, preexec_fn=_limit_memory)
+        return subprocess.run(
+            [*CLI, "convert", str(layer), str(out)],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            preexec_fn=_limit_memory,
+        )
     except subprocess.TimeoutExpired:
         pytest.fail(f"convert of {layer.name} ran over {TIMEOUT} s (a declared size believed)")
 
@@ -117,25 +122,39 @@ def _bad_number_layers() -> dict[str, tuple[bytes, str]]:
     ok = t.member(b"ok", b"fine")
     xattrs = [(b"SCHILY.xattr.user.k%03d" % i, b"v") for i in range(300)]
     return {
-        "PAX size with underscores": (t.pax([(b"size", b"1_0")]) + t.member(b"f"),
-                                      "bad PAX size"),
-        "base-256 mtime 2^80": (t.member(b"f", mtime=t.base256(1 << 80, 12)) + ok,
-                                "mtime"),
-        "PAX mtime of 31 digits": (t.pax([(b"mtime", b"1" + b"0" * 30)]) + t.member(b"f"),
-                                   "bad PAX mtime"),
-        "PAX uid over 32 bits": (t.pax([(b"uid", b"99999999999")]) + t.member(b"f"),
-                                 "99999999999"),
+        "PAX size with underscores": (t.pax([(b"size", b"1_0")]) + t.member(b"f"), "bad PAX size"),
+        "base-256 mtime 2^80": (t.member(b"f", mtime=t.base256(1 << 80, 12)) + ok, "mtime"),
+        "PAX mtime of 31 digits": (
+            t.pax([(b"mtime", b"1" + b"0" * 30)]) + t.member(b"f"),
+            "bad PAX mtime",
+        ),
+        "PAX uid over 32 bits": (t.pax([(b"uid", b"99999999999")]) + t.member(b"f"), "99999999999"),
         "device major 4096": (t.member(b"dev", typeflag=b"3", devmajor=4096), "4096:0"),
-        "device major 2^40": (t.member(b"dev", typeflag=b"4", devmajor=t.base256(1 << 40, 8)),
-                              "cannot be stored"),
-        "300 xattrs on a file": (t.pax(xattrs) + t.member(b"a") + t.pax(xattrs)
-                                 + t.member(b"b"), "xattrs"),
+        "device major 2^40": (
+            t.member(b"dev", typeflag=b"4", devmajor=t.base256(1 << 40, 8)),
+            "cannot be stored",
+        ),
+        "300 xattrs on a file": (
+            t.pax(xattrs) + t.member(b"a") + t.pax(xattrs) + t.member(b"b"),
+            "xattrs",
+        ),
         "sparse map beyond the file": (
-            t.pax_sparse_1x0(b"s", 1 << 20, [((1 << 20) - 2, b"abcd")]), "beyond the file"),
+            t.pax_sparse_1x0(b"s", 1 << 20, [((1 << 20) - 2, b"abcd")]),
+            "beyond the file",
+        ),
         "old GNU sparse with negative offset": (
-            t.header(b"s", typeflag=b"S", size=4, gnu=True, gnu_sparse=(
-                t.base256(-4096, 12) + t.field(4, 12) + bytes(72) + b"\0"
-                + t.field(1 << 20, 12))) + t.padded(b"data"), "negative offset"),
+            t.header(
+                b"s",
+                typeflag=b"S",
+                size=4,
+                gnu=True,
+                gnu_sparse=(
+                    t.base256(-4096, 12) + t.field(4, 12) + bytes(72) + b"\0" + t.field(1 << 20, 12)
+                ),
+            )
+            + t.padded(b"data"),
+            "negative offset",
+        ),
     }
 
 
@@ -158,8 +177,7 @@ def test_petabyte_sparse_file_converts_in_seconds_and_mounts(tmp_path: Path) -> 
     size = 1 << 50
     runs = [(0, b"head"), ((1 << 40) + 12345, b"middle"), (size - 4, b"tail")]
     layer = tmp_path / "peta.tar"
-    layer.write_bytes(t.pax_sparse_1x0(b"peta", size, runs) + t.member(b"after", b"x")
-                      + t.end())
+    layer.write_bytes(t.pax_sparse_1x0(b"peta", size, runs) + t.member(b"after", b"x") + t.end())
     assert layer.stat().st_size <= 5 * 1024
     out = tmp_path / "peta.erofs"
     proc = convert_bounded(layer, out)
@@ -183,12 +201,12 @@ def test_sparse_file_too_costly_for_the_format_is_refused(tmp_path: Path) -> Non
     of tens of GiB stored whole; refused in one line, nothing written."""
     size = 1 << 62
     layer = tmp_path / "huge.tar"
-    layer.write_bytes(t.pax_sparse_1x0(b"huge", size, [(0, b"a"), (size - 1, b"z")])
-                      + t.end())
+    layer.write_bytes(t.pax_sparse_1x0(b"huge", size, [(0, b"a"), (size - 1, b"z")]) + t.end())
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    assert_refused(convert_bounded(layer, out_dir / "huge.erofs"), out_dir,
-                   "max_sparse_overhead_bytes")
+    assert_refused(
+        convert_bounded(layer, out_dir / "huge.erofs"), out_dir, "max_sparse_overhead_bytes"
+    )
 
 
 def test_file_size_beyond_the_kernel_maximum_is_refused(tmp_path: Path) -> None:
@@ -202,12 +220,14 @@ def test_file_size_beyond_the_kernel_maximum_is_refused(tmp_path: Path) -> None:
 def test_million_component_pax_path_is_refused(tmp_path: Path) -> None:
     """2 MB of `a/a/a/...` in one PAX path took 1.6 GB of memory to hold as a tree."""
     layer = tmp_path / "deep.tar.gz"
-    layer.write_bytes(zlib.compress(t.pax([(b"path", b"a/" * 1_000_000 + b"f")])
-                                    + t.member(b"f", b"x") + t.end(), 9, 31))
+    layer.write_bytes(
+        zlib.compress(
+            t.pax([(b"path", b"a/" * 1_000_000 + b"f")]) + t.member(b"f", b"x") + t.end(), 9, 31
+        )
+    )
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    assert_refused(convert_bounded(layer, out_dir / "deep.erofs"), out_dir,
-                   "max_header_bytes")
+    assert_refused(convert_bounded(layer, out_dir / "deep.erofs"), out_dir, "max_header_bytes")
 
 
 @pytest.mark.parametrize(
@@ -230,13 +250,15 @@ def test_implicit_directories_count_against_the_metadata_limit(tmp_path: Path) -
     it grows, so the default `max_metadata_bytes` stops it before the memory limit does."""
     deep = b"/".join([b"d"] * 1000)
     layer = tmp_path / "implicit.tar.gz"
-    body = b"".join(t.pax([(b"path", b"top%04d/" % i + deep + b"/f")]) + t.member(b"f")
-                    for i in range(1100))
+    body = b"".join(
+        t.pax([(b"path", b"top%04d/" % i + deep + b"/f")]) + t.member(b"f") for i in range(1100)
+    )
     layer.write_bytes(zlib.compress(body + t.end(), 6, 31))
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    assert_refused(convert_bounded(layer, out_dir / "implicit.erofs"), out_dir,
-                   "max_metadata_bytes")
+    assert_refused(
+        convert_bounded(layer, out_dir / "implicit.erofs"), out_dir, "max_metadata_bytes"
+    )
 
 
 def _files(n: int, size: int = 1) -> bytes:
@@ -250,18 +272,24 @@ def _files(n: int, size: int = 1) -> bytes:
         (Limits(max_tar_bytes=1 << 20), _files(2, 2 << 20), "max_tar_bytes"),
         (Limits(max_image_bytes=4 << 20), _files(3, 3 << 20), "max_image_bytes"),
         (Limits(max_metadata_bytes=64 << 10), _files(100), "max_metadata_bytes"),
-        (Limits(max_header_bytes=1024), t.pax([(b"comment", b"c" * 2000)]) + _files(1),
-         "max_header_bytes"),
+        (
+            Limits(max_header_bytes=1024),
+            t.pax([(b"comment", b"c" * 2000)]) + _files(1),
+            "max_header_bytes",
+        ),
         (Limits(max_path_depth=3), t.member(b"a/b/c/d") + t.end(), "max_path_depth"),
         (Limits(max_path_bytes=10), t.member(b"abcdefghijk") + t.end(), "max_path_bytes"),
-        (Limits(max_sparse_overhead_bytes=1 << 20),
-         t.pax_sparse_1x0(b"s", 1 << 40, [(0, b"a"), (1 << 39, b"b")]) + t.end(),
-         "max_sparse_overhead_bytes"),
+        (
+            Limits(max_sparse_overhead_bytes=1 << 20),
+            t.pax_sparse_1x0(b"s", 1 << 40, [(0, b"a"), (1 << 39, b"b")]) + t.end(),
+            "max_sparse_overhead_bytes",
+        ),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
-def test_configured_limits_are_enforced(tmp_path: Path, limits: Limits, layer: bytes,
-                                        message: str) -> None:
+def test_configured_limits_are_enforced(
+    tmp_path: Path, limits: Limits, layer: bytes, message: str
+) -> None:
     src = tmp_path / "layer.tar"
     src.write_bytes(layer)
     out = tmp_path / "out.erofs"
@@ -299,15 +327,23 @@ def _peak_rss(pid: int) -> int:
     raise AssertionError("no VmHWM")
 
 
-def _apply_layer(stack: Stack, blob: Path, key: str, media_type: str
-                 ) -> tuple[grpc.StatusCode, str]:
+def _apply_layer(
+    stack: Stack, blob: Path, key: str, media_type: str
+) -> tuple[grpc.StatusCode, str]:
     digest = "sha256:" + hashlib.sha256(blob.read_bytes()).hexdigest()
     stack.containerd.ingest(blob, digest)
     with grpc.insecure_channel(f"unix:{stack.service.socket}") as channel:
-        mounts = pb_grpc.SnapshotsStub(channel).Prepare(
-            pb.PrepareSnapshotRequest(key=key), metadata=NS).mounts
-        request = diff_pb2.ApplyRequest(diff=descriptor_pb2.Descriptor(
-            media_type=media_type, digest=digest, size=blob.stat().st_size), mounts=mounts)
+        mounts = (
+            pb_grpc.SnapshotsStub(channel)
+            .Prepare(pb.PrepareSnapshotRequest(key=key), metadata=NS)
+            .mounts
+        )
+        request = diff_pb2.ApplyRequest(
+            diff=descriptor_pb2.Descriptor(
+                media_type=media_type, digest=digest, size=blob.stat().st_size
+            ),
+            mounts=mounts,
+        )
         try:
             diff_pb2_grpc.DiffStub(channel).Apply(request, metadata=NS, timeout=TIMEOUT)
             return grpc.StatusCode.OK, ""
@@ -325,14 +361,16 @@ def test_apply_refuses_bombs_in_one_line_and_stays_small(stack: Stack, tmp_path:
     bombs = {
         "negative-size": zlib.compress(t.header(b"neg", size=b"-1000") + t.end(), 9, 31)
         + gzip_of_zeros(2),
-        "deep-path": zlib.compress(t.pax([(b"path", b"a/" * 1_000_000 + b"f")])
-                                   + t.member(b"f", b"x") + t.end(), 9, 31),
+        "deep-path": zlib.compress(
+            t.pax([(b"path", b"a/" * 1_000_000 + b"f")]) + t.member(b"f", b"x") + t.end(), 9, 31
+        ),
     }
     for name, data in bombs.items():
         blob = tmp_path / f"{name}.tar.gz"
         blob.write_bytes(data)
-        code, details = _apply_layer(stack, blob, f"default/bomb/{name}",
-                                     "application/vnd.oci.image.layer.v1.tar+gzip")
+        code, details = _apply_layer(
+            stack, blob, f"default/bomb/{name}", "application/vnd.oci.image.layer.v1.tar+gzip"
+        )
         assert code not in (grpc.StatusCode.OK, grpc.StatusCode.INTERNAL), (name, code)
         assert "\n" not in details and "Traceback" not in details, details
         want = "bad size field" if name == "negative-size" else "max_header_bytes"
@@ -340,8 +378,8 @@ def test_apply_refuses_bombs_in_one_line_and_stays_small(stack: Stack, tmp_path:
     assert _peak_rss(pid) - before < 200 << 20
     size = 1 << 50
     blob = tmp_path / "peta.tar"
-    blob.write_bytes(t.pax_sparse_1x0(b"peta", size, [(0, b"head"), (size - 4, b"tail")])
-                     + t.end())
-    code, details = _apply_layer(stack, blob, "default/bomb/peta",
-                                 "application/vnd.oci.image.layer.v1.tar")
+    blob.write_bytes(t.pax_sparse_1x0(b"peta", size, [(0, b"head"), (size - 4, b"tail")]) + t.end())
+    code, details = _apply_layer(
+        stack, blob, "default/bomb/peta", "application/vnd.oci.image.layer.v1.tar"
+    )
     assert code == grpc.StatusCode.OK, details

@@ -31,8 +31,9 @@ pytestmark = [pytest.mark.containerd, pytest.mark.root]
 
 
 @pytest.fixture(scope="module", params=["1.6", "1.7", "2.1"])
-def vm_stack(request: pytest.FixtureRequest,
-             tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, str]]:
+def vm_stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Stack, str]]:
     """The running stack with the image imported for both snapshotters, and its top chain."""
     require_root()
     require_tool("veritysetup")
@@ -49,12 +50,14 @@ def vm_stack(request: pytest.FixtureRequest,
         try:
             info = build_image(image_layers(), IMAGE, base / "image.tar")
             for snapshotter in (OURS, THEIRS):
-                running.containerd.ctr("images", "import", "--snapshotter", snapshotter,
-                                       str(base / "image.tar"))
+                running.containerd.ctr(
+                    "images", "import", "--snapshotter", snapshotter, str(base / "image.tar")
+                )
             yield running, chain_ids(info["diff_ids"])[-1]
         finally:
             running.stop()
             shutil.rmtree(base, ignore_errors=True)
+
 
 def test_runc_reads_a_vm_mode_image(vm_stack: tuple[Stack, str]) -> None:
     stack, top = vm_stack
@@ -65,15 +68,44 @@ def test_runc_reads_a_vm_mode_image(vm_stack: tuple[Stack, str]) -> None:
     assert len(listed) < 4096
     ctr("snapshots", "--snapshotter", OURS, "rm", "probe-rootfs")
 
-    ours = ctr("run", "--rm", "--snapshotter", OURS, IMAGE, "vm-ours",
-               "/bin/busybox", "sh", "-c", LIST_SCRIPT).stdout
-    theirs = ctr("run", "--rm", "--snapshotter", THEIRS, IMAGE, "vm-theirs",
-                 "/bin/busybox", "sh", "-c", LIST_SCRIPT).stdout
+    ours = ctr(
+        "run",
+        "--rm",
+        "--snapshotter",
+        OURS,
+        IMAGE,
+        "vm-ours",
+        "/bin/busybox",
+        "sh",
+        "-c",
+        LIST_SCRIPT,
+    ).stdout
+    theirs = ctr(
+        "run",
+        "--rm",
+        "--snapshotter",
+        THEIRS,
+        IMAGE,
+        "vm-theirs",
+        "/bin/busybox",
+        "sh",
+        "-c",
+        LIST_SCRIPT,
+    ).stdout
     assert ours == theirs
     names = {line.split()[0] for line in ours.splitlines() if line.startswith("/")}
     assert {"/data/opq/new", "/data/sub/second", "/data/xattr-link"} <= names
     assert {"/data/gone", "/data/olddir", "/data/opq/hidden"}.isdisjoint(names)
-    written = ctr("run", "--rm", "--snapshotter", OURS, IMAGE, "vm-write", "/bin/busybox",
-                  "sh", "-c", "echo hi > /data/new && cat /data/new /data/sub/deep").stdout
+    written = ctr(
+        "run",
+        "--rm",
+        "--snapshotter",
+        OURS,
+        IMAGE,
+        "vm-write",
+        "/bin/busybox",
+        "sh",
+        "-c",
+        "echo hi > /data/new && cat /data/new /data/sub/deep",
+    ).stdout
     assert written == "hi\ndeep\n"
-

@@ -36,8 +36,14 @@ def _where(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc} (at {Path(frame.filename).name}:{frame.lineno})"
 
 
-def run_round(target: Target, round_seed: int, work: Path, deadline: float,
-              examples: int, example_seconds: int) -> tuple[int, str | None]:
+def run_round(
+    target: Target,
+    round_seed: int,
+    work: Path,
+    deadline: float,
+    examples: int,
+    example_seconds: int,
+) -> tuple[int, str | None]:
     """One Hypothesis run of `examples` examples; (examples run, finding or None)."""
     work.mkdir(parents=True, exist_ok=True)
     base = target.base(work)
@@ -47,8 +53,13 @@ def run_round(target: Target, round_seed: int, work: Path, deadline: float,
     case_dir = work / "case"
 
     @seed(round_seed)
-    @settings(max_examples=examples, deadline=None, database=None, print_blob=False,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        print_blob=False,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(damage=damages(spots, len(base), target.first))
     def case(damage: Damage) -> None:
         nonlocal ran
@@ -98,8 +109,14 @@ def main(argv: list[str]) -> int:
             for name in names:
                 if time.monotonic() >= deadline:
                     break
-                ran, finding = run_round(TARGETS[name], base_seed + round_no, work / name,
-                                         deadline, examples, example_seconds)
+                ran, finding = run_round(
+                    TARGETS[name],
+                    base_seed + round_no,
+                    work / name,
+                    deadline,
+                    examples,
+                    example_seconds,
+                )
                 totals[name] += ran
                 if finding:
                     findings.append(finding)
@@ -108,8 +125,10 @@ def main(argv: list[str]) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     summary = ", ".join(f"{n} {c}" for n, c in totals.items())
-    print(f"fuzz: {sum(totals.values())} examples in {seconds} s ({summary}); "
-          f"{len(findings)} findings")
+    print(
+        f"fuzz: {sum(totals.values())} examples in {seconds} s ({summary}); "
+        f"{len(findings)} findings"
+    )
     return 1 if findings else 0
 
 

@@ -34,15 +34,41 @@ EXAMPLES = Path(__file__).parent / "examples"
 Damage = list[tuple[int, bytes]]
 
 # Values that break size and address arithmetic, written as 1, 2, 4 or 8 bytes.
-INTERESTING = [0, 1, 2, 0x7F, 0x80, 0xFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFF0, 1 << 31, 1 << 40,
-               (1 << 60) + 4097, (1 << 63) - 1, (1 << 64) - 1]
+INTERESTING = [
+    0,
+    1,
+    2,
+    0x7F,
+    0x80,
+    0xFF,
+    0xFFFF,
+    0xFFFFFFFF,
+    0xFFFFFFF0,
+    1 << 31,
+    1 << 40,
+    (1 << 60) + 4097,
+    (1 << 63) - 1,
+    (1 << 64) - 1,
+]
 # Inode fields (offset in the inode, width): format, xattr count, mode, size, layout word.
 INODE_FIELDS = [(0, 2), (2, 2), (4, 2), (8, 4), (16, 4)]
 EXTENDED_INODE_FIELDS = [(0, 2), (2, 2), (4, 2), (8, 8), (16, 4), (44, 4)]
 # Tar header fields (offset in the 512-byte header, width): name, mode, uid, size, mtime,
 # checksum, type, link name, magic, device numbers, prefix.
-TAR_FIELDS = [(0, 100), (100, 8), (108, 8), (124, 12), (136, 12), (148, 8), (156, 1),
-              (157, 100), (257, 8), (329, 8), (337, 8), (345, 155)]
+TAR_FIELDS = [
+    (0, 100),
+    (100, 8),
+    (108, 8),
+    (124, 12),
+    (136, 12),
+    (148, 8),
+    (156, 1),
+    (157, 100),
+    (257, 8),
+    (329, 8),
+    (337, 8),
+    (345, 155),
+]
 
 
 class Hang(Exception):
@@ -69,7 +95,7 @@ class Target:
 def apply(base: bytes, damage: Damage) -> bytes:
     image = bytearray(base)
     for offset, raw in damage:
-        image[offset:offset + len(raw)] = raw[:max(0, len(image) - offset)]
+        image[offset : offset + len(raw)] = raw[: max(0, len(image) - offset)]
     return bytes(image)
 
 
@@ -83,15 +109,18 @@ def damages(spots: HotSpots, size: int, first: int = 0) -> st.SearchStrategy[Dam
         if spots.fields and draw(st.booleans()):
             where, width = draw(st.sampled_from(spots.fields))
         else:
-            where = draw(st.one_of(st.sampled_from(spots.bytes), anywhere) if spots.bytes
-                         else anywhere)
+            where = draw(
+                st.one_of(st.sampled_from(spots.bytes), anywhere) if spots.bytes else anywhere
+            )
             width = draw(st.sampled_from([1, 1, 2, 4, 8]))
         if width > 8:  # a text field: random bytes, or digits (tar numbers are octal text)
-            raw = draw(st.one_of(st.binary(min_size=1, max_size=width),
-                                 st.from_regex(rb"\A[0-7 \x00-]{1,12}\Z")))
+            raw = draw(
+                st.one_of(
+                    st.binary(min_size=1, max_size=width), st.from_regex(rb"\A[0-7 \x00-]{1,12}\Z")
+                )
+            )
             return where, raw
-        value = draw(st.one_of(st.integers(0, (1 << 8 * width) - 1),
-                               st.sampled_from(INTERESTING)))
+        value = draw(st.one_of(st.integers(0, (1 << 8 * width) - 1), st.sampled_from(INTERESTING)))
         return where, (value & ((1 << 8 * width) - 1)).to_bytes(width, "little")
 
     return st.lists(one(), min_size=1, max_size=8)
@@ -112,6 +141,7 @@ def time_limit(seconds: int) -> Iterator[None]:
 
 
 # -- EROFS ----------------------------------------------------------------------------------------
+
 
 def _erofs_base(work: Path) -> bytes:
     out = work / "base.erofs"
@@ -134,8 +164,11 @@ def _erofs_hot_spots(base: bytes, work: Path) -> HotSpots:
             fields.update((info.pos + off, width) for off, width in layout)
             if stat.S_ISDIR(info.mode):
                 for ref in img.data_map(info):
-                    start = (ref.inline_pos if ref.inline_pos is not None
-                             else ref.blkaddr * img.block_size)
+                    start = (
+                        ref.inline_pos
+                        if ref.inline_pos is not None
+                        else ref.blkaddr * img.block_size
+                    )
                     spots.update(range(start, start + 48))
             if info.inode.layout == 4:  # chunk based: the table follows the inode
                 spots.update(range(info.data_pos, info.data_pos + 64))
@@ -189,6 +222,7 @@ def _erofs_reader(image: bytes, work: Path) -> None:
 
 # -- tar ----------------------------------------------------------------------------------------
 
+
 def _tar_base(work: Path) -> bytes:
     return write_tar(work / "base.tar", awkward_entries()).read_bytes()
 
@@ -208,20 +242,23 @@ def _tar(data: bytes, work: Path) -> None:
         convert_layer(io.BytesIO(data), work / "tar.erofs")
 
 
-TARGETS = {t.name: t for t in (
-    Target("erofs-import", _erofs_base, _erofs_hot_spots, _erofs_import, SUPER_OFFSET),
-    Target("erofs-merge", _erofs_base, _erofs_hot_spots, _erofs_merge, SUPER_OFFSET),
-    Target("erofs-reader", _erofs_base, _erofs_hot_spots, _erofs_reader, SUPER_OFFSET),
-    Target("tar", _tar_base, _tar_hot_spots, _tar),
-)}
+TARGETS = {
+    t.name: t
+    for t in (
+        Target("erofs-import", _erofs_base, _erofs_hot_spots, _erofs_import, SUPER_OFFSET),
+        Target("erofs-merge", _erofs_base, _erofs_hot_spots, _erofs_merge, SUPER_OFFSET),
+        Target("erofs-reader", _erofs_base, _erofs_hot_spots, _erofs_reader, SUPER_OFFSET),
+        Target("tar", _tar_base, _tar_hot_spots, _tar),
+    )
+}
 
 
 # -- examples -------------------------------------------------------------------------------------
 
+
 def save_example(target: str, damage: Damage, error: str, directory: Path = EXAMPLES) -> Path:
     """Keep a damage that broke something, named by its content, for the suite to replay."""
-    record = {"target": target, "damage": [[off, raw.hex()] for off, raw in damage],
-              "found": error}
+    record = {"target": target, "damage": [[off, raw.hex()] for off, raw in damage], "found": error}
     text = json.dumps(record, indent=1) + "\n"
     name = f"{target}-{hashlib.sha256(text.encode()).hexdigest()[:12]}.json"
     directory.mkdir(parents=True, exist_ok=True)
@@ -231,8 +268,7 @@ def save_example(target: str, damage: Damage, error: str, directory: Path = EXAM
 
 def load_example(path: Path) -> tuple[Target, Damage]:
     record = json.loads(path.read_text())
-    return TARGETS[record["target"]], [(off, bytes.fromhex(raw)) for off, raw in
-                                       record["damage"]]
+    return TARGETS[record["target"]], [(off, bytes.fromhex(raw)) for off, raw in record["damage"]]
 
 
 def committed_examples(prefix: str = "") -> list[Path]:

@@ -34,8 +34,9 @@ TIMEOUT = 60  # seconds any one CLI run may take here; a hang fails the test ins
 
 
 def run_cli(*args: str | Path, **kwargs) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True,
-                          timeout=TIMEOUT, **kwargs)
+    return subprocess.run(
+        [*CLI, *map(str, args)], capture_output=True, text=True, timeout=TIMEOUT, **kwargs
+    )
 
 
 def sha256_of(path: Path) -> str:
@@ -63,14 +64,17 @@ def images(tmp_path_factory) -> list[Path]:
     d = tmp_path_factory.mktemp("images")
     out = []
     for n in range(3):
-        tar = write_tar(d / f"l{n}.tar", [Entry(f"layer{n}", "dir"),
-                                           Entry(f"layer{n}/file", data=b"layer %d\n" % n)])
+        tar = write_tar(
+            d / f"l{n}.tar",
+            [Entry(f"layer{n}", "dir"), Entry(f"layer{n}/file", data=b"layer %d\n" % n)],
+        )
         convert_layer(tar, d / f"l{n}.erofs")
         out.append(d / f"l{n}.erofs")
     return out
 
 
 # --- progress -----------------------------------------------------------------------------
+
 
 def run_on_pty(*args: str | Path) -> tuple[int, str, bytes, float]:
     """Run the CLI with stderr on a pseudo-terminal (stdout a pipe): (exit code, stdout,
@@ -92,8 +96,13 @@ def run_on_pty(*args: str | Path) -> tuple[int, str, bytes, float]:
     reader.start()
     start = time.monotonic()
     try:
-        proc = subprocess.run([*CLI, *map(str, args)], stdout=subprocess.PIPE, stderr=slave,
-                              text=True, timeout=TIMEOUT)
+        proc = subprocess.run(
+            [*CLI, *map(str, args)],
+            stdout=subprocess.PIPE,
+            stderr=slave,
+            text=True,
+            timeout=TIMEOUT,
+        )
     finally:
         os.close(slave)
         reader.join(TIMEOUT)
@@ -139,6 +148,7 @@ def test_merge_shows_progress_on_a_terminal_only(images, tmp_path):
 
 # --- SIGTERM ------------------------------------------------------------------------------
 
+
 def wait_for_temp_file(directory: Path, proc: subprocess.Popen) -> None:
     deadline = time.monotonic() + TIMEOUT
     while not temp_files(directory):
@@ -152,9 +162,12 @@ def test_sigterm_during_convert_leaves_no_temp_file(layer, tmp_path):
     still running (its output a temp file) when the signal arrives."""
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    proc = subprocess.Popen([*CLI, "convert", "-", str(out_dir / "layer.erofs")],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [*CLI, "convert", "-", str(out_dir / "layer.erofs")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         with open(layer, "rb") as f:
             proc.stdin.write(f.read(8 << 20))
@@ -181,9 +194,18 @@ def test_sigterm_during_merge_leaves_no_temp_file(tmp_path):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     proc = subprocess.Popen(
-        [*CLI, "merge", str(out_dir / "image.fsmeta"), *[str(tmp_path / "many.erofs")] * 80,
-         "--verity", "--flat", str(out_dir / "image.flat")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        [
+            *CLI,
+            "merge",
+            str(out_dir / "image.fsmeta"),
+            *[str(tmp_path / "many.erofs")] * 80,
+            "--verity",
+            "--flat",
+            str(out_dir / "image.flat"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         wait_for_temp_file(out_dir, proc)
         proc.send_signal(signal.SIGTERM)
@@ -199,6 +221,7 @@ def test_sigterm_during_merge_leaves_no_temp_file(tmp_path):
 
 # --- verity format on a file that already has a tree --------------------------------------
 
+
 def test_verity_format_refuses_a_second_appended_tree(tmp_path):
     veritysetup = require_tool("veritysetup")
     data = tmp_path / "data.img"
@@ -211,8 +234,18 @@ def test_verity_format_refuses_a_second_appended_tree(tmp_path):
     again = run_cli("verity", "format", data)
     assert_one_line_error(again, "already ends with a dm-verity tree", "--force")
     assert sha256_of(data) == formatted  # unchanged
-    subprocess.run([veritysetup, "verify", str(data), str(data), info["root_hash"],
-                    f"--hash-offset={info['hash_offset']}"], check=True, timeout=TIMEOUT)
+    subprocess.run(
+        [
+            veritysetup,
+            "verify",
+            str(data),
+            str(data),
+            info["root_hash"],
+            f"--hash-offset={info['hash_offset']}",
+        ],
+        check=True,
+        timeout=TIMEOUT,
+    )
 
     forced = run_cli("verity", "format", data, "--force", "--json")
     assert forced.returncode == 0, forced.stderr
@@ -227,14 +260,25 @@ def test_verity_format_recognises_a_tree_veritysetup_appended(tmp_path, block_si
     blocks = 37
     data.write_bytes(random.Random(4).randbytes(blocks * dbs))
     subprocess.run(
-        [veritysetup, "format", str(data), str(data), f"--data-blocks={blocks}",
-         f"--hash-offset={blocks * dbs}", f"--data-block-size={dbs}",
-         f"--hash-block-size={hbs}"],
-        check=True, capture_output=True, timeout=TIMEOUT)
+        [
+            veritysetup,
+            "format",
+            str(data),
+            str(data),
+            f"--data-blocks={blocks}",
+            f"--hash-offset={blocks * dbs}",
+            f"--data-block-size={dbs}",
+            f"--hash-block-size={hbs}",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=TIMEOUT,
+    )
     before = sha256_of(data)
     proc = run_cli("verity", "format", data)
-    assert_one_line_error(proc, "already ends with a dm-verity tree",
-                          f"superblock at byte {blocks * dbs}")
+    assert_one_line_error(
+        proc, "already ends with a dm-verity tree", f"superblock at byte {blocks * dbs}"
+    )
     assert sha256_of(data) == before
 
 
@@ -252,6 +296,7 @@ def test_verity_format_accepts_data_that_merely_contains_a_superblock(tmp_path):
 
 # --- FIFOs and directories ----------------------------------------------------------------
 
+
 @pytest.fixture()
 def odd_files(tmp_path, images) -> dict[str, Path]:
     """A FIFO without a writer, a directory, a unix socket, and a good image."""
@@ -267,58 +312,71 @@ def odd_files(tmp_path, images) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("kind,what", [("fifo", "a FIFO"), ("dir", "a directory")])
-@pytest.mark.parametrize("command", [
-    ["key", "show", "{in}"],
-    ["convert", "{in}", "{tmp}/out.erofs"],
-    ["merge", "{tmp}/out.fsmeta", "{image}", "{in}"],
-    ["inspect", "{in}"],
-    ["verity", "format", "{in}"],
-    ["verity", "verify", "{in}", "--root-hash", "00", "--hash-offset", "4096"],
-    ["verity", "verify", "{image}", "--root-hash", "00", "--hash-file", "{in}"],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["key", "show", "{in}"],
+        ["convert", "{in}", "{tmp}/out.erofs"],
+        ["merge", "{tmp}/out.fsmeta", "{image}", "{in}"],
+        ["inspect", "{in}"],
+        ["verity", "format", "{in}"],
+        ["verity", "verify", "{in}", "--root-hash", "00", "--hash-offset", "4096"],
+        ["verity", "verify", "{image}", "--root-hash", "00", "--hash-file", "{in}"],
+    ],
+)
 def test_fifo_or_directory_as_input_is_one_line(odd_files, tmp_path, command, kind, what):
-    argv = [a.format(**{"in": odd_files[kind], "tmp": tmp_path, "image": odd_files["image"]})
-            for a in command]
+    argv = [
+        a.format(**{"in": odd_files[kind], "tmp": tmp_path, "image": odd_files["image"]})
+        for a in command
+    ]
     proc = run_cli(*argv)  # a FIFO read without a writer would hang: TIMEOUT fails that
     assert_one_line_error(proc, f"is {what}, not a regular file")
     assert not (tmp_path / "out.erofs").exists() and not (tmp_path / "out.fsmeta").exists()
     assert temp_files(tmp_path) == []
 
 
-@pytest.mark.parametrize("kind,what", [("dir", "a directory"), ("fifo", "a FIFO"),
-                                       ("sock", "a socket")])
-@pytest.mark.parametrize("command", [
-    ["convert", "{layer}", "{out}"],
-    ["merge", "{out}", "{image}"],
-    ["merge", "{tmp}/ok.fsmeta", "{image}", "--flat", "{out}"],
-    ["verity", "format", "{data}", "--hash-file", "{out}"],
-])
-def test_directory_or_special_file_as_output_is_one_line(odd_files, tmp_path, command, kind,
-                                                         what):
+@pytest.mark.parametrize(
+    "kind,what", [("dir", "a directory"), ("fifo", "a FIFO"), ("sock", "a socket")]
+)
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["convert", "{layer}", "{out}"],
+        ["merge", "{out}", "{image}"],
+        ["merge", "{tmp}/ok.fsmeta", "{image}", "--flat", "{out}"],
+        ["verity", "format", "{data}", "--hash-file", "{out}"],
+    ],
+)
+def test_directory_or_special_file_as_output_is_one_line(odd_files, tmp_path, command, kind, what):
     """Refused before any work: nothing replaces the FIFO or socket, nothing lands inside
     the directory."""
     layer = write_tar(tmp_path / "small.tar", [Entry("f", data=b"x")])
     data = tmp_path / "data.img"
     data.write_bytes(bytes(8192))
     out = odd_files[kind]
-    argv = [a.format(layer=layer, out=out, image=odd_files["image"], tmp=tmp_path, data=data)
-            for a in command]
+    argv = [
+        a.format(layer=layer, out=out, image=odd_files["image"], tmp=tmp_path, data=data)
+        for a in command
+    ]
     proc = run_cli(*argv)
     assert_one_line_error(proc, f"is {what}")
-    assert (out.is_dir() if kind == "dir" else not out.is_file() and out.exists())
+    assert out.is_dir() if kind == "dir" else not out.is_file() and out.exists()
     if kind == "dir":
         assert list(out.iterdir()) == []
     assert temp_files(tmp_path) == []
     assert not (tmp_path / "ok.fsmeta").exists()
 
 
-@pytest.mark.parametrize("command", [
-    ["convert", "{tar}", "{tar}"],
-    ["merge", "{image}", "{image}"],
-    ["merge", "{tmp}/a.fsmeta", "{image}", "--flat", "{image}"],
-    ["merge", "{tmp}/a.fsmeta", "{image}", "--flat", "{tmp}/a.fsmeta"],
-    ["verity", "format", "{image}", "--hash-file", "{image}"],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["convert", "{tar}", "{tar}"],
+        ["merge", "{image}", "{image}"],
+        ["merge", "{tmp}/a.fsmeta", "{image}", "--flat", "{image}"],
+        ["merge", "{tmp}/a.fsmeta", "{image}", "--flat", "{tmp}/a.fsmeta"],
+        ["verity", "format", "{image}", "--hash-file", "{image}"],
+    ],
+)
 def test_output_that_is_an_input_is_refused(tmp_path, images, command):
     """The rename at the end would replace the input (a layer the fsmeta points into, the
     data whose tree was just computed): refused before any work, the input intact."""
@@ -335,8 +393,12 @@ def test_output_that_is_an_input_is_refused(tmp_path, images, command):
 def test_convert_reads_a_pipe_given_as_standard_input(layer, tmp_path):
     """The documented way to convert from a pipe or FIFO: `-` and a redirection."""
     with open(layer, "rb") as f:
-        proc = subprocess.run([*CLI, "convert", "-", str(tmp_path / "stdin.erofs"), "--json"],
-                              stdin=f, capture_output=True, timeout=TIMEOUT)
+        proc = subprocess.run(
+            [*CLI, "convert", "-", str(tmp_path / "stdin.erofs"), "--json"],
+            stdin=f,
+            capture_output=True,
+            timeout=TIMEOUT,
+        )
     assert proc.returncode == 0, proc.stderr
     via_file = run_cli("convert", layer, tmp_path / "file.erofs", "--json")
     assert json.loads(proc.stdout)["diff_id"] == json.loads(via_file.stdout)["diff_id"]
@@ -344,6 +406,7 @@ def test_convert_reads_a_pipe_given_as_standard_input(layer, tmp_path):
 
 
 # --- no traceback on bad input ------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def bad_inputs(tmp_path_factory, images) -> dict[str, Path]:
@@ -357,8 +420,16 @@ def bad_inputs(tmp_path_factory, images) -> dict[str, Path]:
     tar = write_tar(d / "ok.tar", [Entry("f", data=b"x")])
     data = d / "data.img"
     data.write_bytes(random.Random(8).randbytes(3 * 4096))
-    return {"garbage": garbage, "empty": empty, "truncated": truncated, "tar": tar,
-            "data": data, "image": images[0], "missing": d / "missing", "dir": d}
+    return {
+        "garbage": garbage,
+        "empty": empty,
+        "truncated": truncated,
+        "tar": tar,
+        "data": data,
+        "image": images[0],
+        "missing": d / "missing",
+        "dir": d,
+    }
 
 
 SWEEP = [
@@ -379,27 +450,52 @@ SWEEP = [
     (["merge", "{out}", "{image}", "--tag", "x" * 65], "longer than 64 bytes"),
     (["verity", "format", "{missing}"], "no such file"),
     (["verity", "format", "{empty}"], "empty"),
-    (["verity", "format", "{data}", "--data-block-size", "3", "--hash-file", "{out}"],
-     "data block size 3"),
-    (["verity", "format", "{data}", "--hash-block-size", "0", "--hash-file", "{out}"],
-     "hash block size 0"),
+    (
+        ["verity", "format", "{data}", "--data-block-size", "3", "--hash-file", "{out}"],
+        "data block size 3",
+    ),
+    (
+        ["verity", "format", "{data}", "--hash-block-size", "0", "--hash-file", "{out}"],
+        "hash block size 0",
+    ),
     (["verity", "format", "{data}", "--salt", "zz", "--hash-file", "{out}"], "salt"),
     (["verity", "format", "{data}", "--uuid", "zz", "--hash-file", "{out}"], "UUID"),
     (["verity", "format", "{data}", "--digest", "zz", "--hash-file", "{out}"], "digest"),
-    (["verity", "verify", "{missing}", "--root-hash", "00", "--hash-offset", "0"],
-     "no such file"),
-    (["verity", "verify", "{data}", "--root-hash", "00", "--hash-offset", "-5"],
-     "--hash-offset -5"),
-    (["verity", "verify", "{data}", "--root-hash", "00", "--hash-offset", "4096"],
-     "superblock"),
-    (["verity", "verify", "{data}", "--root-hash", "00", "--hash-offset", "99999999999"],
-     "superblock"),
-    (["verity", "verify", "{data}", "--root-hash", "00", "--hash-offset", "9" * 25],
-     "not a possible file offset"),
-    (["verity", "verify", "{data}", "--root-hash", "00", "--hash-file", "{missing}"],
-     "no such file"),
-    (["verity", "verify", "{data}", "--root-hash", "zz", "--no-superblock", "--salt", "-",
-      "--hash-file", "{garbage}", "--data-blocks", "0"], "--data-blocks 0"),
+    (["verity", "verify", "{missing}", "--root-hash", "00", "--hash-offset", "0"], "no such file"),
+    (
+        ["verity", "verify", "{data}", "--root-hash", "00", "--hash-offset", "-5"],
+        "--hash-offset -5",
+    ),
+    (["verity", "verify", "{data}", "--root-hash", "00", "--hash-offset", "4096"], "superblock"),
+    (
+        ["verity", "verify", "{data}", "--root-hash", "00", "--hash-offset", "99999999999"],
+        "superblock",
+    ),
+    (
+        ["verity", "verify", "{data}", "--root-hash", "00", "--hash-offset", "9" * 25],
+        "not a possible file offset",
+    ),
+    (
+        ["verity", "verify", "{data}", "--root-hash", "00", "--hash-file", "{missing}"],
+        "no such file",
+    ),
+    (
+        [
+            "verity",
+            "verify",
+            "{data}",
+            "--root-hash",
+            "zz",
+            "--no-superblock",
+            "--salt",
+            "-",
+            "--hash-file",
+            "{garbage}",
+            "--data-blocks",
+            "0",
+        ],
+        "--data-blocks 0",
+    ),
     (["attach", "--qmp", "{missing}", "{data}"], "No such file"),
     (["attach", "--qmp", "{garbage}", "{data}"], "not a unix socket"),
     (["attach", "--qmp", "{garbage}", "{dir}"], "is a directory"),
@@ -414,8 +510,9 @@ SWEEP = [
 ]
 
 
-@pytest.mark.parametrize("argv,expected", SWEEP, ids=[" ".join(a[:2]) + f"-{i}"
-                                                      for i, (a, _) in enumerate(SWEEP)])
+@pytest.mark.parametrize(
+    "argv,expected", SWEEP, ids=[" ".join(a[:2]) + f"-{i}" for i, (a, _) in enumerate(SWEEP)]
+)
 def test_bad_input_is_one_line_and_loses_nothing(bad_inputs, tmp_path, argv, expected):
     names = {k: str(v) for k, v in bad_inputs.items()} | {"out": str(tmp_path / "out")}
     before = {k: sha256_of(v) for k, v in bad_inputs.items() if v.is_file()}
@@ -435,17 +532,20 @@ def unprivileged_root() -> list[str]:
     return [require_tool("setpriv"), "--bounding-set=-dac_override,-dac_read_search"]
 
 
-@pytest.mark.parametrize("command", [
-    ["convert", "{unreadable}", "{tmp}/out.erofs"],
-    ["convert", "{tar}", "{readonly_dir}/out.erofs"],
-    ["inspect", "{unreadable}"],
-    ["merge", "{tmp}/out.fsmeta", "{unreadable}"],
-    ["merge", "{readonly_dir}/out.fsmeta", "{image}"],
-    ["verity", "format", "{unreadable}"],
-    ["verity", "format", "{readonly}"],
-    ["verity", "format", "{image}", "--hash-file", "{readonly_dir}/hash"],
-    ["verity", "verify", "{unreadable}", "--root-hash", "00", "--hash-offset", "0"],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["convert", "{unreadable}", "{tmp}/out.erofs"],
+        ["convert", "{tar}", "{readonly_dir}/out.erofs"],
+        ["inspect", "{unreadable}"],
+        ["merge", "{tmp}/out.fsmeta", "{unreadable}"],
+        ["merge", "{readonly_dir}/out.fsmeta", "{image}"],
+        ["verity", "format", "{unreadable}"],
+        ["verity", "format", "{readonly}"],
+        ["verity", "format", "{image}", "--hash-file", "{readonly_dir}/hash"],
+        ["verity", "verify", "{unreadable}", "--root-hash", "00", "--hash-offset", "0"],
+    ],
+)
 def test_unreadable_or_unwritable_is_one_line(bad_inputs, tmp_path, command):
     prefix = unprivileged_root()
     unreadable = tmp_path / "unreadable"
@@ -456,16 +556,25 @@ def test_unreadable_or_unwritable_is_one_line(bad_inputs, tmp_path, command):
     readonly.chmod(0o444)
     readonly_dir = tmp_path / "ro"
     readonly_dir.mkdir(mode=0o555)
-    names = {"unreadable": unreadable, "readonly": readonly, "readonly_dir": readonly_dir,
-             "tmp": tmp_path, "tar": bad_inputs["tar"], "image": bad_inputs["image"]}
-    proc = subprocess.run([*prefix, *CLI, *[a.format(**names) for a in command]],
-                          capture_output=True, text=True, timeout=TIMEOUT)
+    names = {
+        "unreadable": unreadable,
+        "readonly": readonly,
+        "readonly_dir": readonly_dir,
+        "tmp": tmp_path,
+        "tar": bad_inputs["tar"],
+        "image": bad_inputs["image"],
+    }
+    proc = subprocess.run(
+        [*prefix, *CLI, *[a.format(**names) for a in command]],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert_one_line_error(proc)
     assert re.search("permission denied", proc.stderr, re.IGNORECASE), proc.stderr
     assert ".tmp" not in proc.stderr  # the file named is the user's, not a temp name
     assert readonly.read_bytes() == bytes(8192)
     assert list(readonly_dir.iterdir()) == [] and temp_files(tmp_path) == []
-
 
 
 def test_sigterm_during_verity_format_restores_the_data(tmp_path):
@@ -477,8 +586,9 @@ def test_sigterm_during_verity_format_restores_the_data(tmp_path):
         f.seek(size - 100)  # a hole, then 100 bytes
         f.write(b"the end of the data".ljust(100, b"."))
     assert data.stat().st_size == size
-    proc = subprocess.Popen([*CLI, "verity", "format", str(data)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [*CLI, "verity", "format", str(data)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     try:
         deadline = time.monotonic() + TIMEOUT
         while data.stat().st_size == size:  # padded once the hashing starts

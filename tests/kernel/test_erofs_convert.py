@@ -92,8 +92,11 @@ def test_whiteouts_and_opaque_dirs_as_overlayfs_reads_them(tmp_path: Path) -> No
         Entry(".wh.toplevel"),
         Entry("etc/.wh..wh.plnk", "dir"),
         Entry("etc/.wh..wh.plnk/1234.5678", data=b"aufs hardlink store"),
-        Entry(".wh.redone"), Entry("redone", "dir"), Entry("redone/new", data=b"r"),
-        Entry(".wh.implied"), Entry("implied/new", data=b"i"),
+        Entry(".wh.redone"),
+        Entry("redone", "dir"),
+        Entry("redone/new", data=b"r"),
+        Entry(".wh.implied"),
+        Entry("implied/new", data=b"i"),
     ]
     layer = write_tar(tmp_path / "l.tar", entries)
     out = tmp_path / "l.erofs"
@@ -214,8 +217,7 @@ def _write_huge_layer(path: Path, size: int, marks: dict[int, bytes]) -> None:
         ([Entry("link", "hardlink", link="../outside")], "contains '..'"),
         ([Entry("link", "hardlink", link="/etc/shadow")], "absolute member name"),
         ([Entry("d", "dir"), Entry("h", "hardlink", link="d")], "hardlink to a directory"),
-        ([Entry("esc", "symlink", link="/etc"), Entry("esc/passwd", data=b"x")],
-         "is a symlink"),
+        ([Entry("esc", "symlink", link="/etc"), Entry("esc/passwd", data=b"x")], "is a symlink"),
         ([Entry("f", data=b"x"), Entry("f/g", data=b"y")], "not a directory"),
         ([Entry("nobody", data=b"x", uid=2**32 - 1)], "not a valid Linux id"),
     ],
@@ -260,8 +262,7 @@ def test_diff_id_is_checked(awkward_tar: Path, tmp_path: Path) -> None:
     good = "sha256:" + hashlib.sha256(awkward_tar.read_bytes()).hexdigest()
     convert(awkward_tar, tmp_path / "ok.erofs", "--diff-id", good)
     wrong = "sha256:" + "0" * 64
-    proc = run_cli("convert", awkward_tar, tmp_path / "bad.erofs", "--diff-id", wrong,
-                   check=False)
+    proc = run_cli("convert", awkward_tar, tmp_path / "bad.erofs", "--diff-id", wrong, check=False)
     assert proc.returncode != 0 and "diffID mismatch" in proc.stderr
     assert not (tmp_path / "bad.erofs").exists()
 
@@ -274,15 +275,21 @@ def test_reader_sees_what_the_kernel_sees(awkward_tar: Path, tmp_path: Path) -> 
         for path, info in img.walk():
             rel = path.decode("utf-8", "surrogateescape") or "."
             st = os.lstat(mnt / rel)
-            assert (st.st_mode, st.st_uid, st.st_gid) == (info.mode, info.inode.uid,
-                                                          info.inode.gid), rel
+            assert (st.st_mode, st.st_uid, st.st_gid) == (
+                info.mode,
+                info.inode.uid,
+                info.inode.gid,
+            ), rel
             if stat.S_ISREG(st.st_mode):
                 assert img.read(info) == (mnt / rel).read_bytes(), rel
             elif stat.S_ISLNK(st.st_mode):
                 assert img.readlink(info) == os.readlink(os.fsencode(mnt / rel)), rel
             if rel != ".":
-                names = {os.fsencode(n) for n in os.listdir(mnt / rel)} if stat.S_ISDIR(
-                    st.st_mode) else None
+                names = (
+                    {os.fsencode(n) for n in os.listdir(mnt / rel)}
+                    if stat.S_ISDIR(st.st_mode)
+                    else None
+                )
                 if names is not None:
                     assert names == {n for n, _, _ in img.listdir(info)} - {b".", b".."}
 
@@ -295,8 +302,9 @@ def test_reader_reads_mkfs_erofs_images(tmp_path: Path) -> None:
     extract_with_gnu_tar(write_tar(tmp_path / "l.tar", awkward_entries()), src)
     for args in ([], ["-Enoinline_data"]):
         img_path = tmp_path / "mkfs.erofs"
-        subprocess.run([mkfs, "-x", "1", *args, str(img_path), str(src)], check=True,
-                       capture_output=True)
+        subprocess.run(
+            [mkfs, "-x", "1", *args, str(img_path), str(src)], check=True, capture_output=True
+        )
         with ErofsImage(img_path) as img:
             seen = {}
             for path, info in img.walk():
@@ -329,8 +337,17 @@ def test_verity_tree_is_accepted_by_veritysetup(awkward_tar: Path, tmp_path: Pat
         v = result["verity"]
         assert v["hash_offset"] == result["size"]
         proc = subprocess.run(
-            [veritysetup, "verify", str(out), str(out), v["root_hash"],
-             f"--hash-offset={v['hash_offset']}"], capture_output=True, text=True)
+            [
+                veritysetup,
+                "verify",
+                str(out),
+                str(out),
+                v["root_hash"],
+                f"--hash-offset={v['hash_offset']}",
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert proc.returncode == 0, proc.stderr
         results.append((out.read_bytes(), v["root_hash"]))
     assert results[0] == results[1], "the same layer must get the same tree either way"
@@ -339,8 +356,17 @@ def test_verity_tree_is_accepted_by_veritysetup(awkward_tar: Path, tmp_path: Pat
     bad = tmp_path / "bad.erofs"
     bad.write_bytes(bytes(data))
     proc = subprocess.run(
-        [veritysetup, "verify", str(bad), str(bad), results[0][1],
-         f"--hash-offset={v['hash_offset']}"], capture_output=True, text=True)
+        [
+            veritysetup,
+            "verify",
+            str(bad),
+            str(bad),
+            results[0][1],
+            f"--hash-offset={v['hash_offset']}",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode != 0
 
 
@@ -363,8 +389,11 @@ def test_directory_source_keeps_whiteouts_hardlinks_and_xattrs(
         sock.bind(str(sock_parent / "sock"))
     want = tree_view(src)
     result = convert_directory(src, tmp_path / "dir.erofs", verity=True, blob_digest=True)
-    assert result.blob_digest == "sha256:" + hashlib.sha256(
-        (tmp_path / "dir.erofs").read_bytes()[: result.size]).hexdigest()
+    assert (
+        result.blob_digest
+        == "sha256:"
+        + hashlib.sha256((tmp_path / "dir.erofs").read_bytes()[: result.size]).hexdigest()
+    )
     with mounted_erofs(tmp_path / "dir.erofs") as mnt:
         assert diff_views(tree_view(mnt), want) == []
         assert hardlink_groups(mnt) == hardlink_groups(src)

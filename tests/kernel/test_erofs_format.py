@@ -29,20 +29,52 @@ def test_sizes_match_the_kernel() -> None:
 
 
 def test_round_trips() -> None:
-    sb = SuperBlock(blkszbits=12, root_nid=128, inos=7, build_time=1_700_000_000, blocks=99,
-                    meta_blkaddr=3, xattr_blkaddr=2, uuid=bytes(range(16)), extra_devices=2,
-                    devt_slotoff=9, feature_incompat=0xC)
+    sb = SuperBlock(
+        blkszbits=12,
+        root_nid=128,
+        inos=7,
+        build_time=1_700_000_000,
+        blocks=99,
+        meta_blkaddr=3,
+        xattr_blkaddr=2,
+        uuid=bytes(range(16)),
+        extra_devices=2,
+        devt_slotoff=9,
+        feature_incompat=0xC,
+    )
     assert SuperBlock.unpack(sb.pack()) == sb
-    ext = Inode(mode=0o100644, extended=True, nlink=70_000, size=5 << 32, i_u=42, ino=9,
-                uid=2**32 - 1, gid=65_536, mtime=-5, mtime_nsec=999_999_999)
+    ext = Inode(
+        mode=0o100644,
+        extended=True,
+        nlink=70_000,
+        size=5 << 32,
+        i_u=42,
+        ino=9,
+        uid=2**32 - 1,
+        gid=65_536,
+        mtime=-5,
+        mtime_nsec=999_999_999,
+    )
     assert Inode.unpack(ext.pack()) == ext
-    compact = Inode(mode=0o40755, extended=False, nlink=3, size=100, i_u=7, ino=1, uid=1,
-                    gid=2, mtime=77, mtime_nsec=5)
+    compact = Inode(
+        mode=0o40755,
+        extended=False,
+        nlink=3,
+        size=100,
+        i_u=7,
+        ino=1,
+        uid=1,
+        gid=2,
+        mtime=77,
+        mtime_nsec=5,
+    )
     assert Inode.unpack(compact.pack(), build_time=77, build_time_nsec=5) == compact
     slot = DeviceSlot(tag=b"sha256:abc", blocks=(1 << 33) + 5, uniaddr=(1 << 40) + 1)
     assert DeviceSlot.unpack(slot.pack()) == slot
-    body = XattrIbody(shared_ids=[3, 9], entries=[XattrEntry(b"user.k", b"v" * 5),
-                                                  XattrEntry(b"system.posix_acl_access", b"\2")])
+    body = XattrIbody(
+        shared_ids=[3, 9],
+        entries=[XattrEntry(b"user.k", b"v" * 5), XattrEntry(b"system.posix_acl_access", b"\2")],
+    )
     assert XattrIbody.unpack(body.pack()) == body
     assert body.icount == 1 + (len(body.pack()) - 12) // 4
 
@@ -85,9 +117,12 @@ def test_tail_packed_files_mount(tmp_path) -> None:
             whole = size // 4096 * 4096
             head = data.add_blocks(body[:whole]) if whole else None
             name = f"f{i}".encode()
-            root.children[name] = Node(mode=stat.S_IFREG | 0o644, size=size,
-                                       data=InlineTail(head, body[whole:]),
-                                       xattrs={b"user.k": b"v" * (i * 50)})
+            root.children[name] = Node(
+                mode=stat.S_IFREG | 0o644,
+                size=size,
+                data=InlineTail(head, body[whole:]),
+                xattrs={b"user.k": b"v" * (i * 50)},
+            )
             contents[name.decode()] = body
         write_metadata(data, root, ImageParams())
     finally:

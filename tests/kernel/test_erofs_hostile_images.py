@@ -55,11 +55,15 @@ def erofs_base(fuzz_work: Path) -> tuple[bytes, targets.HotSpots]:
 
 
 @seed(20261201)
-@settings(max_examples=int(os.environ.get("EROFS_FUZZ_EXAMPLES", "150")), deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=int(os.environ.get("EROFS_FUZZ_EXAMPLES", "150")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(data=st.data())
-def test_damaged_metadata_is_an_error_or_harmless(erofs_base: tuple[bytes, targets.HotSpots],
-                                                  tmp_path: Path, data: st.DataObject) -> None:
+def test_damaged_metadata_is_an_error_or_harmless(
+    erofs_base: tuple[bytes, targets.HotSpots], tmp_path: Path, data: st.DataObject
+) -> None:
     """Import refuses the damage with an EpError or accepts an image that then merges and
     reads; the merge and the reader, given the damaged image directly, refuse it with an
     EpError or use it. (`make fuzz` runs the same targets for minutes.)"""
@@ -71,10 +75,8 @@ def test_damaged_metadata_is_an_error_or_harmless(erofs_base: tuple[bytes, targe
             targets.TARGETS[name].run(image, tmp_path)
 
 
-@pytest.mark.parametrize("example", targets.committed_examples(),
-                         ids=lambda p: p.stem)
-def test_committed_fuzz_examples_stay_fixed(fuzz_work: Path, tmp_path: Path,
-                                            example: Path) -> None:
+@pytest.mark.parametrize("example", targets.committed_examples(), ids=lambda p: p.stem)
+def test_committed_fuzz_examples_stay_fixed(fuzz_work: Path, tmp_path: Path, example: Path) -> None:
     """Every damage the fuzzing once found a bug with (tests/fuzz/examples) is replayed."""
     target, damage = targets.load_example(example)
     with targets.time_limit(20):
@@ -84,15 +86,19 @@ def test_committed_fuzz_examples_stay_fixed(fuzz_work: Path, tmp_path: Path,
 def _cyclic_image(tmp_path: Path) -> bytes:
     """A real image whose `sub/x` entry is rewritten to point back at the root directory."""
     out = tmp_path / "cycle.erofs"
-    convert_layer(write_tar(tmp_path / "l.tar", [Entry("./", "dir"), Entry("sub", "dir"),
-                                                 Entry("sub/x", data=b"x")]), out)
+    convert_layer(
+        write_tar(
+            tmp_path / "l.tar", [Entry("./", "dir"), Entry("sub", "dir"), Entry("sub/x", data=b"x")]
+        ),
+        out,
+    )
     with ErofsImage(out) as img:
         root, listing = img.root_nid, img.read(img.lookup("sub"))
     image = bytearray(out.read_bytes())
     pos = image.find(listing)
     for i in range(0, 36, 12):  # the three dirents: '.', '..', 'x'
         if image[pos + i + 10] == 1:  # the regular file's (file type 1)
-            image[pos + i:pos + i + 8] = root.to_bytes(8, "little")
+            image[pos + i : pos + i + 8] = root.to_bytes(8, "little")
             image[pos + i + 10] = 2
     return bytes(image)
 
@@ -139,13 +145,16 @@ class Damage:
     def dirent(self, path: str, name: bytes) -> tuple[int, int]:
         """(offset of the entry, offset of its name) in the directory's first block."""
         base = self.dirents(path)
-        block = bytes(self.image[base:base + 4096])
+        block = bytes(self.image[base : base + 4096])
         count = Dirent.unpack(block).nameoff // Dirent.SIZE
         for i in range(count):
             ent = Dirent.unpack(block, i * Dirent.SIZE)
-            end = (Dirent.unpack(block, (i + 1) * Dirent.SIZE).nameoff if i + 1 < count
-                   else ent.nameoff + len(name))
-            if block[ent.nameoff:end] == name:
+            end = (
+                Dirent.unpack(block, (i + 1) * Dirent.SIZE).nameoff
+                if i + 1 < count
+                else ent.nameoff + len(name)
+            )
+            if block[ent.nameoff : end] == name:
                 return base + i * Dirent.SIZE, base + ent.nameoff
         raise AssertionError(f"{name!r} not in the first block of {path}")
 
@@ -163,7 +172,7 @@ def _sb(d: Damage, fmt: str, field: int, value: int) -> None:
 
 def _rename(d: Damage, directory: str, old: bytes, new: bytes) -> None:
     _, name_pos = d.dirent(directory, old)
-    d.image[name_pos:name_pos + len(old)] = new
+    d.image[name_pos : name_pos + len(old)] = new
 
 
 def _point(d: Damage, directory: str, name: bytes, nid: int, ftype: int) -> None:
@@ -174,79 +183,105 @@ def _point(d: Damage, directory: str, name: bytes, nid: int, ftype: int) -> None
 DAMAGES: dict[str, tuple[Callable[[Damage], None], str]] = {
     "superblock checksum wrong": (
         lambda d: (_sb(d, "<I", SB_COMPAT, 1), _sb(d, "<I", SB_CHECKSUM, 0x12345678)),
-        r"superblock checksum 0x12345678"),
+        r"superblock checksum 0x12345678",
+    ),
     "block size above the page size": (
-        lambda d: _sb(d, "<B", SB_BLKSZBITS, 13), r"block size 2\^13"),
+        lambda d: _sb(d, "<B", SB_BLKSZBITS, 13),
+        r"block size 2\^13",
+    ),
     "more blocks than the blob": (
-        lambda d: _sb(d, "<I", SB_BLOCKS, len(d.image) // 4096 + 1), r"claims \d+ bytes"),
-    "directory block bits": (
-        lambda d: _sb(d, "<B", SB_DIRBLKBITS, 1), r"directory block bits 1"),
-    "an extra device": (
-        lambda d: _sb(d, "<H", SB_EXTRA_DEVICES, 1), r"multi-device"),
+        lambda d: _sb(d, "<I", SB_BLOCKS, len(d.image) // 4096 + 1),
+        r"claims \d+ bytes",
+    ),
+    "directory block bits": (lambda d: _sb(d, "<B", SB_DIRBLKBITS, 1), r"directory block bits 1"),
+    "an extra device": (lambda d: _sb(d, "<H", SB_EXTRA_DEVICES, 1), r"multi-device"),
     "root is a file": (
         lambda d: _sb(d, "<H", SB_ROOT_NID, d.nid("etc/hostname")),
-        r"root is not a directory"),
+        r"root is not a directory",
+    ),
     "file blocks beyond the image": (
         lambda d: d.pack("<I", d.inode("sizes/f65536") + INODE_I_U, len(d.image) // 4096 - 3),
-        r"/sizes/f65536 \(nid \d+\): .*data blocks \d+\+16 beyond the image"),
+        r"/sizes/f65536 \(nid \d+\): .*data blocks \d+\+16 beyond the image",
+    ),
     "file size beyond the image": (
         lambda d: d.pack("<I", d.inode("sizes/f4096") + INODE_SIZE, 0xFFFFFFF0),
-        r"/sizes/f4096 .*beyond the image"),
+        r"/sizes/f4096 .*beyond the image",
+    ),
     "a 1 TB inline file": (  # owners/wide: extended inode, 1 byte inline
         lambda d: d.pack("<Q", d.inode("owners/wide") + INODE_SIZE, (1 << 40) + 4097),
-        r"/owners/wide .*data blocks 0\+268435457 beyond the image"),
+        r"/owners/wide .*data blocks 0\+268435457 beyond the image",
+    ),
     "inline tail crossing its block": (
         lambda d: d.pack("<I", d.inode("sizes/f512") + INODE_SIZE, 4095),
-        r"/sizes/f512 .*inline data crosses a block"),
+        r"/sizes/f512 .*inline data crosses a block",
+    ),
     "a chunk table the image cannot hold": (
-        lambda d: (d.pack("<I", d.inode("sparse") + INODE_SIZE, 0xFFFFFFFF),
-                   d.pack("<I", d.inode("sparse") + INODE_I_U, 0x20)),
-        r"/sparse .*chunk table of 1048576 entries .*beyond the image"),
+        lambda d: (
+            d.pack("<I", d.inode("sparse") + INODE_SIZE, 0xFFFFFFFF),
+            d.pack("<I", d.inode("sparse") + INODE_I_U, 0x20),
+        ),
+        r"/sparse .*chunk table of 1048576 entries .*beyond the image",
+    ),
     "a chunk beyond the image": (
         lambda d: d.pack("<I", d.chunk_table("sparse") + 4 * 8 + 4, 0xFFFFFFF0),
-        r"/sparse \(nid \d+\): data blocks 4294967280\+10 beyond the image"),
+        r"/sparse \(nid \d+\): data blocks 4294967280\+10 beyond the image",
+    ),
     "a chunk on another device": (
         lambda d: d.pack("<H", d.chunk_table("sparse") + 2, 1),
-        r"/sparse .*data on device 1, but the image has 0 extra devices"),
+        r"/sparse .*data on device 1, but the image has 0 extra devices",
+    ),
     "an unknown chunk format": (
         lambda d: d.pack("<I", d.inode("sparse") + INODE_I_U, 0x44),
-        r"/sparse .*unknown chunk format 0x44"),
+        r"/sparse .*unknown chunk format 0x44",
+    ),
     "a '/' in a name": (
         lambda d: _rename(d, "etc", b"hostname", b"host/ame"),
-        r"/etc \(nid \d+\): .*invalid file name b'host/ame'"),
+        r"/etc \(nid \d+\): .*invalid file name b'host/ame'",
+    ),
     "a NUL in a name": (
         lambda d: _rename(d, "etc", b"hostname", b"host\0ame"),
-        r"/etc .*invalid file name b'host\\x00ame'"),
+        r"/etc .*invalid file name b'host\\x00ame'",
+    ),
     "a second '..'": (
         lambda d: _rename(d, "sizes", b"f0", b".."),
-        r"/sizes .*not sorted: b'\.\.' after b'\.\.'"),
+        r"/sizes .*not sorted: b'\.\.' after b'\.\.'",
+    ),
     "names out of order": (
         lambda d: (_rename(d, "sizes", b"f0", b"fX"), _rename(d, "sizes", b"f1", b"f0")),
-        r"/sizes .*not sorted: b'f0' after b'fX'"),
+        r"/sizes .*not sorted: b'f0' after b'fX'",
+    ),
     "a name offset going back": (
         lambda d: d.pack("<H", d.dirent("etc", b"hostname")[0] + 8, 40),
-        r"/etc .*entry \d+ has a name of bogus length"),
+        r"/etc .*entry \d+ has a name of bogus length",
+    ),
     "'.' pointing elsewhere": (
         lambda d: _point(d, "etc", b".", d.nid("bin"), 2),
-        r"/etc .*'\.' entry points at nid \d+, not at nid \d+"),
+        r"/etc .*'\.' entry points at nid \d+, not at nid \d+",
+    ),
     "a file type that lies": (
         lambda d: _point(d, "etc", b"hostname", d.nid("etc/hostname"), 2),
-        r"/etc/hostname .*file type 2 does not match"),
+        r"/etc/hostname .*file type 2 does not match",
+    ),
     "a hardlinked directory": (
         lambda d: _point(d, "sizes", b"f0", d.nid("bin"), 2),
-        r"/sizes/f0 .*directory reached twice"),
+        r"/sizes/f0 .*directory reached twice",
+    ),
     "a mode of no file type": (
         lambda d: d.pack("<H", d.inode("etc/hostname") + INODE_MODE, 0o644),
-        r"/etc/hostname .*bogus file mode 0o644"),
+        r"/etc/hostname .*bogus file mode 0o644",
+    ),
     "a symlink target over 4095 bytes": (
         lambda d: d.pack("<I", d.inode("bin/longlink") + INODE_SIZE, 4096 + 303),
-        r"/bin/longlink .*(crosses a block|beyond|symlink target)"),
+        r"/bin/longlink .*(crosses a block|beyond|symlink target)",
+    ),
     "a shared xattr beyond the image": (
         lambda d: d.pack("<I", d.inode("xattrs/user") + 32 + 12, 0x00FFFFFF),
-        r"/xattrs/user .*shared xattr 16777215 beyond the image"),
+        r"/xattrs/user .*shared xattr 16777215 beyond the image",
+    ),
     "an xattr area beyond its entries": (
         lambda d: d.pack("<H", d.inode("etc/hostname") + 2, 0xFFFF),
-        r"/etc/hostname \(nid \d+\): xattrs of 262148 bytes beyond the image"),
+        r"/etc/hostname \(nid \d+\): xattrs of 262148 bytes beyond the image",
+    ),
 }
 
 
@@ -261,8 +296,9 @@ def _assert_refused(image: bytes, tmp_path: Path, match: str) -> InvalidLayer:
 
 
 @pytest.mark.parametrize("damage", DAMAGES, ids=list(DAMAGES))
-def test_damaged_layer_is_refused_naming_what(good_image: Path, tmp_path: Path,
-                                              damage: str) -> None:
+def test_damaged_layer_is_refused_naming_what(
+    good_image: Path, tmp_path: Path, damage: str
+) -> None:
     edit, match = DAMAGES[damage]
     d = Damage(good_image)
     try:
@@ -290,16 +326,19 @@ def _with_checksum(good: Path, blkszbits: int, value: int | None) -> bytes:
 
 
 @pytest.mark.parametrize("block_size", [4096, 2048, 1024, 512])
-def test_superblock_checksum_is_computed_as_the_kernel_does(tmp_path: Path,
-                                                            block_size: int) -> None:
+def test_superblock_checksum_is_computed_as_the_kernel_does(
+    tmp_path: Path, block_size: int
+) -> None:
     """The kernel checks the crc32c when the feature bit is set, over a range that depends on
     the block size: it mounts the image with our checksum and refuses it with another; we
     accept and refuse the same two images."""
     require_root()
     good = tmp_path / "good.erofs"
-    convert_layer(write_tar(tmp_path / "l.tar", [Entry("./", "dir"),
-                                                 Entry("etc/hostname", data=b"box\n")]),
-                  good, block_size=block_size)
+    convert_layer(
+        write_tar(tmp_path / "l.tar", [Entry("./", "dir"), Entry("etc/hostname", data=b"box\n")]),
+        good,
+        block_size=block_size,
+    )
     bits = block_size.bit_length() - 1
     right = tmp_path / "right.erofs"
     right.write_bytes(_with_checksum(good, bits, None))
@@ -314,6 +353,7 @@ def test_superblock_checksum_is_computed_as_the_kernel_does(tmp_path: Path,
 
 
 # -- the merge re-checks what it relies on ------------------------------------------------------
+
 
 def _write_tree(path: Path, fill: Callable[[DataWriter], dict[bytes, Node]]) -> Path:
     """An image from our writer with the children `fill` builds (data placed through it):
@@ -339,8 +379,11 @@ def _sparse_2_60(data: DataWriter) -> dict[bytes, Node]:
     mark = data.add_blocks(b"END-MARK".ljust(4096, b"."))
     addrs = array("I", [NULL_ADDR]) * (1 << 17)
     addrs[-1] = mark.start
-    return {b"huge": Node(mode=stat.S_IFREG | 0o644, size=HUGE_SIZE, data=Chunks(31, addrs),
-                          mtime=1_700_000_000)}
+    return {
+        b"huge": Node(
+            mode=stat.S_IFREG | 0o644, size=HUGE_SIZE, data=Chunks(31, addrs), mtime=1_700_000_000
+        )
+    }
 
 
 def test_a_2_60_byte_sparse_file_keeps_all_its_chunks_through_the_merge(tmp_path: Path) -> None:
@@ -361,8 +404,11 @@ def test_a_2_60_byte_sparse_file_keeps_all_its_chunks_through_the_merge(tmp_path
 
 def _plain_file(data: DataWriter) -> dict[bytes, Node]:
     block = data.add_blocks(b"B" * 4096)
-    return {b"big": Node(mode=stat.S_IFREG | 0o644, size=4096, data=block, uid=70000,
-                         mtime=1_700_000_000)}
+    return {
+        b"big": Node(
+            mode=stat.S_IFREG | 0o644, size=4096, data=block, uid=70000, mtime=1_700_000_000
+        )
+    }
 
 
 def test_merge_refuses_a_file_larger_than_its_layer(tmp_path: Path) -> None:
@@ -385,9 +431,12 @@ def test_merge_refuses_addresses_beyond_32_bits(tmp_path: Path) -> None:
     """A chunk index near 2^32 (what the fuzz found: an OverflowError traceback) is an
     EpError naming the layer."""
     layer = tmp_path / "layer.erofs"
-    convert_layer(write_tar(tmp_path / "l.tar", [Entry("./", "dir"),
-                                                 Entry("s", data=b"a" + bytes(300_000) + b"z")]),
-                  layer)
+    convert_layer(
+        write_tar(
+            tmp_path / "l.tar", [Entry("./", "dir"), Entry("s", data=b"a" + bytes(300_000) + b"z")]
+        ),
+        layer,
+    )
     d = Damage(layer)
     try:
         d.pack("<I", d.chunk_table("s") + 4 * 8 + 4, 0xFFFFFFF0)
@@ -404,8 +453,10 @@ def test_merge_refuses_names_the_kernel_cannot_show(tmp_path: Path, name: bytes)
     user space, or entries would alias); '...' is a fine name and merges."""
 
     def fill(data: DataWriter) -> dict[bytes, Node]:  # "z" after it: a last name ends at NUL
-        return {name: Node(mode=stat.S_IFREG | 0o644, mtime=1_700_000_000),
-                b"z": Node(mode=stat.S_IFREG | 0o644, mtime=1_700_000_000)}
+        return {
+            name: Node(mode=stat.S_IFREG | 0o644, mtime=1_700_000_000),
+            b"z": Node(mode=stat.S_IFREG | 0o644, mtime=1_700_000_000),
+        }
 
     layer = _write_tree(tmp_path / "names.erofs", fill)
     if name == b"...":

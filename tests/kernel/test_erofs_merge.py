@@ -33,8 +33,11 @@ def test_merged_view_equals_overlayfs(tmp_path: Path) -> None:
     with mounted_fsmeta(fsmeta, layers) as mnt:
         assert diff_views(tree_view(mnt), want) == []
         assert hardlink_groups(mnt) == want_links
-        assert not any(name.startswith("trusted.overlay.")
-                       for view in tree_view(mnt).values() for name, _ in view.xattrs)
+        assert not any(
+            name.startswith("trusted.overlay.")
+            for view in tree_view(mnt).values()
+            for name, _ in view.xattrs
+        )
     with mounted_erofs(flat) as mnt:  # one device, no options (Linux >= 6.3)
         assert diff_views(tree_view(mnt), want) == []
 
@@ -69,9 +72,18 @@ def test_merge_cli_with_digest_tags(tmp_path: Path) -> None:
     for p in layers:
         with ErofsImage(p) as img:
             tags.append(hashlib.sha256(p.read_bytes()[: img.sb.blocks * 4096]).hexdigest())
-    out = json.loads(run_cli("merge", tmp_path / "m.fsmeta", *layers, "--json", "--verity",
-                             "--flat", tmp_path / "m.flat",
-                             *[a for t in tags for a in ("--tag", t)]).stdout)
+    out = json.loads(
+        run_cli(
+            "merge",
+            tmp_path / "m.fsmeta",
+            *layers,
+            "--json",
+            "--verity",
+            "--flat",
+            tmp_path / "m.flat",
+            *[a for t in tags for a in ("--tag", t)],
+        ).stdout
+    )
     assert [d["tag"] for d in out["devices"]] == tags
     assert out["flat"]["extents"][1]["offset"] == out["devices"][0]["uniaddr"] * 4096
     assert out["verity"]["root_hash"] and out["flat"]["verity"]["root_hash"]
@@ -136,8 +148,7 @@ def test_swapped_devices_read_garbage_not_errors(tmp_path: Path) -> None:
     """The kernel does not check which blob is which: only verity roots bound to the device
     table (the signed manifest) can. This pins down that fact."""
     require_root()
-    specs = [[Entry("./", "dir"), Entry("a", data=b"A" * 5000)],
-             [Entry("b", data=b"B" * 5000)]]
+    specs = [[Entry("./", "dir"), Entry("a", data=b"A" * 5000)], [Entry("b", data=b"B" * 5000)]]
     layers = build_layers(tmp_path, specs)
     merge_layers(layers, tmp_path / "m.fsmeta")
     with mounted_fsmeta(tmp_path / "m.fsmeta", list(reversed(layers))) as mnt:

@@ -43,8 +43,12 @@ def oracle() -> ErofsUtils:
 
 def mkfs_tar(oracle: ErofsUtils, layer: Path, out: Path, *extra: str) -> Path:
     """`mkfs.erofs --tar=f --aufs` of LAYER (1.8 leaves a 2 TiB sparse file when it fails)."""
-    proc = subprocess.run([oracle.mkfs, "--quiet", "--tar=f", "--aufs", *extra, str(out),
-                           str(layer)], capture_output=True, text=True, errors="replace")
+    proc = subprocess.run(
+        [oracle.mkfs, "--quiet", "--tar=f", "--aufs", *extra, str(out), str(layer)],
+        capture_output=True,
+        text=True,
+        errors="replace",
+    )
     if proc.returncode != 0:
         out.unlink(missing_ok=True)
         raise AssertionError(f"mkfs.erofs {oracle.version} failed: {proc.stderr}")
@@ -52,6 +56,7 @@ def mkfs_tar(oracle: ErofsUtils, layer: Path, out: Path, *extra: str) -> Path:
 
 
 # -- layers -------------------------------------------------------------------------------------
+
 
 def oracle_entries() -> list[Entry]:
     """A layer both writers must agree on entry by entry: awkward_entries() (a `./` entry,
@@ -61,8 +66,9 @@ def oracle_entries() -> list[Entry]:
     Symlinks carry mode 0777 and whiteouts mode 0, as real layers do: erofs-utils keeps a
     tar's bits there and we do not (see test_documented_differences). PAX mtime fractions have
     all 9 digits (see test_mkfs_1_8_misreads_short_pax_fractions)."""
-    entries = [dataclasses.replace(e, mode=0o777) if e.kind == "symlink" else e
-               for e in awkward_entries()]
+    entries = [
+        dataclasses.replace(e, mode=0o777) if e.kind == "symlink" else e for e in awkward_entries()
+    ]
     entries += [
         Entry("wh", "dir", mode=0o750),
         Entry("wh/.wh.gone", mode=0),
@@ -73,8 +79,9 @@ def oracle_entries() -> list[Entry]:
         Entry(".wh.top-gone", mode=0),
         Entry("hole-1m", data=b"head" + bytes(1 << 20) + b"tail"),
         Entry("zeros-1m", data=bytes(1 << 20)),
-        Entry("chunks", data=b"q" * 4096 + bytes(3 * 65536 - 4096) + b"e" * 65536
-              + bytes(2 * 65536)),  # data, 2 holes, data, 2 trailing holes
+        Entry(
+            "chunks", data=b"q" * 4096 + bytes(3 * 65536 - 4096) + b"e" * 65536 + bytes(2 * 65536)
+        ),  # data, 2 holes, data, 2 trailing holes
         Entry("n" * 255, data=b"NAME_MAX"),
         Entry("bytes-\udcff\udcfe", data=b"not utf-8"),
         Entry("nl\nname", data=b"newline"),
@@ -97,17 +104,32 @@ def oracle_entries() -> list[Entry]:
         Entry("redir/x", data=b"x"),
         Entry("redir", "dir", mode=0o700, uid=7, mtime="1650000001.000000001"),
         Entry("wide", "dir"),
-        Entry("xattrs/many", data=b"m", xattrs={f"user.k{i:02d}": bytes([65 + i % 26]) * (i * 4)
-                                                  for i in range(1, 30)}),
-        Entry("xattrs/acl", data=b"a", mode=0o664, xattrs={  # mask rw- = group bits
-            "system.posix_acl_access": bytes.fromhex(
-                "02000000" "01000600ffffffff" "02000600e8030000" "04000400ffffffff"
-                "10000600ffffffff" "20000400ffffffff")}),
+        Entry(
+            "xattrs/many",
+            data=b"m",
+            xattrs={f"user.k{i:02d}": bytes([65 + i % 26]) * (i * 4) for i in range(1, 30)},
+        ),
+        Entry(
+            "xattrs/acl",
+            data=b"a",
+            mode=0o664,
+            xattrs={  # mask rw- = group bits
+                "system.posix_acl_access": bytes.fromhex(
+                    "02000000"
+                    "01000600ffffffff"
+                    "02000600e8030000"
+                    "04000400ffffffff"
+                    "10000600ffffffff"
+                    "20000400ffffffff"
+                )
+            },
+        ),
         Entry("xattrs/opaque-by-xattr", "dir", xattrs={"trusted.overlay.opaque": b"y"}),
     ]
     entries += [Entry(f"wide/{'w' * 200}-{i:04d}", data=b"%d" % i) for i in range(300)]
-    entries += [Entry(f"sh{i}", data=b"s", xattrs={"user.a": b"1", "trusted.b": b"2"})
-                for i in range(4)]
+    entries += [
+        Entry(f"sh{i}", data=b"s", xattrs={"user.a": b"1", "trusted.b": b"2"}) for i in range(4)
+    ]
     return entries
 
 
@@ -118,10 +140,17 @@ def layer_tar(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # -- views --------------------------------------------------------------------------------------
 
+
 def _kind(mode: int) -> str:
-    return {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink",
-            stat.S_IFCHR: "chr", stat.S_IFBLK: "blk", stat.S_IFIFO: "fifo",
-            stat.S_IFSOCK: "sock"}[stat.S_IFMT(mode)]
+    return {
+        stat.S_IFREG: "file",
+        stat.S_IFDIR: "dir",
+        stat.S_IFLNK: "symlink",
+        stat.S_IFCHR: "chr",
+        stat.S_IFBLK: "blk",
+        stat.S_IFIFO: "fifo",
+        stat.S_IFSOCK: "sock",
+    }[stat.S_IFMT(mode)]
 
 
 def reader_view(img: ErofsImage) -> tuple[dict[str, EntryView], dict[str, InodeInfo]]:
@@ -135,7 +164,10 @@ def reader_view(img: ErofsImage) -> tuple[dict[str, EntryView], dict[str, InodeI
         if kind not in ("file", "dir"):  # the VFS refuses user.* reads on these
             xattrs = {k: v for k, v in xattrs.items() if not k.startswith(b"user.")}
         views[path] = EntryView(
-            kind=kind, mode=stat.S_IMODE(info.mode), uid=ino.uid, gid=ino.gid,
+            kind=kind,
+            mode=stat.S_IMODE(info.mode),
+            uid=ino.uid,
+            gid=ino.gid,
             size=None if kind == "dir" else ino.size,
             content=hashlib.sha256(img.read(info)).hexdigest() if kind == "file" else None,
             target=os.fsdecode(img.readlink(info)) if kind == "symlink" else None,
@@ -171,6 +203,7 @@ def differing_fields(a: dict[str, EntryView], b: dict[str, EntryView]) -> set[tu
 
 # -- the oracle itself ---------------------------------------------------------------------------
 
+
 def test_oracle_is_erofs_utils_1_8_from_trixie_source_and_cached(oracle: ErofsUtils) -> None:
     assert oracle.version.startswith("1.8."), oracle.version
     assert oracle.bin_dir == CACHE / oracle.version / "bin"
@@ -182,17 +215,21 @@ def test_oracle_is_erofs_utils_1_8_from_trixie_source_and_cached(oracle: ErofsUt
     assert erofs_utils() == oracle
     assert time.monotonic() - started < 0.5, "a cached lookup must not touch apt or build"
     # The trixie binary package needs a newer libc: the system keeps bookworm's erofs-utils.
-    installed = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "erofs-utils"],
-                               capture_output=True, text=True).stdout
+    installed = subprocess.run(
+        ["dpkg-query", "-W", "-f=${Version}", "erofs-utils"], capture_output=True, text=True
+    ).stdout
     assert not installed.startswith("1.8"), installed
 
 
 # -- mkfs.erofs 1.8 vs ours, mounted -------------------------------------------------------------
 
-@pytest.mark.parametrize(("block_size", "compression"),
-                         [(4096, "none"), (512, "none"), (4096, "gzip")])
-def test_mount_equals_mkfs_erofs_1_8(oracle: ErofsUtils, layer_tar: Path, tmp_path: Path,
-                                     block_size: int, compression: str) -> None:
+
+@pytest.mark.parametrize(
+    ("block_size", "compression"), [(4096, "none"), (512, "none"), (4096, "gzip")]
+)
+def test_mount_equals_mkfs_erofs_1_8(
+    oracle: ErofsUtils, layer_tar: Path, tmp_path: Path, block_size: int, compression: str
+) -> None:
     require_root()
     layer = layer_tar if compression == "none" else compress(layer_tar, compression)
     extra = ["-b", str(block_size)] + (["--ungzip"] if compression == "gzip" else [])
@@ -230,9 +267,15 @@ def test_documented_differences(oracle: ErofsUtils, tmp_path: Path) -> None:
     with mounted_erofs(ours) as mo, mounted_erofs(theirs) as mt:
         vo, vt = tree_view(mo), tree_view(mt)
         assert differing_fields(vo, vt) == {
-            (".", "mode"), (".", "mtime_ns"), ("a", "mode"), ("a", "mtime_ns"),
-            ("a/b", "mode"), ("a/b", "mtime_ns"),
-            ("wh/gone", "mode"), ("wh/dirgone", "mode"), ("sym", "mode"),
+            (".", "mode"),
+            (".", "mtime_ns"),
+            ("a", "mode"),
+            ("a", "mtime_ns"),
+            ("a/b", "mode"),
+            ("a/b", "mtime_ns"),
+            ("wh/gone", "mode"),
+            ("wh/dirgone", "mode"),
+            ("sym", "mode"),
         }
         for path in (".", "a", "a/b"):
             assert (vo[path].mode, vo[path].uid, vo[path].gid) == (0o755, 0, 0), path
@@ -250,8 +293,14 @@ def test_mkfs_1_8_misreads_short_pax_fractions(oracle: ErofsUtils, tmp_path: Pat
     with GNU tar. (This is why oracle_entries() uses 9-digit fractions; when the oracle is
     fixed this test fails and the caveat can go.)"""
     require_root()
-    layer = write_tar(tmp_path / "l.tar", [Entry("./", "dir"), Entry("half", mtime="1700000000.5"),
-                                           Entry("tenth", mtime="1700000000.10")])
+    layer = write_tar(
+        tmp_path / "l.tar",
+        [
+            Entry("./", "dir"),
+            Entry("half", mtime="1700000000.5"),
+            Entry("tenth", mtime="1700000000.10"),
+        ],
+    )
     theirs = mkfs_tar(oracle, layer, tmp_path / "theirs.erofs")
     ours = tmp_path / "ours.erofs"
     convert(layer, ours)
@@ -259,8 +308,11 @@ def test_mkfs_1_8_misreads_short_pax_fractions(oracle: ErofsUtils, tmp_path: Pat
     extract_with_gnu_tar(layer, ref)
     with mounted_erofs(ours) as mo, mounted_erofs(theirs) as mt:
         for name, ns in [("half", 500_000_000), ("tenth", 100_000_000)]:
-            assert os.stat(mo / name).st_mtime_ns == MTIME * 10**9 + ns == \
-                os.stat(ref / name).st_mtime_ns
+            assert (
+                os.stat(mo / name).st_mtime_ns
+                == MTIME * 10**9 + ns
+                == os.stat(ref / name).st_mtime_ns
+            )
         assert os.stat(mt / "half").st_mtime_ns == MTIME * 10**9 + 5
         assert os.stat(mt / "tenth").st_mtime_ns == MTIME * 10**9 + 10
 
@@ -271,8 +323,9 @@ _XATTR_VALUE_ERROR = re.compile(r"failed to get xattr value size of `[^`]+` @ ni
 
 
 @pytest.mark.parametrize("block_size", [4096, 512])
-def test_fsck_1_8_checks_and_extracts_our_images(oracle: ErofsUtils, layer_tar: Path,
-                                                 tmp_path: Path, block_size: int) -> None:
+def test_fsck_1_8_checks_and_extracts_our_images(
+    oracle: ErofsUtils, layer_tar: Path, tmp_path: Path, block_size: int
+) -> None:
     require_root()
     image = tmp_path / "ours.erofs"
     convert(layer_tar, image, "--block-size", str(block_size))
@@ -284,21 +337,29 @@ def test_fsck_1_8_checks_and_extracts_our_images(oracle: ErofsUtils, layer_tar: 
             refs = img.data_map(info) if stat.S_ISREG(info.mode) else []
             if refs and refs[-1].blkaddr is None and refs[-1].inline_pos is None:
                 mapped = [r for r in refs if r.blkaddr is not None or r.inline_pos is not None]
-                trailing_holes[os.fsdecode(raw)] = mapped[-1].offset + mapped[-1].length \
-                    if mapped else 0
+                trailing_holes[os.fsdecode(raw)] = (
+                    mapped[-1].offset + mapped[-1].length if mapped else 0
+                )
     assert {"zeros", "zeros-1m", "chunks"} <= trailing_holes.keys()
 
     check = subprocess.run([oracle.fsck, str(image)], capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
     out = tmp_path / "extracted"
-    proc = subprocess.run([oracle.fsck, f"--extract={out}", "--preserve", "--xattrs", str(image)],
-                          capture_output=True, text=True, errors="replace")
+    proc = subprocess.run(
+        [oracle.fsck, f"--extract={out}", "--preserve", "--xattrs", str(image)],
+        capture_output=True,
+        text=True,
+        errors="replace",
+    )
     assert proc.returncode == 0, proc.stderr
     # 1.8's --xattrs stops at an empty value (erofs_getxattr returns 0, taken as an error;
     # exit status stays 0): those inodes get only the xattrs listed before it.
     empty_value_nids = {int(n) for n in _XATTR_VALUE_ERROR.findall(proc.stderr)}
-    other_errors = [line for line in proc.stderr.splitlines()
-                    if "<E>" in line and not _XATTR_VALUE_ERROR.search(line)]
+    other_errors = [
+        line
+        for line in proc.stderr.splitlines()
+        if "<E>" in line and not _XATTR_VALUE_ERROR.search(line)
+    ]
     assert other_errors == []
 
     with mounted_erofs(image) as mnt:
@@ -312,8 +373,9 @@ def test_fsck_1_8_checks_and_extracts_our_images(oracle: ErofsUtils, layer_tar: 
                 got[path] = dataclasses.replace(got[path], xattrs=view.xattrs)
             elif any(k == "security.capability" for k, _ in view.xattrs):
                 # 1.8 sets xattrs before lchown, and the kernel drops file caps on chown
-                assert got[path].xattrs == tuple(x for x in view.xattrs
-                                                 if x[0] != "security.capability"), path
+                assert got[path].xattrs == tuple(
+                    x for x in view.xattrs if x[0] != "security.capability"
+                ), path
                 got[path] = dataclasses.replace(got[path], xattrs=view.xattrs)
             if path in trailing_holes:
                 short = trailing_holes[path]
@@ -326,16 +388,21 @@ def test_fsck_1_8_checks_and_extracts_our_images(oracle: ErofsUtils, layer_tar: 
 
 # -- our reader on mkfs.erofs 1.8 images ---------------------------------------------------------
 
+
 @pytest.mark.parametrize("variant", ["tar=f", "tar=f -b 512", "tar=i"])
-def test_reader_reads_mkfs_1_8_images(oracle: ErofsUtils, layer_tar: Path, tmp_path: Path,
-                                      variant: str) -> None:
+def test_reader_reads_mkfs_1_8_images(
+    oracle: ErofsUtils, layer_tar: Path, tmp_path: Path, variant: str
+) -> None:
     """`--tar=f` copies the data (4096- and 512-byte blocks, inline tails); `--tar=i` writes
     metadata only, its data blocks addressing the tar itself as device 1."""
     require_root()
     image = tmp_path / "theirs.erofs"
     if variant == "tar=i":
-        proc = subprocess.run([oracle.mkfs, "--quiet", "--tar=i", "--aufs", str(image),
-                               str(layer_tar)], capture_output=True, text=True)
+        proc = subprocess.run(
+            [oracle.mkfs, "--quiet", "--tar=i", "--aufs", str(image), str(layer_tar)],
+            capture_output=True,
+            text=True,
+        )
         assert proc.returncode == 0, proc.stderr
         devices = [layer_tar]
     else:
@@ -356,12 +423,14 @@ def test_reader_reads_mkfs_1_8_images(oracle: ErofsUtils, layer_tar: Path, tmp_p
             if stat.S_ISDIR(info.mode):
                 names = [n for n, _, _ in img.listdir(info)]
                 assert names == sorted(names), path  # the kernel's lookup bisects
-                assert names == sorted([b".", b"..",
-                                        *map(os.fsencode, os.listdir(mnt / path))]), path
+                assert names == sorted([b".", b"..", *map(os.fsencode, os.listdir(mnt / path))]), (
+                    path
+                )
             assert img.lookup(path if path != "." else "").nid == info.nid
 
 
 # -- engine bugs the oracle found, fixed: they stay as regression tests -------------------------
+
 
 def test_pre_epoch_mtime_converts_like_mkfs_1_8(oracle: ErofsUtils, tmp_path: Path) -> None:
     require_root()
@@ -374,11 +443,14 @@ def test_pre_epoch_mtime_converts_like_mkfs_1_8(oracle: ErofsUtils, tmp_path: Pa
         assert diff_views(tree_view(mo), tree_view(mt)) == []
 
 
-def test_repeated_directory_entry_keeps_earlier_xattrs(oracle: ErofsUtils,
-                                                       tmp_path: Path) -> None:
+def test_repeated_directory_entry_keeps_earlier_xattrs(oracle: ErofsUtils, tmp_path: Path) -> None:
     require_root()
-    entries = [Entry("./", "dir"), Entry("d", "dir", xattrs={"user.a": b"1"}),
-               Entry("d/x", data=b"x"), Entry("d", "dir", xattrs={"user.b": b"2"})]
+    entries = [
+        Entry("./", "dir"),
+        Entry("d", "dir", xattrs={"user.a": b"1"}),
+        Entry("d/x", data=b"x"),
+        Entry("d", "dir", xattrs={"user.b": b"2"}),
+    ]
     layer = write_tar(tmp_path / "l.tar", entries)
     theirs = mkfs_tar(oracle, layer, tmp_path / "theirs.erofs")
     ours = tmp_path / "ours.erofs"

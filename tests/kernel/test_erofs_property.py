@@ -16,16 +16,17 @@ from tests.support.treecompare import diff_views, hardlink_groups, tree_view
 
 names = st.text(
     alphabet=st.characters(codec="utf-8", exclude_characters="/\0", min_codepoint=32),
-    min_size=1, max_size=40,
-).filter(lambda n: n not in (".", "..") and not n.startswith(".wh.") and
-         len(n.encode()) <= 255)
+    min_size=1,
+    max_size=40,
+).filter(lambda n: n not in (".", "..") and not n.startswith(".wh.") and len(n.encode()) <= 255)
 sizes = st.one_of(st.integers(0, 70_000), st.sampled_from([4095, 4096, 4097, 65536, 131072]))
 modes = st.integers(0, 0o7777)
 ids = st.one_of(st.integers(0, 70_000), st.integers(0, 2**32 - 2))
 mtimes = st.one_of(
     st.integers(0, 2**33).map(int),
     st.tuples(st.integers(1, 2**31), st.integers(0, 999_999_999)).map(
-        lambda t: f"{t[0]}.{t[1]:09d}"),
+        lambda t: f"{t[0]}.{t[1]:09d}"
+    ),
 )
 
 
@@ -50,9 +51,13 @@ def trees(draw: st.DrawFn) -> list[Entry]:
             size = draw(sizes)
             fill = draw(st.sampled_from([b"\0", b"x", b"ab"]))
             data = (fill * size)[:size]
-            xattrs = draw(st.dictionaries(
-                st.sampled_from(["user.a", "user.b", "trusted.t"]),
-                st.binary(max_size=64), max_size=2))
+            xattrs = draw(
+                st.dictionaries(
+                    st.sampled_from(["user.a", "user.b", "trusted.t"]),
+                    st.binary(max_size=64),
+                    max_size=2,
+                )
+            )
             entries.append(Entry(path, data=data, mode=draw(modes), xattrs=xattrs, **common))
             files.append(path)
         elif kind == "symlink":

@@ -39,8 +39,12 @@ CLI = [sys.executable, "-m", "shim_integration.cli"]
 
 
 def _verity_format(path: Path, *extra: str) -> dict[str, Any]:
-    proc = subprocess.run([*CLI, "verity", "format", str(path), "--json", *extra],
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [*CLI, "verity", "format", str(path), "--json", *extra],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     info = json.loads(proc.stdout)
     info = info.get("verity", info)
     info["data_blocks"] = info["hash_offset"] // info["data_block_size"]
@@ -63,8 +67,18 @@ def test_device_root_is_the_root_veritysetup_computes(blobs: list) -> None:
     for path, info in blobs:
         assert device_root(str(path), info) == info["root_hash"], path.name
         # and veritysetup agrees the tree under that root is the device's
-        subprocess.run([veritysetup, "verify", str(path), str(path), info["root_hash"],
-                        f"--hash-offset={info['hash_offset']}"], check=True, capture_output=True)
+        subprocess.run(
+            [
+                veritysetup,
+                "verify",
+                str(path),
+                str(path),
+                info["root_hash"],
+                f"--hash-offset={info['hash_offset']}",
+            ],
+            check=True,
+            capture_output=True,
+        )
 
 
 def test_a_changed_top_block_or_salt_is_another_root(blobs: list, tmp_path: Path) -> None:
@@ -95,8 +109,7 @@ def test_a_changed_top_block_or_salt_is_another_root(blobs: list, tmp_path: Path
         ({"hash_name": "sha1"}, "unsupported hash"),
     ],
 )
-def test_a_device_without_the_signed_tree_is_named(blobs: list, change: dict,
-                                                   message: str) -> None:
+def test_a_device_without_the_signed_tree_is_named(blobs: list, change: dict, message: str) -> None:
     path, info = blobs[0]
     with pytest.raises(ManifestError, match=message):
         device_root(str(path), {**info, **change})
@@ -106,8 +119,11 @@ def _signed(blobs: list, key: Path) -> Any:
     def entry(info: dict[str, Any]) -> dict[str, Any]:
         return {k: info[k] for k in ("root_hash", "salt", "data_blocks", "hash_offset")}
 
-    manifest = build_manifest({"name": "t"}, [{"verity": entry(i)} for _, i in blobs[1:]],
-                              fsmeta={"verity": entry(blobs[0][1]), "tags": []})
+    manifest = build_manifest(
+        {"name": "t"},
+        [{"verity": entry(i)} for _, i in blobs[1:]],
+        fsmeta={"verity": entry(blobs[0][1]), "tags": []},
+    )
     payload, signature = sign(manifest, load_private_key(key))
     return verify(payload, signature, [load_private_key(key).public_key()])
 
@@ -131,12 +147,14 @@ def test_trusted_keys_from_the_launchers_command_line(tmp_path: Path) -> None:
     for name, algorithm in (("a", "ed25519"), ("b", "ecdsa-p256")):
         generate_key(tmp_path / name, algorithm)
         pems.append((tmp_path / f"{name}.pub").read_bytes())
-    line = Vm(VmConfig(kernel=Path("/nonexistent"), trusted_keys=pems),
-              workdir=tmp_path).command_line()
+    line = Vm(
+        VmConfig(kernel=Path("/nonexistent"), trusted_keys=pems), workdir=tmp_path
+    ).command_line()
     assert encode_trusted_keys(pems) in line.split()
     keys = trusted_keys_from_cmdline(line)
-    assert [key_id(k) for k in keys] == [key_id(load_private_key(tmp_path / n).public_key())
-                                         for n in ("a", "b")]
+    assert [key_id(k) for k in keys] == [
+        key_id(load_private_key(tmp_path / n).public_key()) for n in ("a", "b")
+    ]
     assert trusted_keys_from_cmdline("quiet ep.root=x") == []
     with pytest.raises(ManifestError, match="not base64"):
         trusted_keys_from_cmdline("ep.trusted_keys=!!!")
@@ -151,5 +169,6 @@ def test_too_many_keys_do_not_fit_the_command_line(tmp_path: Path) -> None:
     generate_key(tmp_path / "k")
     pem = (tmp_path / "k.pub").read_bytes()
     with pytest.raises(VmFailure, match=re.escape("exceeds 2047")):
-        Vm(VmConfig(kernel=Path("/nonexistent"), trusted_keys=[pem] * 20),
-           workdir=tmp_path).command_line()
+        Vm(
+            VmConfig(kernel=Path("/nonexistent"), trusted_keys=[pem] * 20), workdir=tmp_path
+        ).command_line()

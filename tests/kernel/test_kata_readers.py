@@ -81,8 +81,17 @@ def test_a_layer_converted_for_kata_verifies_by_every_readers_table(tmp_path, ho
     assert check.returncode == 0, check.stderr
     # Our superblock is still there and says the same (containerd's sidecar reads it).
     by_superblock = subprocess.run(
-        ["veritysetup", "verify", str(blob), str(blob), info.root_hash,
-         f"--hash-offset={info.hash_offset}"], capture_output=True, text=True)
+        [
+            "veritysetup",
+            "verify",
+            str(blob),
+            str(blob),
+            info.root_hash,
+            f"--hash-offset={info.hash_offset}",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert by_superblock.returncode == 0, by_superblock.stderr
 
 
@@ -95,8 +104,8 @@ def test_a_salted_tree_is_refused_unless_only_kata_types_reads_it(tmp_path):
     with pytest.raises(EpError, match="has a salt, which Kata's runtime-go"):
         info.kata_dm_verity()
     option = volumes_from_devices(
-        [{"role": "layer", "path": str(blob), "verity": info.to_json()}],
-        kata_types_only=True)[0].to_option()
+        [{"role": "layer", "path": str(blob), "verity": info.to_json()}], kata_types_only=True
+    )[0].to_option()
     tables = tables_of(option)
     assert veritysetup_verify(blob, table=tables["kata-types"]).returncode == 0
     for reader in ("runtime-go", "kata-agent-2023", "image-rs"):
@@ -109,8 +118,15 @@ def test_only_sha256_trees_get_kata_options(tmp_path):
     with pytest.raises(EpError, match="Kata cannot read a sha512 dm-verity tree"):
         info.kata_dm_verity()
     # ... because runtime-go and image-rs refuse it (runtime-go: the whole container).
-    wire = {"hashtype": "sha512", "hash": info.root_hash, "blocknum": 8, "blocksize": 4096,
-            "hashsize": 4096, "offset": info.hash_start_block * 4096, "no_superblock": True}
+    wire = {
+        "hashtype": "sha512",
+        "hash": info.root_hash,
+        "blocknum": 8,
+        "blocksize": 4096,
+        "hashsize": 4096,
+        "offset": info.hash_start_block * 4096,
+        "no_superblock": True,
+    }
     for reader in (runtime_go, image_rs):
         with pytest.raises(Refused, match="unsupported hash algorithm sha512"):
             reader(wire)
@@ -132,8 +148,14 @@ def test_the_old_option_meant_two_trees(tmp_path):
     The decoders above tell the two apart; our producer no longer writes it."""
     require_tool("veritysetup")
     blob, info = _blob(tmp_path, 10 * 4096, KATA_VERITY)
-    old = {"hashtype": "sha256", "hash": info.root_hash, "blocknum": info.data_blocks,
-           "blocksize": 4096, "hashsize": 4096, "offset": info.hash_offset}
+    old = {
+        "hashtype": "sha256",
+        "hash": info.root_hash,
+        "blocknum": info.data_blocks,
+        "blocksize": 4096,
+        "hashsize": 4096,
+        "offset": info.hash_offset,
+    }
     tables = {name: read(old) for name, read in READERS.items()}
     assert tables["kata-types"] != tables["image-rs"]
     assert veritysetup_verify(blob, table=tables["kata-types"]).returncode == 0
@@ -169,6 +191,7 @@ def test_runtime_rs_sidecar_path_reads_an_unsalted_tree_only_with_an_explicit_sa
 
 # -- the service's kata_verity setting -------------------------------------------------------
 
+
 @pytest.mark.root
 def test_serve_kata_verity_makes_a_vm_mode_image_every_reader_verifies(tmp_path):
     """`kata_verity = true` (serve's config) reaches every tree the service makes: the layers
@@ -187,9 +210,16 @@ def test_serve_kata_verity_makes_a_vm_mode_image_every_reader_verifies(tmp_path)
         for i in (1, 2):
             key = f"default/{i}/extract-{i}"
             mounts = sn.prepare(key, parent)
-            upper = next(Path(o.split("=", 1)[1]) for m in mounts for o in m.options
-                         if o.startswith("upperdir=")) if mounts[0].type == "overlay" \
+            upper = (
+                next(
+                    Path(o.split("=", 1)[1])
+                    for m in mounts
+                    for o in m.options
+                    if o.startswith("upperdir=")
+                )
+                if mounts[0].type == "overlay"
                 else Path(mounts[0].source)
+            )
             (upper / f"layer{i}").write_bytes(bytes([i]) * (7000 * i))
             parent = f"default/{i}/sha256:{i}"
             sn.commit(parent, key)

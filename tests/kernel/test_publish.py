@@ -35,8 +35,12 @@ from tests.support.registry import push_image, running_registry
 TIMEOUT = 120
 
 LAYERS = [
-    [("dir", "etc", 0o755), ("file", "etc/hostname", b"publisher\n", 0o644),
-     ("dir", "bin", 0o755), ("file", "bin/tool", b"\x7fELF" + bytes(9000), 0o755)],
+    [
+        ("dir", "etc", 0o755),
+        ("file", "etc/hostname", b"publisher\n", 0o644),
+        ("dir", "bin", 0o755),
+        ("file", "bin/tool", b"\x7fELF" + bytes(9000), 0o755),
+    ],
     [("file", "etc/motd", b"layer two\n" * 500, 0o644), ("symlink", "etc/alias", "motd")],
     [("whiteout", "etc/hostname"), ("file", "bin/tool", b"updated", 0o755)],
 ]
@@ -63,10 +67,21 @@ def world(tmp_path_factory) -> Iterator[dict]:
         for name in ("publisher", "stranger"):
             keys[name] = tmp / f"{name}.key"
             ok_json("key", "generate", keys[name])
-        published = ok_json("publish", f"{registry.host}/demo/app:v1", "--key",
-                            keys["publisher"], "--plain-http", "--layers")
-        yield {"tmp": tmp, "registry": registry, "images": images, "keys": keys,
-               "published": published}
+        published = ok_json(
+            "publish",
+            f"{registry.host}/demo/app:v1",
+            "--key",
+            keys["publisher"],
+            "--plain-http",
+            "--layers",
+        )
+        yield {
+            "tmp": tmp,
+            "registry": registry,
+            "images": images,
+            "keys": keys,
+            "published": published,
+        }
 
 
 def node_devices(archive: Path, out: Path, different_layer: int | None = None) -> Path:
@@ -76,8 +91,7 @@ def node_devices(archive: Path, out: Path, different_layer: int | None = None) -
     out.mkdir()
     with tarfile.open(archive) as tar:
         index = json.load(tar.extractfile("index.json"))
-        manifest = json.load(tar.extractfile(
-            f"blobs/sha256/{index['manifests'][0]['digest'][7:]}"))
+        manifest = json.load(tar.extractfile(f"blobs/sha256/{index['manifests'][0]['digest'][7:]}"))
         layers = []
         for i, desc in enumerate(manifest["layers"], start=1):
             blob = out / f"blob{i}"
@@ -88,16 +102,28 @@ def node_devices(archive: Path, out: Path, different_layer: int | None = None) -
                 info = {"size": r.size, "diff_id": r.diff_id, "verity": r.verity.to_json()}
             else:
                 info = ok_json("convert", blob, erofs, "--verity")
-            data = erofs.read_bytes()[:info["size"]]
-            layers.append({"path": erofs, "diff_id": info["diff_id"],
-                           "tag": hashlib.sha256(data).hexdigest(),
-                           "root_hash": info["verity"]["root_hash"]})
-    merged = ok_json("merge", out / "image.fsmeta", *(d["path"] for d in layers), "--verity",
-                     *(a for d in layers for a in ("--tag", d["tag"])))
+            data = erofs.read_bytes()[: info["size"]]
+            layers.append(
+                {
+                    "path": erofs,
+                    "diff_id": info["diff_id"],
+                    "tag": hashlib.sha256(data).hexdigest(),
+                    "root_hash": info["verity"]["root_hash"],
+                }
+            )
+    merged = ok_json(
+        "merge",
+        out / "image.fsmeta",
+        *(d["path"] for d in layers),
+        "--verity",
+        *(a for d in layers for a in ("--tag", d["tag"])),
+    )
     description = {
         "fsmeta": {"root_hash": merged["verity"]["root_hash"], "digest": merged["digest"]},
-        "layers": [{"device": i, "diff_id": d["diff_id"], "root_hash": d["root_hash"],
-                    "tag": d["tag"]} for i, d in enumerate(layers, start=1)],
+        "layers": [
+            {"device": i, "diff_id": d["diff_id"], "root_hash": d["root_hash"], "tag": d["tag"]}
+            for i, d in enumerate(layers, start=1)
+        ],
     }
     (out / "fsmeta.json").write_text(json.dumps(description))
     return out / "fsmeta.json"
@@ -114,7 +140,9 @@ def test_publish_pushes_a_referrer_a_node_fetches_and_verifies(world, tmp_path):
     assert artifact["artifactType"] == ARTIFACT_TYPE
     assert artifact["subject"]["digest"] == image_digest
     assert [d["digest"] for d in artifact["layers"]] == [
-        published["root_manifest"]["manifest_blob"], published["root_manifest"]["signature_blob"]]
+        published["root_manifest"]["manifest_blob"],
+        published["root_manifest"]["signature_blob"],
+    ]
     # docker-registry 2.8 has no referrers API: the referrers tag index names the artifact
     index, index_digest = client.get_json("sha256-" + image_digest[7:])
     assert index_digest == published["root_manifest"]["referrers_index"]
@@ -132,9 +160,17 @@ def test_publish_pushes_a_referrer_a_node_fetches_and_verifies(world, tmp_path):
     assert [la["diff_id"] for la in signed["layers"]] == world["images"]["v1"]["diff_ids"]
 
     devices = node_devices(world["tmp"] / "v1.tar", tmp_path / "node")
-    report = ok_json("manifest", "verify", tmp_path / "m", "--trust",
-                     f"{world['keys']['publisher']}.pub", "--devices", devices,
-                     "--image", image_digest)
+    report = ok_json(
+        "manifest",
+        "verify",
+        tmp_path / "m",
+        "--trust",
+        f"{world['keys']['publisher']}.pub",
+        "--devices",
+        devices,
+        "--image",
+        image_digest,
+    )
     node = json.loads(devices.read_text())
     node_roots = [node["fsmeta"]["root_hash"], *(d["root_hash"] for d in node["layers"])]
     assert report["roots"] == node_roots
@@ -162,8 +198,11 @@ def test_layers_image_is_native_erofs_with_its_own_signed_roots(world, tmp_path)
         with open(raw, "rb") as f:
             r = import_erofs_image(f, out, expected_digest=desc["digest"], verity=True)
         blobs.append((out, r))
-    merged = merge_layers([LayerBlob(p, tag=r.blob_digest[7:]) for p, r in blobs],
-                          tmp_path / "image.fsmeta", verity=True)
+    merged = merge_layers(
+        [LayerBlob(p, tag=r.blob_digest[7:]) for p, r in blobs],
+        tmp_path / "image.fsmeta",
+        verity=True,
+    )
     roots = [merged.verity.root_hash, *(r.verity.root_hash for _, r in blobs)]
     assert erofs["devices"] == {"fsmeta": roots[0], "layers": roots[1:]}
     # the same bytes arriving as native layers: the tar image's roots (docs/erofs.md)
@@ -171,15 +210,25 @@ def test_layers_image_is_native_erofs_with_its_own_signed_roots(world, tmp_path)
     got = tmp_path / "m"
     ok_json("manifest", "fetch", erofs["reference"], "--out", got, "--plain-http")
     (tmp_path / "devices.json").write_text(json.dumps([{"root_hash": h} for h in roots]))
-    ok_json("manifest", "verify", got, "--trust", f"{world['keys']['publisher']}.pub",
-            "--devices", tmp_path / "devices.json", "--image", erofs["digest"])
+    ok_json(
+        "manifest",
+        "verify",
+        got,
+        "--trust",
+        f"{world['keys']['publisher']}.pub",
+        "--devices",
+        tmp_path / "devices.json",
+        "--image",
+        erofs["digest"],
+    )
 
 
 def test_refuses_a_manifest_signed_by_another_key(world, tmp_path):
     ref = f"{world['registry'].host}/demo/app:v1"
     ok_json("manifest", "fetch", ref, "--out", tmp_path / "m", "--plain-http")
-    proc = run_cli("manifest", "verify", tmp_path / "m", "--trust",
-                   f"{world['keys']['stranger']}.pub")
+    proc = run_cli(
+        "manifest", "verify", tmp_path / "m", "--trust", f"{world['keys']['stranger']}.pub"
+    )
     assert_one_line_error(proc, "untrusted key")
 
 
@@ -187,14 +236,28 @@ def test_refuses_a_manifest_for_another_image(world, tmp_path):
     """A validly signed manifest of app:other served as the referrer of app:v1."""
     registry = world["registry"]
     keys = world["keys"]
-    other = ok_json("publish", f"{registry.host}/demo/app:other", "--key", keys["publisher"],
-                    "--plain-http")
+    other = ok_json(
+        "publish", f"{registry.host}/demo/app:other", "--key", keys["publisher"], "--plain-http"
+    )
     ref = f"{registry.host}/demo/app:v1"
     # verify, told which image it is for, refuses the other image's manifest
-    ok_json("manifest", "fetch", f"{registry.host}/demo/app:other", "--out", tmp_path / "o",
-            "--plain-http")
-    proc = run_cli("manifest", "verify", tmp_path / "o", "--trust", f"{keys['publisher']}.pub",
-                   "--image", world["published"]["image_digest"])
+    ok_json(
+        "manifest",
+        "fetch",
+        f"{registry.host}/demo/app:other",
+        "--out",
+        tmp_path / "o",
+        "--plain-http",
+    )
+    proc = run_cli(
+        "manifest",
+        "verify",
+        tmp_path / "o",
+        "--trust",
+        f"{keys['publisher']}.pub",
+        "--image",
+        world["published"]["image_digest"],
+    )
     assert_one_line_error(proc, "signed for image", other["image_digest"])
     # and fetch refuses it when the registry offers it as app:v1's newest referrer
     client = RegistryClient(Reference.parse(ref), plain_http=True)
@@ -204,9 +267,18 @@ def test_refuses_a_manifest_for_another_image(world, tmp_path):
     forged["annotations"]["org.opencontainers.image.created"] = "2999-01-01T00:00:00.000000Z"
     body = json.dumps(forged).encode()
     forged_digest = client.put_manifest(body, OCI_MANIFEST)
-    client.push_referrer(digest, body, OCI_MANIFEST, {
-        "mediaType": OCI_MANIFEST, "digest": forged_digest, "size": len(body),
-        "artifactType": ARTIFACT_TYPE, "annotations": forged["annotations"]})
+    client.push_referrer(
+        digest,
+        body,
+        OCI_MANIFEST,
+        {
+            "mediaType": OCI_MANIFEST,
+            "digest": forged_digest,
+            "size": len(body),
+            "artifactType": ARTIFACT_TYPE,
+            "annotations": forged["annotations"],
+        },
+    )
     try:
         proc = run_cli("manifest", "fetch", ref, "--out", tmp_path / "f", "--plain-http")
         assert_one_line_error(proc, "is for image", other["image_digest"])
@@ -214,18 +286,28 @@ def test_refuses_a_manifest_for_another_image(world, tmp_path):
     finally:  # the forged artifact out again, for the other tests' fetches
         index, _ = client.get_json("sha256-" + digest[7:])
         index["manifests"] = [d for d in index["manifests"] if d["digest"] != forged_digest]
-        client.put_manifest(json.dumps(index).encode(), index["mediaType"],
-                            "sha256-" + digest[7:])
-        assert requests.delete(f"http://{registry.host}/v2/demo/app/manifests/{forged_digest}",
-                               timeout=10).status_code == 202
+        client.put_manifest(json.dumps(index).encode(), index["mediaType"], "sha256-" + digest[7:])
+        assert (
+            requests.delete(
+                f"http://{registry.host}/v2/demo/app/manifests/{forged_digest}", timeout=10
+            ).status_code
+            == 202
+        )
 
 
 def test_refuses_a_node_whose_conversion_differs(world, tmp_path):
     ref = f"{world['registry'].host}/demo/app:v1"
     ok_json("manifest", "fetch", ref, "--out", tmp_path / "m", "--plain-http")
     devices = node_devices(world["tmp"] / "v1.tar", tmp_path / "node", different_layer=2)
-    proc = run_cli("manifest", "verify", tmp_path / "m", "--trust",
-                   f"{world['keys']['publisher']}.pub", "--devices", devices)
+    proc = run_cli(
+        "manifest",
+        "verify",
+        tmp_path / "m",
+        "--trust",
+        f"{world['keys']['publisher']}.pub",
+        "--devices",
+        devices,
+    )
     assert_one_line_error(proc, "device 2", "conversion differs")
 
 
@@ -252,8 +334,13 @@ def test_unreachable_registry_and_bad_reference_are_one_line(tmp_path):
     key = tmp_path / "k"
     ok_json("key", "generate", key)
     start = time.monotonic()
-    proc = run_cli("publish", f"127.0.0.1:{local_registry.free_port()}/demo/app:v1", "--key", key,
-                   "--plain-http")
+    proc = run_cli(
+        "publish",
+        f"127.0.0.1:{local_registry.free_port()}/demo/app:v1",
+        "--key",
+        key,
+        "--plain-http",
+    )
     assert_one_line_error(proc, "cannot connect")
     assert time.monotonic() - start < 20  # no retry loop with sleeps
     proc = run_cli("manifest", "fetch", "no-host-here", "--out", tmp_path / "m")
@@ -270,49 +357,84 @@ def test_concurrent_referrer_additions_lose_none(world):
     client = RegistryClient(Reference.parse(f"{registry.host}/demo/race:v1"), plain_http=True)
     empty = client.put_bytes(b"{}")
     for round_ in range(3):
-        subject_body = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
-                                   "config": {"mediaType": "application/vnd.oci.empty.v1+json",
-                                              **empty},
-                                   "layers": [], "annotations": {"round": str(round_)}}).encode()
+        subject_body = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": OCI_MANIFEST,
+                "config": {"mediaType": "application/vnd.oci.empty.v1+json", **empty},
+                "layers": [],
+                "annotations": {"round": str(round_)},
+            }
+        ).encode()
         subject = client.put_manifest(subject_body, OCI_MANIFEST)
         artifacts = []
         for i in range(8):
-            body = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
-                               "artifactType": ARTIFACT_TYPE,
-                               "config": {"mediaType": "application/vnd.oci.empty.v1+json",
-                                          **empty}, "layers": [],
-                               "subject": {"mediaType": OCI_MANIFEST, "digest": subject,
-                                           "size": len(subject_body)},
-                               "annotations": {"n": f"{round_}.{i}"}}).encode()
-            artifacts.append((body, {"mediaType": OCI_MANIFEST, "size": len(body),
-                                     "digest": sha256_digest(body),
-                                     "artifactType": ARTIFACT_TYPE}))
+            body = json.dumps(
+                {
+                    "schemaVersion": 2,
+                    "mediaType": OCI_MANIFEST,
+                    "artifactType": ARTIFACT_TYPE,
+                    "config": {"mediaType": "application/vnd.oci.empty.v1+json", **empty},
+                    "layers": [],
+                    "subject": {
+                        "mediaType": OCI_MANIFEST,
+                        "digest": subject,
+                        "size": len(subject_body),
+                    },
+                    "annotations": {"n": f"{round_}.{i}"},
+                }
+            ).encode()
+            artifacts.append(
+                (
+                    body,
+                    {
+                        "mediaType": OCI_MANIFEST,
+                        "size": len(body),
+                        "digest": sha256_digest(body),
+                        "artifactType": ARTIFACT_TYPE,
+                    },
+                )
+            )
         with ThreadPoolExecutor(8) as pool:
-            list(pool.map(lambda a, s=subject: RegistryClient(
-                client.ref, plain_http=True).push_referrer(s, a[0], OCI_MANIFEST, a[1]),
-                artifacts))
+            list(
+                pool.map(
+                    lambda a, s=subject: RegistryClient(client.ref, plain_http=True).push_referrer(
+                        s, a[0], OCI_MANIFEST, a[1]
+                    ),
+                    artifacts,
+                )
+            )
         found, _ = client.referrers(subject)
         assert {d["digest"] for d in found} == {d["digest"] for _, d in artifacts}
 
 
 @pytest.fixture
 def fetched(world, tmp_path) -> Path:
-    ok_json("manifest", "fetch", f"{world['registry'].host}/demo/app:v1", "--out",
-            tmp_path / "m", "--plain-http")
+    ok_json(
+        "manifest",
+        "fetch",
+        f"{world['registry'].host}/demo/app:v1",
+        "--out",
+        tmp_path / "m",
+        "--plain-http",
+    )
     return tmp_path / "m"
 
 
-@pytest.mark.parametrize("case,expected", [
-    ("missing-dir", "no such file"),
-    ("garbage-sig", "not JSON"),
-    ("truncated-manifest", "does not verify"),
-    ("garbage-key", "not a usable public key"),
-    ("fifo-key", "a FIFO, not a regular file"),
-    ("garbage-devices", "not a JSON device list"),
-    ("rootless-devices", "device 1 has no root_hash"),
-    ("short-devices", "2 devices offered, the manifest names 4"),
-    ("fifo-devices", "a FIFO, not a regular file"),
-])
+@pytest.mark.parametrize(
+    "case,expected",
+    [
+        ("missing-dir", "no such file"),
+        ("garbage-sig", "not JSON"),
+        ("truncated-manifest", "does not verify"),
+        ("garbage-key", "not a usable public key"),
+        ("fifo-key", "a FIFO, not a regular file"),
+        ("garbage-devices", "not a JSON device list"),
+        ("rootless-devices", "device 1 has no root_hash"),
+        ("short-devices", "2 devices offered, the manifest names 4"),
+        ("fifo-devices", "a FIFO, not a regular file"),
+    ],
+)
 def test_verify_bad_input_is_one_line(world, fetched, tmp_path, case, expected):
     trust = Path(f"{world['keys']['publisher']}.pub")
     directory, devices = fetched, None
@@ -331,9 +453,13 @@ def test_verify_bad_input_is_one_line(world, fetched, tmp_path, case, expected):
         os.mkfifo(bad)
         trust, devices = (bad, None) if case == "fifo-key" else (trust, bad)
     else:
-        bad.write_text({"garbage-devices": "{not json",
-                        "rootless-devices": json.dumps([{"root_hash": "00"}, {}]),
-                        "short-devices": json.dumps([{"root_hash": "00"}] * 2)}[case])
+        bad.write_text(
+            {
+                "garbage-devices": "{not json",
+                "rootless-devices": json.dumps([{"root_hash": "00"}, {}]),
+                "short-devices": json.dumps([{"root_hash": "00"}] * 2),
+            }[case]
+        )
         devices = bad
     before = {p.name: p.read_bytes() for p in fetched.iterdir()}
     args = ["manifest", "verify", directory, "--trust", trust]
@@ -349,11 +475,11 @@ def test_fetch_and_publish_bad_local_input_is_one_line(world, tmp_path):
     proc = run_cli("manifest", "fetch", f"{host}/demo/app:v1", "--out", not_dir, "--plain-http")
     assert_one_line_error(proc, "not a directory")
     assert not_dir.read_text() == "x"
-    proc = run_cli("manifest", "fetch", f"{host}/demo/nothing:v1", "--out", tmp_path / "m",
-                   "--plain-http")
+    proc = run_cli(
+        "manifest", "fetch", f"{host}/demo/nothing:v1", "--out", tmp_path / "m", "--plain-http"
+    )
     assert_one_line_error(proc, "no such manifest")
-    proc = run_cli("publish", f"{host}/demo/app:v1", "--key", tmp_path / "missing",
-                   "--plain-http")
+    proc = run_cli("publish", f"{host}/demo/app:v1", "--key", tmp_path / "missing", "--plain-http")
     assert_one_line_error(proc, "no such file")
     proc = run_cli("publish", f"{host}/demo/app:v1", "--key", not_dir, "--plain-http")
     assert_one_line_error(proc, "not a usable private key")
@@ -375,8 +501,9 @@ def test_verify_against_a_vm_mode_snapshot(world, fetched, tmp_path):
         parent = ""
         with tarfile.open(world["tmp"] / "v1.tar") as tar:
             index = json.load(tar.extractfile("index.json"))
-            manifest = json.load(tar.extractfile(
-                f"blobs/sha256/{index['manifests'][0]['digest'][7:]}"))
+            manifest = json.load(
+                tar.extractfile(f"blobs/sha256/{index['manifests'][0]['digest'][7:]}")
+            )
             for i, desc in enumerate(manifest["layers"], start=1):
                 blob = tmp_path / f"blob{i}"
                 blob.write_bytes(tar.extractfile(f"blobs/sha256/{desc['digest'][7:]}").read())
@@ -387,9 +514,13 @@ def test_verify_against_a_vm_mode_snapshot(world, fetched, tmp_path):
                 def produce(out: Path, blob: Path = blob) -> layer_build.LayerMeta:
                     r = convert_layer(blob, out, verity=sn.layer_verity, blob_digest=True)
                     return layer_build.LayerMeta(
-                        blob_size=r.size, blob_digest=r.blob_digest,
-                        root_hash=r.verity.root_hash, salt=r.verity.salt,
-                        hash_offset=r.verity.hash_offset, diff_id=r.diff_id)
+                        blob_size=r.size,
+                        blob_digest=r.blob_digest,
+                        root_hash=r.verity.root_hash,
+                        salt=r.verity.salt,
+                        hash_offset=r.verity.hash_offset,
+                        diff_id=r.diff_id,
+                    )
 
                 with sn.layout.busy(sid):
                     layer_build.publish_layer(sn.layout.dir(sid), produce)
@@ -397,11 +528,19 @@ def test_verify_against_a_vm_mode_snapshot(world, fetched, tmp_path):
                 sn.commit(parent, key)
         sn.prepare("default/9/rootfs", parent)
         trust = f"{world['keys']['publisher']}.pub"
-        report = ok_json("manifest", "verify", fetched, "--trust", trust, "--snapshot",
-                         root / "default/9/rootfs")
+        report = ok_json(
+            "manifest", "verify", fetched, "--trust", trust, "--snapshot", root / "default/9/rootfs"
+        )
         assert report["devices"].endswith("fsmeta.json")
-        proc = run_cli("manifest", "verify", fetched, "--trust", trust, "--snapshot",
-                       root / "default/9/nothing")
+        proc = run_cli(
+            "manifest",
+            "verify",
+            fetched,
+            "--trust",
+            trust,
+            "--snapshot",
+            root / "default/9/nothing",
+        )
         assert_one_line_error(proc, "no snapshot 'default/9/nothing'")
     finally:
         sn.close()
@@ -415,22 +554,45 @@ def zstd_archive(layers: list[list[tuple]], out: Path) -> None:
     import zstandard
 
     tars = [layer_tar(entries) for entries in layers]
-    blobs = [Blob("application/vnd.oci.image.layer.v1.tar+zstd",
-                  zstandard.ZstdCompressor(level=3).compress(t)) for t in tars]
-    config = Blob("application/vnd.oci.image.config.v1+json", json.dumps({
-        "architecture": "amd64", "os": "linux", "config": {"Cmd": ["/bin/sh"]},
-        "rootfs": {"type": "layers",
-                   "diff_ids": ["sha256:" + hashlib.sha256(t).hexdigest() for t in tars]},
-    }).encode())
-    manifest = Blob(OCI_MANIFEST, json.dumps({
-        "schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config.descriptor(),
-        "layers": [b.descriptor() for b in blobs]}).encode())
+    blobs = [
+        Blob(
+            "application/vnd.oci.image.layer.v1.tar+zstd",
+            zstandard.ZstdCompressor(level=3).compress(t),
+        )
+        for t in tars
+    ]
+    config = Blob(
+        "application/vnd.oci.image.config.v1+json",
+        json.dumps(
+            {
+                "architecture": "amd64",
+                "os": "linux",
+                "config": {"Cmd": ["/bin/sh"]},
+                "rootfs": {
+                    "type": "layers",
+                    "diff_ids": ["sha256:" + hashlib.sha256(t).hexdigest() for t in tars],
+                },
+            }
+        ).encode(),
+    )
+    manifest = Blob(
+        OCI_MANIFEST,
+        json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": OCI_MANIFEST,
+                "config": config.descriptor(),
+                "layers": [b.descriptor() for b in blobs],
+            }
+        ).encode(),
+    )
     index = {"schemaVersion": 2, "manifests": [manifest.descriptor()]}
     with tarfile.open(out, "w") as tar:
-        for path, data in [("oci-layout", b'{"imageLayoutVersion":"1.0.0"}'),
-                           ("index.json", json.dumps(index).encode()),
-                           *((f"blobs/sha256/{b.digest[7:]}", b.data)
-                             for b in [config, manifest, *blobs])]:
+        for path, data in [
+            ("oci-layout", b'{"imageLayoutVersion":"1.0.0"}'),
+            ("index.json", json.dumps(index).encode()),
+            *((f"blobs/sha256/{b.digest[7:]}", b.data) for b in [config, manifest, *blobs]),
+        ]:
             info = tarfile.TarInfo(path)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -446,9 +608,11 @@ def test_same_layers_in_zstd_publish_to_the_same_roots(world, tmp_path):
     client = RegistryClient(Reference.parse(ref), plain_http=True)
     manifest, _ = client.get_json("zstd")
     assert {d["mediaType"] for d in manifest["layers"]} == {
-        "application/vnd.oci.image.layer.v1.tar+zstd"}
+        "application/vnd.oci.image.layer.v1.tar+zstd"
+    }
     assert not {d["digest"] for d in manifest["layers"]} & set(
-        world["images"]["v1"]["layer_digests"])
+        world["images"]["v1"]["layer_digests"]
+    )
     zstd = ok_json("publish", ref, "--key", world["keys"]["publisher"], "--plain-http")
     assert zstd["image_digest"] != world["published"]["image_digest"]
     assert zstd["devices"] == world["published"]["devices"]

@@ -46,8 +46,9 @@ def _prepare_with(sn: Snapshotter, key: str, files: dict[str, bytes]) -> Path:
     return upper
 
 
-def _slow_first_conversion(converter: SwappableConverter,
-                           after_first: Callable[[], None]) -> threading.Event:
+def _slow_first_conversion(
+    converter: SwappableConverter, after_first: Callable[[], None]
+) -> threading.Event:
     """Make the first conversion announce itself and wait a little (the window a concurrent
     call lands in); a later conversion first runs AFTER_FIRST (e.g. wait for the first
     Commit to finish). Both conversions are the real one."""
@@ -78,8 +79,9 @@ def _layer_matches_labels(sn: Snapshotter, name: str) -> None:
     assert (sn.layout.mount_layer(sid) / "hello").read_bytes() == b"committed content\n"
 
 
-def test_two_commits_of_one_key_keep_the_layer(sn: Snapshotter,
-                                                converter: SwappableConverter) -> None:
+def test_two_commits_of_one_key_keep_the_layer(
+    sn: Snapshotter, converter: SwappableConverter
+) -> None:
     require_root()
     _prepare_with(sn, "ns/1/a", {"hello": b"committed content\n"})
     first_done = threading.Event()
@@ -97,7 +99,8 @@ def test_two_commits_of_one_key_keep_the_layer(sn: Snapshotter,
 
 
 def test_remove_during_commit_waits_and_keeps_the_layer(
-        sn: Snapshotter, converter: SwappableConverter) -> None:
+    sn: Snapshotter, converter: SwappableConverter
+) -> None:
     require_root()
     _prepare_with(sn, "ns/1/a", {"hello": b"committed content\n"})
     converting = _slow_first_conversion(converter, lambda: None)
@@ -176,8 +179,9 @@ def swap_before_open() -> Iterator[Callable[[str, Callable[[], None]], None]]:
     _before_open.clear()
 
 
-def _commit_in_thread(sn: Snapshotter, name: str, key: str, timeout: float = 30
-                      ) -> BaseException | None:
+def _commit_in_thread(
+    sn: Snapshotter, name: str, key: str, timeout: float = 30
+) -> BaseException | None:
     result: list[BaseException | None] = []
 
     def run() -> None:
@@ -203,8 +207,9 @@ def _files_containing(root: Path, needle: bytes) -> list[Path]:
     return found
 
 
-def test_commit_never_follows_a_swapped_in_symlink(sn: Snapshotter, tmp_path: Path,
-                                                   swap_before_open) -> None:
+def test_commit_never_follows_a_swapped_in_symlink(
+    sn: Snapshotter, tmp_path: Path, swap_before_open
+) -> None:
     secret = b"host secret " + os.urandom(16).hex().encode()
     host_file = tmp_path / "host-secret"
     host_file.write_bytes(secret)
@@ -222,8 +227,14 @@ def test_commit_never_follows_a_swapped_in_symlink(sn: Snapshotter, tmp_path: Pa
     assert _files_containing(sn.root, secret) == []
     assert isinstance(error, EpError) and "victim" in str(error), error
     assert sn.stat("ns/1/a").kind.name == "ACTIVE"  # the failed Commit changed nothing
-    assert sorted(p.name for p in sn.layout.dir(sn.store.get_info("ns/1/a")[0]).iterdir()
-                  if p.name.endswith(".tmp")) == []
+    assert (
+        sorted(
+            p.name
+            for p in sn.layout.dir(sn.store.get_info("ns/1/a")[0]).iterdir()
+            if p.name.endswith(".tmp")
+        )
+        == []
+    )
 
 
 def test_commit_never_hangs_on_a_swapped_in_fifo(sn: Snapshotter, swap_before_open) -> None:

@@ -39,11 +39,19 @@ def layer_entries(seed: int) -> list[Entry]:
     entries = [Entry("etc", "dir", mode=0o755), Entry("usr", "dir", mode=0o755)]
     for i in range(40):
         size = rng.choice([0, 1, 100, 4095, 4096, 4097, 70_000])
-        entries.append(Entry(f"usr/f{i}", data=rng.randbytes(size), mode=0o644,
-                             mtime=1_700_000_000 + rng.randrange(1000)))
-    entries += [Entry("etc/link", "symlink", link="../usr/f1"),
-                Entry("usr/hard", "hardlink", link="usr/f2"),
-                Entry("etc/x", data=b"x", xattrs={"user.k": b"v"})]
+        entries.append(
+            Entry(
+                f"usr/f{i}",
+                data=rng.randbytes(size),
+                mode=0o644,
+                mtime=1_700_000_000 + rng.randrange(1000),
+            )
+        )
+    entries += [
+        Entry("etc/link", "symlink", link="../usr/f1"),
+        Entry("usr/hard", "hardlink", link="usr/f2"),
+        Entry("etc/x", data=b"x", xattrs={"user.k": b"v"}),
+    ]
     return entries
 
 
@@ -55,8 +63,17 @@ def layer_tar(tmp_path_factory) -> Path:
 def veritysetup_root(path: Path, info) -> str:
     """The root hash veritysetup computes for the tree appended at info.hash_offset."""
     proc = subprocess.run(
-        [require_tool("veritysetup"), "verify", str(path), str(path), info.root_hash,
-         f"--hash-offset={info.hash_offset}"], capture_output=True, text=True)
+        [
+            require_tool("veritysetup"),
+            "verify",
+            str(path),
+            str(path),
+            info.root_hash,
+            f"--hash-offset={info.hash_offset}",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     return info.root_hash
 
@@ -93,15 +110,21 @@ def test_concurrent_conversions_give_same_bytes(layer_tar, tmp_path):
 def test_environment_does_not_change_the_output(layer_tar, tmp_path):
     """Another clock zone, umask, working directory and SOURCE_DATE_EPOCH: same bytes."""
     outs = []
-    for i, env in enumerate([{"TZ": "UTC"}, {"TZ": "Pacific/Kiritimati",
-                                             "SOURCE_DATE_EPOCH": "1", "LC_ALL": "C"}]):
+    for i, env in enumerate(
+        [{"TZ": "UTC"}, {"TZ": "Pacific/Kiritimati", "SOURCE_DATE_EPOCH": "1", "LC_ALL": "C"}]
+    ):
         cwd = tmp_path / f"cwd{i}"
         cwd.mkdir()
         out = tmp_path / f"env{i}.erofs"
         proc = subprocess.run(
             [*CLI, "convert", str(layer_tar), str(out), "--verity", "--json"],
-            cwd=cwd, env={**os.environ, **env}, capture_output=True, text=True, timeout=60,
-            preexec_fn=(lambda m=0o077 if i else 0o022: os.umask(m)))
+            cwd=cwd,
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            preexec_fn=(lambda m=0o077 if i else 0o022: os.umask(m)),
+        )
         assert proc.returncode == 0, proc.stderr
         outs.append((sha256_file(out), json.loads(proc.stdout)["verity"]["root_hash"]))
     assert outs[0] == outs[1]
@@ -118,8 +141,9 @@ def test_converted_image_imported_as_native_layer_gets_the_same_root(layer_tar, 
     assert native_digest == tar.blob_digest
     for i in range(2):
         with open(tmp_path / "native.erofs", "rb") as f:
-            r = import_erofs_image(f, tmp_path / f"n{i}.erofs", expected_digest=native_digest,
-                                   verity=True)
+            r = import_erofs_image(
+                f, tmp_path / f"n{i}.erofs", expected_digest=native_digest, verity=True
+            )
         assert r.diff_id == native_digest != tar.diff_id
         assert r.uuid == tar.uuid
         assert (r.verity.salt, r.verity.root_hash) == (tar.verity.salt, tar.verity.root_hash)
@@ -134,8 +158,11 @@ def test_native_image_without_uuid_is_salted_from_its_digest(tmp_path):
     src.mkdir()
     (src / "file").write_bytes(b"no uuid\n")
     image = tmp_path / "nil.erofs"
-    proc = subprocess.run([require_tool("mkfs.erofs"), "--quiet", "-U", str(uuid.UUID(int=0)),
-                           str(image), str(src)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [require_tool("mkfs.erofs"), "--quiet", "-U", str(uuid.UUID(int=0)), str(image), str(src)],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     digest = sha256_file(image)
     with open(image, "rb") as f:
@@ -156,12 +183,12 @@ def test_same_chain_merges_to_same_fsmeta_and_root(tmp_path):
     for run in ("a", "b"):
         d = tmp_path / run
         d.mkdir()
-        m = merge_layers([LayerBlob(p, tag=digest[7:]) for p, digest in blobs],
-                         d / "image.fsmeta", verity=True)
+        m = merge_layers(
+            [LayerBlob(p, tag=digest[7:]) for p, digest in blobs], d / "image.fsmeta", verity=True
+        )
         veritysetup_root(d / "image.fsmeta", m.verity)
         results.append((sha256_file(d / "image.fsmeta"), m.verity.root_hash))
     assert results[0] == results[1]
-
 
 
 def test_layer_salt_derives_from_the_uuid_and_needs_a_digest_without_one():

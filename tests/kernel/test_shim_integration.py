@@ -41,8 +41,14 @@ KATA_JSON = {
     "source": "/var/lib/nydus/cache/abc.image.disk",
     "fs_type": "erofs",
     "options": ["ro"],
-    "dm_verity": {"hashtype": "sha256", "hash": ROOT, "blocknum": 1024, "blocksize": 512,
-                  "hashsize": 4096, "offset": 524288},
+    "dm_verity": {
+        "hashtype": "sha256",
+        "hash": ROOT,
+        "blocknum": 1024,
+        "blocksize": 512,
+        "hashsize": 4096,
+        "offset": 524288,
+    },
 }
 
 
@@ -55,12 +61,17 @@ def test_kata_volume_round_trips_with_kata_names_and_types() -> None:
     assert again == volume
     # Empty fields are omitted, as serde's skip_serializing_if does.
     assert KataVirtualVolume("image_guest_pull", source="docker.io/x").to_json() == {
-        "volume_type": "image_guest_pull", "source": "docker.io/x"}
+        "volume_type": "image_guest_pull",
+        "source": "docker.io/x",
+    }
 
 
 def test_unknown_fields_are_kept() -> None:
-    data = {**KATA_JSON, "future_field": {"x": 1},
-            "dm_verity": {**KATA_JSON["dm_verity"], "salt": "00" * 32, "new_knob": True}}
+    data = {
+        **KATA_JSON,
+        "future_field": {"x": 1},
+        "dm_verity": {**KATA_JSON["dm_verity"], "salt": "00" * 32, "new_knob": True},
+    }
     volume = KataVirtualVolume.from_json(data)
     assert volume.to_json() == data
 
@@ -104,16 +115,26 @@ def _verity(root: str, salt: str, hash_offset: int) -> dict:
     """A device's verity description as VM-mode mounts carry it (VerityInfo.to_json)."""
     from snapshotter.verity import VerityInfo
 
-    return VerityInfo(root, salt, "sha256", 4096, 4096, hash_offset // 4096, hash_offset,
-                      True, None).to_json()
+    return VerityInfo(
+        root, salt, "sha256", 4096, 4096, hash_offset // 4096, hash_offset, True, None
+    ).to_json()
 
 
 def _devices(fsmeta_salt: str = "", layer_salt: str = "") -> list[dict]:
     return [
-        {"role": "fsmeta", "path": "/s/fsmeta", "root_hash": ROOT,
-         "verity": _verity(ROOT, fsmeta_salt, 8192)},
-        {"role": "layer", "device": 1, "path": "/s/1/layer.erofs", "root_hash": "cd" * 32,
-         "verity": _verity("cd" * 32, layer_salt, 40960)},
+        {
+            "role": "fsmeta",
+            "path": "/s/fsmeta",
+            "root_hash": ROOT,
+            "verity": _verity(ROOT, fsmeta_salt, 8192),
+        },
+        {
+            "role": "layer",
+            "device": 1,
+            "path": "/s/1/layer.erofs",
+            "root_hash": "cd" * 32,
+            "verity": _verity("cd" * 32, layer_salt, 40960),
+        },
     ]
 
 
@@ -122,8 +143,14 @@ def test_volumes_from_vm_mode_devices() -> None:
     assert [v.volume_type for v in volumes] == [IMAGE_RAW_BLOCK, LAYER_RAW_BLOCK]
     # offset: the tree's start (one block past the superblock at 40960), not the superblock's
     assert volumes[1].dm_verity.to_json() == {
-        "hashtype": "sha256", "hash": "cd" * 32, "blocknum": 10, "blocksize": 4096,
-        "hashsize": 4096, "offset": 45056, "no_superblock": True}
+        "hashtype": "sha256",
+        "hash": "cd" * 32,
+        "blocknum": 10,
+        "blocksize": 4096,
+        "hashsize": 4096,
+        "offset": 45056,
+        "no_superblock": True,
+    }
     for v in volumes:
         assert KataVirtualVolume.from_option(v.to_option()) == v
 
@@ -137,6 +164,7 @@ def test_salted_trees_give_kata_options_only_when_asked_for_kata_types() -> None
 
 
 # -- manifests ------------------------------------------------------------------------------
+
 
 def _manifest(roots: list[str]) -> dict:
     verity = lambda r: {"root_hash": r, "salt": "00", "data_blocks": 2, "hash_offset": 8192}  # noqa: E731
@@ -171,8 +199,7 @@ def test_every_bad_signature_is_refused_with_a_reason(tmp_path: Path) -> None:
     trusted = [good.public_key()]
     payload, signature = sign(_manifest([ROOT, "cd" * 32]), good)
     with pytest.raises(ManifestError, match="untrusted key"):
-        verify(*sign(_manifest([ROOT, "cd" * 32]), load_private_key(tmp_path / "other")),
-               trusted)
+        verify(*sign(_manifest([ROOT, "cd" * 32]), load_private_key(tmp_path / "other")), trusted)
     raw = json.dumps(signature).encode()
     with pytest.raises(ManifestError, match="truncated"):
         verify(payload, raw[: len(raw) // 2], trusted)
@@ -186,17 +213,29 @@ def test_every_bad_signature_is_refused_with_a_reason(tmp_path: Path) -> None:
 
 def test_key_cli(tmp_path: Path) -> None:
     cli = [sys.executable, "-m", "shim_integration.cli", "key"]
-    out = json.loads(subprocess.run([*cli, "generate", str(tmp_path / "k"), "--json"],
-                                    check=True, capture_output=True, text=True).stdout)
-    shown = json.loads(subprocess.run([*cli, "show", str(tmp_path / "k.pub"), "--json"],
-                                      check=True, capture_output=True, text=True).stdout)
+    out = json.loads(
+        subprocess.run(
+            [*cli, "generate", str(tmp_path / "k"), "--json"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
+    shown = json.loads(
+        subprocess.run(
+            [*cli, "show", str(tmp_path / "k.pub"), "--json"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
     assert shown["key_id"] == out["key_id"]
-    again = subprocess.run([*cli, "generate", str(tmp_path / "k")], capture_output=True,
-                           text=True)
+    again = subprocess.run([*cli, "generate", str(tmp_path / "k")], capture_output=True, text=True)
     assert again.returncode != 0 and "exists" in again.stderr
 
 
 # -- the shim's attach plan ---------------------------------------------------------------------
+
 
 def _described_mount(fsmeta: Path, devices: list[dict]):
     """A VM-mode mount as the snapshotter hands it out: the description beside the fsmeta."""
@@ -212,11 +251,22 @@ def _vm_mount(tmp_path: Path, with_manifest: bool = True):
 
     fsmeta = tmp_path / "image.fsmeta"
     devices = [
-        {"role": "fsmeta", "path": str(fsmeta), "root_hash": ROOT,
-         "verity": _verity(ROOT, "", 8192)},
-        *({"role": "layer", "device": i, "path": str(tmp_path / f"{i}.erofs"),
-           "root_hash": f"{i:02x}" * 32, "verity": _verity(f"{i:02x}" * 32, "", 40960)}
-          for i in (1, 2)),
+        {
+            "role": "fsmeta",
+            "path": str(fsmeta),
+            "root_hash": ROOT,
+            "verity": _verity(ROOT, "", 8192),
+        },
+        *(
+            {
+                "role": "layer",
+                "device": i,
+                "path": str(tmp_path / f"{i}.erofs"),
+                "root_hash": f"{i:02x}" * 32,
+                "verity": _verity(f"{i:02x}" * 32, "", 40960),
+            }
+            for i in (1, 2)
+        ),
     ]
     if with_manifest:
         (tmp_path / "manifest.json").write_bytes(b"{}")
@@ -231,21 +281,34 @@ def test_attach_plan_from_vm_mode_mounts(tmp_path: Path) -> None:
     mount, devices = _vm_mount(tmp_path)
     plan = plan_from_mounts([mount], ["virtio-blk", "vhost-user-blk", "virtio-blk"])
     assert [(d.position, d.role, d.path, d.root_hash) for d in plan.devices] == [
-        (i, d["role"], d["path"], d["root_hash"]) for i, d in enumerate(devices)]
+        (i, d["role"], d["path"], d["root_hash"]) for i, d in enumerate(devices)
+    ]
     assert plan.devices[0].serial == device_id_for(devices[0]["path"], "virtio-blk")
     assert plan.devices[1].serial == "vhost_user_blk"  # found by PCI address instead
     assert plan.manifest == b"{}" and plan.signature == b"{}"
     # Kata's options for the same devices, in the same order
     volumes = [KataVirtualVolume.from_option(o) for o in plan.kata_options()]
-    assert [v.volume_type for v in volumes] == [IMAGE_RAW_BLOCK, LAYER_RAW_BLOCK,
-                                                LAYER_RAW_BLOCK]
+    assert [v.volume_type for v in volumes] == [IMAGE_RAW_BLOCK, LAYER_RAW_BLOCK, LAYER_RAW_BLOCK]
     assert [v.dm_verity.hash for v in volumes] == [d["root_hash"] for d in devices]
     # the agent request names each disk as the guest finds it
-    atts = [Attachment(d.device_id, d.transport, d.path, f"ep-rp{i}", f"0000:00:08.{i}",
-                       d.serial, f"{d.device_id}-node") for i, d in enumerate(plan.devices)]
+    atts = [
+        Attachment(
+            d.device_id,
+            d.transport,
+            d.path,
+            f"ep-rp{i}",
+            f"0000:00:08.{i}",
+            d.serial,
+            f"{d.device_id}-node",
+        )
+        for i, d in enumerate(plan.devices)
+    ]
     req = plan.request("c1", atts)
-    assert req["devices"] == [{"serial": atts[0].serial}, {"pci": "0000:00:08.1"},
-                              {"serial": atts[2].serial}]
+    assert req["devices"] == [
+        {"serial": atts[0].serial},
+        {"pci": "0000:00:08.1"},
+        {"serial": atts[2].serial},
+    ]
     assert base64.b64decode(req["manifest"]) == b"{}" and req["name"] == "c1"
     swapped = plan.with_paths([devices[0]["path"], devices[2]["path"], devices[1]["path"]])
     assert [d.path for d in swapped.devices][1:] == [devices[2]["path"], devices[1]["path"]]
@@ -266,12 +329,21 @@ def test_attach_plan_refuses_what_it_cannot_use(tmp_path: Path) -> None:
     elsewhere = tmp_path / "other"
     elsewhere.mkdir()
     (elsewhere / "fsmeta.json").write_text((tmp_path / "fsmeta.json").read_text())
-    for description, why in [(elsewhere / "fsmeta.json", "not fsmeta.json in the chain"),
-                             (tmp_path / "manifest.json", "not fsmeta.json in the chain"),
-                             (tmp_path / "other" / ".." / "fsmeta.json", "not fsmeta.json")]:
+    for description, why in [
+        (elsewhere / "fsmeta.json", "not fsmeta.json in the chain"),
+        (tmp_path / "manifest.json", "not fsmeta.json in the chain"),
+        (tmp_path / "other" / ".." / "fsmeta.json", "not fsmeta.json"),
+    ]:
         with pytest.raises(ShimError, match=why):
-            plan_from_mounts([Mount(mount.type, mount.source,
-                                    ["ro", f"erofs-passthrough.description={description}"])])
+            plan_from_mounts(
+                [
+                    Mount(
+                        mount.type,
+                        mount.source,
+                        ["ro", f"erofs-passthrough.description={description}"],
+                    )
+                ]
+            )
     (tmp_path / "fsmeta.json").rename(tmp_path / "real.json")
     (tmp_path / "fsmeta.json").symlink_to(elsewhere / "fsmeta.json")
     with pytest.raises(ShimError, match="leads outside"):
@@ -307,23 +379,38 @@ def test_kata_options_of_a_vm_mode_plan_verify_each_device_for_every_reader(tmp_
         (src / "etc" / f"layer{i}").write_bytes(bytes([i]) * (5000 * i))
         blob = tmp_path / f"{i}.erofs"
         info = convert_directory(src, blob, verity=KATA_VERITY).verity
-        devices.append({"role": "layer", "device": i, "path": str(blob),
-                        "root_hash": info.root_hash, "verity": info.to_json()})
+        devices.append(
+            {
+                "role": "layer",
+                "device": i,
+                "path": str(blob),
+                "root_hash": info.root_hash,
+                "verity": info.to_json(),
+            }
+        )
     fsmeta = tmp_path / "image.fsmeta"
     merge_layers([Path(d["path"]) for d in devices], fsmeta)
     info = format_file(fsmeta, params=KATA_VERITY)  # the tree appended, as serve's is
-    devices.insert(0, {"role": "fsmeta", "path": str(fsmeta), "root_hash": info.root_hash,
-                       "verity": info.to_json()})
-    plan = plan_from_mounts([_described_mount(fsmeta, devices)],
-                            manifest=b"{}", signature=b"{}")
+    devices.insert(
+        0,
+        {
+            "role": "fsmeta",
+            "path": str(fsmeta),
+            "root_hash": info.root_hash,
+            "verity": info.to_json(),
+        },
+    )
+    plan = plan_from_mounts([_described_mount(fsmeta, devices)], manifest=b"{}", signature=b"{}")
     options = plan.kata_options()
     assert len(options) == 3
     for device, option in zip(devices, options, strict=True):
         tables = tables_of(option)
         assert len(set(tables.values())) == 1, (device["path"], tables)
-        assert tables["runtime-go"].endswith(f" {DEVICE} {DEVICE} 4096 4096 "
-                                             f"{device['verity']['data_blocks']} "
-                                             f"{device['verity']['hash_start_block']} sha256 "
-                                             f"{device['root_hash']} -")
+        assert tables["runtime-go"].endswith(
+            f" {DEVICE} {DEVICE} 4096 4096 "
+            f"{device['verity']['data_blocks']} "
+            f"{device['verity']['hash_start_block']} sha256 "
+            f"{device['root_hash']} -"
+        )
         check = veritysetup_verify(Path(device["path"]), table=tables["kata-types"])
         assert check.returncode == 0, (device["path"], check.stderr)

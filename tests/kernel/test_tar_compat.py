@@ -26,8 +26,7 @@ from tests.support.helpers import mounted_erofs, require_root, require_tool
 GIB = 1 << 30
 SPARSE_SIZE = 2 * GIB + (1 << 20) + 12345
 # (offset, length) of the data written into the sparse source file; the rest is holes.
-SPARSE_RUNS = [(0, 65536), (GIB + 3 * 4096, 1 << 20), ((2 << 30) + 17, 100),
-               (SPARSE_SIZE - 10, 10)]
+SPARSE_RUNS = [(0, 65536), (GIB + 3 * 4096, 1 << 20), ((2 << 30) + 17, 100), (SPARSE_SIZE - 10, 10)]
 SPARSE_FORMATS = {
     "gnu": ["--format=gnu"],
     "pax-0.0": ["--format=pax", "--sparse-version=0.0"],
@@ -55,8 +54,7 @@ def _same_contents(a: Path, b: Path) -> None:
 
 
 @pytest.mark.parametrize("fmt", SPARSE_FORMATS)
-def test_gnu_tar_sparse_formats_mount_equal_to_gnu_tar_extraction(tmp_path: Path,
-                                                                 fmt: str) -> None:
+def test_gnu_tar_sparse_formats_mount_equal_to_gnu_tar_extraction(tmp_path: Path, fmt: str) -> None:
     """A 2 GiB sparse file with four data runs (one past 2^31): the kernel reads the image
     equal to what GNU tar extracts, under its own name, and holes cost no blocks."""
     require_root()
@@ -65,8 +63,10 @@ def test_gnu_tar_sparse_formats_mount_equal_to_gnu_tar_extraction(tmp_path: Path
     src.mkdir()
     _write_sparse(src / "disk.img")
     layer = tmp_path / "sparse.tar"
-    subprocess.run([tar, "--sparse", *SPARSE_FORMATS[fmt], "-cf", str(layer), "-C", str(src),
-                    "disk.img"], check=True)
+    subprocess.run(
+        [tar, "--sparse", *SPARSE_FORMATS[fmt], "-cf", str(layer), "-C", str(src), "disk.img"],
+        check=True,
+    )
     assert layer.stat().st_size < 4 << 20, "GNU tar did not write a sparse member"
     extracted = tmp_path / "extracted"
     extracted.mkdir()
@@ -97,8 +97,7 @@ def gotar(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def go_reads(gotar: Path, layer: Path) -> tuple[list[dict], str | None]:
     """The entries Go's archive/tar reads from `layer`, and its error if it fails."""
     with open(layer, "rb") as f:
-        proc = subprocess.run([str(gotar)], stdin=f, capture_output=True, text=True,
-                              check=True)
+        proc = subprocess.run([str(gotar)], stdin=f, capture_output=True, text=True, check=True)
     entries = [json.loads(line) for line in proc.stdout.splitlines()]
     if entries and "error" in entries[-1]:
         return entries[:-1], entries[-1]["error"]
@@ -115,8 +114,7 @@ def _sparse_by_gnu_tar(tmp_path: Path, *fmt: str) -> bytes:
         f.write(b"middle" * 1000)
         f.truncate(9 << 20)
     layer = tmp_path / "g.tar"
-    subprocess.run([tar, "--sparse", *fmt, "-cf", str(layer), "-C", str(src), "sparse"],
-                   check=True)
+    subprocess.run([tar, "--sparse", *fmt, "-cf", str(layer), "-C", str(src), "sparse"], check=True)
     return layer.read_bytes()
 
 
@@ -130,39 +128,63 @@ CASES = {
     "lone zero block at the end": lambda p: t.member(b"a", b"1") + bytes(512),
     # A zero block, then more members: Go refuses (a reader that stopped at the zero block
     # would drop `b` from the layer without a word).
-    "zero block in the middle": lambda p: t.member(b"a", b"1") + bytes(512)
-    + t.member(b"b", b"2") + t.end(),
+    "zero block in the middle": lambda p: (
+        t.member(b"a", b"1") + bytes(512) + t.member(b"b", b"2") + t.end()
+    ),
     # Nothing at all: Go reads an empty archive, containerd applies an empty layer.
     "zero-byte input": lambda p: b"",
     # Global headers are entries to Go; containerd's applier skips them, so they change
     # nothing: `f` keeps its own uid and mtime.
-    "PAX global header": lambda p: t.pax([(b"uid", b"4242"), (b"mtime", b"1234567890"),
-                                          (b"comment", b"global")], typeflag=b"g")
-    + t.member(b"f", b"data", uid=7),
+    "PAX global header": lambda p: (
+        t.pax(
+            [(b"uid", b"4242"), (b"mtime", b"1234567890"), (b"comment", b"global")], typeflag=b"g"
+        )
+        + t.member(b"f", b"data", uid=7)
+    ),
     # More than 1 MiB of PAX records: Go refuses (ErrFieldTooLong).
-    "oversized PAX header": lambda p: t.pax([(b"comment", b"c" * (1 << 20))])
-    + t.member(b"f", b"x") + t.end(),
+    "oversized PAX header": lambda p: (
+        t.pax([(b"comment", b"c" * (1 << 20))]) + t.member(b"f", b"x") + t.end()
+    ),
     # GNU long names win over a PAX path in Go's order.
-    "GNU long name after PAX path": lambda p: t.pax([(b"path", b"from-pax")])
-    + t.header(b"././@LongLink", typeflag=b"L", size=9) + t.padded(b"from-gnu\0")
-    + t.member(b"short", b"x") + t.end(),
+    "GNU long name after PAX path": lambda p: (
+        t.pax([(b"path", b"from-pax")])
+        + t.header(b"././@LongLink", typeflag=b"L", size=9)
+        + t.padded(b"from-gnu\0")
+        + t.member(b"short", b"x")
+        + t.end()
+    ),
     # An empty PAX value keeps the header's (Go: "keep the original USTAR value").
-    "empty PAX path": lambda p: t.pax([(b"path", b"")]) + t.member(b"ustar-name", b"x")
-    + t.end(),
+    "empty PAX path": lambda p: t.pax([(b"path", b"")]) + t.member(b"ustar-name", b"x") + t.end(),
     # Pre-POSIX directories: typeflag NUL and a trailing slash (Go reads a directory).
-    "old-style directory": lambda p: t.member(b"olddir/", typeflag=b"\0", mode=0o750)
-    + t.member(b"olddir/f", b"x") + t.end(),
+    "old-style directory": lambda p: (
+        t.member(b"olddir/", typeflag=b"\0", mode=0o750) + t.member(b"olddir/f", b"x") + t.end()
+    ),
     "negative PAX size": lambda p: t.pax([(b"size", b"-1")]) + t.member(b"f") + t.end(),
     # A sparse map on a symlink (declaring a 4 GiB file): Go refuses (ErrHeader).
-    "sparse map on a symlink": lambda p: t.pax(
-        [(b"GNU.sparse.numblocks", b"1"), (b"GNU.sparse.map", b"0,4294967296"),
-         (b"GNU.sparse.size", b"4294967296")])
-    + t.member(b"link", typeflag=b"2", linkname=b"target") + t.end(),
+    "sparse map on a symlink": lambda p: (
+        t.pax(
+            [
+                (b"GNU.sparse.numblocks", b"1"),
+                (b"GNU.sparse.map", b"0,4294967296"),
+                (b"GNU.sparse.size", b"4294967296"),
+            ]
+        )
+        + t.member(b"link", typeflag=b"2", linkname=b"target")
+        + t.end()
+    ),
     # The map accounts for 2 bytes, the archive stores 6: Go fails ("unreferenced data").
-    "sparse data the map does not use": lambda p: t.pax(
-        [(b"GNU.sparse.major", b"1"), (b"GNU.sparse.minor", b"0"), (b"GNU.sparse.name", b"s"),
-         (b"GNU.sparse.realsize", b"100")])
-    + t.member(b"GNUSparseFile.0/s", t.padded(b"1\n0\n2\n") + b"abcdef") + t.end(),
+    "sparse data the map does not use": lambda p: (
+        t.pax(
+            [
+                (b"GNU.sparse.major", b"1"),
+                (b"GNU.sparse.minor", b"0"),
+                (b"GNU.sparse.name", b"s"),
+                (b"GNU.sparse.realsize", b"100"),
+            ]
+        )
+        + t.member(b"GNUSparseFile.0/s", t.padded(b"1\n0\n2\n") + b"abcdef")
+        + t.end()
+    ),
 }
 
 
@@ -188,8 +210,12 @@ def test_reads_what_go_archive_tar_reads(tmp_path: Path, gotar: Path, case: str)
         for e in files:
             path = mnt / e["name"].removeprefix("./")
             st = path.lstat()
-            assert (st.st_uid, st.st_gid, st.st_mode & 0o7777, int(st.st_mtime)) \
-                == (e["uid"], e["gid"], e["mode"] & 0o7777, e["mtime"]), e["name"]
+            assert (st.st_uid, st.st_gid, st.st_mode & 0o7777, int(st.st_mtime)) == (
+                e["uid"],
+                e["gid"],
+                e["mode"] & 0o7777,
+                e["mtime"],
+            ), e["name"]
             if e["typeflag"] == "5":
                 assert stat.S_ISDIR(st.st_mode), e["name"]
                 continue
@@ -220,15 +246,19 @@ def _refused(tmp_path: Path, tar: bytes, message: str) -> None:
 def test_bad_base64_in_libarchive_xattr_is_refused(tmp_path: Path) -> None:
     """bsdtar writes xattrs as base64; text that is not base64 is a corrupt layer, not an
     xattr to guess (Python's lenient decoder turned `!!!!` into an empty value)."""
-    _refused(tmp_path, t.pax([(b"LIBARCHIVE.xattr.user.k", b"!!!!")]) + t.member(b"f", b"x")
-             + t.end(), "bad base64")
+    _refused(
+        tmp_path,
+        t.pax([(b"LIBARCHIVE.xattr.user.k", b"!!!!")]) + t.member(b"f", b"x") + t.end(),
+        "bad base64",
+    )
 
 
 def test_libarchive_xattr_is_kept(tmp_path: Path) -> None:
     require_root()
     layer = tmp_path / "l.tar"
-    layer.write_bytes(t.pax([(b"LIBARCHIVE.xattr.user.k", b"dmFsdWU")])
-                      + t.member(b"f", b"x") + t.end())
+    layer.write_bytes(
+        t.pax([(b"LIBARCHIVE.xattr.user.k", b"dmFsdWU")]) + t.member(b"f", b"x") + t.end()
+    )
     out = tmp_path / "l.erofs"
     convert(layer, out)
     with mounted_erofs(out) as mnt:
@@ -240,14 +270,16 @@ def test_symlink_targets_up_to_path_max(tmp_path: Path) -> None:
     require_root()
     target = b"d/" * 2047 + b"x"  # 4095 bytes
     layer = tmp_path / "l.tar"
-    layer.write_bytes(t.pax([(b"linkpath", target)]) + t.member(b"link", typeflag=b"2")
-                      + t.end())
+    layer.write_bytes(t.pax([(b"linkpath", target)]) + t.member(b"link", typeflag=b"2") + t.end())
     out = tmp_path / "l.erofs"
     convert(layer, out)
     with mounted_erofs(out) as mnt:
         assert os.readlink(mnt / "link").encode() == target
-    _refused(tmp_path, t.pax([(b"linkpath", target + b"y")]) + t.member(b"link", typeflag=b"2")
-             + t.end(), "4096 bytes")
+    _refused(
+        tmp_path,
+        t.pax([(b"linkpath", target + b"y")]) + t.member(b"link", typeflag=b"2") + t.end(),
+        "4096 bytes",
+    )
     _refused(tmp_path, t.member(b"link", typeflag=b"2") + t.end(), "empty symlink target")
 
 
@@ -256,8 +288,11 @@ def test_device_numbers_up_to_what_dev_t_holds(tmp_path: Path) -> None:
     kernel must give back exactly those. 4096 is refused (it would encode as 0:0 + 256)."""
     require_root()
     layer = tmp_path / "l.tar"
-    layer.write_bytes(t.member(b"blk", typeflag=b"4", devmajor=4095, devminor=1048575)
-                      + t.member(b"chr", typeflag=b"3", devmajor=1, devminor=3) + t.end())
+    layer.write_bytes(
+        t.member(b"blk", typeflag=b"4", devmajor=4095, devminor=1048575)
+        + t.member(b"chr", typeflag=b"3", devmajor=1, devminor=3)
+        + t.end()
+    )
     out = tmp_path / "l.erofs"
     convert(layer, out)
     with mounted_erofs(out) as mnt:
@@ -267,8 +302,7 @@ def test_device_numbers_up_to_what_dev_t_holds(tmp_path: Path) -> None:
         st = os.lstat(mnt / "chr")
         assert (os.major(st.st_rdev), os.minor(st.st_rdev)) == (1, 3)
     _refused(tmp_path, t.member(b"blk", typeflag=b"4", devmajor=4096) + t.end(), "4096:0")
-    _refused(tmp_path, t.member(b"chr", typeflag=b"3", devminor=1 << 20) + t.end(),
-             "0:1048576")
+    _refused(tmp_path, t.member(b"chr", typeflag=b"3", devminor=1 << 20) + t.end(), "0:1048576")
 
 
 def test_zero_byte_input_is_an_empty_layer(tmp_path: Path) -> None:

@@ -31,8 +31,7 @@ def test_gnu_tar_sparse_files(tmp_path: Path, fmt: list[str]) -> None:
     src.mkdir()
     want = _sparse_file(src / "sparse")
     layer = tmp_path / "sparse.tar"
-    subprocess.run([tar, "--sparse", *fmt, "-cf", str(layer), "-C", str(src), "sparse"],
-                   check=True)
+    subprocess.run([tar, "--sparse", *fmt, "-cf", str(layer), "-C", str(src), "sparse"], check=True)
     assert layer.stat().st_size < 1 << 20, "GNU tar did not write a sparse member"
     out = tmp_path / "sparse.erofs"
     convert(layer, out)
@@ -50,8 +49,20 @@ def test_base256_ids_and_global_pax_headers(tmp_path: Path) -> None:
     src.mkdir()
     (src / "f").write_bytes(b"big ids")
     layer = tmp_path / "ids.tar"
-    subprocess.run([tar, "--format=gnu", "--owner=:3000000", "--group=:4000000",
-                    "-cf", str(layer), "-C", str(src), "f"], check=True)
+    subprocess.run(
+        [
+            tar,
+            "--format=gnu",
+            "--owner=:3000000",
+            "--group=:4000000",
+            "-cf",
+            str(layer),
+            "-C",
+            str(src),
+            "f",
+        ],
+        check=True,
+    )
     with open(layer, "rb") as f:
         (member,) = list(TarReader(f))
     assert (member.uid, member.gid) == (3_000_000, 4_000_000)
@@ -62,8 +73,19 @@ def test_base256_ids_and_global_pax_headers(tmp_path: Path) -> None:
         assert (st.st_uid, st.st_gid) == (3_000_000, 4_000_000)
 
     layer = tmp_path / "global.tar"
-    subprocess.run([tar, "--format=pax", "--pax-option=globexthdr.name=g,mtime:=1234567890",
-                    "-cf", str(layer), "-C", str(src), "f"], check=True)
+    subprocess.run(
+        [
+            tar,
+            "--format=pax",
+            "--pax-option=globexthdr.name=g,mtime:=1234567890",
+            "-cf",
+            str(layer),
+            "-C",
+            str(src),
+            "f",
+        ],
+        check=True,
+    )
     with open(layer, "rb") as f:
         (member,) = list(TarReader(f))
     assert member.name == b"f" and member.mtime == 1234567890

@@ -55,7 +55,10 @@ def vs_format(
     data_blocks: int | None = None,
 ) -> str:
     cmd = [
-        veritysetup(), "format", str(data), str(hash_file),
+        veritysetup(),
+        "format",
+        str(data),
+        str(hash_file),
         f"--hash={p.hash_name}",
         f"--data-block-size={p.data_block_size}",
         f"--hash-block-size={p.hash_block_size}",
@@ -80,7 +83,8 @@ def vs_verify(
 ) -> subprocess.CompletedProcess:
     return subprocess.run(
         [veritysetup(), "verify", str(data), str(hash_file), root, f"--hash-offset={hash_offset}"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
 
 
@@ -108,14 +112,18 @@ def blocks_for(shape: str, p: VerityParams) -> int:
 
 @pytest.mark.parametrize("shape", ["one", "one-level", "two-level", "odd", "three-level"])
 @pytest.mark.parametrize("superblock", [True, False], ids=["sb", "nosb"])
-@pytest.mark.parametrize("sizes", [(4096, 4096), (512, 4096), (4096, 512), (512, 512)],
-                         ids=lambda s: f"{s[0]}-{s[1]}")
+@pytest.mark.parametrize(
+    "sizes", [(4096, 4096), (512, 4096), (4096, 512), (512, 512)], ids=lambda s: f"{s[0]}-{s[1]}"
+)
 @pytest.mark.parametrize("hash_name", ["sha256", "sha512"])
-def test_separate_hash_file_matches_veritysetup(
-    tmp_path, hash_name, sizes, superblock, shape
-):
-    p = VerityParams(hash_name=hash_name, data_block_size=sizes[0], hash_block_size=sizes[1],
-                     salt=SALT, superblock=superblock)
+def test_separate_hash_file_matches_veritysetup(tmp_path, hash_name, sizes, superblock, shape):
+    p = VerityParams(
+        hash_name=hash_name,
+        data_block_size=sizes[0],
+        hash_block_size=sizes[1],
+        salt=SALT,
+        superblock=superblock,
+    )
     n = blocks_for(shape, p)
     geo = TreeGeometry.compute(n, p.hash_block_size, p.digest_size)
     levels = {"one": 0, "one-level": 1, "two-level": 2, "odd": 2, "three-level": 3}
@@ -168,12 +176,18 @@ def test_appended_tree_matches_veritysetup(tmp_path, p):
     theirs = tmp_path / "theirs"
     theirs.write_bytes(original)
     os.truncate(theirs, info.hash_offset)
-    root = vs_format(theirs, theirs, p, uuid=info.uuid, hash_offset=info.hash_offset,
-                     data_blocks=info.data_blocks)
+    root = vs_format(
+        theirs,
+        theirs,
+        p,
+        uuid=info.uuid,
+        hash_offset=info.hash_offset,
+        data_blocks=info.data_blocks,
+    )
     assert info.root_hash == root
     assert ours.read_bytes() == theirs.read_bytes()
     assert ours.read_bytes()[:size] == original
-    assert not any(ours.read_bytes()[size:info.hash_offset])  # zero padding
+    assert not any(ours.read_bytes()[size : info.hash_offset])  # zero padding
 
 
 def test_veritysetup_verifies_appended_tree_and_rejects_flips(tmp_path):
@@ -232,8 +246,9 @@ def test_verify_accepts_veritysetup_tree_and_wrong_root_fails(tmp_path):
     with pytest.raises(EpError, match="root hash"):
         verify_file(data, p, hash_path=hashf, root_hash=wrong)
     with pytest.raises(EpError, match=r"superblock .* salt"):
-        verify_file(data, VerityParams(salt=b"x", hash_name="sha512"), hash_path=hashf,
-                    root_hash=root)
+        verify_file(
+            data, VerityParams(salt=b"x", hash_name="sha512"), hash_path=hashf, root_hash=root
+        )
 
 
 def test_verify_rejects_nonzero_spare_area(tmp_path):
@@ -397,9 +412,15 @@ def test_same_blob_gives_same_tree_and_uuid(tmp_path):
 
 
 def test_superblock_roundtrip_and_field_offsets():
-    sb = VeritySuperblock(hash_type=1, uuid=bytes(range(16)), algorithm="sha512",
-                          data_block_size=512, hash_block_size=4096, data_blocks=2**40 + 3,
-                          salt=b"\xaa" * 256)
+    sb = VeritySuperblock(
+        hash_type=1,
+        uuid=bytes(range(16)),
+        algorithm="sha512",
+        data_block_size=512,
+        hash_block_size=4096,
+        data_blocks=2**40 + 3,
+        salt=b"\xaa" * 256,
+    )
     raw = sb.serialize()
     assert len(raw) == 512
     assert raw[:8] == b"verity\0\0"
@@ -423,8 +444,14 @@ def test_table_line_kata_and_containerd_outputs(tmp_path):
     # Kata: the tree's start (past the superblock), salt only for kata-types (test_kata_readers)
     kata = info.kata_dm_verity(kata_types_only=True).to_json()
     assert kata == {
-        "hashtype": "sha256", "hash": info.root_hash, "blocknum": 11, "blocksize": 4096,
-        "hashsize": 4096, "offset": 12 * 4096, "salt": SALT.hex(), "no_superblock": True,
+        "hashtype": "sha256",
+        "hash": info.root_hash,
+        "blocknum": 11,
+        "blocksize": 4096,
+        "hashsize": 4096,
+        "offset": 12 * 4096,
+        "salt": SALT.hex(),
+        "no_superblock": True,
     }
     sidecar = info.write_containerd_sidecar(f)
     assert sidecar.name == "layer.erofs.dmverity"
@@ -491,8 +518,9 @@ def test_cli_format_and_verify(tmp_path, capsys):
     assert out["hash_offset"] == 20480 and out["data_blocks"] == 5
     assert out["salt"] == SALT.hex() and out["data_block_size"] == 4096
     os.truncate(ref, 20480)
-    assert out["root_hash"] == vs_format(ref, ref, VerityParams(salt=SALT), uuid=out["uuid"],
-                                         hash_offset=20480, data_blocks=5)
+    assert out["root_hash"] == vs_format(
+        ref, ref, VerityParams(salt=SALT), uuid=out["uuid"], hash_offset=20480, data_blocks=5
+    )
     assert f.read_bytes() == ref.read_bytes()
 
     args = ["verity", "verify", str(f), "--root-hash", out["root_hash"], "--hash-offset", "20480"]
@@ -507,15 +535,44 @@ def test_cli_separate_hash_file_no_superblock_and_errors(tmp_path, capsys):
     f = tmp_path / "blob"
     f.write_bytes(rand_bytes(8 * 512))
     h = tmp_path / "blob.hash"
-    assert cli_main(["verity", "format", str(f), "--hash-file", str(h), "--salt", "-",
-                     "--no-superblock", "--data-block-size", "512", "--hash", "sha512"]) == 0
+    assert (
+        cli_main(
+            [
+                "verity",
+                "format",
+                str(f),
+                "--hash-file",
+                str(h),
+                "--salt",
+                "-",
+                "--no-superblock",
+                "--data-block-size",
+                "512",
+                "--hash",
+                "sha512",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     root = next(line.split()[1] for line in text.splitlines() if line.startswith("root_hash"))
     p = VerityParams(hash_name="sha512", data_block_size=512, superblock=False)
     assert root == vs_format(f, tmp_path / "theirs", p)
     assert h.read_bytes() == (tmp_path / "theirs").read_bytes()
-    verify = ["verity", "verify", str(f), "--hash-file", str(h), "--root-hash", root,
-              "--no-superblock", "--data-block-size", "512", "--hash", "sha512"]
+    verify = [
+        "verity",
+        "verify",
+        str(f),
+        "--hash-file",
+        str(h),
+        "--root-hash",
+        root,
+        "--no-superblock",
+        "--data-block-size",
+        "512",
+        "--hash",
+        "sha512",
+    ]
     assert cli_main([*verify, "--salt", "-"]) == 0
     assert cli_main(verify) == 1
     assert "salt must be given" in capsys.readouterr().err

@@ -54,13 +54,18 @@ def containerd_mount(mount, target: Path, env: dict[str, str]) -> subprocess.Com
 def _mounts_of(*paths: object) -> list[str]:
     """Lines of /proc/self/mounts whose source or target holds any of PATHS."""
     with open("/proc/self/mounts") as f:
-        return [line for line in f if any(str(p) in field for p in paths
-                                          for field in line.split()[:2])]
+        return [
+            line for line in f if any(str(p) in field for p in paths for field in line.split()[:2])
+        ]
 
 
 def _loop_backing_files() -> list[str]:
-    return subprocess.run(["losetup", "--list", "--noheadings", "-O", "BACK-FILE"],
-                          capture_output=True, text=True, check=True).stdout.split()
+    return subprocess.run(
+        ["losetup", "--list", "--noheadings", "-O", "BACK-FILE"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
 
 
 def _eventually(check, timeout: float = 5.0) -> bool:
@@ -78,8 +83,18 @@ def _host_view(sn: Snapshotter, key: str, top: str, tmp_path: Path) -> dict:
     host_view = sn.view(key, top, {VM_MODE_LABEL: "false"})
     host_mnt = tmp_path / "host"
     host_mnt.mkdir()
-    subprocess.run(["mount", "-t", host_view[0].type, "-o", ",".join(host_view[0].options),
-                    host_view[0].source, str(host_mnt)], check=True)
+    subprocess.run(
+        [
+            "mount",
+            "-t",
+            host_view[0].type,
+            "-o",
+            ",".join(host_view[0].options),
+            host_view[0].source,
+            str(host_mnt),
+        ],
+        check=True,
+    )
     try:
         return tree_view(host_mnt)
     finally:
@@ -99,8 +114,17 @@ def test_vm_mode_rootfs_is_one_fsmeta_with_verified_devices(tmp_path: Path) -> N
     blobs = [d.path for d in devices[1:]]
     assert not [o for o in mount.options if o.startswith("device=")]  # by reference only
     for d in devices:  # every device the guest gets is verifiable by its root hash
-        proc = subprocess.run([veritysetup, "verify", d.path, d.path, d.root_hash,
-                               f"--hash-offset={d.verity.hash_offset}"], capture_output=True)
+        proc = subprocess.run(
+            [
+                veritysetup,
+                "verify",
+                d.path,
+                d.path,
+                d.root_hash,
+                f"--hash-offset={d.verity.hash_offset}",
+            ],
+            capture_output=True,
+        )
         assert proc.returncode == 0, d
     assert sn.mounts("default/9/container") == mounts  # Mounts never differ from Prepare's
 
@@ -150,9 +174,11 @@ def test_signing_key_publishes_a_manifest_the_devices_match(tmp_path: Path) -> N
     mounts = sn.prepare("default/3/c", top)
     devices = _devices(mounts)
     fsmeta_dir = Path(mounts[0].source).parent
-    signed = verify((fsmeta_dir / "manifest.json").read_bytes(),
-                    (fsmeta_dir / "manifest.sig").read_bytes(),
-                    [load_public_key((tmp_path / "key.pub").read_bytes())])
+    signed = verify(
+        (fsmeta_dir / "manifest.json").read_bytes(),
+        (fsmeta_dir / "manifest.sig").read_bytes(),
+        [load_public_key((tmp_path / "key.pub").read_bytes())],
+    )
     check_devices(signed, [d.root_hash for d in devices])
     assert signed.manifest["fsmeta"]["tags"] == [d.tag for d in devices[1:]]
 
@@ -176,8 +202,13 @@ def test_mount_fuse_runs_the_mount_program_for_runc(tmp_path: Path) -> None:
         # (an overlay's root directory is its upper's: its own mtime, as on runc's overlayfs)
         got = tree_view(target)
         assert got["."].mode == want["."].mode
-        assert diff_views({k: v for k, v in got.items() if k != "."},
-                          {k: v for k, v in want.items() if k != "."}) == []
+        assert (
+            diff_views(
+                {k: v for k, v in got.items() if k != "."},
+                {k: v for k, v in want.items() if k != "."},
+            )
+            == []
+        )
         (target / "etc" / "written").write_text("by the container")
         assert (upper / "etc" / "written").read_text() == "by the container"
         assert not _mounts_of("erofs-passthrough-lower-")  # the lower is held by the overlay
@@ -216,8 +247,13 @@ def test_mount_program_over_loop_devices_releases_them(tmp_path: Path) -> None:
         fsmount.set_file_backed(None)
     try:
         got = tree_view(target)
-        assert diff_views({k: v for k, v in got.items() if k != "."},
-                          {k: v for k, v in want.items() if k != "."}) == []
+        assert (
+            diff_views(
+                {k: v for k, v in got.items() if k != "."},
+                {k: v for k, v in want.items() if k != "."},
+            )
+            == []
+        )
         assert set(files) <= set(_loop_backing_files())
     finally:
         subprocess.run(["umount", str(target)], check=True)
@@ -236,13 +272,19 @@ def test_mount_program_refuses_what_the_snapshotter_did_not_hand_out(tmp_path: P
     stray = tmp_path / "fsmeta.json"
     stray.write_text(Path(mount.source).with_name("fsmeta.json").read_text())
     cases = [
-        ([*mount.options[:-1], f"erofs-passthrough.description={stray}"],
-         "is not fsmeta.json in the chain directory"),
+        (
+            [*mount.options[:-1], f"erofs-passthrough.description={stray}"],
+            "is not fsmeta.json in the chain directory",
+        ),
         ([*mount.options, "lowerdir=/etc"], "unknown mount option 'lowerdir=/etc'"),
-        ([o for o in mount.options if not o.startswith("workdir=")],
-         "upperdir and workdir come together"),
-        ([o for o in mount.options if "description" not in o],
-         "carries 0 erofs-passthrough.description options"),
+        (
+            [o for o in mount.options if not o.startswith("workdir=")],
+            "upperdir and workdir come together",
+        ),
+        (
+            [o for o in mount.options if "description" not in o],
+            "carries 0 erofs-passthrough.description options",
+        ),
     ]
     for options, message in cases:
         proc = containerd_mount(type(mount)(mount.type, mount.source, options), target, env)
@@ -262,13 +304,20 @@ def test_500_layer_vm_mode_options_fit_one_page_and_mount(tmp_path: Path) -> Non
     for n in range(1, 501):
         key = f"default/{n}/extract-{n}"
         mounts = sn.prepare(key, parent)
-        fs = Path(mounts[0].source) if mounts[0].type == "bind" else next(
-            Path(o.split("=", 1)[1]) for o in mounts[0].options if o.startswith("upperdir="))
+        fs = (
+            Path(mounts[0].source)
+            if mounts[0].type == "bind"
+            else next(
+                Path(o.split("=", 1)[1]) for o in mounts[0].options if o.startswith("upperdir=")
+            )
+        )
         (fs / f"f{n}").write_text(f"layer {n}\n")
         sn.commit(f"default/{n}/sha256:layer{n}", key)
         parent = f"default/{n}/sha256:layer{n}"
-    for mounts in (sn.prepare("default/501/container", parent),
-                   sn.view("default/502/view", parent)):
+    for mounts in (
+        sn.prepare("default/501/container", parent),
+        sn.view("default/502/view", parent),
+    ):
         (mount,) = mounts
         assert len(",".join(mount.options)) < 4096
         assert len(_devices(mounts)) == 501

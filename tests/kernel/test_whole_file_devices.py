@@ -34,9 +34,11 @@ from tests.support.vm_mode import commit_chain
 # Every layer holds files of several sizes, each named after its layer, so a device read at
 # the wrong offset shows as wrong bytes in many files (the old table read 2 of 7 wrong).
 EXTRA_LAYERS = [
-    [Entry(f"l{n}", "dir"),
-     *[Entry(f"l{n}/f{size}", data=bytes([65 + n]) * size) for size in (600, 5000, 70000)],
-     Entry("shared", data=b"top is %d" % n * 700)]
+    [
+        Entry(f"l{n}", "dir"),
+        *[Entry(f"l{n}/f{size}", data=bytes([65 + n]) * size) for size in (600, 5000, 70000)],
+        Entry("shared", data=b"top is %d" % n * 700),
+    ]
     for n in range(4)
 ]
 
@@ -93,9 +95,18 @@ def test_fsmeta_tree_is_counted_before_it_is_built(tmp_path: Path) -> None:
         if verity:
             assert result.file_size > result.size
             v = result.verity
-            proc = subprocess.run([veritysetup, "verify", str(fsmeta), str(fsmeta),
-                                   v.root_hash, f"--hash-offset={v.hash_offset}"],
-                                  capture_output=True, text=True)
+            proc = subprocess.run(
+                [
+                    veritysetup,
+                    "verify",
+                    str(fsmeta),
+                    str(fsmeta),
+                    v.root_hash,
+                    f"--hash-offset={v.hash_offset}",
+                ],
+                capture_output=True,
+                text=True,
+            )
             assert proc.returncode == 0, proc.stderr
         else:
             assert result.file_size == result.size
@@ -103,15 +114,23 @@ def test_fsmeta_tree_is_counted_before_it_is_built(tmp_path: Path) -> None:
 
 def test_extents_list_the_whole_files(tmp_path: Path) -> None:
     layers = build_layers(tmp_path, EXTRA_LAYERS[:3])
-    out = json.loads(run_cli("merge", tmp_path / "m.fsmeta", *layers, "--verity", "--json",
-                             "--flat", tmp_path / "m.flat").stdout)
+    out = json.loads(
+        run_cli(
+            "merge",
+            tmp_path / "m.fsmeta",
+            *layers,
+            "--verity",
+            "--json",
+            "--flat",
+            tmp_path / "m.flat",
+        ).stdout
+    )
     extents = out["flat"]["extents"]
     files = [tmp_path / "m.fsmeta", *layers]
     assert [e["source"] for e in extents] == [str(f) for f in files]
     assert [e["length"] for e in extents] == [f.stat().st_size for f in files]
     assert [e["offset"] for e in extents[1:]] == [d["uniaddr"] * 4096 for d in out["devices"]]
-    assert [e["image_length"] for e in extents[1:]] == [d["blocks"] * 4096
-                                                        for d in out["devices"]]
+    assert [e["image_length"] for e in extents[1:]] == [d["blocks"] * 4096 for d in out["devices"]]
     offset = 0
     for extent in extents:  # back to back, no gap
         assert extent["offset"] == offset
@@ -133,8 +152,10 @@ def test_a_file_of_partial_blocks_is_padded_in_the_flat_image(tmp_path: Path) ->
     flat = tmp_path / "m.flat"
     result = merge_layers(layers, tmp_path / "m.fsmeta", flat_path=flat)
     assert not result.concatenable
-    assert result.devices[1].uniaddr * 4096 > result.devices[0].uniaddr * 4096 + \
-        layers[0].stat().st_size
+    assert (
+        result.devices[1].uniaddr * 4096
+        > result.devices[0].uniaddr * 4096 + layers[0].stat().st_size
+    )
     with mounted_erofs(flat) as mnt:
         assert (mnt / "l0" / "f70000").read_bytes() == b"A" * 70000
         assert (mnt / "l1" / "f5000").read_bytes() == b"B" * 5000
@@ -172,9 +193,9 @@ def test_vm_mode_chain_files_joined_whole_mount(tmp_path: Path, _unmount_layers)
     layers = [Path(d["path"]) for d in description["layers"]]
     with ErofsImage(fsmeta) as img:
         assert [d["uniaddr"] for d in description["layers"]] == [
-            s.uniaddr for s in img.device_slots]
-        assert [d["blocks"] for d in description["layers"]] == [
-            s.blocks for s in img.device_slots]
+            s.uniaddr for s in img.device_slots
+        ]
+        assert [d["blocks"] for d in description["layers"]] == [s.blocks for s in img.device_slots]
     joined = tmp_path / "joined.img"
     _cat([fsmeta, *layers], joined)
     with mounted_fsmeta(fsmeta, layers) as mnt:

@@ -11,11 +11,11 @@ CLI = [sys.executable, "-m", "shim_integration.cli"]
 TIMEOUT = 120  # seconds: publish and fetch talk to a local registry
 
 
-def run_cli(*args: str | Path, check: bool = True,
-            timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str | Path, check: bool = True, timeout: float | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run the CLI; with CHECK (the default) a non-zero exit fails the test with its stderr."""
-    proc = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"CLI failed ({proc.returncode}): {proc.stderr}")
     return proc

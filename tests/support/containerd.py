@@ -10,8 +10,11 @@ from shim_integration.testbed.containerd_dist import from_suite
 from shim_integration.testbed.containerd_private import system_dist
 from tests.support.helpers import require_tool
 
-VERSIONS = {"1.6": system_dist, "1.7": lambda: from_suite("trixie"),
-            "2.1": lambda: from_suite("sid")}
+VERSIONS = {
+    "1.6": system_dist,
+    "1.7": lambda: from_suite("trixie"),
+    "2.1": lambda: from_suite("sid"),
+}
 OURS, THEIRS = "erofs-py", "overlayfs"
 IMAGE = "example.com/erofs-py/test:1"
 
@@ -28,23 +31,43 @@ LIST_SCRIPT = (
 def image_layers() -> list[list[tuple]]:
     busybox = Path(require_tool("busybox")).read_bytes()
     return [
-        [("dir", "bin", 0o755), ("file", "bin/busybox", busybox, 0o755),
-         ("symlink", "bin/sh", "busybox"), ("dir", "data", 0o755),
-         ("file", "data/gone", b"removed by layer 2\n", 0o644),
-         ("dir", "data/olddir", 0o755), ("file", "data/olddir/x", b"x\n", 0o644),
-         ("dir", "data/opq", 0o755), ("file", "data/opq/hidden", b"h\n", 0o644),
-         ("file", "data/replaced", b"v1\n", 0o644)],
-        [("file", "data/xattr", b"has xattrs\n", 0o640, {"user.test": b"x1",
-                                                          "user.other": b"\x00\x01"}),
-         ("link", "data/xattr-link", "data/xattr", 0o640), ("whiteout", "data/gone"),
-         ("whiteout", "data/olddir"), ("file", "data/replaced", b"v2\n", 0o600),
-         ("dir", "data/sub", 0o700), ("file", "data/sub/deep", b"deep\n", 0o644)],
+        [
+            ("dir", "bin", 0o755),
+            ("file", "bin/busybox", busybox, 0o755),
+            ("symlink", "bin/sh", "busybox"),
+            ("dir", "data", 0o755),
+            ("file", "data/gone", b"removed by layer 2\n", 0o644),
+            ("dir", "data/olddir", 0o755),
+            ("file", "data/olddir/x", b"x\n", 0o644),
+            ("dir", "data/opq", 0o755),
+            ("file", "data/opq/hidden", b"h\n", 0o644),
+            ("file", "data/replaced", b"v1\n", 0o644),
+        ],
+        [
+            (
+                "file",
+                "data/xattr",
+                b"has xattrs\n",
+                0o640,
+                {"user.test": b"x1", "user.other": b"\x00\x01"},
+            ),
+            ("link", "data/xattr-link", "data/xattr", 0o640),
+            ("whiteout", "data/gone"),
+            ("whiteout", "data/olddir"),
+            ("file", "data/replaced", b"v2\n", 0o600),
+            ("dir", "data/sub", 0o700),
+            ("file", "data/sub/deep", b"deep\n", 0o644),
+        ],
         # Real layers carry their parent directories. (Without the data/sub entry, a layer
         # image built from the tar alone gets an implicit data/sub that shadows the lower
         # one's mode in the overlay; the walking differ copies the lower one up instead.)
-        [("opaque", "data/opq"), ("file", "data/opq/new", b"n\n", 0o644),
-         ("symlink", "data/link", "sub/deep"), ("dir", "data/sub", 0o700),
-         ("file", "data/sub/second", b"2\n", 0o755)],
+        [
+            ("opaque", "data/opq"),
+            ("file", "data/opq/new", b"n\n", 0o644),
+            ("symlink", "data/link", "sub/deep"),
+            ("dir", "data/sub", 0o700),
+            ("file", "data/sub/second", b"2\n", 0o755),
+        ],
     ]
 
 

@@ -32,23 +32,38 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-CACHE = (Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-         / "erofs-passthrough" / "erofs-utils")
+CACHE = (
+    Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    / "erofs-passthrough"
+    / "erofs-utils"
+)
 MIRROR = "http://deb.debian.org/debian"
 KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 PROGRAMS = ("mkfs.erofs", "fsck.erofs", "dump.erofs")
 # Debian's own flags where bookworm has the library; compression only matters for fsck of
 # compressed images, but it keeps `mkfs.erofs -V` the same as trixie's build.
-CONFIGURE_FLAGS = ("--disable-fuse", "--without-selinux", "--with-uuid", "--with-zlib",
-                   "--enable-lz4", "--with-libzstd", "--enable-multithreading")
+CONFIGURE_FLAGS = (
+    "--disable-fuse",
+    "--without-selinux",
+    "--with-uuid",
+    "--with-zlib",
+    "--enable-lz4",
+    "--with-libzstd",
+    "--enable-multithreading",
+)
 # What the build needs, as (a file that proves it is there, the bookworm package to install).
 BUILD_NEEDS = (
-    ("/usr/bin/autoreconf", "autoconf"), ("/usr/bin/automake", "automake"),
-    ("/usr/bin/libtoolize", "libtool"), ("/usr/bin/pkg-config", "pkgconf"),
-    ("/usr/bin/make", "make"), ("/usr/bin/gcc", "gcc"),
+    ("/usr/bin/autoreconf", "autoconf"),
+    ("/usr/bin/automake", "automake"),
+    ("/usr/bin/libtoolize", "libtool"),
+    ("/usr/bin/pkg-config", "pkgconf"),
+    ("/usr/bin/make", "make"),
+    ("/usr/bin/gcc", "gcc"),
     ("/usr/bin/dpkg-source", "dpkg-dev"),
-    ("/usr/include/lz4.h", "liblz4-dev"), ("/usr/include/zstd.h", "libzstd-dev"),
-    ("/usr/include/uuid/uuid.h", "uuid-dev"), ("/usr/include/zlib.h", "zlib1g-dev"),
+    ("/usr/include/lz4.h", "liblz4-dev"),
+    ("/usr/include/zstd.h", "libzstd-dev"),
+    ("/usr/include/uuid/uuid.h", "uuid-dev"),
+    ("/usr/include/zlib.h", "zlib1g-dev"),
 )
 
 
@@ -135,22 +150,25 @@ def _apt_state(suite: str) -> Path:
     state = CACHE / "apt" / suite
     for sub in ("lists/partial", "cache/archives/partial"):
         (state / sub).mkdir(parents=True, exist_ok=True)
-    (state / "sources.list").write_text(
-        f"deb-src [signed-by={KEYRING}] {MIRROR} {suite} main\n")
+    (state / "sources.list").write_text(f"deb-src [signed-by={KEYRING}] {MIRROR} {suite} main\n")
     return state
 
 
-def _apt(state: Path, *args: str, cwd: Path | None = None,
-         tool: str = "apt-get") -> subprocess.CompletedProcess[str]:
-    opts = [f"-oDir::Etc::SourceList={state / 'sources.list'}",
-            "-oDir::Etc::SourceParts=/dev/null",
-            f"-oDir::State::Lists={state / 'lists'}",
-            f"-oDir::State::Status={state / 'status'}",
-            f"-oDir::Cache={state / 'cache'}",
-            "-oAPT::Get::List-Cleanup=0", "-oAPT::Sandbox::User=root", "-qq"]
+def _apt(
+    state: Path, *args: str, cwd: Path | None = None, tool: str = "apt-get"
+) -> subprocess.CompletedProcess[str]:
+    opts = [
+        f"-oDir::Etc::SourceList={state / 'sources.list'}",
+        "-oDir::Etc::SourceParts=/dev/null",
+        f"-oDir::State::Lists={state / 'lists'}",
+        f"-oDir::State::Status={state / 'status'}",
+        f"-oDir::Cache={state / 'cache'}",
+        "-oAPT::Get::List-Cleanup=0",
+        "-oAPT::Sandbox::User=root",
+        "-qq",
+    ]
     (state / "status").touch()
-    proc = subprocess.run([tool, *opts, *args], capture_output=True, text=True,
-                          cwd=cwd or state)
+    proc = subprocess.run([tool, *opts, *args], capture_output=True, text=True, cwd=cwd or state)
     if proc.returncode != 0:
         raise RuntimeError(f"{tool} {' '.join(args)} failed: {proc.stderr.strip()}")
     return proc
@@ -159,8 +177,9 @@ def _apt(state: Path, *args: str, cwd: Path | None = None,
 def _source_version(state: Path) -> str:
     """The newest erofs-utils source version in the private index."""
     out = _apt(state, "showsrc", "--only-source", "erofs-utils", tool="apt-cache").stdout
-    versions = [line.split(":", 1)[1].strip() for line in out.splitlines()
-                if line.startswith("Version:")]
+    versions = [
+        line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Version:")
+    ]
     if not versions:
         raise RuntimeError("the suite has no erofs-utils source package")
     best = versions[0]
@@ -173,8 +192,10 @@ def _source_version(state: Path) -> str:
 def _build(state: Path, version: str, target: Path) -> None:
     missing = missing_build_needs()
     if missing:
-        raise OracleUnavailable("building erofs-utils needs these Debian packages "
-                                f"(.ci/setup installs them): {' '.join(missing)}")
+        raise OracleUnavailable(
+            "building erofs-utils needs these Debian packages "
+            f"(.ci/setup installs them): {' '.join(missing)}"
+        )
     work = Path(tempfile.mkdtemp(prefix=f".build-{version}-", dir=CACHE))
     try:
         started = time.monotonic()
@@ -183,11 +204,9 @@ def _build(state: Path, version: str, target: Path) -> None:
         log = work / "build.log"
         env = {**os.environ, "LC_ALL": "C"}
         jobs = str(os.cpu_count() or 1)
-        for cmd in (["./autogen.sh"], ["./configure", *CONFIGURE_FLAGS],
-                    ["make", f"-j{jobs}"]):
+        for cmd in (["./autogen.sh"], ["./configure", *CONFIGURE_FLAGS], ["make", f"-j{jobs}"]):
             with open(log, "a") as out:
-                proc = subprocess.run(cmd, cwd=src, env=env, stdout=out,
-                                      stderr=subprocess.STDOUT)
+                proc = subprocess.run(cmd, cwd=src, env=env, stdout=out, stderr=subprocess.STDOUT)
             if proc.returncode != 0:
                 tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
                 raise RuntimeError(f"erofs-utils {version}: {' '.join(cmd)} failed:\n{tail}")
@@ -197,10 +216,17 @@ def _build(state: Path, version: str, target: Path) -> None:
             shutil.copy2(src / sub / prog, staged / "bin" / prog)
         dsc = next(work.glob("*.dsc"))
         shutil.copy2(dsc, staged / dsc.name)
-        (staged / "build.json").write_text(json.dumps({
-            "source_version": version, "configure": list(CONFIGURE_FLAGS),
-            "build_seconds": round(time.monotonic() - started, 1),
-        }, indent=1) + "\n")
+        (staged / "build.json").write_text(
+            json.dumps(
+                {
+                    "source_version": version,
+                    "configure": list(CONFIGURE_FLAGS),
+                    "build_seconds": round(time.monotonic() - started, 1),
+                },
+                indent=1,
+            )
+            + "\n"
+        )
         shutil.rmtree(target, ignore_errors=True)
         os.rename(staged, target)
     finally:
@@ -216,20 +242,34 @@ def build_info(tools: ErofsUtils) -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tests.support.erofs_utils_oracle",
-                                 description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m tests.support.erofs_utils_oracle", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("--suite", default="trixie")
-    ap.add_argument("--refresh", action="store_true",
-                    help="ask the archive for the suite's current version (builds if newer)")
+    ap.add_argument(
+        "--refresh",
+        action="store_true",
+        help="ask the archive for the suite's current version (builds if newer)",
+    )
     args = ap.parse_args(argv)
     try:
         tools = erofs_utils(args.suite, refresh=args.refresh)
     except (OracleUnavailable, RuntimeError) as exc:
         print(f"erofs_utils_oracle: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps({"version": tools.version, "bin_dir": str(tools.bin_dir),
-                      "mkfs": tools.mkfs, "fsck": tools.fsck, "dump": tools.dump,
-                      "build": build_info(tools)}, indent=1))
+    print(
+        json.dumps(
+            {
+                "version": tools.version,
+                "bin_dir": str(tools.bin_dir),
+                "mkfs": tools.mkfs,
+                "fsck": tools.fsck,
+                "dump": tools.dump,
+                "build": build_info(tools),
+            },
+            indent=1,
+        )
+    )
     return 0
 
 

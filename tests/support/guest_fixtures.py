@@ -25,8 +25,7 @@ from tests.support.helpers import require_tool
 def require_guest() -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root: the guest image build runs debootstrap (runs in CI as root)")
-    for tool in ("qemu-system-x86_64", "qemu-storage-daemon", "debootstrap", "lz4",
-                 "mkfs.erofs"):
+    for tool in ("qemu-system-x86_64", "qemu-storage-daemon", "debootstrap", "lz4", "mkfs.erofs"):
         require_tool(tool)
 
 
@@ -100,8 +99,11 @@ def assert_clean(vm: Vm, agent: AgentClient, attacher: Attacher) -> None:
     assert dm.split()[:1] == ["root"] and len(dm.splitlines()) == 1, dm
     nodes = {n["node-name"] for n in vm.qmp.cmd("query-named-block-nodes")}
     assert not [n for n in nodes if n.startswith("ep-")], nodes
-    assert not [b for b in vm.qmp.cmd("query-block")
-                if b.get("qdev", "").startswith("/machine/peripheral/ep-")]
+    assert not [
+        b
+        for b in vm.qmp.cmd("query-block")
+        if b.get("qdev", "").startswith("/machine/peripheral/ep-")
+    ]
     pci = set().union(*(_pci_ids(bus["devices"]) for bus in vm.qmp.cmd("query-pci")))
     assert not [i for i in pci if i.startswith("ep-") and not i.startswith("ep-rp")], pci
     assert not [c for c in vm.qmp.cmd("query-chardev") if c["label"].startswith("ep-")]

@@ -40,13 +40,16 @@ def mounted_erofs(image: Path, devices: list[Path] | None = None) -> Iterator[Pa
         for dev in devices or []:
             loop = subprocess.run(
                 ["losetup", "--find", "--show", "--read-only", str(dev)],
-                check=True, capture_output=True, text=True,
+                check=True,
+                capture_output=True,
+                text=True,
             ).stdout.strip()
             loops.append(loop)
             opts.append(f"device={loop}")
         proc = subprocess.run(
             ["mount", "-t", "erofs", "-o", ",".join([*opts, "loop"]), str(image), str(mnt)],
-            capture_output=True, text=True,
+            capture_output=True,
+            text=True,
         )
         if proc.returncode != 0:
             dmesg = subprocess.run(["dmesg"], capture_output=True, text=True).stdout
@@ -67,8 +70,9 @@ def unmount_below(path: Path) -> None:
     prefix = str(path.resolve())
     with open("/proc/self/mounts") as f:
         targets = [line.split()[1].encode().decode("unicode_escape") for line in f]
-    for target in sorted((t for t in targets if t == prefix or t.startswith(prefix + "/")),
-                         key=len, reverse=True):
+    for target in sorted(
+        (t for t in targets if t == prefix or t.startswith(prefix + "/")), key=len, reverse=True
+    ):
         subprocess.run(["umount", "-l", target], check=False, capture_output=True)
 
 
@@ -89,9 +93,14 @@ def loop_devices(paths: list[Path]) -> Iterator[list[str]]:
     loops: list[str] = []
     try:
         for p in paths:
-            loops.append(subprocess.run(
-                ["losetup", "--find", "--show", "--read-only", str(p)],
-                check=True, capture_output=True, text=True).stdout.strip())
+            loops.append(
+                subprocess.run(
+                    ["losetup", "--find", "--show", "--read-only", str(p)],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                ).stdout.strip()
+            )
         yield loops
     finally:
         for loop in loops:
@@ -104,9 +113,18 @@ def overlay_of(layers: list[Path]) -> Iterator[Path]:
     with contextlib.ExitStack() as stack:
         lowers = [stack.enter_context(mounted_erofs(p)) for p in layers]
         mnt = Path(tempfile.mkdtemp(prefix="ovl-"))
-        subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
-                        "ro,lowerdir=" + ":".join(str(p) for p in reversed(lowers)), str(mnt)],
-                       check=True)
+        subprocess.run(
+            [
+                "mount",
+                "-t",
+                "overlay",
+                "overlay",
+                "-o",
+                "ro,lowerdir=" + ":".join(str(p) for p in reversed(lowers)),
+                str(mnt),
+            ],
+            check=True,
+        )
         try:
             yield mnt
         finally:

@@ -79,8 +79,9 @@ def _six_fields(obj: dict, missing_is_zero: bool) -> dict:
     return out
 
 
-def _check_common(f: dict, hash_hex: dict[str, int], sizes: tuple[int, int],
-                  powers_of_two: bool) -> None:
+def _check_common(
+    f: dict, hash_hex: dict[str, int], sizes: tuple[int, int], powers_of_two: bool
+) -> None:
     want = hash_hex.get(f["hashtype"].lower())
     if want is None:
         raise Refused(f"unsupported hash algorithm {f['hashtype']}")
@@ -100,9 +101,11 @@ def _check_common(f: dict, hash_hex: dict[str, int], sizes: tuple[int, int],
 
 
 def _table(f: dict, hash_start: int, salt: str, version: int = 1) -> str:
-    return (f"0 {f['blocknum'] * f['blocksize'] // SECTOR} verity {version} {DEVICE} {DEVICE} "
-            f"{f['blocksize']} {f['hashsize']} {f['blocknum']} {hash_start} {f['hashtype']} "
-            f"{f['hash']} {salt}")
+    return (
+        f"0 {f['blocknum'] * f['blocksize'] // SECTOR} verity {version} {DEVICE} {DEVICE} "
+        f"{f['blocksize']} {f['hashsize']} {f['blocknum']} {hash_start} {f['hashtype']} "
+        f"{f['hash']} {salt}"
+    )
 
 
 def runtime_go(obj: dict) -> str:
@@ -115,8 +118,12 @@ def runtime_go(obj: dict) -> str:
 
 def kata_agent_2023(obj: dict) -> str:
     f = _six_fields(obj, False)
-    _check_common(f, {"sha1": 40, "sha224": 56, "sha256": 64, "sha384": 96, "sha512": 128},
-                  (1 << 9, 1 << 31), True)
+    _check_common(
+        f,
+        {"sha1": 40, "sha224": 56, "sha256": 64, "sha384": 96, "sha512": 128},
+        (1 << 9, 1 << 31),
+        True,
+    )
     return _table(f, -(-f["offset"] // f["hashsize"]), "-")
 
 
@@ -148,8 +155,12 @@ def kata_types(obj: dict) -> str:
     return _table(f, start, salt or "-", _uint(obj, "hash_type", 1))
 
 
-READERS = {"runtime-go": runtime_go, "kata-agent-2023": kata_agent_2023, "image-rs": image_rs,
-           "kata-types": kata_types}
+READERS = {
+    "runtime-go": runtime_go,
+    "kata-agent-2023": kata_agent_2023,
+    "image-rs": image_rs,
+    "kata-types": kata_types,
+}
 
 
 def tables_of(option: str) -> dict[str, str]:
@@ -175,13 +186,24 @@ def runtime_rs_sidecar(blob: Path, sidecar: dict) -> str:
         salt = sidecar["salt"]
     elif has_superblock:
         size = int.from_bytes(head[80:82], "little")
-        salt = head[88:88 + size].hex() if 0 < size <= 256 else zero_salt
+        salt = head[88 : 88 + size].hex() if 0 < size <= 256 else zero_salt
     else:
         salt = zero_salt
-    fields = {"hashtype": "sha256", "hash": sidecar["roothash"], "blocknum": offset // 4096,
-              "blocksize": 4096, "hashsize": 4096, "offset": offset}
-    return kata_types({**fields, "no_superblock": not has_superblock,
-                       **({"salt": salt} if salt not in ("", "-") else {})})
+    fields = {
+        "hashtype": "sha256",
+        "hash": sidecar["roothash"],
+        "blocknum": offset // 4096,
+        "blocksize": 4096,
+        "hashsize": 4096,
+        "offset": offset,
+    }
+    return kata_types(
+        {
+            **fields,
+            "no_superblock": not has_superblock,
+            **({"salt": salt} if salt not in ("", "-") else {}),
+        }
+    )
 
 
 def layer_option(info: VerityInfo, path: Path) -> str:
@@ -191,8 +213,11 @@ def layer_option(info: VerityInfo, path: Path) -> str:
 
 
 def _fill(root: Path) -> dict[str, bytes]:
-    files = {"etc/os-release": b"NAME=kata-readers\n", "bin/tool": bytes(range(256)) * 300,
-             "usr/share/big": b"\x5a" * (3 << 20)}
+    files = {
+        "etc/os-release": b"NAME=kata-readers\n",
+        "bin/tool": bytes(range(256)) * 300,
+        "usr/share/big": b"\x5a" * (3 << 20),
+    }
     for name, data in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(data)

@@ -41,9 +41,20 @@ def extract_with_gnu_tar(tar_path: Path, dest: Path) -> None:
     """The reference unpacker: GNU tar as root, keeping owners, modes, xattrs and mtimes."""
     dest.mkdir(parents=True, exist_ok=True)
     subprocess.run(
-        ["tar", "--xattrs", "--xattrs-include=*", "--same-owner", "-p", "--numeric-owner",
-         "-xf", str(tar_path), "-C", str(dest)],
-        check=True, capture_output=True,
+        [
+            "tar",
+            "--xattrs",
+            "--xattrs-include=*",
+            "--same-owner",
+            "-p",
+            "--numeric-owner",
+            "-xf",
+            str(tar_path),
+            "-C",
+            str(dest),
+        ],
+        check=True,
+        capture_output=True,
     )
     # GNU tar restores a directory's mtime when it leaves it in archive order, and later
     # members (delayed symlinks, hardlinks, files listed later) touch it again. An unpacker
@@ -112,20 +123,33 @@ def awkward_entries() -> list[Entry]:
         Entry("owners/ns", data=b"ns", mtime="1700000000.123456789"),
         Entry("owners/old", data=b"old", mtime=0),
         Entry("xattrs", "dir", xattrs={"trusted.dirattr": b"on dir"}),
-        Entry("xattrs/user", data=b"u", xattrs={"user.comment": b"hello",
-                                                  "user.shared": b"same value"}),
-        Entry("xattrs/cap", data=b"c", mode=0o755, xattrs={
-            "security.capability": bytes.fromhex("0100000200200000000000000000000000000000"),
-            "user.shared": b"same value"}),
-        Entry("xattrs/shared3", data=b"s", xattrs={"user.shared": b"same value",
-                                                     "user.big": b"v" * 1500}),
+        Entry(
+            "xattrs/user",
+            data=b"u",
+            xattrs={"user.comment": b"hello", "user.shared": b"same value"},
+        ),
+        Entry(
+            "xattrs/cap",
+            data=b"c",
+            mode=0o755,
+            xattrs={
+                "security.capability": bytes.fromhex("0100000200200000000000000000000000000000"),
+                "user.shared": b"same value",
+            },
+        ),
+        Entry(
+            "xattrs/shared3",
+            data=b"s",
+            xattrs={"user.shared": b"same value", "user.big": b"v" * 1500},
+        ),
         Entry("naïve-ünïcode", data=b"utf8 name"),
         Entry("etc/dup", data=b"second version wins\n", mode=0o600),
         Entry("sparse", data=b"a" + bytes(300_000) + b"z"),
         Entry("zeros", data=bytes(256 * 1024)),
     ]
-    for i, n in enumerate([0, 1, 511, 512, 513, 4095, 4096, 4097, 8191, 8192, 65535, 65536,
-                           65537, 131072 + 17]):
+    for i, n in enumerate(
+        [0, 1, 511, 512, 513, 4095, 4096, 4097, 8191, 8192, 65535, 65536, 65537, 131072 + 17]
+    ):
         entries.append(Entry(f"sizes/f{n}", data=_sized(n, i)))
     return entries
 
@@ -136,35 +160,52 @@ def awkward_entries() -> list[Entry]:
 IMAGE_LAYERS = [
     [
         Entry("./", "dir"),
-        Entry("etc", "dir"), Entry("etc/a", data=b"a1"), Entry("etc/b", data=b"b" * 9000),
-        Entry("etc/sub", "dir"), Entry("etc/sub/deep", data=b"deep"),
-        Entry("var", "dir"), Entry("var/cache", "dir"), Entry("var/cache/old", data=b"o"),
+        Entry("etc", "dir"),
+        Entry("etc/a", data=b"a1"),
+        Entry("etc/b", data=b"b" * 9000),
+        Entry("etc/sub", "dir"),
+        Entry("etc/sub/deep", data=b"deep"),
+        Entry("var", "dir"),
+        Entry("var/cache", "dir"),
+        Entry("var/cache/old", data=b"o"),
         Entry("var/keep", data=b"k"),
-        Entry("dir2file", "dir"), Entry("dir2file/inner", data=b"i"),
+        Entry("dir2file", "dir"),
+        Entry("dir2file/inner", data=b"i"),
         Entry("file2dir", data=b"f"),
-        Entry("hard1", data=b"hard" * 2000), Entry("hard2", "hardlink", link="hard1"),
-        Entry("bin", "dir"), Entry("bin/busybox", data=b"\x7fELF" * 5000, mode=0o755),
+        Entry("hard1", data=b"hard" * 2000),
+        Entry("hard2", "hardlink", link="hard1"),
+        Entry("bin", "dir"),
+        Entry("bin/busybox", data=b"\x7fELF" * 5000, mode=0o755),
         Entry("bin/sh", "symlink", link="busybox"),
         Entry("x", "dir", xattrs={"user.lower": b"1"}),
         Entry("sparse", data=b"s" + bytes(1 << 20) + b"e"),
     ],
     [
         Entry("etc", "dir", mode=0o700, uid=5),
-        Entry("etc/.wh.a"), Entry("etc/c", data=b"c2"),
-        Entry("var", "dir"), Entry("var/cache", "dir"), Entry("var/cache/.wh..wh..opq"),
+        Entry("etc/.wh.a"),
+        Entry("etc/c", data=b"c2"),
+        Entry("var", "dir"),
+        Entry("var/cache", "dir"),
+        Entry("var/cache/.wh..wh..opq"),
         Entry("var/cache/new", data=b"n"),
         Entry("dir2file", data=b"now a file"),
-        Entry("file2dir", "dir"), Entry("file2dir/inside", data=b"in"),
+        Entry("file2dir", "dir"),
+        Entry("file2dir/inside", data=b"in"),
         Entry("hard1", data=b"replaced"),
         Entry("x", "dir", xattrs={"user.upper": b"2", "security.capability": b"\1" * 20}),
-        Entry("deep", "dir"), Entry("deep/" + "/".join(["d"] * 30), "dir"),
+        Entry("deep", "dir"),
+        Entry("deep/" + "/".join(["d"] * 30), "dir"),
     ],
     [
         Entry("etc", "dir", mode=0o750),
-        Entry("etc/sub", "dir"), Entry("etc/sub/.wh.deep"), Entry("etc/a", data=b"a3 back"),
+        Entry("etc/sub", "dir"),
+        Entry("etc/sub/.wh.deep"),
+        Entry("etc/a", data=b"a3 back"),
         Entry(".wh.bin"),
-        Entry("bin", "dir"), Entry("bin/new", data=b"n3"),
-        Entry("links", "dir"), Entry("links/l1", data=b"L" * 5000),
+        Entry("bin", "dir"),
+        Entry("bin/new", data=b"n3"),
+        Entry("links", "dir"),
+        Entry("links/l1", data=b"L" * 5000),
         Entry("links/l2", "hardlink", link="links/l1"),
     ],
 ]

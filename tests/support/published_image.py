@@ -6,10 +6,20 @@ from __future__ import annotations
 MOTD = b"published, never signed on the node\n"
 PAYLOAD = bytes(range(256)) * 64
 LAYERS = [
-    [("dir", "etc", 0o755), ("file", "etc/motd", b"layer one\n", 0o644),
-     ("dir", "data", 0o755), ("file", "data/gone", b"removed by layer 2\n", 0o644)],
-    [("dir", "data", 0o755), ("whiteout", "data/gone"),
-     ("file", "data/payload.bin", PAYLOAD, 0o644)],
-    [("dir", "etc", 0o755), ("file", "etc/motd", MOTD, 0o644),
-     ("symlink", "data/link", "payload.bin")],
+    [
+        ("dir", "etc", 0o755),
+        ("file", "etc/motd", b"layer one\n", 0o644),
+        ("dir", "data", 0o755),
+        ("file", "data/gone", b"removed by layer 2\n", 0o644),
+    ],
+    [
+        ("dir", "data", 0o755),
+        ("whiteout", "data/gone"),
+        ("file", "data/payload.bin", PAYLOAD, 0o644),
+    ],
+    [
+        ("dir", "etc", 0o755),
+        ("file", "etc/motd", MOTD, 0o644),
+        ("symlink", "data/link", "payload.bin"),
+    ],
 ]

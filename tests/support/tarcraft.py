@@ -22,11 +22,21 @@ def base256(value: int, width: int) -> bytes:
     return (value % (1 << (8 * width))).to_bytes(width, "big")
 
 
-def header(name: bytes, *, size: int | bytes = 0, typeflag: bytes = b"0",
-           mode: int | bytes = 0o644, uid: int | bytes = 0, gid: int | bytes = 0,
-           mtime: int | bytes = 1_700_000_000, linkname: bytes = b"",
-           devmajor: int | bytes = 0, devminor: int | bytes = 0, gnu: bool = False,
-           gnu_sparse: bytes = b"") -> bytes:
+def header(
+    name: bytes,
+    *,
+    size: int | bytes = 0,
+    typeflag: bytes = b"0",
+    mode: int | bytes = 0o644,
+    uid: int | bytes = 0,
+    gid: int | bytes = 0,
+    mtime: int | bytes = 1_700_000_000,
+    linkname: bytes = b"",
+    devmajor: int | bytes = 0,
+    devminor: int | bytes = 0,
+    gnu: bool = False,
+    gnu_sparse: bytes = b"",
+) -> bytes:
     """One 512-byte header block; `gnu` writes GNU's magic, `gnu_sparse` its sparse area
     (bytes 386..495: 4 entries, isextended, realsize)."""
     magic = b"ustar  \0" if gnu else b"ustar\x0000"
@@ -42,7 +52,7 @@ def header(name: bytes, *, size: int | bytes = 0, typeflag: bytes = b"0",
     block[157:257] = linkname.ljust(100, b"\0")[:100]
     block[257:265] = magic
     if gnu_sparse:
-        block[386:386 + len(gnu_sparse)] = gnu_sparse
+        block[386 : 386 + len(gnu_sparse)] = gnu_sparse
     else:
         block[329:337] = field(devmajor, 8)
         block[337:345] = field(devminor, 8)
@@ -82,9 +92,15 @@ def end() -> bytes:
 def pax_sparse_1x0(name: bytes, size: int, runs: list[tuple[int, bytes]]) -> bytes:
     """A GNU PAX sparse 1.0 member: `size` bytes long, `runs` of (offset, data), the rest
     holes. The map is decimal lines in whole blocks before the data, as GNU tar writes it."""
-    sparse_map = padded(b"%d\n" % len(runs) + b"".join(b"%d\n%d\n" % (off, len(d))
-                                                        for off, d in runs))
+    sparse_map = padded(
+        b"%d\n" % len(runs) + b"".join(b"%d\n%d\n" % (off, len(d)) for off, d in runs)
+    )
     stored = sparse_map + b"".join(d for _, d in runs)
-    return pax([(b"GNU.sparse.major", b"1"), (b"GNU.sparse.minor", b"0"),
-                (b"GNU.sparse.name", name), (b"GNU.sparse.realsize", b"%d" % size)]) + \
-        member(b"GNUSparseFile.0/" + name, stored)
+    return pax(
+        [
+            (b"GNU.sparse.major", b"1"),
+            (b"GNU.sparse.minor", b"0"),
+            (b"GNU.sparse.name", name),
+            (b"GNU.sparse.realsize", b"%d" % size),
+        ]
+    ) + member(b"GNUSparseFile.0/" + name, stored)

@@ -29,8 +29,13 @@ class EntryView:
 
 def _kind(mode: int) -> str:
     return {
-        stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink",
-        stat.S_IFCHR: "chr", stat.S_IFBLK: "blk", stat.S_IFIFO: "fifo", stat.S_IFSOCK: "sock",
+        stat.S_IFREG: "file",
+        stat.S_IFDIR: "dir",
+        stat.S_IFLNK: "symlink",
+        stat.S_IFCHR: "chr",
+        stat.S_IFBLK: "blk",
+        stat.S_IFIFO: "fifo",
+        stat.S_IFSOCK: "sock",
     }[stat.S_IFMT(mode)]
 
 
@@ -104,8 +109,15 @@ def diff_views(a: dict[str, EntryView], b: dict[str, EntryView]) -> list[str]:
         elif path not in b:
             problems.append(f"{path}: only in first")
         elif a[path] != b[path]:
-            fields = [f for f in EntryView.__dataclass_fields__
-                      if getattr(a[path], f) != getattr(b[path], f)]
-            problems.append(f"{path}: " + ", ".join(
-                f"{f} {getattr(a[path], f)!r} != {getattr(b[path], f)!r}" for f in fields))
+            fields = [
+                f
+                for f in EntryView.__dataclass_fields__
+                if getattr(a[path], f) != getattr(b[path], f)
+            ]
+            problems.append(
+                f"{path}: "
+                + ", ".join(
+                    f"{f} {getattr(a[path], f)!r} != {getattr(b[path], f)!r}" for f in fields
+                )
+            )
     return problems

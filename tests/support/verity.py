@@ -7,8 +7,9 @@ import subprocess
 from pathlib import Path
 
 
-def veritysetup_verify(blob: Path, *, table: str | None = None,
-                       sidecar: Path | None = None) -> subprocess.CompletedProcess[str]:
+def veritysetup_verify(
+    blob: Path, *, table: str | None = None, sidecar: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     """`veritysetup verify` of BLOB (data and tree in one file), given exactly one of:
 
     - TABLE, a dm-verity table line: every parameter from the table, no superblock read (what
@@ -20,12 +21,24 @@ def veritysetup_verify(blob: Path, *, table: str | None = None,
         raise TypeError("veritysetup_verify needs exactly one of table= and sidecar=")
     if table is not None:
         (_, _, _, version, _, _, dbs, hbs, blocks, start, alg, root, salt) = table.split()
-        args = [root, "--no-superblock", f"--format={version}", f"--hash={alg}",
-                f"--data-block-size={dbs}", f"--hash-block-size={hbs}", f"--data-blocks={blocks}",
-                f"--hash-offset={int(start) * int(hbs)}", f"--salt={salt}"]
+        args = [
+            root,
+            "--no-superblock",
+            f"--format={version}",
+            f"--hash={alg}",
+            f"--data-block-size={dbs}",
+            f"--hash-block-size={hbs}",
+            f"--data-blocks={blocks}",
+            f"--hash-offset={int(start) * int(hbs)}",
+            f"--salt={salt}",
+        ]
     else:
         assert sidecar is not None
         data = json.loads(sidecar.read_bytes())
         args = [data["roothash"], f"--hash-offset={data['hashoffset']}"]
-    return subprocess.run(["veritysetup", "verify", str(blob), str(blob), *args],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        ["veritysetup", "verify", str(blob), str(blob), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )

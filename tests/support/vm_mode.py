@@ -36,8 +36,13 @@ def commit_chain(sn: Snapshotter, layers: int) -> str:
     for n in range(1, layers + 1):
         key = f"default/{n}/extract-{n}"
         mounts = sn.prepare(key, parent)
-        fs = Path(mounts[0].source) if mounts[0].type == "bind" else next(
-            Path(o.split("=", 1)[1]) for o in mounts[0].options if o.startswith("upperdir="))
+        fs = (
+            Path(mounts[0].source)
+            if mounts[0].type == "bind"
+            else next(
+                Path(o.split("=", 1)[1]) for o in mounts[0].options if o.startswith("upperdir=")
+            )
+        )
         write_layer(fs, n)
         name = f"default/{n}/sha256:layer{n}"
         sn.commit(name, key)
@@ -52,12 +57,17 @@ def mount_program_env(tmp_path: Path) -> dict[str, str]:
     require_tool("mount.fuse")  # fuse3 (.ci/setup)
     bin_dir = Path(sys.executable).parent
     if not (bin_dir / MOUNT_PROGRAM).exists():
-        print(f"{MOUNT_PROGRAM} not installed in {bin_dir} (pip install -e . predates it): "
-              "using an equivalent entry point", file=sys.stderr)
+        print(
+            f"{MOUNT_PROGRAM} not installed in {bin_dir} (pip install -e . predates it): "
+            "using an equivalent entry point",
+            file=sys.stderr,
+        )
         bin_dir = tmp_path / "bin"
         bin_dir.mkdir(exist_ok=True)
         program = bin_dir / MOUNT_PROGRAM
-        program.write_text(f"#!{sys.executable}\nimport sys\n"
-                           "from snapshotter.service.mount_helper import main\nsys.exit(main())\n")
+        program.write_text(
+            f"#!{sys.executable}\nimport sys\n"
+            "from snapshotter.service.mount_helper import main\nsys.exit(main())\n"
+        )
         program.chmod(0o755)
     return {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}

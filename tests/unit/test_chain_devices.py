@@ -21,23 +21,51 @@ from snapshotter.verity import VerityInfo
 
 
 def _verity(root: str, salt: str = "ab" * 32, data_blocks: int = 3) -> dict:
-    return VerityInfo(root, salt, "sha256", 4096, 4096, data_blocks, data_blocks * 4096, True,
-                      "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0").to_json()
+    return VerityInfo(
+        root,
+        salt,
+        "sha256",
+        4096,
+        4096,
+        data_blocks,
+        data_blocks * 4096,
+        True,
+        "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0",
+    ).to_json()
 
 
 def _description(directory: Path, layers: int = 2) -> dict:
     """What vm_mode writes for a chain (every key, a signed manifest beside it)."""
     return {
-        "fsmeta": {"role": "fsmeta", "path": str(directory / "image.fsmeta"), "size": 8192,
-                   "digest": "sha256:" + "f0" * 32, "root_hash": "ee" * 32,
-                   "verity": _verity("ee" * 32, data_blocks=2)},
-        "layers": [{"role": "layer", "path": f"/snapshots/{i}/layer.erofs", "size": 12288,
-                    "device": i, "tag": f"{i:02x}" * 32, "blocks": 3, "uniaddr": 2 + 3 * i,
-                    "digest": f"sha256:{i:02x}" + "00" * 31, "diff_id": f"sha256:{i:064x}",
-                    "root_hash": f"{i:02x}" * 32, "verity": _verity(f"{i:02x}" * 32)}
-                   for i in range(1, layers + 1)],
-        "manifest": {"path": str(directory / "manifest.json"),
-                     "signature": str(directory / "manifest.sig"), "key_id": "sha256:" + "1" * 64},
+        "fsmeta": {
+            "role": "fsmeta",
+            "path": str(directory / "image.fsmeta"),
+            "size": 8192,
+            "digest": "sha256:" + "f0" * 32,
+            "root_hash": "ee" * 32,
+            "verity": _verity("ee" * 32, data_blocks=2),
+        },
+        "layers": [
+            {
+                "role": "layer",
+                "path": f"/snapshots/{i}/layer.erofs",
+                "size": 12288,
+                "device": i,
+                "tag": f"{i:02x}" * 32,
+                "blocks": 3,
+                "uniaddr": 2 + 3 * i,
+                "digest": f"sha256:{i:02x}" + "00" * 31,
+                "diff_id": f"sha256:{i:064x}",
+                "root_hash": f"{i:02x}" * 32,
+                "verity": _verity(f"{i:02x}" * 32),
+            }
+            for i in range(1, layers + 1)
+        ],
+        "manifest": {
+            "path": str(directory / "manifest.json"),
+            "signature": str(directory / "manifest.sig"),
+            "key_id": "sha256:" + "1" * 64,
+        },
     }
 
 
@@ -75,10 +103,14 @@ BAD = {
     "no path": (lambda d: d["layers"][0].pop("path"), "layer 1: no path"),
     "empty path": (lambda d: d["layers"][0].update(path=""), "layer 1: empty path"),
     "no verity": (lambda d: d["layers"][0].pop("verity"), "no verity description"),
-    "bad verity": (lambda d: d["layers"][0]["verity"].pop("hash_offset"),
-                   "layer 1: not a verity description"),
-    "root not the tree's": (lambda d: d["layers"][0].update(root_hash="ff" * 32),
-                            "is not its tree's root"),
+    "bad verity": (
+        lambda d: d["layers"][0]["verity"].pop("hash_offset"),
+        "layer 1: not a verity description",
+    ),
+    "root not the tree's": (
+        lambda d: d["layers"][0].update(root_hash="ff" * 32),
+        "is not its tree's root",
+    ),
     "manifest not strings": (lambda d: d.update(manifest={"path": 1}), "manifest: not an"),
 }
 
@@ -125,8 +157,10 @@ def test_device_list_roots_takes_a_description_or_a_partial_list(tmp_path: Path)
     data = _description(tmp_path)
     roots = ["ee" * 32, "01" * 32, "02" * 32]
     assert device_list_roots(data) == (roots, [d["diff_id"] for d in data["layers"]])
-    assert device_list_roots([{"root_hash": roots[0]}, {"verity": {"root_hash": roots[1]}}]) \
-        == (roots[:2], [""])
+    assert device_list_roots([{"root_hash": roots[0]}, {"verity": {"root_hash": roots[1]}}]) == (
+        roots[:2],
+        [""],
+    )
     with pytest.raises(DeviceListError, match="device 1 has no root_hash"):
         device_list_roots([{"root_hash": roots[0]}, {}])
     with pytest.raises(DeviceListError, match=r"neither a chain's fsmeta\.json nor a list"):

@@ -44,6 +44,14 @@ def test_service_method_paths_are_containerds() -> None:
     service = snapshots_pb2.DESCRIPTOR.services_by_name["Snapshots"]
     assert service.full_name == "containerd.services.snapshots.v1.Snapshots"
     assert [m.name for m in service.methods] == [
-        "Prepare", "View", "Mounts", "Commit", "Remove", "Stat", "Update", "List", "Usage",
+        "Prepare",
+        "View",
+        "Mounts",
+        "Commit",
+        "Remove",
+        "Stat",
+        "Update",
+        "List",
+        "Usage",
         "Cleanup",
     ]

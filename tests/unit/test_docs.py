@@ -35,8 +35,9 @@ SECTION_REF = re.compile(r"(docs/\w+\.md),? \"([^\"]+)\"")
 
 
 def _tracked() -> list[str]:
-    out = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
     return out.splitlines()
 
 
@@ -62,8 +63,7 @@ def repo_paths(text: str) -> list[str]:
 def outside_paths(text: str) -> list[str]:
     """Words that climb out of the tree they are read from (`../shared/x`), links aside."""
     without_links = LINK.sub("]()", text)
-    return [m.group(1) for m in PATH_WORD.finditer(without_links)
-            if m.group(1).startswith("../")]
+    return [m.group(1) for m in PATH_WORD.finditer(without_links) if m.group(1).startswith("../")]
 
 
 def _names_bound(node: ast.AST) -> list[str]:
@@ -96,7 +96,7 @@ def module_problem(dotted: str) -> str | None:
             continue
         if (here / f"{part}.py").is_file():
             here = here / f"{part}.py"
-            rest = parts[i + 1:]
+            rest = parts[i + 1 :]
             break
         rest = parts[i:]
         here = here / "__init__.py"
@@ -116,9 +116,11 @@ def _headings(doc: Path) -> list[str]:
     """Headings, and the bold or colon labels that open a paragraph (`**Salt.**`, `Which to
     pick:`): what a reference like docs/kata.md, "Salt" may name."""
     lines = doc.read_text().splitlines()
-    return ([line.lstrip("#").strip() for line in lines if line.startswith("#")]
-            + [line.strip().removeprefix("**") for line in lines
-               if line.startswith("**") or line.rstrip().endswith(":")])
+    return [line.lstrip("#").strip() for line in lines if line.startswith("#")] + [
+        line.strip().removeprefix("**")
+        for line in lines
+        if line.startswith("**") or line.rstrip().endswith(":")
+    ]
 
 
 def section_problems(text: str) -> list[str]:
@@ -135,8 +137,7 @@ def section_problems(text: str) -> list[str]:
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
 def test_every_repository_path_exists(doc: Path):
     text = doc.read_text()
-    missing = sorted({w for w in repo_paths(text)
-                      if not (REPO / w).exists() and w not in PENDING})
+    missing = sorted({w for w in repo_paths(text) if not (REPO / w).exists() and w not in PENDING})
     for target in LINK.findall(text):
         if "://" in target or target.startswith("#"):
             continue
@@ -157,8 +158,9 @@ def test_no_doc_points_outside_the_repository(doc: Path):
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
 def test_every_module_named_exists(doc: Path):
     text = doc.read_text()
-    problems = sorted({p for w in set(MODULE_WORD.findall(text)) - PENDING
-                       if (p := module_problem(w))})
+    problems = sorted(
+        {p for w in set(MODULE_WORD.findall(text)) - PENDING if (p := module_problem(w))}
+    )
     assert not problems, f"{doc.name}: {problems}"
 
 
@@ -186,6 +188,7 @@ def test_every_docs_reference_resolves():
 
 def test_pending_is_still_pending():
     """PENDING excuses only what does not exist yet: once a branch lands, its entry goes."""
+
     def exists(name: str) -> bool:
         if "/" in name or name.endswith(".md"):
             return (REPO / name).exists()
@@ -198,11 +201,15 @@ def test_pending_is_still_pending():
 
 def test_the_checks_can_fail():
     """Each rule above catches what it is for, on text made to break it."""
-    text = ("See `snapshotter/no_such_module.py`, tests/nowhere/ and fs/erofs/super.c "
-            "(upstream); run `python -m snapshotter.verity.no_such_worker`; "
-            "read ../shared/design.md; docs/design.md \"No such section\".")
+    text = (
+        "See `snapshotter/no_such_module.py`, tests/nowhere/ and fs/erofs/super.c "
+        "(upstream); run `python -m snapshotter.verity.no_such_worker`; "
+        'read ../shared/design.md; docs/design.md "No such section".'
+    )
     assert [w for w in repo_paths(text) if not (REPO / w).exists()] == [
-        "snapshotter/no_such_module.py", "tests/nowhere/"]
+        "snapshotter/no_such_module.py",
+        "tests/nowhere/",
+    ]
     assert outside_paths(text) == ["../shared/design.md"]
     assert outside_paths("[the unit](../contrib/serve.toml)") == []
     assert module_problem("snapshotter.verity.no_such_worker")

@@ -24,11 +24,20 @@ def _check(payload_dir: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
     the host's environment but the payload (and, for cryptography, the interpreter's own
     site-packages: the guest's Debian python3-cryptography stands in for it)."""
     site = [p for p in sys.path if p.endswith(("site-packages", "dist-packages"))]
-    env = {"PYTHONPATH": ":".join([str(payload_dir), *site]), "PATH": "/usr/bin:/bin",
-           "PYTHONDONTWRITEBYTECODE": "1"}
-    return subprocess.run([sys.executable, "-S", "-m", "passthrough.guest", "--check"],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=120,
-                          check=False)
+    env = {
+        "PYTHONPATH": ":".join([str(payload_dir), *site]),
+        "PATH": "/usr/bin:/bin",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    return subprocess.run(
+        [sys.executable, "-S", "-m", "passthrough.guest", "--check"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def test_the_payload_alone_imports(tmp_path: Path) -> None:
@@ -37,8 +46,9 @@ def test_the_payload_alone_imports(tmp_path: Path) -> None:
     proc = _check(tmp_path / "payload", tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "ok\n"
-    assert sorted(str(p.relative_to(tmp_path / "payload"))
-                  for p in (tmp_path / "payload").rglob("*.py")) == sorted(payload.MODULES)
+    assert sorted(
+        str(p.relative_to(tmp_path / "payload")) for p in (tmp_path / "payload").rglob("*.py")
+    ) == sorted(payload.MODULES)
 
 
 def test_an_import_outside_the_payload_fails(tmp_path: Path) -> None:

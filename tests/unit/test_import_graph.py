@@ -91,7 +91,8 @@ def bench_imports_of_tests(root: Path, allowed: Collection[tuple[str, str]] = ()
             if any(module == ok or module.startswith(ok + ".") for ok in BENCH_MAY_IMPORT):
                 continue
             if (str(rel), module) in allowed or any(
-                    (str(rel), module.rpartition(".")[0]) == entry for entry in allowed):
+                (str(rel), module.rpartition(".")[0]) == entry for entry in allowed
+            ):
                 continue  # `from tests.x import name` also yields tests.x.name
             found.append(f"{rel}:{line}: imports {module}")
     return sorted(set(found))
@@ -122,8 +123,12 @@ def imports_of_test_modules(root: Path) -> list[str]:
 
 
 def _is_sys_path(node: ast.AST) -> bool:
-    return (isinstance(node, ast.Attribute) and node.attr == "path"
-            and isinstance(node.value, ast.Name) and node.value.id == "sys")
+    return (
+        isinstance(node, ast.Attribute)
+        and node.attr == "path"
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "sys"
+    )
 
 
 def sys_path_edits(root: Path, allowed: Collection[str] = ()) -> list[str]:
@@ -136,17 +141,24 @@ def sys_path_edits(root: Path, allowed: Collection[str] = ()) -> list[str]:
             continue
         for node in ast.walk(tree):
             edit = None
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                    and _is_sys_path(node.func.value)):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and _is_sys_path(node.func.value)
+            ):
                 edit = f"sys.path.{node.func.attr}()"
             elif isinstance(node, ast.Assign | ast.AugAssign | ast.AnnAssign):
                 targets = node.targets if isinstance(node, ast.Assign) else [node.target]
                 for target in targets:
-                    if _is_sys_path(target) or (isinstance(target, ast.Subscript)
-                                                and _is_sys_path(target.value)):
+                    if _is_sys_path(target) or (
+                        isinstance(target, ast.Subscript) and _is_sys_path(target.value)
+                    ):
                         edit = "assignment to sys.path"
-            elif isinstance(node, ast.ImportFrom) and node.module == "sys" and any(
-                    alias.name == "path" for alias in node.names):
+            elif (
+                isinstance(node, ast.ImportFrom)
+                and node.module == "sys"
+                and any(alias.name == "path" for alias in node.names)
+            ):
                 edit = "from sys import path"
             if edit:
                 found.append(f"{rel}:{node.lineno}: {edit}")
@@ -172,9 +184,13 @@ def test_not_yet_moved_lists_only_what_is_still_there() -> None:
     """The temporary allowances shrink as the moves land: a stale entry fails here."""
     still = {tuple(f.split(": imports ")) for f in bench_imports_of_tests(REPO)}
     still = {(where.rpartition(":")[0], module) for where, module in still}
-    stale = {entry for entry in NOT_YET_MOVED
-             if not any(w == entry[0] and (m == entry[1] or m.startswith(entry[1] + "."))
-                        for w, m in still)}
+    stale = {
+        entry
+        for entry in NOT_YET_MOVED
+        if not any(
+            w == entry[0] and (m == entry[1] or m.startswith(entry[1] + ".")) for w, m in still
+        )
+    }
     assert stale == set()
     assert {f.partition(":")[0] for f in sys_path_edits(REPO)} == SYS_PATH_NOT_YET_REMOVED
 
@@ -195,8 +211,9 @@ def test_package_inits_stay_light() -> None:
         "         'shim_integration', 'qemu.qmp'}\n"
         "print(sorted(heavy & set(sys.modules)))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == "[]"
 
 
@@ -212,18 +229,23 @@ def _tree(root: Path, files: dict[str, str]) -> Path:
 
 
 def test_upward_import_is_found(tmp_path: Path) -> None:
-    root = _tree(tmp_path, {
-        "snapshotter/__init__.py": "",
-        "snapshotter/ok.py": "import os\nfrom snapshotter import errors\n",
-        "snapshotter/late.py": "def f():\n    import passthrough.qmp\n",
-        "snapshotter/typed.py": ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
-                                 "    from shim_integration.shim import Shim\n"),
-        "passthrough/__init__.py": "",
-        "passthrough/rel.py": "from . import attach\nfrom ..tests import helpers\n",
-        "shim_integration/x.py": "import snapshotter, passthrough\n",
-        "bench/b.py": "import tests.support\nimport shim_integration\n",
-        "tests/t.py": "import bench\n",
-    })
+    root = _tree(
+        tmp_path,
+        {
+            "snapshotter/__init__.py": "",
+            "snapshotter/ok.py": "import os\nfrom snapshotter import errors\n",
+            "snapshotter/late.py": "def f():\n    import passthrough.qmp\n",
+            "snapshotter/typed.py": (
+                "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                "    from shim_integration.shim import Shim\n"
+            ),
+            "passthrough/__init__.py": "",
+            "passthrough/rel.py": "from . import attach\nfrom ..tests import helpers\n",
+            "shim_integration/x.py": "import snapshotter, passthrough\n",
+            "bench/b.py": "import tests.support\nimport shim_integration\n",
+            "tests/t.py": "import bench\n",
+        },
+    )
     assert upward_imports(root) == [
         "passthrough/rel.py:2: imports tests",
         "passthrough/rel.py:2: imports tests.helpers",
@@ -234,11 +256,14 @@ def test_upward_import_is_found(tmp_path: Path) -> None:
 
 
 def test_bench_import_of_tests_is_found(tmp_path: Path) -> None:
-    root = _tree(tmp_path, {
-        "bench/a.py": "import tests.support.layers\nfrom tests.support import tar\n",
-        "bench/b.py": "from tests.helpers import mounted\n",
-        "bench/c.py": "from tests import layers\n",
-    })
+    root = _tree(
+        tmp_path,
+        {
+            "bench/a.py": "import tests.support.layers\nfrom tests.support import tar\n",
+            "bench/b.py": "from tests.helpers import mounted\n",
+            "bench/c.py": "from tests import layers\n",
+        },
+    )
     assert bench_imports_of_tests(root) == [
         "bench/b.py:1: imports tests.helpers",
         "bench/b.py:1: imports tests.helpers.mounted",
@@ -246,19 +271,25 @@ def test_bench_import_of_tests_is_found(tmp_path: Path) -> None:
         "bench/c.py:1: imports tests.layers",
     ]
     assert bench_imports_of_tests(root, {("bench/b.py", "tests.helpers")}) == [
-        "bench/c.py:1: imports tests", "bench/c.py:1: imports tests.layers"]
+        "bench/c.py:1: imports tests",
+        "bench/c.py:1: imports tests.layers",
+    ]
 
 
 def test_test_module_import_is_found(tmp_path: Path) -> None:
-    root = _tree(tmp_path, {
-        "tests/support/layers.py": "from tests.support.helpers import mounted\n",
-        "tests/fuzz/targets.py": "from tests.support.layers import Entry\n",
-        "tests/kernel/test_a.py": ("from tests.kernel.test_b import helper\n"
-                                   "from tests.fuzz import targets\n"),
-        "tests/kernel/test_c.py": "def f():\n    from . import test_b\n",
-        "tests/vm/test_d.py": "import tests.conftest\nimport test_e\n",
-        "tests/vm/test_ok.py": "from tests.support.helpers import require_root\n",
-    })
+    root = _tree(
+        tmp_path,
+        {
+            "tests/support/layers.py": "from tests.support.helpers import mounted\n",
+            "tests/fuzz/targets.py": "from tests.support.layers import Entry\n",
+            "tests/kernel/test_a.py": (
+                "from tests.kernel.test_b import helper\nfrom tests.fuzz import targets\n"
+            ),
+            "tests/kernel/test_c.py": "def f():\n    from . import test_b\n",
+            "tests/vm/test_d.py": "import tests.conftest\nimport test_e\n",
+            "tests/vm/test_ok.py": "from tests.support.helpers import require_root\n",
+        },
+    )
     assert imports_of_test_modules(root) == [
         "tests/kernel/test_a.py:1: imports tests.kernel.test_b",
         "tests/kernel/test_c.py:2: imports tests.kernel.test_b",
@@ -267,14 +298,25 @@ def test_test_module_import_is_found(tmp_path: Path) -> None:
     ]
 
 
-@pytest.mark.parametrize("edit", [
-    "sys.path.append('/x')", "sys.path.insert(0, '/x')", "sys.path = ['/x']",
-    "sys.path[:0] = ['/x']", "sys.path += ['/x']",
-])
+@pytest.mark.parametrize(
+    "edit",
+    [
+        "sys.path.append('/x')",
+        "sys.path.insert(0, '/x')",
+        "sys.path = ['/x']",
+        "sys.path[:0] = ['/x']",
+        "sys.path += ['/x']",
+    ],
+)
 def test_sys_path_edit_is_found(tmp_path: Path, edit: str) -> None:
-    root = _tree(tmp_path, {"passthrough/guest/a.py": f"import sys\n\ndef f():\n    {edit}\n",
-                            "snapshotter/ok.py": "import sys\nprint(sys.path[0])\n",
-                            "bench/free.py": f"import sys\n{edit}\n"})
+    root = _tree(
+        tmp_path,
+        {
+            "passthrough/guest/a.py": f"import sys\n\ndef f():\n    {edit}\n",
+            "snapshotter/ok.py": "import sys\nprint(sys.path[0])\n",
+            "bench/free.py": f"import sys\n{edit}\n",
+        },
+    )
     assert len(sys_path_edits(root)) == 1
     assert sys_path_edits(root)[0].startswith("passthrough/guest/a.py:4: ")
     assert sys_path_edits(root, {"passthrough/guest/a.py"}) == []
@@ -282,9 +324,17 @@ def test_sys_path_edit_is_found(tmp_path: Path, edit: str) -> None:
 
 # --- the package APIs ----------------------------------------------------------------------
 
-PACKAGES = ["snapshotter", "snapshotter.erofs", "snapshotter.ingest", "snapshotter.fsmeta",
-            "snapshotter.service", "snapshotter.verity", "passthrough", "shim_integration",
-            "shim_integration.testbed"]
+PACKAGES = [
+    "snapshotter",
+    "snapshotter.erofs",
+    "snapshotter.ingest",
+    "snapshotter.fsmeta",
+    "snapshotter.service",
+    "snapshotter.verity",
+    "passthrough",
+    "shim_integration",
+    "shim_integration.testbed",
+]
 
 
 def _declared_names(package: str) -> tuple[list[str], set[str]]:
@@ -294,10 +344,14 @@ def _declared_names(package: str) -> tuple[list[str], set[str]]:
     imported: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Assign) and any(
-                isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+            isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets
+        ):
             declared = list(ast.literal_eval(node.value))
         elif isinstance(node, ast.ImportFrom) and node.module not in (
-                "__future__", "typing", "snapshotter.lazy_exports"):
+            "__future__",
+            "typing",
+            "snapshotter.lazy_exports",
+        ):
             imported |= {alias.asname or alias.name for alias in node.names}
     return declared, imported
 
@@ -308,19 +362,23 @@ def test_package_all_resolves(package: str) -> None:
     declared, imported = _declared_names(package)
     assert declared and len(declared) == len(set(declared))
     assert set(declared) == imported
-    code = (f"import {package} as p\n"
-            "missing = [n for n in p.__all__ if getattr(p, n, None) is None]\n"
-            "print(missing)\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                         text=True, check=True).stdout
+    code = (
+        f"import {package} as p\n"
+        "missing = [n for n in p.__all__ if getattr(p, n, None) is None]\n"
+        "print(missing)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == "[]"
 
 
 def test_api_doc_names_exist() -> None:
     """Every dotted name docs/api.md cites (`package.module.Name`) imports."""
     text = (REPO / "docs" / "api.md").read_text()
-    names = sorted(set(re.findall(
-        r"`((?:snapshotter|passthrough|shim_integration)(?:\.\w+)+)", text)))
+    names = sorted(
+        set(re.findall(r"`((?:snapshotter|passthrough|shim_integration)(?:\.\w+)+)", text))
+    )
     assert len(names) > 20
     code = (
         "import importlib, sys\n"
@@ -342,8 +400,9 @@ def test_api_doc_names_exist() -> None:
         "        missing.append(name)\n"
         "print(missing)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code, *names], cwd=REPO, capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code, *names], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == "[]"
 
 
@@ -353,12 +412,16 @@ def test_top_level_inits_need_nothing_else(tmp_path: Path) -> None:
     for package in ("snapshotter", "passthrough"):
         (tmp_path / package).mkdir()
         (tmp_path / package / "__init__.py").write_bytes(
-            (REPO / package / "__init__.py").read_bytes())
-    code = ("import sys\n"
-            f"sys.path.insert(0, {str(tmp_path)!r})\n"
-            "import passthrough, snapshotter\n"
-            "ours = ('snapshotter', 'passthrough')\n"
-            "print(sorted(m for m in sys.modules if m.startswith(ours)))\n")
-    out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
-                         check=True).stdout
+            (REPO / package / "__init__.py").read_bytes()
+        )
+    code = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "import passthrough, snapshotter\n"
+        "ours = ('snapshotter', 'passthrough')\n"
+        "print(sorted(m for m in sys.modules if m.startswith(ours)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == "['passthrough', 'snapshotter']"

@@ -62,9 +62,14 @@ def test_open_image_refusals_on_a_guest_without_keys() -> None:
     before the agent looks for any disk; malformed ones are EINVAL."""
     import base64
 
-    req = {"id": 1, "op": "open_image", "name": "c1", "devices": [{"serial": "nope"}],
-           "manifest": base64.b64encode(b"{}").decode(),
-           "signature": base64.b64encode(b"{}").decode()}
+    req = {
+        "id": 1,
+        "op": "open_image",
+        "name": "c1",
+        "devices": [{"serial": "nope"}],
+        "manifest": base64.b64encode(b"{}").decode(),
+        "signature": base64.b64encode(b"{}").decode(),
+    }
     refused = _call(req)
     assert (refused["errno"], refused["refused"]) == (errno.EPERM, True)
     assert refused["error"] == "the guest booted without trusted keys (ep.trusted_keys=)"
@@ -90,11 +95,14 @@ def test_lockdown_serves_only_signed_images_and_their_roots(tmp_path: Path) -> N
     def call(req: dict) -> dict:
         return locked.handle(json.dumps(req).encode())
 
-    for req in ({"op": "verity_open", "name": "v", "table": "0 8 zero"},
-                {"op": "mount", "source": "/dev/vdb"}, {"op": "run", "argv": ["true"]},
-                {"op": "read_file", "path": "/etc/hostname"},
-                {"op": "read_file", "path": str(tmp_path / "data" / ".." / ".." / "etc")},
-                {"op": "hash_tree", "root": "/etc"}):
+    for req in (
+        {"op": "verity_open", "name": "v", "table": "0 8 zero"},
+        {"op": "mount", "source": "/dev/vdb"},
+        {"op": "run", "argv": ["true"]},
+        {"op": "read_file", "path": "/etc/hostname"},
+        {"op": "read_file", "path": str(tmp_path / "data" / ".." / ".." / "etc")},
+        {"op": "hash_tree", "root": "/etc"},
+    ):
         reply = call({"id": 1, **req})
         assert (reply["errno"], reply.get("refused")) == (REFUSED_ERRNO, True), req
         assert "ep.lockdown=1" in reply["error"]
@@ -102,8 +110,10 @@ def test_lockdown_serves_only_signed_images_and_their_roots(tmp_path: Path) -> N
     assert inside["ok"] and inside["result"]["size"] == 6
     # A link out of the image resolves inside it (openat2 RESOLVE_IN_ROOT): the image's
     # /etc/hostname if it has one, never the guest's.
-    assert call({"id": 5, "op": "read_file",
-                  "path": str(tmp_path / "escape")})["errno"] == errno.ENOENT
+    assert (
+        call({"id": 5, "op": "read_file", "path": str(tmp_path / "escape")})["errno"]
+        == errno.ENOENT
+    )
     (tmp_path / "etc").mkdir()
     (tmp_path / "etc" / "hostname").write_bytes(b"the image's\n")
     confined = call({"id": 6, "op": "read_file", "path": str(tmp_path / "escape")})
@@ -114,8 +124,10 @@ def test_lockdown_serves_only_signed_images_and_their_roots(tmp_path: Path) -> N
     assert call({"id": 7, "op": "hash_tree", "root": str(tmp_path)})["refused"] is True
 
 
-@pytest.mark.skipif("ep.lockdown=1" in Path("/proc/cmdline").read_text().split(),
-                    reason="this host booted with ep.lockdown=1")
+@pytest.mark.skipif(
+    "ep.lockdown=1" in Path("/proc/cmdline").read_text().split(),
+    reason="this host booted with ep.lockdown=1",
+)
 def test_lockdown_is_read_from_the_kernel_command_line() -> None:
     state = AgentState()
     assert state.locked is False  # this host booted without ep.lockdown=1

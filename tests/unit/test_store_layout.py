@@ -23,8 +23,9 @@ def sn(tmp_path: Path, converter: SwappableConverter) -> Snapshotter:
     s.close()
 
 
-def test_cleanup_during_commit_keeps_the_conversion(sn: Snapshotter,
-                                                    converter: SwappableConverter) -> None:
+def test_cleanup_during_commit_keeps_the_conversion(
+    sn: Snapshotter, converter: SwappableConverter
+) -> None:
     """containerd's GC may call Cleanup while a Commit converts: the temp blob must survive."""
     mounts = sn.prepare("ns/1/a")
     Path(mounts[0].source, "f").write_text("data\n")
@@ -43,20 +44,23 @@ def test_cleanup_during_commit_keeps_the_conversion(sn: Snapshotter,
 
 
 def test_leftovers_of_an_interrupted_commit_are_reused_or_removed(
-        sn: Snapshotter, converter: SwappableConverter) -> None:
+    sn: Snapshotter, converter: SwappableConverter
+) -> None:
     mounts = sn.prepare("ns/1/a")
     Path(mounts[0].source, "f").write_text("data\n")
     sid = sn.store.get_info("ns/1/a")[0]
     directory = sn.layout.dir(sid)
     # A Commit killed after publishing the layer but before its transaction:
-    meta = layer_build.publish_layer(directory, lambda out: layer_build.convert_directory(
-        sn.layout.fs(sid), out))
+    meta = layer_build.publish_layer(
+        directory, lambda out: layer_build.convert_directory(sn.layout.fs(sid), out)
+    )
     (directory / ".layer-dead.tmp").write_bytes(b"a killed conversion")
     assert [p.name for p in sn.cleanup()] == [".layer-dead.tmp"]
     converter.hook = lambda src, out: pytest.fail("the published layer should be reused")
     sn.commit("ns/2/A", "ns/1/a")
-    assert sn.stat("ns/2/A").labels["containerd.io/snapshot/erofs.verity.root-hash"] == \
-        meta.root_hash
+    assert (
+        sn.stat("ns/2/A").labels["containerd.io/snapshot/erofs.verity.root-hash"] == meta.root_hash
+    )
     assert list(sn.layout.fs(sid).iterdir()) == []  # the unpacked upper is gone
 
 

@@ -41,8 +41,10 @@ def test_read_only_store_reads_beside_a_writer_and_changes_nothing(tmp_path: Pat
                 assert reader.ancestors("ns/1/layer") == []
                 with pytest.raises(NotFound):
                     reader.ancestors("ns/9/none")
-                with pytest.raises(sqlite3.OperationalError, match="readonly"), \
-                        reader.transaction() as db:
+                with (
+                    pytest.raises(sqlite3.OperationalError, match="readonly"),
+                    reader.transaction() as db,
+                ):
                     db.execute("DELETE FROM labels")
             finally:
                 reader.close()

@@ -25,8 +25,12 @@ def test_demo_proves_verified_read_and_tamper_detection() -> None:
     require_guest()
     for tool in ("containerd", "ctr", "runc", "busybox"):
         require_tool(tool)
-    proc = subprocess.run([sys.executable, "-m", "shim_integration.cli", "demo", "--json"],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "shim_integration.cli", "demo", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     print(proc.stderr)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)  # stdout holds only the JSON object

@@ -77,14 +77,20 @@ def chain(tmp_path_factory: pytest.TempPathFactory, guest_key: Path) -> Iterator
     for n in (1, 2, 3):
         key = f"default/{n}/extract-{n}"
         mounts = sn.prepare(key, parent)
-        fs = Path(mounts[0].source) if mounts[0].type == "bind" else next(
-            Path(o.split("=", 1)[1]) for o in mounts[0].options if o.startswith("upperdir="))
+        fs = (
+            Path(mounts[0].source)
+            if mounts[0].type == "bind"
+            else next(
+                Path(o.split("=", 1)[1]) for o in mounts[0].options if o.startswith("upperdir=")
+            )
+        )
         _write_layer(fs, n, busybox)
         sn.commit(f"default/{n}/sha256:layer{n}", key)
         parent = f"default/{n}/sha256:layer{n}"
     mounts = sn.prepare("default/9/container", parent)
-    plan = plan_from_mounts(mounts, ["virtio-blk", "vhost-user-blk", "virtio-blk",
-                                     "vhost-user-blk"])
+    plan = plan_from_mounts(
+        mounts, ["virtio-blk", "vhost-user-blk", "virtio-blk", "vhost-user-blk"]
+    )
     yield Chain(plan, Path(plan.devices[0].path), [Path(d.path) for d in plan.devices[1:]])
     sn.close()
     unmount_below(root)
@@ -102,7 +108,8 @@ def _host_tree(chain: Chain) -> dict:
 
 
 def test_signed_image_opens_and_reads_what_the_host_sees(
-        chain: Chain, shim: Shim, agent: AgentClient, guest_key: Path) -> None:
+    chain: Chain, shim: Shim, agent: AgentClient, guest_key: Path
+) -> None:
     image = shim.open(chain.plan, "good")
     result = image.result
     assert result["manifest_digest"] == "sha256:" + hashlib.sha256(chain.plan.manifest).hexdigest()
@@ -117,22 +124,38 @@ def test_signed_image_opens_and_reads_what_the_host_sees(
     assert "data/gone" not in tree and "data/opq/hidden" not in tree and "data/opq/new" in tree
     assert not [n for n in tree if "errno" in tree[n]]
 
-    ran = agent.run("/bin/busybox", "sh", "-c",  # chrooted into the image's root
-                    "busybox cat /data/message; echo written > /data/new; busybox cat /data/new; "
-                    "busybox ls /data", image=image.name)
+    ran = agent.run(
+        "/bin/busybox",
+        "sh",
+        "-c",  # chrooted into the image's root
+        "busybox cat /data/message; echo written > /data/new; busybox cat /data/new; "
+        "busybox ls /data",
+        image=image.name,
+    )
     assert ran["rc"] == 0 and not ran["stderr"], ran
-    assert ran["stdout"].split("\n") == [MESSAGE.decode().strip(), "written",
-                                         "big.bin", "message", "new", "opq", ""]
+    assert ran["stdout"].split("\n") == [
+        MESSAGE.decode().strip(),
+        "written",
+        "big.bin",
+        "message",
+        "new",
+        "opq",
+        "",
+    ]
     # the write went to the tmpfs upper; the verified lower is untouched (and read-only)
     assert agent.read_file(f"{result['upper']}/data/new") == b"written\n"
     lower = agent.run("sh", "-c", f"echo x > {result['lower']}/data/x")
     assert lower["rc"] != 0 and "Read-only file system" in lower["stderr"]
     # Links made inside the image resolve the way the image sees them and never lead out of
     # it, whatever they point at (openat2 with RESOLVE_IN_ROOT in the agent).
-    made = agent.run("/bin/busybox", "sh", "-c",
-                     "busybox ln -s /data/message /data/abs; "
-                     "busybox ln -s ../../../../../../../proc/cmdline /data/up",
-                     image=image.name)
+    made = agent.run(
+        "/bin/busybox",
+        "sh",
+        "-c",
+        "busybox ln -s /data/message /data/abs; "
+        "busybox ln -s ../../../../../../../proc/cmdline /data/up",
+        image=image.name,
+    )
     assert made["rc"] == 0, made
     assert agent.read_file(f"{image.rootfs}/data/abs") == MESSAGE
     with pytest.raises(AgentFailure, match="No such file"):
@@ -144,7 +167,8 @@ def test_signed_image_opens_and_reads_what_the_host_sees(
 
 
 def test_two_images_share_devices_until_the_last_closes(
-        chain: Chain, shim: Shim, agent: AgentClient, attacher: Attacher) -> None:
+    chain: Chain, shim: Shim, agent: AgentClient, attacher: Attacher
+) -> None:
     first = shim.open(chain.plan, "first")
     second = shim.open(chain.plan, "second")
     assert len(attacher.attached()) == 4  # the same files: attached once
@@ -177,9 +201,11 @@ def _case(name: str, plan: AttachPlan, tmp_path: Path, guest_key: Path) -> Attac
     if name == "manifest-changed-after-signing":
         return replace(plan, manifest=plan.manifest.replace(b'"layers"', b'"layers" ', 1))
     if name == "root-differs-from-device":
+
         def bump(m: dict) -> None:
             root = m["layers"][1]["verity"]["root_hash"]
             m["layers"][1]["verity"]["root_hash"] = root[:-1] + ("0" if root[-1] != "0" else "1")
+
         return _resigned(plan, guest_key, bump)
     if name == "swapped-layer-devices":
         return plan.with_paths([paths[0], paths[2], paths[1], paths[3]])
@@ -195,9 +221,20 @@ def _case(name: str, plan: AttachPlan, tmp_path: Path, guest_key: Path) -> Attac
         data = bytearray(Path(paths[3]).read_bytes()[: dev["verity"]["hash_offset"]])
         data[-4096 - 100] ^= 1
         fake.write_bytes(bytes(data))
-        subprocess.run([sys.executable, "-m", "shim_integration.cli", "verity", "format",
-                        str(fake), "--salt", dev["verity"]["salt"]],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "shim_integration.cli",
+                "verity",
+                "format",
+                str(fake),
+                "--salt",
+                dev["verity"]["salt"],
+            ],
+            check=True,
+            capture_output=True,
+        )
         return plan.with_paths([*paths[:3], str(fake)])
     raise AssertionError(name)
 
@@ -217,8 +254,15 @@ REFUSALS = {
 
 @pytest.mark.parametrize("case", sorted(REFUSALS))
 def test_the_guest_refuses_with_the_reason_and_opens_nothing(
-        case: str, chain: Chain, shim: Shim, vm: Vm, agent: AgentClient, attacher: Attacher,
-        tmp_path: Path, guest_key: Path) -> None:
+    case: str,
+    chain: Chain,
+    shim: Shim,
+    vm: Vm,
+    agent: AgentClient,
+    attacher: Attacher,
+    tmp_path: Path,
+    guest_key: Path,
+) -> None:
     plan = _case(case, chain.plan, tmp_path, guest_key)
     with pytest.raises(ImageRefused, match=REFUSALS[case]) as refused:
         shim.open(plan, "bad")

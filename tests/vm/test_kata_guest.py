@@ -18,7 +18,8 @@ pytestmark = [pytest.mark.qemu, pytest.mark.root, pytest.mark.slow]
 
 
 def test_the_table_every_reader_derives_opens_the_layer_in_a_guest(
-        tmp_path: Path, agent: AgentClient, attacher: Attacher) -> None:
+    tmp_path: Path, agent: AgentClient, attacher: Attacher
+) -> None:
     """What the Kata agent does with the volume, in a real guest kernel: the layer hotplugged
     as a virtio disk, the readers' one table loaded with `dmsetup create` on it (the disk is
     data and hash device both, as the agent names the source twice), then the EROFS on the
@@ -32,8 +33,14 @@ def test_the_table_every_reader_derives_opens_the_layer_in_a_guest(
     disk = find_disk(agent, att)["path"]
     name = "kata-readers"
     dmsetup = ("env", "DM_DISABLE_UDEV=1", "dmsetup")  # no udev in the guest: dmsetup makes nodes
-    created = agent.run(*dmsetup, "create", name, "--readonly", "--table",
-                        tables["kata-types"].replace(DEVICE, disk))
+    created = agent.run(
+        *dmsetup,
+        "create",
+        name,
+        "--readonly",
+        "--table",
+        tables["kata-types"].replace(DEVICE, disk),
+    )
     assert created["rc"] == 0, created["stderr"]
     try:
         mnt = agent.mount(f"/dev/mapper/{name}")

@@ -72,10 +72,13 @@ def test_device_ids_are_stable_short_and_per_transport(tmp_path: Path) -> None:
 def test_cli_offers_the_transports_without_loading_the_attacher() -> None:
     """`erofs-passthrough` registers attach's --transport choices for every subcommand: from
     passthrough.transports, without importing asyncio and qemu.qmp through the attacher."""
-    code = ("import sys, passthrough.cli as c; print(c.TRANSPORTS, "
-            "[m for m in ('passthrough.attach', 'qemu.qmp') if m in sys.modules])")
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
-                         text=True).stdout
+    code = (
+        "import sys, passthrough.cli as c; print(c.TRANSPORTS, "
+        "[m for m in ('passthrough.attach', 'qemu.qmp') if m in sys.modules])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True
+    ).stdout
     assert out.strip() == f"{TRANSPORTS} []"
 
 
@@ -90,13 +93,17 @@ def test_virtio_blk_attach_is_idempotent(vm: Vm, files: list[Path]) -> None:
         assert at.attached()[0].file == str(files[0])
         assert at.free_ports() == ["ep-rp1"]
     assert _qemu_nodes(vm) == {first.node_name, f"{first.device_id}-file"}
-    blocks = [b for b in vm.qmp.cmd("query-block")
-              if b.get("inserted", {}).get("node-name") == first.node_name]
+    blocks = [
+        b
+        for b in vm.qmp.cmd("query-block")
+        if b.get("inserted", {}).get("node-name") == first.node_name
+    ]
     assert len(blocks) == 1 and blocks[0]["inserted"]["ro"] is True
 
 
-def test_vhost_user_blk_attach_exports_through_the_storage_daemon(vm: Vm,
-                                                                   files: list[Path]) -> None:
+def test_vhost_user_blk_attach_exports_through_the_storage_daemon(
+    vm: Vm, files: list[Path]
+) -> None:
     with Attacher(vm.qmp) as at:
         att = at.attach(files[1], "vhost-user-blk")
         assert at.attach(files[1], "vhost-user-blk") == att
@@ -105,7 +112,8 @@ def test_vhost_user_blk_attach_exports_through_the_storage_daemon(vm: Vm,
         assert at.attached()[0].file == str(files[1])
     exports, nodes = _qsd_state(vm)
     assert [(e["id"], e["type"], e["node-name"]) for e in exports] == [
-        (att.export_id, "vhost-user-blk", att.node_name)]
+        (att.export_id, "vhost-user-blk", att.node_name)
+    ]
     assert nodes == {att.node_name}
     assert _qemu_chardevs(vm) == {att.chardev}
     assert _qemu_nodes(vm) == set()  # QEMU itself opens nothing for vhost-user-blk
@@ -153,8 +161,7 @@ def test_storage_daemon_dead_before_attach(vm: Vm, files: list[Path]) -> None:
         assert at.attach(files[0], "virtio-blk").root_port == "ep-rp0"
 
 
-def test_storage_daemon_dying_mid_attach_leaves_nothing_in_qemu(vm: Vm,
-                                                                files: list[Path]) -> None:
+def test_storage_daemon_dying_mid_attach_leaves_nothing_in_qemu(vm: Vm, files: list[Path]) -> None:
     def kill_qsd(step: str) -> None:
         if step == "chardev-add":  # the export exists; QEMU has not connected yet
             vm.qsd.proc.kill()  # type: ignore[union-attr]
@@ -204,9 +211,15 @@ def test_qemu_refusing_device_add_rolls_back_everything(vm: Vm, files: list[Path
 
 def test_leftovers_of_a_killed_attacher_are_cleaned(vm: Vm, files: list[Path]) -> None:
     dev = device_id_for(files[0], "virtio-blk")
-    vm.qmp.cmd("blockdev-add", **{"driver": "raw", "node-name": f"{dev}-node", "read-only": True,
-                                  "file": {"driver": "file", "filename": str(files[0]),
-                                           "read-only": True}})
+    vm.qmp.cmd(
+        "blockdev-add",
+        **{
+            "driver": "raw",
+            "node-name": f"{dev}-node",
+            "read-only": True,
+            "file": {"driver": "file", "filename": str(files[0]), "read-only": True},
+        },
+    )
     with Attacher(vm.qmp) as at:
         att = at.attach(files[0], "virtio-blk")  # would be "Duplicate nodes" without cleanup
         assert att.device_id == dev
@@ -214,8 +227,13 @@ def test_leftovers_of_a_killed_attacher_are_cleaned(vm: Vm, files: list[Path]) -
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "shim_integration.cli", *args],
-                          capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "shim_integration.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def test_cli_attach_json_and_errors(vm: Vm, files: list[Path]) -> None:
@@ -224,7 +242,8 @@ def test_cli_attach_json_and_errors(vm: Vm, files: list[Path]) -> None:
     assert first.returncode == 0, first.stderr
     out = json.loads(first.stdout)["attached"]
     assert [(a["transport"], a["file"], a["root_port"]) for a in out] == [
-        ("virtio-blk", str(files[0]), "ep-rp0")]
+        ("virtio-blk", str(files[0]), "ep-rp0")
+    ]
     again = _cli("attach", "--qmp", qmp, "--json", str(files[0]))
     assert json.loads(again.stdout) == json.loads(first.stdout)
 
@@ -255,13 +274,19 @@ def test_cli_json_errors_are_one_json_object_on_stdout(vm: Vm, files: list[Path]
     cases = [
         (["attach", "--qmp", qmp, "--json", f"{files[2]}.missing"], "No such file"),
         (["attach", "--qmp", qmp, "--json", str(files[2])], "no free pcie-root-port"),
-        (["attach", "--qmp", qmp, "--transport", "vhost-user-blk", "--json", str(files[2])],
-         "no free pcie-root-port"),
+        (
+            ["attach", "--qmp", qmp, "--transport", "vhost-user-blk", "--json", str(files[2])],
+            "no free pcie-root-port",
+        ),
         (["detach", "--qmp", qmp, "--json", str(files[2])], "is not attached"),
-        (["attach", "--qmp", str(vm.workdir / "no-such.sock"), "--json", str(files[0])],
-         "no-such.sock"),
-        (["detach", "--qmp", str(vm.workdir / "no-such.sock"), "--json", str(files[0])],
-         "no-such.sock"),
+        (
+            ["attach", "--qmp", str(vm.workdir / "no-such.sock"), "--json", str(files[0])],
+            "no-such.sock",
+        ),
+        (
+            ["detach", "--qmp", str(vm.workdir / "no-such.sock"), "--json", str(files[0])],
+            "no-such.sock",
+        ),
     ]
     for args, text in cases:
         proc = _cli(*args)
@@ -284,8 +309,7 @@ def test_vm_failure_carries_the_reason(tmp_path: Path) -> None:
             vm.start()
     finally:
         vm.stop()  # whatever happened, leave no QEMU or storage daemon behind
-    assert not any(p.suffix == ".sock" and p.exists() and _listening(p)
-                   for p in tmp_path.iterdir())
+    assert not any(p.suffix == ".sock" and p.exists() and _listening(p) for p in tmp_path.iterdir())
 
 
 def _listening(path: Path) -> bool:

@@ -44,8 +44,9 @@ SUITES = {"1.7": "trixie", "2.1": "sid"}
 
 
 def cli_json(*args: str | Path) -> dict:
-    proc = subprocess.run([*CLI, *map(str, args), "--json"], capture_output=True, text=True,
-                          timeout=TIMEOUT)
+    proc = subprocess.run(
+        [*CLI, *map(str, args), "--json"], capture_output=True, text=True, timeout=TIMEOUT
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
@@ -59,8 +60,7 @@ class Published:
 
 
 @pytest.fixture(scope="module")
-def published(tmp_path_factory: pytest.TempPathFactory, guest_key: Path
-              ) -> Iterator[Published]:
+def published(tmp_path_factory: pytest.TempPathFactory, guest_key: Path) -> Iterator[Published]:
     """A registry holding a 3-layer tar image published with `--layers`. The publisher's key
     is the one the session's TCG guest trusts; it lives in its own directory, and nothing the
     node runs is given it."""
@@ -89,8 +89,9 @@ class PulledNode:
 
 
 @pytest.fixture(scope="module", params=sorted(SUITES))
-def node(request: pytest.FixtureRequest, published: Published,
-         tmp_path_factory: pytest.TempPathFactory) -> Iterator[PulledNode]:
+def node(
+    request: pytest.FixtureRequest, published: Published, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PulledNode]:
     """A keyless VM-mode node on containerd 1.7 or 2.1 that pulled the `--layers` image and
     prepared a rootfs over its chain."""
     from shim_integration.testbed.containerd_dist import from_suite
@@ -102,20 +103,30 @@ def node(request: pytest.FixtureRequest, published: Published,
     serve_config = published.tmp / f"serve-{version}.toml"
     serve_config.write_text("vm_mode = true\n")  # no signing_key: the node holds none
     stack_dir = Path(tmp_path_factory.mktemp("n", numbered=True))  # short socket paths
-    stack = Stack(dist, stack_dir, differ=True,
-                  service_args=["--config", str(serve_config)]).start()
+    stack = Stack(
+        dist, stack_dir, differ=True, service_args=["--config", str(serve_config)]
+    ).start()
     snapshots = None
     try:
         erofs = published.report["erofs_image"]
-        stack.containerd.ctr("images", "pull", "--plain-http", "--snapshotter", SNAPSHOTTER,
-                             erofs["reference"], timeout=TIMEOUT)
+        stack.containerd.ctr(
+            "images",
+            "pull",
+            "--plain-http",
+            "--snapshotter",
+            SNAPSHOTTER,
+            erofs["reference"],
+            timeout=TIMEOUT,
+        )
         snapshots = Snapshots(stack.containerd.socket)
-        mounts = snapshots.prepare(ROOTFS_KEY, chain_ids(erofs["layers"])[-1],
-                                   {"containerd.io/gc.root": time.strftime("%FT%TZ")})
+        mounts = snapshots.prepare(
+            ROOTFS_KEY,
+            chain_ids(erofs["layers"])[-1],
+            {"containerd.io/gc.root": time.strftime("%FT%TZ")},
+        )
         fetched = published.tmp / f"fetched-{version}"
         cli_json("manifest", "fetch", erofs["reference"], "--out", fetched, "--plain-http")
-        yield PulledNode(version, stack.service.root, stack.service.log,
-                         mounts, fetched)
+        yield PulledNode(version, stack.service.root, stack.service.log, mounts, fetched)
     finally:
         if snapshots is not None:
             snapshots.close()
@@ -148,8 +159,7 @@ def test_publish_layers_reports_a_native_erofs_image(published: Published) -> No
     assert erofs["media_type"] == OCI_EROFS_LAYER
 
 
-def test_both_images_manifests_sign_the_same_roots(published: Published, tmp_path: Path
-                                                   ) -> None:
+def test_both_images_manifests_sign_the_same_roots(published: Published, tmp_path: Path) -> None:
     """One root per layer whichever way it arrives: the tar image's and the EROFS image's
     signed manifests (fetched from the registry, not `publish`'s report) name the same
     layer and fsmeta roots; only the image each is bound to, and the layers' digests, differ."""
@@ -159,11 +169,18 @@ def test_both_images_manifests_sign_the_same_roots(published: Published, tmp_pat
     for name, ref in (("tar", published.source), ("erofs", erofs["reference"])):
         cli_json("manifest", "fetch", ref, "--out", tmp_path / name, "--plain-http")
         signed[name] = json.loads((tmp_path / name / "manifest.json").read_text())
-    roots = {name: ([layer["verity"]["root_hash"] for layer in m["layers"]],
-                    m["fsmeta"]["verity"]["root_hash"]) for name, m in signed.items()}
+    roots = {
+        name: (
+            [layer["verity"]["root_hash"] for layer in m["layers"]],
+            m["fsmeta"]["verity"]["root_hash"],
+        )
+        for name, m in signed.items()
+    }
     assert roots["tar"] == roots["erofs"]
-    assert roots["tar"] == (published.report["devices"]["layers"],
-                            published.report["devices"]["fsmeta"])
+    assert roots["tar"] == (
+        published.report["devices"]["layers"],
+        published.report["devices"]["fsmeta"],
+    )
     assert signed["tar"]["image"]["digest"] == published.report["image_digest"]
     assert signed["erofs"]["image"]["digest"] == erofs["digest"]
     assert [layer["diff_id"] for layer in signed["erofs"]["layers"]] == erofs["layers"]
@@ -173,9 +190,18 @@ def test_publish_layers_with_the_erofs_media_type(published: Published) -> None:
     """`--layer-media-type application/vnd.erofs.layer.v1` (containerd 2.3+'s erofs differ):
     the same layer blobs under that name, the same roots; a third name is refused."""
     source = published.source
-    report = cli_json("publish", source, "--key", published.publisher_key, "--plain-http",
-                      "--layers", "--layers-tag", "v1-erofs-vnd", "--layer-media-type",
-                      EROFS_LAYER)
+    report = cli_json(
+        "publish",
+        source,
+        "--key",
+        published.publisher_key,
+        "--plain-http",
+        "--layers",
+        "--layers-tag",
+        "v1-erofs-vnd",
+        "--layer-media-type",
+        EROFS_LAYER,
+    )
     erofs = report["erofs_image"]
     assert erofs["reference"] == source + "-erofs-vnd"
     client = RegistryClient(Reference.parse(erofs["reference"]), plain_http=True)
@@ -183,15 +209,28 @@ def test_publish_layers_with_the_erofs_media_type(published: Published) -> None:
     assert [d["mediaType"] for d in manifest["layers"]] == [EROFS_LAYER] * 3
     assert erofs["layers"] == published.report["erofs_image"]["layers"]
     assert erofs["devices"] == report["devices"] == published.report["devices"]
-    proc = subprocess.run([*CLI, "publish", source, "--key", str(published.publisher_key),
-                           "--layers", "--layer-media-type", "application/vnd.erofs.layer.v2"],
-                          capture_output=True, text=True, timeout=TIMEOUT)
+    proc = subprocess.run(
+        [
+            *CLI,
+            "publish",
+            source,
+            "--key",
+            str(published.publisher_key),
+            "--layers",
+            "--layer-media-type",
+            "application/vnd.erofs.layer.v2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert proc.returncode != 0 and "invalid choice" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
-def test_node_pulling_the_layers_image_converts_nothing(node: PulledNode,
-                                                        published: Published) -> None:
+def test_node_pulling_the_layers_image_converts_nothing(
+    node: PulledNode, published: Published
+) -> None:
     """containerd routed every native layer to our differ (not its walking differ, which
     would fail on a non-tar layer), and the differ stored each without converting."""
     erofs = published.report["erofs_image"]
@@ -205,7 +244,8 @@ def test_node_pulling_the_layers_image_converts_nothing(node: PulledNode,
 
 
 def test_node_snapshot_verifies_against_the_native_images_manifest(
-        node: PulledNode, published: Published) -> None:
+    node: PulledNode, published: Published
+) -> None:
     erofs = published.report["erofs_image"]
     fetched = node.fetched
     plan = plan_from_fetched(node.mounts, fetched)
@@ -213,14 +253,24 @@ def test_node_snapshot_verifies_against_the_native_images_manifest(
     assert len(roots) == 4  # the fsmeta and three layers
     assert erofs["devices"] == {"fsmeta": roots[0], "layers": roots[1:]}
     key = store_key(node.serve_root, ROOTFS_KEY)
-    report = cli_json("manifest", "verify", fetched, "--trust", f"{published.publisher_key}.pub",
-                      "--snapshot", node.serve_root / key, "--image", erofs["digest"])
+    report = cli_json(
+        "manifest",
+        "verify",
+        fetched,
+        "--trust",
+        f"{published.publisher_key}.pub",
+        "--snapshot",
+        node.serve_root / key,
+        "--image",
+        erofs["digest"],
+    )
     assert report["roots"] == roots
 
 
 @pytest.mark.qemu
 def test_guest_trusting_only_the_publisher_reads_the_pulled_native_image(
-        node: PulledNode, published: Published, agent: AgentClient, attacher: Attacher) -> None:
+    node: PulledNode, published: Published, agent: AgentClient, attacher: Attacher
+) -> None:
     shim = Shim(attacher, agent)
     plan = plan_from_fetched(node.mounts, node.fetched)
     image = shim.open(plan, "native-" + node.version.replace(".", "-"))
@@ -228,7 +278,8 @@ def test_guest_trusting_only_the_publisher_reads_the_pulled_native_image(
         publisher = key_id(load_private_key(published.publisher_key).public_key())
         assert image.result["key_id"] == publisher
         assert [d["root_hash"] for d in image.result["devices"]] == [
-            d.root_hash for d in plan.devices]
+            d.root_hash for d in plan.devices
+        ]
         assert agent.read_file(f"{image.rootfs}/etc/motd") == MOTD
         assert agent.read_file(f"{image.rootfs}/data/payload.bin") == PAYLOAD
         tree = agent.hash_tree(image.rootfs)

@@ -41,8 +41,9 @@ OTHER_LAYERS = [[("dir", "srv", 0o755), ("file", "srv/other", b"another image\n"
 
 
 def cli_json(*args: str | Path) -> dict:
-    proc = subprocess.run([*CLI, *map(str, args), "--json"], capture_output=True, text=True,
-                          timeout=TIMEOUT)
+    proc = subprocess.run(
+        [*CLI, *map(str, args), "--json"], capture_output=True, text=True, timeout=TIMEOUT
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
@@ -82,27 +83,38 @@ def node(tmp_path_factory: pytest.TempPathFactory, guest_key: Path) -> Iterator[
         # The publisher's key is the one the shared guest trusts; it lives in its own
         # directory, and nothing the node runs is given it.
         published = cli_json("publish", reference, "--key", guest_key, "--plain-http")
-        cli_json("publish", f"{registry.host}/demo/app:other", "--key", guest_key,
-                 "--plain-http")
+        cli_json("publish", f"{registry.host}/demo/app:other", "--key", guest_key, "--plain-http")
 
         serve_config = tmp / "serve.toml"
         serve_config.write_text("vm_mode = true\n")  # no signing_key: the node holds none
         # Short socket paths: containerd's sockets live below the stack directory.
         stack_dir = Path(tmp_path_factory.mktemp("s", numbered=True))
-        stack = Stack(dist, stack_dir, differ=True,
-                      service_args=["--config", str(serve_config)]).start()
+        stack = Stack(
+            dist, stack_dir, differ=True, service_args=["--config", str(serve_config)]
+        ).start()
         snapshots = None
         try:
-            stack.containerd.ctr("images", "pull", "--plain-http", "--snapshotter",
-                                 SNAPSHOTTER, reference)
+            stack.containerd.ctr(
+                "images", "pull", "--plain-http", "--snapshotter", SNAPSHOTTER, reference
+            )
             chains = chain_ids(images["v1"]["diff_ids"])
             snapshots = Snapshots(stack.containerd.socket)
-            mounts = snapshots.prepare(ROOTFS_KEY, chains[-1],
-                                       {"containerd.io/gc.root": time.strftime("%FT%TZ")})
+            mounts = snapshots.prepare(
+                ROOTFS_KEY, chains[-1], {"containerd.io/gc.root": time.strftime("%FT%TZ")}
+            )
             fetched = tmp / "fetched"
             cli_json("manifest", "fetch", reference, "--out", fetched, "--plain-http")
-            yield Node(tmp, registry.host, reference, published, guest_key, serve_config,
-                       stack.service.root, mounts, fetched)
+            yield Node(
+                tmp,
+                registry.host,
+                reference,
+                published,
+                guest_key,
+                serve_config,
+                stack.service.root,
+                mounts,
+                fetched,
+            )
         finally:
             if snapshots is not None:
                 snapshots.close()
@@ -121,9 +133,17 @@ def test_keyless_node_pulls_and_its_snapshot_verifies_against_the_publisher(node
         plan_from_mounts(node.mounts)
     plan = plan_from_fetched(node.mounts, node.fetched)
     key = store_key(node.serve_root, ROOTFS_KEY)
-    report = cli_json("manifest", "verify", node.fetched, "--trust", f"{node.publisher_key}.pub",
-                      "--snapshot", node.serve_root / key, "--image",
-                      node.published["image_digest"])
+    report = cli_json(
+        "manifest",
+        "verify",
+        node.fetched,
+        "--trust",
+        f"{node.publisher_key}.pub",
+        "--snapshot",
+        node.serve_root / key,
+        "--image",
+        node.published["image_digest"],
+    )
     roots = [d.root_hash for d in plan.devices]
     assert report["roots"] == roots
     assert len(roots) == 4  # the fsmeta and three layers
@@ -131,14 +151,16 @@ def test_keyless_node_pulls_and_its_snapshot_verifies_against_the_publisher(node
 
 
 def test_guest_trusting_only_the_publisher_opens_and_reads_the_image(
-        node: Node, shim: Shim, agent: AgentClient) -> None:
+    node: Node, shim: Shim, agent: AgentClient
+) -> None:
     plan = plan_from_fetched(node.mounts, node.fetched)
     image = shim.open(plan, "published")
     try:
         publisher = key_id(load_private_key(node.publisher_key).public_key())
         assert image.result["key_id"] == publisher
         assert [d["root_hash"] for d in image.result["devices"]] == [
-            d.root_hash for d in plan.devices]
+            d.root_hash for d in plan.devices
+        ]
         assert agent.read_file(f"{image.rootfs}/etc/motd") == MOTD
         assert agent.read_file(f"{image.rootfs}/data/payload.bin") == PAYLOAD
         tree = agent.hash_tree(image.rootfs)
@@ -149,7 +171,8 @@ def test_guest_trusting_only_the_publisher_opens_and_reads_the_image(
 
 
 def test_guest_refuses_a_manifest_signed_by_another_key(
-        node: Node, shim: Shim, agent: AgentClient, attacher: Attacher, tmp_path: Path) -> None:
+    node: Node, shim: Shim, agent: AgentClient, attacher: Attacher, tmp_path: Path
+) -> None:
     """The same manifest bytes, signed by a key the guest does not trust (a node's own, say):
     the host-side plan accepts it (its roots are right), the guest refuses, nothing opened."""
     stranger = tmp_path / "stranger.key"
@@ -173,8 +196,9 @@ def test_shim_refuses_a_fetched_manifest_of_another_image(node: Node, tmp_path: 
     """The publisher's validly signed manifest of app:other is not this rootfs: refused on
     the node, in one line naming the mismatch, before anything is attached."""
     other = tmp_path / "other"
-    cli_json("manifest", "fetch", f"{node.registry_host}/demo/app:other", "--out", other,
-             "--plain-http")
+    cli_json(
+        "manifest", "fetch", f"{node.registry_host}/demo/app:other", "--out", other, "--plain-http"
+    )
     with pytest.raises(ShimError) as refused:
         plan_from_fetched(node.mounts, other)
     message = str(refused.value)
@@ -193,8 +217,9 @@ def test_demo_registry_path_the_node_holds_no_key() -> None:
     require_guest()
     for tool in ("docker-registry", "skopeo", "busybox"):
         require_tool(tool)
-    proc = subprocess.run([*CLI, "demo", "--registry", "--json"], capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [*CLI, "demo", "--registry", "--json"], capture_output=True, text=True, timeout=600
+    )
     print(proc.stderr)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
@@ -210,14 +235,19 @@ def test_demo_registry_path_the_node_holds_no_key() -> None:
 
 
 def test_guest_refuses_another_images_manifest_a_node_hands_it_unchecked(
-        node: Node, shim: Shim, agent: AgentClient, attacher: Attacher, tmp_path: Path) -> None:
+    node: Node, shim: Shim, agent: AgentClient, attacher: Attacher, tmp_path: Path
+) -> None:
     """A host that skips the shim's check and offers this rootfs's devices with the
     publisher's (validly signed) manifest of app:other: the guest refuses, nothing opened."""
     other = tmp_path / "other"
-    cli_json("manifest", "fetch", f"{node.registry_host}/demo/app:other", "--out", other,
-             "--plain-http")
-    plan = plan_from_mounts(node.mounts, manifest=(other / "manifest.json").read_bytes(),
-                            signature=(other / "manifest.sig").read_bytes())
+    cli_json(
+        "manifest", "fetch", f"{node.registry_host}/demo/app:other", "--out", other, "--plain-http"
+    )
+    plan = plan_from_mounts(
+        node.mounts,
+        manifest=(other / "manifest.json").read_bytes(),
+        signature=(other / "manifest.sig").read_bytes(),
+    )
     with pytest.raises(ImageRefused, match="4 devices offered, the manifest names 2"):
         shim.open(plan, "other")
     assert agent.call("images") == {"images": {}}

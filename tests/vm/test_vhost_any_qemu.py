@@ -58,14 +58,29 @@ class PlainQemu:
 
 def _start_qemu(workdir: Path, shared_ram: bool = True) -> PlainQemu:
     if shared_ram:
-        memory = ["-machine", "q35,accel=tcg,memory-backend=mem",
-                  "-object", "memory-backend-memfd,id=mem,size=256M,share=on", "-m", "256M"]
+        memory = [
+            "-machine",
+            "q35,accel=tcg,memory-backend=mem",
+            "-object",
+            "memory-backend-memfd,id=mem,size=256M,share=on",
+            "-m",
+            "256M",
+        ]
     else:
         memory = ["-machine", "q35,accel=tcg", "-m", "256M"]
     qmp, inspect = workdir / "qmp.sock", workdir / "inspect.sock"
-    argv = ["qemu-system-x86_64", *memory, "-nodefaults", "-nographic",
-            "-qmp", f"unix:{qmp},server,nowait", "-qmp", f"unix:{inspect},server,nowait",
-            "-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off"]
+    argv = [
+        "qemu-system-x86_64",
+        *memory,
+        "-nodefaults",
+        "-nographic",
+        "-qmp",
+        f"unix:{qmp},server,nowait",
+        "-qmp",
+        f"unix:{inspect},server,nowait",
+        "-global",
+        "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off",
+    ]
     for i in range(ROOT_PORTS):
         argv += ["-device", f"pcie-root-port,id=rp{i},bus=pcie.0,chassis={i + 1},slot={i + 1}"]
     log = open(workdir / "qemu.log", "wb")  # noqa: SIM115 (closed when QEMU is stopped)
@@ -124,13 +139,13 @@ def files(workdir: Path) -> list[Path]:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60,
-                          check=False)
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60, check=False)
 
 
 def _attach(vm: PlainQemu, *files: Path) -> list[dict]:
-    proc = _cli("attach", "--qmp", str(vm.qmp), "--transport", "vhost-user-blk", "--json",
-                *map(str, files))
+    proc = _cli(
+        "attach", "--qmp", str(vm.qmp), "--transport", "vhost-user-blk", "--json", *map(str, files)
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)["attached"]
 
@@ -180,7 +195,7 @@ def _plugged(vm: PlainQemu) -> dict[str, tuple[str, str]]:
                 path = f"/machine/peripheral/{name}"
                 assert qmp.cmd("qom-get", path=path, property="realized") is True
                 bus = qmp.cmd("qom-get", path=path, property="parent_bus")
-                out[name] = (kind[len("child<"):-1], str(bus).rstrip("/").split("/")[-2])
+                out[name] = (kind[len("child<") : -1], str(bus).rstrip("/").split("/")[-2])
     return out
 
 
@@ -204,7 +219,8 @@ def _daemon_pids(vm: PlainQemu) -> tuple[int, int]:
 
 
 def test_three_attaches_share_one_daemon_and_the_last_detach_stops_it(
-        vm: PlainQemu, files: list[Path]) -> None:
+    vm: PlainQemu, files: list[Path]
+) -> None:
     first = _attach(vm, files[0], files[1])
     pids = _daemon_pids(vm)
     run_dir = Path(os.environ.get(RUN_DIR_ENV, "/run/erofs-passthrough"))
@@ -270,13 +286,15 @@ def die(step):
 with QmpSession({str(vm.qmp)!r}) as qmp:
     Attacher(qmp, before_step=die).attach({str(file)!r}, "vhost-user-blk")
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
 
 
 def test_a_killed_attach_leaves_a_daemon_that_is_found_and_reused(
-        vm: PlainQemu, files: list[Path]) -> None:
+    vm: PlainQemu, files: list[Path]
+) -> None:
     _killed_attach(vm, files[0], "chardev-add")  # daemon up, export made, QEMU not connected
     pids = _daemon_pids(vm)
     assert list(_daemon_view(vm)[0]) == [device_id_for(files[0], "vhost-user-blk")]
@@ -287,16 +305,19 @@ def test_a_killed_attach_leaves_a_daemon_that_is_found_and_reused(
     att = _attach(vm, files[2])[0]
     assert _daemon_pids(vm) == pids  # the leftover daemon is reused
     # ... and what the killed attaches left in it and in QEMU is gone
-    assert _daemon_view(vm) == ({att["export_id"]: att["node_name"]},
-                                {att["node_name"]: str(files[2])})
+    assert _daemon_view(vm) == (
+        {att["export_id"]: att["node_name"]},
+        {att["node_name"]: str(files[2])},
+    )
     assert _chardevs(vm) == {att["chardev"]}
     assert _holders(files[0]) == [] and _holders(files[1]) == []
     _detach(vm, files[2])
     assert all(_gone(pid) for pid in pids) and not vm.daemon.dir.exists()
 
 
-def test_a_leftover_daemon_with_nothing_attached_is_stopped(vm: PlainQemu,
-                                                            files: list[Path]) -> None:
+def test_a_leftover_daemon_with_nothing_attached_is_stopped(
+    vm: PlainQemu, files: list[Path]
+) -> None:
     _killed_attach(vm, files[0], "qsd:blockdev-add")  # daemon started, nothing in it
     pids = _daemon_pids(vm)
     detach = _cli("detach", "--qmp", str(vm.qmp), "--json", str(files[0]))
@@ -305,8 +326,9 @@ def test_a_leftover_daemon_with_nothing_attached_is_stopped(vm: PlainQemu,
     assert all(_gone(pid) for pid in pids) and not vm.daemon.dir.exists()
 
 
-def test_a_dead_daemon_is_replaced_and_its_devices_still_detach(vm: PlainQemu,
-                                                               files: list[Path]) -> None:
+def test_a_dead_daemon_is_replaced_and_its_devices_still_detach(
+    vm: PlainQemu, files: list[Path]
+) -> None:
     first = _attach(vm, files[0])[0]
     supervisor, qsd = _daemon_pids(vm)
     os.kill(supervisor, signal.SIGKILL)  # the daemon dies with it (PR_SET_PDEATHSIG)
@@ -321,20 +343,21 @@ def test_a_dead_daemon_is_replaced_and_its_devices_still_detach(vm: PlainQemu,
     assert _plugged(vm) == {} and _chardevs(vm) == set()
 
 
-def test_unshared_guest_ram_is_refused_before_anything_starts(workdir: Path,
-                                                             files: list[Path]) -> None:
+def test_unshared_guest_ram_is_refused_before_anything_starts(
+    workdir: Path, files: list[Path]
+) -> None:
     require_tool("qemu-system-x86_64")
     vm = _start_qemu(workdir, shared_ram=False)
     try:
-        proc = _cli("attach", "--qmp", str(vm.qmp), "--transport", "vhost-user-blk", "--json",
-                    str(files[0]))
+        proc = _cli(
+            "attach", "--qmp", str(vm.qmp), "--transport", "vhost-user-blk", "--json", str(files[0])
+        )
         assert proc.returncode == 1
         error = json.loads(proc.stdout)["error"]
         assert "pc.ram" in error and "share=on" in error
         assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
         assert not vm.daemon.dir.exists()
-        with QmpSession(vm.qmp) as qmp, Attacher(qmp) as at, \
-                pytest.raises(GuestRamNotShared):
+        with QmpSession(vm.qmp) as qmp, Attacher(qmp) as at, pytest.raises(GuestRamNotShared):
             at.attach(files[0], "vhost-user-blk")
         assert not vm.daemon.dir.exists() and _plugged(vm) == {} and _chardevs(vm) == set()
         # QEMU's own transport needs no shared RAM
@@ -343,23 +366,40 @@ def test_unshared_guest_ram_is_refused_before_anything_starts(workdir: Path,
         _stop(vm)
 
 
-def test_concurrent_attaches_to_one_vm_start_one_daemon(vm: PlainQemu,
-                                                        files: list[Path]) -> None:
+def test_concurrent_attaches_to_one_vm_start_one_daemon(vm: PlainQemu, files: list[Path]) -> None:
     """Three attach processes at once on a VM without a daemon: the per-VM flock makes them
     start one daemon and take three different root ports."""
-    procs = [subprocess.Popen([*CLI, "attach", "--qmp", str(vm.qmp), "--transport",
-                               "vhost-user-blk", "--json", str(f)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for f in files]
+    procs = [
+        subprocess.Popen(
+            [
+                *CLI,
+                "attach",
+                "--qmp",
+                str(vm.qmp),
+                "--transport",
+                "vhost-user-blk",
+                "--json",
+                str(f),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for f in files
+    ]
     outs = [p.communicate(timeout=60) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], [err for _, err in outs]
     atts = [json.loads(out)["attached"][0] for out, _ in outs]
     assert len({a["root_port"] for a in atts}) == 3
     assert set(_daemon_view(vm)[0]) == {a["export_id"] for a in atts}
     supervisor, _ = _daemon_pids(vm)
-    daemons = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
-               and _cmdline(int(p.name)).count(str(vm.daemon.dir)) and
-               "passthrough.storage_daemon" in _cmdline(int(p.name))]
+    daemons = [
+        int(p.name)
+        for p in Path("/proc").iterdir()
+        if p.name.isdigit()
+        and _cmdline(int(p.name)).count(str(vm.daemon.dir))
+        and "passthrough.storage_daemon" in _cmdline(int(p.name))
+    ]
     assert daemons == [supervisor]
 
 
@@ -370,17 +410,21 @@ def test_the_vm_lock_is_held_for_the_whole_attach(vm: PlainQemu, files: list[Pat
 
     def probe(step: str) -> None:
         # a process of its own, as a second attacher or the supervisor would be
-        code = (f"import sys; from passthrough.storage_daemon import VmDaemon as D; "
-                f"d = D({str(vm.qmp)!r})\n"
-                f"with __import__('passthrough.storage_daemon').storage_daemon._flocked("
-                f"d.dir, d.lock_path, blocking=False) as got: sys.exit(10 if got else 0)")
-        seen[step] = subprocess.run([sys.executable, "-c", code], check=False,
-                                    timeout=30).returncode == 0
+        code = (
+            f"import sys; from passthrough.storage_daemon import VmDaemon as D; "
+            f"d = D({str(vm.qmp)!r})\n"
+            f"with __import__('passthrough.storage_daemon').storage_daemon._flocked("
+            f"d.dir, d.lock_path, blocking=False) as got: sys.exit(10 if got else 0)"
+        )
+        seen[step] = (
+            subprocess.run([sys.executable, "-c", code], check=False, timeout=30).returncode == 0
+        )
 
     with QmpSession(vm.qmp) as qmp, Attacher(qmp, before_step=probe) as at:
         at.attach(files[0], "vhost-user-blk")
-    assert seen == dict.fromkeys(["daemon", "qsd:blockdev-add", "qsd:block-export-add",
-                                  "chardev-add", "device_add"], True)
+    assert seen == dict.fromkeys(
+        ["daemon", "qsd:blockdev-add", "qsd:block-export-add", "chardev-add", "device_add"], True
+    )
 
 
 def _cmdline(pid: int) -> str:
@@ -390,8 +434,9 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def test_daemons_of_vanished_vms_are_reaped(vm: PlainQemu, workdir: Path,
-                                            files: list[Path]) -> None:
+def test_daemons_of_vanished_vms_are_reaped(
+    vm: PlainQemu, workdir: Path, files: list[Path]
+) -> None:
     """A daemon whose supervisor was killed (so nobody cleaned up) and whose QEMU is gone is
     removed by the next attach to any VM."""
     other_dir = workdir / "other"

@@ -65,8 +65,9 @@ LAYER: dict[str, bytes | str] = {
 def _layer_tar(entries: dict[str, bytes | str]) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        dirs = sorted({str(Path(n).parents[i]) for n in entries
-                       for i in range(len(Path(n).parents) - 1)})
+        dirs = sorted(
+            {str(Path(n).parents[i]) for n in entries for i in range(len(Path(n).parents) - 1)}
+        )
         for d in dirs:
             info = tarfile.TarInfo(d)
             info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, 1700000000
@@ -84,8 +85,12 @@ def _layer_tar(entries: dict[str, bytes | str]) -> bytes:
 
 
 def _convert(tar: Path, out: Path) -> dict[str, Any]:
-    proc = subprocess.run([*CLI, "convert", str(tar), str(out), "--verity", "--json"],
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [*CLI, "convert", str(tar), str(out), "--verity", "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)["verity"]
 
@@ -113,8 +118,14 @@ def observed(tree: dict[str, Any], names: list[str]) -> dict[str, Any]:
     return {n: {k: v for k, v in tree[n].items() if k in keep} for n in names if n in tree}
 
 
-def _mount_blob(agent: AgentClient, attacher: Attacher, blob: Path, verity: dict[str, Any],
-                transport: str, name: str) -> tuple[Attachment, str]:
+def _mount_blob(
+    agent: AgentClient,
+    attacher: Attacher,
+    blob: Path,
+    verity: dict[str, Any],
+    transport: str,
+    name: str,
+) -> tuple[Attachment, str]:
     att = attacher.attach(blob, transport)
     disk = find_disk(agent, att)
     mapper = open_verity(agent, name, disk["path"], verity)
@@ -136,8 +147,12 @@ def test_guest_runs_from_our_verified_root(guest_image: GuestImage, agent: Agent
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_layer_over_transport_reads_what_the_host_wrote(
-        transport: str, vm: Vm, agent: AgentClient, attacher: Attacher,
-        layer: tuple[Path, dict[str, Any]]) -> None:
+    transport: str,
+    vm: Vm,
+    agent: AgentClient,
+    attacher: Attacher,
+    layer: tuple[Path, dict[str, Any]],
+) -> None:
     blob, verity = layer
     start = time.monotonic()
     att, mnt = _mount_blob(agent, attacher, blob, verity, transport, "layer")
@@ -169,8 +184,12 @@ def _flip_byte_in(blob: Path, content: bytes, out: Path) -> int:
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_flipped_data_byte_fails_that_file_only(
-        transport: str, agent: AgentClient, attacher: Attacher,
-        layer: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    transport: str,
+    agent: AgentClient,
+    attacher: Attacher,
+    layer: tuple[Path, dict[str, Any]],
+    tmp_path: Path,
+) -> None:
     blob, verity = layer
     bad = tmp_path / "tampered.erofs"
     block = _flip_byte_in(blob, LAYER["usr/share/victim.bin"], bad)  # type: ignore[arg-type]
@@ -187,8 +206,9 @@ def test_flipped_data_byte_fails_that_file_only(
     assert f"data block {block} is corrupted" in dmesg
 
 
-def test_wrong_root_hash_mounts_nothing(agent: AgentClient, attacher: Attacher,
-                                        layer: tuple[Path, dict[str, Any]]) -> None:
+def test_wrong_root_hash_mounts_nothing(
+    agent: AgentClient, attacher: Attacher, layer: tuple[Path, dict[str, Any]]
+) -> None:
     blob, verity = layer
     root = verity["root_hash"]
     wrong = dict(verity, root_hash=root[:-1] + ("0" if root[-1] != "0" else "1"))
@@ -205,8 +225,9 @@ def test_wrong_root_hash_mounts_nothing(agent: AgentClient, attacher: Attacher,
     assert raw.value.errno == errno.EIO
 
 
-def test_multi_device_erofs_behind_verity(agent: AgentClient, attacher: Attacher,
-                                          tmp_path: Path) -> None:
+def test_multi_device_erofs_behind_verity(
+    agent: AgentClient, attacher: Attacher, tmp_path: Path
+) -> None:
     """A metadata image with its data in a second device (mkfs.erofs --blobdev: chunk-based
     inodes addressing device 1), both behind dm-verity, over different transports, mounted
     with device=."""
@@ -219,12 +240,19 @@ def test_multi_device_erofs_behind_verity(agent: AgentClient, attacher: Attacher
         else:
             path.write_bytes(value)
     meta, blob = tmp_path / "meta.erofs", tmp_path / "blob.img"
-    subprocess.run(["mkfs.erofs", "--quiet", f"--blobdev={blob}", "--chunksize=4096",
-                    str(meta), str(src)], check=True, capture_output=True)
+    subprocess.run(
+        ["mkfs.erofs", "--quiet", f"--blobdev={blob}", "--chunksize=4096", str(meta), str(src)],
+        check=True,
+        capture_output=True,
+    )
     verity = {}
     for path in (meta, blob):
-        proc = subprocess.run([*CLI, "verity", "format", str(path), "--json"],
-                              capture_output=True, text=True, check=False)
+        proc = subprocess.run(
+            [*CLI, "verity", "format", str(path), "--json"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         assert proc.returncode == 0, proc.stderr
         verity[path] = json.loads(proc.stdout)
         verity[path] = verity[path].get("verity", verity[path])
@@ -239,15 +267,19 @@ def test_multi_device_erofs_behind_verity(agent: AgentClient, attacher: Attacher
     assert observed(agent.hash_tree(mnt), list(LAYER)) == expected_entries(LAYER)
 
 
-def test_merged_fsmeta_over_verified_layer_blobs(agent: AgentClient, attacher: Attacher,
-                                                 tmp_path: Path) -> None:
+def test_merged_fsmeta_over_verified_layer_blobs(
+    agent: AgentClient, attacher: Attacher, tmp_path: Path
+) -> None:
     """Our converter's layer blobs and our merge's fsmeta (device table: blob 1 = lowest),
     each behind its own dm-verity device, mounted with device= in table order: the guest sees
     the merged image with the upper layer's files and whiteouts applied."""
     lower: dict[str, bytes | str] = {**LAYER, "etc/a": b"base\n", "etc/b": b"to be deleted\n"}
-    upper: dict[str, bytes | str] = {"etc/a": b"changed\n", "etc/c": b"new\n",
-                                     "etc/.wh.b": b"",
-                                     "usr/share/big.bin": _pseudo_random(70_000, b"upper")}
+    upper: dict[str, bytes | str] = {
+        "etc/a": b"changed\n",
+        "etc/c": b"new\n",
+        "etc/.wh.b": b"",
+        "usr/share/big.bin": _pseudo_random(70_000, b"upper"),
+    }
     blobs, verity = [], {}
     for name, entries in (("lower", lower), ("upper", upper)):
         (tmp_path / f"{name}.tar").write_bytes(_layer_tar(entries))
@@ -255,17 +287,21 @@ def test_merged_fsmeta_over_verified_layer_blobs(agent: AgentClient, attacher: A
         verity[blob] = _convert(tmp_path / f"{name}.tar", blob)
         blobs.append(blob)
     meta = tmp_path / "fsmeta.erofs"
-    proc = subprocess.run([*CLI, "merge", str(meta), *map(str, blobs), "--verity", "--json"],
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [*CLI, "merge", str(meta), *map(str, blobs), "--verity", "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     merged = json.loads(proc.stdout)
     assert [d["path"] for d in merged["devices"]] == [str(b) for b in blobs]
     verity[meta] = merged["verity"]
 
     mappers = []
-    for i, (path, transport) in enumerate(zip([meta, *blobs],
-                                              ["virtio-blk", "vhost-user-blk", "virtio-blk"],
-                                              strict=True)):
+    for i, (path, transport) in enumerate(
+        zip([meta, *blobs], ["virtio-blk", "vhost-user-blk", "virtio-blk"], strict=True)
+    ):
         att = attacher.attach(path, transport)
         mappers.append(open_verity(agent, f"fs{i}", find_disk(agent, att)["path"], verity[path]))
     mnt = agent.mount(mappers[0], options=[f"device={m}" for m in mappers[1:]])
@@ -297,17 +333,34 @@ def test_agent_survives_reconnects_and_bad_requests(vm: Vm, agent: AgentClient) 
     assert agent.ping()["pid"] == 1
 
 
-def test_cli_attach_detach_round_trip(vm: Vm, agent: AgentClient, attacher: Attacher,
-                                      layer: tuple[Path, dict[str, Any]],
-                                      tmp_path: Path) -> None:
+def test_cli_attach_detach_round_trip(
+    vm: Vm,
+    agent: AgentClient,
+    attacher: Attacher,
+    layer: tuple[Path, dict[str, Any]],
+    tmp_path: Path,
+) -> None:
     blob, verity = layer
     copy = tmp_path / "copy.erofs"
     shutil.copyfile(blob, copy)
     attacher.close()  # the storage daemon's QMP serves one client: let the CLI have it
     qmp = str(vm.qmp_path)
-    out = subprocess.run([*CLI, "attach", "--qmp", qmp, "--json", "--transport",
-                          "vhost-user-blk", str(blob), str(copy)],
-                         capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        [
+            *CLI,
+            "attach",
+            "--qmp",
+            qmp,
+            "--json",
+            "--transport",
+            "vhost-user-blk",
+            str(blob),
+            str(copy),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr
     atts = json.loads(out.stdout)["attached"]
     assert len({a["root_port"] for a in atts}) == 2
@@ -316,16 +369,29 @@ def test_cli_attach_detach_round_trip(vm: Vm, agent: AgentClient, attacher: Atta
         open_verity(agent, f"cli{i}", disk["path"], verity)
     agent.teardown()
     # all or nothing: one good file and one missing file attach nothing
-    half = subprocess.run([*CLI, "attach", "--qmp", qmp, str(tmp_path / "gone"), str(blob)],
-                          capture_output=True, text=True, check=False)
+    half = subprocess.run(
+        [*CLI, "attach", "--qmp", qmp, str(tmp_path / "gone"), str(blob)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert half.returncode == 1 and "No such file" in half.stderr
-    det = subprocess.run([*CLI, "detach", "--qmp", qmp, "--json", atts[0]["device_id"],
-                          str(copy)], capture_output=True, text=True, check=False)
+    det = subprocess.run(
+        [*CLI, "detach", "--qmp", qmp, "--json", atts[0]["device_id"], str(copy)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert det.returncode == 0, det.stderr
     assert {a["device_id"] for a in json.loads(det.stdout)["detached"]} == {
-        a["device_id"] for a in atts}
-    again = subprocess.run([*CLI, "detach", "--qmp", qmp, atts[0]["device_id"]],
-                           capture_output=True, text=True, check=False)
+        a["device_id"] for a in atts
+    }
+    again = subprocess.run(
+        [*CLI, "detach", "--qmp", qmp, atts[0]["device_id"]],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert again.returncode == 1 and "not attached" in again.stderr
 
 
@@ -336,8 +402,10 @@ def test_guest_with_a_wrong_root_hash_does_not_boot(guest_image: GuestImage) -> 
 
     root = guest_image.root_verity["root_hash"]
     wrong = root[:-1] + ("0" if root[-1] != "0" else "1")
-    args = [arg.replace(f",{root},", f",{wrong},") if arg.startswith(f"{ARG_ROOT_TABLE}=")
-            else arg for arg in guest_image.kernel_args]
+    args = [
+        arg.replace(f",{root},", f",{wrong},") if arg.startswith(f"{ARG_ROOT_TABLE}=") else arg
+        for arg in guest_image.kernel_args
+    ]
     assert args != list(guest_image.kernel_args)
     config = VmConfig.for_guest(guest_image, root_ports=1, storage_daemon=False)
     config.kernel_args = args
@@ -347,8 +415,9 @@ def test_guest_with_a_wrong_root_hash_does_not_boot(guest_image: GuestImage) -> 
     assert not vm.alive
 
 
-def test_cli_attach_is_all_or_nothing(vm: Vm, agent: AgentClient, attacher: Attacher,
-                                      tmp_path: Path) -> None:
+def test_cli_attach_is_all_or_nothing(
+    vm: Vm, agent: AgentClient, attacher: Attacher, tmp_path: Path
+) -> None:
     """Two files, one free root port: the second attach fails (pool exhausted) and the CLI
     detaches the first again; devices attached before the call stay."""
     files = []
@@ -358,9 +427,12 @@ def test_cli_attach_is_all_or_nothing(vm: Vm, agent: AgentClient, attacher: Atta
         files.append(f)
     held = [attacher.attach(f, "virtio-blk") for f in files[:7]]  # 8 ports: one left
     attacher.close()
-    proc = subprocess.run([*CLI, "attach", "--qmp", str(vm.qmp_path), str(files[0]),
-                           str(files[7]), str(files[8])], capture_output=True, text=True,
-                          check=False)
+    proc = subprocess.run(
+        [*CLI, "attach", "--qmp", str(vm.qmp_path), str(files[0]), str(files[7]), str(files[8])],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode == 1 and "no free pcie-root-port" in proc.stderr
     assert "detached again: ep-b-" in proc.stderr
     assert {a.device_id for a in attacher.attached()} == {a.device_id for a in held}

@@ -48,8 +48,9 @@ def test_cpio_writer_output_unpacks_with_busybox(tmp_path: Path) -> None:
     assert len(data) % 512 == 0
     out = tmp_path / "out"
     out.mkdir()
-    proc = subprocess.run([busybox, "cpio", "-id"], input=data, cwd=out, capture_output=True,
-                          check=False)
+    proc = subprocess.run(
+        [busybox, "cpio", "-id"], input=data, cwd=out, capture_output=True, check=False
+    )
     assert proc.returncode == 0, proc.stderr
     assert (out / "bin/tool").read_bytes() == b"#!/bin/sh\necho hi\n"
     assert os.stat(out / "bin/tool").st_mode & 0o777 == 0o755
@@ -65,7 +66,8 @@ def test_module_order_puts_dependencies_first(tmp_path: Path) -> None:
         "kernel/a.ko: kernel/b.ko kernel/c.ko\n"
         "kernel/b.ko: kernel/c.ko\n"
         "kernel/c.ko:\n"
-        "kernel/dm-x.ko: kernel/c.ko\n")
+        "kernel/dm-x.ko: kernel/c.ko\n"
+    )
     order = [p.name for p in initramfs.module_order(mods, ("a", "dm_x"))]
     assert order == ["c.ko", "b.ko", "a.ko", "dm-x.ko"]
     with pytest.raises(initramfs.BuildError, match="not in"):
@@ -82,8 +84,13 @@ def manifest() -> dict:
         pytest.skip("needs root: the guest image build runs debootstrap (runs in CI as root)")
     for tool in ("debootstrap", "lz4", "depmod", "apt-get"):
         require_tool(tool)
-    proc = subprocess.run([str(VM_IMAGES / "build"), "--json"], capture_output=True,
-                          text=True, timeout=900, check=False)
+    proc = subprocess.run(
+        [str(VM_IMAGES / "build"), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
@@ -92,31 +99,53 @@ def test_built_kernel_is_pvh_and_initramfs_is_complete(manifest: dict, tmp_path:
     assert kernel._has_pvh_note(Path(manifest["kernel"]).read_bytes())
     busybox = require_tool("busybox")
     cpio = Path(manifest["initrd"]).read_bytes()
-    listing = subprocess.run([busybox, "cpio", "-t"], input=cpio, capture_output=True,
-                             check=True).stdout.decode().split()
-    for needed in ("init", "bin/busybox", "sbin/dmsetup", "lib64/ld-linux-x86-64.so.2",
-                   "etc/modules.order", "dev/console", "lib/modules/dm-verity.ko",
-                   "lib/modules/erofs.ko", "lib/modules/virtio_blk.ko"):
+    listing = (
+        subprocess.run([busybox, "cpio", "-t"], input=cpio, capture_output=True, check=True)
+        .stdout.decode()
+        .split()
+    )
+    for needed in (
+        "init",
+        "bin/busybox",
+        "sbin/dmsetup",
+        "lib64/ld-linux-x86-64.so.2",
+        "etc/modules.order",
+        "dev/console",
+        "lib/modules/dm-verity.ko",
+        "lib/modules/erofs.ko",
+        "lib/modules/virtio_blk.ko",
+    ):
         assert needed in listing, needed
     out = tmp_path / "x"
     out.mkdir()
-    subprocess.run([busybox, "cpio", "-id", "etc/modules.order"], input=cpio, cwd=out,
-                   check=True, capture_output=True)
+    subprocess.run(
+        [busybox, "cpio", "-id", "etc/modules.order"],
+        input=cpio,
+        cwd=out,
+        check=True,
+        capture_output=True,
+    )
     order = (out / "etc/modules.order").read_text().split()
     modules = Path(manifest["kernel"]).parent / "lib/modules" / manifest["kernel_release"]
     deps = {}
     for line in (modules / "modules.dep").read_text().splitlines():
         mod, _, rest = line.partition(":")
-        deps[Path(mod).name.removesuffix(".ko")] = [Path(d).name.removesuffix(".ko")
-                                                     for d in rest.split()]
+        deps[Path(mod).name.removesuffix(".ko")] = [
+            Path(d).name.removesuffix(".ko") for d in rest.split()
+        ]
     for i, mod in enumerate(order):
         assert set(deps[mod]) <= set(order[:i]), (mod, deps[mod])
 
 
 def test_second_build_is_a_cache_hit(manifest: dict) -> None:
     start = time.monotonic()
-    proc = subprocess.run([str(VM_IMAGES / "build"), "--json"], capture_output=True,
-                          text=True, timeout=120, check=True)
+    proc = subprocess.run(
+        [str(VM_IMAGES / "build"), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     again = json.loads(proc.stdout)
     assert time.monotonic() - start < 10
     for key in ("kernel", "initrd", "root_image", "kernel_args"):

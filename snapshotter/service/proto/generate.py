@@ -39,9 +39,14 @@ def run_protoc(out_dir: Path, extra: list[str] | None = None) -> None:
 
     include = Path(grpc_tools.__file__).parent / "_proto"
     args = [
-        "protoc", f"-I{PROTO_ROOT}", f"-I{include}",
-        f"--python_out={out_dir}", f"--grpc_python_out={out_dir}", f"--pyi_out={out_dir}",
-        *(extra or []), *proto_files(),
+        "protoc",
+        f"-I{PROTO_ROOT}",
+        f"-I{include}",
+        f"--python_out={out_dir}",
+        f"--grpc_python_out={out_dir}",
+        f"--pyi_out={out_dir}",
+        *(extra or []),
+        *proto_files(),
     ]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed: {' '.join(args)}")
