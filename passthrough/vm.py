@@ -72,8 +72,8 @@ class VmConfig:
             kernel_args=list(image.kernel_args),
             root_image=image.root_image,
             root_serial=image.root_serial,
-            **overrides,
-        )  # type: ignore[arg-type]
+            **overrides,  # type: ignore[arg-type]
+        )
 
 
 def root_port_id(index: int) -> str:
