@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -209,6 +210,31 @@ class Containerd:
         except ContainerdError as exc:
             raise ContainerdError(f"{exc}\n{self.log_tail()}") from None
         return self
+
+    def run_output(self, snapshotter: str, image: str, name: str, script: str) -> str:
+        """What SCRIPT (busybox sh) prints in a container of IMAGE on SNAPSHOTTER, as
+        `ctr run --rm` would, but read from a file the container writes into a bind mount:
+        `ctr run` without a terminal sometimes exits 0 before it has copied all of a
+        short-lived task's stdout, which lost a container's whole output under load."""
+        out = Path(tempfile.mkdtemp(prefix=f"out-{name}-", dir=self.base))
+        try:
+            self.ctr(
+                "run",
+                "--rm",
+                "--snapshotter",
+                snapshotter,
+                "--mount",
+                f"type=bind,src={out},dst=/.ep-out,options=rbind:rw",
+                image,
+                name,
+                "/bin/busybox",
+                "sh",
+                "-c",
+                f"( {script} ) > /.ep-out/stdout",
+            )
+            return (out / "stdout").read_text()
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
 
     def _ready(self) -> bool:
         return self.socket.exists() and self.ctr("version", check=False).returncode == 0

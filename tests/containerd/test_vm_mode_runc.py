@@ -68,44 +68,13 @@ def test_runc_reads_a_vm_mode_image(vm_stack: tuple[Stack, str]) -> None:
     assert len(listed) < 4096
     ctr("snapshots", "--snapshotter", OURS, "rm", "probe-rootfs")
 
-    ours = ctr(
-        "run",
-        "--rm",
-        "--snapshotter",
-        OURS,
-        IMAGE,
-        "vm-ours",
-        "/bin/busybox",
-        "sh",
-        "-c",
-        LIST_SCRIPT,
-    ).stdout
-    theirs = ctr(
-        "run",
-        "--rm",
-        "--snapshotter",
-        THEIRS,
-        IMAGE,
-        "vm-theirs",
-        "/bin/busybox",
-        "sh",
-        "-c",
-        LIST_SCRIPT,
-    ).stdout
+    ours = stack.containerd.run_output(OURS, IMAGE, "vm-ours", LIST_SCRIPT)
+    theirs = stack.containerd.run_output(THEIRS, IMAGE, "vm-theirs", LIST_SCRIPT)
     assert ours == theirs
     names = {line.split()[0] for line in ours.splitlines() if line.startswith("/")}
     assert {"/data/opq/new", "/data/sub/second", "/data/xattr-link"} <= names
     assert {"/data/gone", "/data/olddir", "/data/opq/hidden"}.isdisjoint(names)
-    written = ctr(
-        "run",
-        "--rm",
-        "--snapshotter",
-        OURS,
-        IMAGE,
-        "vm-write",
-        "/bin/busybox",
-        "sh",
-        "-c",
-        "echo hi > /data/new && cat /data/new /data/sub/deep",
-    ).stdout
+    written = stack.containerd.run_output(
+        OURS, IMAGE, "vm-write", "echo hi > /data/new && cat /data/new /data/sub/deep"
+    )
     assert written == "hi\ndeep\n"
