@@ -266,14 +266,14 @@ def root_manifest(
                 "diff_id": c.diff_id,
                 "digest": c.digest,
                 "erofs_digest": c.erofs_digest,
-                "verity": verity_entry(c.verity.to_json()),
+                "verity": verity_entry(c.verity),
             }
             for c in layers
         ],
         fsmeta={
             "digest": devices.fsmeta.digest,
             "tags": [d.tag for d in devices.layers],
-            "verity": verity_entry(devices.fsmeta.verity.to_json()),
+            "verity": verity_entry(devices.fsmeta.verity),
         },
     )
 

@@ -22,13 +22,16 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from snapshotter.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from snapshotter.verity.info import VerityInfo
 
 MANIFEST_VERSION = 1
 ALGORITHMS = ("ed25519", "ecdsa-p256")
@@ -111,18 +114,9 @@ def load_public_key(data: bytes) -> Any:
 # -- manifests --------------------------------------------------------------------------------
 
 
-def verity_entry(info: dict[str, Any]) -> dict[str, Any]:
-    """The dm-verity facts a guest needs for one device (from a VerityInfo JSON)."""
-    return {
-        "root_hash": info["root_hash"],
-        "salt": info.get("salt", ""),
-        "hash_name": info.get("hash_name", "sha256"),
-        "data_block_size": info.get("data_block_size", 4096),
-        "hash_block_size": info.get("hash_block_size", 4096),
-        "data_blocks": info["data_blocks"],
-        "hash_offset": info["hash_offset"],
-        "superblock": info.get("superblock", True),
-    }
+def verity_entry(info: VerityInfo) -> dict[str, Any]:
+    """The dm-verity facts a guest needs for one device (`VerityInfo.signed_entry`)."""
+    return info.signed_entry()
 
 
 def build_manifest(

@@ -36,7 +36,6 @@ from snapshotter.manifest import (
     SignedManifest,
     check_devices,
     load_public_key,
-    verity_entry,
 )
 from snapshotter.verity.info import VerityInfo
 from snapshotter.verity.superblock import SUPERBLOCK_SIZE, VeritySuperblock
@@ -73,11 +72,10 @@ def _pread(fd: int, size: int, offset: int) -> bytes:
 
 
 def signed_verity(entry: dict[str, Any]) -> VerityInfo:
-    """A signed manifest's verity entry (`manifest.verity_entry`, whose defaults apply) as a
-    VerityInfo: the tree appended to the data, so one device is data and hash device.
-    ManifestError if malformed."""
+    """A signed manifest's verity entry (`VerityInfo.signed_entry`) as a VerityInfo: the tree
+    appended to the data, so one device is data and hash device. ManifestError if malformed."""
     try:
-        return VerityInfo.from_json({"uuid": None, **verity_entry(entry)})
+        return VerityInfo.from_signed_entry(entry)
     except (EpError, KeyError, TypeError) as exc:
         raise ManifestError(f"malformed signed verity entry ({exc})") from None
 

@@ -156,14 +156,14 @@ def _write_signed_manifest(
             {
                 "diff_id": d.diff_id,
                 "erofs_digest": d.digest,
-                "verity": verity_entry(d.verity.to_json()),
+                "verity": verity_entry(d.verity),
             }
             for d in layers
         ],
         fsmeta={
             "digest": fsmeta.digest or "",
             "tags": [d.tag for d in layers],
-            "verity": verity_entry(fsmeta.verity.to_json()),
+            "verity": verity_entry(fsmeta.verity),
         },
     )
     payload, signature = sign(manifest, load_private_key(signing_key))

@@ -168,6 +168,19 @@ def json_field(
     return value
 
 
+# A signed root manifest's verity entry for one device, in this order (`VerityInfo.signed_entry`).
+SIGNED_ENTRY_FIELDS = (
+    "root_hash",
+    "salt",
+    "hash_name",
+    "data_block_size",
+    "hash_block_size",
+    "data_blocks",
+    "hash_offset",
+    "superblock",
+)
+
+
 @dataclass(frozen=True)
 class VerityInfo:
     root_hash: str  # hex
@@ -281,6 +294,22 @@ class VerityInfo:
         out["hash_type"] = HASH_TYPE
         out["hash_start_block"] = self.hash_start_block
         return out
+
+    def signed_entry(self) -> dict[str, Any]:
+        """The device's entry in a signed root manifest: what a guest needs to open the tree
+        (no UUID: a guest never checks it). `from_signed_entry` reads it back."""
+        return {name: getattr(self, name) for name in SIGNED_ENTRY_FIELDS}
+
+    @classmethod
+    def from_signed_entry(cls, entry: dict[str, Any]) -> VerityInfo:
+        """Only the signed fields count (others, such as a description's derived ones, are
+        ignored); a missing one is an error, never a default."""
+        if not isinstance(entry, dict):
+            raise InvalidInput("a signed verity entry must be a JSON object")
+        missing = [name for name in SIGNED_ENTRY_FIELDS if name not in entry]
+        if missing:
+            raise InvalidInput(f"signed verity entry without {', '.join(missing)}")
+        return cls.from_json({**{name: entry[name] for name in SIGNED_ENTRY_FIELDS}, "uuid": None})
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> VerityInfo:

@@ -33,6 +33,7 @@ from snapshotter.manifest import (
     sign,
     verify,
 )
+from snapshotter.verity import VerityInfo
 from tests.support.helpers import require_tool
 
 CLI = [sys.executable, "-m", "shim_integration.cli"]
@@ -117,7 +118,7 @@ def test_a_device_without_the_signed_tree_is_named(blobs: list, change: dict, me
 
 def _signed(blobs: list, key: Path) -> Any:
     def entry(info: dict[str, Any]) -> dict[str, Any]:
-        return {k: info[k] for k in ("root_hash", "salt", "data_blocks", "hash_offset")}
+        return VerityInfo.from_json(info).signed_entry()
 
     manifest = build_manifest(
         {"name": "t"},
