@@ -117,8 +117,11 @@ def convert_layer(
     def build(data: DataWriter) -> tuple[SourceTree, str]:
         nonlocal stream
         stream = LayerStream(source, limits)
-        tree = import_tar(stream, data, limits)
-        stream.drain()
+        try:
+            tree = import_tar(stream, data, limits)
+            stream.drain()
+        finally:
+            stream.close()  # the producer thread ends here, on success or error
         if expected_diff_id is not None and stream.diff_id != expected_diff_id:
             raise DigestMismatch(
                 f"diffID mismatch: layer is {stream.diff_id}, expected {expected_diff_id}"

@@ -10,7 +10,11 @@ sparse layer cannot balloon memory.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import queue
+import sys
+import threading
 from typing import Protocol, cast
 
 import zstandard
@@ -25,6 +29,7 @@ READ_CHUNK = 1 << 20
 ZSTD_FEED = 2048  # bytes of zstd input per call: at most ~64 MiB of output
 GZIP_FEED = 1 << 14  # first piece of gzip input per member (max_length bounds its output)
 OUT_LIMIT = 4 << 20
+QUEUE_DEPTH = 4  # chunks of at most OUT_LIMIT between the producer thread and the reader
 
 # isal's stub declares `error` an instance (`error: Exception`); at run time it is the class.
 _GZIP_ERROR = cast("type[Exception]", isal_zlib.error)
@@ -116,15 +121,23 @@ class _Gzip:
 
 
 class _Zstd:
+    """Concatenated zstd frames (zero padding between them allowed).
+
+    Input goes in ZSTD_FEED-byte pieces, memoryview slices of the pending input (no copy per
+    piece: slicing bytes here once made the loop quadratic in the pending input)."""
+
     def __init__(self) -> None:
         self._dctx = zstandard.ZstdDecompressor()
         self._obj = self._dctx.decompressobj()
-        self._tail = b""
+        self._tail = memoryview(b"")
         self._pos = 0  # start of the input not yet consumed in _tail
         self._between_frames = False
 
     def feed(self, data: bytes) -> bytes:
-        self._tail = self._tail[self._pos :] + data if self.pending() else data
+        if self.pending():  # only after a drain stopped at OUT_LIMIT: copy the rest once
+            self._tail = memoryview(bytes(self._tail[self._pos :]) + data)
+        else:
+            self._tail = memoryview(data)
         self._pos = 0
         return self.drain()
 
@@ -135,36 +148,60 @@ class _Zstd:
         out = []
         size = 0
         tail = self._tail
-        while self._pos < len(tail) and size < OUT_LIMIT:
+        end = len(tail)
+        obj = self._obj
+        while self._pos < end and size < OUT_LIMIT:
             piece = tail[self._pos : self._pos + ZSTD_FEED]
             self._pos += len(piece)
             if self._between_frames:
-                if not piece.strip(b"\0"):
+                if not bytes(piece).strip(b"\0"):
                     continue
-                self._obj = self._dctx.decompressobj()
+                obj = self._obj = self._dctx.decompressobj()
                 self._between_frames = False
             try:
-                chunk = self._obj.decompress(piece)
+                chunk = obj.decompress(piece)
             except zstandard.ZstdError as exc:
                 raise InvalidInput(f"corrupt zstd data: {exc}") from None
-            out.append(chunk)
-            size += len(chunk)
-            if self._obj.eof:
+            if chunk:
+                out.append(chunk)
+                size += len(chunk)
+            if obj.eof:
                 self._between_frames = True
-                self._pos -= len(self._obj.unused_data)  # the next frame starts there
-        return b"".join(out)
+                self._pos -= len(obj.unused_data)  # the next frame starts there
+        return out[0] if len(out) == 1 else b"".join(out)
 
     def finish(self) -> None:
         if not self._between_frames:
             raise InvalidInput("truncated zstd data: the stream ends inside a frame")
 
 
+class _Stopped(Exception):
+    """The consumer closed the stream: the producer thread ends quietly."""
+
+
+_END = object()
+
+
 class LayerStream:
     """A readable tar stream out of a (possibly compressed) layer, hashed as it passes.
 
     `compressed_digest` is the sha256 of the bytes read from the source (the OCI blob digest);
-    `diff_id` the sha256 of the tar (the OCI diffID). Both are complete after `drain()`.
-    More than `limits.max_tar_bytes` of tar (a decompression bomb) is an EpError.
+    `diff_id` the sha256 of the tar (the OCI diffID); for an uncompressed layer they are the
+    same stream, hashed once. Both are complete after `drain()`. More than
+    `limits.max_tar_bytes` of tar (a decompression bomb) is an EpError.
+
+    Reading the source, decompressing and hashing run in one producer thread (`os.read`,
+    ISA-L, zstd and hashlib release the GIL), so they overlap with the tar parsing and image
+    writing of the caller's thread on a second core. The tar reaches the caller through a
+    queue of at most QUEUE_DEPTH chunks of at most OUT_LIMIT bytes: memory stays bounded
+    whatever the layer's size. An error in the producer (corrupt, truncated, over a limit, an
+    OSError of the source) is raised, as it was raised there, by the read that reaches the
+    point of the stream where it happened, so errors arrive in stream order whatever the
+    threads' timing. `close()` (or the `with` block) stops the producer; no thread outlives it.
+
+    `read` returns exactly the bytes asked for (fewer only at the end); `read_some` returns
+    up to that many without joining chunks (zero-copy memoryview slices of the producer's
+    chunks, valid as long as the caller keeps them).
     """
 
     def __init__(self, source: ByteReader, limits: Limits = DEFAULT_LIMITS) -> None:
@@ -180,21 +217,65 @@ class LayerStream:
         )
         decoders: dict[str, type[_Decoder]] = {"gzip": _Gzip, "zstd": _Zstd, "none": _Identity}
         self._decoder = decoders[self.compression]()
-        self._blob_hash = hashlib.sha256()
         self._tar_hash = hashlib.sha256()
-        self._buf = b""  # decompressed bytes not yet read, from _pos on
+        # Uncompressed: the blob is the tar, one hash serves both digests.
+        self._blob_hash = self._tar_hash if self.compression == "none" else hashlib.sha256()
+        self.tar_size = 0  # tar bytes produced so far (the producer's count)
+        self._chunk = memoryview(b"")  # the chunk being read, from _pos on
         self._pos = 0
-        self._src_done = False
-        self.tar_size = 0
-        self._push(head)
+        self._done = False  # the producer's end (or error) was taken from the queue
+        self._queue: queue.Queue[object] = queue.Queue(QUEUE_DEPTH)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._produce, args=(head,), name="layer-stream", daemon=True
+        )
+        self._thread.start()
 
-    def _push(self, raw: bytes) -> None:
-        if not raw:
-            self._src_done = True
-            self._decoder.finish()
+    def __enter__(self) -> LayerStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the producer and wait for it; the digests are final only after `drain()`."""
+        self._stop.set()
+        while self._thread.is_alive():
+            with contextlib.suppress(queue.Empty):  # unblock a producer waiting for room
+                self._queue.get(timeout=0.05)
+        self._thread.join()
+        self._done = True
+
+    # The producer thread.
+
+    def _put(self, item: object) -> None:
+        while True:
+            if self._stop.is_set():
+                raise _Stopped
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _produce(self, raw: bytes) -> None:
+        try:
+            decoder = self._decoder
+            identity = self.compression == "none"
+            while raw:
+                if not identity:
+                    self._blob_hash.update(raw)
+                self._emit(decoder.feed(raw))
+                while decoder.pending():
+                    self._emit(decoder.drain())
+                raw = self._src.read(READ_CHUNK)
+            decoder.finish()
+            self._put(_END)
+        except _Stopped:
             return
-        self._blob_hash.update(raw)
-        self._emit(self._decoder.feed(raw))
+        except BaseException as exc:  # handed to the consumer, raised there
+            with contextlib.suppress(_Stopped):
+                self._put(exc)
 
     def _emit(self, out: bytes) -> None:
         if out:
@@ -204,49 +285,73 @@ class LayerStream:
                 raise InvalidInput(
                     f"layer decompresses to more than {self._max_tar_bytes} bytes (max_tar_bytes)"
                 )
-            self._buf = self._buf[self._pos :] + out if self._pos < len(self._buf) else out
-            self._pos = 0
+            self._put(out)
 
-    def _fill(self) -> bool:
-        """Produce more tar bytes; False at the end of the stream."""
-        while True:
-            if self._decoder.pending():
-                self._emit(self._decoder.drain())
-                return True
-            if self._src_done:
-                return False
-            before = self.tar_size
-            self._push(self._src.read(READ_CHUNK))
-            if self.tar_size != before:
-                return True
+    # The consumer side.
 
-    def read(self, size: int = -1) -> bytes:
-        """Up to `size` tar bytes (fewer only at the end); `size < 0` reads the rest."""
+    def _next_chunk(self) -> bool:
+        """Take the next chunk from the producer; False at the end of the stream."""
+        if self._done:
+            return False
+        item = self._queue.get()
+        if item is _END:
+            self._done = True
+            self._thread.join()
+            return False
+        if isinstance(item, BaseException):
+            self._done = True
+            self._thread.join()
+            raise item
+        self._chunk = memoryview(cast("bytes", item))
+        self._pos = 0
+        return True
+
+    def read_some(self, size: int) -> memoryview | bytes:
+        """Between 1 and `size` tar bytes (b"" only at the end), without a copy."""
         pos = self._pos
-        end = pos + size
-        if size >= 0 and end <= len(self._buf):  # the common case: already decompressed
-            self._pos = end
-            return self._buf[pos:end]
-        if size < 0:  # pieces joined once: appending to the buffer would be quadratic
-            parts = [self._buf[self._pos :]]
-            self._buf, self._pos = b"", 0
-            while self._fill():
-                parts.append(self._buf)
-                self._buf = b""
-            return b"".join(parts)
-        while len(self._buf) - self._pos < size and self._fill():
-            pass
-        out = self._buf[self._pos : self._pos + size]
-        self._pos += len(out)
-        return out
+        if pos >= len(self._chunk):
+            if size <= 0 or not self._next_chunk():
+                return b""
+            pos = 0
+        end = min(pos + size, len(self._chunk))
+        self._pos = end
+        return self._chunk[pos:end]
+
+    def read(self, size: int = -1) -> memoryview | bytes:
+        """`size` tar bytes (fewer only at the end); `size < 0` reads the rest."""
+        if size < 0:
+            size = sys.maxsize
+        pos = self._pos
+        if pos + size <= len(self._chunk):  # the common case: within the current chunk
+            self._pos = pos + size
+            return self._chunk[pos : pos + size]
+        parts: list[memoryview | bytes] = []
+        got = 0
+        while got < size:
+            piece = self.read_some(size - got)
+            if not piece:
+                break
+            parts.append(piece)
+            got += len(piece)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def skip(self, size: int) -> int:
+        """Pass over `size` tar bytes (hashed all the same); returns how many there were."""
+        left = size
+        while left > 0:
+            piece = self.read_some(left)
+            if not piece:
+                break
+            left -= len(piece)
+        return size - left
 
     def drain(self) -> int:
         """Read (and hash) the rest of the stream; returns how many tar bytes were left."""
-        left = len(self._buf) - self._pos
-        self._buf, self._pos = b"", 0
-        while self._fill():
-            left += len(self._buf)
-            self._buf, self._pos = b"", 0
+        left = len(self._chunk) - self._pos
+        self._chunk, self._pos = memoryview(b""), 0
+        while self._next_chunk():
+            left += len(self._chunk)
+            self._chunk, self._pos = memoryview(b""), 0
         return left
 
     @property

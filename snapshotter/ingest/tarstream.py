@@ -20,7 +20,8 @@ import binascii
 import re
 import struct
 import urllib.parse
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -46,7 +47,11 @@ _PAX_TIME = re.compile(rb"(-?[0-9]{1,19})(?:\.([0-9]*))?")
 
 
 class Readable(Protocol):
-    def read(self, size: int) -> bytes: ...
+    """What tar is read from: `read(n)` gives n bytes (fewer only at the end). A stream that
+    also has `read_some(n)` (1 to n bytes, b"" at the end, no copy) and `skip(n)`
+    (`LayerStream`) has its file data handed out in its own pieces, without joining them."""
+
+    def read(self, size: int) -> bytes | memoryview: ...
 
 
 def _number(field_: bytes, what: str) -> int:
@@ -118,7 +123,9 @@ class TarHeader:
             expected = int(chksum.rstrip(b"\0 ") or b"0", 8)
         except ValueError:
             expected = _number(chksum, "checksum")
-        if expected != sum(block) - sum(chksum) + 8 * 32 and expected != _signed_sum(block, chksum):
+        if expected != _byte_sum(block) - sum(chksum) + 8 * 32 and expected != _signed_sum(
+            block, chksum
+        ):
             raise InvalidInput("tar header checksum mismatch (corrupt or not a tar)")
         name = _text(name)
         if magic[:6] == b"ustar\0" and prefix[0]:
@@ -137,6 +144,14 @@ class TarHeader:
             magic,
             block,
         )
+
+
+def _byte_sum(block: bytes) -> int:
+    """The sum of a 512-byte block's bytes, exactly, in C: adler32's first half is 1 + the
+    byte sum modulo 65521, and the sum of 256 bytes is at most 65280. A quarter of the cost
+    of `sum(block)`, which was a tenth of the time of a wide directory's conversion."""
+    view = memoryview(block)
+    return (zlib.adler32(view[:256]) & 0xFFFF) + (zlib.adler32(view[256:]) & 0xFFFF) - 2
 
 
 def _signed_sum(block: bytes, chksum: bytes) -> int:
@@ -236,12 +251,16 @@ class TarReader:
 
     def __init__(self, stream: Readable, limits: Limits = DEFAULT_LIMITS) -> None:
         self._stream = stream
+        self._read_some: Callable[[int], bytes | memoryview] = getattr(
+            stream, "read_some", stream.read
+        )
+        self._stream_skip: Callable[[int], int] | None = getattr(stream, "skip", None)
         self._limits = limits
         self._remaining = 0  # data bytes of the current member not read yet
         self._padding = 0
         self.offset = 0  # tar bytes consumed, for error messages
 
-    def _read_exact(self, size: int) -> bytes:
+    def _read_exact(self, size: int) -> bytes | memoryview:
         data = self._stream.read(size)
         if len(data) != size:
             raise InvalidInput(
@@ -251,6 +270,14 @@ class TarReader:
         return data
 
     def _skip(self, size: int) -> None:
+        if self._stream_skip is not None:
+            skipped = self._stream_skip(size)
+            if skipped != size:
+                raise InvalidInput(
+                    f"truncated tar: unexpected end of data ({skipped} of {size} bytes)"
+                )
+            self.offset += size
+            return
         while size > 0:
             n = min(size, 1 << 20)
             self._read_exact(n)
@@ -262,7 +289,7 @@ class TarReader:
                 f"tar {what} of {size} bytes exceeds the limit of "
                 f"{self._limits.max_header_bytes} (max_header_bytes)"
             )
-        data = self._read_exact(size)
+        data = bytes(self._read_exact(size))
         self._skip(-size % BLOCK)
         return data
 
@@ -279,7 +306,7 @@ class TarReader:
         As Go's archive/tar: no more data, a lone zero block then no more data, or two zero
         blocks end the archive; a zero block followed by anything else is corrupt (a tar
         reader that stopped there would silently drop the rest of the layer)."""
-        block = self._stream.read(BLOCK)
+        block = bytes(self._stream.read(BLOCK))
         if len(block) != BLOCK:
             if not block:
                 return None  # no end-of-archive marker: accepted, as GNU tar and Go do
@@ -456,7 +483,7 @@ class TarReader:
                     f"{_show(h.name)!r}: GNU sparse map exceeds the limit of "
                     f"{self._limits.max_header_bytes} bytes (max_header_bytes)"
                 )
-            ext = self._read_exact(BLOCK)
+            ext = bytes(self._read_exact(BLOCK))
             runs += _sparse_entries(ext[:504])
             isextended = ext[504]
         return runs, realsize
@@ -475,7 +502,7 @@ class TarReader:
                         "PAX sparse map exceeds the limit of "
                         f"{self._limits.max_header_bytes} bytes (max_header_bytes)"
                     )
-                block = self._read_exact(BLOCK)
+                block = bytes(self._read_exact(BLOCK))
                 used += BLOCK
                 buf.extend(block)
                 if b"\n" in block:
@@ -495,18 +522,21 @@ class TarReader:
         runs = [(line(), line()) for _ in range(count)]
         return runs, used
 
-    def read_data(self, size: int) -> bytes:
-        """Up to `size` bytes of the current member's stored data."""
+    def read_data(self, size: int) -> bytes | memoryview:
+        """Between 1 and `size` bytes of the current member's stored data (b"" once it is
+        all read): the stream's own pieces where it can hand them out without a copy."""
         size = min(size, self._remaining)
         if size <= 0:
             return b""
-        if size == self._remaining and self._padding:
-            # The member's last piece: take its padding in the same read.
-            data = self._read_exact(size + self._padding)[:size]
+        data = self._read_some(size)
+        if not data:
+            raise InvalidInput(f"truncated tar: unexpected end of data (0 of {size} bytes)")
+        got = len(data)
+        self.offset += got
+        self._remaining -= got
+        if not self._remaining and self._padding:
+            self._skip(self._padding)  # the member's padding, taken with its last piece
             self._padding = 0
-        else:
-            data = self._read_exact(size)
-        self._remaining -= size
         return data
 
 
