@@ -66,6 +66,19 @@ def minbase_layer() -> tuple[Path, Path]:
     return tar_path, gz_path
 
 
+def minbase_zstd() -> Path:
+    """The minbase layer as .tar.zst (`zstd -3`, one thread: zstd's default level), cached."""
+    tar_path, _ = minbase_layer()
+    path = CACHE / f"minbase-{SUITE}.tar.zst"
+    if not path.exists():
+        partial = path.with_suffix(".partial")
+        subprocess.run(
+            ["zstd", "-q", "-3", "-T1", "-f", str(tar_path), "-o", str(partial)], check=True
+        )
+        partial.rename(path)
+    return path
+
+
 def wide_layer(entries: int = 40_000) -> Path:
     path = CACHE / f"wide-{entries}.tar"
     if not path.exists():

@@ -1,25 +1,35 @@
 """Layer conversion, ours against erofs-utils 1.8 (Debian trixie's source, built by
 tests/support/erofs_utils_oracle.py), in one run.
 
-    python -m bench.oracle_bench [--repeat N] [--no-check]
+    python -m bench.oracle_bench [--repeat N] [--no-check] [--only CASE,...]
 
-Cases (rounds alternate between the contenders of a case, so they share the machine's state):
-- the Debian minbase layer (`bench.convert_bench.minbase_layer()`):
-  ours `convert` of the .tar, 1.8 `mkfs.erofs --tar=f --aufs` of the .tar;
-  ours `convert` of the .tar.gz, 1.8 `--tar=f --aufs --ungzip` of the .tar.gz;
-  from an unpacked directory: ours `convert_directory`, 1.8 `mkfs.erofs DIR` (directory already
-  unpacked, not timed), and the unpack-then-commit path `tar -xf` + 1.8 `mkfs.erofs DIR`;
-- one directory of 40,000 entries (`bench.convert_bench.wide_layer()`): ours vs 1.8 `--tar=f`.
+Cases (rounds alternate between the contenders of a case, so they share the machine's state;
+the ratio is the median of the per-round ratios ours / 1.8):
+- `tar`: the Debian minbase layer (`bench.convert_bench.minbase_layer()`), ours `convert` of
+  the .tar, 1.8 `mkfs.erofs --tar=f --aufs` of the .tar; the image sizes are compared too;
+- `gzip-verity`: ours `convert --verity --diff-id D` of the .tar.gz (image, dm-verity tree and
+  root hash in one pass), 1.8 `--tar=f --aufs --ungzip` (no verity);
+- `zstd`: ours `convert` of the .tar.zst, 1.8 `zstd -dc | mkfs.erofs --tar=f --aufs`;
+- `dir`: from an unpacked directory, ours `convert_directory`, 1.8 `mkfs.erofs DIR`
+  (directory unpacked once, not timed), and the unpack-then-commit path `tar -xf` + 1.8;
+- `wide10k`, `wide40k`: one directory of 10,000 / 40,000 entries
+  (`bench.convert_bench.wide_layer()`), ours vs 1.8 `--tar=f --aufs`.
 
-Times are wall clock of whole processes (interpreter start included for ours), page
-cache warm; best and median of N. Unless --no-check, the minbase images of both are mounted
-once and compared entry by entry (mtimes to the second: 1.8 misreads GNU tar's short PAX
-fractions, see tests/kernel/test_erofs_oracle.py).
+Times are wall clock of whole processes (interpreter start included for ours), input page
+cache warm, an untimed `sync` before every run (no run pays for the last one's writeback).
+Our processes run with bytecode caches (an installed package has them; the environment's
+PYTHONDONTWRITEBYTECODE is dropped for them and the sources are compiled once first). Ours
+includes the fsync and rename of its output (`atomic_output`); mkfs.erofs does not fsync.
+Unless --no-check, the minbase images of both are mounted once and compared entry by entry
+(mtimes to the second: 1.8 misreads GNU tar's short PAX fractions, see
+tests/kernel/test_erofs_oracle.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import compileall
+import os
 import shutil
 import statistics
 import subprocess
@@ -30,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.convert_bench import CACHE, CLI, minbase_layer, wide_layer
+from bench.convert_bench import CACHE, CLI, minbase_layer, minbase_zstd, wide_layer
 from tests.support.erofs_utils_oracle import ErofsUtils, build_info, erofs_utils
 
 
@@ -48,8 +58,16 @@ class Timing:
         return statistics.median(self.times)
 
 
+OURS_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+REPO = Path(__file__).resolve().parent.parent
+
+
 def run(cmd: list[str]) -> None:
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=OURS_ENV)
+
+
+def shell(cmd: str) -> None:
+    subprocess.run(["bash", "-o", "pipefail", "-c", cmd], check=True, stdout=subprocess.DEVNULL)
 
 
 def timed_rounds(
@@ -61,6 +79,7 @@ def timed_rounds(
         for timing, (_, job, clean) in zip(timings, contenders, strict=True):
             if clean is not None:
                 clean()
+            os.sync()
             started = time.perf_counter()
             job()
             timing.times.append(time.perf_counter() - started)
@@ -91,13 +110,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--no-check", action="store_true")
+    parser.add_argument("--only", default="tar,gzip-verity,zstd,dir,wide10k,wide40k")
     args = parser.parse_args(argv)
+    only = set(args.only.split(","))
     tools: ErofsUtils = erofs_utils()
     tar_path, gz_path = minbase_layer()
-    wide = wide_layer()
+    zst_path = minbase_zstd()
+    for package in ("snapshotter", "shim_integration", "passthrough"):
+        compileall.compile_dir(REPO / package, quiet=1)
     print(f"erofs-utils {tools.version} ({tools.bin_dir}); build {build_info(tools)}")
+    print(f"load before: {os.getloadavg()}")
     mkfs = [tools.mkfs, "--quiet"]
     rows: list[tuple[str, list[Timing]]] = []
+    notes: list[str] = []
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
         work = Path(tmp)
         ours_out, theirs_out = work / "ours.erofs", work / "theirs.erofs"
@@ -105,6 +130,21 @@ def main(argv: list[str] | None = None) -> int:
 
         def rm(path: Path) -> Callable[[], None]:
             return lambda: path.unlink(missing_ok=True)
+
+        def convert(layer: Path, *extra: str) -> tuple[str, Callable[[], None], Callable[[], None]]:
+            label = " ".join(["ours: convert", layer.name.split(".", 1)[1], *extra[:1]])
+            return (
+                label,
+                lambda: run([*CLI, "convert", str(layer), str(ours_out), *extra]),
+                rm(ours_out),
+            )
+
+        def mkfs_tar(
+            layer: Path, *extra: str
+        ) -> tuple[str, Callable[[], None], Callable[[], None]]:
+            cmd = [*mkfs, "--tar=f", "--aufs", *extra, str(theirs_out), str(layer)]
+            label = " ".join(["1.8: mkfs.erofs --tar=f --aufs", *extra])
+            return label, lambda: run(cmd), rm(theirs_out)
 
         def unpack() -> None:
             shutil.rmtree(unpacked, ignore_errors=True)
@@ -126,132 +166,127 @@ def main(argv: list[str] | None = None) -> int:
             unpack()
             run([*mkfs, str(theirs_out), str(unpacked)])
 
-        rows.append(
-            (
-                "minbase .tar",
-                timed_rounds(
-                    args.repeat,
-                    [
-                        (
-                            "ours: convert .tar",
-                            lambda: run([*CLI, "convert", str(tar_path), str(ours_out)]),
-                            rm(ours_out),
-                        ),
-                        (
-                            "1.8: mkfs.erofs --tar=f --aufs",
-                            lambda: run(
-                                [*mkfs, "--tar=f", "--aufs", str(theirs_out), str(tar_path)]
+        if "tar" in only:
+            rows.append(
+                (
+                    "minbase .tar",
+                    timed_rounds(args.repeat, [convert(tar_path), mkfs_tar(tar_path)]),
+                )
+            )
+            ours_size, theirs_size = ours_out.stat().st_size, theirs_out.stat().st_size
+            notes.append(
+                f"image bytes, minbase .tar: ours {ours_size}, 1.8 {theirs_size}, "
+                f"ours/1.8 {ours_size / theirs_size:.3f}"
+            )
+            if not args.no_check:
+                notes.append("minbase .tar: " + check_same_tree(ours_out, theirs_out))
+        if "gzip-verity" in only:
+            diff_id = "sha256:" + _sha256(tar_path)
+            rows.append(
+                (
+                    "minbase .tar.gz, ours with verity",
+                    timed_rounds(
+                        args.repeat,
+                        [
+                            convert(gz_path, "--verity", "--diff-id", diff_id),
+                            mkfs_tar(gz_path, "--ungzip"),
+                        ],
+                    ),
+                )
+            )
+        if "zstd" in only:
+            pipe = f"zstd -dc {zst_path} | {' '.join(mkfs)} --tar=f --aufs {theirs_out}"
+            rows.append(
+                (
+                    "minbase .tar.zst",
+                    timed_rounds(
+                        args.repeat,
+                        [
+                            convert(zst_path),
+                            (
+                                "1.8: zstd -dc | mkfs.erofs --tar=f --aufs",
+                                lambda: shell(pipe),
+                                rm(theirs_out),
                             ),
-                            rm(theirs_out),
-                        ),
-                    ],
-                ),
+                        ],
+                    ),
+                )
             )
-        )
-        check = "" if args.no_check else check_same_tree(ours_out, theirs_out)
-        rows.append(
-            (
-                "minbase .tar.gz",
-                timed_rounds(
-                    args.repeat,
-                    [
-                        (
-                            "ours: convert .tar.gz",
-                            lambda: run([*CLI, "convert", str(gz_path), str(ours_out)]),
-                            rm(ours_out),
-                        ),
-                        (
-                            "1.8: mkfs.erofs --tar=f --aufs --ungzip",
-                            lambda: run(
-                                [
-                                    *mkfs,
-                                    "--tar=f",
-                                    "--aufs",
-                                    "--ungzip",
-                                    str(theirs_out),
-                                    str(gz_path),
-                                ]
+        if "dir" in only:
+            unpack()
+            rows.append(
+                (
+                    "minbase from an unpacked directory",
+                    timed_rounds(
+                        args.repeat,
+                        [
+                            (
+                                "ours: convert_directory(DIR)",
+                                lambda: run(
+                                    [
+                                        sys.executable,
+                                        "-c",
+                                        "import sys; from snapshotter.ingest.convert import "
+                                        "convert_directory as c; c(sys.argv[1], sys.argv[2])",
+                                        str(unpacked),
+                                        str(ours_out),
+                                    ]
+                                ),
+                                rm(ours_out),
                             ),
-                            rm(theirs_out),
-                        ),
-                    ],
-                ),
-            )
-        )
-        unpack()
-        rows.append(
-            (
-                "minbase from an unpacked directory",
-                timed_rounds(
-                    args.repeat,
-                    [
-                        (
-                            "ours: convert_directory(DIR)",
-                            lambda: run(
-                                [
-                                    sys.executable,
-                                    "-c",
-                                    "import sys; from snapshotter.ingest.convert import "
-                                    "convert_directory as c; c(sys.argv[1], sys.argv[2])",
-                                    str(unpacked),
-                                    str(ours_out),
-                                ]
+                            (
+                                "1.8: mkfs.erofs OUT DIR",
+                                lambda: run([*mkfs, str(theirs_out), str(unpacked)]),
+                                rm(theirs_out),
                             ),
-                            rm(ours_out),
-                        ),
-                        (
-                            "1.8: mkfs.erofs OUT DIR",
-                            lambda: run([*mkfs, str(theirs_out), str(unpacked)]),
-                            rm(theirs_out),
-                        ),
-                    ],
-                ),
+                        ],
+                    ),
+                )
             )
-        )
-        rows.append(
-            (
-                "minbase unpack-then-commit",
-                timed_rounds(
-                    max(1, args.repeat // 2),
-                    [
-                        ("1.8: tar -xf + mkfs.erofs OUT DIR", unpack_then_mkfs, rm(theirs_out)),
-                    ],
-                ),
+            rows.append(
+                (
+                    "minbase unpack-then-commit",
+                    timed_rounds(
+                        max(1, args.repeat // 2),
+                        [("1.8: tar -xf + mkfs.erofs OUT DIR", unpack_then_mkfs, rm(theirs_out))],
+                    ),
+                )
             )
-        )
-        shutil.rmtree(unpacked)
-        rows.append(
-            (
-                "one directory of 40k entries",
-                timed_rounds(
-                    max(1, args.repeat // 2),
-                    [
-                        (
-                            "ours: convert .tar",
-                            lambda: run([*CLI, "convert", str(wide), str(ours_out)]),
-                            rm(ours_out),
-                        ),
-                        (
-                            "1.8: mkfs.erofs --tar=f --aufs",
-                            lambda: run([*mkfs, "--tar=f", "--aufs", str(theirs_out), str(wide)]),
-                            rm(theirs_out),
-                        ),
-                    ],
-                ),
-            )
-        )
-
-    ref = rows[0][1][0].best  # ours, minbase .tar: what a case without ours compares to
-    print(f"\n{'case':36} {'contender':44} {'best s':>8} {'median s':>9} {'ours/this':>10}")
-    print("(ours/this: ours' best in the same case, or ours .tar's where a case has no ours)")
+            shutil.rmtree(unpacked)
+        for name, entries in (("wide10k", 10_000), ("wide40k", 40_000)):
+            if name in only:
+                wide = wide_layer(entries)
+                repeat = args.repeat if entries <= 10_000 else max(1, args.repeat // 2)
+                rows.append(
+                    (
+                        f"one directory of {entries // 1000}k entries",
+                        timed_rounds(repeat, [convert(wide), mkfs_tar(wide)]),
+                    )
+                )
+    print(f"load after: {os.getloadavg()}")
+    print(f"\n{'case':36} {'contender':48} {'best s':>8} {'median s':>9} {'ours/1.8':>9}")
+    print("(ours/1.8: the median of the per-round ratios, ours' time / this contender's)")
     for case, timings in rows:
-        mine = timings[0].best if timings[0].label.startswith("ours") else ref
+        mine = timings[0] if timings[0].label.startswith("ours") else None
         for t in timings:
-            ratio = "" if t.label.startswith("ours") else f"{mine / t.best:10.2f}"
-            print(f"{case:36} {t.label:44} {t.best:8.3f} {t.median:9.3f} {ratio:>10}")
-    if check:
-        print("\nminbase .tar:", check)
+            ratio = ""
+            if mine is not None and t is not mine:
+                per_round = [a / b for a, b in zip(mine.times, t.times, strict=True)]
+                ratio = f"{statistics.median(per_round):9.2f}"
+            print(f"{case:36} {t.label:48} {t.best:8.3f} {t.median:9.3f} {ratio:>9}")
+    for note in notes:
+        print(note)
     return 0
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import queue
+import threading
 from typing import BinaryIO
 
 from snapshotter.errors import CorruptImage
@@ -19,17 +21,60 @@ class VerityFeed:
     Everything after the header is written in order; the header (superblock block) is written
     last. So leaves are hashed for each whole verity block of the sequential part as it
     passes, and the head is hashed at the end from the file (one block, still in cache).
+
+    With `threaded` (the default) the hashing runs in a background thread fed through a queue
+    of at most QUEUE_DEPTH pieces, so the writer's thread goes on parsing and writing while the
+    leaves are hashed; with the compiled hashing loop (`snapshotter.verity.hashing`) the
+    hashing releases the GIL and takes the second core. Leaves are recorded by block index,
+    so the tree is the same whatever the timing. An error in the thread is raised by the
+    next `observe` or by `finish`; `close()` stops the thread (on any path).
     """
 
-    def __init__(self, builder: VerityTreeBuilder, block_size: int, seq_start: int) -> None:
+    QUEUE_DEPTH = 4
+
+    def __init__(
+        self, builder: VerityTreeBuilder, block_size: int, seq_start: int, threaded: bool = True
+    ) -> None:
         self.builder = builder
         self.dbs = block_size
         self.first_hashed = -(-seq_start // block_size) * block_size
         self.expect = seq_start
         self.pending = bytearray()
         self.pending_at = self.first_hashed
+        self._error: BaseException | None = None
+        self._queue: queue.Queue[tuple[int, bytes | bytearray | memoryview] | None] | None = None
+        self._thread: threading.Thread | None = None
+        if threaded:
+            self._queue = queue.Queue(self.QUEUE_DEPTH)
+            self._thread = threading.Thread(target=self._work, name="verity-feed", daemon=True)
+            self._thread.start()
 
-    def observe(self, offset: int, data: bytes) -> None:
+    def _work(self) -> None:
+        assert self._queue is not None
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self.builder.hash_blocks(*item)
+                except BaseException as exc:  # raised in the writer's thread
+                    self._error = exc
+
+    def _hash(self, first_block: int, data: bytes | bytearray | memoryview) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._queue is None:
+            self.builder.hash_blocks(first_block, data)
+        else:
+            self._queue.put((first_block, data))
+
+    def close(self) -> None:
+        """Stop the hashing thread (idempotent); `finish` does it too."""
+        if self._thread is not None and self._queue is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def observe(self, offset: int, data: bytes | memoryview) -> None:
+        """`data` written at `offset`: kept by the feed until hashed, not to be changed."""
         if offset != self.expect:
             if offset + len(data) <= self.first_hashed:
                 return  # the header, hashed in finish()
@@ -38,13 +83,13 @@ class VerityFeed:
         skip = max(0, self.first_hashed - offset)
         view = memoryview(data)[skip:]
         if not self.pending and len(view) % self.dbs == 0:
-            self.builder.hash_blocks(self.pending_at // self.dbs, view)
+            self._hash(self.pending_at // self.dbs, view)
             self.pending_at += len(view)
             return
         self.pending += view
         whole = len(self.pending) - len(self.pending) % self.dbs
         if whole:
-            self.builder.hash_blocks(self.pending_at // self.dbs, self.pending[:whole])
+            self._hash(self.pending_at // self.dbs, bytes(self.pending[:whole]))
             del self.pending[:whole]
             self.pending_at += whole
 
@@ -53,8 +98,11 @@ class VerityFeed:
         end = self.pending_at
         if self.pending:
             last = bytes(self.pending) + bytes(-len(self.pending) % self.dbs)
-            self.builder.hash_blocks(self.pending_at // self.dbs, last)
+            self._hash(self.pending_at // self.dbs, last)
             end += len(last)
+        self.close()
+        if self._error is not None:
+            raise self._error
         if self.first_hashed:
             head = os.pread(fd, self.first_hashed, 0)
             self.builder.hash_blocks(0, head)
@@ -99,6 +147,9 @@ def append_verity(
     number of data blocks); `default_salt` as for `verity_builder`."""
     builder, params = verity_builder(verity, default_salt)
     feed = VerityFeed(builder, params.data_block_size, 0)
-    reread(out.fileno(), size, feed, None)
-    end = feed.finish(out.fileno())
+    try:
+        reread(out.fileno(), size, feed, None)
+        end = feed.finish(out.fileno())
+    finally:
+        feed.close()
     return builder.finish(end // params.data_block_size, out, end)

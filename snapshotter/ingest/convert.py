@@ -265,30 +265,42 @@ def _convert(
         if verity and identity_hint is not None:
             builder, vparams = verity_builder(verity, derive_layer_salt(layer_uuid(identity_hint)))
             feed = VerityFeed(builder, vparams.data_block_size, start * block_size)
-        data = DataWriter(
-            fd, block_size, start, feed.observe if feed else None, hole_chunk, inline_max, limits
-        )
-        tree, identity = build(data)
-        params = ImageParams(
-            block_size=block_size,
-            build_time=tree.build_time,
-            build_time_nsec=tree.build_time_nsec,
-            uuid=layer_uuid(identity),
-        )
-        sb = write_metadata(data, tree.root, params)
-        size = sb.blocks * block_size
-        digest = hashlib.sha256() if blob_digest else None
-        rehash_verity = False
-        if verity and identity_hint is None:
-            rehash_verity = True
-            builder, vparams = verity_builder(verity, derive_layer_salt(params.uuid))
-            feed = VerityFeed(builder, vparams.data_block_size, 0)
-        if digest is not None or rehash_verity:
-            reread(fd, size, feed if rehash_verity else None, digest)
-        info = None
-        if feed is not None:
-            data_end = feed.finish(fd)
-            info = feed.builder.finish(data_end // feed.dbs, out, data_end)
+        feeds = [feed] if feed else []  # hashing threads, stopped on every path
+        try:
+            data = DataWriter(
+                fd,
+                block_size,
+                start,
+                feed.observe if feed else None,
+                hole_chunk,
+                inline_max,
+                limits,
+            )
+            tree, identity = build(data)
+            params = ImageParams(
+                block_size=block_size,
+                build_time=tree.build_time,
+                build_time_nsec=tree.build_time_nsec,
+                uuid=layer_uuid(identity),
+            )
+            sb = write_metadata(data, tree.root, params)
+            size = sb.blocks * block_size
+            digest = hashlib.sha256() if blob_digest else None
+            rehash_verity = False
+            if verity and identity_hint is None:
+                rehash_verity = True
+                builder, vparams = verity_builder(verity, derive_layer_salt(params.uuid))
+                feed = VerityFeed(builder, vparams.data_block_size, 0)
+                feeds.append(feed)
+            if digest is not None or rehash_verity:
+                reread(fd, size, feed if rehash_verity else None, digest)
+            info = None
+            if feed is not None:
+                data_end = feed.finish(fd)
+                info = feed.builder.finish(data_end // feed.dbs, out, data_end)
+        finally:
+            for f in feeds:
+                f.close()
     return ConvertResult(
         blob=out_path,
         size=size,

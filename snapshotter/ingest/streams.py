@@ -154,8 +154,12 @@ class _Zstd:
             piece = tail[self._pos : self._pos + ZSTD_FEED]
             self._pos += len(piece)
             if self._between_frames:
-                if not bytes(piece).strip(b"\0"):
+                rest = bytes(piece).lstrip(b"\0")  # zero padding between frames is skipped
+                if not rest:
                     continue
+                self._pos -= len(rest)  # the next frame starts at its first non-zero byte
+                piece = tail[self._pos : self._pos + len(rest)]
+                self._pos += len(piece)
                 obj = self._obj = self._dctx.decompressobj()
                 self._between_frames = False
             try:

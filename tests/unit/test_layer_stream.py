@@ -1,0 +1,213 @@
+"""The layer data path: LayerStream's producer thread, DataWriter's pieces, VerityFeed's thread.
+
+What a user relies on: the tar bytes and both digests come out exactly as the layer holds
+them whatever the compression and however the reader asks for them; an error in a thread is
+the same one EpError, raised where the stream reaches it; no thread outlives a conversion;
+the image bytes do not depend on how the data was cut into pieces, nor on threads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+import tempfile
+import threading
+
+import pytest
+import zstandard
+from isal import isal_zlib
+
+from snapshotter.erofs.image_verity import VerityFeed, verity_builder
+from snapshotter.erofs.limits import Limits
+from snapshotter.erofs.tree import Chunks, Extent
+from snapshotter.erofs.writer import DataWriter
+from snapshotter.errors import EpError, InvalidInput
+from snapshotter.ingest.streams import LayerStream
+
+
+def _payload(size: int = 3 << 20, seed: int = 1) -> bytes:
+    """Bytes of mixed compressibility: random runs, zero runs, text."""
+    rng = random.Random(seed)
+    parts = []
+    while sum(map(len, parts)) < size:
+        kind = rng.randrange(3)
+        n = rng.randrange(1, 200_000)
+        parts.append(rng.randbytes(n) if kind == 0 else bytes(n) if kind == 1 else b"ab\n" * n)
+    return b"".join(parts)[:size]
+
+
+def _gzip(data: bytes, members: int = 3) -> bytes:
+    step = -(-len(data) // members)
+    return b"".join(
+        isal_zlib.compress(data[i : i + step], 1, 31) for i in range(0, len(data), step)
+    )
+
+
+def _zstd(data: bytes) -> bytes:
+    half = len(data) // 2
+    c = zstandard.ZstdCompressor()
+    return c.compress(data[:half]) + bytes(100) + c.compress(data[half:])  # zero padding between
+
+
+def _stream_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name in ("layer-stream", "verity-feed")]
+
+
+@pytest.mark.parametrize("kind", ["none", "gzip", "zstd"])
+def test_every_read_style_gives_the_tar_and_its_digests(kind: str) -> None:
+    tar = _payload()
+    blob = {"none": tar, "gzip": _gzip(tar), "zstd": _zstd(tar)}[kind]
+    rng = random.Random(7)
+    got = bytearray()
+    with LayerStream(io.BytesIO(blob)) as stream:
+        assert stream.compression == kind
+        while True:
+            how = rng.randrange(3)
+            n = rng.choice([1, 511, 512, 4096, 70_000, 1 << 20, 5 << 20])
+            if how == 0:
+                piece = stream.read(n)
+                assert len(piece) == n or len(got) + len(piece) == len(tar)
+            elif how == 1:
+                piece = stream.read_some(n)
+                assert 0 < len(piece) <= n or len(got) == len(tar)
+            else:
+                start = len(got)
+                skipped = stream.skip(n)
+                piece = tar[start : start + skipped]  # skipped bytes are still hashed
+            if not piece:
+                break
+            got += piece
+        assert stream.drain() == 0
+        assert bytes(got) == tar
+        assert stream.diff_id == "sha256:" + hashlib.sha256(tar).hexdigest()
+        assert stream.compressed_digest == "sha256:" + hashlib.sha256(blob).hexdigest()
+    assert not _stream_threads()
+
+
+@pytest.mark.parametrize("kind", ["gzip", "zstd"])
+def test_a_truncated_stream_is_one_error_after_its_data(kind: str) -> None:
+    tar = _payload(1 << 20)
+    blob = {"gzip": _gzip(tar, 1), "zstd": zstandard.ZstdCompressor().compress(tar)}[kind]
+    stream = LayerStream(io.BytesIO(blob[: len(blob) - 64]))
+    with stream, pytest.raises(InvalidInput, match=f"truncated {kind}"):
+        stream.drain()
+    assert not _stream_threads()
+
+
+class _FailingSource:
+    """A source that gives `good` bytes, then fails as a broken disk or socket would."""
+
+    def __init__(self, good: bytes) -> None:
+        self._data = io.BytesIO(good)
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._data.read(size)
+        if not data:
+            raise OSError(5, "Input/output error")
+        return data
+
+
+def test_a_source_error_arrives_where_the_stream_reaches_it() -> None:
+    tar = _payload(3 << 20)
+    with LayerStream(_FailingSource(tar)) as stream:
+        assert bytes(stream.read(len(tar))) == tar  # every good byte first
+        with pytest.raises(OSError, match="Input/output error"):
+            stream.read(1)
+    assert not _stream_threads()
+
+
+def test_a_bomb_stops_at_the_limit() -> None:
+    blob = zstandard.ZstdCompressor().compress(bytes(64 << 20))
+    stream = LayerStream(io.BytesIO(blob), Limits(max_tar_bytes=8 << 20))
+    with stream, pytest.raises(InvalidInput, match="max_tar_bytes"):
+        stream.drain()
+    assert not _stream_threads()
+
+
+def test_closing_early_stops_a_producer_that_waits_for_room() -> None:
+    blob = _gzip(_payload(32 << 20, seed=3), 8)  # far more than the queue holds
+    stream = LayerStream(io.BytesIO(blob))
+    stream.read(1000)
+    stream.close()
+    assert not _stream_threads()
+
+
+def _write(pieces_of: int | None, data: bytes, hole_chunk: int = 64 << 10) -> tuple[bytes, object]:
+    """Write `data` as one file through a DataWriter whose `read` returns pieces of at most
+    `pieces_of` bytes (None: exactly what is asked); the image bytes and the file's layout."""
+    rng = random.Random(pieces_of)
+    view = memoryview(data)
+    pos = 0
+
+    def read(n: int) -> memoryview:
+        nonlocal pos
+        if pieces_of is not None:
+            n = min(n, rng.randrange(1, pieces_of + 1))
+        piece = view[pos : pos + n]
+        pos += len(piece)
+        return piece
+
+    with tempfile.TemporaryFile() as f:
+        writer = DataWriter(f.fileno(), 4096, 1, hole_chunk=hole_chunk)
+        layout = writer.add_file(read, len(data))
+        writer.add_blocks(b"end")
+        writer.flush()
+        return os.pread(f.fileno(), 64 << 20, 0), layout
+
+
+@pytest.mark.parametrize("pieces_of", [1000, 4096, 65_537, 300_000])
+def test_image_bytes_do_not_depend_on_how_data_is_cut(pieces_of: int) -> None:
+    rng = random.Random(5)
+    chunk = 64 << 10
+    data = b"".join(  # chunks of zeros (holes), of data, and of zeros with data at the ends
+        bytes(chunk)
+        if k == 0
+        else rng.randbytes(chunk)
+        if k == 1
+        else b"\0" * 10 + b"x" + bytes(chunk - 12) + b"y"
+        for k in (rng.randrange(3) for _ in range(40))
+    ) + rng.randbytes(1234)
+    whole, layout = _write(None, data)
+    assert isinstance(layout, Chunks)  # the zero chunks became holes
+    assert _write(pieces_of, data) == (whole, layout)
+
+
+def test_a_file_without_holes_is_one_extent_and_a_short_read_is_an_error() -> None:
+    data = random.Random(2).randbytes(300_001)
+    image, layout = _write(5000, data)
+    assert isinstance(layout, Extent)
+    assert image[4096 : 4096 + len(data)] == data
+    with tempfile.TemporaryFile() as f:
+        writer = DataWriter(f.fileno(), 4096, 1)
+        with pytest.raises(EpError, match="unexpected end of data"):
+            writer.add_file(io.BytesIO(data[:1000]).read, len(data))
+
+
+def test_threaded_verity_feed_gives_the_same_root_and_stops() -> None:
+    data = _payload(8 << 20, seed=9)
+    roots = []
+    for threaded in (False, True):
+        builder, params = verity_builder(True, b"salt" * 8)
+        feed = VerityFeed(builder, params.data_block_size, 0, threaded=threaded)
+        for pos in range(0, len(data), 100_000):  # pieces across block boundaries
+            feed.observe(pos, data[pos : pos + 100_000])
+        with tempfile.TemporaryFile() as f:
+            f.write(data)
+            end = feed.finish(f.fileno())
+            roots.append(builder.finish(end // params.data_block_size, f, end).root_hash)
+    assert roots[0] == roots[1]
+    assert not _stream_threads()
+
+
+def test_an_error_in_the_verity_thread_is_raised_by_the_writer() -> None:
+    builder, params = verity_builder(True, b"salt" * 8)
+    feed = VerityFeed(builder, params.data_block_size, 0)
+    block = bytes(4096)
+    feed.builder.hash_blocks(0, block)  # block 0 hashed already: the thread's turn fails
+    feed.observe(0, block)
+    with tempfile.TemporaryFile() as f, pytest.raises(EpError):
+        feed.finish(f.fileno())
+    feed.close()
+    assert not _stream_threads()
