@@ -96,21 +96,48 @@ class TarHeader:
 
     @classmethod
     def unpack(cls, block: bytes) -> TarHeader:
-        (
+        fast = _FAST_NUMBERS.match(block, 100, 156)
+        dev = _FAST_DEVICE.match(block, 329, 345) if fast else None
+        if fast and dev:  # what tar writers write: fixed-width octal, one regex for all
+            mode, uid, gid, size, mtime, expected = map(_octal, fast.groups())
+            devmajor = int(dev[1], 8) if dev[1] else 0
+            devminor = int(dev[2], 8) if dev[2] else 0
+            chksum = block[148:156]
+        else:
+            mode, uid, gid, size, mtime, devmajor, devminor, chksum = cls._numbers(block)
+            try:
+                expected = int(chksum.rstrip(b"\0 ") or b"0", 8)
+            except ValueError:
+                expected = _number(chksum, "checksum")
+        if expected != _byte_sum(block) - sum(chksum) + 8 * 32 and expected != _signed_sum(
+            block, chksum
+        ):
+            raise InvalidInput("tar header checksum mismatch (corrupt or not a tar)")
+        name = _text(block[:100])
+        magic = block[257:265]
+        if magic[:6] == b"ustar\0" and block[345]:
+            name = _text(block[345:500]) + b"/" + name
+        return cls(
             name,
             mode,
             uid,
             gid,
             size,
             mtime,
-            chksum,
-            typeflag,
-            linkname,
-            magic,
+            block[156],
+            _text(block[157:257]),
             devmajor,
             devminor,
-            prefix,
-        ) = cls._STRUCT.unpack(block)
+            magic,
+            block,
+        )
+
+    @classmethod
+    def _numbers(cls, block: bytes) -> tuple[int, int, int, int, int, int, int, bytes]:
+        """The numeric fields of any header Go's archive/tar reads (base-256 included)."""
+        (_, mode, uid, gid, size, mtime, chksum, _, _, _, devmajor, devminor, _) = (
+            cls._STRUCT.unpack(block)
+        )
         fields = (mode, uid, gid, size, mtime, devmajor, devminor)
         try:  # octal, the common case, in one go
             numbers = [int(f.rstrip(b"\0 ") or b"0", 8) for f in fields]
@@ -119,31 +146,20 @@ class TarHeader:
                 raise ValueError
         except ValueError:
             numbers = [_number(f, what) for f, what in zip(fields, cls._NUMBERS, strict=True)]
-        try:
-            expected = int(chksum.rstrip(b"\0 ") or b"0", 8)
-        except ValueError:
-            expected = _number(chksum, "checksum")
-        if expected != _byte_sum(block) - sum(chksum) + 8 * 32 and expected != _signed_sum(
-            block, chksum
-        ):
-            raise InvalidInput("tar header checksum mismatch (corrupt or not a tar)")
-        name = _text(name)
-        if magic[:6] == b"ustar\0" and prefix[0]:
-            name = _text(prefix) + b"/" + name
-        return cls(
-            name,
-            numbers[0],
-            numbers[1],
-            numbers[2],
-            numbers[3],
-            numbers[4],
-            typeflag[0],
-            _text(linkname),
-            numbers[5],
-            numbers[6],
-            magic,
-            block,
-        )
+        return (*numbers, chksum)
+
+
+# The header fields as GNU tar, Python's tarfile and Go write them: mode, uid, gid (7 octal
+# digits), size, mtime (11), each ended by a NUL or a space, then the checksum (6 digits, NUL,
+# space); device numbers as 7 digits or all NULs. Anything else takes the general parser.
+_FAST_NUMBERS = re.compile(
+    rb"([0-7]{7})[\0 ]([0-7]{7})[\0 ]([0-7]{7})[\0 ]([0-7]{11})[\0 ]([0-7]{11})[\0 ]([0-7]{6})\0 "
+)
+_FAST_DEVICE = re.compile(rb"(?:\0{8}|([0-7]{7})[\0 ])(?:\0{8}|([0-7]{7})[\0 ])")
+
+
+def _octal(digits: bytes) -> int:
+    return int(digits, 8)
 
 
 def _byte_sum(block: bytes) -> int:

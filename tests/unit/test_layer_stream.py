@@ -12,6 +12,7 @@ import hashlib
 import io
 import os
 import random
+import tarfile
 import tempfile
 import threading
 
@@ -211,3 +212,28 @@ def test_an_error_in_the_verity_thread_is_raised_by_the_writer() -> None:
         feed.finish(f.fileno())
     feed.close()
     assert not _stream_threads()
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_header_fast_path_reads_what_the_general_parser_reads(fmt: int) -> None:
+    """Headers as writers write them take one regex; the numbers must be the general
+    parser's, device numbers and an all-NUL field included, and a bad checksum still fails."""
+    from snapshotter.ingest.tarstream import _FAST_NUMBERS, TarHeader
+
+    members = []
+    for kind, dev in ((tarfile.REGTYPE, (0, 0)), (tarfile.CHRTYPE, (4095, 1 << 19))):
+        info = tarfile.TarInfo("d/f")
+        info.type, info.mode, info.uid, info.gid = kind, 0o4755, 1000, 65534
+        info.mtime, info.size = 1_700_000_000, 0 if kind == tarfile.CHRTYPE else 12345
+        info.devmajor, info.devminor = dev
+        members.append(info.tobuf(fmt, "utf-8", "surrogateescape")[-512:])
+    for block in members:
+        assert _FAST_NUMBERS.match(block, 100, 156)
+        header = TarHeader.unpack(block)
+        general = TarHeader._numbers(block)
+        fields = (header.mode, header.uid, header.gid, header.size, header.mtime)
+        assert (*fields, header.devmajor, header.devminor) == general[:7]
+        corrupt = bytearray(block)
+        corrupt[0] ^= 1
+        with pytest.raises(InvalidInput, match="checksum"):
+            TarHeader.unpack(bytes(corrupt))
