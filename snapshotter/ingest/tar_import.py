@@ -136,13 +136,10 @@ class TarImporter:
             )
         parts = split_member_path(m.name, self.limits)
         _check_member(m)
-        self._charge(
-            NODE_COST
-            + len(m.name)
-            + len(m.linkname)
-            + sum(len(k) + len(v) for k, v in m.xattrs.items()),
-            m.name,
-        )
+        cost = NODE_COST + len(m.name) + len(m.linkname)
+        if m.xattrs:
+            cost += sum(len(k) + len(v) for k, v in m.xattrs.items())
+        self._charge(cost, m.name)
         self._mtimes[(m.mtime, m.mtime_nsec)] += 1
         if not parts:
             if m.typeflag != ts.DIRECTORY:
@@ -151,7 +148,9 @@ class TarImporter:
             self._implicit.discard(id(self.root))
             return
         name = parts[-1]
-        if any(p.startswith(AUFS_META_PREFIX) and p != OPAQUE_MARKER for p in parts):
+        if AUFS_META_PREFIX in m.name and any(
+            p.startswith(AUFS_META_PREFIX) and p != OPAQUE_MARKER for p in parts
+        ):
             return  # AUFS bookkeeping (.wh..wh.plnk/...), not part of the image
         if name == OPAQUE_MARKER:
             self._parent(parts, m.name).xattrs[OPAQUE_XATTR] = b"y"
