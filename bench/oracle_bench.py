@@ -40,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.convert_bench import CACHE, CLI, minbase_layer, minbase_zstd, wide_layer
+from bench.convert_bench import CACHE, CLI, OURS_ENV, minbase_layer, minbase_zstd, wide_layer
 from tests.support.erofs_utils_oracle import ErofsUtils, build_info, erofs_utils
 
 
@@ -58,7 +58,6 @@ class Timing:
         return statistics.median(self.times)
 
 
-OURS_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 REPO = Path(__file__).resolve().parent.parent
 
 
