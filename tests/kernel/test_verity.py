@@ -35,6 +35,7 @@ from snapshotter.verity import (
 from snapshotter.verity.digests import DigestStore
 from snapshotter.verity.geometry import TreeGeometry, tree_start_block
 from snapshotter.verity.parallel import RANGE_BYTES, file_leaf_digests
+from snapshotter.verity.params import parse_uuid as uuid_bytes
 from tests.support.helpers import require_tool
 
 SALT = bytes(range(32))
@@ -292,6 +293,38 @@ def test_streaming_out_of_order_equals_format_file(tmp_path):
         info = b.finish(n, f, 0)
     assert info == expected
     assert out.read_bytes() == (tmp_path / "ref").read_bytes()
+
+
+def test_streaming_from_several_threads_equals_veritysetup(tmp_path):
+    """A converter's background hashing: threads calling hash_blocks at once, runs in any
+    order, give veritysetup's tree."""
+    p = VerityParams(salt=SALT)
+    n = 3000
+    data = rand_bytes(n * 4096, seed=13)
+    (tmp_path / "data").write_bytes(data)
+    uuid = "12345678-1234-8234-9234-123456789abc"
+    root = vs_format(tmp_path / "data", tmp_path / "ref", p, uuid=uuid)
+    b = VerityTreeBuilder(VerityParams(salt=SALT, uuid=uuid_bytes(uuid)))
+    runs = [(lo, min(n, lo + 37)) for lo in range(0, n, 37)]
+    random.Random(5).shuffle(runs)
+    errors: list[BaseException] = []
+
+    def feed(k: int) -> None:
+        try:
+            for lo, hi in runs[k::4]:
+                b.hash_blocks(lo, memoryview(data)[lo * 4096 : hi * 4096])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=feed, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    with open(tmp_path / "stream", "w+b") as f:
+        assert b.finish(n, f, 0).root_hash == root
+    assert (tmp_path / "stream").read_bytes() == (tmp_path / "ref").read_bytes()
 
 
 def test_streaming_spills_to_disk_with_same_result(tmp_path):
