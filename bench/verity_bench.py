@@ -1,16 +1,28 @@
-"""dm-verity formatting speed: ours against `veritysetup format`, in the same run.
+"""dm-verity formatting speed: ours against `veritysetup format`, interleaved in one run.
 
-    python -m bench.verity_bench [--size-mib 1024] [--rounds 3] [--dir DIR]
+    python -m bench.verity_bench [--size-mib 1024] [--rounds 5] [--dir DIR] [--cold] [--busy]
 
-Writes a file of random data (default 1 GiB), reads it once so both tools hash from the
-page cache, then alternates, round by round:
-- `veritysetup format DATA HASH --salt S` (separate hash file, v1 superblock, 4096/4096);
-- `format_file(DATA, hash_path=HASH, params=VerityParams(salt=S))`: the same tree, leaves
-  hashed by one worker process per CPU over mmap ranges;
-- the same with `workers=1` (everything in this process);
-- the streaming builder alone: `hash_blocks` over 4 MiB chunks already in memory, then
-  `finish` (what the EROFS converter adds to a conversion pass).
-Roots must agree. Prints the best and median time of each and the ratio to veritysetup.
+Writes a file of random data (default 1 GiB), then alternates, round by round, whole
+processes that each build the same tree (separate hash file, sha256, 4096/4096, v1
+superblock, the same salt and UUID; root hashes and hash files must be equal):
+- `veritysetup format DATA HASH` (the anchor);
+- `erofs-passthrough verity format DATA --hash-file HASH` (`python -m shim_integration.cli`,
+  the command a user runs: interpreter start and the CLI's imports included), with the
+  compiled loop (threads), and with `EROFS_PASSTHROUGH_PURE=1` (the pure-Python loop,
+  worker processes);
+- `format_file` in a minimal process (`python -c`, importing only `snapshotter.verity`): the
+  library's own cost, the same two paths.
+And in this process, the streaming builder alone with the compiled loop (`hash_blocks` over
+4 MiB chunks already in memory, then `finish`: what the EROFS converter adds to a
+conversion pass; one thread).
+
+`--cold`: `sync; echo 3 > /proc/sys/vm/drop_caches` before every run (the data is read from
+disk: put --dir on a real disk, not tmpfs); otherwise the file is read once before each run
+so every contender hashes from the page cache. `--busy`: a CPU burner process (a Python busy
+loop) runs through all rounds, so every contender has one core busy with other work.
+
+Prints, per contender, the median and best time and the median of the per-round ratios
+ours / veritysetup (lower is better; <= 1.0 is as fast as veritysetup).
 
     python -m bench.verity_bench --memory-gib 100
 
@@ -22,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import resource
 import shutil
@@ -33,10 +46,20 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from snapshotter.verity import VerityParams, VerityTreeBuilder, format_file
+from snapshotter.verity import VerityParams, VerityTreeBuilder, hashing
+from snapshotter.verity.params import parse_uuid
 
 SALT = bytes.fromhex("5a" * 32)
+UUID = "0b5e6c1a-7d3f-8e42-9a10-5c2d4e6f8a9b"
 CHUNK = 4 << 20
+ROOT = Path(__file__).resolve().parents[1]
+
+_FORMAT_FILE = (
+    "import sys; from snapshotter.verity import VerityParams, format_file; "
+    "from snapshotter.verity.params import parse_uuid; "
+    "print(format_file(sys.argv[1], hash_path=sys.argv[2], params=VerityParams("
+    "salt=bytes.fromhex(sys.argv[3]), uuid=parse_uuid(sys.argv[4]))).root_hash)"
+)
 
 
 def _write_random(path: Path, size: int) -> None:
@@ -55,29 +78,71 @@ def _warm(path: Path) -> None:
             pass
 
 
-def _veritysetup(data: Path, hash_path: Path) -> str:
-    hash_path.unlink(missing_ok=True)
-    out = subprocess.run(
-        ["veritysetup", "format", str(data), str(hash_path), f"--salt={SALT.hex()}"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return next(
+def _drop_caches() -> None:
+    subprocess.run(["sync"], check=True)
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def _env(pure: bool) -> dict[str, str]:
+    env = {**os.environ, "EROFS_PASSTHROUGH_PURE": "1" if pure else "0"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _run(cmd: list[str], env: dict[str, str] | None = None) -> tuple[str, float]:
+    """(stdout, wall seconds) of one whole process."""
+    t = time.perf_counter()
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env, cwd=ROOT)
+    return out.stdout, time.perf_counter() - t
+
+
+def _veritysetup(data: Path, hash_path: Path) -> tuple[str, float]:
+    out, seconds = _run(
+        [
+            "veritysetup",
+            "format",
+            str(data),
+            str(hash_path),
+            f"--salt={SALT.hex()}",
+            f"--uuid={UUID}",
+        ]
+    )
+    root = next(
         line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Root hash")
     )
+    return root, seconds
 
 
-def _ours(data: Path, hash_path: Path, workers: int | None) -> str:
-    hash_path.unlink(missing_ok=True)
-    return format_file(
-        data, hash_path=hash_path, params=VerityParams(salt=SALT), workers=workers
-    ).root_hash
+def _cli(data: Path, hash_path: Path, pure: bool) -> tuple[str, float]:
+    out, seconds = _run(
+        [
+            sys.executable,
+            "-m",
+            "shim_integration.cli",
+            "verity",
+            "format",
+            str(data),
+            f"--hash-file={hash_path}",
+            f"--salt={SALT.hex()}",
+            f"--uuid={UUID}",
+            "--json",
+        ],
+        _env(pure),
+    )
+    return json.loads(out)["root_hash"], seconds
+
+
+def _format_file(data: Path, hash_path: Path, pure: bool) -> tuple[str, float]:
+    out, seconds = _run(
+        [sys.executable, "-c", _FORMAT_FILE, str(data), str(hash_path), SALT.hex(), UUID],
+        _env(pure),
+    )
+    return out.strip(), seconds
 
 
 def _streaming(data: Path, hash_path: Path) -> tuple[str, float]:
     """Builder alone, the data already in memory chunk by chunk; returns (root, seconds)."""
-    builder = VerityTreeBuilder(VerityParams(salt=SALT))
+    builder = VerityTreeBuilder(VerityParams(salt=SALT, uuid=parse_uuid(UUID)))
     elapsed = 0.0
     with open(data, "rb", buffering=0) as f:
         buf = bytearray(CHUNK)
@@ -117,10 +182,8 @@ def _memory(gib: int, tmp_dir: str | None) -> int:
     return 0
 
 
-def _timed(fn: Callable[[], str]) -> tuple[str, float]:
-    t = time.perf_counter()
-    root = fn()
-    return root, time.perf_counter() - t
+def _burner() -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,8 +193,10 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--size-mib", type=int, default=1024)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--dir", help="where to put the data file (default: the temp directory)")
+    ap.add_argument("--cold", action="store_true", help="drop the page cache before each run")
+    ap.add_argument("--busy", action="store_true", help="a CPU burner runs during every run")
     ap.add_argument("--memory-gib", type=int, help="measure peak RSS for a blob this big")
     args = ap.parse_args(argv)
     if args.memory_gib:
@@ -139,38 +204,59 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("veritysetup") is None:
         print("needs veritysetup (cryptsetup-bin)", file=sys.stderr)
         return 1
+    if not hashing.ACCELERATED:
+        print("the compiled loop is not built (or EROFS_PASSTHROUGH_PURE is set)", file=sys.stderr)
+        return 1
     size = args.size_mib << 20
+    anchor = "veritysetup format"
     with tempfile.TemporaryDirectory(prefix="verity-bench-", dir=args.dir) as tmp:
-        data, hashf = Path(tmp) / "data", Path(tmp) / "hash"
+        data = Path(tmp) / "data"
         _write_random(data, size)
-        _warm(data)
-        runs: dict[str, list[float]] = {}
-        roots: set[str] = set()
-        cases: list[tuple[str, Callable[[], tuple[str, float]]]] = [
-            ("veritysetup format", lambda: _timed(lambda: _veritysetup(data, hashf))),
-            ("format_file (workers=auto)", lambda: _timed(lambda: _ours(data, hashf, None))),
-            ("format_file (workers=1)", lambda: _timed(lambda: _ours(data, hashf, 1))),
-            ("streaming builder (in memory)", lambda: _streaming(data, hashf)),
+        cases: list[tuple[str, Callable[[Path], tuple[str, float]]]] = [
+            (anchor, lambda h: _veritysetup(data, h)),
+            ("CLI `verity format`, compiled loop", lambda h: _cli(data, h, False)),
+            ("CLI `verity format`, pure Python", lambda h: _cli(data, h, True)),
+            ("format_file process, compiled loop", lambda h: _format_file(data, h, False)),
+            ("format_file process, pure Python", lambda h: _format_file(data, h, True)),
+            ("streaming builder, compiled loop", lambda h: _streaming(data, h)),
         ]
-        for _ in range(args.rounds):
-            for name, case in cases:
-                root, seconds = case()
-                roots.add(root)
-                runs.setdefault(name, []).append(seconds)
-        if len(roots) != 1:
-            print(f"root hashes differ: {sorted(roots)}", file=sys.stderr)
+        runs: dict[str, list[float]] = {name: [] for name, _ in cases}
+        trees: set[tuple[str, bytes]] = set()
+        burner = _burner() if args.busy else None
+        try:
+            for _ in range(args.rounds):
+                for name, case in cases:
+                    hash_path = Path(tmp) / "hash"
+                    hash_path.unlink(missing_ok=True)
+                    if args.cold and not name.startswith("streaming"):
+                        _drop_caches()
+                    else:
+                        _warm(data)
+                    root, seconds = case(hash_path)
+                    trees.add((root, hashlib.sha256(hash_path.read_bytes()).digest()))
+                    runs[name].append(seconds)
+        finally:
+            if burner is not None:
+                burner.kill()
+                burner.wait()
+        if len(trees) != 1:
+            print(f"trees differ: {sorted(trees)}", file=sys.stderr)
             return 1
-    ref = min(runs["veritysetup format"])
+    load = os.getloadavg()
     print(
         f"dm-verity format of {args.size_mib} MiB (sha256, 4096/4096, superblock), "
-        f"{args.rounds} rounds, {len(os.sched_getaffinity(0))} CPUs; root {roots.pop()}"
+        f"{args.rounds} rounds interleaved, {len(os.sched_getaffinity(0))} CPUs, "
+        f"page cache {'cold' if args.cold else 'warm'}"
+        f"{', one CPU burner running' if args.busy else ''}; "
+        f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; root {trees.pop()[0]}"
     )
-    print(f"{'':32} {'best s':>8} {'median s':>9} {'GB/s':>6} {'vs veritysetup':>15}")
+    print(f"{'':38} {'median s':>9} {'best s':>8} {'GB/s':>6} {'ours/veritysetup':>17}")
     for name, times in runs.items():
-        best = min(times)
+        ratio = statistics.median(t / a for t, a in zip(times, runs[anchor], strict=True))
+        med = statistics.median(times)
         print(
-            f"{name:32} {best:8.3f} {statistics.median(times):9.3f} "
-            f"{size / best / 1e9:6.2f} {ref / best:14.2f}x"
+            f"{name:38} {med:9.3f} {min(times):8.3f} {size / med / 1e9:6.2f} {ratio:16.2f}x"
+            + ("  (in this process, warm)" if name.startswith("streaming") else "")
         )
     return 0
 

@@ -6,13 +6,16 @@ The EROFS converter writes an image's data blocks in order while it converts, an
 `hash_blocks` right after writing it, so the data is hashed while it is in cache and never
 read a second time. `finish` then writes [superblock +] tree wherever the caller says.
 
-Single-threaded on purpose: threads over 4 KiB hashes are slower than one thread (the GIL
-is handed back and forth per block), and the caller's own thread is busy converting anyway.
+Threads: with the compiled loop (`hashing.ACCELERATED`) `hash_blocks` hashes with the GIL
+released, so a converter can hand runs to a background thread and keep converting on its own;
+several threads may call `hash_blocks` at once (the hashing runs in parallel, recording the
+digests takes a lock). With the pure-Python loop the same calls work but take turns on the GIL.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from typing import BinaryIO
 
 from snapshotter.errors import FailedPrecondition, InvalidArgument
@@ -45,6 +48,7 @@ class VerityTreeBuilder:
         self._leaves = DigestStore(self._digest_size, memory_limit=memory_limit, tmp_dir=tmp_dir)
         self._hashed = BlockRanges()
         self._finished = False
+        self._lock = threading.RLock()  # the leaf store and the coverage, shared by threads
 
     def hash_blocks(self, first_block: int, data: bytes | bytearray | memoryview) -> None:
         """Hash whole data blocks starting at block index `first_block`.
@@ -62,14 +66,15 @@ class VerityTreeBuilder:
 
     def add_leaf_digests(self, first_block: int, digests: bytes) -> None:
         """Record digests H(salt || block) computed elsewhere (e.g. by worker processes)."""
-        self._check_open()
         if first_block < 0:
             raise InvalidArgument(f"verity: negative block index {first_block}")
         if len(digests) % self._digest_size:
             raise InvalidArgument("verity: leaf digests are not whole digests")
         count = len(digests) // self._digest_size
-        self._hashed.add(first_block, first_block + count)
-        self._leaves.put(first_block, digests)
+        with self._lock:
+            self._check_open()
+            self._hashed.add(first_block, first_block + count)
+            self._leaves.put(first_block, digests)
 
     def finish(self, data_blocks: int, out: BinaryIO, hash_offset: int) -> VerityInfo:
         """Write [superblock +] tree into `out` at byte `hash_offset`; return the description.
@@ -78,6 +83,10 @@ class VerityTreeBuilder:
         itself when `hash_offset` is at or past the end of the data. The builder is spent
         afterwards (its temp storage is released).
         """
+        with self._lock:
+            return self._finish(data_blocks, out, hash_offset)
+
+    def _finish(self, data_blocks: int, out: BinaryIO, hash_offset: int) -> VerityInfo:
         self._check_open()
         p = self.params
         try:
@@ -138,8 +147,9 @@ class VerityTreeBuilder:
 
     def close(self) -> None:
         """Release the digest storage; the builder cannot be used afterwards."""
-        self._finished = True
-        self._leaves.close()
+        with self._lock:
+            self._finished = True
+            self._leaves.close()
 
     def _check_open(self) -> None:
         if self._finished:

@@ -13,6 +13,8 @@ import os
 import random
 import shutil
 import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -26,12 +28,14 @@ from snapshotter.verity import (
     VerityTreeBuilder,
     derive_salt,
     format_file,
+    hashing,
     read_superblock,
     verify_file,
 )
 from snapshotter.verity.digests import DigestStore
 from snapshotter.verity.geometry import TreeGeometry, tree_start_block
-from snapshotter.verity.parallel import file_leaf_digests
+from snapshotter.verity.parallel import RANGE_BYTES, file_leaf_digests
+from snapshotter.verity.params import parse_uuid as uuid_bytes
 from tests.support.helpers import require_tool
 
 SALT = bytes(range(32))
@@ -291,6 +295,38 @@ def test_streaming_out_of_order_equals_format_file(tmp_path):
     assert out.read_bytes() == (tmp_path / "ref").read_bytes()
 
 
+def test_streaming_from_several_threads_equals_veritysetup(tmp_path):
+    """A converter's background hashing: threads calling hash_blocks at once, runs in any
+    order, give veritysetup's tree."""
+    p = VerityParams(salt=SALT)
+    n = 3000
+    data = rand_bytes(n * 4096, seed=13)
+    (tmp_path / "data").write_bytes(data)
+    uuid = "12345678-1234-8234-9234-123456789abc"
+    root = vs_format(tmp_path / "data", tmp_path / "ref", p, uuid=uuid)
+    b = VerityTreeBuilder(VerityParams(salt=SALT, uuid=uuid_bytes(uuid)))
+    runs = [(lo, min(n, lo + 37)) for lo in range(0, n, 37)]
+    random.Random(5).shuffle(runs)
+    errors: list[BaseException] = []
+
+    def feed(k: int) -> None:
+        try:
+            for lo, hi in runs[k::4]:
+                b.hash_blocks(lo, memoryview(data)[lo * 4096 : hi * 4096])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=feed, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    with open(tmp_path / "stream", "w+b") as f:
+        assert b.finish(n, f, 0).root_hash == root
+    assert (tmp_path / "stream").read_bytes() == (tmp_path / "ref").read_bytes()
+
+
 def test_streaming_spills_to_disk_with_same_result(tmp_path):
     p = VerityParams(salt=SALT, data_block_size=512, hash_block_size=512)
     n = 3000
@@ -472,36 +508,95 @@ def test_hash_start_block_equals_katas_formula(hbs):
         assert tree_start_block(offset, hbs, True) == kata
 
 
-# --- whole-file hashing in worker processes -------------------------------------------------
+# --- whole-file hashing in threads (accelerator) or worker processes (pure Python) ---------
 
 
-def test_worker_processes_give_the_same_leaves(tmp_path):
+def _collect(f: Path, n: int, **kw) -> bytes:
+    s = DigestStore(32)
+    got = 0
+    for b0, d in file_leaf_digests(f, n, 4096, "sha256", SALT, **kw):
+        s.put(b0, d)
+        got += len(d)
+    assert got == 32 * n
+    return s.read(0, n)
+
+
+def test_parallel_hashing_gives_the_same_leaves(tmp_path):
     f = tmp_path / "data"
-    f.write_bytes(rand_bytes(3 * (32 << 20) // 4 + 4096 * 5))  # several frames, ragged end
+    f.write_bytes(rand_bytes(3 * RANGE_BYTES + 4096 * 5))  # several ranges, ragged end
     n = f.stat().st_size // 4096
-
-    def collect(**kw):
-        s = DigestStore(32)
-        got = 0
-        for b0, d in file_leaf_digests(f, n, 4096, "sha256", SALT, **kw):
-            s.put(b0, d)
-            got += len(d)
-        assert got == 32 * n
-        return s.read(0, n)
-
-    in_process = collect(workers=1)
-    assert collect(workers=2, parallel_min_bytes=0) == in_process
+    in_process = _collect(f, n, workers=1)
+    assert _collect(f, n, workers=2, parallel_min_bytes=0) == in_process
+    assert _collect(f, n, workers=3, parallel_min_bytes=0) == in_process
     assert in_process[:32] == hashlib.sha256(SALT + f.read_bytes()[:4096]).digest()
     with pytest.raises(EpError, match="shorter than"):
         list(file_leaf_digests(f, n + 1, 4096, "sha256", SALT, workers=2, parallel_min_bytes=0))
 
 
-def test_large_file_with_workers_matches_veritysetup(tmp_path):
+def test_hashing_threads_stop_when_the_consumer_stops(tmp_path):
+    """The accelerator's threads: a consumer that gives up early (an error while storing
+    leaves) leaves no thread behind, and the file is closed."""
+    if os.environ.get("EROFS_PASSTHROUGH_PURE", "") not in ("", "0"):
+        pytest.skip("EROFS_PASSTHROUGH_PURE=1: no threads, the pure loop's processes instead")
+    if not hashing.ACCELERATED:
+        pytest.fail("the verity accelerator is not built: run .ci/setup")
     f = tmp_path / "data"
-    f.write_bytes(rand_bytes(80 << 20, seed=9))  # above the in-process threshold
+    f.write_bytes(rand_bytes(12 * RANGE_BYTES))
+    gen = file_leaf_digests(f, 12 * RANGE_BYTES // 4096, 4096, "sha256", SALT, workers=2)
+    next(gen)
+    assert any(t.name.startswith("verity-hash-") for t in threading.enumerate())
+    gen.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("verity-hash-")]
+    assert not [p for p in Path("/proc/self/fd").iterdir() if _fd_target(p) == str(f)]
+
+
+def _fd_target(p: Path) -> str:
+    try:
+        return os.readlink(p)
+    except OSError:
+        return ""
+
+
+def test_large_file_in_parallel_matches_veritysetup(tmp_path):
+    f = tmp_path / "data"
+    f.write_bytes(rand_bytes(80 << 20, seed=9))  # above both parallel thresholds
     info = format_file(f, hash_path=tmp_path / "ours", params=VerityParams(salt=SALT), workers=2)
     root = vs_format(f, tmp_path / "theirs", VerityParams(salt=SALT), uuid=info.uuid)
     assert info.root_hash == root
+    assert (tmp_path / "ours").read_bytes() == (tmp_path / "theirs").read_bytes()
+
+
+@pytest.mark.parametrize("pure", ["1", "0"])
+@pytest.mark.parametrize("hash_name", ["sha256", "sha512"])
+def test_cli_pure_and_accelerated_paths_match_veritysetup(tmp_path, pure, hash_name):
+    """The whole command in its own process, the pure-Python loop (worker processes) forced
+    or not (threads over the compiled loop): the same hash file as veritysetup's."""
+    f = tmp_path / "data"
+    f.write_bytes(rand_bytes((80 << 20) + 4096 * 3, seed=11))
+    p = VerityParams(hash_name=hash_name, salt=SALT)
+    uuid = "12345678-1234-8234-9234-123456789abc"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shim_integration.cli",
+            "verity",
+            "format",
+            str(f),
+            f"--hash-file={tmp_path / 'ours'}",
+            f"--salt={SALT.hex()}",
+            f"--hash={hash_name}",
+            f"--uuid={uuid}",
+            "--json",
+        ],
+        env={**os.environ, "EROFS_PASSTHROUGH_PURE": pure},
+        cwd=Path(__file__).resolve().parents[2],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    root = vs_format(f, tmp_path / "theirs", p, uuid=uuid)
+    assert json.loads(out)["root_hash"] == root
     assert (tmp_path / "ours").read_bytes() == (tmp_path / "theirs").read_bytes()
 
 
