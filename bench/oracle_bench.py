@@ -61,8 +61,16 @@ class Timing:
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run(cmd: list[str]) -> None:
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=OURS_ENV)
+def run(cmd: list[str], cwd: Path | None = None) -> None:
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=OURS_ENV, cwd=cwd)
+
+
+def fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def shell(cmd: str) -> None:
@@ -110,6 +118,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--no-check", action="store_true")
     parser.add_argument("--only", default="tar,gzip-verity,zstd,dir,wide10k,wide40k")
+    parser.add_argument(
+        "--durable",
+        action="store_true",
+        help="time 1.8 with an fsync of its image, as durable as ours (which fsyncs)",
+    )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="also run `convert` from this checkout (e.g. the main branch), same rounds",
+    )
     args = parser.parse_args(argv)
     only = set(args.only.split(","))
     tools: ErofsUtils = erofs_utils()
@@ -130,7 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         def rm(path: Path) -> Callable[[], None]:
             return lambda: path.unlink(missing_ok=True)
 
-        def convert(layer: Path, *extra: str) -> tuple[str, Callable[[], None], Callable[[], None]]:
+        Contender = tuple[str, Callable[[], None], Callable[[], None]]
+        base_out = work / "baseline.erofs"
+
+        def convert(layer: Path, *extra: str) -> Contender:
             label = " ".join(["ours: convert", layer.name.split(".", 1)[1], *extra[:1]])
             return (
                 label,
@@ -138,12 +159,24 @@ def main(argv: list[str] | None = None) -> int:
                 rm(ours_out),
             )
 
-        def mkfs_tar(
-            layer: Path, *extra: str
-        ) -> tuple[str, Callable[[], None], Callable[[], None]]:
+        def baseline(layer: Path, *extra: str) -> list[Contender]:
+            if args.baseline is None:
+                return []
+            cmd = [*CLI, "convert", str(layer), str(base_out), *extra]
+            label = f"baseline ({args.baseline.name}): convert"
+            return [(label, lambda: run(cmd, cwd=args.baseline), rm(base_out))]
+
+        def durable(job: Callable[[], None]) -> Callable[[], None]:
+            if not args.durable:
+                return job
+            return lambda: (job(), fsync(theirs_out))[0]
+
+        def mkfs_tar(layer: Path, *extra: str) -> Contender:
             cmd = [*mkfs, "--tar=f", "--aufs", *extra, str(theirs_out), str(layer)]
             label = " ".join(["1.8: mkfs.erofs --tar=f --aufs", *extra])
-            return label, lambda: run(cmd), rm(theirs_out)
+            if args.durable:
+                label += " + fsync"
+            return label, durable(lambda: run(cmd)), rm(theirs_out)
 
         def unpack() -> None:
             shutil.rmtree(unpacked, ignore_errors=True)
@@ -169,7 +202,10 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(
                 (
                     "minbase .tar",
-                    timed_rounds(args.repeat, [convert(tar_path), mkfs_tar(tar_path)]),
+                    timed_rounds(
+                        args.repeat,
+                        [convert(tar_path), mkfs_tar(tar_path), *baseline(tar_path)],
+                    ),
                 )
             )
             ours_size, theirs_size = ours_out.stat().st_size, theirs_out.stat().st_size
@@ -189,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                         [
                             convert(gz_path, "--verity", "--diff-id", diff_id),
                             mkfs_tar(gz_path, "--ungzip"),
+                            *baseline(gz_path, "--verity", "--diff-id", diff_id),
                         ],
                     ),
                 )
@@ -203,10 +240,12 @@ def main(argv: list[str] | None = None) -> int:
                         [
                             convert(zst_path),
                             (
-                                "1.8: zstd -dc | mkfs.erofs --tar=f --aufs",
-                                lambda: shell(pipe),
+                                "1.8: zstd -dc | mkfs.erofs --tar=f --aufs"
+                                + (" + fsync" if args.durable else ""),
+                                durable(lambda: shell(pipe)),
                                 rm(theirs_out),
                             ),
+                            *baseline(zst_path),
                         ],
                     ),
                 )
@@ -259,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(
                     (
                         f"one directory of {entries // 1000}k entries",
-                        timed_rounds(repeat, [convert(wide), mkfs_tar(wide)]),
+                        timed_rounds(repeat, [convert(wide), mkfs_tar(wide), *baseline(wide)]),
                     )
                 )
     print(f"load after: {os.getloadavg()}")
