@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import stat
+import struct
 import uuid
 from array import array
 from collections import Counter
@@ -35,21 +35,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from snapshotter.erofs.format import NULL_ADDR, DeviceSlot
+from snapshotter.erofs.format import NULL_ADDR, DeviceSlot, Inode, decode_dev
 from snapshotter.erofs.image_verity import append_verity
 from snapshotter.erofs.reader import ChunkRef, ErofsImage, InodeInfo
 from snapshotter.erofs.tree import (
     Chunks,
     InlineTail,
     Node,
+    PackedChunks,
     SourceTree,
     pick_build_time,
-    validate_name,
 )
 from snapshotter.erofs.writer import DataWriter, ImageParams, header_blocks, write_metadata
 from snapshotter.errors import (
     CorruptImage,
-    EpError,
     InvalidArgument,
     InvalidInput,
     NotFound,
@@ -99,20 +98,25 @@ def _strip_overlay(xattrs: dict[bytes, bytes]) -> dict[bytes, bytes]:
     return {k: v for k, v in xattrs.items() if not k.startswith(OVERLAY_XATTR_PREFIX)}
 
 
-def _is_whiteout(info: InodeInfo) -> bool:
-    return stat.S_ISCHR(info.mode) and info.inode.i_u == 0
+_EMPTY_XATTRS: dict[bytes, bytes] = {}  # shared by every merged inode without xattrs: never mutated
+_S_IFMT, _S_IFDIR, _S_IFREG, _S_IFLNK = 0o170000, 0o040000, 0o100000, 0o120000
+_S_IFCHR, _S_IFBLK = 0o020000, 0o060000
+_LAYOUT_FLAT_PLAIN, _LAYOUT_FLAT_INLINE = 0, 2
+_CHUNK_INDEX = struct.Struct("<HHI")  # ChunkIndex's bytes: advise, device, block
 
 
 class _LayerApplier:
-    """Applies one layer image onto the merged tree."""
+    """Applies one layer image onto the merged tree.
 
-    def __init__(
-        self, img: ErofsImage, device: int, data: DataWriter, mtimes: Counter[tuple[int, int]]
-    ) -> None:
+    Inodes are read as tuples (`ErofsImage.inode_fields`), not objects: a merge visits every
+    inode of every layer, and an object per inode and per chunk was over half its time. The
+    common file of a layer (one extent, or a small file inline) becomes its `PackedChunks` or
+    `InlineTail` right here; anything else takes the reader's general `data_map`."""
+
+    def __init__(self, img: ErofsImage, device: int, data: DataWriter) -> None:
         self.img = img
         self.device = device
         self.data = data
-        self.mtimes = mtimes
         self.bs = img.block_size
         self.links: dict[int, Node] = {}  # nid -> node, for hardlinks within the layer
         self.budget = img.sb.blocks * img.block_size
@@ -122,38 +126,37 @@ class _LayerApplier:
         xattrs = self.img.xattrs(info)
         if xattrs.get(OPAQUE_XATTR) == b"y":
             root.dir_children().clear()
-        self._set_attrs(root, info, xattrs)
+        _set_attrs(root, info.inode, xattrs)
         self._apply_dir(root, info)
 
-    def _set_attrs(self, node: Node, info: InodeInfo, xattrs: dict[bytes, bytes]) -> None:
-        ino = info.inode
-        node.mode, node.uid, node.gid = ino.mode, ino.uid, ino.gid
-        node.mtime, node.mtime_nsec = ino.mtime, ino.mtime_nsec
-        node.xattrs = _strip_overlay(xattrs)
-        self.mtimes[(ino.mtime, ino.mtime_nsec)] += 1
-
     def _apply_dir(self, target: Node, dir_info: InodeInfo) -> None:
+        img = self.img
         stack = [(target, dir_info)]
         seen: set[int] = set()
+        inode_fields = img.inode_fields
+        links = self.links
         while stack:
             target, dir_info = stack.pop()
             if dir_info.nid in seen:
                 raise CorruptImage(
-                    f"{self.img.name}: directory nid {dir_info.nid} appears twice (a cycle)"
+                    f"{img.name}: directory nid {dir_info.nid} appears twice (a cycle)"
                 )
             seen.add(dir_info.nid)
             children = target.dir_children()
             self._charge(dir_info.size)
-            for name, nid, _ftype in self.img.listdir(dir_info):
+            # listdir has checked every name (1..255 bytes, no '/' nor NUL).
+            for name, nid, _ftype in img.listdir(dir_info):
                 if name == b"." or name == b"..":
                     continue
-                try:
-                    validate_name(name)  # the reader refuses '/' and NUL; this re-checks
-                except EpError as exc:
-                    raise CorruptImage(f"{self.img.name}: nid {dir_info.nid}: {exc}") from exc
-                info = self.img.inode(nid)
-                if stat.S_ISDIR(info.mode):
-                    xattrs = self.img.xattrs(info)
+                node = links.get(nid)
+                if node is not None:  # another name of an inode of this layer
+                    children[name] = node
+                    continue
+                fields = inode_fields(nid)
+                fmt = fields[3] & _S_IFMT
+                if fmt == _S_IFDIR:
+                    info = img.inode(nid)
+                    xattrs = img.xattrs(info)
                     existing = children.get(name)
                     if (
                         existing is None
@@ -162,32 +165,67 @@ class _LayerApplier:
                     ):
                         existing = Node.directory()
                         children[name] = existing
-                    self._set_attrs(existing, info, xattrs)
+                    _set_attrs(existing, info.inode, xattrs)
                     stack.append((existing, info))
-                elif _is_whiteout(info):
+                elif fmt == _S_IFCHR and fields[6] == 0:  # a whiteout
                     children.pop(name, None)
                 else:
-                    children[name] = self._leaf(info)
+                    children[name] = self._leaf(nid, fields)
 
-    def _leaf(self, info: InodeInfo) -> Node:
-        node = self.links.get(info.nid)
-        if node is not None:
-            return node
-        ino = info.inode
-        node = Node(mode=ino.mode)
-        self._set_attrs(node, info, self.img.xattrs(info))
-        if stat.S_ISREG(ino.mode):
-            node.size = ino.size
-            node.data = self._chunks(self.img.data_map(info), ino.size)
-        elif stat.S_ISLNK(ino.mode):
-            node.symlink = self.img.readlink(info)
-        elif stat.S_ISCHR(ino.mode) or stat.S_ISBLK(ino.mode):
-            node.rdev = self.img.rdev(info)
-        # Every non-directory by nid, whatever its nlink says: entries naming one inode are
-        # one file (as the kernel shows them), and a hostile nlink of 1 on an inode named a
-        # thousand times cannot make its chunk table be read a thousand times.
-        self.links[info.nid] = node
+    def _leaf(self, nid: int, fields: tuple[int, ...]) -> Node:
+        """A non-directory inode as a new node (remembered by nid: entries naming one inode
+        are one file, as the kernel shows them, and a hostile nlink of 1 on an inode named a
+        thousand times cannot make its chunk table be read a thousand times)."""
+        pos, fmt_word, icount, mode, _nlink, size, i_u, uid, gid, mtime, nsec = fields
+        img = self.img
+        isize = 64 if fmt_word & 1 else 32
+        xattrs = (
+            _strip_overlay(img.xattrs_at(nid, pos + isize, icount)) if icount else _EMPTY_XATTRS
+        )
+        node = Node(mode=mode, uid=uid, gid=gid, mtime=mtime, mtime_nsec=nsec, xattrs=xattrs)
+        fmt = mode & _S_IFMT
+        if fmt == _S_IFREG:
+            node.size = size
+            if size:
+                node.data = self._file_data(nid, fields, isize)
+        elif fmt == _S_IFLNK:
+            node.symlink = img.readlink(img.inode(nid))
+        elif fmt in (_S_IFCHR, _S_IFBLK):
+            node.rdev = decode_dev(i_u)
+        self.links[nid] = node
         return node
+
+    def _file_data(
+        self, nid: int, fields: tuple[int, ...], isize: int
+    ) -> PackedChunks | Chunks | InlineTail | None:
+        """Where the file's data lies, as the fsmeta will address it. The two layouts our
+        layers use are decided here, with the reader's checks; the rest go through
+        `data_map`."""
+        pos, fmt_word, icount, _mode, _nlink, size, i_u = fields[:7]
+        layout = (fmt_word >> 1) & 7
+        bs = self.bs
+        if layout == _LAYOUT_FLAT_PLAIN and size < 1 << 63:
+            total_blocks = -(-size // bs)
+            bits = (total_blocks - 1).bit_length()
+            if bits <= MAX_CHUNKBITS:  # one extent, one chunk index
+                self.img.check_blocks(nid, 0, i_u, size)
+                self._charge(4)
+                if i_u >= NULL_ADDR:  # check_blocks bounds it already; never trust blindly
+                    raise InvalidInput(
+                        f"{self.img.name}: data block {i_u} beyond 32-bit addressing"
+                    )
+                return PackedChunks(bits, _CHUNK_INDEX.pack(0, self.device, i_u))
+        elif layout == _LAYOUT_FLAT_INLINE and size < bs:
+            # A small file stored inline in its layer stays inline in the fsmeta.
+            tail_pos = pos + isize + (12 + 4 * (icount - 1) if icount else 0)
+            if tail_pos % bs + size > bs:
+                raise CorruptImage(f"{self.img.name}: nid {nid}: inline data crosses a block")
+            if tail_pos + size > self.img.sb.blocks * bs:
+                raise CorruptImage(f"{self.img.name}: nid {nid}: inline data beyond the image")
+            self._charge(4)
+            return InlineTail(None, self.img.read_at(tail_pos, size))
+        info = self.img.inode(nid)
+        return self._chunks(self.img.data_map(info), size)
 
     def _chunks(self, refs: list[ChunkRef], size: int) -> Chunks | InlineTail | None:
         """Chunk indexes addressing the file's data where it lies in this layer's blob.
@@ -258,7 +296,6 @@ def build_merged_tree(
     """Apply the layers (lowest first) into one tree; file data stays in the layers.
     `progress` is told each step as it starts."""
     root = Node.directory()
-    mtimes: Counter[tuple[int, int]] = Counter()
     devices = []
     block_size = None
     for index, layer in enumerate(layers, start=1):
@@ -274,7 +311,7 @@ def build_merged_tree(
                 )
             if img.device_slots:
                 raise Unsupported(f"{layer.path}: a multi-device image cannot be merged as a layer")
-            _LayerApplier(img, index, data, mtimes).apply_root(root)
+            _LayerApplier(img, index, data).apply_root(root)
             tag = layer.tag or img.sb.uuid.hex()
             file_size = os.stat(layer.path).st_size
             if file_size < img.sb.blocks * img.block_size:
@@ -287,10 +324,37 @@ def build_merged_tree(
                     path=layer.path, tag=tag, blocks=img.sb.blocks, uniaddr=0, file_size=file_size
                 )
             )
+    mtimes = _count_mtimes(root)
     build_time, nsec = pick_build_time(mtimes)
     return MergeTree(
-        SourceTree(root, build_time, nsec, sum(mtimes.values())), devices, block_size or 4096
+        SourceTree(root, build_time, nsec, mtimes.total()), devices, block_size or 4096
     )
+
+
+def _set_attrs(node: Node, ino: Inode, xattrs: dict[bytes, bytes]) -> None:
+    node.mode, node.uid, node.gid = ino.mode, ino.uid, ino.gid
+    node.mtime, node.mtime_nsec = ino.mtime, ino.mtime_nsec
+    node.xattrs = _strip_overlay(xattrs) if xattrs else _EMPTY_XATTRS
+
+
+def _count_mtimes(root: Node) -> Counter[tuple[int, int]]:
+    """The mtimes of the merged tree's inodes (each once, however many names it has): the
+    most common one becomes the build time, which makes the most inodes compact. Counted on
+    the result, not on every layer's inodes as they were applied, so that a merge continuing
+    from a parent chain's fsmeta (which holds only the result) picks the same one."""
+    seen: set[int] = set()
+    mtimes: list[tuple[int, int]] = [(root.mtime, root.mtime_nsec)]
+    stack = [root]
+    while stack:
+        for child in stack.pop().dir_children().values():
+            if child.children is not None:
+                stack.append(child)
+            elif id(child) in seen:
+                continue
+            else:
+                seen.add(id(child))
+            mtimes.append((child.mtime, child.mtime_nsec))
+    return Counter(mtimes)
 
 
 @dataclass(frozen=True)
