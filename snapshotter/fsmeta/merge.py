@@ -35,7 +35,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from snapshotter.erofs.format import NULL_ADDR, DeviceSlot, Inode, decode_dev
+from snapshotter.erofs.format import (
+    CHUNK_FORMAT_INDEXES,
+    LAYOUT_CHUNK_BASED,
+    NULL_ADDR,
+    DeviceSlot,
+    Inode,
+    SuperBlock,
+    decode_dev,
+)
 from snapshotter.erofs.image_verity import append_verity
 from snapshotter.erofs.reader import ChunkRef, ErofsImage, InodeInfo
 from snapshotter.erofs.tree import (
@@ -49,6 +57,7 @@ from snapshotter.erofs.tree import (
 from snapshotter.erofs.writer import DataWriter, ImageParams, header_blocks, write_metadata
 from snapshotter.errors import (
     CorruptImage,
+    EpError,
     InvalidArgument,
     InvalidInput,
     NotFound,
@@ -291,44 +300,199 @@ class _LayerApplier:
 
 
 def build_merged_tree(
-    layers: list[LayerBlob], data: DataWriter, progress: Callable[[str], None] | None = None
+    layers: list[LayerBlob],
+    data: DataWriter,
+    progress: Callable[[str], None] | None = None,
+    parent: Path | None = None,
 ) -> MergeTree:
     """Apply the layers (lowest first) into one tree; file data stays in the layers.
-    `progress` is told each step as it starts."""
+    `progress` is told each step as it starts. `parent`: the fsmeta of a prefix of these
+    layers (a parent chain's), whose tree is taken as it is and only the layers above it
+    applied; if it cannot be continued exactly (see `_parent_tree`), every layer is."""
     root = Node.directory()
-    devices = []
-    block_size = None
+    infos = [_layer_device(layer) for layer in layers]
+    block_size = infos[0][1].block_size if infos else 4096
+    start = 0
+    if parent is not None:
+        lower = _parent_tree(parent, infos)
+        if lower is not None:
+            root, start = lower
+            if progress is not None:
+                progress(f"layers 1-{start} from {parent}")
     for index, layer in enumerate(layers, start=1):
+        if index <= start:
+            continue
         if progress is not None:
             progress(f"layer {index}/{len(layers)} {layer.path}")
         with ErofsImage(layer.path) as img:
-            if block_size is None:
-                block_size = img.block_size
-            elif img.block_size != block_size:
+            if img.block_size != block_size:
                 raise InvalidArgument(
                     f"{layer.path}: block size {img.block_size} differs from the "
                     f"other layers' {block_size}"
                 )
-            if img.device_slots:
-                raise Unsupported(f"{layer.path}: a multi-device image cannot be merged as a layer")
             _LayerApplier(img, index, data).apply_root(root)
-            tag = layer.tag or img.sb.uuid.hex()
-            file_size = os.stat(layer.path).st_size
-            if file_size < img.sb.blocks * img.block_size:
-                raise CorruptImage(
-                    f"{layer.path}: {file_size} bytes, shorter than the "
-                    f"{img.sb.blocks} blocks its superblock counts (truncated)"
-                )
-            devices.append(
-                MergedDevice(
-                    path=layer.path, tag=tag, blocks=img.sb.blocks, uniaddr=0, file_size=file_size
-                )
-            )
+    devices = [device for device, _sb in infos]
+    if progress is not None:
+        progress("build time")
     mtimes = _count_mtimes(root)
     build_time, nsec = pick_build_time(mtimes)
-    return MergeTree(
-        SourceTree(root, build_time, nsec, mtimes.total()), devices, block_size or 4096
-    )
+    return MergeTree(SourceTree(root, build_time, nsec, mtimes.total()), devices, block_size)
+
+
+def _layer_device(layer: LayerBlob) -> tuple[MergedDevice, SuperBlock]:
+    """A layer's device-table entry (and superblock), its image checked to be mergeable."""
+    with ErofsImage(layer.path) as img:
+        if img.device_slots:
+            raise Unsupported(f"{layer.path}: a multi-device image cannot be merged as a layer")
+        tag = layer.tag or img.sb.uuid.hex()
+        file_size = os.stat(layer.path).st_size
+        if file_size < img.sb.blocks * img.block_size:
+            raise CorruptImage(
+                f"{layer.path}: {file_size} bytes, shorter than the "
+                f"{img.sb.blocks} blocks its superblock counts (truncated)"
+            )
+        device = MergedDevice(
+            path=layer.path, tag=tag, blocks=img.sb.blocks, uniaddr=0, file_size=file_size
+        )
+        return device, img.sb
+
+
+class _NotContinuable(Exception):
+    """A parent fsmeta whose tree alone does not determine the merge's bytes."""
+
+
+def _parent_tree(
+    parent: Path, layers: list[tuple[MergedDevice, SuperBlock]]
+) -> tuple[Node, int] | None:
+    """The merged tree of the first k layers read back from their fsmeta `parent`, and k;
+    None when the merge must start from the lowest layer instead.
+
+    The fsmeta holds the whole merged tree (every attribute; chunk indexes already naming
+    (device, block) in the layer blobs), which is all a merge from scratch would carry
+    from those k layers into the result, so applying the other layers on it gives the same
+    bytes (tests/kernel/test_incremental_merge.py checks). Not continued: a parent whose
+    device table is not these layers' first k (tags, blocks), one holding data of its own
+    (tails of other tools' layers copied into it, and with them the blocks they took, which
+    the tree does not say), one that is not ours or unreadable: merged from scratch, the
+    result is the same, only slower."""
+    try:
+        with ErofsImage(parent) as img:
+            slots = img.device_slots
+            k = len(slots)
+            if not 0 < k < len(layers) + 1 or img.block_size != layers[0][1].block_size:
+                return None
+            for slot, (device, _sb) in zip(slots, layers, strict=False):
+                if slot.tag != device.tag.encode() or slot.blocks != device.blocks:
+                    return None
+            return _FsmetaReader(img, k).tree(), k
+    except (_NotContinuable, EpError, OSError):
+        return None
+
+
+class _FsmetaReader:
+    """Reads an fsmeta we wrote back into the tree it was written from."""
+
+    def __init__(self, img: ErofsImage, devices: int) -> None:
+        self.img = img
+        self.devices = devices
+        self.bs = img.block_size
+        self.links: dict[int, Node] = {}
+        self.budget = img.sb.blocks * img.block_size
+        # The lowest metadata block must be the first after the header: no data before it.
+        self.first_block = img.sb.meta_blkaddr + 1
+        if img.sb.xattr_blkaddr:
+            self.first_block = min(self.first_block, img.sb.xattr_blkaddr)
+
+    def tree(self) -> Node:
+        img = self.img
+        info = img.inode(img.root_nid)
+        root = Node.directory()
+        _set_attrs(root, info.inode, img.xattrs(info))
+        stack = [(root, info)]
+        seen: set[int] = set()
+        while stack:
+            target, dir_info = stack.pop()
+            if dir_info.nid in seen:
+                raise CorruptImage(f"{img.name}: directory nid {dir_info.nid} appears twice")
+            seen.add(dir_info.nid)
+            self._data_blocks(dir_info.inode.layout, dir_info.inode.i_u, dir_info.size)
+            self._charge(dir_info.size)
+            children = target.dir_children()
+            for name, nid, _ftype in img.listdir(dir_info):
+                if name == b"." or name == b"..":
+                    continue
+                node = self.links.get(nid)
+                if node is not None:
+                    children[name] = node
+                    continue
+                fields = img.inode_fields(nid)
+                if fields[3] & _S_IFMT == _S_IFDIR:
+                    info = img.inode(nid)
+                    node = Node.directory()
+                    _set_attrs(node, info.inode, img.xattrs(info))
+                    stack.append((node, info))
+                else:
+                    node = self._leaf(nid, fields)
+                children[name] = node
+        if header_blocks(self.bs, self.devices) != self.first_block:
+            raise _NotContinuable("data blocks before the metadata")
+        return root
+
+    def _data_blocks(self, layout: int, i_u: int, size: int) -> None:
+        """Note where metadata outside the inode table (directory, symlink blocks) starts."""
+        whole_blocks = size >= self.bs if layout == _LAYOUT_FLAT_INLINE else size > 0
+        if layout in (_LAYOUT_FLAT_PLAIN, _LAYOUT_FLAT_INLINE) and whole_blocks:
+            self.first_block = min(self.first_block, i_u)
+
+    def _leaf(self, nid: int, fields: tuple[int, ...]) -> Node:
+        pos, fmt_word, icount, mode, _nlink, size, i_u, uid, gid, mtime, nsec = fields
+        img = self.img
+        isize = 64 if fmt_word & 1 else 32
+        xattrs = img.xattrs_at(nid, pos + isize, icount) if icount else _EMPTY_XATTRS
+        node = Node(mode=mode, uid=uid, gid=gid, mtime=mtime, mtime_nsec=nsec, xattrs=xattrs)
+        fmt = mode & _S_IFMT
+        layout = (fmt_word >> 1) & 7
+        if fmt == _S_IFREG:
+            node.size = size
+            if size:
+                node.data = self._file_data(nid, fields, isize, layout)
+        elif fmt == _S_IFLNK:
+            info = img.inode(nid)
+            node.symlink = img.readlink(info)
+            self._data_blocks(layout, i_u, size)
+        elif fmt in (_S_IFCHR, _S_IFBLK):
+            node.rdev = decode_dev(i_u)
+        self.links[nid] = node
+        return node
+
+    def _file_data(
+        self, nid: int, fields: tuple[int, ...], isize: int, layout: int
+    ) -> PackedChunks | InlineTail:
+        """What the merge made of the file: its chunk table as it is (each chunk on a layer
+        device, or a hole), or its inline bytes. Anything else held data in the fsmeta."""
+        img, bs = self.img, self.bs
+        pos, icount, size, i_u = fields[0], fields[2], fields[5], fields[6]
+        data_pos = pos + isize + (12 + 4 * (icount - 1) if icount else 0)
+        if layout == _LAYOUT_FLAT_INLINE and size < bs:
+            if data_pos % bs + size > bs or data_pos + size > img.sb.blocks * bs:
+                raise CorruptImage(f"{img.name}: nid {nid}: inline data out of place")
+            return InlineTail(None, img.read_at(data_pos, size))
+        if layout != LAYOUT_CHUNK_BASED or i_u & 0xFFFF & ~0x1F != CHUNK_FORMAT_INDEXES:
+            raise _NotContinuable(f"nid {nid}: data in the fsmeta")
+        bits = i_u & 0x1F
+        count = -(-size // (bs << bits))
+        base = (data_pos + 7) & ~7
+        self._charge(8 * count)
+        table = img.read_at(base, 8 * count)
+        for _advise, device, addr in _CHUNK_INDEX.iter_unpack(table):
+            if addr != NULL_ADDR and not 0 < device <= self.devices:
+                raise _NotContinuable(f"nid {nid}: a chunk on device {device}")
+        return PackedChunks(bits, table)
+
+    def _charge(self, nbytes: int) -> None:
+        self.budget -= nbytes
+        if self.budget < 0:
+            raise CorruptImage(f"{self.img.name}: directories and chunk tables overlap")
 
 
 def _set_attrs(node: Node, ino: Inode, xattrs: dict[bytes, bytes]) -> None:
@@ -444,6 +608,7 @@ def merge_layers(
     verity: bool | VerityParams = False,
     flat_path: str | os.PathLike[str] | None = None,
     progress: Callable[[str], None] | None = None,
+    parent: str | os.PathLike[str] | None = None,
 ) -> MergeResult:
     """Merge layer images (lowest first) into an fsmeta at `out_path`; optionally also one
     flat image (the fsmeta's file and the blob files, whole, back to back) at `flat_path`.
@@ -451,14 +616,18 @@ def merge_layers(
     output gets its own dm-verity tree appended (a salt derived from the fsmeta's digest
     unless unsalted); the device table already counts the fsmeta's tree, whose size follows
     from the image's size and the tree geometry alone. Outputs appear only when complete.
-    `progress` is told each step as it starts (for a status line)."""
+    `progress` is told each step as it starts (for a status line). `parent`: the fsmeta of
+    the first k of these layers (a parent chain's), to continue from instead of merging those
+    k again; the result is byte for byte the same either way."""
     blobs = [b if isinstance(b, LayerBlob) else LayerBlob(Path(b)) for b in layers]
     out_path = Path(out_path)
     step = progress or (lambda _text: None)
     tree_params = (VerityParams() if verity is True else verity) or None
     with atomic_output(out_path) as out:
         fd = out.fileno()
-        result = _write_fsmeta(blobs, fd, progress, tree_params)
+        result = _write_fsmeta(
+            blobs, fd, progress, tree_params, None if parent is None else Path(parent)
+        )
         step("digest and verity tree" if verity else "digest")
         digest = _digest_fd(fd, result.size)
         result = dataclasses.replace(result, fsmeta=out_path, digest=digest)
@@ -498,6 +667,7 @@ def _write_fsmeta(
     fd: int,
     progress: Callable[[str], None] | None = None,
     tree_params: VerityParams | None = None,
+    parent: Path | None = None,
 ) -> MergeResult:
     """Write the fsmeta of `layers` into the open file `fd` (from offset 0). With
     `tree_params`, the device table leaves room for the tree to be appended to it."""
@@ -507,7 +677,7 @@ def _write_fsmeta(
         raise InvalidArgument(f"{len(layers)} layers: EROFS addresses at most 65535 devices")
     bs = _block_size_of(layers[0].path)
     data = DataWriter(fd, bs, header_blocks(bs, len(layers)))
-    merged = build_merged_tree(layers, data, progress)
+    merged = build_merged_tree(layers, data, progress, parent)
     if progress is not None:
         progress(f"writing the metadata of {merged.tree.entries} entries")
     for d in merged.devices:
