@@ -49,7 +49,15 @@ from snapshotter.erofs.format import (
     file_type,
 )
 from snapshotter.erofs.limits import DEFAULT_LIMITS, Limits
-from snapshotter.erofs.tree import Chunks, Extent, FileData, InlineTail, Node, PackedChunks
+from snapshotter.erofs.tree import (
+    Chunks,
+    Extent,
+    FileData,
+    InlineTail,
+    Node,
+    PackedChunks,
+    pick_build_time,
+)
 from snapshotter.errors import InvalidArgument, InvalidInput
 
 # Called with (byte offset, bytes) for every region written, in the order written.
@@ -366,6 +374,9 @@ class ImageParams:
     block_size: int = 4096
     build_time: int = 0
     build_time_nsec: int = 0
+    # Instead: the most common mtime of the tree's inodes (`pick_build_time`), counted on the
+    # inodes as they are written (each once) rather than by a walk of the caller's.
+    build_time_from_tree: bool = False
     uuid: bytes = b"\0" * 16
     volume_name: bytes = b""
     devices: tuple[DeviceSlot, ...] = ()
@@ -397,7 +408,10 @@ def write_metadata(
     bs = params.block_size
     order, nlinks, parent_of = _walk_tree(root)
     shared, shared_blob = _shared_xattrs(order, bs) if share_xattrs else ({}, b"")
-    ct_sec, ct_nsec = params.build_time, params.build_time_nsec
+    if params.build_time_from_tree:
+        ct_sec, ct_nsec = pick_build_time(Counter([(n.mtime, n.mtime_nsec) for n in order]))
+    else:
+        ct_sec, ct_nsec = params.build_time, params.build_time_nsec
     cursor = _BlockCursor(data.next_block, bs)
     take = cursor.take
     count = len(order)
@@ -604,8 +618,8 @@ def write_metadata(
         blkszbits=bs.bit_length() - 1,
         root_nid=nids[0],
         inos=count,
-        build_time=params.build_time,
-        build_time_nsec=params.build_time_nsec,
+        build_time=ct_sec,
+        build_time_nsec=ct_nsec,
         blocks=data.next_block,
         meta_blkaddr=meta_blkaddr,
         xattr_blkaddr=xattr_blkaddr,

@@ -30,7 +30,6 @@ import os
 import struct
 import uuid
 from array import array
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,8 +50,6 @@ from snapshotter.erofs.tree import (
     InlineTail,
     Node,
     PackedChunks,
-    SourceTree,
-    pick_build_time,
 )
 from snapshotter.erofs.writer import DataWriter, ImageParams, header_blocks, write_metadata
 from snapshotter.errors import (
@@ -96,7 +93,10 @@ class MergedDevice:
 
 @dataclass(frozen=True)
 class MergeTree:
-    tree: SourceTree
+    """The merged tree (its build time is picked by the writer: the most common mtime of
+    the result, which a merge continuing from a parent's fsmeta knows as well)."""
+
+    root: Node
     devices: list[MergedDevice]
     block_size: int
 
@@ -310,51 +310,53 @@ def build_merged_tree(
     layers (a parent chain's), whose tree is taken as it is and only the layers above it
     applied; if it cannot be continued exactly (see `_parent_tree`), every layer is."""
     root = Node.directory()
-    infos = [_layer_device(layer) for layer in layers]
-    block_size = infos[0][1].block_size if infos else 4096
-    start = 0
-    if parent is not None:
-        lower = _parent_tree(parent, infos)
-        if lower is not None:
-            root, start = lower
+    images: list[ErofsImage] = []
+    try:
+        infos = []
+        for layer in layers:  # each opened once: its device entry, then its tree
+            images.append(ErofsImage(layer.path))
+            infos.append(_layer_device(layer, images[-1]))
+        block_size = infos[0][1].block_size if infos else 4096
+        start = 0
+        if parent is not None:
+            lower = _parent_tree(parent, infos)
+            if lower is not None:
+                root, start = lower
+                if progress is not None:
+                    progress(f"layers 1-{start} from {parent}")
+        for index, (layer, img) in enumerate(zip(layers, images, strict=True), start=1):
+            if index <= start:
+                continue
             if progress is not None:
-                progress(f"layers 1-{start} from {parent}")
-    for index, layer in enumerate(layers, start=1):
-        if index <= start:
-            continue
-        if progress is not None:
-            progress(f"layer {index}/{len(layers)} {layer.path}")
-        with ErofsImage(layer.path) as img:
+                progress(f"layer {index}/{len(layers)} {layer.path}")
             if img.block_size != block_size:
                 raise InvalidArgument(
                     f"{layer.path}: block size {img.block_size} differs from the "
                     f"other layers' {block_size}"
                 )
             _LayerApplier(img, index, data).apply_root(root)
+    finally:
+        for img in images:
+            img.close()
     devices = [device for device, _sb in infos]
-    if progress is not None:
-        progress("build time")
-    mtimes = _count_mtimes(root)
-    build_time, nsec = pick_build_time(mtimes)
-    return MergeTree(SourceTree(root, build_time, nsec, mtimes.total()), devices, block_size)
+    return MergeTree(root, devices, block_size)
 
 
-def _layer_device(layer: LayerBlob) -> tuple[MergedDevice, SuperBlock]:
+def _layer_device(layer: LayerBlob, img: ErofsImage) -> tuple[MergedDevice, SuperBlock]:
     """A layer's device-table entry (and superblock), its image checked to be mergeable."""
-    with ErofsImage(layer.path) as img:
-        if img.device_slots:
-            raise Unsupported(f"{layer.path}: a multi-device image cannot be merged as a layer")
-        tag = layer.tag or img.sb.uuid.hex()
-        file_size = os.stat(layer.path).st_size
-        if file_size < img.sb.blocks * img.block_size:
-            raise CorruptImage(
-                f"{layer.path}: {file_size} bytes, shorter than the "
-                f"{img.sb.blocks} blocks its superblock counts (truncated)"
-            )
-        device = MergedDevice(
-            path=layer.path, tag=tag, blocks=img.sb.blocks, uniaddr=0, file_size=file_size
+    if img.device_slots:
+        raise Unsupported(f"{layer.path}: a multi-device image cannot be merged as a layer")
+    tag = layer.tag or img.sb.uuid.hex()
+    file_size = os.stat(layer.path).st_size
+    if file_size < img.sb.blocks * img.block_size:
+        raise CorruptImage(
+            f"{layer.path}: {file_size} bytes, shorter than the "
+            f"{img.sb.blocks} blocks its superblock counts (truncated)"
         )
-        return device, img.sb
+    device = MergedDevice(
+        path=layer.path, tag=tag, blocks=img.sb.blocks, uniaddr=0, file_size=file_size
+    )
+    return device, img.sb
 
 
 class _NotContinuable(Exception):
@@ -499,26 +501,6 @@ def _set_attrs(node: Node, ino: Inode, xattrs: dict[bytes, bytes]) -> None:
     node.mode, node.uid, node.gid = ino.mode, ino.uid, ino.gid
     node.mtime, node.mtime_nsec = ino.mtime, ino.mtime_nsec
     node.xattrs = _strip_overlay(xattrs) if xattrs else _EMPTY_XATTRS
-
-
-def _count_mtimes(root: Node) -> Counter[tuple[int, int]]:
-    """The mtimes of the merged tree's inodes (each once, however many names it has): the
-    most common one becomes the build time, which makes the most inodes compact. Counted on
-    the result, not on every layer's inodes as they were applied, so that a merge continuing
-    from a parent chain's fsmeta (which holds only the result) picks the same one."""
-    seen: set[int] = set()
-    mtimes: list[tuple[int, int]] = [(root.mtime, root.mtime_nsec)]
-    stack = [root]
-    while stack:
-        for child in stack.pop().dir_children().values():
-            if child.children is not None:
-                stack.append(child)
-            elif id(child) in seen:
-                continue
-            else:
-                seen.add(id(child))
-            mtimes.append((child.mtime, child.mtime_nsec))
-    return Counter(mtimes)
 
 
 @dataclass(frozen=True)
@@ -679,7 +661,7 @@ def _write_fsmeta(
     data = DataWriter(fd, bs, header_blocks(bs, len(layers)))
     merged = build_merged_tree(layers, data, progress, parent)
     if progress is not None:
-        progress(f"writing the metadata of {merged.tree.entries} entries")
+        progress("writing the metadata")
     for d in merged.devices:
         if len(d.tag.encode()) > 64:
             raise InvalidArgument(f"device tag {d.tag!r} longer than 64 bytes")
@@ -695,15 +677,14 @@ def _write_fsmeta(
 
     params = ImageParams(
         block_size=bs,
-        build_time=merged.tree.build_time,
-        build_time_nsec=merged.tree.build_time_nsec,
+        build_time_from_tree=True,
         uuid=fs_uuid.bytes,
         devices=tuple(DeviceSlot(d.tag.encode(), d.blocks) for d in merged.devices),
         unified_addresses=True,
         device_spans=tuple(d.span(bs) for d in merged.devices),
         trailing_blocks=trailing_blocks,
     )
-    sb = write_metadata(data, merged.tree.root, params)
+    sb = write_metadata(data, merged.root, params)
     size = sb.blocks * bs
     file_size = size + (0 if tree_params is None else appended_tree_size(size, tree_params))
     start = sb.blocks + trailing_blocks(sb.blocks)
@@ -718,7 +699,7 @@ def _write_fsmeta(
         block_size=bs,
         devices=devices,
         uuid=str(fs_uuid),
-        entries=merged.tree.entries,
+        entries=sb.inos,
     )
 
 
