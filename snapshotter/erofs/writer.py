@@ -409,7 +409,7 @@ def write_metadata(
     order, nlinks, parent_of = _walk_tree(root)
     shared, shared_blob = _shared_xattrs(order, bs) if share_xattrs else ({}, b"")
     if params.build_time_from_tree:
-        ct_sec, ct_nsec = pick_build_time(Counter([(n.mtime, n.mtime_nsec) for n in order]))
+        ct_sec, ct_nsec = pick_build_time(Counter((n.mtime, n.mtime_nsec) for n in order))
     else:
         ct_sec, ct_nsec = params.build_time, params.build_time_nsec
     cursor = _BlockCursor(data.next_block, bs)
@@ -424,7 +424,7 @@ def write_metadata(
     sizes = [0] * count
     links = [0] * count
     xbodies: dict[int, bytes] = {}
-    tables: dict[int, bytes] = {}
+    tables: list[bytes | None] = [None] * count
     tails: dict[int, bytes] = {}
     dir_groups: dict[int, list[list[bytes]]] = {}
     any_chunked = False
@@ -513,19 +513,21 @@ def write_metadata(
             tables[i] = _pack_chunk_table(fd)
             any_chunked = True
         sizes[i] = size
+    del nlinks  # the largest structure here: one entry per inode, keyed by id
 
     xattr_blkaddr = take(len(shared_blob)) if shared_blob else 0
     meta_blkaddr = cursor.next_block - 1  # nids start at bs/32, never 0
     meta_start = cursor.next_block * bs
 
     # Inodes are 32-byte aligned; inline data must not cross a block boundary.
-    positions = [0] * count
+    nids = [0] * count
+    base = meta_blkaddr * bs
     pos = meta_start
     for i in range(count):
         pos = (pos + 31) & ~31
         size = heads[i]
         if any_chunked:
-            table = tables.get(i)
+            table = tables[i]
             if table is not None:
                 size = ((size + 7) & ~7) + len(table)
         tail = tails.get(i)
@@ -534,11 +536,9 @@ def write_metadata(
             if tail_start // bs != (tail_start + len(tail) - 1) // bs:
                 pos = -(-pos // bs) * bs
             size += len(tail)
-        positions[i] = pos
+        nids[i] = (pos - base) // INODE_SLOT_SIZE
         pos += size
     meta_end = pos
-    base = meta_blkaddr * bs
-    nids = [(p - base) // INODE_SLOT_SIZE for p in positions]
     index_of = {id(node): i for i, node in enumerate(order)}
 
     dir_type = file_type(stat.S_IFDIR)
@@ -572,7 +572,7 @@ def write_metadata(
     meta = bytearray(meta_end - meta_start)
     pack_inode = Inode.pack_into
     for i, node in enumerate(order):
-        off = positions[i] - meta_start
+        off = base + nids[i] * INODE_SLOT_SIZE - meta_start
         head = heads[i]
         xbody = xbodies.get(i) if xbodies else None
         xsize = 0 if xbody is None else len(xbody)  # == the inode's xattr_isize
@@ -596,7 +596,7 @@ def write_metadata(
         if xbody is not None:
             meta[off - xsize : off] = xbody
         if any_chunked:
-            table = tables.get(i)
+            table = tables[i]
             if table is not None:
                 off = (off + 7) & ~7
                 meta[off : off + len(table)] = table
