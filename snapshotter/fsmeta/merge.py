@@ -144,6 +144,8 @@ class _LayerApplier:
         seen: set[int] = set()
         inode_fields = img.inode_fields
         links = self.links
+        bs, sb_blocks, device = self.bs, img.sb.blocks, self.device
+        pack_index = _CHUNK_INDEX.pack
         while stack:
             target, dir_info = stack.pop()
             if dir_info.nid in seen:
@@ -163,7 +165,30 @@ class _LayerApplier:
                     continue
                 fields = inode_fields(nid)
                 fmt = fields[3] & _S_IFMT
-                if fmt == _S_IFDIR:
+                if fmt == _S_IFREG and fields[1] & 0xE == 0 and not fields[2] and fields[5]:
+                    # The common file, kept in this loop: one extent (FLAT_PLAIN), no xattrs.
+                    _pos, _fw, _ic, mode, _nl, size, i_u, uid, gid, mtime, nsec = fields
+                    nblocks = -(-size // bs)
+                    bits = (nblocks - 1).bit_length()
+                    if i_u + nblocks > sb_blocks or bits > MAX_CHUNKBITS or size >= 1 << 63:
+                        children[name] = self._leaf(nid, fields)  # checks, and says why
+                        continue
+                    self.budget -= 4
+                    if self.budget < 0:
+                        self._charge(0)
+                    node = Node(
+                        mode,
+                        uid,
+                        gid,
+                        mtime,
+                        nsec,
+                        size,
+                        PackedChunks(bits, pack_index(0, device, i_u)),
+                        xattrs=_EMPTY_XATTRS,
+                    )
+                    links[nid] = node
+                    children[name] = node
+                elif fmt == _S_IFDIR:
                     info = img.inode(nid)
                     xattrs = img.xattrs(info)
                     existing = children.get(name)
