@@ -459,7 +459,12 @@ def write_metadata(
         heads[i] = head
         fd = node.data
         fmt = mode & 0o170000
-        if fmt == 0o020000 or fmt == 0o060000:  # character or block device
+        if type(fd) is PackedChunks:  # first: most of a merge's inodes (only files have data)
+            layouts[i] = LAYOUT_CHUNK_BASED
+            i_us[i] = fd.chunkbits | CHUNK_FORMAT_INDEXES
+            tables[i] = fd.table
+            any_chunked = True
+        elif fmt == 0o020000 or fmt == 0o060000:  # character or block device
             i_us[i] = encode_dev(*node.rdev)
         elif node.children is not None:
             groups = _dir_block_plan(node, bs)
@@ -484,11 +489,6 @@ def write_metadata(
                 cursor.fill(i_us[i], target)
         elif fd is None:
             pass
-        elif type(fd) is PackedChunks:
-            layouts[i] = LAYOUT_CHUNK_BASED
-            i_us[i] = fd.chunkbits | CHUNK_FORMAT_INDEXES
-            tables[i] = fd.table
-            any_chunked = True
         elif isinstance(fd, Extent):
             i_us[i] = fd.start
         elif isinstance(fd, InlineTail):
