@@ -414,6 +414,7 @@ def write_metadata(
         ct_sec, ct_nsec = params.build_time, params.build_time_nsec
     cursor = _BlockCursor(data.next_block, bs)
     take = cursor.take
+    fits_compact = Inode.fits_compact
     count = len(order)
 
     # Columns: the inode's header bytes (inode + xattrs), layout, i_u, size, link count,
@@ -446,12 +447,9 @@ def write_metadata(
         if (
             node.mtime == ct_sec
             and node.mtime_nsec == ct_nsec
-            and nlink <= 0xFFFF
-            and size <= 0xFFFFFFFF
-            and node.uid <= 0xFFFF
-            and node.gid <= 0xFFFF
+            and fits_compact(nlink, size, node.uid, node.gid)
         ):
-            head = 32  # compact (Inode.fits_compact, and the build time as mtime)
+            head = 32  # compact: its mtime is the build time
         else:
             head = 64
         if icount:
