@@ -33,6 +33,7 @@ from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from snapshotter.erofs.format import (
     CHUNK_FORMAT_INDEXES,
@@ -43,7 +44,6 @@ from snapshotter.erofs.format import (
     SuperBlock,
     decode_dev,
 )
-from snapshotter.erofs.image_verity import append_verity
 from snapshotter.erofs.reader import ChunkRef, ErofsImage, InodeInfo
 from snapshotter.erofs.tree import (
     Chunks,
@@ -61,8 +61,9 @@ from snapshotter.errors import (
     Unsupported,
 )
 from snapshotter.fsutil import atomic_output
-from snapshotter.verity import VerityInfo, VerityParams, derive_salt
-from snapshotter.verity.geometry import TreeGeometry, tree_start_block
+
+if TYPE_CHECKING:
+    from snapshotter.verity import VerityInfo, VerityParams
 
 OVERLAY_XATTR_PREFIX = b"trusted.overlay."
 OPAQUE_XATTR = b"trusted.overlay.opaque"
@@ -626,6 +627,10 @@ def merge_layers(
     `progress` is told each step as it starts (for a status line). `parent`: the fsmeta of
     the first k of these layers (a parent chain's), to continue from instead of merging those
     k again; the result is byte for byte the same either way."""
+    # dm-verity only when asked: a merge without it does not pay for importing the builder.
+    if verity:
+        from snapshotter.erofs.image_verity import append_verity
+        from snapshotter.verity import VerityParams, derive_salt
     blobs = [b if isinstance(b, LayerBlob) else LayerBlob(Path(b)) for b in layers]
     out_path = Path(out_path)
     step = progress or (lambda _text: None)
@@ -661,6 +666,8 @@ def appended_tree_size(image_size: int, params: VerityParams) -> int:
     """Bytes `append_verity` adds after an image of `image_size` bytes: padding to a data
     block, the v1 superblock (if any) padded to a hash block, and the tree. They depend only
     on the size and the geometry, so they are known before the tree is built."""
+    from snapshotter.verity.geometry import TreeGeometry, tree_start_block
+
     data_blocks = -(-image_size // params.data_block_size)
     hash_offset = data_blocks * params.data_block_size
     start = tree_start_block(hash_offset, params.hash_block_size, params.superblock)
