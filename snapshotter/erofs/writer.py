@@ -537,13 +537,13 @@ def write_metadata(
         nids[i] = (pos - base) // INODE_SLOT_SIZE
         pos += size
     meta_end = pos
-    index_of = {id(node): i for i, node in enumerate(order)}
+    nid_of = dict(zip(map(id, order), nids))
 
     dir_type = file_type(stat.S_IFDIR)
     for i, groups in dir_groups.items():
         node = order[i]
         children = node.dir_children()
-        parent_nid = nids[index_of[id(parent_of[id(node)])]]
+        parent_nid = nid_of[id(parent_of[id(node)])]
         blocks = []
         for names in groups:
             entries = []
@@ -554,7 +554,7 @@ def write_metadata(
                     entries.append((name, parent_nid, dir_type))
                 else:
                     child = children[name]
-                    entries.append((name, nids[index_of[id(child)]], file_type(child.mode)))
+                    entries.append((name, nid_of[id(child)], file_type(child.mode)))
             blocks.append(Dirent.pack_block(entries))
         if layouts[i] == LAYOUT_FLAT_INLINE:
             tails[i] = blocks.pop()
