@@ -537,7 +537,7 @@ def write_metadata(
         nids[i] = (pos - base) // INODE_SLOT_SIZE
         pos += size
     meta_end = pos
-    nid_of = dict(zip(map(id, order), nids))
+    nid_of = dict(zip(map(id, order), nids, strict=True))
 
     dir_type = file_type(stat.S_IFDIR)
     for i, groups in dir_groups.items():
