@@ -1,7 +1,7 @@
 """fsmeta merge time and peak memory by layer and file count, erofs-utils' rebuild mode as the
 anchor, both run as whole processes in interleaved rounds.
 
-    python -m bench.merge_bench [--rounds 5] [--rss] [--cases 10000x1,100000x128]
+    python -m bench.merge_bench [--rounds 5] [--rss] [--incremental] [--cases 10000x1,...]
 
 Layers: a base layer of N files (100 per directory) plus L-1 small layers that each add one
 file and white out another, written without inline data (erofs-utils' rebuild mode refuses
@@ -14,8 +14,9 @@ takes the whole process's wall time (`proc s`); the anchor is erofs-utils >= 1.8
 `mkfs.erofs --ovlfs-strip=1 OUT LAYER...` (built by tests/support/erofs_utils_oracle.py and
 cached under ~/.cache/erofs-passthrough/erofs-utils/). Peak RSS of each process comes from
 GNU time (`/usr/bin/time -f %M`). Medians over the rounds; ratios are ours / anchor. `--rss`
-adds the 500k-file case. The layers sit in the page cache (built just before): the merge
-reads metadata only.
+adds the 500k-file case; `--incremental` also times ours continuing from the fsmeta of every
+layer but the top (what VM mode does for a chain whose parent chain is published). The
+layers sit in the page cache (built just before): the merge reads metadata only.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import time
 from pathlib import Path
 
 from bench.convert_bench import CACHE
+from snapshotter.fsmeta.merge import merge_layers
 from snapshotter.ingest.convert import convert_layer
 from tests.support.layers import Entry, write_tar
 
@@ -44,8 +46,9 @@ import json, sys, time
 from pathlib import Path
 from snapshotter.fsmeta.merge import merge_layers
 layers = [Path(p) for p in json.loads(sys.argv[2])]
+parent = sys.argv[3] if len(sys.argv) > 3 else None
 t = time.perf_counter()
-result = merge_layers(layers, sys.argv[1])
+result = merge_layers(layers, sys.argv[1], parent=parent)
 print(json.dumps({"merge": time.perf_counter() - t, "size": result.size}))
 """
 
@@ -99,8 +102,12 @@ def _run(argv: list[str]) -> tuple[float, int, str]:
         return wall, int(rss.read().split()[-1]), out.read().decode()
 
 
-def _ours(work: Path, paths: list[Path]) -> tuple[float, float, int, int]:
+def _ours(
+    work: Path, paths: list[Path], parent: Path | None = None
+) -> tuple[float, float, int, int]:
     argv = [sys.executable, "-c", _OURS, str(work / "m.fsmeta"), json.dumps(list(map(str, paths)))]
+    if parent is not None:
+        argv.append(str(parent))
     wall, rss, out = _run(argv)
     report = json.loads(out)
     return report["merge"], wall, rss, report["size"]
@@ -112,16 +119,25 @@ def _anchor(mkfs: Path, work: Path, paths: list[Path]) -> tuple[float, int]:
     return wall, rss
 
 
-def measure(files: int, layers: int, rounds: int, mkfs: Path | None) -> dict[str, float]:
+def measure(
+    files: int, layers: int, rounds: int, mkfs: Path | None, incremental: bool
+) -> dict[str, float]:
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
         work = Path(tmp)
         paths = build_layers(work, files, layers)
+        parent = None
+        if incremental and layers > 1:  # the parent chain's fsmeta: every layer but the top
+            parent = work / "parent.fsmeta"
+            merge_layers(paths[:-1], parent)
         ours: list[tuple[float, float, int, int]] = []
+        continued: list[tuple[float, float, int, int]] = []
         anchor: list[tuple[float, int]] = []
         for r in range(rounds):
             if mkfs is not None and r % 2:
                 anchor.append(_anchor(mkfs, work, paths))
             ours.append(_ours(work, paths))
+            if parent is not None:
+                continued.append(_ours(work, paths, parent))
             if mkfs is not None and not r % 2:
                 anchor.append(_anchor(mkfs, work, paths))
         row = {
@@ -132,6 +148,8 @@ def measure(files: int, layers: int, rounds: int, mkfs: Path | None) -> dict[str
             "rss_mib": max(o[2] for o in ours) / 1024,
             "fsmeta_kib": ours[-1][3] / 1024,
         }
+        if continued:
+            row["continued_s"] = statistics.median(c[0] for c in continued)
         if anchor:
             row["anchor_s"] = statistics.median(a[0] for a in anchor)
             row["anchor_rss_mib"] = max(a[1] for a in anchor) / 1024
@@ -143,6 +161,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--rss", action="store_true", help="add the 500k-file case")
     parser.add_argument("--cases", help="FILESxLAYERS,... instead of the default cases")
+    parser.add_argument(
+        "--incremental",
+        action="store_true",
+        help="also time ours continuing from the fsmeta of all layers but the top",
+    )
     args = parser.parse_args(argv)
     CACHE.mkdir(parents=True, exist_ok=True)  # convert_bench makes it, but may not have run
     mkfs = _mkfs_18()
@@ -155,11 +178,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"load: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} at start")
     print(
         "| files | layers | ours merge s | ours proc s | erofs-utils 1.8 s | merge/1.8 | proc/1.8 "
-        "| ours RSS MiB | 1.8 RSS MiB | RSS ratio | fsmeta KiB |"
+        "| ours RSS MiB | 1.8 RSS MiB | RSS ratio | fsmeta KiB | ours continued s | cont./1.8 |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for files, layers in cases:
-        row = measure(files, layers, args.rounds, mkfs)
+        row = measure(files, layers, args.rounds, mkfs, args.incremental)
+        c = row.get("continued_s")
         a = row.get("anchor_s")
         ar = row.get("anchor_rss_mib")
         cells = [
@@ -174,6 +198,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{ar:.0f}" if ar else "",
             f"{row['rss_mib'] / ar:.2f}" if ar else "",
             f"{row['fsmeta_kib']:.0f}",
+            f"{c:.3f}" if c else "",
+            f"{c / a:.2f}" if c and a else "",
         ]
         print("| " + " | ".join(cells) + " |", flush=True)
     print(f"load: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} at end")
