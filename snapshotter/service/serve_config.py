@@ -57,6 +57,15 @@ class ServeConfig:
     workers: int = field(
         default=16, metadata=_meta("gRPC worker threads (calls served at once)", min=1, max=1024)
     )
+    convert_workers: int = field(
+        default=0,
+        metadata=_meta(
+            "conversion worker processes (the differ's and Commit's layer conversions run in "
+            "them, in parallel); 0: one per CPU",
+            min=0,
+            max=1024,
+        ),
+    )
     grace_seconds: float = field(
         default=5.0,
         metadata=_meta("on SIGTERM, in-flight calls get this long", min=0.0, max=3600.0),

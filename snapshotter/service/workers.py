@@ -68,7 +68,10 @@ def _send(sock: socket.socket, message: dict[str, Any], fds: Sequence[int] = ())
 def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
     parts, left = [], n
     while left:
-        chunk = sock.recv(left)
+        try:
+            chunk = sock.recv(left)
+        except ConnectionResetError:  # the peer died with data unread
+            return None
         if not chunk:
             return None
         parts.append(chunk)
@@ -309,6 +312,7 @@ class WorkerPool:
         self.python = python
         self._lock = threading.Lock()
         self._idle: list[_Worker] = []
+        self._busy: set[_Worker] = set()
         self._slots = threading.BoundedSemaphore(self.size)
         self._closed = False
 
@@ -327,10 +331,14 @@ class WorkerPool:
         return self
 
     def close(self) -> None:
+        """Stop idle workers and kill busy ones (their jobs fail as cancelled)."""
         with self._lock:
             self._closed, idle, self._idle = True, self._idle, []
+            busy = list(self._busy)
         for w in idle:
             w.close()
+        for w in busy:
+            _kill_only(w)
 
     def pids(self) -> list[int]:
         """The idle workers' process ids."""
@@ -349,17 +357,22 @@ class WorkerPool:
                     worker.kill()
                 worker = _Worker(self.python)
             worker.wait_ready()
+            with self._lock:
+                self._busy.add(worker)
             return worker
         except BaseException:
             self._slots.release()
             raise
 
-    def _give_back(self, worker: _Worker | None) -> None:
+    def _give_back(self, worker: _Worker, alive: bool = True) -> None:
+        """End WORKER's job: back to the idle list, or closed if the pool is; a dead one
+        (ALIVE false, already killed) is dropped and replaced on a later take."""
         with self._lock:
-            if worker is not None and not self._closed:
+            self._busy.discard(worker)
+            keep = alive and not self._closed
+            if keep:
                 self._idle.append(worker)
-                worker = None
-        if worker is not None:
+        if alive and not keep:
             worker.close()
         self._slots.release()
 
@@ -413,7 +426,7 @@ class WorkerPool:
         except BaseException as exc:
             detach()
             worker.kill()
-            self._give_back(None)
+            self._give_back(worker, alive=False)
             _remove_outputs(request, including_out=True)
             if cancel.cancelled and not isinstance(exc, Cancelled):
                 raise Cancelled(f"conversion into {request.get('out')} cancelled") from None
