@@ -216,7 +216,7 @@ def test_a_worker_that_dies_is_an_error_and_is_replaced(tmp_path):
             os.kill(pid, 9)
             _feed_bytes(_layer())(fd)
 
-        with pytest.raises(EpError, match="ended without a reply.*signal 9"):
+        with pytest.raises(EpError, match=r"ended without a reply.*signal 9"):
             pool.run(_tar_request(tmp_path / "o.erofs"), feed=feed)
         assert list(tmp_path.iterdir()) == []
         assert pool.run(_tar_request(tmp_path / "o.erofs"), feed=_feed_bytes(_layer()))
