@@ -14,6 +14,11 @@ cache), once as tar+gzip and once as tar+zstd (`zstd -3` of the same tar: the sa
 - containerd 1.6 (Debian bookworm's /usr/bin/containerd), one daemon: `overlayfs` and
   `erofs-py` (no diff proxies on 1.6: the walking differ unpacks, our Commit converts).
 
+Our service runs as `serve` does by default (conversion workers, one per CPU) plus
+`containerd_content` naming the private containerd's content store, so the differ hands
+the blob file to its worker. Before each import the bench waits until our Commits' retired
+uppers are removed (a background job, not on Commit's path), so no run pays for another.
+
 Every import is `ctr images import --snapshotter S` after `sync` and
 `echo 3 > /proc/sys/vm/drop_caches`, followed by `ctr images rm --sync` (content, image and
 snapshots go). Rounds interleave the snapshotters, their order rotating each round, and the
@@ -98,7 +103,17 @@ def drop_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
+def wait_retired_uppers(stack: Stack, timeout: float = 300) -> None:
+    """Our Commit removes the unpacked upper (fs.old-*) in the background: let it finish
+    before the next import, so no run pays for an earlier one."""
+    deadline = time.monotonic() + timeout
+    snapshots = stack.service.root / "snapshots"
+    while any(snapshots.glob("*/fs.old-*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def time_import(stack: Stack, snapshotter: str, archive: Path, image: str) -> float:
+    wait_retired_uppers(stack)
     drop_caches()
     t0 = time.perf_counter()
     stack.containerd.ctr(
@@ -112,7 +127,12 @@ def time_import(stack: Stack, snapshotter: str, archive: Path, image: str) -> fl
 def start_stack(dist: Dist, base: Path, erofs_bin: Path | None) -> Stack:
     """One daemon for every snapshotter of DIST: our differ on 1.7+ (with containerd's erofs
     snapshotter + differ beside it on 2.x, mkfs.erofs from EROFS_BIN first on its PATH)."""
-    stack = Stack(dist, base, differ=dist.has_diff_proxies)
+    config = base / "serve.toml"
+    base.mkdir(parents=True, exist_ok=True)
+    # the differ hands the blob file to its worker (serve_config's containerd_content)
+    content = base / "containerd" / "root" / "io.containerd.content.v1.content"
+    config.write_text(f'containerd_content = "{content}"\n')
+    stack = Stack(dist, base, differ=dist.has_diff_proxies, service_args=["--config", str(config)])
     if erofs_bin is not None:
         with open(stack.containerd.config, "a") as f:
             f.write(

@@ -23,6 +23,8 @@ its worker and leaves no temp output.
 from __future__ import annotations
 
 import logging
+import os
+import re
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -70,6 +72,7 @@ EROFS_LAYER = "application/vnd.erofs.layer.v1"
 # a ".erofs" suffix), and still none a walking differ reads. docs/publish.md, "Media type".
 OCI_EROFS_LAYER = "application/vnd.oci.image.layer.v1.erofs"
 NATIVE_EROFS_LAYERS = frozenset({EROFS_LAYER, OCI_EROFS_LAYER})
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}")
 
 
 def upper_dir(mounts: list) -> Path | None:
@@ -90,11 +93,16 @@ def upper_dir(mounts: list) -> Path | None:
 
 class DiffService(diff_pb2_grpc.DiffServicer):
     def __init__(
-        self, snapshotter: Snapshotter, content: ContentClient, workers: WorkerPool | None = None
+        self,
+        snapshotter: Snapshotter,
+        content: ContentClient,
+        workers: WorkerPool | None = None,
+        content_dir: Path | None = None,
     ) -> None:
         self.sn = snapshotter
         self.content = content
         self.workers = workers  # None: convert in this process (one interpreter lock)
+        self.content_dir = content_dir  # containerd's content store on this host, if known
         self._count_lock = threading.Lock()
         self.conversions = 0  # tar layers converted
         self.native_layers = 0  # native EROFS layers stored as they are (not a conversion)
@@ -216,16 +224,35 @@ class DiffService(diff_pb2_grpc.DiffServicer):
         """REQUEST run by a conversion worker, the blob streamed to it from the content
         store through a pipe."""
         assert self.workers is not None
-        reply = self.workers.run(
-            request,
-            feed=lambda fd: self.content.copy_to(namespace, desc.digest, fd, cancel),
-            cancel=cancel,
-        )
+        blob = self._blob_file(desc.digest)
+        if blob is not None:
+            try:
+                reply = self.workers.run(request, source_fd=blob, cancel=cancel)
+            finally:
+                os.close(blob)
+        else:
+            reply = self.workers.run(
+                request,
+                feed=lambda fd: self.content.copy_to(namespace, desc.digest, fd, cancel),
+                cancel=cancel,
+            )
         reply.pop("maxrss_kib")
         got = reply.pop("compressed_digest")
         if got != desc.digest:
             raise InvalidArgument(f"content {desc.digest} read as {got}")
         return layer_build.LayerMeta(**reply)
+
+    def _blob_file(self, digest: str) -> int | None:
+        """A read-only descriptor of DIGEST's file in containerd's content store
+        (blobs/<algorithm>/<hex>, committed content is never rewritten), or None: stream it.
+        The conversion still checks the bytes against DIGEST."""
+        if self.content_dir is None or not _DIGEST.fullmatch(digest):
+            return None
+        algorithm, _, hexpart = digest.partition(":")
+        try:
+            return os.open(self.content_dir / "blobs" / algorithm / hexpart, os.O_RDONLY)
+        except OSError:
+            return None
 
     def _store_native(
         self,

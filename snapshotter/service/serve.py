@@ -206,7 +206,13 @@ class Server:
         )
         self.content = ContentClient(config.containerd_address)
         diff_pb2_grpc.add_DiffServicer_to_server(
-            DiffService(self.snapshotter, self.content, self.workers), self.grpc
+            DiffService(
+                self.snapshotter,
+                self.content,
+                self.workers,
+                Path(config.containerd_content) if config.containerd_content else None,
+            ),
+            self.grpc,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         self._socket: tuple[int, int] | None = None

@@ -81,6 +81,20 @@ def test_worker_output_is_the_in_process_output(pool, tmp_path, verity):
     assert reply["compressed_digest"] == local.compressed_digest
 
 
+def test_a_blob_file_descriptor_is_the_same_as_the_stream(pool, tmp_path):
+    data = _layer(4)
+    (tmp_path / "blob").write_bytes(data)
+    fd = os.open(tmp_path / "blob", os.O_RDONLY)
+    try:
+        from_fd = pool.run(_tar_request(tmp_path / "f.erofs"), source_fd=fd)
+    finally:
+        os.close(fd)
+    streamed = pool.run(_tar_request(tmp_path / "s.erofs"), feed=_feed_bytes(data))
+    from_fd.pop("maxrss_kib"), streamed.pop("maxrss_kib")
+    assert from_fd == streamed
+    assert (tmp_path / "f.erofs").read_bytes() == (tmp_path / "s.erofs").read_bytes()
+
+
 def test_directory_conversion_in_a_worker_is_the_same(pool, tmp_path):
     src = tmp_path / "fs"
     (src / "a" / "b").mkdir(parents=True)
