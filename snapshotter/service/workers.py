@@ -45,6 +45,9 @@ from snapshotter.errors import EpError
 from snapshotter.verity import VerityParams
 
 _HEADER = struct.Struct("!I")
+# The directory our `snapshotter` package is in: a worker started there runs the very code
+# the service runs (a checkout, a virtualenv), whatever the service's working directory.
+_PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 _MAX_FRAME = 1 << 24
 PIPE_BYTES = 1 << 20  # the layer pipe's kernel buffer: fewer wake-ups per MiB
 
@@ -232,6 +235,7 @@ class _Worker:
                 pass_fds=[child.fileno()],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
+                cwd=_PACKAGE_ROOT,
                 start_new_session=True,  # a terminal's Ctrl-C is the service's to handle
             )
         finally:
