@@ -6,7 +6,8 @@ layers at once against one after the other in one process, and a worker's peak R
 
 1. Start-up: `WorkerPool(n).start()` (fresh interpreters, each importing the converter's
    modules lazily on its first job) for n = 1 and 2, median of N.
-2. Two minbase `.tar.gz` layers (bench.convert_bench's cache), warm cache: converted one after
+2. One minbase `.tar.gz` in this process vs in a worker (what the pipe/descriptor costs), and
+   two minbase `.tar.gz` layers (bench.convert_bench's cache), warm cache: converted one after
    the other in this process (what one serving process did) vs handed to a pool of two
    workers at once; rounds interleaved, medians and their ratio.
 3. A 2 GiB tar (eight 256 MiB files of non-zero data, generated as it streams) through a pipe
@@ -78,6 +79,22 @@ def parallel(pool: WorkerPool, layer: Path, tmp: Path) -> float:
     return time.perf_counter() - t0
 
 
+def one_in_process(layer: Path, tmp: Path) -> float:
+    t0 = time.perf_counter()
+    convert_layer(str(layer), tmp / "one-l.erofs", verity=True, blob_digest=True)
+    return time.perf_counter() - t0
+
+
+def one_in_worker(pool: WorkerPool, layer: Path, tmp: Path) -> float:
+    fd = os.open(layer, os.O_RDONLY)
+    try:
+        t0 = time.perf_counter()
+        pool.run(_request(tmp / "one-w.erofs"), source_fd=fd)
+        return time.perf_counter() - t0
+    finally:
+        os.close(fd)
+
+
 def big_layer_rss(tmp: Path) -> int:
     block = random.Random(7).randbytes(1 << 20)
     files, size = 8, 256 << 20
@@ -116,9 +133,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="workers-bench-") as d:
         tmp = Path(d)
         pool = WorkerPool(2).start()
-        s_times, p_times = [], []
+        s_times, p_times, l_times, w_times = [], [], [], []
         try:
             for r in range(args.rounds):
+                if r % 2 == 0:
+                    l_times.append(one_in_process(gz, tmp))
+                    w_times.append(one_in_worker(pool, gz, tmp))
+                else:
+                    w_times.append(one_in_worker(pool, gz, tmp))
+                    l_times.append(one_in_process(gz, tmp))
                 if r % 2 == 0:
                     s_times.append(serial(gz, tmp))
                     p_times.append(parallel(pool, gz, tmp))
@@ -127,6 +150,9 @@ def main() -> None:
                     s_times.append(serial(gz, tmp))
         finally:
             pool.close()
+        one_l, one_w = statistics.median(l_times), statistics.median(w_times)
+        print(f"one minbase .tar.gz in this process: {one_l:.2f} s, in a worker: {one_w:.2f} s")
+        print(f"ratio worker / this process: {one_w / one_l:.2f}")
         s, p = statistics.median(s_times), statistics.median(p_times)
         print(f"two minbase .tar.gz, one process, one after the other: {s:.2f} s (median)")
         print(f"two minbase .tar.gz, two workers at once:              {p:.2f} s (median)")
