@@ -370,12 +370,22 @@ class WorkerPool:
 
     def _give_back(self, worker: _Worker, alive: bool = True) -> None:
         """End WORKER's job: back to the idle list, or closed if the pool is; a dead one
-        (ALIVE false, already killed) is dropped and replaced on a later take."""
+        (ALIVE false, already killed) is replaced at once by a fresh interpreter (its start
+        overlaps whatever comes next; `_take` waits for its ready frame)."""
+        replacement = None
+        if not alive and not self._closed:
+            with contextlib.suppress(OSError):  # else the next take spawns one
+                replacement = _Worker(self.python)
         with self._lock:
             self._busy.discard(worker)
             keep = alive and not self._closed
             if keep:
                 self._idle.append(worker)
+            elif replacement is not None and not self._closed:
+                self._idle.append(replacement)
+                replacement = None
+        if replacement is not None:
+            replacement.kill()
         if alive and not keep:
             worker.close()
         self._slots.release()
