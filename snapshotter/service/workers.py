@@ -38,11 +38,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from importlib import import_module
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from snapshotter.erofs.limits import Limits
 from snapshotter.errors import EpError
 from snapshotter.verity import VerityParams
+
+if TYPE_CHECKING:
+    from snapshotter.service.layer_build import LayerMeta
 
 _HEADER = struct.Struct("!I")
 # The directory our `snapshotter` package is in: a worker started there runs the very code
@@ -456,7 +459,9 @@ class WorkerPool:
             raise _error_from_wire(reply["error"])
         return {**reply["ok"], "maxrss_kib": reply["maxrss_kib"]}
 
-    def convert_directory(self, src: Path, out: Path, verity: bool | VerityParams = True) -> Any:
+    def convert_directory(
+        self, src: Path, out: Path, verity: bool | VerityParams = True
+    ) -> LayerMeta:
         """`layer_build.convert_directory` in a worker: the same LayerMeta."""
         from snapshotter.service.layer_build import LayerMeta
 
