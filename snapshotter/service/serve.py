@@ -228,6 +228,8 @@ class Server:
         except BaseException:
             self.snapshotter.close()
             self.content.close()
+            if self.workers is not None:
+                self.workers.close()
             self._release_root()
             raise
         self.grpc.start()
