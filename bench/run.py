@@ -15,6 +15,7 @@ BENCHMARKS = {
     "verity": ["bench.verity_bench"],
     "merge": ["bench.merge_bench"],
     "containerd": ["bench.containerd_bench"],
+    "workers": ["bench.workers_bench"],
     "attach": ["bench.attach_bench"],
 }
 

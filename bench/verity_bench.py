@@ -24,6 +24,13 @@ loop) runs through all rounds, so every contender has one core busy with other w
 Prints, per contender, the median and best time and the median of the per-round ratios
 ours / veritysetup (lower is better; <= 1.0 is as fast as veritysetup).
 
+    python -m bench.verity_bench --pools [--size-mib 512] [--busy]
+
+instead compares the ways of hashing a file's leaves (warm, `file_leaf_digests` alone, timed
+inside a fresh process per run, interleaved): one thread, two threads, two processes, each
+with the compiled loop and with the pure-Python one; this is why the pure loop keeps its
+worker processes and the compiled one uses threads.
+
     python -m bench.verity_bench --memory-gib 100
 
 instead measures the streaming builder's peak RSS for a blob of that size (4 KiB blocks):
@@ -182,6 +189,66 @@ def _memory(gib: int, tmp_dir: str | None) -> int:
     return 0
 
 
+_POOL_RUN = (
+    "import sys, time; from snapshotter.verity.parallel import file_leaf_digests; "
+    "path, blocks, workers, pool = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]; "
+    "t = time.perf_counter(); "
+    "got = sum(len(d) for _, d in file_leaf_digests(path, blocks, 4096, 'sha256', b'salt', "
+    "workers=workers, parallel_min_bytes=0, pool=None if pool == '-' else pool)); "
+    "assert got == 32 * blocks; print(time.perf_counter() - t)"
+)
+
+
+def _pools(size: int, rounds: int, tmp_dir: str | None, busy: bool) -> int:
+    cases = [
+        (f"{loop}, {label}", pure, workers, pool)
+        for loop, pure in (("compiled loop", False), ("pure Python", True))
+        for label, workers, pool in (
+            ("one thread", 1, "-"),
+            ("2 threads", 2, "threads"),
+            ("2 processes", 2, "processes"),
+        )
+    ]
+    runs: dict[str, list[float]] = {name: [] for name, *_ in cases}
+    with tempfile.TemporaryDirectory(prefix="verity-bench-", dir=tmp_dir) as tmp:
+        data = Path(tmp) / "data"
+        _write_random(data, size)
+        burner = _burner() if busy else None
+        try:
+            for _ in range(rounds):
+                for name, pure, workers, pool in cases:
+                    _warm(data)
+                    out, _ = _run(
+                        [
+                            sys.executable,
+                            "-c",
+                            _POOL_RUN,
+                            str(data),
+                            str(size // 4096),
+                            str(workers),
+                            pool,
+                        ],
+                        _env(pure),
+                    )
+                    runs[name].append(float(out))
+        finally:
+            if burner is not None:
+                burner.kill()
+                burner.wait()
+    load = os.getloadavg()
+    print(
+        f"leaf hashing of {size >> 20} MiB (sha256, 4096), {rounds} rounds interleaved, warm"
+        f"{', one CPU burner running' if busy else ''}; "
+        f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+    )
+    ref = runs[cases[0][0]]
+    print(f"{'':32} {'median s':>9} {'best s':>8} {'vs compiled one thread':>23}")
+    for name, times in runs.items():
+        ratio = statistics.median(t / r for t, r in zip(times, ref, strict=True))
+        print(f"{name:32} {statistics.median(times):9.3f} {min(times):8.3f} {ratio:22.2f}x")
+    return 0
+
+
 def _burner() -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-c", "while True: pass"])
 
@@ -198,9 +265,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cold", action="store_true", help="drop the page cache before each run")
     ap.add_argument("--busy", action="store_true", help="a CPU burner runs during every run")
     ap.add_argument("--memory-gib", type=int, help="measure peak RSS for a blob this big")
+    ap.add_argument("--pools", action="store_true", help="threads vs processes, both loops")
     args = ap.parse_args(argv)
     if args.memory_gib:
         return _memory(args.memory_gib, args.dir)
+    if args.pools:
+        return _pools(args.size_mib << 20, args.rounds, args.dir, args.busy)
     if shutil.which("veritysetup") is None:
         print("needs veritysetup (cryptsetup-bin)", file=sys.stderr)
         return 1

@@ -29,7 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from snapshotter.errors import EpError
 from snapshotter.service.namespaces import namespace_metadata
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # the checkout: `-m` runs its code, not an install
 SNAPSHOTTER = "erofs-py"
 DIFFER = "erofs-py-diff"
 

@@ -152,9 +152,11 @@ def write_archive(
     name: str,
     out: Path,
     cmd: list[str] | None = None,
+    layer_media_type: str = "application/vnd.oci.image.layer.v1.tar+gzip",
 ) -> dict:
-    """An OCI image archive of already compressed (gzip) layers with their diffIDs."""
-    blobs = [Blob("application/vnd.oci.image.layer.v1.tar+gzip", b) for b in gzip_layers]
+    """An OCI image archive of already compressed layers (gzip, unless LAYER_MEDIA_TYPE says
+    otherwise) with their diffIDs."""
+    blobs = [Blob(layer_media_type, b) for b in gzip_layers]
     config = Blob(
         "application/vnd.oci.image.config.v1+json",
         json.dumps(

@@ -11,10 +11,12 @@ from __future__ import annotations
 import mmap
 import stat
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from snapshotter.errors import CorruptImage
+
+_U16 = struct.Struct("<H")
 
 SUPER_OFFSET = 1024
 SUPER_MAGIC = 0xE0F5E1E2
@@ -282,6 +284,63 @@ class Inode:
         )
 
     @classmethod
+    def pack_into(
+        cls,
+        buf: bytearray,
+        offset: int,
+        extended: bool,
+        layout: int,
+        xattr_icount: int,
+        mode: int,
+        nlink: int,
+        size: int,
+        i_u: int,
+        ino: int,
+        uid: int,
+        gid: int,
+        mtime: int,
+        mtime_nsec: int,
+    ) -> None:
+        """`pack` without an Inode object: the fields straight into `buf` at `offset` (the
+        writer lays out hundreds of thousands of inodes; the bytes are `pack`'s)."""
+        fmt = (1 if extended else 0) | (layout << 1)
+        if extended:
+            cls._EXTENDED.pack_into(
+                buf, offset, fmt, xattr_icount, mode, 0, size, i_u, ino, uid, gid, mtime,
+                mtime_nsec, nlink,
+            )  # fmt: skip
+        else:
+            cls._COMPACT.pack_into(
+                buf, offset, fmt, xattr_icount, mode, nlink, size, 0, i_u, ino, uid, gid, 0
+            )
+
+    @classmethod
+    def unpack_fields(
+        cls, data: bytes | mmap.mmap, offset: int
+    ) -> tuple[int, int, int, int, int, int, int, int, int, int]:
+        """`unpack` without an Inode object, for readers that visit every inode.
+
+        Returns (fmt, xattr_icount, mode, nlink, size, i_u, uid, gid, mtime, mtime_nsec),
+        `fmt` being the raw format word (bit 0: extended; bits 1-3: layout); a compact inode's
+        mtime is given as (0, 0), the caller substitutes the superblock's build time. Raises
+        FormatError for unknown format bits or a truncated inode (struct.error if `offset`
+        leaves no room for even the compact form)."""
+        (fmt,) = _U16.unpack_from(data, offset)
+        if fmt & ~0xF:
+            raise FormatError(f"unsupported inode format bits {fmt:#x}")
+        if fmt & 1:
+            if len(data) < offset + cls.EXTENDED_SIZE:
+                raise FormatError("extended inode truncated")
+            (_, icount, mode, _nb, size, i_u, _ino, uid, gid, mtime, nsec, nlink) = (
+                cls._EXTENDED.unpack_from(data, offset)
+            )
+            return fmt, icount, mode, nlink, size, i_u, uid, gid, mtime, nsec
+        (_, icount, mode, nlink, size, _mtime, i_u, _ino, uid, gid, _) = cls._COMPACT.unpack_from(
+            data, offset
+        )
+        return fmt, icount, mode, nlink, size, i_u, uid, gid, 0, 0
+
+    @classmethod
     def unpack(cls, data: bytes, build_time: int = 0, build_time_nsec: int = 0) -> Inode:
         """Parse an inode; compact inodes take their mtime from the superblock (as 6.1 does)."""
         (fmt,) = struct.unpack_from("<H", data)
@@ -345,6 +404,25 @@ class Dirent:
     def unpack(cls, data: bytes | memoryview, offset: int = 0) -> Dirent:
         nid, nameoff, ftype = cls._STRUCT.unpack_from(data, offset)
         return cls(nid=nid, nameoff=nameoff, file_type=ftype)
+
+    @classmethod
+    def pack_block(cls, entries: Sequence[tuple[bytes, int, int]]) -> bytes:
+        """One directory block: the (name, nid, file type) entries' dirents, then their
+        names, as `pack` and the names joined would give (the caller sorts and sizes)."""
+        count = len(entries)
+        nameoff = cls.SIZE * count
+        fields: list[int] = []
+        for name, nid, ftype in entries:
+            fields += (nid, nameoff, ftype)
+            nameoff += len(name)
+        head = struct.pack("<" + "QHBx" * count, *fields)
+        return head + b"".join([e[0] for e in entries])
+
+    @classmethod
+    def unpack_block(cls, block: bytes | memoryview, count: int) -> Iterator[tuple[int, int, int]]:
+        """(nid, nameoff, file type) of the first `count` dirents of a block (the caller
+        checks `count * SIZE` lies inside it)."""
+        return cls._STRUCT.iter_unpack(block[: count * cls.SIZE])
 
 
 @dataclass(slots=True)

@@ -1,8 +1,8 @@
 """The in-memory inode tree an image is written from.
 
 Sources (a tar stream, a directory, the layers of a merge) build a tree of `Node`s whose file
-data is already placed (`Extent`, `Chunks`, `InlineTail`); the writer then lays out metadata
-around it. Names are bytes: EROFS stores them as bytes and tar names need not be UTF-8.
+data is already placed (`Extent`, `Chunks`, `PackedChunks`, `InlineTail`); the writer then lays
+out metadata around it. Names are bytes: EROFS stores them as bytes and tar names need not be UTF-8.
 """
 
 from __future__ import annotations
@@ -37,6 +37,16 @@ class Chunks:
     devices: array | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class PackedChunks:
+    """Chunk-based file data whose chunk indexes are already packed, 8 bytes each as the image
+    stores them (`ChunkIndex`): what the merge copies from a layer or a parent fsmeta. One
+    small bytes object per file instead of two arrays: a 500k-file merge holds them all."""
+
+    chunkbits: int
+    table: bytes
+
+
 @dataclass(frozen=True)
 class InlineTail:
     """File data whose whole blocks are an `Extent` and whose last partial block is stored
@@ -46,7 +56,7 @@ class InlineTail:
     tail: bytes
 
 
-FileData = Extent | Chunks | InlineTail | None
+FileData = Extent | Chunks | PackedChunks | InlineTail | None
 
 
 @dataclass(eq=False, slots=True)

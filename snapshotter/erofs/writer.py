@@ -49,7 +49,15 @@ from snapshotter.erofs.format import (
     file_type,
 )
 from snapshotter.erofs.limits import DEFAULT_LIMITS, Limits
-from snapshotter.erofs.tree import Chunks, Extent, FileData, InlineTail, Node
+from snapshotter.erofs.tree import (
+    Chunks,
+    Extent,
+    FileData,
+    InlineTail,
+    Node,
+    PackedChunks,
+    pick_build_time,
+)
 from snapshotter.errors import InvalidArgument, InvalidInput
 
 # Called with (byte offset, bytes) for every region written, in the order written.
@@ -446,6 +454,9 @@ class ImageParams:
     block_size: int = 4096
     build_time: int = 0
     build_time_nsec: int = 0
+    # Instead: the most common mtime of the tree's inodes (`pick_build_time`), counted on the
+    # inodes as they are written (each once) rather than by a walk of the caller's.
+    build_time_from_tree: bool = False
     uuid: bytes = b"\0" * 16
     volume_name: bytes = b""
     devices: tuple[DeviceSlot, ...] = ()
@@ -461,27 +472,6 @@ class ImageParams:
     trailing_blocks: Callable[[int], int] | None = None
 
 
-@dataclass(slots=True)
-class _Placed:
-    """Per-inode layout decisions, made before anything is written."""
-
-    node: Node
-    inode: Inode
-    xattrs: XattrIbody
-    dir_blocks: list[list[bytes]] | None = None  # directory names, grouped per block
-    tail: bytes = b""
-    chunk_table: bytes = b""
-    pos: int = 0  # byte offset of the inode in the image
-
-    @property
-    def meta_size(self) -> int:
-        size = self.inode.isize + self.inode.xattr_isize
-        if self.chunk_table:
-            size = (size + 7) & ~7
-            size += len(self.chunk_table)
-        return size + len(self.tail)
-
-
 def write_metadata(
     data: DataWriter, root: Node, params: ImageParams, *, share_xattrs: bool = True
 ) -> SuperBlock:
@@ -489,67 +479,167 @@ def write_metadata(
 
     `data` has placed every file's data already; metadata follows it. Returns the superblock
     written. The file is padded to a whole number of blocks.
+
+    The layout is decided in columns (one list per field, indexed by inode order) rather than
+    an object per inode: a merge writes hundreds of thousands of inodes, and objects per
+    inode were a third of its time and most of its memory. The bytes are those of
+    `Inode.pack`, `XattrIbody.pack`, `ChunkIndex` and `Dirent` (format.py).
     """
     bs = params.block_size
-    order = _inode_order(root)
-    nlinks = _count_links(root)
+    order, nlinks, parent_of = _walk_tree(root)
     shared, shared_blob = _shared_xattrs(order, bs) if share_xattrs else ({}, b"")
-    compactable_time = (params.build_time, params.build_time_nsec)
+    if params.build_time_from_tree:
+        ct_sec, ct_nsec = pick_build_time(Counter((n.mtime, n.mtime_nsec) for n in order))
+    else:
+        ct_sec, ct_nsec = params.build_time, params.build_time_nsec
+    cursor = _BlockCursor(data.next_block, bs)
+    take = cursor.take
+    fits_compact = Inode.fits_compact
+    count = len(order)
 
-    placed: list[_Placed] = []
-    no_xattrs = XattrIbody()
-    for ino, node in enumerate(order, start=1):
-        ibody = no_xattrs
+    # Columns: the inode's header bytes (inode + xattrs), layout, i_u, size, link count,
+    # xattr area, chunk table and inline tail.
+    heads = [0] * count
+    layouts = bytearray(count)
+    i_us = [0] * count
+    sizes = [0] * count
+    links = [0] * count
+    xbodies: dict[int, bytes] = {}
+    tables: list[bytes | None] = [None] * count
+    tails: dict[int, bytes] = {}
+    dir_groups: dict[int, list[list[bytes]]] = {}
+    any_chunked = False
+    table: bytes | None
+    tail: bytes | None
+    for i, node in enumerate(order):
+        mode, size = node.mode, node.size
+        icount = 0
         if node.xattrs:
             items = sorted(node.xattrs.items())
             ibody = XattrIbody(
                 shared_ids=sorted(shared[kv] for kv in items if kv in shared),
                 entries=[XattrEntry(*kv) for kv in items if kv not in shared],
             )
-        nlink = nlinks[id(node)]
-        extended = (node.mtime, node.mtime_nsec) != compactable_time or not Inode.fits_compact(
-            nlink, node.size, node.uid, node.gid
-        )
-        inode = Inode(
-            mode=node.mode,
-            extended=extended,
-            xattr_icount=ibody.icount,
-            nlink=nlink,
-            size=node.size,
-            ino=ino,
-            uid=node.uid,
-            gid=node.gid,
-            mtime=node.mtime,
-            mtime_nsec=node.mtime_nsec,
-        )
-        placed.append(_Placed(node=node, inode=inode, xattrs=ibody))
+            icount = ibody.icount
+            if icount:
+                xbodies[i] = ibody.pack()
+        nlink = links[i] = nlinks[id(node)]
+        if (
+            node.mtime == ct_sec
+            and node.mtime_nsec == ct_nsec
+            and fits_compact(nlink, size, node.uid, node.gid)
+        ):
+            head = 32  # compact: its mtime is the build time
+        else:
+            head = 64
+        if icount:
+            head += 12 + 4 * (icount - 1)
+        heads[i] = head
+        fd = node.data
+        fmt = mode & 0o170000
+        if type(fd) is PackedChunks:  # first: most of a merge's inodes (only files have data)
+            layouts[i] = LAYOUT_CHUNK_BASED
+            i_us[i] = fd.chunkbits | CHUNK_FORMAT_INDEXES
+            tables[i] = fd.table
+            any_chunked = True
+        elif fmt == 0o020000 or fmt == 0o060000:  # character or block device
+            i_us[i] = encode_dev(*node.rdev)
+        elif node.children is not None:
+            groups = _dir_block_plan(node, bs)
+            dir_groups[i] = groups
+            whole = len(groups) - 1
+            tail_len = _block_used(groups[-1])
+            size = whole * bs + tail_len
+            if 0 < tail_len < bs and head + tail_len <= bs:
+                layouts[i] = LAYOUT_FLAT_INLINE
+                i_us[i] = take(whole * bs) if whole else 0
+                tails[i] = bytes(tail_len)  # its length counts now; entries once nids exist
+            else:
+                i_us[i] = take((whole + 1) * bs)
+        elif node.symlink is not None:
+            target = node.symlink
+            size = len(target)
+            if 0 < size < bs and head + size <= bs:
+                layouts[i] = LAYOUT_FLAT_INLINE
+                tails[i] = target
+            else:
+                i_us[i] = take(size)
+                cursor.fill(i_us[i], target)
+        elif fd is None:
+            pass
+        elif isinstance(fd, Extent):
+            i_us[i] = fd.start
+        elif isinstance(fd, InlineTail):
+            tail = fd.tail
+            if 0 < len(tail) < bs and head + len(tail) <= bs:
+                layouts[i] = LAYOUT_FLAT_INLINE
+                i_us[i] = fd.head.start if fd.head else 0
+                tails[i] = tail
+            else:
+                # The tail does not fit beside the inode: give it a block of its own and
+                # address head and tail block by block.
+                tail_block = take(len(tail))
+                cursor.fill(tail_block, tail)
+                head_blocks = [fd.head.start + b for b in range(fd.head.nblocks)] if fd.head else []
+                layouts[i] = LAYOUT_CHUNK_BASED
+                i_us[i] = CHUNK_FORMAT_INDEXES  # chunkbits 0: one index per block
+                tables[i] = ChunkIndex.pack_table([*head_blocks, tail_block], None)
+                any_chunked = True
+        elif isinstance(fd, Chunks):
+            layouts[i] = LAYOUT_CHUNK_BASED
+            i_us[i] = fd.chunkbits | CHUNK_FORMAT_INDEXES
+            tables[i] = _pack_chunk_table(fd)
+            any_chunked = True
+        sizes[i] = size
+    del nlinks  # the largest structure here: one entry per inode, keyed by id
 
-    # Directory sizes depend only on names, so every block address can be decided before
-    # nids exist; then everything is written in address order.
-    for p in placed:
-        if p.node.children is not None:
-            p.dir_blocks = _dir_block_plan(p.node, bs)
-            p.inode.size = (len(p.dir_blocks) - 1) * bs + _block_used(p.dir_blocks[-1])
-    cursor = _BlockCursor(data.next_block, bs)
-    _choose_layouts(placed, cursor, bs)
-    xattr_blkaddr = cursor.take(len(shared_blob)) if shared_blob else 0
+    xattr_blkaddr = take(len(shared_blob)) if shared_blob else 0
     meta_blkaddr = cursor.next_block - 1  # nids start at bs/32, never 0
     meta_start = cursor.next_block * bs
-    pos = meta_start
-    for p in placed:
-        pos = _align_inode(pos, p, bs)
-        p.pos = pos
-        pos += p.meta_size
-    nid_of = {id(p.node): (p.pos - meta_blkaddr * bs) // INODE_SLOT_SIZE for p in placed}
-    parent_of = _parents(root)
 
-    for p in placed:
-        if p.dir_blocks is not None:
-            blocks = _encode_dir(p.node, p.dir_blocks, nid_of, parent_of)
-            if p.inode.layout == LAYOUT_FLAT_INLINE:
-                p.tail = blocks.pop()
-            if blocks:
-                cursor.fill(p.inode.i_u, b"".join(_pad(b, bs) for b in blocks))
+    # Inodes are 32-byte aligned; inline data must not cross a block boundary.
+    nids = [0] * count
+    base = meta_blkaddr * bs
+    pos = meta_start
+    for i in range(count):
+        pos = (pos + 31) & ~31
+        size = heads[i]
+        if any_chunked:
+            table = tables[i]
+            if table is not None:
+                size = ((size + 7) & ~7) + len(table)
+        tail = tails.get(i)
+        if tail:
+            tail_start = pos + size
+            if tail_start // bs != (tail_start + len(tail) - 1) // bs:
+                pos = -(-pos // bs) * bs
+            size += len(tail)
+        nids[i] = (pos - base) // INODE_SLOT_SIZE
+        pos += size
+    meta_end = pos
+    nid_of = dict(zip(map(id, order), nids, strict=True))
+
+    dir_type = file_type(stat.S_IFDIR)
+    for i, groups in dir_groups.items():
+        node = order[i]
+        children = node.dir_children()
+        parent_nid = nid_of[id(parent_of[id(node)])]
+        blocks = []
+        for names in groups:
+            entries = []
+            for name in names:
+                if name == b".":
+                    entries.append((name, nids[i], dir_type))
+                elif name == b"..":
+                    entries.append((name, parent_nid, dir_type))
+                else:
+                    child = children[name]
+                    entries.append((name, nid_of[id(child)], file_type(child.mode)))
+            blocks.append(Dirent.pack_block(entries))
+        if layouts[i] == LAYOUT_FLAT_INLINE:
+            tails[i] = blocks.pop()
+        if blocks:
+            cursor.fill(i_us[i], b"".join(_pad(b, bs) for b in blocks))
     if shared_blob:
         cursor.fill(xattr_blkaddr, shared_blob)
     for start, raw in sorted(cursor.pending):
@@ -557,30 +647,57 @@ def write_metadata(
             raise AssertionError("metadata blocks out of order")
         data.add_blocks(raw)
 
-    meta = bytearray(pos - meta_start)
-    for p in placed:
-        off = p.pos - meta_start
-        raw = p.inode.pack() + p.xattrs.pack() if p.xattrs.icount else p.inode.pack()
-        meta[off : off + len(raw)] = raw
-        off += len(raw)
-        if p.chunk_table:
-            off = (off + 7) & ~7
-            meta[off : off + len(p.chunk_table)] = p.chunk_table
-            off += len(p.chunk_table)
-        meta[off : off + len(p.tail)] = p.tail
-    data.add_blocks(bytes(meta))
+    meta = bytearray(meta_end - meta_start)
+    pack_inode = Inode.pack_into
+    for i, node in enumerate(order):
+        off = base + nids[i] * INODE_SLOT_SIZE - meta_start
+        head = heads[i]
+        xbody = xbodies.get(i) if xbodies else None
+        xsize = 0 if xbody is None else len(xbody)  # == the inode's xattr_isize
+        pack_inode(
+            meta,
+            off,
+            head - xsize == 64,
+            layouts[i],
+            0 if xbody is None else 1 + (xsize - 12) // 4,
+            node.mode,
+            links[i],
+            sizes[i],
+            i_us[i],
+            i + 1,
+            node.uid,
+            node.gid,
+            node.mtime,
+            node.mtime_nsec,
+        )
+        off += head
+        if xbody is not None:
+            meta[off - xsize : off] = xbody
+        if any_chunked:
+            table = tables[i]
+            if table is not None:
+                off = (off + 7) & ~7
+                meta[off : off + len(table)] = table
+                off += len(table)
+        tail = tails.get(i)
+        if tail:
+            meta[off : off + len(tail)] = tail
+    view = memoryview(meta)
+    step = WRITE_BUFFER
+    for start in range(0, len(meta), step):
+        data.add_blocks(view[start : start + step].tobytes())
+    view.release()
+    del meta
 
-    feature_incompat = 0
-    if any(p.inode.layout == LAYOUT_CHUNK_BASED for p in placed):
-        feature_incompat |= FEATURE_INCOMPAT_CHUNKED_FILE
+    feature_incompat = FEATURE_INCOMPAT_CHUNKED_FILE if any_chunked else 0
     if params.devices:
         feature_incompat |= FEATURE_INCOMPAT_DEVICE_TABLE
     sb = SuperBlock(
         blkszbits=bs.bit_length() - 1,
-        root_nid=nid_of[id(root)],
-        inos=len(placed),
-        build_time=params.build_time,
-        build_time_nsec=params.build_time_nsec,
+        root_nid=nids[0],
+        inos=count,
+        build_time=ct_sec,
+        build_time_nsec=ct_nsec,
         blocks=data.next_block,
         meta_blkaddr=meta_blkaddr,
         xattr_blkaddr=xattr_blkaddr,
@@ -606,11 +723,11 @@ def write_metadata(
             start += span
     if sb.root_nid > 0xFFFF:
         raise InvalidInput("root inode beyond the 16-bit root nid range")
-    head = bytearray(header_blocks(bs, len(params.devices)) * bs)
-    head[SUPER_OFFSET : SUPER_OFFSET + SUPER_SIZE] = sb.pack()
+    header = bytearray(header_blocks(bs, len(params.devices)) * bs)
+    header[SUPER_OFFSET : SUPER_OFFSET + SUPER_SIZE] = sb.pack()
     slots = b"".join(d.pack() for d in devices)
-    head[SUPER_OFFSET + SUPER_SIZE : SUPER_OFFSET + SUPER_SIZE + len(slots)] = slots
-    _write_at(data, 0, bytes(head))
+    header[SUPER_OFFSET + SUPER_SIZE : SUPER_OFFSET + SUPER_SIZE + len(slots)] = slots
+    _write_at(data, 0, bytes(header))
     os.ftruncate(data.fd, data.next_block * bs)
     return sb
 
@@ -647,46 +764,43 @@ def _pad(raw: bytes, bs: int) -> bytes:
     return raw + bytes(-len(raw) % bs)
 
 
-def _inode_order(root: Node) -> list[Node]:
-    """Every inode once: root first, then depth-first by sorted name."""
+def _walk_tree(root: Node) -> tuple[list[Node], dict[int, int], dict[int, Node]]:
+    """In one walk: every inode once (root first, then depth-first by sorted name), link
+    counts by id (a directory has 2 + its subdirectories, others one per directory entry)
+    and each directory's parent, for its '..' entry (the root is its own parent)."""
     seen: set[int] = set()
     order: list[Node] = []
+    links: dict[int, int] = {}
+    parent_of = {id(root): root}
     stack = [root]
     while stack:
         node = stack.pop()
-        if id(node) in seen:
+        key = id(node)
+        if key in seen:
             continue
-        seen.add(id(node))
+        seen.add(key)
         order.append(node)
-        if node.children:
-            stack.extend(node.children[name] for name in sorted(node.children, reverse=True))
-    return order
-
-
-def _count_links(root: Node) -> Counter[int]:
-    """Link counts: a directory has 2 + its subdirectories, others one per directory entry."""
-    links: Counter[int] = Counter()
-    for node in _walk_dirs(root):
-        links[id(node)] += 2
-        for child in node.dir_children().values():
+        children = node.children
+        if children is None:
+            continue
+        links[key] = links.get(key, 0) + 2
+        subdirs = 0
+        for child in children.values():
+            ckey = id(child)
             if child.children is None:
-                links[id(child)] += 1
+                links[ckey] = links.get(ckey, 0) + 1
             else:
-                links[id(node)] += 1
-    return links
-
-
-def _walk_dirs(root: Node) -> Iterator[Node]:
-    stack = [root]
-    while stack:
-        node = stack.pop()
-        yield node
-        stack.extend(c for c in node.dir_children().values() if c.children is not None)
+                subdirs += 1
+                parent_of[ckey] = node
+        links[key] += subdirs
+        if children:
+            stack.extend([children[name] for name in sorted(children, reverse=True)])
+    return order, links, parent_of
 
 
 def _shared_xattrs(order: list[Node], bs: int) -> tuple[dict[tuple[bytes, bytes], int], bytes]:
     """Xattrs carried by more than one inode go once into the shared area."""
-    counts = Counter((k, v) for node in order for k, v in node.xattrs.items())
+    counts = Counter((k, v) for node in order if node.xattrs for k, v in node.xattrs.items())
     ids: dict[tuple[bytes, bytes], int] = {}
     blob = bytearray()
     for key, count in sorted(counts.items()):
@@ -700,16 +814,18 @@ def _shared_xattrs(order: list[Node], bs: int) -> tuple[dict[tuple[bytes, bytes]
 def _dir_block_plan(node: Node, bs: int) -> list[list[bytes]]:
     """The directory's names, sorted (`.` and `..` included), grouped into blocks.
 
-    Sizes depend only on names, so the grouping is fixed before nids exist; `_encode_dir`
-    writes each group as one block once they do."""
+    Sizes depend only on names, so the grouping is fixed before nids exist; the entries are
+    written block by block once they do."""
     groups: list[list[bytes]] = [[]]
+    group = groups[0]
     used = 0
     for name in sorted([b".", b"..", *node.dir_children()]):
-        need = Dirent.SIZE + len(name)
+        need = 12 + len(name)  # Dirent.SIZE and the name
         if used + need > bs:
-            groups.append([])
+            group = []
+            groups.append(group)
             used = 0
-        groups[-1].append(name)
+        group.append(name)
         used += need
     return groups
 
@@ -717,73 +833,6 @@ def _dir_block_plan(node: Node, bs: int) -> list[list[bytes]]:
 def _block_used(names: list[bytes]) -> int:
     """Bytes a directory block of these names takes: the dirents, then the names."""
     return Dirent.SIZE * len(names) + sum(map(len, names))
-
-
-def _encode_dir(
-    node: Node, groups: list[list[bytes]], nid_of: dict[int, int], parent_of: dict[int, Node]
-) -> list[bytes]:
-    """One directory block per group of `_dir_block_plan`, with the nids now known."""
-    parent_nid = nid_of[id(parent_of[id(node)])]
-    dir_type = file_type(stat.S_IFDIR)
-    children = node.dir_children()
-    out: list[bytes] = []
-    for names in groups:
-        nameoff = Dirent.SIZE * len(names)
-        ents = bytearray()
-        for name in names:
-            if name == b".":
-                nid, ftype = nid_of[id(node)], dir_type
-            elif name == b"..":
-                nid, ftype = parent_nid, dir_type
-            else:
-                child = children[name]
-                nid, ftype = nid_of[id(child)], file_type(child.mode)
-            ents += Dirent(nid, nameoff, ftype).pack()
-            nameoff += len(name)
-        out.append(bytes(ents) + b"".join(names))
-    return out
-
-
-def _choose_layouts(placed: list[_Placed], cursor: _BlockCursor, bs: int) -> None:
-    """Pick each inode's data layout, give directory blocks their addresses."""
-    for p in placed:
-        node, inode = p.node, p.inode
-        if stat.S_ISCHR(node.mode) or stat.S_ISBLK(node.mode):
-            inode.i_u = encode_dev(*node.rdev)
-            continue
-        if p.dir_blocks is not None:
-            _layout_dir(p, p.dir_blocks, cursor, bs)
-            continue
-        if node.symlink is not None:
-            target = node.symlink
-            inode.size = len(target)
-            if _fits_inline(p, len(target), bs):
-                inode.layout = LAYOUT_FLAT_INLINE
-                p.tail = target
-            else:
-                inode.i_u = cursor.take(len(target))
-                cursor.fill(inode.i_u, target)
-            continue
-        fd = node.data
-        if isinstance(fd, Extent):
-            inode.i_u = fd.start
-        elif isinstance(fd, InlineTail) and _fits_inline(p, len(fd.tail), bs):
-            inode.layout = LAYOUT_FLAT_INLINE
-            inode.i_u = fd.head.start if fd.head else 0
-            p.tail = fd.tail
-        elif isinstance(fd, InlineTail):
-            # The tail does not fit beside the inode: give it a block of its own and address
-            # head and tail block by block.
-            tail_block = cursor.take(len(fd.tail))
-            cursor.fill(tail_block, fd.tail)
-            head = [fd.head.start + i for i in range(fd.head.nblocks)] if fd.head else []
-            inode.layout = LAYOUT_CHUNK_BASED
-            inode.i_u = CHUNK_FORMAT_INDEXES  # chunkbits 0: one index per block
-            p.chunk_table = ChunkIndex.pack_table([*head, tail_block], None)
-        elif isinstance(fd, Chunks):
-            inode.layout = LAYOUT_CHUNK_BASED
-            inode.i_u = fd.chunkbits | CHUNK_FORMAT_INDEXES
-            p.chunk_table = _pack_chunk_table(fd)
 
 
 def _pack_chunk_table(fd: Chunks) -> bytes:
@@ -797,39 +846,3 @@ def _pack_chunk_table(fd: Chunks) -> bytes:
     if sys.byteorder == "big":
         table.byteswap()
     return table.tobytes()
-
-
-def _fits_inline(p: _Placed, tail_len: int, bs: int) -> bool:
-    return 0 < tail_len < bs and p.inode.isize + p.inode.xattr_isize + tail_len <= bs
-
-
-def _layout_dir(p: _Placed, dir_blocks: list[list[bytes]], cursor: _BlockCursor, bs: int) -> None:
-    """A directory: whole blocks as an extent, the last partial block inline when it fits."""
-    whole = len(dir_blocks) - 1
-    tail_len = _block_used(dir_blocks[-1])
-    if _fits_inline(p, tail_len, bs):
-        p.inode.layout = LAYOUT_FLAT_INLINE
-        p.inode.i_u = cursor.take(whole * bs) if whole else 0
-        p.tail = bytes(tail_len)  # its length counts now; real entries once nids exist
-    else:
-        p.inode.i_u = cursor.take((whole + 1) * bs)
-
-
-def _align_inode(pos: int, p: _Placed, bs: int) -> int:
-    """Inodes are 32-byte aligned; inline data must not cross a block boundary."""
-    pos = (pos + INODE_SLOT_SIZE - 1) & ~(INODE_SLOT_SIZE - 1)
-    if p.tail:
-        tail_start = pos + p.meta_size - len(p.tail)
-        if tail_start // bs != (tail_start + len(p.tail) - 1) // bs:
-            pos = -(-pos // bs) * bs
-    return pos
-
-
-def _parents(root: Node) -> dict[int, Node]:
-    """Each directory's parent, for its '..' entry (the root is its own parent)."""
-    parent_of = {id(root): root}
-    for node in _walk_dirs(root):
-        for child in node.dir_children().values():
-            if child.is_dir:
-                parent_of[id(child)] = node
-    return parent_of

@@ -27,24 +27,29 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import stat
+import struct
 import uuid
 from array import array
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from snapshotter.erofs.format import NULL_ADDR, DeviceSlot
-from snapshotter.erofs.image_verity import append_verity
+from snapshotter.erofs.format import (
+    CHUNK_FORMAT_INDEXES,
+    LAYOUT_CHUNK_BASED,
+    NULL_ADDR,
+    DeviceSlot,
+    Inode,
+    SuperBlock,
+    decode_dev,
+)
 from snapshotter.erofs.reader import ChunkRef, ErofsImage, InodeInfo
 from snapshotter.erofs.tree import (
     Chunks,
     InlineTail,
     Node,
-    SourceTree,
-    pick_build_time,
-    validate_name,
+    PackedChunks,
 )
 from snapshotter.erofs.writer import DataWriter, ImageParams, header_blocks, write_metadata
 from snapshotter.errors import (
@@ -56,8 +61,9 @@ from snapshotter.errors import (
     Unsupported,
 )
 from snapshotter.fsutil import atomic_output
-from snapshotter.verity import VerityInfo, VerityParams, derive_salt
-from snapshotter.verity.geometry import TreeGeometry, tree_start_block
+
+if TYPE_CHECKING:
+    from snapshotter.verity import VerityInfo, VerityParams
 
 OVERLAY_XATTR_PREFIX = b"trusted.overlay."
 OPAQUE_XATTR = b"trusted.overlay.opaque"
@@ -88,7 +94,10 @@ class MergedDevice:
 
 @dataclass(frozen=True)
 class MergeTree:
-    tree: SourceTree
+    """The merged tree (its build time is picked by the writer: the most common mtime of
+    the result, which a merge continuing from a parent's fsmeta knows as well)."""
+
+    root: Node
     devices: list[MergedDevice]
     block_size: int
 
@@ -99,20 +108,25 @@ def _strip_overlay(xattrs: dict[bytes, bytes]) -> dict[bytes, bytes]:
     return {k: v for k, v in xattrs.items() if not k.startswith(OVERLAY_XATTR_PREFIX)}
 
 
-def _is_whiteout(info: InodeInfo) -> bool:
-    return stat.S_ISCHR(info.mode) and info.inode.i_u == 0
+_EMPTY_XATTRS: dict[bytes, bytes] = {}  # shared by every merged inode without xattrs: never mutated
+_S_IFMT, _S_IFDIR, _S_IFREG, _S_IFLNK = 0o170000, 0o040000, 0o100000, 0o120000
+_S_IFCHR, _S_IFBLK = 0o020000, 0o060000
+_LAYOUT_FLAT_PLAIN, _LAYOUT_FLAT_INLINE = 0, 2
+_CHUNK_INDEX = struct.Struct("<HHI")  # ChunkIndex's bytes: advise, device, block
 
 
 class _LayerApplier:
-    """Applies one layer image onto the merged tree."""
+    """Applies one layer image onto the merged tree.
 
-    def __init__(
-        self, img: ErofsImage, device: int, data: DataWriter, mtimes: Counter[tuple[int, int]]
-    ) -> None:
+    Inodes are read as tuples (`ErofsImage.inode_fields`), not objects: a merge visits every
+    inode of every layer, and an object per inode and per chunk was over half its time. The
+    common file of a layer (one extent, or a small file inline) becomes its `PackedChunks` or
+    `InlineTail` right here; anything else takes the reader's general `data_map`."""
+
+    def __init__(self, img: ErofsImage, device: int, data: DataWriter) -> None:
         self.img = img
         self.device = device
         self.data = data
-        self.mtimes = mtimes
         self.bs = img.block_size
         self.links: dict[int, Node] = {}  # nid -> node, for hardlinks within the layer
         self.budget = img.sb.blocks * img.block_size
@@ -122,38 +136,62 @@ class _LayerApplier:
         xattrs = self.img.xattrs(info)
         if xattrs.get(OPAQUE_XATTR) == b"y":
             root.dir_children().clear()
-        self._set_attrs(root, info, xattrs)
+        _set_attrs(root, info.inode, xattrs)
         self._apply_dir(root, info)
 
-    def _set_attrs(self, node: Node, info: InodeInfo, xattrs: dict[bytes, bytes]) -> None:
-        ino = info.inode
-        node.mode, node.uid, node.gid = ino.mode, ino.uid, ino.gid
-        node.mtime, node.mtime_nsec = ino.mtime, ino.mtime_nsec
-        node.xattrs = _strip_overlay(xattrs)
-        self.mtimes[(ino.mtime, ino.mtime_nsec)] += 1
-
     def _apply_dir(self, target: Node, dir_info: InodeInfo) -> None:
+        img = self.img
         stack = [(target, dir_info)]
         seen: set[int] = set()
+        inode_fields = img.inode_fields
+        links = self.links
+        bs, sb_blocks, device = self.bs, img.sb.blocks, self.device
+        pack_index = _CHUNK_INDEX.pack
         while stack:
             target, dir_info = stack.pop()
             if dir_info.nid in seen:
                 raise CorruptImage(
-                    f"{self.img.name}: directory nid {dir_info.nid} appears twice (a cycle)"
+                    f"{img.name}: directory nid {dir_info.nid} appears twice (a cycle)"
                 )
             seen.add(dir_info.nid)
             children = target.dir_children()
             self._charge(dir_info.size)
-            for name, nid, _ftype in self.img.listdir(dir_info):
+            # listdir has checked every name (1..255 bytes, no '/' nor NUL).
+            for name, nid, _ftype in img.listdir(dir_info):
                 if name == b"." or name == b"..":
                     continue
-                try:
-                    validate_name(name)  # the reader refuses '/' and NUL; this re-checks
-                except EpError as exc:
-                    raise CorruptImage(f"{self.img.name}: nid {dir_info.nid}: {exc}") from exc
-                info = self.img.inode(nid)
-                if stat.S_ISDIR(info.mode):
-                    xattrs = self.img.xattrs(info)
+                node = links.get(nid)
+                if node is not None:  # another name of an inode of this layer
+                    children[name] = node
+                    continue
+                fields = inode_fields(nid)
+                fmt = fields[3] & _S_IFMT
+                if fmt == _S_IFREG and fields[1] & 0xE == 0 and not fields[2] and fields[5]:
+                    # The common file, kept in this loop: one extent (FLAT_PLAIN), no xattrs.
+                    _pos, _fw, _ic, mode, _nl, size, i_u, uid, gid, mtime, nsec = fields
+                    nblocks = -(-size // bs)
+                    bits = (nblocks - 1).bit_length()
+                    if i_u + nblocks > sb_blocks or bits > MAX_CHUNKBITS or size >= 1 << 63:
+                        children[name] = self._leaf(nid, fields)  # checks, and says why
+                        continue
+                    self.budget -= 4
+                    if self.budget < 0:
+                        self._charge(0)
+                    node = Node(
+                        mode,
+                        uid,
+                        gid,
+                        mtime,
+                        nsec,
+                        size,
+                        PackedChunks(bits, pack_index(0, device, i_u)),
+                        xattrs=_EMPTY_XATTRS,
+                    )
+                    links[nid] = node
+                    children[name] = node
+                elif fmt == _S_IFDIR:
+                    info = img.inode(nid)
+                    xattrs = img.xattrs(info)
                     existing = children.get(name)
                     if (
                         existing is None
@@ -162,32 +200,67 @@ class _LayerApplier:
                     ):
                         existing = Node.directory()
                         children[name] = existing
-                    self._set_attrs(existing, info, xattrs)
+                    _set_attrs(existing, info.inode, xattrs)
                     stack.append((existing, info))
-                elif _is_whiteout(info):
+                elif fmt == _S_IFCHR and fields[6] == 0:  # a whiteout
                     children.pop(name, None)
                 else:
-                    children[name] = self._leaf(info)
+                    children[name] = self._leaf(nid, fields)
 
-    def _leaf(self, info: InodeInfo) -> Node:
-        node = self.links.get(info.nid)
-        if node is not None:
-            return node
-        ino = info.inode
-        node = Node(mode=ino.mode)
-        self._set_attrs(node, info, self.img.xattrs(info))
-        if stat.S_ISREG(ino.mode):
-            node.size = ino.size
-            node.data = self._chunks(self.img.data_map(info), ino.size)
-        elif stat.S_ISLNK(ino.mode):
-            node.symlink = self.img.readlink(info)
-        elif stat.S_ISCHR(ino.mode) or stat.S_ISBLK(ino.mode):
-            node.rdev = self.img.rdev(info)
-        # Every non-directory by nid, whatever its nlink says: entries naming one inode are
-        # one file (as the kernel shows them), and a hostile nlink of 1 on an inode named a
-        # thousand times cannot make its chunk table be read a thousand times.
-        self.links[info.nid] = node
+    def _leaf(self, nid: int, fields: tuple[int, ...]) -> Node:
+        """A non-directory inode as a new node (remembered by nid: entries naming one inode
+        are one file, as the kernel shows them, and a hostile nlink of 1 on an inode named a
+        thousand times cannot make its chunk table be read a thousand times)."""
+        pos, fmt_word, icount, mode, _nlink, size, i_u, uid, gid, mtime, nsec = fields
+        img = self.img
+        isize = 64 if fmt_word & 1 else 32
+        xattrs = (
+            _strip_overlay(img.xattrs_at(nid, pos + isize, icount)) if icount else _EMPTY_XATTRS
+        )
+        node = Node(mode=mode, uid=uid, gid=gid, mtime=mtime, mtime_nsec=nsec, xattrs=xattrs)
+        fmt = mode & _S_IFMT
+        if fmt == _S_IFREG:
+            node.size = size
+            if size:
+                node.data = self._file_data(nid, fields, isize)
+        elif fmt == _S_IFLNK:
+            node.symlink = img.readlink(img.inode(nid))
+        elif fmt in (_S_IFCHR, _S_IFBLK):
+            node.rdev = decode_dev(i_u)
+        self.links[nid] = node
         return node
+
+    def _file_data(
+        self, nid: int, fields: tuple[int, ...], isize: int
+    ) -> PackedChunks | Chunks | InlineTail | None:
+        """Where the file's data lies, as the fsmeta will address it. The two layouts our
+        layers use are decided here, with the reader's checks; the rest go through
+        `data_map`."""
+        pos, fmt_word, icount, _mode, _nlink, size, i_u = fields[:7]
+        layout = (fmt_word >> 1) & 7
+        bs = self.bs
+        if layout == _LAYOUT_FLAT_PLAIN and size < 1 << 63:
+            total_blocks = -(-size // bs)
+            bits = (total_blocks - 1).bit_length()
+            if bits <= MAX_CHUNKBITS:  # one extent, one chunk index
+                self.img.check_blocks(nid, 0, i_u, size)
+                self._charge(4)
+                if i_u >= NULL_ADDR:  # check_blocks bounds it already; never trust blindly
+                    raise InvalidInput(
+                        f"{self.img.name}: data block {i_u} beyond 32-bit addressing"
+                    )
+                return PackedChunks(bits, _CHUNK_INDEX.pack(0, self.device, i_u))
+        elif layout == _LAYOUT_FLAT_INLINE and size < bs:
+            # A small file stored inline in its layer stays inline in the fsmeta.
+            tail_pos = pos + isize + (12 + 4 * (icount - 1) if icount else 0)
+            if tail_pos % bs + size > bs:
+                raise CorruptImage(f"{self.img.name}: nid {nid}: inline data crosses a block")
+            if tail_pos + size > self.img.sb.blocks * bs:
+                raise CorruptImage(f"{self.img.name}: nid {nid}: inline data beyond the image")
+            self._charge(4)
+            return InlineTail(None, self.img.read_at(tail_pos, size))
+        info = self.img.inode(nid)
+        return self._chunks(self.img.data_map(info), size)
 
     def _chunks(self, refs: list[ChunkRef], size: int) -> Chunks | InlineTail | None:
         """Chunk indexes addressing the file's data where it lies in this layer's blob.
@@ -253,44 +326,233 @@ class _LayerApplier:
 
 
 def build_merged_tree(
-    layers: list[LayerBlob], data: DataWriter, progress: Callable[[str], None] | None = None
+    layers: list[LayerBlob],
+    data: DataWriter,
+    progress: Callable[[str], None] | None = None,
+    parent: Path | None = None,
 ) -> MergeTree:
     """Apply the layers (lowest first) into one tree; file data stays in the layers.
-    `progress` is told each step as it starts."""
+    `progress` is told each step as it starts. `parent`: the fsmeta of a prefix of these
+    layers (a parent chain's), whose tree is taken as it is and only the layers above it
+    applied; if it cannot be continued exactly (see `_parent_tree`), every layer is."""
     root = Node.directory()
-    mtimes: Counter[tuple[int, int]] = Counter()
-    devices = []
-    block_size = None
-    for index, layer in enumerate(layers, start=1):
-        if progress is not None:
-            progress(f"layer {index}/{len(layers)} {layer.path}")
-        with ErofsImage(layer.path) as img:
-            if block_size is None:
-                block_size = img.block_size
-            elif img.block_size != block_size:
+    images: list[ErofsImage] = []
+    try:
+        infos = []
+        for layer in layers:  # each opened once: its device entry, then its tree
+            images.append(ErofsImage(layer.path))
+            infos.append(_layer_device(layer, images[-1]))
+        block_size = infos[0][1].block_size if infos else 4096
+        start = 0
+        if parent is not None:
+            lower = _parent_tree(parent, infos)
+            if lower is not None:
+                root, start = lower
+                if progress is not None:
+                    progress(f"layers 1-{start} from {parent}")
+        for index, (layer, img) in enumerate(zip(layers, images, strict=True), start=1):
+            if index <= start:
+                continue
+            if progress is not None:
+                progress(f"layer {index}/{len(layers)} {layer.path}")
+            if img.block_size != block_size:
                 raise InvalidArgument(
                     f"{layer.path}: block size {img.block_size} differs from the "
                     f"other layers' {block_size}"
                 )
-            if img.device_slots:
-                raise Unsupported(f"{layer.path}: a multi-device image cannot be merged as a layer")
-            _LayerApplier(img, index, data, mtimes).apply_root(root)
-            tag = layer.tag or img.sb.uuid.hex()
-            file_size = os.stat(layer.path).st_size
-            if file_size < img.sb.blocks * img.block_size:
-                raise CorruptImage(
-                    f"{layer.path}: {file_size} bytes, shorter than the "
-                    f"{img.sb.blocks} blocks its superblock counts (truncated)"
-                )
-            devices.append(
-                MergedDevice(
-                    path=layer.path, tag=tag, blocks=img.sb.blocks, uniaddr=0, file_size=file_size
-                )
-            )
-    build_time, nsec = pick_build_time(mtimes)
-    return MergeTree(
-        SourceTree(root, build_time, nsec, sum(mtimes.values())), devices, block_size or 4096
+            _LayerApplier(img, index, data).apply_root(root)
+    finally:
+        for img in images:
+            img.close()
+    devices = [device for device, _sb in infos]
+    return MergeTree(root, devices, block_size)
+
+
+def _layer_device(layer: LayerBlob, img: ErofsImage) -> tuple[MergedDevice, SuperBlock]:
+    """A layer's device-table entry (and superblock), its image checked to be mergeable."""
+    if img.device_slots:
+        raise Unsupported(f"{layer.path}: a multi-device image cannot be merged as a layer")
+    tag = layer.tag or img.sb.uuid.hex()
+    file_size = os.stat(layer.path).st_size
+    if file_size < img.sb.blocks * img.block_size:
+        raise CorruptImage(
+            f"{layer.path}: {file_size} bytes, shorter than the "
+            f"{img.sb.blocks} blocks its superblock counts (truncated)"
+        )
+    device = MergedDevice(
+        path=layer.path, tag=tag, blocks=img.sb.blocks, uniaddr=0, file_size=file_size
     )
+    return device, img.sb
+
+
+class _NotContinuable(Exception):
+    """A parent fsmeta whose tree alone does not determine the merge's bytes."""
+
+
+def _parent_tree(
+    parent: Path, layers: list[tuple[MergedDevice, SuperBlock]]
+) -> tuple[Node, int] | None:
+    """The merged tree of the first k layers read back from their fsmeta `parent`, and k;
+    None when the merge must start from the lowest layer instead.
+
+    The fsmeta holds the whole merged tree (every attribute; chunk indexes already naming
+    (device, block) in the layer blobs), which is all a merge from scratch would carry
+    from those k layers into the result, so applying the other layers on it gives the same
+    bytes (tests/kernel/test_incremental_merge.py checks). Not continued: a parent whose
+    device table is not these layers' first k (tags, blocks), one holding data of its own
+    (tails of other tools' layers copied into it, and with them the blocks they took, which
+    the tree does not say), one that is not ours or unreadable: merged from scratch, the
+    result is the same, only slower."""
+    try:
+        with ErofsImage(parent) as img:
+            slots = img.device_slots
+            k = len(slots)
+            if not 0 < k < len(layers) + 1 or img.block_size != layers[0][1].block_size:
+                return None
+            for slot, (device, _sb) in zip(slots, layers, strict=False):
+                if slot.tag != device.tag.encode() or slot.blocks != device.blocks:
+                    return None
+            return _FsmetaReader(img, k).tree(), k
+    except (_NotContinuable, EpError, OSError):
+        return None
+
+
+class _FsmetaReader:
+    """Reads an fsmeta we wrote back into the tree it was written from."""
+
+    def __init__(self, img: ErofsImage, devices: int) -> None:
+        self.img = img
+        self.devices = devices
+        self.bs = img.block_size
+        self.links: dict[int, Node] = {}
+        self.budget = img.sb.blocks * img.block_size
+        # The lowest metadata block must be the first after the header: no data before it.
+        self.first_block = img.sb.meta_blkaddr + 1
+        if img.sb.xattr_blkaddr:
+            self.first_block = min(self.first_block, img.sb.xattr_blkaddr)
+
+    def tree(self) -> Node:
+        img = self.img
+        info = img.inode(img.root_nid)
+        root = Node.directory()
+        _set_attrs(root, info.inode, img.xattrs(info))
+        stack = [(root, info)]
+        seen: set[int] = set()
+        bs, devices, read_at = self.bs, self.devices, img.read_at
+        while stack:
+            target, dir_info = stack.pop()
+            if dir_info.nid in seen:
+                raise CorruptImage(f"{img.name}: directory nid {dir_info.nid} appears twice")
+            seen.add(dir_info.nid)
+            self._data_blocks(dir_info.inode.layout, dir_info.inode.i_u, dir_info.size)
+            self._charge(dir_info.size)
+            children = target.dir_children()
+            for name, nid, _ftype in img.listdir(dir_info):
+                if name == b"." or name == b"..":
+                    continue
+                node = self.links.get(nid)
+                if node is not None:
+                    children[name] = node
+                    continue
+                fields = img.inode_fields(nid)
+                pos, fw, icount, mode, _nl, size, i_u, uid, gid, mtime, nsec = fields
+                if (
+                    mode & _S_IFMT == _S_IFREG
+                    and (fw >> 1) & 7 == LAYOUT_CHUNK_BASED
+                    and not icount
+                    and i_u & ~0x1F == CHUNK_FORMAT_INDEXES
+                    and 0 < size <= bs << (i_u & 0x1F)
+                ):
+                    # The common file, kept in this loop: one chunk index, no xattrs.
+                    table = read_at(((pos + (64 if fw & 1 else 32)) + 7) & ~7, 8)
+                    _advise, device, addr = _CHUNK_INDEX.unpack(table)
+                    if addr != NULL_ADDR and not 0 < device <= devices:
+                        raise _NotContinuable(f"nid {nid}: a chunk on device {device}")
+                    self._charge(8)
+                    node = Node(
+                        mode,
+                        uid,
+                        gid,
+                        mtime,
+                        nsec,
+                        size,
+                        PackedChunks(i_u & 0x1F, table),
+                        xattrs=_EMPTY_XATTRS,
+                    )
+                    self.links[nid] = node
+                elif mode & _S_IFMT == _S_IFDIR:
+                    info = img.inode(nid)
+                    node = Node.directory()
+                    _set_attrs(node, info.inode, img.xattrs(info))
+                    stack.append((node, info))
+                else:
+                    node = self._leaf(nid, fields)
+                children[name] = node
+        if header_blocks(self.bs, self.devices) != self.first_block:
+            raise _NotContinuable("data blocks before the metadata")
+        return root
+
+    def _data_blocks(self, layout: int, i_u: int, size: int) -> None:
+        """Note where metadata outside the inode table (directory, symlink blocks) starts."""
+        whole_blocks = size >= self.bs if layout == _LAYOUT_FLAT_INLINE else size > 0
+        if layout in (_LAYOUT_FLAT_PLAIN, _LAYOUT_FLAT_INLINE) and whole_blocks:
+            self.first_block = min(self.first_block, i_u)
+
+    def _leaf(self, nid: int, fields: tuple[int, ...]) -> Node:
+        pos, fmt_word, icount, mode, _nlink, size, i_u, uid, gid, mtime, nsec = fields
+        img = self.img
+        isize = 64 if fmt_word & 1 else 32
+        xattrs = img.xattrs_at(nid, pos + isize, icount) if icount else _EMPTY_XATTRS
+        node = Node(mode=mode, uid=uid, gid=gid, mtime=mtime, mtime_nsec=nsec, xattrs=xattrs)
+        fmt = mode & _S_IFMT
+        layout = (fmt_word >> 1) & 7
+        if fmt == _S_IFREG:
+            node.size = size
+            if size:
+                node.data = self._file_data(nid, fields, isize, layout)
+        elif fmt == _S_IFLNK:
+            info = img.inode(nid)
+            node.symlink = img.readlink(info)
+            self._data_blocks(layout, i_u, size)
+        elif fmt in (_S_IFCHR, _S_IFBLK):
+            node.rdev = decode_dev(i_u)
+        self.links[nid] = node
+        return node
+
+    def _file_data(
+        self, nid: int, fields: tuple[int, ...], isize: int, layout: int
+    ) -> PackedChunks | InlineTail:
+        """What the merge made of the file: its chunk table as it is (each chunk on a layer
+        device, or a hole), or its inline bytes. Anything else held data in the fsmeta."""
+        img, bs = self.img, self.bs
+        pos, icount, size, i_u = fields[0], fields[2], fields[5], fields[6]
+        data_pos = pos + isize + (12 + 4 * (icount - 1) if icount else 0)
+        if layout == _LAYOUT_FLAT_INLINE and size < bs:
+            if data_pos % bs + size > bs or data_pos + size > img.sb.blocks * bs:
+                raise CorruptImage(f"{img.name}: nid {nid}: inline data out of place")
+            return InlineTail(None, img.read_at(data_pos, size))
+        if layout != LAYOUT_CHUNK_BASED or i_u & 0xFFFF & ~0x1F != CHUNK_FORMAT_INDEXES:
+            raise _NotContinuable(f"nid {nid}: data in the fsmeta")
+        bits = i_u & 0x1F
+        count = -(-size // (bs << bits))
+        base = (data_pos + 7) & ~7
+        self._charge(8 * count)
+        table = img.read_at(base, 8 * count)
+        for _advise, device, addr in _CHUNK_INDEX.iter_unpack(table):
+            if addr != NULL_ADDR and not 0 < device <= self.devices:
+                raise _NotContinuable(f"nid {nid}: a chunk on device {device}")
+        return PackedChunks(bits, table)
+
+    def _charge(self, nbytes: int) -> None:
+        self.budget -= nbytes
+        if self.budget < 0:
+            raise CorruptImage(f"{self.img.name}: directories and chunk tables overlap")
+
+
+def _set_attrs(node: Node, ino: Inode, xattrs: dict[bytes, bytes]) -> None:
+    node.mode, node.uid, node.gid = ino.mode, ino.uid, ino.gid
+    node.mtime, node.mtime_nsec = ino.mtime, ino.mtime_nsec
+    node.xattrs = _strip_overlay(xattrs) if xattrs else _EMPTY_XATTRS
 
 
 @dataclass(frozen=True)
@@ -380,6 +642,7 @@ def merge_layers(
     verity: bool | VerityParams = False,
     flat_path: str | os.PathLike[str] | None = None,
     progress: Callable[[str], None] | None = None,
+    parent: str | os.PathLike[str] | None = None,
 ) -> MergeResult:
     """Merge layer images (lowest first) into an fsmeta at `out_path`; optionally also one
     flat image (the fsmeta's file and the blob files, whole, back to back) at `flat_path`.
@@ -387,14 +650,22 @@ def merge_layers(
     output gets its own dm-verity tree appended (a salt derived from the fsmeta's digest
     unless unsalted); the device table already counts the fsmeta's tree, whose size follows
     from the image's size and the tree geometry alone. Outputs appear only when complete.
-    `progress` is told each step as it starts (for a status line)."""
+    `progress` is told each step as it starts (for a status line). `parent`: the fsmeta of
+    the first k of these layers (a parent chain's), to continue from instead of merging those
+    k again; the result is byte for byte the same either way."""
+    # dm-verity only when asked: a merge without it does not pay for importing the builder.
+    if verity:
+        from snapshotter.erofs.image_verity import append_verity
+        from snapshotter.verity import VerityParams, derive_salt
     blobs = [b if isinstance(b, LayerBlob) else LayerBlob(Path(b)) for b in layers]
     out_path = Path(out_path)
     step = progress or (lambda _text: None)
     tree_params = (VerityParams() if verity is True else verity) or None
     with atomic_output(out_path) as out:
         fd = out.fileno()
-        result = _write_fsmeta(blobs, fd, progress, tree_params)
+        result = _write_fsmeta(
+            blobs, fd, progress, tree_params, None if parent is None else Path(parent)
+        )
         step("digest and verity tree" if verity else "digest")
         digest = _digest_fd(fd, result.size)
         result = dataclasses.replace(result, fsmeta=out_path, digest=digest)
@@ -421,6 +692,8 @@ def appended_tree_size(image_size: int, params: VerityParams) -> int:
     """Bytes `append_verity` adds after an image of `image_size` bytes: padding to a data
     block, the v1 superblock (if any) padded to a hash block, and the tree. They depend only
     on the size and the geometry, so they are known before the tree is built."""
+    from snapshotter.verity.geometry import TreeGeometry, tree_start_block
+
     data_blocks = -(-image_size // params.data_block_size)
     hash_offset = data_blocks * params.data_block_size
     start = tree_start_block(hash_offset, params.hash_block_size, params.superblock)
@@ -434,6 +707,7 @@ def _write_fsmeta(
     fd: int,
     progress: Callable[[str], None] | None = None,
     tree_params: VerityParams | None = None,
+    parent: Path | None = None,
 ) -> MergeResult:
     """Write the fsmeta of `layers` into the open file `fd` (from offset 0). With
     `tree_params`, the device table leaves room for the tree to be appended to it."""
@@ -443,9 +717,9 @@ def _write_fsmeta(
         raise InvalidArgument(f"{len(layers)} layers: EROFS addresses at most 65535 devices")
     bs = _block_size_of(layers[0].path)
     data = DataWriter(fd, bs, header_blocks(bs, len(layers)))
-    merged = build_merged_tree(layers, data, progress)
+    merged = build_merged_tree(layers, data, progress, parent)
     if progress is not None:
-        progress(f"writing the metadata of {merged.tree.entries} entries")
+        progress("writing the metadata")
     for d in merged.devices:
         if len(d.tag.encode()) > 64:
             raise InvalidArgument(f"device tag {d.tag!r} longer than 64 bytes")
@@ -461,15 +735,14 @@ def _write_fsmeta(
 
     params = ImageParams(
         block_size=bs,
-        build_time=merged.tree.build_time,
-        build_time_nsec=merged.tree.build_time_nsec,
+        build_time_from_tree=True,
         uuid=fs_uuid.bytes,
         devices=tuple(DeviceSlot(d.tag.encode(), d.blocks) for d in merged.devices),
         unified_addresses=True,
         device_spans=tuple(d.span(bs) for d in merged.devices),
         trailing_blocks=trailing_blocks,
     )
-    sb = write_metadata(data, merged.tree.root, params)
+    sb = write_metadata(data, merged.root, params)
     size = sb.blocks * bs
     file_size = size + (0 if tree_params is None else appended_tree_size(size, tree_params))
     start = sb.blocks + trailing_blocks(sb.blocks)
@@ -484,7 +757,7 @@ def _write_fsmeta(
         block_size=bs,
         devices=devices,
         uuid=str(fs_uuid),
-        entries=merged.tree.entries,
+        entries=sb.inos,
     )
 
 

@@ -9,6 +9,7 @@ NotFound, Unavailable (nothing answers there), or the code containerd sent.
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from snapshotter import errors
 from snapshotter.errors import EpError
 from snapshotter.service.api.containerd.services.content.v1 import content_pb2, content_pb2_grpc
 from snapshotter.service.namespaces import namespace_metadata
+from snapshotter.service.workers import Cancellation
 
 BUFFER = 1 << 20
 
@@ -78,6 +80,25 @@ class ContentClient:
                 raise self._translate(exc, digest) from None
 
         return io.BufferedReader(_ChunkStream(chunks()), BUFFER)
+
+    def copy_to(self, namespace: str, digest: str, fd: int, cancel: Cancellation) -> None:
+        """Write the blob DIGEST into file descriptor FD (a conversion worker's pipe), chunk
+        by chunk as containerd sends them; CANCEL stops the read stream too."""
+        call = self._stub.Read(
+            content_pb2.ReadContentRequest(digest=digest), metadata=namespace_metadata(namespace)
+        )
+        detach = cancel.on_cancel(call.cancel)
+        try:
+            for reply in call:
+                view = memoryview(reply.data)
+                while view:
+                    view = view[os.write(fd, view) :]
+        except grpc.RpcError as exc:
+            if cancel.cancelled:
+                return  # the job reports the cancel
+            raise self._translate(exc, digest) from None
+        finally:
+            detach()
 
     def _translate(self, exc: grpc.RpcError, digest: str) -> EpError:
         code = exc.code()

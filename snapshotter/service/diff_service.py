@@ -14,11 +14,17 @@ With `layer_caches` configured, a layer whose diffID (from the snapshot's labels
 layer_cache.py) has a cache entry is staged from it instead: the blob is not read from the
 content store and nothing is converted. An entry that fails its checks is logged as a warning
 and the layer converted as if there were none.
+
+With a `WorkerPool` (serve always gives one: workers.py) conversions run in worker processes,
+the blob streamed to them from the content store; a cancelled Apply (the client gone) kills
+its worker and leaves no temp output.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import re
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,6 +41,12 @@ from snapshotter.service.layer_cache import CacheEntryError
 from snapshotter.service.namespaces import namespace_of
 from snapshotter.service.snapshots import Snapshotter
 from snapshotter.service.store import Kind
+from snapshotter.service.workers import (
+    Cancellation,
+    WorkerPool,
+    limits_to_wire,
+    verity_to_wire,
+)
 
 if TYPE_CHECKING:
     from snapshotter.ingest.convert import ConvertResult
@@ -60,6 +72,7 @@ EROFS_LAYER = "application/vnd.erofs.layer.v1"
 # a ".erofs" suffix), and still none a walking differ reads. docs/publish.md, "Media type".
 OCI_EROFS_LAYER = "application/vnd.oci.image.layer.v1.erofs"
 NATIVE_EROFS_LAYERS = frozenset({EROFS_LAYER, OCI_EROFS_LAYER})
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}")
 
 
 def upper_dir(mounts: list) -> Path | None:
@@ -79,9 +92,17 @@ def upper_dir(mounts: list) -> Path | None:
 
 
 class DiffService(diff_pb2_grpc.DiffServicer):
-    def __init__(self, snapshotter: Snapshotter, content: ContentClient) -> None:
+    def __init__(
+        self,
+        snapshotter: Snapshotter,
+        content: ContentClient,
+        workers: WorkerPool | None = None,
+        content_dir: Path | None = None,
+    ) -> None:
         self.sn = snapshotter
         self.content = content
+        self.workers = workers  # None: convert in this process (one interpreter lock)
+        self.content_dir = content_dir  # containerd's content store on this host, if known
         self._count_lock = threading.Lock()
         self.conversions = 0  # tar layers converted
         self.native_layers = 0  # native EROFS layers stored as they are (not a conversion)
@@ -109,10 +130,13 @@ class DiffService(diff_pb2_grpc.DiffServicer):
         namespace = namespace_of(context, key)
         directory = self.sn.layout.dir(sid)
         cached = self._cache_entry(key)
+        cancel = Cancellation()  # the client going away stops the worker's conversion
+        context.add_callback(cancel.cancel)
         with self.sn.layout.busy(sid):
             try:
                 meta = layer_build.publish_layer(
-                    directory, lambda out: self._produce(namespace, desc, out, key, cached)
+                    directory,
+                    lambda out: self._produce(namespace, desc, out, key, cached, cancel),
                 )
             except OSError as exc:
                 if exc.filename is None:  # a write into an open file: say where it was
@@ -153,6 +177,7 @@ class DiffService(diff_pb2_grpc.DiffServicer):
         out: Path,
         key: str,
         cached: tuple[str, Path] | None,
+        cancel: Cancellation,
     ) -> layer_build.LayerMeta:
         """The layer at OUT: from the cache entry CACHED when it passes its checks, else
         converted from the content store."""
@@ -186,11 +211,56 @@ class DiffService(diff_pb2_grpc.DiffServicer):
                 )
                 return meta
         if desc.media_type in NATIVE_EROFS_LAYERS:
-            return self._store_native(namespace, desc, out, key)
-        return self._convert(namespace, desc, out, key)
+            return self._store_native(namespace, desc, out, key, cancel)
+        return self._convert(namespace, desc, out, key, cancel)
+
+    def _in_worker(
+        self,
+        request: dict,
+        namespace: str,
+        desc: descriptor_pb2.Descriptor,
+        cancel: Cancellation,
+    ) -> layer_build.LayerMeta:
+        """REQUEST run by a conversion worker, the blob streamed to it from the content
+        store through a pipe."""
+        assert self.workers is not None
+        blob = self._blob_file(desc.digest)
+        if blob is not None:
+            try:
+                reply = self.workers.run(request, source_fd=blob, cancel=cancel)
+            finally:
+                os.close(blob)
+        else:
+            reply = self.workers.run(
+                request,
+                feed=lambda fd: self.content.copy_to(namespace, desc.digest, fd, cancel),
+                cancel=cancel,
+            )
+        reply.pop("maxrss_kib")
+        got = reply.pop("compressed_digest")
+        if got != desc.digest:
+            raise InvalidArgument(f"content {desc.digest} read as {got}")
+        return layer_build.LayerMeta(**reply)
+
+    def _blob_file(self, digest: str) -> int | None:
+        """A read-only descriptor of DIGEST's file in containerd's content store
+        (blobs/<algorithm>/<hex>, committed content is never rewritten), or None: stream it.
+        The conversion still checks the bytes against DIGEST."""
+        if self.content_dir is None or not _DIGEST.fullmatch(digest):
+            return None
+        algorithm, _, hexpart = digest.partition(":")
+        try:
+            return os.open(self.content_dir / "blobs" / algorithm / hexpart, os.O_RDONLY)
+        except OSError:
+            return None
 
     def _store_native(
-        self, namespace: str, desc: descriptor_pb2.Descriptor, out: Path, key: str
+        self,
+        namespace: str,
+        desc: descriptor_pb2.Descriptor,
+        out: Path,
+        key: str,
+        cancel: Cancellation,
     ) -> layer_build.LayerMeta:
         """A native EROFS layer from the content store, checked and stored with its verity
         tree: the bytes are the publisher's, nothing is converted."""
@@ -199,10 +269,20 @@ class DiffService(diff_pb2_grpc.DiffServicer):
         with self._count_lock:
             self.native_layers += 1
             native_layers, conversions = self.native_layers, self.conversions
-        with self.content.open(namespace, desc.digest) as blob:
-            result = import_erofs_image(
-                blob, out, expected_digest=desc.digest, verity=self.sn.layer_verity
-            )
+        if self.workers is not None:
+            request = {
+                "op": "native",
+                "out": str(out),
+                "digest": desc.digest,
+                "verity": verity_to_wire(self.sn.layer_verity),
+            }
+            meta = self._in_worker(request, namespace, desc, cancel)
+        else:
+            with self.content.open(namespace, desc.digest) as blob:
+                result = import_erofs_image(
+                    blob, out, expected_digest=desc.digest, verity=self.sn.layer_verity
+                )
+            meta = self._meta(desc, result)
         log.info(
             "stored native EROFS layer",
             extra={
@@ -213,10 +293,15 @@ class DiffService(diff_pb2_grpc.DiffServicer):
                 "conversions": conversions,
             },
         )
-        return self._meta(desc, result)
+        return meta
 
     def _convert(
-        self, namespace: str, desc: descriptor_pb2.Descriptor, out: Path, key: str
+        self,
+        namespace: str,
+        desc: descriptor_pb2.Descriptor,
+        out: Path,
+        key: str,
+        cancel: Cancellation,
     ) -> layer_build.LayerMeta:
         from snapshotter.ingest.convert import convert_layer
 
@@ -232,6 +317,14 @@ class DiffService(diff_pb2_grpc.DiffServicer):
                 "conversions": conversions,
             },
         )
+        if self.workers is not None:
+            request = {
+                "op": "tar",
+                "out": str(out),
+                "verity": verity_to_wire(self.sn.layer_verity),
+                "limits": limits_to_wire(self.sn.limits),
+            }
+            return self._in_worker(request, namespace, desc, cancel)
         with self.content.open(namespace, desc.digest) as blob:
             result = convert_layer(
                 blob, out, verity=self.sn.layer_verity, blob_digest=True, limits=self.sn.limits

@@ -68,6 +68,10 @@ class Layout:
         self._staging: set[str] = set()
         self._held: dict[str, _SnapshotLock] = {}
         self._lock = threading.Lock()
+        # Retired uppers (fs.old-*) waiting for the remover thread, and its wake-up.
+        self._removals: list[tuple[str, Path]] = []
+        self._removals_changed = threading.Condition(self._lock)
+        self._remover: threading.Thread | None = None
 
     def dir(self, sid: str) -> Path:
         return self.snapshots / sid
@@ -126,7 +130,11 @@ class Layout:
         remove_tree(path)
 
     def retire_upper(self, sid: str) -> None:
-        """After Commit: replace fs/ (the unpacked layer) by an empty mountpoint for the blob."""
+        """After Commit: replace fs/ (the unpacked layer) by an empty mountpoint for the blob.
+
+        The unpacked tree itself (thousands of files: seconds of unlinking on a busy disk) is
+        renamed to fs.old-* and removed by a background thread under the snapshot's lock, off
+        Commit's path; what a crash leaves of it is a `leftovers` of the next start."""
         fs = self.fs(sid)
         if hostmount.is_mountpoint(fs):
             return
@@ -135,8 +143,41 @@ class Layout:
             os.rename(fs, old)
         fs.mkdir(mode=0o755)
         fsync_dir(fs.parent)
-        remove_tree(old)
+        if old.exists():
+            self._remove_later(sid, old)
         self._remove_work(sid)
+
+    def _remove_later(self, sid: str, path: Path) -> None:
+        with self._lock:
+            self._removals.append((sid, path))
+            self._removals_changed.notify_all()
+            if self._remover is None:
+                self._remover = threading.Thread(
+                    target=self._remove_retired, name="retired-uppers", daemon=True
+                )
+                self._remover.start()
+
+    def _remove_retired(self) -> None:
+        while True:
+            with self._lock:
+                while not self._removals:
+                    self._removals_changed.wait()
+                sid, path = self._removals[0]
+            try:
+                with self.hold(sid):  # after the Commit that retired it; never beside a call
+                    remove_tree(path)
+            except Exception as exc:  # the next start's cleanup removes it
+                log.warning(
+                    "retired upper not removed", extra={"path": str(path), "error": str(exc)}
+                )
+            with self._lock:
+                self._removals.pop(0)
+                self._removals_changed.notify_all()
+
+    def wait_removals(self, timeout: float | None = None) -> bool:
+        """Wait until every retired upper is removed; False if TIMEOUT passed first."""
+        with self._lock:
+            return self._removals_changed.wait_for(lambda: not self._removals, timeout)
 
     def _remove_work(self, sid: str) -> None:
         work = self.work(sid)

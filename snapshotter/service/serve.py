@@ -37,6 +37,7 @@ from snapshotter.service.diff_service import DiffService
 from snapshotter.service.serve_config import ServeConfig
 from snapshotter.service.snapshots import Snapshotter
 from snapshotter.service.snapshots_service import SnapshotsService
+from snapshotter.service.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 SERVICE_NAMES = ("containerd.services.snapshots.v1.Snapshots", "containerd.services.diff.v1.Diff")
@@ -178,7 +179,10 @@ class Server:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         self._root_lock: int | None = _lock_root(config.root)  # before the root is touched
+        self.workers: WorkerPool | None = None
         try:
+            # Spawned before any gRPC channel or server thread exists (workers.py).
+            self.workers = WorkerPool(config.convert_workers).start()
             self.snapshotter = Snapshotter(
                 config.root,
                 vm_mode=config.vm_mode,
@@ -187,8 +191,11 @@ class Server:
                 limits=config.limits(),
                 mount_style=config.mount_style,
                 layer_caches=config.layer_caches,
+                workers=self.workers,
             )
         except BaseException:
+            if self.workers is not None:
+                self.workers.close()
             self._release_root()
             raise
         self.health = health.HealthServicer()
@@ -199,7 +206,13 @@ class Server:
         )
         self.content = ContentClient(config.containerd_address)
         diff_pb2_grpc.add_DiffServicer_to_server(
-            DiffService(self.snapshotter, self.content), self.grpc
+            DiffService(
+                self.snapshotter,
+                self.content,
+                self.workers,
+                Path(config.containerd_content) if config.containerd_content else None,
+            ),
+            self.grpc,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         self._socket: tuple[int, int] | None = None
@@ -215,6 +228,8 @@ class Server:
         except BaseException:
             self.snapshotter.close()
             self.content.close()
+            if self.workers is not None:
+                self.workers.close()
             self._release_root()
             raise
         self.grpc.start()
@@ -239,6 +254,8 @@ class Server:
         self.grpc.stop(self.config.grace_seconds).wait()
         self.snapshotter.close()
         self.content.close()
+        if self.workers is not None:
+            self.workers.close()  # a conversion still running past the grace is killed
         _unlink_if_ours(self.config.address, self._socket)
         self._release_root()
         log.info("stopped")

@@ -57,6 +57,24 @@ class ServeConfig:
     workers: int = field(
         default=16, metadata=_meta("gRPC worker threads (calls served at once)", min=1, max=1024)
     )
+    containerd_content: str = field(
+        default="",
+        metadata=_meta(
+            "containerd's content store directory (<containerd root>/io.containerd.content.v1"
+            ".content): the differ hands a layer's blob file there to its conversion worker "
+            "instead of streaming it over the Content API; empty: always stream",
+            path=True,
+        ),
+    )
+    convert_workers: int = field(
+        default=0,
+        metadata=_meta(
+            "conversion worker processes (the differ's and Commit's layer conversions run in "
+            "them, in parallel); 0: one per CPU",
+            min=0,
+            max=1024,
+        ),
+    )
     grace_seconds: float = field(
         default=5.0,
         metadata=_meta("on SIGTERM, in-flight calls get this long", min=0.0, max=3600.0),

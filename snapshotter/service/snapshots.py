@@ -20,6 +20,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from snapshotter.erofs.limits import DEFAULT_LIMITS, Limits
 from snapshotter.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
@@ -36,6 +37,9 @@ from snapshotter.service.layout import Layout
 from snapshotter.service.mounts import CLASSIC, MOUNT_STYLES, Mount, plan
 from snapshotter.service.store import Info, Kind, Snapshot, Store, Usage
 from snapshotter.verity import KATA_VERITY, VerityParams
+
+if TYPE_CHECKING:
+    from snapshotter.service.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,7 @@ class Snapshotter:
         limits: Limits = DEFAULT_LIMITS,
         mount_style: str = CLASSIC,
         layer_caches: Sequence[Path] = (),
+        workers: WorkerPool | None = None,
     ) -> None:
         if mount_style not in MOUNT_STYLES:
             raise InvalidArgument(
@@ -67,8 +72,10 @@ class Snapshotter:
         # carry no salt; docs/kata.md). Commit's converter and the differ both use it.
         self.layer_verity: bool | VerityParams = KATA_VERITY if kata_verity else True
         self.limits = limits  # the differ's ceilings on one tar layer (docs/erofs.md)
+        # Commit's conversion of fs/: in a worker process when serve gave a pool (workers.py)
         self._convert = convert or functools.partial(
-            layer_build.convert_directory, verity=self.layer_verity
+            workers.convert_directory if workers else layer_build.convert_directory,
+            verity=self.layer_verity,
         )
         self.mount_style = mount_style  # non-VM-mode snapshots' mounts (mounts.py)
         self.layer_cache = LayerCache(layer_caches)  # the differ's pre-built layers

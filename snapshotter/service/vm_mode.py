@@ -12,8 +12,10 @@ description, the mount type and the option naming it are defined in `snapshotter
 
 The fsmeta of a chain is built once, before the metadata transaction that creates the
 snapshot, under `<root>/fsmeta/<key>/` where the key is the sha256 of the chain's blob digests
-(lowest first). A published directory is never changed afterwards, so the mounts of an
-existing snapshot never change either (upstream's fsmeta hit ESTALE when they did).
+(lowest first); when a shorter chain it extends is published, it continues from that chain's
+fsmeta (incremental: only the new layers are read). A published directory is never changed
+afterwards, so the mounts of an existing snapshot never change either (upstream's fsmeta hit
+ESTALE when they did).
 """
 
 from __future__ import annotations
@@ -109,7 +111,12 @@ def ensure_chain_image(
             LayerBlob(layout.layer(sid), tag=m.blob_digest.removeprefix("sha256:"))
             for sid, m in zip(lowest_first, metas, strict=True)
         ]
-        result = merge_layers(blobs, staged / FSMETA, verity=fsmeta_verity([m.salt for m in metas]))
+        result = merge_layers(
+            blobs,
+            staged / FSMETA,
+            verity=fsmeta_verity([m.salt for m in metas]),
+            parent=_published_prefix(base, metas),
+        )
         description = describe_merge(
             result,
             final / FSMETA,
@@ -135,6 +142,19 @@ def ensure_chain_image(
         if staged.exists():
             remove_tree(staged)
     return _published(final)
+
+
+def _published_prefix(base: Path, metas: list[layer_build.LayerMeta]) -> Path | None:
+    """The fsmeta of the longest published chain the new one extends (its first layers), to
+    continue from: the merge then reads that one fsmeta and applies only the layers above
+    it, for the same bytes as merging every layer (merge_layers checks it can, else merges
+    from scratch). A parent chain's fsmeta exists whenever a container ran on the parent
+    image, or on the layers below a new one while they were being built upon."""
+    for count in range(len(metas) - 1, 0, -1):
+        candidate = base / chain_key(metas[:count])
+        if (candidate / DESCRIPTION).is_file():
+            return candidate / FSMETA
+    return None
 
 
 def _published(final: Path) -> ChainImage:

@@ -36,7 +36,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Literal
 
 from snapshotter.errors import EpError, InvalidArgument
 from snapshotter.verity import hashing
@@ -109,16 +109,21 @@ def file_leaf_digests(
     *,
     workers: int | None = None,
     parallel_min_bytes: int | None = None,
+    pool: Literal["threads", "processes"] | None = None,
 ) -> Iterator[tuple[int, bytes]]:
     """Yield (first block, digests) covering blocks 0..data_blocks-1 of `path`, in any order.
 
-    `workers` = threads (with the accelerator) or processes (without) to use, default the
-    CPUs this process may run on; 1, or less data than `parallel_min_bytes` (default
-    THREAD_MIN_BYTES or PARALLEL_MIN_BYTES), hashes in the calling thread.
+    `workers` = threads or processes to use, default the CPUs this process may run on; 1, or
+    less data than `parallel_min_bytes` (default THREAD_MIN_BYTES or PARALLEL_MIN_BYTES),
+    hashes in the calling thread. `pool`: None picks threads with the compiled loop and
+    processes without it (the module doc says why); the tests and the benchmark name one.
     """
     path = os.fspath(path)
     workers = default_workers() if workers is None else workers
-    threaded = hashing.ACCELERATED and hash_name in hashing.ACCELERATED_HASHES
+    if pool is None:
+        accelerated = hashing.ACCELERATED and hash_name in hashing.ACCELERATED_HASHES
+        pool = "threads" if accelerated else "processes"
+    threaded = pool == "threads"
     if parallel_min_bytes is None:
         parallel_min_bytes = THREAD_MIN_BYTES if threaded else PARALLEL_MIN_BYTES
     if workers <= 1 or data_blocks * block_size < parallel_min_bytes:

@@ -9,11 +9,11 @@ disk, see geometry) in chunks, so memory stays bounded by the chunk plus the dig
 from __future__ import annotations
 
 import os
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from snapshotter.verity.digests import DEFAULT_MEMORY_LIMIT, DigestStore
 from snapshotter.verity.geometry import TreeGeometry
-from snapshotter.verity.hashing import hash_run
+from snapshotter.verity.hashing import SaltedBase, hash_run
 
 #: hash-area bytes handled per step
 CHUNK = 4 << 20
@@ -32,7 +32,7 @@ def write_all(out: BinaryIO, offset: int, data: bytes | bytearray | memoryview) 
 def write_levels(
     leaves: DigestStore,
     geo: TreeGeometry,
-    base: Any,
+    base: SaltedBase,
     out: BinaryIO,
     tree_start: int,
     *,

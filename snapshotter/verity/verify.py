@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 from snapshotter.errors import CorruptImage, InvalidArgument, NotFound, VerityMismatch
 from snapshotter.fsutil import os_error_class
 from snapshotter.verity.digests import DEFAULT_MEMORY_LIMIT, DigestStore
 from snapshotter.verity.geometry import TreeGeometry, tree_start_block
-from snapshotter.verity.hashing import hash_run, salted_base
+from snapshotter.verity.hashing import SaltedBase, hash_run, salted_base
 from snapshotter.verity.info import VerityInfo
 from snapshotter.verity.parallel import file_leaf_digests
 from snapshotter.verity.params import HASH_TYPE, VerityParams
@@ -160,7 +159,12 @@ def _first_diff(a: bytes, b: bytes) -> int:
 
 
 def _verified_leaves(
-    hpath: Path, geo: TreeGeometry, base: Any, tree_start: int, root: bytes, memory_limit: int
+    hpath: Path,
+    geo: TreeGeometry,
+    base: SaltedBase,
+    tree_start: int,
+    root: bytes,
+    memory_limit: int,
 ) -> DigestStore:
     """Check the tree top-down; return the verified leaf digests (one per data block).
 

@@ -22,7 +22,7 @@ import pytest
 from shim_integration.testbed.containerd_private import REPO, SnapshotterProcess, unmount_under
 from snapshotter.service.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from snapshotter.service.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
-from tests.support.helpers import mounted_erofs, require_root
+from tests.support.helpers import error_lines, mounted_erofs, require_root
 
 SYS_TGKILL = 234  # x86_64
 SIGTERM_BIT = 1 << (signal.SIGTERM - 1)
@@ -61,7 +61,7 @@ def _run_refused(root: Path, sock: Path) -> subprocess.CompletedProcess:
 
 
 def _one_error_line(proc: subprocess.CompletedProcess) -> str:
-    errors = [line for line in proc.stderr.splitlines() if '"level": "info"' not in line]
+    errors = error_lines(proc.stderr)
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
     return errors[0]
 

@@ -21,7 +21,7 @@ from snapshotter.service import preflight
 from snapshotter.service.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from snapshotter.service.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from snapshotter.service.serve_config import ConfigError, ServeConfig, load_config, toml_literal
-from tests.support.helpers import require_root, require_tool
+from tests.support.helpers import error_lines, require_root, require_tool
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -217,7 +217,7 @@ def test_not_root_is_one_line(tmp_path: Path) -> None:
         timeout=60,
     )
     assert proc.returncode == 1, proc.stderr
-    lines = proc.stderr.splitlines()
+    lines = error_lines(proc.stderr)
     assert lines[0] == (
         "erofs-passthrough serve: must run as root (running as uid 65534): the "
         "service mounts layers and serves containerd"
@@ -249,7 +249,7 @@ def test_socket_path_too_long_for_unix_sockets_is_one_line(tmp_path: Path) -> No
     proc = run_cli("serve", "--root", str(tmp_path / "root"), "--address", str(socket), timeout=30)
     assert proc.returncode == 1, proc.stderr
     size = len(str(socket))
-    assert proc.stderr.splitlines() == [
+    assert error_lines(proc.stderr) == [
         f"erofs-passthrough serve: socket path {socket} is {size} "
         "bytes; a unix socket path has at most 107"
     ]

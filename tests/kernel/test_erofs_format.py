@@ -79,6 +79,44 @@ def test_round_trips() -> None:
     assert body.icount == 1 + (len(body.pack()) - 12) // 4
 
 
+def test_struct_level_forms_write_and_read_the_same_bytes() -> None:
+    """`Inode.pack_into`/`unpack_fields` and `Dirent.pack_block`/`unpack_block`, which the
+    merge and the writer use instead of objects, agree with `pack`/`unpack`."""
+    for ino in (
+        Inode(mode=0o100644, extended=True, layout=4, xattr_icount=3, nlink=70_000,
+              size=5 << 32, i_u=0x25, ino=9, uid=2**32 - 1, gid=65_536, mtime=-5,
+              mtime_nsec=999_999_999),
+        Inode(mode=0o40755, extended=False, layout=2, nlink=3, size=100, i_u=7, ino=1,
+              uid=1, gid=2, mtime=77, mtime_nsec=5),
+    ):  # fmt: skip
+        buf = bytearray(b"\xee" * 100)
+        Inode.pack_into(
+            buf, 4, ino.extended, ino.layout, ino.xattr_icount, ino.mode, ino.nlink, ino.size,
+            ino.i_u, ino.ino, ino.uid, ino.gid, ino.mtime, ino.mtime_nsec,
+        )  # fmt: skip
+        assert bytes(buf[4 : 4 + ino.isize]) == ino.pack()
+        assert buf[:4] == b"\xee" * 4 and buf[4 + ino.isize :] == b"\xee" * (96 - ino.isize)
+        fmt, icount, mode, nlink, size, i_u, uid, gid, mtime, nsec = Inode.unpack_fields(buf, 4)
+        assert (fmt & 1, fmt >> 1) == (ino.extended, ino.layout)
+        assert (icount, mode, nlink, size, i_u, uid, gid) == (
+            ino.xattr_icount, ino.mode, ino.nlink, ino.size, ino.i_u, ino.uid, ino.gid,
+        )  # fmt: skip
+        assert (mtime, nsec) == ((ino.mtime, ino.mtime_nsec) if ino.extended else (0, 0))
+    with pytest.raises(FormatError, match="truncated"):
+        Inode.unpack_fields(b"\x01" + bytes(40), 0)
+    entries = [(b".", 36, 2), (b"..", 36, 2), (b"file", 1 << 40, 1), (b"n" * 255, 7, 7)]
+    block = Dirent.pack_block(entries)
+    one_by_one = b""
+    nameoff = 12 * len(entries)
+    for name, nid, ftype in entries:
+        one_by_one += Dirent(nid, nameoff, ftype).pack()
+        nameoff += len(name)
+    assert block == one_by_one + b"".join(e[0] for e in entries)
+    assert [Dirent(*d) for d in Dirent.unpack_block(block, 4)] == [
+        Dirent.unpack(block, 12 * i) for i in range(4)
+    ]
+
+
 def test_device_numbers_use_the_kernels_encoding() -> None:
     for major, minor in [(0, 0), (1, 3), (8, 1), (240, 70_000), (4095, 0xFFFFF)]:
         assert decode_dev(encode_dev(major, minor)) == (major, minor)

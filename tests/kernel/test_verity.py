@@ -526,11 +526,18 @@ def test_parallel_hashing_gives_the_same_leaves(tmp_path):
     f.write_bytes(rand_bytes(3 * RANGE_BYTES + 4096 * 5))  # several ranges, ragged end
     n = f.stat().st_size // 4096
     in_process = _collect(f, n, workers=1)
+    for pool in ("threads", "processes"):
+        assert _collect(f, n, workers=2, parallel_min_bytes=0, pool=pool) == in_process
+        assert _collect(f, n, workers=3, parallel_min_bytes=0, pool=pool) == in_process
     assert _collect(f, n, workers=2, parallel_min_bytes=0) == in_process
-    assert _collect(f, n, workers=3, parallel_min_bytes=0) == in_process
     assert in_process[:32] == hashlib.sha256(SALT + f.read_bytes()[:4096]).digest()
-    with pytest.raises(EpError, match="shorter than"):
-        list(file_leaf_digests(f, n + 1, 4096, "sha256", SALT, workers=2, parallel_min_bytes=0))
+    for pool in ("threads", "processes"):
+        with pytest.raises(EpError, match="shorter than"):
+            list(
+                file_leaf_digests(
+                    f, n + 1, 4096, "sha256", SALT, workers=2, parallel_min_bytes=0, pool=pool
+                )
+            )
 
 
 def test_hashing_threads_stop_when_the_consumer_stops(tmp_path):

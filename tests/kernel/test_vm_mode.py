@@ -6,6 +6,7 @@ layers; mounts never change; unused fsmetas are cleaned up."""
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import time
@@ -20,9 +21,10 @@ from snapshotter.fsmeta.devices import (
     ChainDevice,
     read_mounted_description,
 )
-from snapshotter.service import mount_helper
+from snapshotter.fsmeta.merge import LayerBlob, merge_layers
+from snapshotter.service import mount_helper, vm_mode
 from snapshotter.service.snapshots import Snapshotter
-from snapshotter.service.vm_mode import VM_MODE_LABEL
+from snapshotter.service.vm_mode import VM_MODE_LABEL, fsmeta_verity
 from tests.support.helpers import mounted_fsmeta, require_root, require_tool, unmount_below
 from tests.support.treecompare import diff_views, tree_view
 from tests.support.vm_mode import commit_chain, mount_program_env
@@ -153,6 +155,31 @@ def test_chain_fsmeta_is_built_once_and_cleaned_when_unused(tmp_path: Path) -> N
     sn.remove("default/6/container-b")
     sn.cleanup()
     assert not fsmeta.parent.exists()
+
+
+def test_chain_continues_from_its_published_parent_chain(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fsmeta of a chain extending a published one is merged from that fsmeta (only the
+    new layer read) and is byte for byte the fsmeta of a merge of every layer."""
+    require_root()
+    sn = Snapshotter(tmp_path / "root", vm_mode=True)
+    top = commit_chain(sn, 3)
+    lower = sn.prepare("default/5/container-a", "default/2/sha256:layer2")
+    said: list[str] = []  # the real merge, its steps observed
+    monkeypatch.setattr(
+        vm_mode,
+        "merge_layers",
+        functools.partial(vm_mode.merge_layers, progress=said.append),
+    )
+    upper = sn.prepare("default/6/container-b", top)
+    assert f"layers 1-2 from {lower[0].source}" in said, said
+    assert not any(step.startswith(("layer 1/", "layer 2/")) for step in said)
+    devices = _devices(upper)
+    layers = [LayerBlob(Path(d.path), tag=d.tag) for d in devices if d.role == "layer"]
+    scratch = tmp_path / "scratch.fsmeta"
+    merge_layers(layers, scratch, verity=fsmeta_verity([d.verity.salt for d in devices[1:]]))
+    assert Path(upper[0].source).read_bytes() == scratch.read_bytes()
 
 
 @pytest.mark.parametrize("label", ["false"])

@@ -67,3 +67,20 @@ def test_leftovers_of_an_interrupted_commit_are_reused_or_removed(
 def test_layer_json_without_blob_is_not_a_layer(tmp_path: Path) -> None:
     (tmp_path / layer_build.META).write_text("{}")
     assert layer_build.read_layer(tmp_path) is None
+
+
+def test_commit_removes_the_unpacked_upper_in_the_background(sn: Snapshotter) -> None:
+    mounts = sn.prepare("ns/1/a")
+    for i in range(200):
+        Path(mounts[0].source, f"f{i}").write_text(f"{i}\n")
+    sid = sn.store.get_info("ns/1/a")[0]
+    sn.commit("ns/2/A", "ns/1/a")
+    assert list(sn.layout.fs(sid).iterdir()) == []  # the mountpoint is empty at once
+    assert sn.layout.wait_removals(timeout=120)
+    assert sorted(p.name for p in sn.layout.dir(sid).iterdir()) == sorted(
+        [".erofs-passthrough", "fs", "layer.erofs", "layer.erofs.dmverity", "layer.json"]
+    )
+    # a retired upper a crash left is removed by the next start's cleanup
+    old = sn.layout.dir(sid) / "fs.old-deadbeef"
+    (old / "d").mkdir(parents=True)
+    assert [p.name for p in sn.cleanup()] == ["fs.old-deadbeef"]
