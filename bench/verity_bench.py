@@ -267,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory-gib", type=int, help="measure peak RSS for a blob this big")
     ap.add_argument("--pools", action="store_true", help="threads vs processes, both loops")
     args = ap.parse_args(argv)
+    if args.dir:
+        os.makedirs(args.dir, exist_ok=True)
     if args.memory_gib:
         return _memory(args.memory_gib, args.dir)
     if args.pools:
