@@ -197,9 +197,15 @@ def _job(request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
 
 
 def _maxrss_kib() -> int:
-    import resource
+    """This interpreter's peak RSS: VmHWM, the high-water mark of its own address space.
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    Not `getrusage(RUSAGE_SELF).ru_maxrss`: Linux carries that figure across exec, so a
+    worker spawned by a big process (a long test session, say) reported its parent's peak."""
+    with open("/proc/self/status", "rb") as status:
+        for line in status:
+            if line.startswith(b"VmHWM:"):
+                return int(line.split()[1])
+    raise OSError("no VmHWM in /proc/self/status")
 
 
 def worker_main(fd: int) -> int:

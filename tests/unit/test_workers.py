@@ -260,3 +260,18 @@ def test_a_2gib_layer_converts_under_256mib_rss_in_a_worker(tmp_path):
         pool.close()
     assert reply["blob_size"] >= files * file_size
     assert reply["maxrss_kib"] < 256 * 1024, f"worker peak RSS {reply['maxrss_kib']} KiB"
+
+
+def test_a_workers_peak_rss_is_its_own_not_its_parents(tmp_path):
+    """Linux carries ru_maxrss across exec: a worker spawned by a large process (a long test
+    session once reached ~470 MiB) must still report only its own peak."""
+    ballast = bytearray(400 << 20)
+    for i in range(0, len(ballast), 4096):
+        ballast[i] = 1
+    pool = WorkerPool(1).start()
+    try:
+        reply = pool.run(_tar_request(tmp_path / "small.erofs"), feed=_feed_bytes(_layer()))
+    finally:
+        pool.close()
+        del ballast
+    assert reply["maxrss_kib"] < 200 * 1024, f"worker peak RSS {reply['maxrss_kib']} KiB"
