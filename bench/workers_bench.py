@@ -24,22 +24,16 @@ import tarfile
 import tempfile
 import threading
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from bench.convert_bench import minbase_layer
 from snapshotter.erofs.limits import DEFAULT_LIMITS
 from snapshotter.ingest.convert import convert_layer
-from snapshotter.service.workers import WorkerPool, verity_to_wire
+from snapshotter.service.workers import WorkerPool, tar_job
 
 
 def _request(out: Path) -> dict:
-    return {
-        "op": "tar",
-        "out": str(out),
-        "verity": verity_to_wire(True),
-        "limits": asdict(DEFAULT_LIMITS),
-    }
+    return tar_job(out, True, DEFAULT_LIMITS)
 
 
 def startup(rounds: int) -> dict[int, float]:

@@ -44,8 +44,8 @@ from snapshotter.service.store import Kind
 from snapshotter.service.workers import (
     Cancellation,
     WorkerPool,
-    limits_to_wire,
-    verity_to_wire,
+    native_job,
+    tar_job,
 )
 
 if TYPE_CHECKING:
@@ -270,12 +270,7 @@ class DiffService(diff_pb2_grpc.DiffServicer):
             self.native_layers += 1
             native_layers, conversions = self.native_layers, self.conversions
         if self.workers is not None:
-            request = {
-                "op": "native",
-                "out": str(out),
-                "digest": desc.digest,
-                "verity": verity_to_wire(self.sn.layer_verity),
-            }
+            request = native_job(out, desc.digest, self.sn.layer_verity)
             meta = self._in_worker(request, namespace, desc, cancel)
         else:
             with self.content.open(namespace, desc.digest) as blob:
@@ -318,12 +313,7 @@ class DiffService(diff_pb2_grpc.DiffServicer):
             },
         )
         if self.workers is not None:
-            request = {
-                "op": "tar",
-                "out": str(out),
-                "verity": verity_to_wire(self.sn.layer_verity),
-                "limits": limits_to_wire(self.sn.limits),
-            }
+            request = tar_job(out, self.sn.layer_verity, self.sn.limits)
             return self._in_worker(request, namespace, desc, cancel)
         with self.content.open(namespace, desc.digest) as blob:
             result = convert_layer(

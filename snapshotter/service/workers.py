@@ -129,6 +129,26 @@ def verity_from_wire(value: Any) -> bool | VerityParams:
     return VerityParams(**d)
 
 
+def tar_job(out: Path, verity: bool | VerityParams, limits: Limits) -> dict[str, Any]:
+    """A tar / tar.gz / tar.zst layer (the job's fd) converted into OUT."""
+    return {
+        "op": "tar",
+        "out": str(out),
+        "verity": verity_to_wire(verity),
+        "limits": asdict(limits),
+    }
+
+
+def native_job(out: Path, digest: str, verity: bool | VerityParams) -> dict[str, Any]:
+    """A native EROFS layer (the job's fd) checked against DIGEST and stored into OUT."""
+    return {"op": "native", "out": str(out), "digest": digest, "verity": verity_to_wire(verity)}
+
+
+def dir_job(src: Path, out: Path, verity: bool | VerityParams) -> dict[str, Any]:
+    """The directory SRC converted into OUT."""
+    return {"op": "dir", "src": str(src), "out": str(out), "verity": verity_to_wire(verity)}
+
+
 def _error_to_wire(exc: BaseException) -> dict[str, Any]:
     if isinstance(exc, EpError):
         cls = type(exc)
@@ -471,9 +491,7 @@ class WorkerPool:
         """`layer_build.convert_directory` in a worker: the same LayerMeta."""
         from snapshotter.service.layer_build import LayerMeta
 
-        reply = self.run(
-            {"op": "dir", "src": str(src), "out": str(out), "verity": verity_to_wire(verity)}
-        )
+        reply = self.run(dir_job(src, out, verity))
         reply.pop("maxrss_kib")
         return LayerMeta(**reply)
 
@@ -495,10 +513,6 @@ def _remove_outputs(request: dict[str, Any], including_out: bool = False) -> Non
     with contextlib.suppress(FileNotFoundError):
         for leftover in path.parent.glob(f".{path.name}.*.tmp"):
             leftover.unlink(missing_ok=True)
-
-
-def limits_to_wire(limits: Limits) -> dict[str, Any]:
-    return asdict(limits)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ import os
 import random
 import tarfile
 import threading
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from snapshotter.erofs.limits import DEFAULT_LIMITS, Limits
 from snapshotter.errors import EpError
 from snapshotter.ingest.convert import convert_layer
 from snapshotter.service import layer_build
-from snapshotter.service.workers import Cancellation, Cancelled, WorkerPool
+from snapshotter.service.workers import Cancellation, Cancelled, WorkerPool, tar_job
 from snapshotter.verity import KATA_VERITY
 from tests.support.layers import gzip_tar
 
@@ -32,14 +31,7 @@ def pool():
 
 
 def _tar_request(out: Path, verity=True, limits: Limits = DEFAULT_LIMITS) -> dict:
-    from snapshotter.service.workers import verity_to_wire
-
-    return {
-        "op": "tar",
-        "out": str(out),
-        "verity": verity_to_wire(verity),
-        "limits": asdict(limits),
-    }
+    return tar_job(out, verity, limits)
 
 
 def _feed_bytes(data: bytes):
