@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 # The shared TCG guest (session scope) and its cleanliness check, for every guest test module.
 from tests.support.guest_fixtures import (  # noqa: F401
@@ -23,6 +24,12 @@ from tests.support.guest_fixtures import (  # noqa: F401
 )
 
 STRICT = os.environ.get("EROFS_PASSTHROUGH_STRICT") == "1"
+
+# Property tests draw the same examples on every CI run (a failure reproduces anywhere);
+# longer randomised runs are `make fuzz`. Elsewhere hypothesis explores as it likes.
+settings.register_profile("ci", derandomize=True, database=None)
+if STRICT:
+    settings.load_profile("ci")
 
 # A test's tier is the directory it lives in; `-m unit`, `-m "not vm"` select by it.
 TIERS = ("unit", "kernel", "containerd", "vm")
