@@ -12,7 +12,7 @@ import threading
 from typing import BinaryIO
 
 from snapshotter.errors import CorruptImage
-from snapshotter.verity import VerityInfo, VerityParams, VerityTreeBuilder
+from snapshotter.verity import VerityInfo, VerityParams, VerityTreeBuilder, hashing
 
 
 class VerityFeed:
@@ -22,7 +22,8 @@ class VerityFeed:
     last. So leaves are hashed for each whole verity block of the sequential part as it
     passes, and the head is hashed at the end from the file (one block, still in cache).
 
-    With `threaded` (the default) the hashing runs in a background thread fed through a queue
+    With `threaded` (the default when the compiled loop serves the tree's hash, see
+    `snapshotter.verity.hashing`) the hashing runs in a background thread fed through a queue
     of at most QUEUE_DEPTH pieces, so the writer's thread goes on parsing and writing while the
     leaves are hashed; with the compiled hashing loop (`snapshotter.verity.hashing`) the
     hashing releases the GIL and takes the second core. Leaves are recorded by block index,
@@ -33,8 +34,18 @@ class VerityFeed:
     QUEUE_DEPTH = 4
 
     def __init__(
-        self, builder: VerityTreeBuilder, block_size: int, seq_start: int, threaded: bool = True
+        self,
+        builder: VerityTreeBuilder,
+        block_size: int,
+        seq_start: int,
+        threaded: bool | None = None,
     ) -> None:
+        """`threaded` None: a thread only when hashing releases the GIL (the compiled loop);
+        the pure loop holds it, and a thread of it would only take turns with the writer."""
+        if threaded is None:
+            threaded = (
+                hashing.ACCELERATED and builder.params.hash_name in hashing.ACCELERATED_HASHES
+            )
         self.builder = builder
         self.dbs = block_size
         self.first_hashed = -(-seq_start // block_size) * block_size
