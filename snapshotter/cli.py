@@ -41,6 +41,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=4096,
         help="EROFS block size (4096; 512 only for kernels >= 6.4)",
     )
+    p.add_argument(
+        "--no-tail-packing",
+        dest="tail_packing",
+        action="store_false",
+        help="store every file larger than 512 bytes as whole blocks (by default, as "
+        "mkfs.erofs does, a file's last partial block goes inline after its inode when it "
+        "fits)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_convert)
 
@@ -94,6 +102,7 @@ def _convert(args: argparse.Namespace) -> int:
                 expected_diff_id=args.diff_id,
                 verity=True if args.verity else None,
                 block_size=args.block_size,
+                tail_packing=args.tail_packing,
             )
     finally:
         if not from_stdin:

@@ -24,6 +24,7 @@ import os
 import stat
 import sys
 from array import array
+from bisect import bisect_left, insort
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -100,10 +101,15 @@ class DataWriter:
         hole_chunk: int = DEFAULT_HOLE_CHUNK,
         inline_max: int = DEFAULT_INLINE_MAX,
         limits: Limits | None = None,
+        tail_packing: bool = False,
     ) -> None:
         """`limits`: the layer's ceilings (image bytes, sparse overhead); None for sources
         that are not untrusted layers (a directory commit, a merge): only the format's
-        32-bit block addresses bound them."""
+        32-bit block addresses bound them.
+
+        `tail_packing`: a larger file stored as one extent keeps its last partial block
+        inline after its inode (FLAT_INLINE), as mkfs.erofs does by default, when the
+        inode and its xattrs leave room for it in one block; else it takes whole blocks."""
         if hole_chunk % block_size or hole_chunk & (hole_chunk - 1):
             raise InvalidArgument(
                 "hole chunk size must be a power-of-two multiple of the block size"
@@ -119,6 +125,7 @@ class DataWriter:
         self.observer = observer
         self.hole_chunk = hole_chunk
         self.inline_max = inline_max
+        self.tail_packing = tail_packing
         self._inline_budget = INLINE_BUDGET
         self._zero_chunk = bytes(hole_chunk)
         self._zero_view = memoryview(self._zero_chunk)
@@ -182,13 +189,20 @@ class DataWriter:
         first = self._emit_padded([data], len(data))
         return Extent(first, -(-len(data) // self.block_size))
 
-    def add_file(self, read: Callable[[int], bytes | memoryview], size: int) -> FileData:
+    def add_file(
+        self,
+        read: Callable[[int], bytes | memoryview],
+        size: int,
+        xattrs: dict[bytes, bytes] | None = None,
+    ) -> FileData:
         """Copy `size` bytes from `read` into the image.
 
         `read(n)` may return fewer than n bytes (pieces are written as they come, without
         being joined); an empty read before `size` bytes is an EpError (a truncated source).
         All-zero aligned chunks of `hole_chunk` bytes are not written; if any were found the
-        file becomes chunk-based with holes, else one contiguous extent.
+        file becomes chunk-based with holes, else one contiguous extent. With tail packing,
+        a contiguous file's last partial block is kept (an `InlineTail` with a head) when
+        it fits after the inode and `xattrs` (the file's, bounding its inode's size).
         """
         if size == 0:
             return None
@@ -197,6 +211,32 @@ class DataWriter:
             # a rootfs layer's size in some directories. The budget bounds the memory held.
             self._inline_budget -= size
             return InlineTail(None, bytes(_read_exact(read, size)))
+        bs = self.block_size
+        rem = size % bs
+        if (
+            rem
+            and self.tail_packing
+            and self._inline_budget >= rem
+            and _max_inode_head(xattrs) + rem <= bs
+        ):
+            self._inline_budget -= rem
+            head = self._add_whole(read, size - rem)
+            tail = bytes(_read_exact(read, rem))
+            if head is None or isinstance(head, Extent):
+                return InlineTail(head, tail)
+            # Holes in the head: the tail is the last block of its last chunk, after it.
+            assert isinstance(head, Chunks)
+            if (size - rem) % self.hole_chunk == 0:
+                head.blkaddrs.append(self.next_block)
+            self._emit_padded([tail], rem)
+            self._inline_budget += rem
+            return head
+        return self._add_whole(read, size)
+
+    def _add_whole(self, read: Callable[[int], bytes | memoryview], size: int) -> FileData:
+        """`size` bytes of file data in whole blocks (the last one zero-padded)."""
+        if size == 0:
+            return None
         chunk = self.hole_chunk
         if size < chunk:  # too small to hold a hole: the common case, kept short
             pieces = []
@@ -419,6 +459,15 @@ class _Expand:
         return b"".join(out)
 
 
+def _max_inode_head(xattrs: dict[bytes, bytes] | None) -> int:
+    """The most bytes an inode with `xattrs` can take before its inline data: an extended
+    inode and every xattr stored in its body (sharing and compact inodes only shrink it;
+    the full name bounds the stored suffix)."""
+    if not xattrs:
+        return 64
+    return 64 + 12 + sum((4 + len(k) + len(v) + 3) & ~3 for k, v in xattrs.items())
+
+
 def _write_all(fd: int, pieces: list[bytes | memoryview]) -> None:
     """Write `pieces` at the file offset, in order: `writev` in batches of IOV_MAX."""
     for i in range(0, len(pieces), IOV_MAX):
@@ -470,6 +519,9 @@ class ImageParams:
     # Blocks this image's own file carries after the image (its appended dm-verity tree),
     # given the image's blocks, which are known only once the metadata is laid out.
     trailing_blocks: Callable[[int], int] | None = None
+    # Fill the room an inode leaves when its inline tail would cross a block with later
+    # inodes (what tail packing needs to pay off); off, the layout of images before it.
+    fill_gaps: bool = False
 
 
 def write_metadata(
@@ -597,10 +649,16 @@ def write_metadata(
     meta_blkaddr = cursor.next_block - 1  # nids start at bs/32, never 0
     meta_start = cursor.next_block * bs
 
-    # Inodes are 32-byte aligned; inline data must not cross a block boundary.
+    # Inodes are 32-byte aligned; inline data must not cross a block boundary. An inode
+    # whose tail would cross starts the next block, and the room it leaves is a gap that a
+    # later inode fitting in it takes (the smallest gap that fits; ties: the lowest
+    # address), as mkfs.erofs fills partly used blocks: with tail packing, inodes of up to
+    # a block each would otherwise leave a third of the metadata empty.
     nids = [0] * count
     base = meta_blkaddr * bs
     pos = meta_start
+    gaps: list[tuple[int, int]] = []  # (free bytes, 32-aligned start), sorted; within a block
+    fill_gaps = params.fill_gaps
     for i in range(count):
         pos = (pos + 31) & ~31
         size = heads[i]
@@ -610,10 +668,23 @@ def write_metadata(
                 size = ((size + 7) & ~7) + len(table)
         tail = tails.get(i)
         if tail:
-            tail_start = pos + size
-            if tail_start // bs != (tail_start + len(tail) - 1) // bs:
-                pos = -(-pos // bs) * bs
             size += len(tail)
+        if gaps:  # only with params.fill_gaps
+            k = bisect_left(gaps, (size,))
+            if k < len(gaps):
+                free, start = gaps.pop(k)
+                nids[i] = (start - base) // INODE_SLOT_SIZE
+                rest = (start + size + 31) & ~31
+                if start + free - rest >= 32:
+                    insort(gaps, (start + free - rest, rest))
+                continue
+        if tail:
+            tail_start = pos + size - len(tail)
+            if tail_start // bs != (tail_start + len(tail) - 1) // bs:
+                end = -(-pos // bs) * bs
+                if fill_gaps and end - pos >= 32:
+                    insort(gaps, (end - pos, pos))
+                pos = end
         nids[i] = (pos - base) // INODE_SLOT_SIZE
         pos += size
     meta_end = pos

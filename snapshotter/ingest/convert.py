@@ -89,12 +89,16 @@ def convert_layer(
     blob_digest: bool = False,
     inline_max: int = DEFAULT_INLINE_MAX,
     limits: Limits = DEFAULT_LIMITS,
+    tail_packing: bool = False,
 ) -> ConvertResult:
     """Convert a tar / tar.gz / tar.zst layer into an EROFS blob at `out_path`.
 
     `verity`: None, True (containerd's defaults: sha256, 4096/4096, salt derived from the
     image's UUID, itself from the diffID (rules.py), tree appended with a v1 superblock) or a
-    `VerityParams`. `blob_digest`: also compute the sha256 of the image bytes. `limits`: the
+    `VerityParams`. `blob_digest`: also compute the sha256 of the image bytes.
+    `tail_packing`: a file's last partial block inline after its inode when it fits, as
+    mkfs.erofs does (`DataWriter`); the CLI's default, off for the service unless its
+    config says so. `limits`: the
     ceilings on what the layer may cost (decompressed bytes, image bytes, entries, metadata;
     see `limits.Limits`). EpError on bad input, a layer over a limit, or a diffID other than
     `expected_diff_id`; the output then does not exist.
@@ -111,6 +115,7 @@ def convert_layer(
                 blob_digest=blob_digest,
                 inline_max=inline_max,
                 limits=limits,
+                tail_packing=tail_packing,
             )
     stream: LayerStream | None = None
 
@@ -138,6 +143,7 @@ def convert_layer(
         blob_digest=blob_digest,
         inline_max=inline_max,
         limits=limits,
+        tail_packing=tail_packing,
     )
     assert stream is not None  # _convert returns only after `build` ran
     return dataclasses.replace(
@@ -157,6 +163,7 @@ def convert_directory(
     hole_chunk: int = DEFAULT_HOLE_CHUNK,
     blob_digest: bool = False,
     inline_max: int = DEFAULT_INLINE_MAX,
+    tail_packing: bool = False,
 ) -> ConvertResult:
     """Convert an unpacked layer directory (whiteouts as 0:0 devices, opaque xattrs) into an
     EROFS blob. The UUID derives from the tree's content, and the default verity salt from the
@@ -175,6 +182,7 @@ def convert_directory(
         hole_chunk=hole_chunk,
         blob_digest=blob_digest,
         inline_max=inline_max,
+        tail_packing=tail_packing,
     )
 
 
@@ -247,6 +255,7 @@ def _convert(
     blob_digest: bool,
     inline_max: int = DEFAULT_INLINE_MAX,
     limits: Limits | None = None,
+    tail_packing: bool = False,
 ) -> ConvertResult:
     """Write the image of whatever `build` reads, atomically, with optional verity tree.
 
@@ -275,6 +284,7 @@ def _convert(
                 hole_chunk,
                 inline_max,
                 limits,
+                tail_packing=tail_packing,
             )
             tree, identity = build(data)
             params = ImageParams(
@@ -282,6 +292,7 @@ def _convert(
                 build_time=tree.build_time,
                 build_time_nsec=tree.build_time_nsec,
                 uuid=layer_uuid(identity),
+                fill_gaps=tail_packing,
             )
             sb = write_metadata(data, tree.root, params)
             size = sb.blocks * block_size

@@ -73,7 +73,7 @@ class DirImporter:
             self.digest.update(chunk)
             return chunk
 
-        data = self.data.add_file(read, size)
+        data = self.data.add_file(read, size, common["xattrs"])
         return Node(mode=st.st_mode, size=size, data=data, **common)
 
     def _other_node(self, parent_fd: int, name: str, path: Path, st: os.stat_result) -> Node:

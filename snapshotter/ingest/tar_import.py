@@ -208,7 +208,7 @@ class TarImporter:
             room = (self.limits.max_metadata_bytes - self.metadata_bytes) // CHUNK_INDEX_COST
             data = self.data.add_sparse(m.sparse, m.size, read, max_indexes=max(room, 1))
         else:
-            data = self.data.add_file(read, m.size)
+            data = self.data.add_file(read, m.size, m.xattrs)
         if isinstance(data, Chunks):
             self._charge(len(data.blkaddrs) * CHUNK_INDEX_COST, m.name)
         return Node(mode=stat.S_IFREG, size=m.size, data=data)
