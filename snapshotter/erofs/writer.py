@@ -561,6 +561,10 @@ def write_metadata(
     tails: dict[int, bytes] = {}
     dir_groups: dict[int, list[list[bytes]]] = {}
     any_chunked = False
+    remote_heads: dict[int, Extent] = {}
+    # Fill the room a crossing tail leaves (see below): asked for, or needed by a merge's
+    # tails after whole blocks (no fsmeta had those before: earlier fsmetas keep their bytes).
+    fill_gaps = params.fill_gaps
     table: bytes | None
     tail: bytes | None
     for i, node in enumerate(order):
@@ -623,19 +627,36 @@ def write_metadata(
             i_us[i] = fd.start
         elif isinstance(fd, InlineTail):
             tail = fd.tail
-            if 0 < len(tail) < bs and head + len(tail) <= bs:
+            fhead = fd.head
+            if (
+                0 < len(tail) < bs
+                and head + len(tail) <= bs
+                and (fhead is None or fhead.device == 0 or params.unified_addresses)
+            ):
                 layouts[i] = LAYOUT_FLAT_INLINE
-                i_us[i] = fd.head.start if fd.head else 0
                 tails[i] = tail
+                if fhead is None:
+                    i_us[i] = 0
+                elif fhead.device == 0:
+                    i_us[i] = fhead.start
+                else:
+                    # Whole blocks on a device (a merge of tail-packed layers): addressed in
+                    # the flat space, once the devices' starts are known.
+                    remote_heads[i] = fhead
+                    fill_gaps = True
             else:
                 # The tail does not fit beside the inode: give it a block of its own and
                 # address head and tail block by block.
                 tail_block = take(len(tail))
                 cursor.fill(tail_block, tail)
-                head_blocks = [fd.head.start + b for b in range(fd.head.nblocks)] if fd.head else []
+                nhead = fhead.nblocks if fhead else 0
+                head_blocks = [fhead.start + b for b in range(nhead)] if fhead else []
                 layouts[i] = LAYOUT_CHUNK_BASED
                 i_us[i] = CHUNK_FORMAT_INDEXES  # chunkbits 0: one index per block
-                tables[i] = ChunkIndex.pack_table([*head_blocks, tail_block], None)
+                tables[i] = ChunkIndex.pack_table(
+                    [*head_blocks, tail_block],
+                    [fhead.device] * nhead + [0] if fhead and fhead.device else None,
+                )
                 any_chunked = True
         elif isinstance(fd, Chunks):
             layouts[i] = LAYOUT_CHUNK_BASED
@@ -658,7 +679,6 @@ def write_metadata(
     base = meta_blkaddr * bs
     pos = meta_start
     gaps: list[tuple[int, int]] = []  # (free bytes, 32-aligned start), sorted; within a block
-    fill_gaps = params.fill_gaps
     for i in range(count):
         pos = (pos + 31) & ~31
         size = heads[i]
@@ -669,7 +689,7 @@ def write_metadata(
         tail = tails.get(i)
         if tail:
             size += len(tail)
-        if gaps:  # only with params.fill_gaps
+        if gaps:  # only with fill_gaps
             k = bisect_left(gaps, (size,))
             if k < len(gaps):
                 free, start = gaps.pop(k)
@@ -688,6 +708,15 @@ def write_metadata(
         nids[i] = (pos - base) // INODE_SLOT_SIZE
         pos += size
     meta_end = pos
+    # The image ends with the inodes: its size, and so where each device starts in the flat
+    # address space, is known now.
+    image_blocks = cursor.next_block + -(-(meta_end - meta_start) // bs)
+    device_starts = _device_starts(params, image_blocks)
+    for i, fhead in remote_heads.items():
+        addr = device_starts[fhead.device - 1] + fhead.start
+        if addr + fhead.nblocks > MAX_BLOCKS:
+            raise InvalidInput("the layers' blocks exceed EROFS's 32-bit flat address space")
+        i_us[i] = addr
     nid_of = dict(zip(map(id, order), nids, strict=True))
 
     dir_type = file_type(stat.S_IFDIR)
@@ -779,19 +808,12 @@ def write_metadata(
         devt_slotoff=(SUPER_OFFSET + SUPER_SIZE) // DeviceSlot.SIZE if params.devices else 0,
     )
     data.flush()
+    if sb.blocks != image_blocks:
+        raise AssertionError("the image's blocks differ from its layout")
     devices = list(params.devices)
     if params.unified_addresses:
-        spans = params.device_spans or tuple(slot.blocks for slot in devices)
-        if len(spans) != len(devices):
-            raise AssertionError("one span per device")
-        start = sb.blocks
-        if params.trailing_blocks is not None:
-            start += params.trailing_blocks(sb.blocks)
-        for i, (slot, span) in enumerate(zip(devices, spans, strict=True)):
-            if span < slot.blocks:
-                raise AssertionError("a device's file is shorter than its image")
+        for i, (slot, start) in enumerate(zip(devices, device_starts, strict=True)):
             devices[i] = DeviceSlot(slot.tag, slot.blocks, start)
-            start += span
     if sb.root_nid > 0xFFFF:
         raise InvalidInput("root inode beyond the 16-bit root nid range")
     header = bytearray(header_blocks(bs, len(params.devices)) * bs)
@@ -801,6 +823,26 @@ def write_metadata(
     _write_at(data, 0, bytes(header))
     os.ftruncate(data.fd, data.next_block * bs)
     return sb
+
+
+def _device_starts(params: ImageParams, image_blocks: int) -> list[int]:
+    """Each device's start block in the flat address space (`unified_addresses`): this
+    image's file first (its blocks and any trailing ones), then each device's file."""
+    if not params.unified_addresses:
+        return [0] * len(params.devices)
+    spans = params.device_spans or tuple(slot.blocks for slot in params.devices)
+    if len(spans) != len(params.devices):
+        raise AssertionError("one span per device")
+    start = image_blocks
+    if params.trailing_blocks is not None:
+        start += params.trailing_blocks(image_blocks)
+    starts = []
+    for slot, span in zip(params.devices, spans, strict=True):
+        if span < slot.blocks:
+            raise AssertionError("a device's file is shorter than its image")
+        starts.append(start)
+        start += span
+    return starts
 
 
 class _BlockCursor:

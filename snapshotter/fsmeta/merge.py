@@ -47,6 +47,7 @@ from snapshotter.erofs.format import (
 from snapshotter.erofs.reader import ChunkRef, ErofsImage, InodeInfo
 from snapshotter.erofs.tree import (
     Chunks,
+    Extent,
     InlineTail,
     Node,
     PackedChunks,
@@ -265,8 +266,10 @@ class _LayerApplier:
     def _chunks(self, refs: list[ChunkRef], size: int) -> Chunks | InlineTail | None:
         """Chunk indexes addressing the file's data where it lies in this layer's blob.
 
-        Files stored wholly inline in their layer (small ones) stay inline in the fsmeta; a
-        tail after whole blocks (images other tools wrote) gets a block in the fsmeta.
+        Files stored wholly inline in their layer (small ones) stay inline in the fsmeta; so
+        does a tail after whole blocks (tail-packed layers), its whole blocks addressed on
+        the layer's device in the flat address space (the writer falls back to a block of
+        its own in the fsmeta when the tail does not fit beside the merged inode).
         The chunk size is the largest power of two (at most 2^31 blocks) that every piece
         boundary is aligned to, and there is one index per chunk of the whole size: the
         kernel finds chunk i's index at position i, whatever lies there.
@@ -278,6 +281,13 @@ class _LayerApplier:
         if len(refs) == 1 and refs[0].inline_pos is not None:
             # A small file stored inline in its layer stays inline in the fsmeta.
             return InlineTail(None, self.img.read_at(refs[0].inline_pos, refs[0].length))
+        head_addr, tail_pos = refs[0].blkaddr, refs[-1].inline_pos
+        if len(refs) == 2 and tail_pos is not None and head_addr is not None:
+            # FLAT_INLINE: data_map checked both, on the layer's device 0
+            return InlineTail(
+                Extent(head_addr, refs[0].length // bs, self.device),
+                self.img.read_at(tail_pos, refs[1].length),
+            )
         pieces: list[tuple[int, int, int | None]] = []  # (offset, device, blkaddr; None: hole)
         for ref in refs:
             if ref.device:

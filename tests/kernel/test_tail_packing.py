@@ -205,7 +205,7 @@ def test_merge_of_tail_packed_layers_mounts_equal(tmp_path: Path) -> None:
         convert_layer(tar, out, verity=True, tail_packing=True)
         layers.append(out)
     fsmeta, flat = tmp_path / "m.fsmeta", tmp_path / "m.flat"
-    merge_layers(layers, fsmeta, verity=True, flat_path=flat)
+    result = merge_layers(layers, fsmeta, verity=True, flat_path=flat)
     with overlay_of(layers) as ovl:
         want = tree_view(ovl)
     assert "new" in want and "d/size-513" not in want
@@ -213,3 +213,41 @@ def test_merge_of_tail_packed_layers_mounts_equal(tmp_path: Path) -> None:
         assert diff_views(tree_view(mnt), want) == []
     with mounted_erofs(flat) as mnt:
         assert diff_views(tree_view(mnt), want) == []
+
+    # The tails stay inline in the fsmeta, their whole blocks on the layers' devices: no
+    # block of file data in the fsmeta (its tails take less room than a block each).
+    layouts = _layouts(fsmeta)
+    assert layouts["new"] == (LAYOUT_FLAT_INLINE, 3 * 4096 + 77)
+    assert layouts["d/size-4097"] == (LAYOUT_FLAT_INLINE, 5000)
+    packed = [p for p, (lay, size) in layouts.items() if lay == LAYOUT_FLAT_INLINE and size > 4096]
+    assert len(packed) > 100
+    tails = sum(size % 4096 for p, (_lay, size) in layouts.items() if p in packed)
+    assert result.size < tails + 64 * 4096
+
+    # A parent fsmeta holding such tails is not continued from (its heads are flat
+    # addresses): the merge starts over, with the same bytes.
+    merge_layers(layers[:1], tmp_path / "p.fsmeta")
+    merge_layers(layers, tmp_path / "inc.fsmeta", verity=True, parent=tmp_path / "p.fsmeta")
+    assert (tmp_path / "inc.fsmeta").read_bytes() == fsmeta.read_bytes()
+
+
+def test_merged_tail_that_no_longer_fits_its_inode(oracle: ErofsUtils, tmp_path: Path) -> None:
+    """A tail that fits a compact inode in its layer (mkfs.erofs 1.8 packs it there) but not
+    the merged inode (extended: its mtime is not the fsmeta's build time) gets a block of
+    its own in the fsmeta, after the head's blocks on the layer's device, chunk by chunk;
+    the kernel reads it back."""
+    require_root()
+    content = _data(4096 + 4096 - 40, 11)  # a 4056-byte tail: fits after 32 bytes, not 64
+    low = write_tar(tmp_path / "l0.tar", [Entry("f", data=content, mtime=1_600_000_000)])
+    layers = [mkfs_tar(oracle, low, tmp_path / "l0.erofs", "-T", "1600000000")]
+    top = write_tar(tmp_path / "l1.tar", [Entry(f"o{i}", data=b"o") for i in range(5)])
+    convert_layer(top, tmp_path / "l1.erofs", tail_packing=True)  # the build time: theirs
+    layers.append(tmp_path / "l1.erofs")
+    assert _layouts(layers[0])["f"][0] == LAYOUT_FLAT_INLINE
+    fsmeta, flat = tmp_path / "m.fsmeta", tmp_path / "m.flat"
+    merge_layers(layers, fsmeta, flat_path=flat)
+    assert _layouts(fsmeta)["f"][0] == LAYOUT_CHUNK_BASED
+    with mounted_fsmeta(fsmeta, layers) as mnt:
+        assert (mnt / "f").read_bytes() == content
+    with mounted_erofs(flat) as mnt:
+        assert (mnt / "f").read_bytes() == content
