@@ -313,11 +313,16 @@ class DiffService(diff_pb2_grpc.DiffServicer):
             },
         )
         if self.workers is not None:
-            request = tar_job(out, self.sn.layer_verity, self.sn.limits)
+            request = tar_job(out, self.sn.layer_verity, self.sn.limits, self.sn.tail_packing)
             return self._in_worker(request, namespace, desc, cancel)
         with self.content.open(namespace, desc.digest) as blob:
             result = convert_layer(
-                blob, out, verity=self.sn.layer_verity, blob_digest=True, limits=self.sn.limits
+                blob,
+                out,
+                verity=self.sn.layer_verity,
+                blob_digest=True,
+                limits=self.sn.limits,
+                tail_packing=self.sn.tail_packing,
             )
         return self._meta(desc, result)
 

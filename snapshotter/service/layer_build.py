@@ -129,12 +129,14 @@ def ensure_sidecar(directory: Path, meta: LayerMeta) -> Path:
     return sidecar
 
 
-def convert_directory(src: Path, out: Path, verity: bool | VerityParams = True) -> LayerMeta:
+def convert_directory(
+    src: Path, out: Path, verity: bool | VerityParams = True, tail_packing: bool = False
+) -> LayerMeta:
     """Unpacked layer directory SRC -> EROFS image + appended dm-verity tree at OUT (VERITY:
     True for containerd's salted geometry, or the parameters, e.g. KATA_VERITY)."""
     from snapshotter.ingest.convert import convert_directory as convert
 
-    return layer_meta(convert(src, out, verity=verity, blob_digest=True))
+    return layer_meta(convert(src, out, verity=verity, blob_digest=True, tail_packing=tail_packing))
 
 
 def layer_meta(result: ConvertResult, diff_id: str = "") -> LayerMeta:

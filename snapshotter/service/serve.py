@@ -189,6 +189,7 @@ class Server:
                 signing_key=Path(config.signing_key) if config.signing_key else None,
                 kata_verity=config.kata_verity,
                 limits=config.limits(),
+                tail_packing=config.tail_packing,
                 mount_style=config.mount_style,
                 layer_caches=config.layer_caches,
                 workers=self.workers,

@@ -119,6 +119,17 @@ class ServeConfig:
             choices=MOUNT_STYLES,
         ),
     )
+    # Tail packing of the layers the differ and Commit convert (docs/containerd.md: off, and
+    # why, with the numbers).
+    tail_packing: bool = field(
+        default=False,
+        metadata=_meta(
+            "layers stored after get each file's last partial block inline after its inode "
+            "when it fits, as mkfs.erofs and `convert` do (smaller layers; each VM-mode "
+            "chain's fsmeta then carries those tails); off: whole blocks, as containerd's own "
+            "erofs differ (-Enoinline_data) and `publish` write them"
+        ),
+    )
     # Pre-built layers keyed by diffID, containerd's layer_content_caches (layer_cache.py).
     layer_caches: list[Path] = field(
         default_factory=list,

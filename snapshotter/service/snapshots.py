@@ -59,6 +59,7 @@ class Snapshotter:
         mount_style: str = CLASSIC,
         layer_caches: Sequence[Path] = (),
         workers: WorkerPool | None = None,
+        tail_packing: bool = False,
     ) -> None:
         if mount_style not in MOUNT_STYLES:
             raise InvalidArgument(
@@ -72,10 +73,12 @@ class Snapshotter:
         # carry no salt; docs/kata.md). Commit's converter and the differ both use it.
         self.layer_verity: bool | VerityParams = KATA_VERITY if kata_verity else True
         self.limits = limits  # the differ's ceilings on one tar layer (docs/erofs.md)
+        self.tail_packing = tail_packing  # of the layers the differ and Commit convert
         # Commit's conversion of fs/: in a worker process when serve gave a pool (workers.py)
         self._convert = convert or functools.partial(
             workers.convert_directory if workers else layer_build.convert_directory,
             verity=self.layer_verity,
+            tail_packing=tail_packing,
         )
         self.mount_style = mount_style  # non-VM-mode snapshots' mounts (mounts.py)
         self.layer_cache = LayerCache(layer_caches)  # the differ's pre-built layers

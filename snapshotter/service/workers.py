@@ -129,13 +129,16 @@ def verity_from_wire(value: Any) -> bool | VerityParams:
     return VerityParams(**d)
 
 
-def tar_job(out: Path, verity: bool | VerityParams, limits: Limits) -> dict[str, Any]:
+def tar_job(
+    out: Path, verity: bool | VerityParams, limits: Limits, tail_packing: bool = False
+) -> dict[str, Any]:
     """A tar / tar.gz / tar.zst layer (the job's fd) converted into OUT."""
     return {
         "op": "tar",
         "out": str(out),
         "verity": verity_to_wire(verity),
         "limits": asdict(limits),
+        "tail_packing": tail_packing,
     }
 
 
@@ -144,9 +147,17 @@ def native_job(out: Path, digest: str, verity: bool | VerityParams) -> dict[str,
     return {"op": "native", "out": str(out), "digest": digest, "verity": verity_to_wire(verity)}
 
 
-def dir_job(src: Path, out: Path, verity: bool | VerityParams) -> dict[str, Any]:
+def dir_job(
+    src: Path, out: Path, verity: bool | VerityParams, tail_packing: bool = False
+) -> dict[str, Any]:
     """The directory SRC converted into OUT."""
-    return {"op": "dir", "src": str(src), "out": str(out), "verity": verity_to_wire(verity)}
+    return {
+        "op": "dir",
+        "src": str(src),
+        "out": str(out),
+        "verity": verity_to_wire(verity),
+        "tail_packing": tail_packing,
+    }
 
 
 def _error_to_wire(exc: BaseException) -> dict[str, Any]:
@@ -192,7 +203,11 @@ def _job(request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
     op, out = request["op"], Path(request["out"])
     verity = verity_from_wire(request["verity"])
     if op == "dir":
-        return asdict(layer_build.convert_directory(Path(request["src"]), out, verity=verity))
+        return asdict(
+            layer_build.convert_directory(
+                Path(request["src"]), out, verity=verity, tail_packing=request["tail_packing"]
+            )
+        )
     with os.fdopen(fds.pop(0), "rb", buffering=PIPE_BYTES) as source:
         if op == "tar":
             from snapshotter.ingest.convert import convert_layer
@@ -203,6 +218,7 @@ def _job(request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
                 verity=verity,
                 blob_digest=True,
                 limits=Limits(**request["limits"]),
+                tail_packing=request["tail_packing"],
             )
         elif op == "native":
             from snapshotter.ingest.convert import import_erofs_image
@@ -486,12 +502,12 @@ class WorkerPool:
         return {**reply["ok"], "maxrss_kib": reply["maxrss_kib"]}
 
     def convert_directory(
-        self, src: Path, out: Path, verity: bool | VerityParams = True
+        self, src: Path, out: Path, verity: bool | VerityParams = True, tail_packing: bool = False
     ) -> LayerMeta:
         """`layer_build.convert_directory` in a worker: the same LayerMeta."""
         from snapshotter.service.layer_build import LayerMeta
 
-        reply = self.run(dir_job(src, out, verity))
+        reply = self.run(dir_job(src, out, verity, tail_packing))
         reply.pop("maxrss_kib")
         return LayerMeta(**reply)
 

@@ -267,3 +267,43 @@ def test_a_workers_peak_rss_is_its_own_not_its_parents(tmp_path):
         pool.close()
         del ballast
     assert reply["maxrss_kib"] < 200 * 1024, f"worker peak RSS {reply['maxrss_kib']} KiB"
+
+
+def test_tail_packing_reaches_the_worker(pool, tmp_path):
+    """The serve key `tail_packing` travels in the job: a worker packs tails exactly as an
+    in-process conversion does, and without it writes the whole-block image."""
+    from snapshotter.erofs.format import LAYOUT_FLAT_INLINE
+    from snapshotter.erofs.reader import ErofsImage
+    from snapshotter.service.serve_config import ConfigError, load_config
+
+    data = _layer(5)
+    (tmp_path / "layer.tar.gz").write_bytes(data)
+    request = tar_job(tmp_path / "w.erofs", True, DEFAULT_LIMITS, tail_packing=True)
+    reply = pool.run(request, feed=_feed_bytes(data))
+    local = convert_layer(
+        str(tmp_path / "layer.tar.gz"),
+        tmp_path / "l.erofs",
+        verity=True,
+        blob_digest=True,
+        tail_packing=True,
+    )
+    assert (tmp_path / "w.erofs").read_bytes() == (tmp_path / "l.erofs").read_bytes()
+    assert reply["root_hash"] == local.verity.root_hash
+    plain = pool.run(_tar_request(tmp_path / "p.erofs"), feed=_feed_bytes(data))
+    assert plain["blob_size"] > reply["blob_size"]
+    with ErofsImage(tmp_path / "w.erofs") as img:
+        packed = [i for _, i in img.walk() if i.inode.layout == LAYOUT_FLAT_INLINE]
+        assert any(i.inode.size > img.block_size for i in packed)
+
+    src = tmp_path / "fs"
+    src.mkdir()
+    (src / "f").write_bytes(random.Random(2).randbytes(3 * 4096 + 100))
+    got = pool.convert_directory(src, tmp_path / "wd.erofs", tail_packing=True)
+    want = layer_build.convert_directory(src, tmp_path / "ld.erofs", tail_packing=True)
+    assert got == want
+    assert got.blob_size < layer_build.convert_directory(src, tmp_path / "pd.erofs").blob_size
+
+    assert load_config(None).tail_packing is False
+    assert load_config(None, tail_packing=True).tail_packing is True
+    with pytest.raises(ConfigError, match="tail-packing must be a boolean"):
+        load_config(None, tail_packing="yes")
