@@ -85,9 +85,9 @@ def world(tmp_path_factory) -> Iterator[dict]:
 
 
 def node_devices(archive: Path, out: Path, different_layer: int | None = None) -> Path:
-    """A node's own conversion of the archive's layers (convert + merge as the snapshotter
-    runs them), written as a device list in a chain's fsmeta.json shape. DIFFERENT_LAYER:
-    that layer converted with other options (an unsalted tree)."""
+    """A node's own conversion of the archive's layers (convert --no-tail-packing + merge as
+    the snapshotter runs them), written as a device list in a chain's fsmeta.json shape.
+    DIFFERENT_LAYER: that layer converted with other options (an unsalted tree)."""
     out.mkdir()
     with tarfile.open(archive) as tar:
         index = json.load(tar.extractfile("index.json"))
@@ -101,7 +101,8 @@ def node_devices(archive: Path, out: Path, different_layer: int | None = None) -
                 r = convert_layer(blob, erofs, verity=KATA_VERITY)
                 info = {"size": r.size, "diff_id": r.diff_id, "verity": r.verity.to_json()}
             else:
-                info = ok_json("convert", blob, erofs, "--verity")
+                # whole blocks, as the differ and `publish` write them (`convert` packs tails)
+                info = ok_json("convert", blob, erofs, "--verity", "--no-tail-packing")
             data = erofs.read_bytes()[: info["size"]]
             layers.append(
                 {

@@ -19,7 +19,6 @@ from snapshotter.erofs.tree import Extent, InlineTail
 from snapshotter.erofs.writer import DataWriter
 from snapshotter.fsmeta.merge import merge_layers
 from snapshotter.ingest.convert import convert_layer
-from tests.kernel.test_erofs_oracle import mkfs_tar, nlinks
 from tests.support.cli import convert
 from tests.support.erofs_utils_oracle import ErofsUtils, OracleUnavailable, erofs_utils
 from tests.support.helpers import mounted_erofs, mounted_fsmeta, overlay_of, require_root
@@ -33,6 +32,28 @@ def oracle() -> ErofsUtils:
         return erofs_utils()
     except OracleUnavailable as exc:
         pytest.skip(str(exc))
+
+
+def mkfs_tar(oracle: ErofsUtils, layer: Path, out: Path, *extra: str) -> Path:
+    """`mkfs.erofs --tar=f --aufs` of LAYER: tail-packed, its default."""
+    proc = subprocess.run(
+        [oracle.mkfs, "--quiet", "--tar=f", "--aufs", *extra, str(out), str(layer)],
+        capture_output=True,
+        text=True,
+        errors="replace",
+    )
+    assert proc.returncode == 0, f"mkfs.erofs {oracle.version} failed: {proc.stderr}"
+    return out
+
+
+def nlinks(root: Path) -> dict[str, int]:
+    """Path -> link count of every entry below ROOT."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath, name)
+            out[str(p.relative_to(root))] = p.lstat().st_nlink
+    return out
 
 
 def _data(n: int, seed: int) -> bytes:
