@@ -44,7 +44,7 @@ from snapshotter.erofs.format import (
     SuperBlock,
     decode_dev,
 )
-from snapshotter.erofs.reader import ChunkRef, ErofsImage, InodeInfo
+from snapshotter.erofs.reader import ChunkRef, ErofsImage, InodeInfo, ScanDir
 from snapshotter.erofs.tree import (
     Chunks,
     InlineTail,
@@ -64,6 +64,22 @@ from snapshotter.fsutil import atomic_output
 
 if TYPE_CHECKING:
     from snapshotter.verity import VerityInfo, VerityParams
+
+# The optional compiled directory scan (_mergescan.c): each directory's entries and their
+# inodes in one call (`ErofsImage.entries_fields`), the same tuples as the pure-Python path.
+# `EROFS_PASSTHROUGH_PURE=1` (read at import) forces the pure path, as for verity hashing.
+SCAN: ScanDir | None
+if os.environ.get("EROFS_PASSTHROUGH_PURE", "") not in ("", "0"):
+    SCAN = None
+else:
+    try:
+        from snapshotter.fsmeta._mergescan import scan_dir
+
+        SCAN = scan_dir
+    except ImportError:  # not built (no compiler or Python headers at install): pure Python
+        SCAN = None
+#: True when the compiled scan is in use (not forced off, built and importable)
+ACCELERATED = SCAN is not None
 
 OVERLAY_XATTR_PREFIX = b"trusted.overlay."
 OPAQUE_XATTR = b"trusted.overlay.opaque"
@@ -143,7 +159,7 @@ class _LayerApplier:
         img = self.img
         stack = [(target, dir_info)]
         seen: set[int] = set()
-        inode_fields = img.inode_fields
+        entries_fields, scan = img.entries_fields, SCAN
         links = self.links
         bs, sb_blocks, device = self.bs, img.sb.blocks, self.device
         pack_index = _CHUNK_INDEX.pack
@@ -156,15 +172,12 @@ class _LayerApplier:
             seen.add(dir_info.nid)
             children = target.dir_children()
             self._charge(dir_info.size)
-            # listdir has checked every name (1..255 bytes, no '/' nor NUL).
-            for name, nid, _ftype in img.listdir(dir_info):
-                if name == b"." or name == b"..":
-                    continue
+            # Every name is checked (1..255 bytes, no '/' nor NUL), every inode read.
+            for name, nid, fields in entries_fields(dir_info, scan):
                 node = links.get(nid)
                 if node is not None:  # another name of an inode of this layer
                     children[name] = node
                     continue
-                fields = inode_fields(nid)
                 fmt = fields[3] & _S_IFMT
                 if fmt == _S_IFREG and fields[1] & 0xE == 0 and not fields[2] and fields[5]:
                     # The common file, kept in this loop: one extent (FLAT_PLAIN), no xattrs.
@@ -447,14 +460,11 @@ class _FsmetaReader:
             self._data_blocks(dir_info.inode.layout, dir_info.inode.i_u, dir_info.size)
             self._charge(dir_info.size)
             children = target.dir_children()
-            for name, nid, _ftype in img.listdir(dir_info):
-                if name == b"." or name == b"..":
-                    continue
+            for name, nid, fields in img.entries_fields(dir_info, SCAN):
                 node = self.links.get(nid)
                 if node is not None:
                     children[name] = node
                     continue
-                fields = img.inode_fields(nid)
                 pos, fw, icount, mode, _nl, size, i_u, uid, gid, mtime, nsec = fields
                 if (
                     mode & _S_IFMT == _S_IFREG
