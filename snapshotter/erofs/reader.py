@@ -14,7 +14,7 @@ import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from snapshotter.erofs.format import (
     CHUNK_FORMAT_BLKBITS_MASK,
@@ -81,10 +81,9 @@ class InodeInfo:
 #: `inode_fields`' tuple: (pos, fmt, xattr_icount, mode, nlink, size, i_u, uid, gid, mtime,
 #: mtime_nsec)
 InodeFields = tuple[int, int, int, int, int, int, int, int, int, int, int]
-#: the compiled `scan_dir(image, data, block_size, meta_base, build_time, build_time_nsec)`
-ScanDir = Callable[
-    [mmap.mmap, bytes, int, int, int, int], "list[tuple[bytes, int, InodeFields]] | None"
-]
+#: the merge's compiled scan, `scan_dir(image, data, block_size, meta_base, build_time,
+#: build_time_nsec)` (fsmeta/_mergescan.c, its first argument bound)
+ScanDir = Callable[[mmap.mmap, bytes, int, int, int, int], "list[tuple[bytes, int, Any]] | None"]
 
 _HOLE_PIECE = 1 << 20
 SYMLINK_MAX = 4095  # PATH_MAX - 1: the kernel refuses longer inline targets, Linux any longer
@@ -426,7 +425,9 @@ class ErofsImage:
         checks them, every entry's inode read (an error in any of them is raised before
         the caller sees an entry). `scan`: the merge's compiled loop doing the same in one
         call (fsmeta/_mergescan.c); where it finds anything amiss it returns None and this
-        path runs instead, so the error is the one `listdir` or `inode_fields` gives."""
+        path runs instead, so the error is the one `listdir` or `inode_fields` gives. (The
+        scan may give, for an entry, what its caller makes of the inode instead of its
+        fields: the merge's node of a common file.)"""
         if scan is not None:
             data = self._dir_data(info)
             sb = self.sb

@@ -6,11 +6,14 @@
  * `ErofsImage.listdir`) and an inode unpacked (`ErofsImage.inode_fields`), two thirds of
  * the tree's build time. This does both for a whole directory in one call.
  *
- * scan_dir(image: bytes-like, data: bytes-like, block_size: int, meta_base: int,
+ * scan_dir(files, image: bytes-like, data: bytes-like, block_size: int, meta_base: int,
  *          build_time: int, build_time_nsec: int) -> list | None
  *   `data`: the directory's bytes (as `ErofsImage.read` gives them), `image`: the image's
  *   whole mapping. Returns [(name, nid, fields), ...] in on-disk order, `.` and `..` left
- *   out, `fields` exactly the tuple `ErofsImage.inode_fields(nid)` returns. Returns None
+ *   out, `fields` exactly the tuple `ErofsImage.inode_fields(nid)` returns; with `files`
+ *   (not None: see merge.py `_node_spec`) a layer's common file (regular, one extent, no
+ *   xattrs, its blocks inside the image) comes as the merge's Node instead, with the
+ *   attributes merge.py's pure loop gives it. Returns None
  *   when anything is not as listdir and inode_fields accept it (a bogus name offset, a name
  *   of bogus length or with '/' or NUL, an inode beyond the image or with unknown format
  *   bits): the caller then takes the pure-Python path on the same directory, which raises
@@ -122,14 +125,167 @@ static PyObject *inode_fields(const unsigned char *img, Py_ssize_t img_len, uint
                          (unsigned)le16(p + 26), build_time, build_nsec);
 }
 
+/* What the merge makes of its common file (merge.py `_LayerApplier._apply_dir`). */
+typedef struct {
+    PyTypeObject *node_type, *packed_type;
+    PyObject *node_fields;   /* the Node's slots, in this order: the seven set here, then */
+    PyObject *node_rest;     /* (name, value) of every other one: data, xattrs, defaults */
+    PyObject *packed_fields; /* PackedChunks' two slots: chunkbits, table */
+    unsigned device;
+    unsigned long long sb_blocks;
+} files_t;
+
+/* An instance of a slots dataclass with the given slot values, as its __init__ would set
+ * them but without running Python code: allocated, then each slot set through the type's
+ * member descriptor (object's own setattr, which a frozen dataclass's __setattr__ would
+ * only forward to). Steals nothing. */
+static PyObject *new_slotted(PyTypeObject *type, PyObject *names, PyObject *const *values,
+                             PyObject *rest) {
+    PyObject *obj = type->tp_alloc(type, 0);
+    if (obj == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(names); i++)
+        if (PyObject_GenericSetAttr(obj, PyTuple_GET_ITEM(names, i), values[i]) < 0)
+            goto fail;
+    if (rest != NULL)
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(rest); i++) {
+            PyObject *kv = PyTuple_GET_ITEM(rest, i);
+            if (PyObject_GenericSetAttr(obj, PyTuple_GET_ITEM(kv, 0), PyTuple_GET_ITEM(kv, 1)) <
+                0)
+                goto fail;
+        }
+    return obj;
+fail:
+    Py_DECREF(obj);
+    return NULL;
+}
+
+static int bit_length(uint64_t v) {
+    int n = 0;
+    while (v) {
+        n++;
+        v >>= 1;
+    }
+    return n;
+}
+
+/* The common file of a layer as the merge's node: a regular file, one extent (FLAT_PLAIN),
+ * no xattrs, data inside the image. Py_None (a new reference) for anything else, which the
+ * merge then reads field by field; NULL on a Python failure. */
+static PyObject *file_node(const files_t *f, const unsigned char *p, uint64_t bs,
+                           PyObject *build_time, PyObject *build_nsec) {
+    unsigned fmt = le16(p), icount = le16(p + 2), mode = le16(p + 4);
+    uint64_t size, i_u;
+    unsigned long uid, gid, nsec = 0;
+    long long mtime = 0;
+    if ((mode & 0170000) != 0100000 || (fmt & 0xE) != 0 || icount != 0)
+        Py_RETURN_NONE;
+    if (fmt & 1) {
+        size = le64(p + 8);
+        i_u = le32(p + 16);
+        uid = le32(p + 24);
+        gid = le32(p + 28);
+        mtime = (long long)le64(p + 32);
+        nsec = le32(p + 40);
+    } else {
+        size = le32(p + 8);
+        i_u = le32(p + 16);
+        uid = le16(p + 24);
+        gid = le16(p + 26);
+    }
+    if (size == 0 || size >= (1ULL << 63))
+        Py_RETURN_NONE;
+    uint64_t nblocks = (size + bs - 1) / bs;
+    int bits = bit_length(nblocks - 1);
+    if (i_u + nblocks > f->sb_blocks || bits > 31)
+        Py_RETURN_NONE; /* the merge's _leaf checks it and says why */
+    unsigned char index[8] = {0, 0, (unsigned char)f->device, (unsigned char)(f->device >> 8),
+                              (unsigned char)i_u, (unsigned char)(i_u >> 8),
+                              (unsigned char)(i_u >> 16), (unsigned char)(i_u >> 24)};
+    PyObject *packed = NULL, *node = NULL;
+    PyObject *a[7] = {NULL};
+    a[0] = PyLong_FromLong(bits);
+    a[1] = PyBytes_FromStringAndSize((const char *)index, 8);
+    if (a[0] == NULL || a[1] == NULL)
+        goto done;
+    packed = new_slotted(f->packed_type, f->packed_fields, a, NULL);
+    Py_CLEAR(a[0]);
+    Py_CLEAR(a[1]);
+    if (packed == NULL)
+        goto done;
+    a[0] = PyLong_FromUnsignedLong(mode);
+    a[1] = PyLong_FromUnsignedLong(uid);
+    a[2] = PyLong_FromUnsignedLong(gid);
+    if (fmt & 1) {
+        a[3] = PyLong_FromLongLong(mtime);
+        a[4] = PyLong_FromUnsignedLong(nsec);
+    } else {
+        a[3] = Py_NewRef(build_time);
+        a[4] = Py_NewRef(build_nsec);
+    }
+    a[5] = PyLong_FromUnsignedLongLong(size);
+    a[6] = Py_NewRef(packed);
+    for (int i = 0; i < 7; i++)
+        if (a[i] == NULL)
+            goto done;
+    node = new_slotted(f->node_type, f->node_fields, a, f->node_rest);
+done:
+    for (int i = 0; i < 7; i++)
+        Py_XDECREF(a[i]);
+    Py_XDECREF(packed);
+    return node;
+}
+
+static int all_str(PyObject *tuple) {
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(tuple); i++)
+        if (!PyUnicode_Check(PyTuple_GET_ITEM(tuple, i)))
+            return 0;
+    return 1;
+}
+
+/* The `files` argument: (Node, PackedChunks, Node's 7 slot names, ((name, value), ...) for
+ * the rest, PackedChunks' 2 slot names, device, image blocks). 0, or -1 with ValueError. */
+static int parse_spec(PyObject *spec, files_t *f) {
+    if (!PyTuple_Check(spec) ||
+        !PyArg_ParseTuple(spec, "O!O!O!O!O!IK", &PyType_Type, &f->node_type, &PyType_Type,
+                          &f->packed_type, &PyTuple_Type, &f->node_fields, &PyTuple_Type,
+                          &f->node_rest, &PyTuple_Type, &f->packed_fields, &f->device,
+                          &f->sb_blocks))
+        goto bad;
+    if (PyTuple_GET_SIZE(f->node_fields) != 7 || PyTuple_GET_SIZE(f->packed_fields) != 2 ||
+        !all_str(f->node_fields) || !all_str(f->packed_fields) || f->device > 0xFFFF)
+        goto bad;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(f->node_rest); i++) {
+        PyObject *kv = PyTuple_GET_ITEM(f->node_rest, i);
+        if (!PyTuple_Check(kv) || PyTuple_GET_SIZE(kv) != 2 ||
+            !PyUnicode_Check(PyTuple_GET_ITEM(kv, 0)))
+            goto bad;
+    }
+    return 0;
+bad:
+    PyErr_Clear();
+    PyErr_SetString(PyExc_ValueError, "scan_dir: bad files argument");
+    return -1;
+}
+
 static PyObject *scan_dir(PyObject *self, PyObject *args) {
     Py_buffer image, data;
     Py_ssize_t bs;
     unsigned long long meta_base;
-    PyObject *build_time, *build_nsec;
-    if (!PyArg_ParseTuple(args, "y*y*nKOO", &image, &data, &bs, &meta_base, &build_time,
-                          &build_nsec))
+    PyObject *spec, *build_time, *build_nsec;
+    files_t files = {NULL};
+    int make_files = 0;
+    if (!PyArg_ParseTuple(args, "Oy*y*nKOO", &spec, &image, &data, &bs, &meta_base,
+                          &build_time, &build_nsec))
         return NULL;
+    if (spec != Py_None) {
+        if (parse_spec(spec, &files) < 0) {
+            PyBuffer_Release(&image);
+            PyBuffer_Release(&data);
+            return NULL;
+        }
+        make_files = 1;
+    }
     PyObject *result = NULL;
     entry_t *entries = NULL;
     if (bs <= DIRENT_SIZE || bs > 65536) {
@@ -159,6 +315,21 @@ static PyObject *scan_dir(PyObject *self, PyObject *args) {
             continue;
         PyObject *fields = inode_fields(image.buf, image.len, meta_base, entries[i].nid,
                                         build_time, build_nsec);
+        if (fields != NULL && make_files) {
+            /* inode_fields checked the inode lies in the image: its bytes are there */
+            const unsigned char *p = (const unsigned char *)image.buf + meta_base +
+                                     entries[i].nid * 32;
+            PyObject *node = file_node(&files, p, (uint64_t)bs, build_time, build_nsec);
+            if (node == NULL) {
+                Py_CLEAR(fields);
+                Py_CLEAR(result);
+                goto done;
+            }
+            if (node != Py_None)
+                Py_SETREF(fields, node);
+            else
+                Py_DECREF(node);
+        }
         if (fields == NULL) {
             Py_CLEAR(result);
             if (!PyErr_Occurred())
@@ -183,7 +354,8 @@ done:
 
 static PyMethodDef methods[] = {
     {"scan_dir", scan_dir, METH_VARARGS,
-     "scan_dir(image, data, block_size, meta_base, build_time, build_time_nsec) -> list | None"},
+     "scan_dir(files, image, data, block_size, meta_base, build_time, build_time_nsec)"
+     " -> list | None"},
     {NULL, NULL, 0, NULL},
 };
 

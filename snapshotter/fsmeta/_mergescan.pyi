@@ -1,9 +1,11 @@
 # The compiled scan's signature (snapshotter/fsmeta/_mergescan.c), for mypy.
 import mmap
+from typing import Any
 
 _Fields = tuple[int, int, int, int, int, int, int, int, int, int, int]
 
 def scan_dir(
+    files: tuple[type, type, dict[bytes, bytes], tuple[str], int, int] | None,
     image: mmap.mmap | bytes,
     data: bytes,
     block_size: int,
@@ -11,4 +13,4 @@ def scan_dir(
     build_time: int,
     build_time_nsec: int,
     /,
-) -> list[tuple[bytes, int, _Fields]] | None: ...
+) -> list[tuple[bytes, int, _Fields | Any]] | None: ...

@@ -4,6 +4,7 @@ layer; `EROFS_PASSTHROUGH_PURE=1` switches the compiled scan off."""
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import stat
@@ -32,7 +33,7 @@ def _scan():
         from snapshotter.fsmeta._mergescan import scan_dir
     except ImportError as exc:
         pytest.fail(f"the merge accelerator is not built ({exc}): run .ci/setup")
-    return scan_dir
+    return functools.partial(scan_dir, None)
 
 
 def _wide_dir_entries() -> list[Entry]:
@@ -81,6 +82,52 @@ def test_scan_gives_the_pure_entries_on_real_layers(layers: list[Path]) -> None:
                     assert got == want
                     dirs += 1
     assert dirs > 20
+
+
+def test_scan_makes_the_nodes_the_pure_loop_makes(layers: list[Path]) -> None:
+    """A layer's common files come as nodes, every attribute as the pure loop sets it."""
+    from snapshotter.erofs.tree import Node
+
+    assert merge._NODE_SPEC is not None, "Node or PackedChunks changed: update _node_spec"
+    scan = _scan().func
+    made = 0
+    for path in layers:
+        with ErofsImage(path) as img:
+            spec = (*merge._NODE_SPEC, 3, img.sb.blocks)
+            for _path, info in img.walk():
+                if not stat.S_ISDIR(info.mode):
+                    continue
+                data = img.read(info)
+                args = (data, 4096, img.sb.meta_blkaddr * 4096, img.sb.build_time)
+                got = scan(spec, img._map, *args, img.sb.build_time_nsec)
+                for name, nid, fields in img.entries_fields(info, None):
+                    entry = got.pop(0)
+                    assert entry[:2] == (name, nid)
+                    if type(entry[2]) is not Node:
+                        assert entry[2] == fields
+                        continue
+                    made += 1
+                    node = entry[2]
+                    _pos, fw, icount, mode, _nl, size, i_u, uid, gid, mtime, nsec = fields
+                    assert (fw & 0xE, icount, mode & 0o170000) == (0, 0, 0o100000)
+                    want = Node(
+                        mode,
+                        uid,
+                        gid,
+                        mtime,
+                        nsec,
+                        size,
+                        merge.PackedChunks(
+                            (-(-size // 4096) - 1).bit_length(),
+                            merge._CHUNK_INDEX.pack(0, 3, i_u),
+                        ),
+                        xattrs=merge._EMPTY_XATTRS,
+                    )
+                    for f in Node.__dataclass_fields__:
+                        assert getattr(node, f) == getattr(want, f), f
+                    assert node.xattrs is merge._EMPTY_XATTRS
+                assert got == []
+    assert made > 10
 
 
 def _merge_both(paths: list[Path], out: Path, monkeypatch: pytest.MonkeyPatch) -> bytes:
