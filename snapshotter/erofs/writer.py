@@ -21,7 +21,6 @@ Layout rules the kernel enforces, and how we meet them:
 from __future__ import annotations
 
 import os
-import stat
 import sys
 from array import array
 from collections import Counter
@@ -32,7 +31,6 @@ from snapshotter.erofs.format import (
     CHUNK_FORMAT_INDEXES,
     FEATURE_INCOMPAT_CHUNKED_FILE,
     FEATURE_INCOMPAT_DEVICE_TABLE,
-    INODE_SLOT_SIZE,
     LAYOUT_CHUNK_BASED,
     LAYOUT_FLAT_INLINE,
     NULL_ADDR,
@@ -46,7 +44,9 @@ from snapshotter.erofs.format import (
     XattrEntry,
     XattrIbody,
     encode_dev,
-    file_type,
+    layout_inode_table,
+    pack_dir_blocks,
+    pack_inode_table,
 )
 from snapshotter.erofs.limits import DEFAULT_LIMITS, Limits
 from snapshotter.erofs.tree import (
@@ -509,7 +509,6 @@ def write_metadata(
     tails: dict[int, bytes] = {}
     dir_groups: dict[int, list[list[bytes]]] = {}
     any_chunked = False
-    table: bytes | None
     tail: bytes | None
     for i, node in enumerate(order):
         mode, size = node.mode, node.size
@@ -598,44 +597,15 @@ def write_metadata(
     meta_start = cursor.next_block * bs
 
     # Inodes are 32-byte aligned; inline data must not cross a block boundary.
-    nids = [0] * count
     base = meta_blkaddr * bs
-    pos = meta_start
-    for i in range(count):
-        pos = (pos + 31) & ~31
-        size = heads[i]
-        if any_chunked:
-            table = tables[i]
-            if table is not None:
-                size = ((size + 7) & ~7) + len(table)
-        tail = tails.get(i)
-        if tail:
-            tail_start = pos + size
-            if tail_start // bs != (tail_start + len(tail) - 1) // bs:
-                pos = -(-pos // bs) * bs
-            size += len(tail)
-        nids[i] = (pos - base) // INODE_SLOT_SIZE
-        pos += size
-    meta_end = pos
+    chunk_tables = tables if any_chunked else None
+    nids, meta_end = layout_inode_table(heads, chunk_tables, tails, meta_start, base, bs)
     nid_of = dict(zip(map(id, order), nids, strict=True))
 
-    dir_type = file_type(stat.S_IFDIR)
     for i, groups in dir_groups.items():
         node = order[i]
-        children = node.dir_children()
         parent_nid = nid_of[id(parent_of[id(node)])]
-        blocks = []
-        for names in groups:
-            entries = []
-            for name in names:
-                if name == b".":
-                    entries.append((name, nids[i], dir_type))
-                elif name == b"..":
-                    entries.append((name, parent_nid, dir_type))
-                else:
-                    child = children[name]
-                    entries.append((name, nid_of[id(child)], file_type(child.mode)))
-            blocks.append(Dirent.pack_block(entries))
+        blocks = pack_dir_blocks(groups, node.dir_children(), nid_of, nids[i], parent_nid)
         if layouts[i] == LAYOUT_FLAT_INLINE:
             tails[i] = blocks.pop()
         if blocks:
@@ -648,40 +618,10 @@ def write_metadata(
         data.add_blocks(raw)
 
     meta = bytearray(meta_end - meta_start)
-    pack_inode = Inode.pack_into
-    for i, node in enumerate(order):
-        off = base + nids[i] * INODE_SLOT_SIZE - meta_start
-        head = heads[i]
-        xbody = xbodies.get(i) if xbodies else None
-        xsize = 0 if xbody is None else len(xbody)  # == the inode's xattr_isize
-        pack_inode(
-            meta,
-            off,
-            head - xsize == 64,
-            layouts[i],
-            0 if xbody is None else 1 + (xsize - 12) // 4,
-            node.mode,
-            links[i],
-            sizes[i],
-            i_us[i],
-            i + 1,
-            node.uid,
-            node.gid,
-            node.mtime,
-            node.mtime_nsec,
-        )
-        off += head
-        if xbody is not None:
-            meta[off - xsize : off] = xbody
-        if any_chunked:
-            table = tables[i]
-            if table is not None:
-                off = (off + 7) & ~7
-                meta[off : off + len(table)] = table
-                off += len(table)
-        tail = tails.get(i)
-        if tail:
-            meta[off : off + len(tail)] = tail
+    pack_inode_table(
+        meta, order, nids, heads, layouts, links, sizes, i_us, xbodies, chunk_tables, tails,
+        base - meta_start,
+    )  # fmt: skip
     view = memoryview(meta)
     step = WRITE_BUFFER
     for start in range(0, len(meta), step):
