@@ -131,8 +131,10 @@ typedef struct {
     PyObject *node_fields;   /* the Node's slots, in this order: the seven set here, then */
     PyObject *node_rest;     /* (name, value) of every other one: data, xattrs, defaults */
     PyObject *packed_fields; /* PackedChunks' two slots: chunkbits, table */
-    unsigned device;
+    unsigned device;         /* a layer's: its device number; an fsmeta's: its device count */
     unsigned long long sb_blocks;
+    int fsmeta;              /* 0: a layer's common file; 1: an fsmeta's (merge.py
+                              * `_FsmetaReader.tree`): one chunk index, no xattrs */
 } files_t;
 
 /* An instance of a slots dataclass with the given slot values, as its __init__ would set
@@ -170,15 +172,21 @@ static int bit_length(uint64_t v) {
 }
 
 /* The common file of a layer as the merge's node: a regular file, one extent (FLAT_PLAIN),
- * no xattrs, data inside the image. Py_None (a new reference) for anything else, which the
- * merge then reads field by field; NULL on a Python failure. */
-static PyObject *file_node(const files_t *f, const unsigned char *p, uint64_t bs,
-                           PyObject *build_time, PyObject *build_nsec) {
+ * no xattrs, data inside the image; or of an fsmeta (f->fsmeta): a regular file, chunk-based
+ * with one 8-byte chunk index (on one of the first f->device devices, or a hole), no xattrs.
+ * Py_None (a new reference) for anything else, which the merge then reads field by field
+ * (and if need be refuses, with its message); NULL on a Python failure. The inode is at
+ * byte `pos` of the image, its bytes known to be there. */
+static PyObject *file_node(const files_t *f, const unsigned char *img, Py_ssize_t img_len,
+                           uint64_t pos, uint64_t bs, PyObject *build_time,
+                           PyObject *build_nsec) {
+    const unsigned char *p = img + pos;
     unsigned fmt = le16(p), icount = le16(p + 2), mode = le16(p + 4);
     uint64_t size, i_u;
     unsigned long uid, gid, nsec = 0;
     long long mtime = 0;
-    if ((mode & 0170000) != 0100000 || (fmt & 0xE) != 0 || icount != 0)
+    unsigned layout = f->fsmeta ? 4 : 0; /* CHUNK_BASED : FLAT_PLAIN */
+    if ((mode & 0170000) != 0100000 || ((fmt >> 1) & 7) != layout || icount != 0)
         Py_RETURN_NONE;
     if (fmt & 1) {
         size = le64(p + 8);
@@ -193,15 +201,35 @@ static PyObject *file_node(const files_t *f, const unsigned char *p, uint64_t bs
         uid = le16(p + 24);
         gid = le16(p + 26);
     }
-    if (size == 0 || size >= (1ULL << 63))
-        Py_RETURN_NONE;
-    uint64_t nblocks = (size + bs - 1) / bs;
-    int bits = bit_length(nblocks - 1);
-    if (i_u + nblocks > f->sb_blocks || bits > 31)
-        Py_RETURN_NONE; /* the merge's _leaf checks it and says why */
-    unsigned char index[8] = {0, 0, (unsigned char)f->device, (unsigned char)(f->device >> 8),
-                              (unsigned char)i_u, (unsigned char)(i_u >> 8),
-                              (unsigned char)(i_u >> 16), (unsigned char)(i_u >> 24)};
+    unsigned char index[8];
+    int bits;
+    if (f->fsmeta) {
+        /* merge.py: i_u & ~0x1F == CHUNK_FORMAT_INDEXES and 0 < size <= bs << chunkbits */
+        if ((i_u & ~0x1FULL) != 0x20 || size == 0)
+            Py_RETURN_NONE;
+        bits = (int)(i_u & 0x1F);
+        if (size > (bs << bits))
+            Py_RETURN_NONE;
+        uint64_t at = (pos + (fmt & 1 ? 64 : 32) + 7) & ~7ULL;
+        if (at > (uint64_t)img_len || (uint64_t)img_len - at < 8)
+            Py_RETURN_NONE; /* read_at refuses it, with its message */
+        memcpy(index, img + at, 8);
+        unsigned device = le16(index + 2);
+        if (le32(index + 4) != 0xFFFFFFFFu && !(device > 0 && device <= f->device))
+            Py_RETURN_NONE; /* not continuable: the merge's loop says so */
+    } else {
+        if (size == 0 || size >= (1ULL << 63))
+            Py_RETURN_NONE;
+        uint64_t nblocks = (size + bs - 1) / bs;
+        bits = bit_length(nblocks - 1);
+        if (i_u + nblocks > f->sb_blocks || bits > 31)
+            Py_RETURN_NONE; /* the merge's _leaf checks it and says why */
+        unsigned char layer_index[8] = {
+            0, 0, (unsigned char)f->device, (unsigned char)(f->device >> 8),
+            (unsigned char)i_u, (unsigned char)(i_u >> 8), (unsigned char)(i_u >> 16),
+            (unsigned char)(i_u >> 24)};
+        memcpy(index, layer_index, 8);
+    }
     PyObject *packed = NULL, *node = NULL;
     PyObject *a[7] = {NULL};
     a[0] = PyLong_FromLong(bits);
@@ -244,13 +272,15 @@ static int all_str(PyObject *tuple) {
 }
 
 /* The `files` argument: (Node, PackedChunks, Node's 7 slot names, ((name, value), ...) for
- * the rest, PackedChunks' 2 slot names, device, image blocks). 0, or -1 with ValueError. */
+ * the rest, PackedChunks' 2 slot names, device, image blocks[, fsmeta]). 0, or -1 with
+ * ValueError. */
 static int parse_spec(PyObject *spec, files_t *f) {
+    f->fsmeta = 0;
     if (!PyTuple_Check(spec) ||
-        !PyArg_ParseTuple(spec, "O!O!O!O!O!IK", &PyType_Type, &f->node_type, &PyType_Type,
+        !PyArg_ParseTuple(spec, "O!O!O!O!O!IK|p", &PyType_Type, &f->node_type, &PyType_Type,
                           &f->packed_type, &PyTuple_Type, &f->node_fields, &PyTuple_Type,
                           &f->node_rest, &PyTuple_Type, &f->packed_fields, &f->device,
-                          &f->sb_blocks))
+                          &f->sb_blocks, &f->fsmeta))
         goto bad;
     if (PyTuple_GET_SIZE(f->node_fields) != 7 || PyTuple_GET_SIZE(f->packed_fields) != 2 ||
         !all_str(f->node_fields) || !all_str(f->packed_fields) || f->device > 0xFFFF)
@@ -317,9 +347,9 @@ static PyObject *scan_dir(PyObject *self, PyObject *args) {
                                         build_time, build_nsec);
         if (fields != NULL && make_files) {
             /* inode_fields checked the inode lies in the image: its bytes are there */
-            const unsigned char *p = (const unsigned char *)image.buf + meta_base +
-                                     entries[i].nid * 32;
-            PyObject *node = file_node(&files, p, (uint64_t)bs, build_time, build_nsec);
+            PyObject *node = file_node(&files, image.buf, image.len,
+                                       meta_base + entries[i].nid * 32, (uint64_t)bs,
+                                       build_time, build_nsec);
             if (node == NULL) {
                 Py_CLEAR(fields);
                 Py_CLEAR(result);

@@ -68,9 +68,9 @@ if TYPE_CHECKING:
 
 # The optional compiled directory scan (_mergescan.c): each directory's entries and their
 # inodes in one call (`ErofsImage.entries_fields`), the same tuples as the pure-Python path,
-# and a layer's common file as the very Node the pure loop makes of it. `SCAN(None, ...)`
-# gives fields only. `EROFS_PASSTHROUGH_PURE=1` (read at import) forces the pure path, as
-# for verity hashing.
+# and a layer's (or a parent fsmeta's) common file as the very Node the pure loop makes of
+# it. `SCAN(None, ...)` gives fields only. `EROFS_PASSTHROUGH_PURE=1` (read at import)
+# forces the pure path, as for verity hashing.
 SCAN: Callable[..., list[tuple[bytes, int, Any]] | None] | None
 if os.environ.get("EROFS_PASSTHROUGH_PURE", "") not in ("", "0"):
     SCAN = None
@@ -494,7 +494,9 @@ class _FsmetaReader:
         stack = [(root, info)]
         seen: set[int] = set()
         bs, devices, read_at = self.bs, self.devices, img.read_at
-        scan = _scan(None)
+        # The compiled scan makes a common file's node as the loop below does.
+        spec = None if _NODE_SPEC is None else (*_NODE_SPEC, devices, img.sb.blocks, True)
+        scan = _scan(spec)
         while stack:
             target, dir_info = stack.pop()
             if dir_info.nid in seen:
@@ -507,6 +509,11 @@ class _FsmetaReader:
                 node = self.links.get(nid)
                 if node is not None:
                     children[name] = node
+                    continue
+                if type(fields) is Node:  # the scan's node of a common file (see below)
+                    self._charge(8)
+                    self.links[nid] = fields
+                    children[name] = fields
                     continue
                 pos, fw, icount, mode, _nl, size, i_u, uid, gid, mtime, nsec = fields
                 if (
