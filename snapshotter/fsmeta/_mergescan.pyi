@@ -5,7 +5,9 @@ from typing import Any
 _Fields = tuple[int, int, int, int, int, int, int, int, int, int, int]
 
 def scan_dir(
-    files: tuple[type, type, dict[bytes, bytes], tuple[str], int, int] | None,
+    # (Node, PackedChunks, slot names, other slots' values, PackedChunks' slot names,
+    # device, image blocks[, fsmeta]): see merge.py `_node_spec`
+    files: tuple[object, ...] | None,
     image: mmap.mmap | bytes,
     data: bytes,
     block_size: int,
