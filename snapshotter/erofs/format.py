@@ -9,10 +9,13 @@ inodes (6.1 gives every compact inode the superblock's build time), and no xattr
 from __future__ import annotations
 
 import mmap
+import os
 import stat
 import struct
-from collections.abc import Iterator, Sequence
+from bisect import bisect_left, insort
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from snapshotter.errors import CorruptImage
 
@@ -556,3 +559,247 @@ class XattrIbody:
             entry, offset = XattrEntry.unpack(data, offset)
             entries.append(entry)
         return cls(shared_ids=ids, entries=entries)
+
+
+# -- the metadata writer's per-inode loops ---------------------------------------------------
+#
+# The writer (writer.py `write_metadata`) lays out and packs every inode and directory block
+# of an image in these three loops; a merge runs them over hundreds of thousands of inodes.
+# Each has a pure-Python body (the reference) and, optionally, the same loop compiled
+# (snapshotter/fsmeta/_mergepack.c), which gives the same bytes and, for anything it does
+# not expect (a value out of range, a missing key), leaves the work to the pure loop, so an
+# error is the pure loop's. `EROFS_PASSTHROUGH_PURE=1` (read at import) forces the pure loops.
+
+
+class _InodeAttrs(Protocol):
+    mode: int
+    uid: int
+    gid: int
+    mtime: int
+    mtime_nsec: int
+
+
+def layout_inode_table_pure(
+    heads: list[int],
+    tables: list[bytes | None] | None,
+    tails: dict[int, bytes],
+    meta_start: int,
+    base: int,
+    bs: int,
+) -> tuple[list[int], int]:
+    """Each inode's nid and the end of the inode table: inodes 32-byte aligned, one's header
+    of `heads[i]` bytes followed by its chunk table (8-aligned) and inline tail, which must
+    not cross a block boundary (the inode moves to the next block then). `tables` None: no
+    inode has a chunk table."""
+    nids = [0] * len(heads)
+    pos = meta_start
+    for i in range(len(heads)):
+        pos = (pos + 31) & ~31
+        size = heads[i]
+        if tables is not None:
+            table = tables[i]
+            if table is not None:
+                size = ((size + 7) & ~7) + len(table)
+        tail = tails.get(i)
+        if tail:
+            tail_start = pos + size
+            if tail_start // bs != (tail_start + len(tail) - 1) // bs:
+                pos = -(-pos // bs) * bs
+            size += len(tail)
+        nids[i] = (pos - base) // INODE_SLOT_SIZE
+        pos += size
+    return nids, pos
+
+
+def layout_inode_table_filling_gaps(
+    heads: list[int],
+    tables: list[bytes | None] | None,
+    tails: dict[int, bytes],
+    meta_start: int,
+    base: int,
+    bs: int,
+) -> tuple[list[int], int]:
+    """`layout_inode_table_pure`, but an inode whose tail would cross a block boundary
+    leaves a gap that a later inode fitting in it takes (the smallest gap that fits; ties:
+    the lowest address), as mkfs.erofs fills partly used blocks: with tail packing, inodes of
+    up to a block each would otherwise leave a third of the metadata empty. Pure Python only:
+    tail packing is off for the service's layers and merges, where the table is large."""
+    nids = [0] * len(heads)
+    pos = meta_start
+    gaps: list[tuple[int, int]] = []  # (free bytes, 32-aligned start), sorted; within a block
+    for i in range(len(heads)):
+        pos = (pos + 31) & ~31
+        size = heads[i]
+        if tables is not None:
+            table = tables[i]
+            if table is not None:
+                size = ((size + 7) & ~7) + len(table)
+        tail = tails.get(i)
+        if tail:
+            size += len(tail)
+        if gaps:
+            k = bisect_left(gaps, (size,))
+            if k < len(gaps):
+                free, start = gaps.pop(k)
+                nids[i] = (start - base) // INODE_SLOT_SIZE
+                rest = (start + size + 31) & ~31
+                if start + free - rest >= 32:
+                    insort(gaps, (start + free - rest, rest))
+                continue
+        if tail:
+            tail_start = pos + size - len(tail)
+            if tail_start // bs != (tail_start + len(tail) - 1) // bs:
+                end = -(-pos // bs) * bs
+                if end - pos >= 32:
+                    insort(gaps, (end - pos, pos))
+                pos = end
+        nids[i] = (pos - base) // INODE_SLOT_SIZE
+        pos += size
+    return nids, pos
+
+
+def pack_inode_table_pure(
+    meta: bytearray,
+    order: Sequence[_InodeAttrs],
+    nids: list[int],
+    heads: list[int],
+    layouts: bytearray,
+    links: list[int],
+    sizes: list[int],
+    i_us: list[int],
+    xbodies: dict[int, bytes],
+    tables: list[bytes | None] | None,
+    tails: dict[int, bytes],
+    offset: int,
+) -> None:
+    """Every inode into `meta` (the inode table; `offset`: the byte of nid 0 minus the table's
+    first byte), as `Inode.pack` gives it, then its xattr body, chunk table and tail."""
+    pack_inode = Inode.pack_into
+    for i, node in enumerate(order):
+        off = offset + nids[i] * INODE_SLOT_SIZE
+        head = heads[i]
+        xbody = xbodies.get(i) if xbodies else None
+        xsize = 0 if xbody is None else len(xbody)  # == the inode's xattr_isize
+        pack_inode(
+            meta,
+            off,
+            head - xsize == 64,
+            layouts[i],
+            0 if xbody is None else 1 + (xsize - 12) // 4,
+            node.mode,
+            links[i],
+            sizes[i],
+            i_us[i],
+            i + 1,
+            node.uid,
+            node.gid,
+            node.mtime,
+            node.mtime_nsec,
+        )
+        off += head
+        if xbody is not None:
+            meta[off - xsize : off] = xbody
+        if tables is not None:
+            table = tables[i]
+            if table is not None:
+                off = (off + 7) & ~7
+                meta[off : off + len(table)] = table
+                off += len(table)
+        tail = tails.get(i)
+        if tail:
+            meta[off : off + len(tail)] = tail
+
+
+class _DirNode(Protocol):
+    mode: int
+
+
+def pack_dir_blocks_pure(
+    groups: list[list[bytes]],
+    children: Mapping[bytes, _DirNode],
+    nid_of: Mapping[int, int],
+    own_nid: int,
+    parent_nid: int,
+) -> list[bytes]:
+    """A directory's blocks (`Dirent.pack_block` of each group of names, sorted and sized
+    by the caller), each child's nid found by `id` of its node."""
+    dir_type = file_type(stat.S_IFDIR)
+    blocks = []
+    for names in groups:
+        entries = []
+        for name in names:
+            if name == b".":
+                entries.append((name, own_nid, dir_type))
+            elif name == b"..":
+                entries.append((name, parent_nid, dir_type))
+            else:
+                child = children[name]
+                entries.append((name, nid_of[id(child)], file_type(child.mode)))
+        blocks.append(Dirent.pack_block(entries))
+    return blocks
+
+
+def _accelerated_loops() -> Any:
+    if os.environ.get("EROFS_PASSTHROUGH_PURE", "") not in ("", "0"):
+        return None
+    try:
+        from snapshotter.fsmeta import _mergepack
+    except ImportError:  # not built (no compiler or Python headers at install): pure Python
+        return None
+    return _mergepack
+
+
+_LOOPS = _accelerated_loops()
+#: True when the compiled loops are in use (not forced off, built and importable)
+LOOPS_ACCELERATED = _LOOPS is not None
+
+
+def layout_inode_table(
+    heads: list[int],
+    tables: list[bytes | None] | None,
+    tails: dict[int, bytes],
+    meta_start: int,
+    base: int,
+    bs: int,
+) -> tuple[list[int], int]:
+    """`layout_inode_table_pure`, compiled where it can be."""
+    if _LOOPS is not None:
+        got = _LOOPS.layout_inode_table(heads, tables, tails, meta_start, base, bs)
+        if got is not None:
+            return got
+    return layout_inode_table_pure(heads, tables, tails, meta_start, base, bs)
+
+
+def pack_inode_table(
+    meta: bytearray,
+    order: Sequence[_InodeAttrs],
+    nids: list[int],
+    heads: list[int],
+    layouts: bytearray,
+    links: list[int],
+    sizes: list[int],
+    i_us: list[int],
+    xbodies: dict[int, bytes],
+    tables: list[bytes | None] | None,
+    tails: dict[int, bytes],
+    offset: int,
+) -> None:
+    """`pack_inode_table_pure`, compiled where it can be."""
+    args = (meta, order, nids, heads, layouts, links, sizes, i_us, xbodies, tables, tails)
+    if _LOOPS is None or not _LOOPS.pack_inode_table(*args, offset):
+        pack_inode_table_pure(*args, offset)
+
+
+def pack_dir_blocks(
+    groups: list[list[bytes]],
+    children: Mapping[bytes, _DirNode],
+    nid_of: Mapping[int, int],
+    own_nid: int,
+    parent_nid: int,
+) -> list[bytes]:
+    """`pack_dir_blocks_pure`, compiled where it can be."""
+    if _LOOPS is not None:
+        got = _LOOPS.pack_dir_blocks(groups, children, nid_of, own_nid, parent_nid)
+        if got is not None:
+            return got
+    return pack_dir_blocks_pure(groups, children, nid_of, own_nid, parent_nid)

@@ -14,7 +14,7 @@ import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from snapshotter.erofs.format import (
     CHUNK_FORMAT_BLKBITS_MASK,
@@ -77,6 +77,13 @@ class InodeInfo:
         """Byte offset just after the inode and its inline xattrs."""
         return self.pos + self.inode.isize + self.inode.xattr_isize
 
+
+#: `inode_fields`' tuple: (pos, fmt, xattr_icount, mode, nlink, size, i_u, uid, gid, mtime,
+#: mtime_nsec)
+InodeFields = tuple[int, int, int, int, int, int, int, int, int, int, int]
+#: the merge's compiled scan, `scan_dir(image, data, block_size, meta_base, build_time,
+#: build_time_nsec)` (fsmeta/_mergescan.c, its first argument bound)
+ScanDir = Callable[[mmap.mmap, bytes, int, int, int, int], "list[tuple[bytes, int, Any]] | None"]
 
 _HOLE_PIECE = 1 << 20
 SYMLINK_MAX = 4095  # PATH_MAX - 1: the kernel refuses longer inline targets, Linux any longer
@@ -184,9 +191,7 @@ class ErofsImage:
     def root_nid(self) -> int:
         return self.sb.root_nid
 
-    def inode_fields(
-        self, nid: int
-    ) -> tuple[int, int, int, int, int, int, int, int, int, int, int]:
+    def inode_fields(self, nid: int) -> InodeFields:
         """The inode `nid` as a tuple, for readers that visit every inode (the merge):
         (pos, fmt, xattr_icount, mode, nlink, size, i_u, uid, gid, mtime, mtime_nsec), `pos`
         its byte offset, `fmt` its format word (bit 0: extended; bits 1-3: the layout); a
@@ -404,6 +409,42 @@ class ErofsImage:
     # -- directories ------------------------------------------------------------------------
 
     @_corrupt_is_an_error
+    def _dir_data(self, info: InodeInfo) -> bytes:
+        """A directory's bytes, its size bounded by the image first."""
+        if not stat.S_ISDIR(info.mode):
+            raise InvalidArgument(f"nid {info.nid} is not a directory")
+        if info.size > self.sb.blocks * self.block_size:  # holes could make it any size
+            raise FormatError(f"{self.name}: nid {info.nid}: directory larger than the image")
+        return self.read(info)
+
+    def entries_fields(
+        self, info: InodeInfo, scan: ScanDir | None = None
+    ) -> list[tuple[bytes, int, InodeFields]]:
+        """(name, nid, `inode_fields(nid)`) of every entry but `.` and `..`, in on-disk
+        order: what the merge reads of each directory. The names are checked as `listdir`
+        checks them, every entry's inode read (an error in any of them is raised before
+        the caller sees an entry). `scan`: the merge's compiled loop doing the same in one
+        call (fsmeta/_mergescan.c); where it finds anything amiss it returns None and this
+        path runs instead, so the error is the one `listdir` or `inode_fields` gives. (The
+        scan may give, for an entry, what its caller makes of the inode instead of its
+        fields: the merge's node of a common file.)"""
+        if scan is not None:
+            data = self._dir_data(info)
+            sb = self.sb
+            got = scan(
+                self._map, data, self.block_size, self._meta_base, sb.build_time,
+                sb.build_time_nsec,
+            )  # fmt: skip
+            if got is not None:
+                return got
+        fields = self.inode_fields
+        return [
+            (name, nid, fields(nid))
+            for name, nid, _ftype in self.listdir(info)
+            if name != b"." and name != b".."
+        ]
+
+    @_corrupt_is_an_error
     def listdir(self, info: InodeInfo) -> list[tuple[bytes, int, int]]:
         """(name, nid, file type) of every entry, `.` and `..` included, in on-disk order.
 
@@ -411,11 +452,7 @@ class ErofsImage:
         name offset inside the block and after whole dirents, every name right after the
         previous one, 1..255 bytes, within the block; and no name holds a '/' or a NUL (the
         kernel would hand either to user space as a name)."""
-        if not stat.S_ISDIR(info.mode):
-            raise InvalidArgument(f"nid {info.nid} is not a directory")
-        if info.size > self.sb.blocks * self.block_size:  # holes could make it any size
-            raise FormatError(f"{self.name}: nid {info.nid}: directory larger than the image")
-        data = self.read(info)
+        data = self._dir_data(info)
         bs = self.block_size
         out = []
         for blk in range(0, len(data), bs):

@@ -21,10 +21,8 @@ Layout rules the kernel enforces, and how we meet them:
 from __future__ import annotations
 
 import os
-import stat
 import sys
 from array import array
-from bisect import bisect_left, insort
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -33,7 +31,6 @@ from snapshotter.erofs.format import (
     CHUNK_FORMAT_INDEXES,
     FEATURE_INCOMPAT_CHUNKED_FILE,
     FEATURE_INCOMPAT_DEVICE_TABLE,
-    INODE_SLOT_SIZE,
     LAYOUT_CHUNK_BASED,
     LAYOUT_FLAT_INLINE,
     NULL_ADDR,
@@ -47,7 +44,10 @@ from snapshotter.erofs.format import (
     XattrEntry,
     XattrIbody,
     encode_dev,
-    file_type,
+    layout_inode_table,
+    layout_inode_table_filling_gaps,
+    pack_dir_blocks,
+    pack_inode_table,
 )
 from snapshotter.erofs.limits import DEFAULT_LIMITS, Limits
 from snapshotter.erofs.tree import (
@@ -565,7 +565,6 @@ def write_metadata(
     # Fill the room a crossing tail leaves (see below): asked for, or needed by a merge's
     # tails after whole blocks (no fsmeta had those before: earlier fsmetas keep their bytes).
     fill_gaps = params.fill_gaps
-    table: bytes | None
     tail: bytes | None
     for i, node in enumerate(order):
         mode, size = node.mode, node.size
@@ -670,44 +669,13 @@ def write_metadata(
     meta_blkaddr = cursor.next_block - 1  # nids start at bs/32, never 0
     meta_start = cursor.next_block * bs
 
-    # Inodes are 32-byte aligned; inline data must not cross a block boundary. An inode
-    # whose tail would cross starts the next block, and the room it leaves is a gap that a
-    # later inode fitting in it takes (the smallest gap that fits; ties: the lowest
-    # address), as mkfs.erofs fills partly used blocks: with tail packing, inodes of up to
-    # a block each would otherwise leave a third of the metadata empty.
-    nids = [0] * count
+    # Inodes are 32-byte aligned; inline data must not cross a block boundary. With
+    # fill_gaps (tail packing), the room an inode moved to the next block leaves is taken by a
+    # later inode that fits in it (format.py `layout_inode_table_filling_gaps`).
     base = meta_blkaddr * bs
-    pos = meta_start
-    gaps: list[tuple[int, int]] = []  # (free bytes, 32-aligned start), sorted; within a block
-    for i in range(count):
-        pos = (pos + 31) & ~31
-        size = heads[i]
-        if any_chunked:
-            table = tables[i]
-            if table is not None:
-                size = ((size + 7) & ~7) + len(table)
-        tail = tails.get(i)
-        if tail:
-            size += len(tail)
-        if gaps:  # only with fill_gaps
-            k = bisect_left(gaps, (size,))
-            if k < len(gaps):
-                free, start = gaps.pop(k)
-                nids[i] = (start - base) // INODE_SLOT_SIZE
-                rest = (start + size + 31) & ~31
-                if start + free - rest >= 32:
-                    insort(gaps, (start + free - rest, rest))
-                continue
-        if tail:
-            tail_start = pos + size - len(tail)
-            if tail_start // bs != (tail_start + len(tail) - 1) // bs:
-                end = -(-pos // bs) * bs
-                if fill_gaps and end - pos >= 32:
-                    insort(gaps, (end - pos, pos))
-                pos = end
-        nids[i] = (pos - base) // INODE_SLOT_SIZE
-        pos += size
-    meta_end = pos
+    chunk_tables = tables if any_chunked else None
+    layout = layout_inode_table_filling_gaps if fill_gaps else layout_inode_table
+    nids, meta_end = layout(heads, chunk_tables, tails, meta_start, base, bs)
     # The image ends with the inodes: its size, and so where each device starts in the flat
     # address space, is known now.
     image_blocks = cursor.next_block + -(-(meta_end - meta_start) // bs)
@@ -719,23 +687,10 @@ def write_metadata(
         i_us[i] = addr
     nid_of = dict(zip(map(id, order), nids, strict=True))
 
-    dir_type = file_type(stat.S_IFDIR)
     for i, groups in dir_groups.items():
         node = order[i]
-        children = node.dir_children()
         parent_nid = nid_of[id(parent_of[id(node)])]
-        blocks = []
-        for names in groups:
-            entries = []
-            for name in names:
-                if name == b".":
-                    entries.append((name, nids[i], dir_type))
-                elif name == b"..":
-                    entries.append((name, parent_nid, dir_type))
-                else:
-                    child = children[name]
-                    entries.append((name, nid_of[id(child)], file_type(child.mode)))
-            blocks.append(Dirent.pack_block(entries))
+        blocks = pack_dir_blocks(groups, node.dir_children(), nid_of, nids[i], parent_nid)
         if layouts[i] == LAYOUT_FLAT_INLINE:
             tails[i] = blocks.pop()
         if blocks:
@@ -748,40 +703,10 @@ def write_metadata(
         data.add_blocks(raw)
 
     meta = bytearray(meta_end - meta_start)
-    pack_inode = Inode.pack_into
-    for i, node in enumerate(order):
-        off = base + nids[i] * INODE_SLOT_SIZE - meta_start
-        head = heads[i]
-        xbody = xbodies.get(i) if xbodies else None
-        xsize = 0 if xbody is None else len(xbody)  # == the inode's xattr_isize
-        pack_inode(
-            meta,
-            off,
-            head - xsize == 64,
-            layouts[i],
-            0 if xbody is None else 1 + (xsize - 12) // 4,
-            node.mode,
-            links[i],
-            sizes[i],
-            i_us[i],
-            i + 1,
-            node.uid,
-            node.gid,
-            node.mtime,
-            node.mtime_nsec,
-        )
-        off += head
-        if xbody is not None:
-            meta[off - xsize : off] = xbody
-        if any_chunked:
-            table = tables[i]
-            if table is not None:
-                off = (off + 7) & ~7
-                meta[off : off + len(table)] = table
-                off += len(table)
-        tail = tails.get(i)
-        if tail:
-            meta[off : off + len(tail)] = tail
+    pack_inode_table(
+        meta, order, nids, heads, layouts, links, sizes, i_us, xbodies, chunk_tables, tails,
+        base - meta_start,
+    )  # fmt: skip
     view = memoryview(meta)
     step = WRITE_BUFFER
     for start in range(0, len(meta), step):

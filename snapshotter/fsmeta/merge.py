@@ -25,6 +25,7 @@ after the image) is fine. `blocks` keeps erofs-utils' meaning: the blob image's 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import struct
@@ -33,7 +34,7 @@ from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from snapshotter.erofs.format import (
     CHUNK_FORMAT_INDEXES,
@@ -44,7 +45,7 @@ from snapshotter.erofs.format import (
     SuperBlock,
     decode_dev,
 )
-from snapshotter.erofs.reader import ChunkRef, ErofsImage, InodeInfo
+from snapshotter.erofs.reader import ChunkRef, ErofsImage, InodeInfo, ScanDir
 from snapshotter.erofs.tree import (
     Chunks,
     Extent,
@@ -65,6 +66,22 @@ from snapshotter.fsutil import atomic_output
 
 if TYPE_CHECKING:
     from snapshotter.verity import VerityInfo, VerityParams
+
+# The optional compiled directory scan (_mergescan.c): each directory's entries and their
+# inodes in one call (`ErofsImage.entries_fields`), the same tuples as the pure-Python path,
+# and a layer's (or a parent fsmeta's) common file as the very Node the pure loop makes of
+# it. `SCAN(None, ...)` gives fields only. `EROFS_PASSTHROUGH_PURE=1` (read at import)
+# forces the pure path, as for verity hashing.
+SCAN: Callable[..., list[tuple[bytes, int, Any]] | None] | None
+if os.environ.get("EROFS_PASSTHROUGH_PURE", "") not in ("", "0"):
+    SCAN = None
+else:
+    try:
+        from snapshotter.fsmeta._mergescan import scan_dir as SCAN
+    except ImportError:  # not built (no compiler or Python headers at install): pure Python
+        SCAN = None
+#: True when the compiled scan is in use (not forced off, built and importable)
+ACCELERATED = SCAN is not None
 
 OVERLAY_XATTR_PREFIX = b"trusted.overlay."
 OPAQUE_XATTR = b"trusted.overlay.opaque"
@@ -116,6 +133,38 @@ _LAYOUT_FLAT_PLAIN, _LAYOUT_FLAT_INLINE = 0, 2
 _CHUNK_INDEX = struct.Struct("<HHI")  # ChunkIndex's bytes: advise, device, block
 
 
+def _node_spec() -> tuple[object, ...] | None:
+    """How the compiled scan makes the node of a layer's common file: the slots it sets
+    (mode, uid, gid, mtime, mtime_nsec, size, data: the inode's and its PackedChunks), and
+    every other field's value (no xattrs, the dataclass' defaults). None, so fields only,
+    if a field's default is made per instance (a factory) or the classes run code when
+    made (`__post_init__`): the scan would not make the same objects."""
+    given = ("mode", "uid", "gid", "mtime", "mtime_nsec", "size", "data")
+    rest: list[tuple[str, object]] = []
+    for f in dataclasses.fields(Node):
+        if f.name in given:
+            continue
+        if f.name == "xattrs":
+            rest.append((f.name, _EMPTY_XATTRS))
+        elif f.default is not dataclasses.MISSING:
+            rest.append((f.name, f.default))
+        else:
+            return None
+    packed = tuple(f.name for f in dataclasses.fields(PackedChunks))
+    if hasattr(Node, "__post_init__") or hasattr(PackedChunks, "__post_init__"):
+        return None
+    return (Node, PackedChunks, given, tuple(rest), packed)
+
+
+_NODE_SPEC = _node_spec()
+
+
+def _scan(spec: tuple[object, ...] | None) -> ScanDir | None:
+    """The compiled scan (if in use) with its `files` argument: None, or what a layer's
+    common files become."""
+    return None if SCAN is None else functools.partial(SCAN, spec)
+
+
 class _LayerApplier:
     """Applies one layer image onto the merged tree.
 
@@ -144,10 +193,12 @@ class _LayerApplier:
         img = self.img
         stack = [(target, dir_info)]
         seen: set[int] = set()
-        inode_fields = img.inode_fields
         links = self.links
         bs, sb_blocks, device = self.bs, img.sb.blocks, self.device
         pack_index = _CHUNK_INDEX.pack
+        entries_fields = img.entries_fields
+        # The compiled scan makes a common file's node as the loop below does.
+        scan = _scan(None if _NODE_SPEC is None else (*_NODE_SPEC, device, sb_blocks))
         while stack:
             target, dir_info = stack.pop()
             if dir_info.nid in seen:
@@ -157,15 +208,19 @@ class _LayerApplier:
             seen.add(dir_info.nid)
             children = target.dir_children()
             self._charge(dir_info.size)
-            # listdir has checked every name (1..255 bytes, no '/' nor NUL).
-            for name, nid, _ftype in img.listdir(dir_info):
-                if name == b"." or name == b"..":
-                    continue
+            # Every name is checked (1..255 bytes, no '/' nor NUL), every inode read.
+            for name, nid, fields in entries_fields(dir_info, scan):
                 node = links.get(nid)
                 if node is not None:  # another name of an inode of this layer
                     children[name] = node
                     continue
-                fields = inode_fields(nid)
+                if type(fields) is Node:  # the scan's node of a common file (see below)
+                    self.budget -= 4
+                    if self.budget < 0:
+                        self._charge(0)
+                    links[nid] = fields
+                    children[name] = fields
+                    continue
                 fmt = fields[3] & _S_IFMT
                 if fmt == _S_IFREG and fields[1] & 0xE == 0 and not fields[2] and fields[5]:
                     # The common file, kept in this loop: one extent (FLAT_PLAIN), no xattrs.
@@ -449,6 +504,9 @@ class _FsmetaReader:
         stack = [(root, info)]
         seen: set[int] = set()
         bs, devices, read_at = self.bs, self.devices, img.read_at
+        # The compiled scan makes a common file's node as the loop below does.
+        spec = None if _NODE_SPEC is None else (*_NODE_SPEC, devices, img.sb.blocks, True)
+        scan = _scan(spec)
         while stack:
             target, dir_info = stack.pop()
             if dir_info.nid in seen:
@@ -457,14 +515,16 @@ class _FsmetaReader:
             self._data_blocks(dir_info.inode.layout, dir_info.inode.i_u, dir_info.size)
             self._charge(dir_info.size)
             children = target.dir_children()
-            for name, nid, _ftype in img.listdir(dir_info):
-                if name == b"." or name == b"..":
-                    continue
+            for name, nid, fields in img.entries_fields(dir_info, scan):
                 node = self.links.get(nid)
                 if node is not None:
                     children[name] = node
                     continue
-                fields = img.inode_fields(nid)
+                if type(fields) is Node:  # the scan's node of a common file (see below)
+                    self._charge(8)
+                    self.links[nid] = fields
+                    children[name] = fields
+                    continue
                 pos, fw, icount, mode, _nl, size, i_u, uid, gid, mtime, nsec = fields
                 if (
                     mode & _S_IFMT == _S_IFREG

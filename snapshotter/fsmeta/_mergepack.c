@@ -1,0 +1,438 @@
+/*
+ * snapshotter.fsmeta._mergepack: the optional compiled loops of the metadata writer.
+ *
+ * Written by hand for this project (not generated, not vendored). writer.py
+ * `write_metadata` lays out and packs every inode and directory block of an image in three
+ * loops (snapshotter/erofs/format.py `layout_inode_table`, `pack_inode_table`,
+ * `pack_dir_blocks`); an fsmeta merge runs them over every inode of the merged tree, and in
+ * Python they were a third of its write. These are the same loops, giving the same bytes
+ * (tests/unit/test_merge_scan.py compares them):
+ *
+ * layout_inode_table(heads, tables, tails, meta_start, base, block_size)
+ *   -> (nids, end) | None
+ * pack_inode_table(meta, order, nids, heads, layouts, links, sizes, i_us, xbodies, tables,
+ *                  tails, offset) -> bool
+ * pack_dir_blocks(groups, children, nid_of, own_nid, parent_nid) -> list[bytes] | None
+ *
+ * Anything they do not expect (a value out of the range its field holds, a missing child,
+ * a write that would not land inside `meta`, a type other than the writer's) makes them
+ * return None / False without raising: the caller then runs the pure-Python loop, whose
+ * error (if any) is the one it always gave. pack_inode_table may have written some inodes
+ * by then; the pure loop writes every one of them again, the same bytes in the same places.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdint.h>
+#include <string.h>
+
+static PyObject *s_mode, *s_uid, *s_gid, *s_mtime, *s_mtime_nsec;
+
+/* An int in [lo, hi], or -1 (no exception left) if it is not one. */
+static int get_ll(PyObject *v, long long lo, long long hi, long long *out) {
+    if (!PyLong_Check(v))
+        return -1;
+    int overflow;
+    long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+    if (overflow || (x == -1 && PyErr_Occurred())) {
+        PyErr_Clear();
+        return -1;
+    }
+    if (x < lo || x > hi)
+        return -1;
+    *out = x;
+    return 0;
+}
+
+static int get_u64(PyObject *v, unsigned long long *out) {
+    if (!PyLong_Check(v))
+        return -1;
+    unsigned long long x = PyLong_AsUnsignedLongLong(v);
+    if (x == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return -1;
+    }
+    *out = x;
+    return 0;
+}
+
+/* tails.get(i) as a non-empty bytes object (borrowed), NULL if none or empty; -1 in *bad if
+ * the dict holds something else. */
+static PyObject *get_tail(PyObject *tails, Py_ssize_t i, int *bad) {
+    if (PyDict_GET_SIZE(tails) == 0)
+        return NULL;
+    PyObject *key = PyLong_FromSsize_t(i);
+    if (key == NULL) {
+        PyErr_Clear();
+        *bad = 1;
+        return NULL;
+    }
+    PyObject *tail = PyDict_GetItemWithError(tails, key);
+    Py_DECREF(key);
+    if (tail == NULL) {
+        if (PyErr_Occurred()) {
+            PyErr_Clear();
+            *bad = 1;
+        }
+        return NULL;
+    }
+    if (!PyBytes_Check(tail)) {
+        *bad = 1;
+        return NULL;
+    }
+    return PyBytes_GET_SIZE(tail) ? tail : NULL;
+}
+
+static PyObject *layout_inode_table(PyObject *self, PyObject *args) {
+    PyObject *heads, *tables, *tails;
+    long long meta_start, base, bs;
+    if (!PyArg_ParseTuple(args, "O!OO!LLL", &PyList_Type, &heads, &tables, &PyDict_Type,
+                          &tails, &meta_start, &base, &bs))
+        return NULL;
+    Py_ssize_t count = PyList_GET_SIZE(heads);
+    if (tables == Py_None)
+        tables = NULL;
+    else if (!PyList_Check(tables) || PyList_GET_SIZE(tables) < count)
+        Py_RETURN_NONE;
+    if (bs <= 0 || meta_start < 0 || base < 0 || base > meta_start)
+        Py_RETURN_NONE;
+    const long long limit = (long long)1 << 62; /* far beyond any image; no overflow below */
+    PyObject *nids = PyList_New(count);
+    if (nids == NULL)
+        return NULL;
+    long long pos = meta_start;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        long long size;
+        int bad = 0;
+        pos = (pos + 31) & ~31LL;
+        if (get_ll(PyList_GET_ITEM(heads, i), 0, 1 << 20, &size) < 0)
+            goto fallback;
+        if (tables != NULL) {
+            PyObject *table = PyList_GET_ITEM(tables, i);
+            if (table != Py_None) {
+                if (!PyBytes_Check(table))
+                    goto fallback;
+                size = ((size + 7) & ~7LL) + PyBytes_GET_SIZE(table);
+            }
+        }
+        PyObject *tail = get_tail(tails, i, &bad);
+        if (bad)
+            goto fallback;
+        if (tail != NULL) {
+            long long tail_start = pos + size, len = PyBytes_GET_SIZE(tail);
+            if (tail_start / bs != (tail_start + len - 1) / bs)
+                pos = (pos + bs - 1) / bs * bs;
+            size += len;
+        }
+        if (pos > limit || size > limit)
+            goto fallback;
+        PyObject *nid = PyLong_FromLongLong((pos - base) / 32);
+        if (nid == NULL) {
+            Py_DECREF(nids);
+            return NULL;
+        }
+        PyList_SET_ITEM(nids, i, nid);
+        pos += size;
+    }
+    return Py_BuildValue("(NL)", nids, pos);
+fallback:
+    Py_DECREF(nids);
+    Py_RETURN_NONE;
+}
+
+static void put16(unsigned char *p, unsigned v) {
+    p[0] = (unsigned char)v;
+    p[1] = (unsigned char)(v >> 8);
+}
+
+static void put32(unsigned char *p, unsigned long v) {
+    put16(p, (unsigned)(v & 0xFFFF));
+    put16(p + 2, (unsigned)((v >> 16) & 0xFFFF));
+}
+
+static void put64(unsigned char *p, unsigned long long v) {
+    put32(p, (unsigned long)(v & 0xFFFFFFFFu));
+    put32(p + 4, (unsigned long)(v >> 32));
+}
+
+/* Copy `src` (bytes) into meta at [at, at + len), if that lies inside it. */
+static int copy_in(unsigned char *meta, Py_ssize_t meta_len, long long at, PyObject *src) {
+    Py_ssize_t len = PyBytes_GET_SIZE(src);
+    if (at < 0 || at > meta_len || meta_len - at < len)
+        return -1;
+    memcpy(meta + at, PyBytes_AS_STRING(src), (size_t)len);
+    return 0;
+}
+
+/* One node's attribute as an int in [lo, hi]. */
+static int node_attr(PyObject *node, PyObject *name, long long lo, long long hi,
+                     long long *out) {
+    PyObject *v = PyObject_GetAttr(node, name);
+    if (v == NULL) {
+        PyErr_Clear();
+        return -1;
+    }
+    int r = get_ll(v, lo, hi, out);
+    Py_DECREF(v);
+    return r;
+}
+
+static PyObject *pack_inode_table(PyObject *self, PyObject *args) {
+    Py_buffer buf;
+    PyObject *order, *nids, *heads, *layouts, *links, *sizes, *i_us, *xbodies, *tables, *tails;
+    long long offset;
+    if (!PyArg_ParseTuple(args, "w*O!O!O!O!O!O!O!O!OO!L", &buf, &PyList_Type, &order,
+                          &PyList_Type, &nids, &PyList_Type, &heads, &PyByteArray_Type,
+                          &layouts, &PyList_Type, &links, &PyList_Type, &sizes, &PyList_Type,
+                          &i_us, &PyDict_Type, &xbodies, &tables, &PyDict_Type, &tails,
+                          &offset))
+        return NULL;
+    int ok = 0;
+    unsigned char *meta = buf.buf;
+    Py_ssize_t meta_len = buf.len;
+    Py_ssize_t count = PyList_GET_SIZE(order);
+    if (tables == Py_None)
+        tables = NULL;
+    else if (!PyList_Check(tables) || PyList_GET_SIZE(tables) < count)
+        goto done;
+    if (PyList_GET_SIZE(nids) < count || PyList_GET_SIZE(heads) < count ||
+        PyByteArray_GET_SIZE(layouts) < count || PyList_GET_SIZE(links) < count ||
+        PyList_GET_SIZE(sizes) < count || PyList_GET_SIZE(i_us) < count || count > 0xFFFFFFFEL)
+        goto done;
+    const unsigned char *layout = (const unsigned char *)PyByteArray_AS_STRING(layouts);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *node = PyList_GET_ITEM(order, i);
+        long long nid, head, nlink, i_u, mode, uid, gid, mtime, nsec;
+        unsigned long long size;
+        if (get_ll(PyList_GET_ITEM(nids, i), 0, (long long)1 << 57, &nid) < 0 ||
+            get_ll(PyList_GET_ITEM(heads, i), 0, 1 << 20, &head) < 0 ||
+            get_ll(PyList_GET_ITEM(links, i), 0, 0xFFFFFFFFLL, &nlink) < 0 ||
+            get_u64(PyList_GET_ITEM(sizes, i), &size) < 0 ||
+            get_ll(PyList_GET_ITEM(i_us, i), 0, 0xFFFFFFFFLL, &i_u) < 0 ||
+            node_attr(node, s_mode, 0, 0xFFFF, &mode) < 0 ||
+            node_attr(node, s_uid, 0, 0xFFFFFFFFLL, &uid) < 0 ||
+            node_attr(node, s_gid, 0, 0xFFFFFFFFLL, &gid) < 0)
+            goto done;
+        PyObject *xbody = NULL;
+        Py_ssize_t xsize = 0;
+        if (PyDict_GET_SIZE(xbodies)) {
+            PyObject *key = PyLong_FromSsize_t(i);
+            if (key == NULL)
+                goto error;
+            xbody = PyDict_GetItemWithError(xbodies, key);
+            Py_DECREF(key);
+            if (xbody == NULL && PyErr_Occurred())
+                goto error;
+            if (xbody != NULL) {
+                if (!PyBytes_Check(xbody) || PyBytes_GET_SIZE(xbody) < 12)
+                    goto done;
+                xsize = PyBytes_GET_SIZE(xbody);
+            }
+        }
+        unsigned fmt = (head - xsize == 64 ? 1 : 0) | ((unsigned)layout[i] << 1);
+        long long icount = xbody == NULL ? 0 : 1 + (xsize - 12) / 4;
+        long long off = offset + nid * 32;
+        if (icount > 0xFFFF || fmt > 0xFFFF || off < 0)
+            goto done;
+        unsigned char *p;
+        if (fmt & 1) {
+            if (node_attr(node, s_mtime, INT64_MIN, INT64_MAX, &mtime) < 0 ||
+                node_attr(node, s_mtime_nsec, 0, 0xFFFFFFFFLL, &nsec) < 0)
+                goto done;
+            if (off > meta_len || meta_len - off < 64)
+                goto done;
+            p = meta + off;
+            put16(p, fmt);
+            put16(p + 2, (unsigned)icount);
+            put16(p + 4, (unsigned)mode);
+            put16(p + 6, 0);
+            put64(p + 8, size);
+            put32(p + 16, (unsigned long)i_u);
+            put32(p + 20, (unsigned long)(i + 1));
+            put32(p + 24, (unsigned long)uid);
+            put32(p + 28, (unsigned long)gid);
+            put64(p + 32, (unsigned long long)mtime);
+            put32(p + 40, (unsigned long)nsec);
+            put32(p + 44, (unsigned long)nlink);
+            memset(p + 48, 0, 16);
+        } else {
+            /* Compact: every field as `struct` checks it for "<HHHHIIIIHHI" (mtime and
+             * nsec are not stored, as Inode.pack_into does not read them then). */
+            if (nlink > 0xFFFF || size > 0xFFFFFFFFULL || uid > 0xFFFF || gid > 0xFFFF)
+                goto done;
+            if (node_attr(node, s_mtime, INT64_MIN, INT64_MAX, &mtime) < 0 ||
+                node_attr(node, s_mtime_nsec, INT64_MIN, INT64_MAX, &nsec) < 0)
+                goto done; /* the pure loop reads them: an object without them fails there */
+            if (off > meta_len || meta_len - off < 32)
+                goto done;
+            p = meta + off;
+            put16(p, fmt);
+            put16(p + 2, (unsigned)icount);
+            put16(p + 4, (unsigned)mode);
+            put16(p + 6, (unsigned)nlink);
+            put32(p + 8, (unsigned long)size);
+            put32(p + 12, 0);
+            put32(p + 16, (unsigned long)i_u);
+            put32(p + 20, (unsigned long)(i + 1));
+            put16(p + 24, (unsigned)uid);
+            put16(p + 26, (unsigned)gid);
+            put32(p + 28, 0);
+        }
+        off += head;
+        if (xbody != NULL && copy_in(meta, meta_len, off - xsize, xbody) < 0)
+            goto done;
+        if (tables != NULL) {
+            PyObject *table = PyList_GET_ITEM(tables, i);
+            if (table != Py_None) {
+                if (!PyBytes_Check(table))
+                    goto done;
+                off = (off + 7) & ~7LL;
+                if (copy_in(meta, meta_len, off, table) < 0)
+                    goto done;
+                off += PyBytes_GET_SIZE(table);
+            }
+        }
+        int bad = 0;
+        PyObject *tail = get_tail(tails, i, &bad);
+        if (bad)
+            goto done;
+        if (tail != NULL && copy_in(meta, meta_len, off, tail) < 0)
+            goto done;
+    }
+    ok = 1;
+done:
+    PyBuffer_Release(&buf);
+    return PyBool_FromLong(ok);
+error:
+    PyBuffer_Release(&buf);
+    return NULL;
+}
+
+static int file_type(long mode) {
+    switch (mode & 0170000) {
+    case 0100000: return 1; /* FT_REG_FILE */
+    case 0040000: return 2; /* FT_DIR */
+    case 0020000: return 3; /* FT_CHRDEV */
+    case 0060000: return 4; /* FT_BLKDEV */
+    case 0010000: return 5; /* FT_FIFO */
+    case 0140000: return 6; /* FT_SOCK */
+    case 0120000: return 7; /* FT_SYMLINK */
+    default: return 0;
+    }
+}
+
+/* One directory block of `names`, or NULL: with an exception set on a Python failure,
+ * without one when the pure loop must do it. */
+static PyObject *dir_block(PyObject *names, PyObject *children, PyObject *nid_of,
+                           unsigned long long own, unsigned long long parent) {
+    Py_ssize_t count = PyList_GET_SIZE(names), total = 12 * count;
+    for (Py_ssize_t j = 0; j < count; j++) {
+        PyObject *name = PyList_GET_ITEM(names, j);
+        if (!PyBytes_Check(name))
+            return NULL;
+        total += PyBytes_GET_SIZE(name);
+    }
+    PyObject *block = PyBytes_FromStringAndSize(NULL, total);
+    if (block == NULL)
+        return NULL;
+    unsigned char *out = (unsigned char *)PyBytes_AS_STRING(block);
+    Py_ssize_t nameoff = 12 * count;
+    for (Py_ssize_t j = 0; j < count; j++) {
+        PyObject *name = PyList_GET_ITEM(names, j);
+        const char *s = PyBytes_AS_STRING(name);
+        Py_ssize_t len = PyBytes_GET_SIZE(name);
+        unsigned long long nid;
+        int ftype;
+        if (len == 1 && s[0] == '.') {
+            nid = own;
+            ftype = 2;
+        } else if (len == 2 && s[0] == '.' && s[1] == '.') {
+            nid = parent;
+            ftype = 2;
+        } else {
+            PyObject *child = PyDict_GetItemWithError(children, name);
+            if (child == NULL)
+                goto fail;
+            PyObject *key = PyLong_FromVoidPtr(child); /* id(child) */
+            if (key == NULL)
+                goto fail;
+            PyObject *v = PyDict_GetItemWithError(nid_of, key);
+            Py_DECREF(key);
+            long long mode;
+            if (v == NULL || get_u64(v, &nid) < 0 || node_attr(child, s_mode, LLONG_MIN,
+                                                                LLONG_MAX, &mode) < 0)
+                goto fail;
+            ftype = file_type((long)mode);
+        }
+        if (nameoff > 0xFFFF)
+            goto fail;
+        unsigned char *d = out + 12 * j;
+        put64(d, nid);
+        put16(d + 8, (unsigned)nameoff);
+        d[10] = (unsigned char)ftype;
+        d[11] = 0;
+        memcpy(out + nameoff, s, (size_t)len);
+        nameoff += len;
+    }
+    return block;
+fail:
+    Py_DECREF(block);
+    if (PyErr_Occurred() && !PyErr_ExceptionMatches(PyExc_MemoryError))
+        PyErr_Clear();
+    return NULL;
+}
+
+static PyObject *pack_dir_blocks(PyObject *self, PyObject *args) {
+    PyObject *groups, *children, *nid_of, *own_obj, *parent_obj;
+    unsigned long long own, parent;
+    if (!PyArg_ParseTuple(args, "O!O!O!OO", &PyList_Type, &groups, &PyDict_Type, &children,
+                          &PyDict_Type, &nid_of, &own_obj, &parent_obj))
+        return NULL;
+    if (get_u64(own_obj, &own) < 0 || get_u64(parent_obj, &parent) < 0)
+        Py_RETURN_NONE;
+    Py_ssize_t n = PyList_GET_SIZE(groups);
+    PyObject *blocks = PyList_New(n);
+    if (blocks == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *names = PyList_GET_ITEM(groups, i);
+        PyObject *block = PyList_Check(names) ? dir_block(names, children, nid_of, own, parent)
+                                              : NULL;
+        if (block == NULL) {
+            Py_DECREF(blocks);
+            if (PyErr_Occurred())
+                return NULL;
+            Py_RETURN_NONE;
+        }
+        PyList_SET_ITEM(blocks, i, block);
+    }
+    return blocks;
+}
+
+static PyMethodDef methods[] = {
+    {"layout_inode_table", layout_inode_table, METH_VARARGS,
+     "layout_inode_table(heads, tables, tails, meta_start, base, block_size) -> "
+     "(nids, end) | None"},
+    {"pack_inode_table", pack_inode_table, METH_VARARGS,
+     "pack_inode_table(meta, order, nids, heads, layouts, links, sizes, i_us, xbodies, "
+     "tables, tails, offset) -> bool"},
+    {"pack_dir_blocks", pack_dir_blocks, METH_VARARGS,
+     "pack_dir_blocks(groups, children, nid_of, own_nid, parent_nid) -> list | None"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_mergepack",
+    "The metadata writer's compiled loops (optional; see snapshotter/erofs/format.py).", -1,
+    methods,
+};
+
+PyMODINIT_FUNC PyInit__mergepack(void) {
+    if ((s_mode = PyUnicode_InternFromString("mode")) == NULL ||
+        (s_uid = PyUnicode_InternFromString("uid")) == NULL ||
+        (s_gid = PyUnicode_InternFromString("gid")) == NULL ||
+        (s_mtime = PyUnicode_InternFromString("mtime")) == NULL ||
+        (s_mtime_nsec = PyUnicode_InternFromString("mtime_nsec")) == NULL)
+        return NULL;
+    return PyModule_Create(&module);
+}

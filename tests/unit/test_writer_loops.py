@@ -1,0 +1,159 @@
+"""The metadata writer's compiled loops (fsmeta/_mergepack.c, format.py `layout_inode_table`,
+`pack_inode_table`, `pack_dir_blocks`) give the pure loops' bytes: whole images converted
+and merged both ways are equal, and for anything the compiled loops do not expect they hand
+the work to the pure loop, whose error it stays."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from snapshotter.erofs import format as fmt
+from snapshotter.erofs.tree import Node
+from snapshotter.fsmeta.merge import merge_layers
+from snapshotter.ingest.convert import convert_layer
+from tests.support.layers import IMAGE_LAYERS, awkward_entries, write_tar
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _loops():
+    try:
+        from snapshotter.fsmeta import _mergepack
+    except ImportError as exc:
+        pytest.fail(f"the writer's compiled loops are not built ({exc}): run .ci/setup")
+    return _mergepack
+
+
+def test_images_are_the_same_both_ways(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    specs = [*IMAGE_LAYERS, awkward_entries()]
+    tars = [write_tar(tmp_path / f"l{i}.tar", entries) for i, entries in enumerate(specs)]
+    outputs: dict[str, list[bytes]] = {}
+    for way in ("compiled", "pure"):
+        with monkeypatch.context() as m:  # compiled whatever EROFS_PASSTHROUGH_PURE says
+            m.setattr(fmt, "_LOOPS", _loops() if way == "compiled" else None)
+            layers = []
+            for i, tar in enumerate(tars):
+                for inline in (True, False):
+                    out = tmp_path / f"{way}-{i}-{inline}.erofs"
+                    convert_layer(tar, out, **({} if inline else {"inline_max": 0}))
+                    layers.append(out)
+            merge_layers(layers, tmp_path / f"{way}.fsmeta", verity=True)
+            outputs[way] = [p.read_bytes() for p in [*layers, tmp_path / f"{way}.fsmeta"]]
+    assert outputs["compiled"] == outputs["pure"]
+
+
+def _node(**kw: int) -> Node:
+    return Node(**{"mode": 0o100644, "uid": 1, "gid": 2, "mtime": 3, "mtime_nsec": 4, **kw})
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    inodes=st.lists(
+        st.tuples(
+            st.sampled_from([32, 64, 32 + 12, 64 + 16, 40]),  # header bytes (with xattrs)
+            st.integers(0, 4),  # layout
+            st.sampled_from([0, 1, 0xFFFF, 0x10000, 2**32 - 1, 2**32]),  # nlink
+            st.sampled_from([0, 5, 2**32 - 1, 2**32, 2**63]),  # size
+            st.sampled_from([0, 7, 2**32 - 1, 2**32]),  # i_u
+            st.sampled_from([0, 0xFFFF, 0x10000, 2**32 - 1, 2**32, -1]),  # uid
+            st.sampled_from([-(2**63), -1, 0, 2**63 - 1, 2**63]),  # mtime
+            st.sampled_from([None, b"", b"t", b"tail" * 30]),  # tail
+            st.sampled_from([None, b"\1" * 8, b"\2" * 24]),  # chunk table
+        ),
+        max_size=12,
+    ),
+    bs=st.sampled_from([512, 4096]),
+)
+def test_inode_table_loops_agree(inodes: list, bs: int) -> None:
+    """Arbitrary columns: the compiled layout gives the pure nids, the compiled packing the
+    pure bytes, or it declines (False) exactly where the pure loop raises."""
+    loops = _loops()
+    heads = [i[0] for i in inodes]
+    layouts = bytearray(i[1] for i in inodes)
+    links = [i[2] for i in inodes]
+    sizes = [i[3] for i in inodes]
+    i_us = [i[4] for i in inodes]
+    order = [_node(uid=i[5], gid=0, mtime=i[6]) for i in inodes]
+    tails = {n: i[7] for n, i in enumerate(inodes) if i[7] is not None}
+    tables = [i[8] for i in inodes]
+    xbodies = {n: bytes(range(h % 32)) for n, h in enumerate(heads) if h % 32}
+    chunk_tables = tables if any(t is not None for t in tables) else None
+    base, meta_start = 0, bs
+    want = fmt.layout_inode_table_pure(heads, chunk_tables, tails, meta_start, base, bs)
+    assert loops.layout_inode_table(heads, chunk_tables, tails, meta_start, base, bs) == want
+    nids, end = want
+    args = (order, nids, heads, layouts, links, sizes, i_us, xbodies, chunk_tables, tails)
+    pure = bytearray(end - meta_start)
+    try:
+        fmt.pack_inode_table_pure(pure, *args, base - meta_start)
+    except struct.error:
+        pure = None
+    compiled = bytearray(end - meta_start)
+    done = loops.pack_inode_table(compiled, *args, base - meta_start)
+    if pure is None:
+        assert not done
+    if done:
+        assert compiled == pure
+    in_range = all(
+        i[0] != 40 and i[5] >= 0 and abs(i[6]) < 2**63 and i[3] < 2**63 and i[4] < 2**32
+        and (i[2] <= 0xFFFF or i[0] - (i[0] % 32) == 64) and i[2] < 2**32
+        and (i[3] < 2**32 or i[0] - (i[0] % 32) == 64) and (i[5] <= 0xFFFF or i[0] >= 64)
+        and i[5] < 2**32
+        for i in inodes
+    )  # fmt: skip
+    if in_range:  # what a writer gives: the compiled loop does it all
+        assert done
+
+
+def test_inode_table_loop_packs_what_the_writer_gives() -> None:
+    loops = _loops()
+    order = [_node(), _node(uid=70000, mtime=-5), Node.directory()]
+    heads, links, sizes, i_us = [32, 64 + 12, 32], [1, 2, 3], [5, 2**40, 30], [9, 10, 0]
+    xbodies = {1: bytes(range(12))}
+    tails = {2: b"t" * 30}
+    nids, end = fmt.layout_inode_table_pure(heads, None, tails, 4096, 0, 4096)
+    args = (order, nids, heads, bytearray([0, 4, 2]), links, sizes, i_us, xbodies, None, tails)
+    pure, compiled = bytearray(end - 4096), bytearray(end - 4096)
+    fmt.pack_inode_table_pure(pure, *args, -4096)
+    assert loops.pack_inode_table(compiled, *args, -4096) is True
+    assert compiled == pure
+
+
+def test_dir_blocks_agree_and_decline_what_they_do_not_know() -> None:
+    loops = _loops()
+    children = {b"a": _node(), b"dir": Node.directory(), b"l": _node(mode=0o120777)}
+    nid_of = {id(n): 40 + k for k, n in enumerate(children.values())}
+    groups = [[b".", b"..", b"a"], [b"dir", b"l"]]
+    want = fmt.pack_dir_blocks_pure(groups, children, nid_of, 1, 2)
+    assert loops.pack_dir_blocks(groups, children, nid_of, 1, 2) == want
+    assert fmt.pack_dir_blocks(groups, children, nid_of, 1, 2) == want
+    assert loops.pack_dir_blocks([[b"missing"]], children, nid_of, 1, 2) is None
+    with pytest.raises(KeyError):
+        fmt.pack_dir_blocks([[b"missing"]], children, nid_of, 1, 2)
+    assert loops.pack_dir_blocks([[b"a"]], children, {}, 1, 2) is None
+
+
+@pytest.mark.parametrize("value", ["1", "0"])
+def test_pure_switch(value: str) -> None:
+    env = {**os.environ, "EROFS_PASSTHROUGH_PURE": value}
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from snapshotter.erofs import format; print(format.LOOPS_ACCELERATED)",
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == ("False" if value == "1" else "True")
