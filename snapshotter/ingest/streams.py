@@ -4,7 +4,8 @@ of the tar that came out).
 
 gzip goes through ISA-L (`isal`), faster than zlib (docs/benchmarks.md); zstd through
 `zstandard`. Decompressor output is bounded per call: gzip by `max_length`, zstd by feeding it
-small pieces of input (a zstd block inflates at most ~32768:1), so a hostile or a merely very
+at most _FEED_BLOCKS blocks at a time (found from the block headers; a zstd block holds at
+most 128 KiB, while its input may be a few bytes: ~32768:1), so a hostile or a merely very
 sparse layer cannot balloon memory.
 """
 
@@ -26,7 +27,6 @@ from snapshotter.errors import InvalidInput
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 READ_CHUNK = 1 << 20
-ZSTD_FEED = 2048  # bytes of zstd input per call: at most ~64 MiB of output
 GZIP_FEED = 1 << 14  # first piece of gzip input per member (max_length bounds its output)
 OUT_LIMIT = 4 << 20
 QUEUE_DEPTH = 4  # chunks of at most OUT_LIMIT between the producer thread and the reader
@@ -120,18 +120,127 @@ class _Gzip:
             raise InvalidInput("truncated gzip data: the stream ends before its end marker")
 
 
+_BLOCK_MAX = 128 << 10  # zstd's Block_Maximum_Size: no block holds more
+_FEED_BLOCKS = OUT_LIMIT // _BLOCK_MAX - 1  # whole blocks per call, one partial more at most
+
+
+class _ZstdFrames:
+    """Where zstd's frames and blocks start and end, read from their headers as the bytes
+    pass (RFC 8878: frame header, 3-byte block headers, optional checksum; skippable
+    frames): `advance` says how far the input may go to the decompressor in one call so
+    that the call emits at most OUT_LIMIT bytes, `_FEED_BLOCKS` whole blocks and a part of
+    one more, each of at most _BLOCK_MAX bytes, however well (or hostilely) compressed.
+    Zero bytes between frames are padding; `bad` is set at a header zstd itself refuses
+    (the decompressor gets those bytes and says why)."""
+
+    def __init__(self) -> None:
+        self.between = True  # before a frame's first byte (zero padding may come)
+        self.bad = False
+        self._head = bytearray()  # the header being read
+        self._want = 4  # the bytes of _head that complete it
+        self._state = "magic"  # magic, frame, block, data, checksum, skip
+        self._left = 0  # data/skip/checksum bytes left
+        self._last = False  # the current block is the frame's last
+        self._checksum = False
+
+    def advance(self, data: memoryview, pos: int) -> tuple[int, bool]:
+        """From `pos`, the end of what may go in one call, and whether it ends a frame."""
+        end = len(data)
+        blocks = 0
+        while True:
+            if self._state in ("data", "skip", "checksum"):  # (an empty block ends at once)
+                step = min(self._left, end - pos)
+                pos += step
+                self._left -= step
+                if self._left:
+                    break
+                if self._state == "data" and not self._last:
+                    self._next("block", 3)
+                    blocks += 1
+                    if blocks >= _FEED_BLOCKS:
+                        break
+                    continue
+                if self._state == "data" and self._checksum:
+                    self._state, self._left = "checksum", 4
+                    continue
+                self.between = True  # the frame (or skippable frame) ends here
+                self._next("magic", 4)
+                return pos, True
+            if pos >= end:
+                break
+            if self._state == "magic":
+                self.between = False  # a frame's first byte: no more padding
+            take = min(self._want - len(self._head), end - pos)
+            self._head += data[pos : pos + take]
+            pos += take
+            if len(self._head) < self._want:
+                break
+            if not self._header():
+                self.bad = True
+                return pos, False
+        return pos, False
+
+    def _next(self, state: str, want: int) -> None:
+        self._state, self._want = state, want
+        self._head.clear()
+
+    def _header(self) -> bool:
+        """A complete header is in _head: the state after it; False if zstd would refuse it."""
+        head = self._head
+        if self._state == "magic":
+            if head[1:4] == b"\x2a\x4d\x18" and head[0] & 0xF0 == 0x50:
+                self._state, self._want = "skiplen", 8
+                return True
+            if bytes(head) != ZSTD_MAGIC:
+                return False
+            self._state, self._want = "frame", 5
+            return True
+        if self._state == "skiplen":
+            self._state, self._left = "skip", int.from_bytes(head[4:8], "little")
+            self._head.clear()
+            return True
+        if self._state == "frame":
+            fhd = head[4]
+            if len(head) == 5:
+                if fhd & 0x08:  # the reserved bit
+                    return False
+                single = fhd & 0x20
+                self._checksum = bool(fhd & 0x04)
+                self._want = (
+                    5
+                    + (0 if single else 1)
+                    + (0, 1, 2, 4)[fhd & 3]
+                    + ((1 if single else 0), 2, 4, 8)[fhd >> 6]
+                )
+                if self._want > 5:
+                    return True
+            self._next("block", 3)
+            return True
+        # a block header
+        header = int.from_bytes(head, "little")
+        kind, size = (header >> 1) & 3, header >> 3
+        if kind == 3 or size > _BLOCK_MAX:
+            return False
+        self._last = bool(header & 1)
+        self._state, self._left = "data", 1 if kind == 1 else size
+        self._head.clear()
+        return True
+
+
 class _Zstd:
     """Concatenated zstd frames (zero padding between them allowed).
 
-    Input goes in ZSTD_FEED-byte pieces, memoryview slices of the pending input (no copy per
-    piece: slicing bytes here once made the loop quadratic in the pending input)."""
+    Input goes to the decompressor in pieces that `_ZstdFrames` cuts at block boundaries, at
+    most _FEED_BLOCKS whole blocks each (a few calls per MiB, not hundreds; memoryview slices
+    of the pending input, no copy per piece); each frame's end is checked to be where zstd
+    found it."""
 
     def __init__(self) -> None:
         self._dctx = zstandard.ZstdDecompressor()
         self._obj = self._dctx.decompressobj()
+        self._frames = _ZstdFrames()
         self._tail = memoryview(b"")
         self._pos = 0  # start of the input not yet consumed in _tail
-        self._between_frames = False
 
     def feed(self, data: bytes) -> bytes:
         if self.pending():  # only after a drain stopped at OUT_LIMIT: copy the rest once
@@ -145,37 +254,35 @@ class _Zstd:
         return self._pos < len(self._tail)
 
     def drain(self) -> bytes:
-        out = []
-        size = 0
+        """At most one call's output (<= OUT_LIMIT bytes)."""
         tail = self._tail
         end = len(tail)
-        obj = self._obj
-        while self._pos < end and size < OUT_LIMIT:
-            piece = tail[self._pos : self._pos + ZSTD_FEED]
-            self._pos += len(piece)
-            if self._between_frames:
-                rest = bytes(piece).lstrip(b"\0")  # zero padding between frames is skipped
-                if not rest:
+        frames = self._frames
+        while self._pos < end:
+            if frames.between:
+                rest = bytes(tail[self._pos : self._pos + 4096]).lstrip(b"\0")
+                if not rest:  # zero padding between frames is skipped
+                    self._pos = min(end, self._pos + 4096)
                     continue
-                self._pos -= len(rest)  # the next frame starts at its first non-zero byte
-                piece = tail[self._pos : self._pos + len(rest)]
-                self._pos += len(piece)
-                obj = self._obj = self._dctx.decompressobj()
-                self._between_frames = False
+                self._pos = min(end, self._pos + 4096) - len(rest)
+                if self._obj.eof:
+                    self._obj = self._dctx.decompressobj()
+            start = self._pos
+            self._pos, frame_end = frames.advance(tail, start)
             try:
-                chunk = obj.decompress(piece)
+                chunk = self._obj.decompress(tail[start : self._pos])
             except zstandard.ZstdError as exc:
                 raise InvalidInput(f"corrupt zstd data: {exc}") from None
+            if frames.bad:
+                raise InvalidInput("corrupt zstd data: a frame or block header zstd refuses")
+            if frame_end != self._obj.eof or self._obj.unused_data:
+                raise InvalidInput("corrupt zstd data: a frame does not end where it says")
             if chunk:
-                out.append(chunk)
-                size += len(chunk)
-            if obj.eof:
-                self._between_frames = True
-                self._pos -= len(obj.unused_data)  # the next frame starts there
-        return out[0] if len(out) == 1 else b"".join(out)
+                return chunk
+        return b""
 
     def finish(self) -> None:
-        if not self._between_frames:
+        if not self._frames.between:
             raise InvalidInput("truncated zstd data: the stream ends inside a frame")
 
 

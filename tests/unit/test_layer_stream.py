@@ -25,7 +25,7 @@ from snapshotter.erofs.limits import Limits
 from snapshotter.erofs.tree import Chunks, Extent
 from snapshotter.erofs.writer import DataWriter
 from snapshotter.errors import EpError, InvalidInput
-from snapshotter.ingest.streams import LayerStream
+from snapshotter.ingest.streams import OUT_LIMIT, LayerStream, _Zstd
 
 
 def _payload(size: int = 3 << 20, seed: int = 1) -> bytes:
@@ -132,6 +132,109 @@ def test_closing_early_stops_a_producer_that_waits_for_room() -> None:
     stream = LayerStream(io.BytesIO(blob))
     stream.read(1000)
     stream.close()
+    assert not _stream_threads()
+
+
+def _decode_zstd(blob: bytes, step: int, *, whole: bool = True) -> tuple[bytes, int, int]:
+    """`blob` through the zstd decoder in input pieces of `step` bytes: the output, the
+    largest output of one call and the number of calls."""
+    decoder, out, largest, calls = _Zstd(), bytearray(), 0, 0
+    for pos in range(0, len(blob), step):
+        piece = decoder.feed(blob[pos : pos + step])
+        while True:
+            calls += 1
+            out += piece
+            largest = max(largest, len(piece))
+            if not decoder.pending():
+                break
+            piece = decoder.drain()
+    if whole:
+        decoder.finish()
+    return bytes(out), largest, calls
+
+
+def _skippable(content: bytes) -> bytes:
+    return b"\x5a\x2a\x4d\x18" + len(content).to_bytes(4, "little") + content
+
+
+def test_zstd_frames_of_every_kind_decode_whatever_the_input_pieces() -> None:
+    """The decoder cuts its input at block boundaries it reads from the headers: frames with
+    and without checksums and content sizes, raw (incompressible), RLE and compressed
+    blocks, empty frames, skippable frames and zero padding, in pieces of any size."""
+    data = _payload(2 << 20, seed=4)
+    rng = random.Random(11)
+    frames = [
+        zstandard.ZstdCompressor(level=3, write_checksum=True).compress(data[: 1 << 20]),
+        bytes(5),
+        _skippable(b"metadata"),
+        zstandard.ZstdCompressor(write_content_size=False).compress(rng.randbytes(300_000)),
+        zstandard.ZstdCompressor().compress(b""),
+        zstandard.ZstdCompressor(level=1).compress(bytes(3 << 20)),  # RLE-like, ~1000:1
+        zstandard.ZstdCompressor(level=19, write_checksum=True).compress(data[1 << 20 :]),
+        _skippable(b""),
+        zstandard.ZstdCompressor().compress(b"x" * 100),  # single segment, 1-byte size
+        bytes(4096 + 3),
+    ]
+    blob = b"".join(frames)
+    want = (
+        data[: 1 << 20]
+        + b"".join(zstandard.ZstdDecompressor().decompressobj().decompress(f) for f in frames[3:6])
+        + data[1 << 20 :]
+        + b"x" * 100
+    )
+    for step in (1, 3, 4093, 65_536, 1 << 20, len(blob)):
+        if step == 1:
+            got, largest, _ = _decode_zstd(
+                blob[:200_000], step, whole=False
+            )  # byte by byte: a prefix
+            assert want.startswith(got) and len(got) > 100_000
+            continue
+        got, largest, calls = _decode_zstd(blob, step)
+        assert got == want
+        assert largest <= OUT_LIMIT
+    _, _, calls = _decode_zstd(blob, 1 << 20)
+    assert calls < 40  # a few calls per MiB of output, not one per 2 KiB of input
+
+
+def _rle_bomb(blocks: int) -> bytes:
+    """A zstd frame of `blocks` RLE blocks of 128 KiB each: 4 bytes of input per 128 KiB."""
+    header = (128 << 10) << 3 | 1 << 1  # block size, type RLE, not the last
+    block = header.to_bytes(3, "little") + b"\0"
+    last = (header | 1).to_bytes(3, "little") + b"\0"
+    return (
+        zstandard.MAGIC_NUMBER.to_bytes(4, "little")
+        + bytes([0, 0x38])
+        + block * (blocks - 1)
+        + last
+    )  # descriptor: no content size; window 2^17
+
+
+def test_a_zstd_bomb_of_rle_blocks_comes_out_in_bounded_calls() -> None:
+    small = _rle_bomb(40)
+    assert _decode_zstd(small, len(small))[0] == bytes(40 << 17)  # what zstd makes of it
+    bomb = _rle_bomb(1 << 18)  # 1 MiB of input, 32 GiB of output
+    decoder = _Zstd()
+    first = decoder.feed(bomb)
+    assert 0 < len(first) <= OUT_LIMIT and decoder.pending()
+    assert 0 < len(decoder.drain()) <= OUT_LIMIT
+    blob = zstandard.MAGIC_NUMBER.to_bytes(4, "little") + bytes([0, 0x38]) + bomb[6:]
+    stream = LayerStream(io.BytesIO(blob), Limits(max_tar_bytes=64 << 20))
+    with stream, pytest.raises(InvalidInput, match="max_tar_bytes"):
+        stream.drain()
+
+
+@pytest.mark.parametrize(
+    ("blob", "message"),
+    [
+        (_rle_bomb(2)[:-4] + b"\x07\0\0\0", "corrupt zstd data"),  # block type 3: reserved
+        (_rle_bomb(2) + b"garbage!", "corrupt zstd data"),  # not a frame after a frame
+        (_rle_bomb(2)[:8], "truncated zstd data"),  # inside a block header
+        (_rle_bomb(2) + zstandard.MAGIC_NUMBER.to_bytes(4, "little"), "truncated zstd"),
+    ],
+)
+def test_a_bad_zstd_structure_is_one_error(blob: bytes, message: str) -> None:
+    with LayerStream(io.BytesIO(blob)) as stream, pytest.raises(InvalidInput, match=message):
+        stream.drain()
     assert not _stream_threads()
 
 
