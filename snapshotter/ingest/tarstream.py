@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
 import re
 import struct
 import urllib.parse
@@ -27,6 +28,23 @@ from typing import Protocol
 
 from snapshotter.erofs.limits import DEFAULT_LIMITS, FILE_SIZE_MAX, MTIME_MAX, MTIME_MIN, Limits
 from snapshotter.errors import InvalidInput
+
+# The optional compiled header parser (_tarhdr.c): the headers tar writers write, parsed to
+# exactly what `TarHeader.unpack_pure` gives; None for any other block, which the Python
+# parser then judges (and refuses with its own message). EROFS_PASSTHROUGH_PURE=1 (read at
+# import) forces the pure parser.
+_Fields = tuple[bytes, int, int, int, int, int, int, bytes, int, int, bytes]
+_parse_compiled: Callable[[bytes], _Fields | None] | None
+if os.environ.get("EROFS_PASSTHROUGH_PURE", "") not in ("", "0"):
+    _parse_compiled = None
+else:
+    try:
+        from snapshotter.ingest._tarhdr import parse as _parse_compiled
+    except ImportError:  # not built (no compiler at install): the pure parser
+        _parse_compiled = None
+
+#: True when the compiled header parser is in use
+ACCELERATED = _parse_compiled is not None
 
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
@@ -96,6 +114,16 @@ class TarHeader:
 
     @classmethod
     def unpack(cls, block: bytes) -> TarHeader:
+        """The header in `block` (512 bytes); EpError for a corrupt one."""
+        if _parse_compiled is not None:
+            fields = _parse_compiled(block)
+            if fields is not None:
+                return cls(*fields, block)
+        return cls.unpack_pure(block)
+
+    @classmethod
+    def unpack_pure(cls, block: bytes) -> TarHeader:
+        """`unpack` in pure Python, whatever the accelerator (what the tests compare)."""
         fast = _FAST_NUMBERS.match(block, 100, 156)
         dev = _FAST_DEVICE.match(block, 329, 345) if fast else None
         if fast and dev:  # what tar writers write: fixed-width octal, one regex for all
