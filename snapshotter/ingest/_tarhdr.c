@@ -14,6 +14,11 @@
  *                         devmajor, devminor, magic) | None
  *   block must be exactly 512 bytes (TypeError/ValueError otherwise: the caller's bug).
  *
+ * parse_pax(data: bytes) -> dict[bytes, bytes] | None
+ *   the records of a PAX extended header, as `tarstream.parse_pax` gives them, for a header
+ *   without GNU sparse 0.0 records (which Python joins into one map); None for one with
+ *   them and for any malformed record, which the Python parser then refuses in its words.
+ *
  * tests/unit/test_tarhdr.py checks it against the pure parser (EROFS_PASSTHROUGH_PURE=1
  * makes tarstream.py ignore this module).
  */
@@ -99,8 +104,80 @@ static PyObject *parse(PyObject *self, PyObject *arg) {
         (Py_ssize_t)8);
 }
 
+static int is_key(const char *k, Py_ssize_t klen, const char *want) {
+    size_t n = strlen(want);
+    return (size_t)klen == n && memcmp(k, want, n) == 0;
+}
+
+static PyObject *parse_pax(PyObject *self, PyObject *arg) {
+    (void)self;
+    if (!PyBytes_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "parse_pax() takes bytes");
+        return NULL;
+    }
+    const char *d = PyBytes_AS_STRING(arg);
+    Py_ssize_t n = PyBytes_GET_SIZE(arg);
+    PyObject *records = PyDict_New();
+    if (records == NULL)
+        return NULL;
+    Py_ssize_t pos = 0;
+    while (pos < n) {
+        if (d[pos] == 0)
+            break;
+        /* the length: 1 to 20 ASCII digits, then a space within 20 bytes of the start */
+        Py_ssize_t space = pos;
+        Py_ssize_t limit = pos + 21 < n ? pos + 21 : n;
+        while (space < limit && d[space] != ' ')
+            space++;
+        if (space >= limit || space == pos)
+            goto python;
+        unsigned long long length = 0;
+        for (Py_ssize_t i = pos; i < space; i++) {
+            if (d[i] < '0' || d[i] > '9')
+                goto python;
+            if (length > (unsigned long long)n) /* beyond the data: refused below */
+                goto python;
+            length = length * 10 + (unsigned long long)(d[i] - '0');
+        }
+        if (length < 5 || length > (unsigned long long)(n - pos))
+            goto python;
+        Py_ssize_t end = pos + (Py_ssize_t)length;
+        if (end <= space + 1 || d[end - 1] != '\n')
+            goto python;
+        const char *rec = d + space + 1;
+        Py_ssize_t rlen = end - 1 - (space + 1);
+        const char *eq = memchr(rec, '=', (size_t)rlen);
+        if (eq == NULL || eq == rec || memchr(rec, 0, (size_t)(eq - rec)) != NULL)
+            goto python;
+        Py_ssize_t klen = eq - rec;
+        const char *value = eq + 1;
+        Py_ssize_t vlen = rlen - klen - 1;
+        if ((is_key(rec, klen, "path") || is_key(rec, klen, "linkpath")) &&
+            memchr(value, 0, (size_t)vlen) != NULL)
+            goto python;
+        if (is_key(rec, klen, "GNU.sparse.offset") || is_key(rec, klen, "GNU.sparse.numbytes"))
+            goto python;
+        PyObject *key = PyBytes_FromStringAndSize(rec, klen);
+        PyObject *val = key ? PyBytes_FromStringAndSize(value, vlen) : NULL;
+        if (val == NULL || PyDict_SetItem(records, key, val) < 0) {
+            Py_XDECREF(key);
+            Py_XDECREF(val);
+            Py_DECREF(records);
+            return NULL;
+        }
+        Py_DECREF(key);
+        Py_DECREF(val);
+        pos = end;
+    }
+    return records;
+python:
+    Py_DECREF(records);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"parse", parse, METH_O, "parse(block) -> header fields, or None for the Python parser"},
+    {"parse_pax", parse_pax, METH_O, "parse_pax(data) -> records, or None for the Python parser"},
     {NULL, NULL, 0, NULL},
 };
 

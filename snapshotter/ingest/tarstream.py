@@ -33,18 +33,20 @@ from snapshotter.erofs.limits import DEFAULT_LIMITS, FILE_SIZE_MAX, MTIME_MAX, M
 from snapshotter.errors import InvalidInput
 
 # The optional compiled header parser (_tarhdr.c): the headers tar writers write, parsed to
-# exactly what `TarHeader.unpack_pure` gives; None for any other block, which the Python
-# parser then judges (and refuses with its own message). EROFS_PASSTHROUGH_PURE=1 (read at
-# import) forces the pure parser.
+# exactly what `TarHeader.unpack_pure` gives, and PAX records to what `parse_pax_pure` gives;
+# None for anything else, which the Python parser then judges (and refuses in its words).
+# EROFS_PASSTHROUGH_PURE=1 (read at import) forces the pure parser.
 _Fields = tuple[bytes, int, int, int, int, int, int, bytes, int, int, bytes]
 _parse_compiled: Callable[[bytes], _Fields | None] | None
+_parse_pax_compiled: Callable[[bytes], dict[bytes, bytes] | None] | None
 if os.environ.get("EROFS_PASSTHROUGH_PURE", "") not in ("", "0"):
-    _parse_compiled = None
+    _parse_compiled = _parse_pax_compiled = None
 else:
     try:
         from snapshotter.ingest._tarhdr import parse as _parse_compiled
+        from snapshotter.ingest._tarhdr import parse_pax as _parse_pax_compiled
     except ImportError:  # not built (no compiler at install): the pure parser
-        _parse_compiled = None
+        _parse_compiled = _parse_pax_compiled = None
 
 #: True when the compiled header parser is in use
 ACCELERATED = _parse_compiled is not None
@@ -229,6 +231,16 @@ class TarMember:
 
 
 def parse_pax(data: bytes) -> dict[bytes, bytes]:
+    """PAX extended header records: `LEN KEY=VALUE\\n`, values kept as raw bytes (see
+    `parse_pax_pure`); EpError for a corrupt header."""
+    if _parse_pax_compiled is not None:
+        records = _parse_pax_compiled(data)
+        if records is not None:
+            return records
+    return parse_pax_pure(data)
+
+
+def parse_pax_pure(data: bytes) -> dict[bytes, bytes]:
     """PAX extended header records: `LEN KEY=VALUE\\n`, values kept as raw bytes.
 
     GNU sparse 0.0 repeats `GNU.sparse.offset`/`GNU.sparse.numbytes` pairs; as Go does, they

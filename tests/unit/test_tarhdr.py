@@ -1,7 +1,8 @@
 """Tar header parsing: the compiled parser (_tarhdr.c) and the pure-Python one give the same
 header or the same one-line error for every block: the headers of real archives (Go's
 archive/tar test corpus, GNU tar, Python's tarfile in every format), and damaged and
-generated header blocks."""
+generated header blocks; and the same PAX records or error for every PAX header of those
+archives and for generated and damaged ones."""
 
 from __future__ import annotations
 
@@ -19,20 +20,24 @@ from hypothesis import strategies as st
 
 from snapshotter.errors import EpError
 from snapshotter.ingest import tarstream
-from snapshotter.ingest.tarstream import TarHeader
+from snapshotter.ingest.tarstream import TarHeader, parse_pax_pure
 from tests.support.layers import awkward_entries, write_tar
 
 ROOT = Path(__file__).resolve().parents[2]
 GO_TESTDATA = Path("/usr/lib/go/src/archive/tar/testdata")
 
 
-def _parse():
-    """The compiled parser; a missing build is a failure here (.ci/setup builds it)."""
+def _module():
+    """The compiled module; a missing build is a failure here (.ci/setup builds it)."""
     try:
-        from snapshotter.ingest._tarhdr import parse
+        from snapshotter.ingest import _tarhdr
     except ImportError as exc:
         pytest.fail(f"the tar header accelerator is not built ({exc}): run .ci/setup")
-    return parse
+    return _tarhdr
+
+
+def _parse():
+    return _module().parse
 
 
 def _outcome(unpack, block: bytes) -> tuple:
@@ -84,6 +89,85 @@ def _tarfile_archive(fmt: int) -> bytes:
             if info.size >= 1 << 20:
                 break  # a header only: its data is not needed
     return buf.getvalue()
+
+
+def _pax_outcome(parse, data: bytes) -> tuple:
+    try:
+        return ("ok", list(parse(data).items()))  # the order too
+    except EpError as exc:
+        return ("error", type(exc).__name__, str(exc))
+
+
+def _pax_compiled(data: bytes) -> dict[bytes, bytes]:
+    records = _module().parse_pax(data)
+    return parse_pax_pure(data) if records is None else records
+
+
+def _check_pax(data: bytes) -> tuple:
+    pure = _pax_outcome(parse_pax_pure, data)
+    assert _pax_outcome(_pax_compiled, data) == pure
+    return pure
+
+
+def _pax_headers(archive: bytes) -> list[bytes]:
+    """The data of every PAX header (x, g, X) in `archive`, walked by header sizes."""
+    found = []
+    pos = 0
+    while pos + 512 <= len(archive):
+        block = archive[pos : pos + 512]
+        pos += 512
+        if block == bytes(512):
+            continue
+        try:
+            header = TarHeader.unpack_pure(block)
+        except EpError:
+            break
+        size = 0 if header.typeflag in tarstream.HEADER_ONLY else header.size
+        if header.typeflag in b"xgX":
+            found.append(archive[pos : pos + size])
+        pos += -(-max(size, 0) // 512) * 512
+    return found
+
+
+def test_pax_headers_of_real_archives_agree(tmp_path: Path):
+    archives = [p.read_bytes() for p in sorted(GO_TESTDATA.glob("*.tar"))]
+    archives.append(_tarfile_archive(tarfile.PAX_FORMAT))
+    archives.append(write_tar(tmp_path / "l.tar", awkward_entries()).read_bytes())
+    headers = [h for a in archives for h in _pax_headers(a)]
+    outcomes = [_check_pax(h)[0] for h in headers]
+    assert outcomes.count("ok") > 20 and len(headers) > 30
+
+
+_PAX_KEYS = [b"path", b"linkpath", b"mtime", b"size", b"uid", b"SCHILY.xattr.user.a", b"k"]
+_PAX_KEYS += [b"GNU.sparse.offset", b"GNU.sparse.numbytes", b"GNU.sparse.map", b"", b"a\0b"]
+
+
+@st.composite
+def _pax_data(draw) -> bytes:
+    out = b""
+    for _ in range(draw(st.integers(0, 6))):
+        key = draw(st.sampled_from(_PAX_KEYS) | st.binary(max_size=8))
+        value = draw(st.binary(max_size=12) | st.sampled_from([b"a\0", b"1", b"=", b""]))
+        body = b" " + key + draw(st.sampled_from([b"=", b"", b"=="])) + value + b"\n"
+        n = len(body) + 1
+        n += len(str(n + len(str(n)) - 1)) - 1
+        length = draw(st.sampled_from([n, n, n, n - 1, n + 1, 0, 4, 10**20, 99999]))
+        digits = draw(st.sampled_from([b"%d" % length, b"0%d" % length, b"+%d" % length]))
+        out += digits + body
+    out += draw(st.sampled_from([b"", b"\0" * 5, b"x", b"7 "]))
+    return out
+
+
+@settings(max_examples=3000, deadline=None)
+@given(_pax_data())
+def test_generated_pax_headers_agree(data: bytes):
+    _check_pax(data)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=64))
+def test_random_pax_bytes_agree(data: bytes):
+    _check_pax(data)
 
 
 def test_go_corpus_headers_agree():
