@@ -96,8 +96,10 @@ def _convert(args: argparse.Namespace) -> int:
         check_output(args.out, [] if from_stdin else [args.layer])
         total = None if from_stdin else os.fstat(source.fileno()).st_size
         with Progress("convert") as progress:
+            # Without a progress line to draw, the file itself: a plain tar in a regular file
+            # then takes convert_layer's mmap path (no read() copies, no producer thread).
             result = convert_layer(
-                CountingReader(source, progress, total),
+                CountingReader(source, progress, total) if progress.active else source,
                 args.out,
                 expected_diff_id=args.diff_id,
                 verity=True if args.verity else None,

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import os
+import stat
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,8 +34,9 @@ from snapshotter.erofs.writer import (
 from snapshotter.errors import CorruptImage, DigestMismatch, InvalidArgument
 from snapshotter.fsutil import atomic_output
 from snapshotter.ingest.dir_import import import_directory
-from snapshotter.ingest.streams import ByteReader, LayerStream
+from snapshotter.ingest.streams import GZIP_MAGIC, ZSTD_MAGIC, ByteReader, LayerStream
 from snapshotter.ingest.tar_import import import_tar
+from snapshotter.ingest.tarstream import MappedTar
 from snapshotter.ingest.validate import validate_layer
 from snapshotter.verity import VerityInfo, VerityParams
 from snapshotter.verity.params import derive_layer_salt
@@ -117,16 +120,23 @@ def convert_layer(
                 limits=limits,
                 tail_packing=tail_packing,
             )
-    stream: LayerStream | None = None
+    stream: LayerStream | MappedTar | None = None
 
     def build(data: DataWriter) -> tuple[SourceTree, str]:
         nonlocal stream
-        stream = LayerStream(source, limits)
+        mapped = _mapped_tar(source, limits)
+        layer = LayerStream(source, limits) if mapped is None else None
+        stream = mapped or layer
+        assert stream is not None
         try:
             tree = import_tar(stream, data, limits)
-            stream.drain()
+            if mapped is not None:
+                mapped.finish()  # the digest of the whole file, as LayerStream's drain gives
+                source.seek(0, os.SEEK_END)  # type: ignore[attr-defined]  # read to the end
+            elif layer is not None:
+                layer.drain()
         finally:
-            stream.close()  # the producer thread ends here, on success or error
+            stream.close()  # the producer or hashing thread ends here, on success or error
         if expected_diff_id is not None and stream.diff_id != expected_diff_id:
             raise DigestMismatch(
                 f"diffID mismatch: layer is {stream.diff_id}, expected {expected_diff_id}"
@@ -152,6 +162,26 @@ def convert_layer(
         compressed_digest=stream.compressed_digest,
         compression=stream.compression,
     )
+
+
+def _mapped_tar(source: ByteReader, limits: Limits) -> MappedTar | None:
+    """The fast path for a plain tar in a regular file (a seekable fd): `MappedTar`, from the
+    source's position to the end of the file; None for anything else (a pipe, a socket, a
+    compressed layer, an empty or over-limit file), which `LayerStream` reads."""
+    try:
+        fd = source.fileno()  # type: ignore[attr-defined]
+        start = source.tell()  # type: ignore[attr-defined]
+        st = os.fstat(fd)
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return None
+    end = st.st_size
+    # Over max_tar_bytes: LayerStream refuses it at the point of the stream where it happens.
+    if not stat.S_ISREG(st.st_mode) or not 0 <= start < end or end - start > limits.max_tar_bytes:
+        return None
+    head = os.pread(fd, 4, start)
+    if head.startswith((GZIP_MAGIC, ZSTD_MAGIC)):
+        return None
+    return MappedTar(fd, start, end)
 
 
 def convert_directory(
