@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from importlib.metadata import PackageNotFoundError, version
 
 from snapshotter.command import run_command
 
@@ -37,10 +36,24 @@ COMMAND_MODULES = tuple(dict.fromkeys(COMMANDS.values()))
 
 
 def _version() -> str:
+    # importlib.metadata costs ~30 ms at start: only `--version` pays for it (_VersionAction).
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
         return version("erofs-passthrough")
     except PackageNotFoundError:  # run from a source tree that was never installed
         return "unknown (not installed)"
+
+
+class _VersionAction(argparse.Action):
+    """`--version`, its text looked up only when asked for."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kw: object):
+        super().__init__(option_strings, dest, nargs=0, help="show the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        print(f"erofs-passthrough {_version()}")
+        parser.exit()
 
 
 def _modules_for(argv: list[str] | None) -> tuple[str, ...]:
@@ -58,7 +71,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         prog="erofs-passthrough",
         description="OCI layers as verified EROFS block devices for VM containers.",
     )
-    parser.add_argument("--version", action="version", version=f"erofs-passthrough {_version()}")
+    parser.add_argument("--version", action=_VersionAction)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in _modules_for(argv):
         importlib.import_module(name).register(subparsers)
