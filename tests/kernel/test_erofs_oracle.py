@@ -25,34 +25,12 @@ import pytest
 
 from snapshotter.erofs.reader import ErofsImage, InodeInfo
 from tests.support.cli import convert
-from tests.support.erofs_utils_oracle import CACHE, ErofsUtils, OracleUnavailable, erofs_utils
+from tests.support.erofs_utils_oracle import CACHE, ErofsUtils, erofs_utils, mkfs_tar
 from tests.support.helpers import mounted_erofs, require_root
 from tests.support.layers import Entry, awkward_entries, compress, extract_with_gnu_tar, write_tar
 from tests.support.treecompare import EntryView, diff_views, hardlink_groups, tree_view
 
 MTIME = 1_700_000_000  # the Entry default: the most common mtime of every layer below
-
-
-@pytest.fixture(scope="module")
-def oracle() -> ErofsUtils:
-    try:
-        return erofs_utils()
-    except OracleUnavailable as exc:
-        pytest.skip(str(exc))
-
-
-def mkfs_tar(oracle: ErofsUtils, layer: Path, out: Path, *extra: str) -> Path:
-    """`mkfs.erofs --tar=f --aufs` of LAYER (1.8 leaves a 2 TiB sparse file when it fails)."""
-    proc = subprocess.run(
-        [oracle.mkfs, "--quiet", "--tar=f", "--aufs", *extra, str(out), str(layer)],
-        capture_output=True,
-        text=True,
-        errors="replace",
-    )
-    if proc.returncode != 0:
-        out.unlink(missing_ok=True)
-        raise AssertionError(f"mkfs.erofs {oracle.version} failed: {proc.stderr}")
-    return out
 
 
 # -- layers -------------------------------------------------------------------------------------

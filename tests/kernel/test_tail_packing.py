@@ -20,30 +20,10 @@ from snapshotter.erofs.writer import DataWriter
 from snapshotter.fsmeta.merge import merge_layers
 from snapshotter.ingest.convert import convert_layer
 from tests.support.cli import convert
-from tests.support.erofs_utils_oracle import ErofsUtils, OracleUnavailable, erofs_utils
+from tests.support.erofs_utils_oracle import ErofsUtils, mkfs_tar
 from tests.support.helpers import mounted_erofs, mounted_fsmeta, overlay_of, require_root
 from tests.support.layers import Entry, extract_with_gnu_tar, write_tar
 from tests.support.treecompare import diff_views, hardlink_groups, tree_view
-
-
-@pytest.fixture(scope="module")
-def oracle() -> ErofsUtils:
-    try:
-        return erofs_utils()
-    except OracleUnavailable as exc:
-        pytest.skip(str(exc))
-
-
-def mkfs_tar(oracle: ErofsUtils, layer: Path, out: Path, *extra: str) -> Path:
-    """`mkfs.erofs --tar=f --aufs` of LAYER: tail-packed, its default."""
-    proc = subprocess.run(
-        [oracle.mkfs, "--quiet", "--tar=f", "--aufs", *extra, str(out), str(layer)],
-        capture_output=True,
-        text=True,
-        errors="replace",
-    )
-    assert proc.returncode == 0, f"mkfs.erofs {oracle.version} failed: {proc.stderr}"
-    return out
 
 
 def nlinks(root: Path) -> dict[str, int]:

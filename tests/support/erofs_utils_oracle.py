@@ -99,6 +99,22 @@ class ErofsUtils:
         return all(os.access(self.bin_dir / p, os.X_OK) for p in PROGRAMS)
 
 
+def mkfs_tar(oracle: ErofsUtils, layer: Path, out: Path, *extra: str) -> Path:
+    """`mkfs.erofs --tar=f --aufs` of LAYER into OUT (tail-packed, 1.8's default); a failure
+    is an AssertionError with 1.8's message, and OUT removed (1.8 leaves a 2 TiB sparse file
+    when it fails)."""
+    proc = subprocess.run(
+        [oracle.mkfs, "--quiet", "--tar=f", "--aufs", *extra, str(out), str(layer)],
+        capture_output=True,
+        text=True,
+        errors="replace",
+    )
+    if proc.returncode != 0:
+        out.unlink(missing_ok=True)
+        raise AssertionError(f"mkfs.erofs {oracle.version} failed: {proc.stderr}")
+    return out
+
+
 def missing_build_needs() -> list[str]:
     """The bookworm packages the build needs and this machine lacks."""
     return sorted({pkg for path, pkg in BUILD_NEEDS if not Path(path).exists()})
