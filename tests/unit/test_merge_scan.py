@@ -5,11 +5,8 @@ layer; `EROFS_PASSTHROUGH_PURE=1` switches the compiled scan off."""
 from __future__ import annotations
 
 import functools
-import os
 import random
 import stat
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -24,8 +21,6 @@ from snapshotter.fsmeta import merge
 from snapshotter.fsmeta.merge import merge_layers
 from snapshotter.ingest.convert import DEFAULT_INLINE_MAX, convert_layer
 from tests.support.layers import IMAGE_LAYERS, awkward_entries, build_layers, write_tar
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _scan():
@@ -285,17 +280,3 @@ def test_scan_bounds_every_read() -> None:
     assert scan(b"\0" * 4096, b"", 4096, 0, 0, 0) == []
     one = scan(b"\0" * 4096 * 2, bytes(block[:13]), 4096, 0, 5, 6)
     assert one == [(b"x", 128, (4096, 0, 0, 0, 0, 0, 0, 0, 0, 5, 6))]
-
-
-@pytest.mark.parametrize("value", ["1", "0"])
-def test_pure_switch(value: str) -> None:
-    env = {**os.environ, "EROFS_PASSTHROUGH_PURE": value}
-    out = subprocess.run(
-        [sys.executable, "-c", "from snapshotter.fsmeta import merge; print(merge.ACCELERATED)"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert out.stdout.strip() == ("False" if value == "1" else "True")

@@ -6,10 +6,7 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
-import subprocess
-import sys
 import threading
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -17,8 +14,6 @@ from hypothesis import strategies as st
 
 from snapshotter.verity import hashing
 from snapshotter.verity.hashing import hash_run, hash_run_pure, salted_base
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _accelerator():
@@ -87,22 +82,3 @@ def test_threads_hashing_at_once_get_their_own_digests():
     for t in threads:
         t.join()
     assert [got[k] for k in range(4)] == [_reference("sha256", b"salt", b, 4096) for b in bufs]
-
-
-@pytest.mark.parametrize(("value", "accelerated"), [("1", False), ("0", True), ("", True)])
-def test_environment_variable_forces_the_pure_loop(value, accelerated):
-    _accelerator()
-    env = {**os.environ, "EROFS_PASSTHROUGH_PURE": value}
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from snapshotter.verity import hashing; print(hashing.ACCELERATED)",
-        ],
-        cwd=ROOT,
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    assert out.strip() == str(accelerated)

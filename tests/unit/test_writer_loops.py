@@ -5,10 +5,7 @@ the work to the pure loop, whose error it stays."""
 
 from __future__ import annotations
 
-import os
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,8 +17,6 @@ from snapshotter.erofs.tree import Node
 from snapshotter.fsmeta.merge import merge_layers
 from snapshotter.ingest.convert import convert_layer
 from tests.support.layers import IMAGE_LAYERS, awkward_entries, write_tar
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _loops():
@@ -139,21 +134,3 @@ def test_dir_blocks_agree_and_decline_what_they_do_not_know() -> None:
     with pytest.raises(KeyError):
         fmt.pack_dir_blocks([[b"missing"]], children, nid_of, 1, 2)
     assert loops.pack_dir_blocks([[b"a"]], children, {}, 1, 2) is None
-
-
-@pytest.mark.parametrize("value", ["1", "0"])
-def test_pure_switch(value: str) -> None:
-    env = {**os.environ, "EROFS_PASSTHROUGH_PURE": value}
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from snapshotter.erofs import format; print(format.LOOPS_ACCELERATED)",
-        ],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert out.stdout.strip() == ("False" if value == "1" else "True")
