@@ -67,13 +67,16 @@ class DirImporter:
     def _file_node(self, path: Path, st: os.stat_result, fd: int) -> Node:
         common = self._common(st, _xattrs(fd))
         size = st.st_size
-
-        def read(n: int) -> bytes:
-            chunk = os.read(fd, n)
-            self.digest.update(chunk)
-            return chunk
-
-        data = self.data.add_file(read, size, common["xattrs"])
+        # Large files' data is copied in the kernel and read only to be hashed and judged
+        # for holes: a write between the two would make the image differ from its identity.
+        data = self.data.add_file_fd(fd, size, common["xattrs"], self.digest.update)
+        after = os.fstat(fd)
+        if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != (
+            size,
+            st.st_mtime_ns,
+            st.st_ctime_ns,
+        ):
+            raise TreeChanged(f"{path}: changed while being read (written to)")
         return Node(mode=st.st_mode, size=size, data=data, **common)
 
     def _other_node(self, parent_fd: int, name: str, path: Path, st: os.stat_result) -> Node:
