@@ -333,7 +333,7 @@ class DataWriter:
         fd: int,
         size: int,
         xattrs: dict[bytes, bytes] | None = None,
-        seen: Callable[[memoryview], None] | None = None,
+        seen: Callable[[bytes | memoryview], None] | None = None,
     ) -> FileData:
         """`add_file` for the first `size` bytes of a regular file open as `fd`: the same
         bytes placed the same way, the data copied in the kernel (`copy_file_range`).
@@ -351,14 +351,16 @@ class DataWriter:
             or self.observer is not None
             or (size <= self.inline_max and self._inline_budget >= size)
         ):
+            pos = 0
 
             def read(n: int) -> bytes:
-                chunk = os.read(fd, n)
+                nonlocal pos
+                chunk = os.pread(fd, n, pos)
+                pos += len(chunk)
                 if seen is not None:
-                    seen(memoryview(chunk))
+                    seen(chunk)
                 return chunk
 
-            os.lseek(fd, 0, os.SEEK_SET)
             return self.add_file(read, size, xattrs)
         bs = self.block_size
         rem = size % bs
@@ -373,7 +375,7 @@ class DataWriter:
             head = self._copy_large(fd, size - rem, seen)
             tail = _pread_exact(fd, rem, size - rem, size)
             if seen is not None:
-                seen(memoryview(tail))
+                seen(tail)
             if head is None or isinstance(head, Extent):
                 return InlineTail(head, tail)
             assert isinstance(head, Chunks)
@@ -385,7 +387,7 @@ class DataWriter:
         return self._copy_large(fd, size, seen)
 
     def _copy_large(
-        self, fd: int, size: int, seen: Callable[[memoryview], None] | None
+        self, fd: int, size: int, seen: Callable[[bytes | memoryview], None] | None
     ) -> FileData:
         """`_add_whole` for `size` bytes at the start of `fd`, runs copied in the kernel."""
         if size == 0:
@@ -394,7 +396,7 @@ class DataWriter:
         if size < chunk:  # the head of a tail-packed file: a short extent
             data = _pread_exact(fd, size, 0, size)
             if seen is not None:
-                seen(memoryview(data))
+                seen(data)
             first = self._emit_padded([data], size)
             return Extent(first, -(-size // self.block_size))
         bs = self.block_size

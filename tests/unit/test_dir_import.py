@@ -44,7 +44,7 @@ class _WritesDuringCopy(DataWriter):
         fd: int,
         size: int,
         xattrs: dict[bytes, bytes] | None = None,
-        seen: Callable[[memoryview], None] | None = None,
+        seen: Callable[[bytes | memoryview], None] | None = None,
     ) -> FileData:
         result = super().add_file_fd(fd, size, xattrs, seen)
         if os.fstat(fd).st_ino == self.victim.stat().st_ino:
