@@ -20,6 +20,7 @@ Layout rules the kernel enforces, and how we meet them:
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from array import array
@@ -71,6 +72,11 @@ READ_SIZE = 1 << 20
 WRITE_BUFFER = 4 << 20
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 ZEROS = bytes(READ_SIZE)
+# copy_file_range refusing these files (another file system before Linux 5.3 or from 5.19,
+# an O_APPEND or special file, a kernel without it): DataWriter.add_file_fd copies by hand.
+_NO_KERNEL_COPY = frozenset(
+    {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}
+)
 # Chunk indexes hold 32-bit block addresses, EROFS_NULL_ADDR (all ones) meaning a hole.
 MAX_BLOCKS = NULL_ADDR
 # Linux 6.1 computes a chunk index's position as `unsigned int` 8 * chunk number: keep every
@@ -131,6 +137,8 @@ class DataWriter:
         self._zero_view = memoryview(self._zero_chunk)
         self._pieces: list[bytes | memoryview] = []  # written at the next flush, in order
         self._pending = 0  # bytes in _pieces (whole blocks)
+        self._copy_buffer: bytearray | None = None  # add_file_fd's read buffer
+        self._kernel_copy = True  # copy_file_range works between these files
         os.lseek(fd, start_block * block_size, os.SEEK_SET)
 
     def _emit(self, data: bytes | memoryview) -> int:
@@ -320,6 +328,163 @@ class DataWriter:
             return Extent(start, self.next_block - start)
         return Chunks((chunk // self.block_size).bit_length() - 1, addrs)
 
+    def add_file_fd(
+        self,
+        fd: int,
+        size: int,
+        xattrs: dict[bytes, bytes] | None = None,
+        seen: Callable[[bytes | memoryview], None] | None = None,
+    ) -> FileData:
+        """`add_file` for the first `size` bytes of a regular file open as `fd`: the same
+        bytes placed the same way, the data copied in the kernel (`copy_file_range`).
+
+        The data is still read (`preadv` into one reused buffer, never allocated per read):
+        all-zero `hole_chunk` chunks are judged on it and left out as `add_file` does, and
+        `seen` (e.g. a content digest's update) gets every byte, in order. What is copied
+        is each run of non-zero chunks, straight from `fd` into its place in the image.
+        Files smaller than a hole chunk, files stored inline, and any writer with an
+        observer (which must see the written bytes) go through `add_file`'s read path.
+        A file that ends before `size` is an EpError, as in `add_file`. The caller checks
+        that the file did not change between the read and the copy (fstat before/after)."""
+        if (
+            size < self.hole_chunk
+            or self.observer is not None
+            or (size <= self.inline_max and self._inline_budget >= size)
+        ):
+            pos = 0
+
+            def read(n: int) -> bytes:
+                nonlocal pos
+                chunk = os.pread(fd, n, pos)
+                pos += len(chunk)
+                if seen is not None:
+                    seen(chunk)
+                return chunk
+
+            return self.add_file(read, size, xattrs)
+        bs = self.block_size
+        rem = size % bs
+        if (
+            rem
+            and self.tail_packing
+            and self._inline_budget >= rem
+            and _max_inode_head(xattrs) + rem <= bs
+        ):
+            # add_file's tail-packing rule, the head copied and the tail read.
+            self._inline_budget -= rem
+            head = self._copy_large(fd, size - rem, seen)
+            tail = _pread_exact(fd, rem, size - rem, size)
+            if seen is not None:
+                seen(tail)
+            if head is None or isinstance(head, Extent):
+                return InlineTail(head, tail)
+            assert isinstance(head, Chunks)
+            if (size - rem) % self.hole_chunk == 0:
+                head.blkaddrs.append(self.next_block)
+            self._emit_padded([tail], rem)
+            self._inline_budget += rem
+            return head
+        return self._copy_large(fd, size, seen)
+
+    def _copy_large(
+        self, fd: int, size: int, seen: Callable[[bytes | memoryview], None] | None
+    ) -> FileData:
+        """`_add_whole` for `size` bytes at the start of `fd`, runs copied in the kernel."""
+        if size == 0:
+            return None
+        chunk = self.hole_chunk
+        if size < chunk:  # the head of a tail-packed file: a short extent
+            data = _pread_exact(fd, size, 0, size)
+            if seen is not None:
+                seen(data)
+            first = self._emit_padded([data], size)
+            return Extent(first, -(-size // self.block_size))
+        bs = self.block_size
+        if self._copy_buffer is None or len(self._copy_buffer) < max(READ_SIZE, chunk):
+            self._copy_buffer = bytearray(max(READ_SIZE, chunk))
+        buf = memoryview(self._copy_buffer)
+        zero = self._zero_chunk
+        addrs = array("I")
+        start = self.next_block
+        run_at = 0  # file offset of the run of non-zero chunks not copied yet
+        run_bytes = 0
+        pos = 0
+        while pos < size:
+            n = min(len(buf), size - pos)
+            got = 0
+            while got < n:  # whole buffers: chunks are judged at their offsets in the file
+                more = os.preadv(fd, [buf[got:n]], pos + got)
+                if not more:
+                    raise InvalidInput(
+                        f"unexpected end of data: wanted {size} bytes, got {pos + got}"
+                    )
+                got += more
+            view = buf[:n]
+            if seen is not None:
+                seen(view)
+            for off in range(0, n, chunk):
+                piece = view[off : off + chunk]
+                if (
+                    len(piece) == chunk
+                    and not piece[0]
+                    and not piece[-1]
+                    and piece.tobytes() == zero
+                ):
+                    if run_bytes:
+                        self._copy_run(fd, run_at, run_bytes)
+                        run_bytes = 0
+                    addrs.append(NULL_ADDR)
+                else:
+                    if not run_bytes:
+                        run_at = pos + off
+                    addrs.append(self.next_block + run_bytes // bs)
+                    run_bytes += len(piece)
+            pos += n
+        if run_bytes:
+            self._copy_run(fd, run_at, run_bytes)
+        assert len(addrs) == -(-size // chunk)
+        if NULL_ADDR not in addrs:
+            return Extent(start, self.next_block - start)
+        return Chunks((chunk // bs).bit_length() - 1, addrs)
+
+    def _copy_run(self, src: int, src_offset: int, length: int) -> None:
+        """Copy `length` bytes of `src` from `src_offset` to the cursor, zero-padded to whole
+        blocks; `copy_file_range` where the kernel can, else pread/pwrite."""
+        bs = self.block_size
+        self.flush()  # what is gathered goes first: the file offset is then the cursor
+        dst = self.next_block * bs
+        blocks = -(-length // bs)
+        self.next_block += blocks
+        self._check_size()
+        done = 0
+        while done < length:
+            n = 0
+            if self._kernel_copy:
+                try:
+                    n = os.copy_file_range(
+                        src, self.fd, length - done, src_offset + done, dst + done
+                    )
+                except OSError as exc:
+                    if exc.errno not in _NO_KERNEL_COPY:
+                        raise
+                    self._kernel_copy = False
+                    continue
+            else:
+                data = os.pread(src, min(READ_SIZE, length - done), src_offset + done)
+                n = len(data)
+                if n:
+                    _write_all_at(self.fd, data, dst + done)
+            if not n:
+                raise InvalidInput(
+                    f"unexpected end of data: wanted {length} bytes at {src_offset}, got {done}"
+                )
+            done += n
+        os.lseek(self.fd, dst + length, os.SEEK_SET)
+        pad = blocks * bs - length
+        if pad:  # written with what is gathered next, in order
+            self._pieces.append(self._zero_view[:pad])
+            self._pending += pad
+
     def add_sparse(
         self,
         runs: list[tuple[int, int]],
@@ -479,6 +644,26 @@ def _write_all(fd: int, pieces: list[bytes | memoryview]) -> None:
         rest = memoryview(b"".join(batch))[written:]  # a short write: rare, finish it plainly
         while rest:
             rest = rest[os.write(fd, rest) :]
+
+
+def _write_all_at(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _pread_exact(fd: int, n: int, offset: int, size: int) -> bytes:
+    """`n` bytes of `fd` at `offset` (of a file of `size` bytes): a short file is an EpError."""
+    parts = []
+    got = 0
+    while got < n:
+        more = os.pread(fd, n - got, offset + got)
+        if not more:
+            raise InvalidInput(f"unexpected end of data: wanted {size} bytes, got {offset + got}")
+        parts.append(more)
+        got += len(more)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _read_exact(read: Callable[[int], bytes | memoryview], size: int) -> bytes | memoryview:

@@ -13,6 +13,7 @@ import hashlib
 import os
 import stat
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 from snapshotter.erofs.tree import Node, SourceTree, pick_build_time, validate_name
@@ -64,19 +65,24 @@ class DirImporter:
     def _dir_node(self, st: os.stat_result, fd: int) -> Node:
         return Node(mode=st.st_mode, children={}, **self._common(st, _xattrs(fd)))
 
-    def _file_node(self, path: Path, st: os.stat_result, fd: int) -> Node:
+    def _file_node(self, path: str, st: os.stat_result, fd: int) -> Node:
         common = self._common(st, _xattrs(fd))
         size = st.st_size
-
-        def read(n: int) -> bytes:
-            chunk = os.read(fd, n)
-            self.digest.update(chunk)
-            return chunk
-
-        data = self.data.add_file(read, size, common["xattrs"])
+        data = self.data.add_file_fd(fd, size, common["xattrs"], self.digest.update)
+        if size >= self.data.hole_chunk:
+            # Large files' data is copied in the kernel and read only to be hashed and
+            # judged for holes: a write between the two would make the image differ from
+            # its identity. (A smaller file is read once, and written from what was read.)
+            after = os.fstat(fd)
+            if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != (
+                size,
+                st.st_mtime_ns,
+                st.st_ctime_ns,
+            ):
+                raise TreeChanged(f"{path}: changed while being read (written to)")
         return Node(mode=st.st_mode, size=size, data=data, **common)
 
-    def _other_node(self, parent_fd: int, name: str, path: Path, st: os.stat_result) -> Node:
+    def _other_node(self, parent_fd: int, name: str, path: str, st: os.stat_result) -> Node:
         """A symlink, device, FIFO or socket: never opened; read through its parent's fd."""
         mode = st.st_mode
         # /proc/self/fd/N is the parent directory itself, never re-resolved by name.
@@ -98,86 +104,102 @@ class DirImporter:
 
     def add_tree(self, top: Path) -> Node:
         # TOP itself is the caller's (a snapshot's fs/, a CLI argument): it may be a symlink.
-        top_fd = _open_checked(None, str(top), top, top.stat(), _DIR_FLAGS & ~os.O_NOFOLLOW)
+        top_fd, top_st = _open_checked(
+            None, str(top), str(top), top.stat(), _DIR_FLAGS & ~os.O_NOFOLLOW
+        )
         try:
-            root = self._dir_node(os.fstat(top_fd), top_fd)
-            self._walk(top_fd, top, root)
+            root = self._dir_node(top_st, top_fd)
+            self._walk(top_fd, str(top), root.dir_children())
         finally:
             os.close(top_fd)
         return root
 
-    def _walk(self, top_fd: int, top: Path, root: Node) -> None:
-        # Depth first with one open descriptor per level; entries in name order.
+    def _walk(self, top_fd: int, top: str, root: dict[bytes, Node]) -> None:
+        # Depth first with one open descriptor per level; entries in name order. Paths are
+        # strings, made once per directory (an entry's only for a message).
         stack = [(top_fd, top, root, iter(sorted(os.listdir(top_fd))))]
+        entry = self._entry
         try:
             while stack:
-                dir_fd, dir_path, node, names = stack[-1]
-                name = next(names, None)
-                if name is None:
+                dir_fd, dir_path, siblings, names = stack[-1]
+                for name in names:
+                    child = entry(dir_fd, dir_path, siblings, name)
+                    if child is not None:
+                        if len(stack) >= MAX_DEPTH:
+                            os.close(child[0])
+                            raise InvalidInput(
+                                f"{child[1]}: directories nested deeper than {MAX_DEPTH}"
+                            )
+                        stack.append(child)
+                        break
+                else:
                     stack.pop()
                     if dir_fd != top_fd:
                         os.close(dir_fd)
-                    continue
-                child = self._entry(dir_fd, dir_path, node, name)
-                if child is not None:
-                    if len(stack) >= MAX_DEPTH:
-                        os.close(child[0])
-                        raise InvalidInput(
-                            f"{child[1]}: directories nested deeper than {MAX_DEPTH}"
-                        )
-                    stack.append(child)
         finally:
             for dir_fd, *_ in stack:
                 if dir_fd != top_fd:
                     os.close(dir_fd)
 
-    def _entry(self, dir_fd: int, dir_path: Path, node: Node, name: str):
-        """Add entry NAME of the directory open as DIR_FD to NODE; for a subdirectory return
-        what the walk needs to descend into it (its fd stays open until it is done)."""
+    def _entry(
+        self, dir_fd: int, dir_path: str, siblings: dict[bytes, Node], name: str
+    ) -> tuple[int, str, dict[bytes, Node], Iterator[str]] | None:
+        """Add entry NAME of the directory open as DIR_FD to its children SIBLINGS; for a
+        subdirectory return what the walk needs to descend into it (its fd stays open until
+        it is done)."""
         bname = os.fsencode(name)
         validate_name(bname)
-        siblings = node.dir_children()
-        path = dir_path / name
         try:
             st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         except FileNotFoundError:
-            raise TreeChanged(f"{path}: removed while being read") from None
+            raise TreeChanged(f"{dir_path}/{name}: removed while being read") from None
         self.entries += 1
         self.digest.update(bname + b"\0")
-        key = (st.st_dev, st.st_ino)
-        if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1 and key in self._inodes:
-            siblings[bname] = self._inodes[key]
-            return None
-        if stat.S_ISDIR(st.st_mode):
-            fd = _open_checked(dir_fd, name, path, st, _DIR_FLAGS)
-            try:
-                child = self._dir_node(os.fstat(fd), fd)
-                children = iter(sorted(os.listdir(fd)))
-            except BaseException:
-                os.close(fd)
-                raise
-            siblings[bname] = child
-            return fd, path, child, children
-        if stat.S_ISREG(st.st_mode):
-            opath = _open_checked(dir_fd, name, path, st, _PATH_FLAGS)
+        mode = st.st_mode
+        if stat.S_ISREG(mode):
+            key = (st.st_dev, st.st_ino)
+            if st.st_nlink > 1 and key in self._inodes:
+                siblings[bname] = self._inodes[key]
+                return None
+            path = f"{dir_path}/{name}"
+            opath, opened = _open_checked(dir_fd, name, path, st, _PATH_FLAGS)
             try:
                 fd = os.open(f"/proc/self/fd/{opath}", os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
             finally:
                 os.close(opath)
             try:
-                child = self._file_node(path, os.fstat(fd), fd)
+                # The reopened fd is the O_PATH fd's inode: `opened` describes it.
+                child = self._file_node(path, opened, fd)
             finally:
                 os.close(fd)
+        elif stat.S_ISDIR(mode):
+            path = f"{dir_path}/{name}"
+            fd, opened = _open_checked(dir_fd, name, path, st, _DIR_FLAGS)
+            try:
+                child = self._dir_node(opened, fd)
+                children = iter(sorted(os.listdir(fd)))
+            except BaseException:
+                os.close(fd)
+                raise
+            siblings[bname] = child
+            return fd, path, child.dir_children(), children
         else:
-            child = self._other_node(dir_fd, name, path, st)
+            key = (st.st_dev, st.st_ino)
+            if st.st_nlink > 1 and key in self._inodes:
+                siblings[bname] = self._inodes[key]
+                return None
+            child = self._other_node(dir_fd, name, f"{dir_path}/{name}", st)
         if st.st_nlink > 1:
-            self._inodes[key] = child
+            self._inodes[(st.st_dev, st.st_ino)] = child
         siblings[bname] = child
         return None
 
 
-def _open_checked(dir_fd: int | None, name: str, path: Path, st: os.stat_result, flags: int) -> int:
-    """Open NAME (relative to DIR_FD) with FLAGS and check it is the inode ST describes."""
+def _open_checked(
+    dir_fd: int | None, name: str, path: str, st: os.stat_result, flags: int
+) -> tuple[int, os.stat_result]:
+    """Open NAME (relative to DIR_FD) with FLAGS and check it is the inode ST describes; the
+    descriptor and its fstat."""
     try:
         fd = os.open(name, flags, dir_fd=dir_fd)
     except (FileNotFoundError, NotADirectoryError) as exc:
@@ -194,7 +216,7 @@ def _open_checked(dir_fd: int | None, name: str, path: Path, st: os.stat_result,
     ):
         os.close(fd)
         raise TreeChanged(f"{path}: changed while being read (replaced by another file)")
-    return fd
+    return fd, opened
 
 
 def _xattrs(target: int | str) -> dict[bytes, bytes]:
