@@ -17,11 +17,9 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
-from snapshotter.erofs.image_verity import VerityFeed, append_verity, reread, verity_builder
 from snapshotter.erofs.limits import DEFAULT_LIMITS, Limits
-from snapshotter.erofs.reader import ErofsImage
 from snapshotter.erofs.tree import SourceTree
 from snapshotter.erofs.writer import (
     DEFAULT_HOLE_CHUNK,
@@ -33,13 +31,17 @@ from snapshotter.erofs.writer import (
 )
 from snapshotter.errors import CorruptImage, DigestMismatch, InvalidArgument
 from snapshotter.fsutil import atomic_output
-from snapshotter.ingest.dir_import import import_directory
 from snapshotter.ingest.streams import GZIP_MAGIC, ZSTD_MAGIC, ByteReader, LayerStream
 from snapshotter.ingest.tar_import import import_tar
 from snapshotter.ingest.tarstream import MappedTar
-from snapshotter.ingest.validate import validate_layer
-from snapshotter.verity import VerityInfo, VerityParams
-from snapshotter.verity.params import derive_layer_salt
+
+# The verity stack (image_verity, snapshotter.verity), the reader and the validator, and the
+# directory importer are imported where they are used: a tar converted without --verity needs
+# none of them, and every `erofs-passthrough convert` paid ~10 ms to load them
+# (docs/benchmarks.md, "CLI start-up").
+if TYPE_CHECKING:
+    from snapshotter.erofs.image_verity import VerityFeed
+    from snapshotter.verity import VerityInfo, VerityParams
 
 # UUIDs of our layer images are UUIDv5 of the diffID in this namespace: the same layer always
 # gets the same UUID, and so the same bytes and (rules.py) the same verity salt.
@@ -201,6 +203,8 @@ def convert_directory(
     src = Path(src_dir)
 
     def build(data: DataWriter) -> tuple[SourceTree, str]:
+        from snapshotter.ingest.dir_import import import_directory
+
         return import_directory(src, data)
 
     return _convert(
@@ -232,6 +236,11 @@ def import_erofs_image(
     arrives; an image whose UUID is all zero is salted from its digest (of the bytes as they
     arrived, before the padding), which for an uncompressed native layer is its diffID.
     Nothing is left at `out_path` on error."""
+    from snapshotter.erofs.image_verity import append_verity
+    from snapshotter.erofs.reader import ErofsImage
+    from snapshotter.ingest.validate import validate_layer
+    from snapshotter.verity.params import derive_layer_salt
+
     out_path = Path(out_path)
     digest = hashlib.sha256()
     with atomic_output(out_path) as out:
@@ -297,6 +306,9 @@ def _convert(
     while the image is written; otherwise the image is hashed once more from the page cache.
     """
     _check_block_size(block_size)
+    if verity or blob_digest:  # what hashes the image: only then loaded (see the imports)
+        from snapshotter.erofs.image_verity import VerityFeed, reread, verity_builder
+        from snapshotter.verity.params import derive_layer_salt
     with atomic_output(out_path) as out:
         fd = out.fileno()
         start = header_blocks(block_size)
