@@ -13,7 +13,6 @@ import hashlib
 import io
 import os
 import stat
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,17 +39,43 @@ from snapshotter.ingest.tarstream import MappedTar
 # none of them, and every `erofs-passthrough convert` paid ~10 ms to load them
 # (docs/benchmarks.md, "CLI start-up").
 if TYPE_CHECKING:
+    import uuid
+
     from snapshotter.erofs.image_verity import VerityFeed
     from snapshotter.verity import VerityInfo, VerityParams
 
-# UUIDs of our layer images are UUIDv5 of the diffID in this namespace: the same layer always
-# gets the same UUID, and so the same bytes and (rules.py) the same verity salt.
-LAYER_UUID_NAMESPACE = uuid.UUID("6f1d3c64-5f6e-4d0a-9c61-2f0b5b1e9a17")
+    #: UUIDs of our layer images are UUIDv5 of the diffID in this namespace: the same layer
+    #: always gets the same UUID, and so the same bytes and (rules.py) the same verity salt.
+    #: A `uuid.UUID`, made on first use (`__getattr__` below).
+    LAYER_UUID_NAMESPACE: uuid.UUID
+
+# The namespace's bytes. The uuid module is not imported for conversion (it loads `platform`,
+# ~2 ms of every `convert`'s start): `layer_uuid` is RFC 4122's UUIDv5 as `uuid.uuid5`
+# computes it (checked against it by tests/kernel/test_reproducible.py), `_uuid_str` its text.
+_NAMESPACE = bytes.fromhex("6f1d3c645f6e4d0a9c612f0b5b1e9a17")
+
+if not TYPE_CHECKING:  # for mypy the name above: other unknown names stay errors
+
+    def __getattr__(name: str) -> object:
+        if name == "LAYER_UUID_NAMESPACE":
+            import uuid
+
+            return uuid.UUID(bytes=_NAMESPACE)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def layer_uuid(identity: str) -> bytes:
     """The superblock UUID of the layer image made from the source IDENTITY (a diffID)."""
-    return uuid.uuid5(LAYER_UUID_NAMESPACE, identity).bytes
+    raw = bytearray(hashlib.sha1(_NAMESPACE + identity.encode("utf-8")).digest()[:16])
+    raw[6] = (raw[6] & 0x0F) | 0x50  # version 5
+    raw[8] = (raw[8] & 0x3F) | 0x80  # the RFC 4122 variant
+    return bytes(raw)
+
+
+def _uuid_str(raw: bytes) -> str:
+    """`str(uuid.UUID(bytes=raw))` of a 16-byte UUID."""
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
 
 
 @dataclass(frozen=True)
@@ -277,7 +302,7 @@ def import_erofs_image(
         entries=checked.entries,
         blocks=blocks,
         block_size=bs,
-        uuid=str(uuid.UUID(bytes=fs_uuid)),
+        uuid=_uuid_str(fs_uuid),
         verity=info,
         blob_digest="sha256:" + digest.hexdigest(),
     )
@@ -363,7 +388,7 @@ def _convert(
         entries=tree.entries,
         blocks=sb.blocks,
         block_size=block_size,
-        uuid=str(uuid.UUID(bytes=params.uuid)),
+        uuid=_uuid_str(params.uuid),
         verity=info,
         blob_digest="sha256:" + digest.hexdigest() if digest is not None else None,
     )

@@ -14,7 +14,10 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
+
+from snapshotter.ingest import convert
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -41,6 +44,7 @@ NOT_FOR_CONVERT = (
     "snapshotter.ingest.dir_import",
     "google_crc32c",
     "json",
+    "uuid",  # it loads `platform`; convert.py computes UUIDv5 itself (checked below)
 )
 # `convert --help` builds the parser alone: not even the conversion stack.
 NOT_FOR_HELP = (
@@ -131,3 +135,16 @@ def test_the_probe_sees_what_a_command_needs(tmp_path: Path) -> None:
     assert "snapshotter.verity.builder" in _heavy(loaded, NOT_FOR_CONVERT)
     loaded = _loaded("inspect", "--json", str(out))
     assert {"snapshotter.erofs.reader", "json"} <= set(_heavy(loaded, NOT_FOR_CONVERT))
+
+
+def test_layer_uuid_is_uuid5_of_the_identity() -> None:
+    namespace = convert.LAYER_UUID_NAMESPACE
+    assert namespace == uuid.UUID("6f1d3c64-5f6e-4d0a-9c61-2f0b5b1e9a17")
+    identities = ["", "sha256:" + "0" * 64, "é\u1234", "x" * 1000]
+    identities += ["sha256:" + os.urandom(32).hex() for _ in range(200)]
+    for identity in identities:
+        got = convert.layer_uuid(identity)
+        assert got == uuid.uuid5(namespace, identity).bytes
+        assert convert._uuid_str(got) == str(uuid.UUID(bytes=got))
+    raw = os.urandom(16)
+    assert convert._uuid_str(raw) == str(uuid.UUID(bytes=raw))
