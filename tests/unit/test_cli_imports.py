@@ -5,7 +5,7 @@ Each case runs a fresh interpreter and lists the modules it loaded: no timing, s
 flake. A heavy module here is one a command line does not need: the service (config, mounts,
 store layout), the merge and publish stacks, the VM side, grpc, cryptography, importlib.metadata
 (only `--version` reads it), the verity stack and the reader (a tar converted without
-`--verity` needs neither).
+`--verity` needs neither), zstandard and `platform` (only a .tar.zst needs them).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+
+import zstandard
 
 from snapshotter.ingest import convert
 
@@ -45,6 +47,8 @@ NOT_FOR_CONVERT = (
     "google_crc32c",
     "json",
     "uuid",  # it loads `platform`; convert.py computes UUIDv5 itself (checked below)
+    "zstandard",  # (it loads `platform` too) only a .tar.zst layer needs it
+    "platform",
 )
 # `convert --help` builds the parser alone: not even the conversion stack.
 NOT_FOR_HELP = (
@@ -52,7 +56,6 @@ NOT_FOR_HELP = (
     "snapshotter.ingest.convert",
     "snapshotter.erofs.writer",
     "snapshotter.ingest.tarstream",
-    "zstandard",
 )
 
 # Run `main(argv)` in a fresh interpreter (SystemExit from --help/--version caught), then print
@@ -135,6 +138,13 @@ def test_the_probe_sees_what_a_command_needs(tmp_path: Path) -> None:
     assert "snapshotter.verity.builder" in _heavy(loaded, NOT_FOR_CONVERT)
     loaded = _loaded("inspect", "--json", str(out))
     assert {"snapshotter.erofs.reader", "json"} <= set(_heavy(loaded, NOT_FOR_CONVERT))
+    # and zstandard for a .tar.zst, still converted
+    zst = tmp_path / "layer.tar.zst"
+    zst.write_bytes(zstandard.ZstdCompressor().compress(_layer(tmp_path).read_bytes()))
+    out.unlink()
+    loaded = _loaded("convert", str(zst), str(out))
+    assert out.stat().st_size > 0
+    assert "zstandard" in _heavy(loaded, NOT_FOR_CONVERT)
 
 
 def test_layer_uuid_is_uuid5_of_the_identity() -> None:
