@@ -50,8 +50,10 @@ if TYPE_CHECKING:
     LAYER_UUID_NAMESPACE: uuid.UUID
 
 # The namespace's bytes. The uuid module is not imported for conversion (it loads `platform`,
-# ~2 ms of every `convert`'s start): `layer_uuid` is RFC 4122's UUIDv5 as `uuid.uuid5`
-# computes it (checked against it by tests/kernel/test_reproducible.py), `_uuid_str` its text.
+# which with uuid cost ~2 ms of every `convert`'s start; streams.py loads zstandard, which
+# loads it too, only for a .tar.zst): `layer_uuid` is RFC 4122's UUIDv5 as `uuid.uuid5`
+# computes it, `_uuid_str` its text (both checked against the uuid module by
+# tests/unit/test_cli_imports.py, a converted layer's UUID by tests/kernel/test_reproducible.py).
 _NAMESPACE = bytes.fromhex("6f1d3c645f6e4d0a9c612f0b5b1e9a17")
 
 if not TYPE_CHECKING:  # for mypy the name above: other unknown names stay errors
