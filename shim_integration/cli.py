@@ -57,8 +57,12 @@ class _VersionAction(argparse.Action):
 
 
 def _modules_for(argv: list[str] | None) -> tuple[str, ...]:
-    """The one module a command line needs, or all of them (help, a mistyped command)."""
+    """The one module a command line needs, none for `--version` ahead of everything else
+    (argparse acts on it, and exits, before it looks at a command), or all of them (help, a
+    mistyped command)."""
     args = sys.argv[1:] if argv is None else argv
+    if args and len(args[0]) >= 3 and "--version".startswith(args[0]):  # argparse's abbreviations
+        return ()
     first = next((a for a in args if not a.startswith("-")), None)
     if first in COMMANDS and "--version" not in args:
         return (COMMANDS[first],)

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import stat
 import sys
-import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from snapshotter.erofs.format import decode_dev
-from snapshotter.erofs.reader import ErofsImage
 from snapshotter.errors import InvalidArgument
 from snapshotter.fsutil import check_input, check_output, open_input, os_errors_as_ep
-from snapshotter.ingest.convert import convert_layer
 from snapshotter.progress import CountingReader, Progress
+
+if TYPE_CHECKING:
+    from snapshotter.erofs.reader import ErofsImage
+
+# The libraries behind each command are imported by the command that runs (`register`, and so
+# `--help`, needs none of them): `convert` does not pay for the reader, json or uuid, nor
+# `inspect` for the conversion stack (docs/benchmarks.md, "CLI start-up").
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -87,8 +90,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_inspect)
 
 
+def _print_json(obj: object) -> None:
+    import json
+
+    print(json.dumps(obj, indent=2))
+
+
 @os_errors_as_ep(lambda args: args.out)
 def _convert(args: argparse.Namespace) -> int:
+    from snapshotter.ingest.convert import convert_layer
+
     from_stdin = args.layer == "-"
     source = sys.stdin.buffer if from_stdin else open_input(args.layer)
     try:
@@ -109,7 +120,7 @@ def _convert(args: argparse.Namespace) -> int:
         if not from_stdin:
             source.close()
     if args.json:
-        print(json.dumps(result.to_json(), indent=2))
+        _print_json(result.to_json())
     else:
         print(
             f"{result.blob}: {result.size} bytes, {result.entries} entries, "
@@ -146,7 +157,7 @@ def _merge(args: argparse.Namespace) -> int:
             layers, args.out, verity=args.verity, flat_path=args.flat, progress=progress.update
         )
     if args.json:
-        print(json.dumps(result.to_json(), indent=2))
+        _print_json(result.to_json())
         return 0
     print(
         f"{result.fsmeta}: {result.size} bytes, {result.entries} entries, "
@@ -163,11 +174,13 @@ def _merge(args: argparse.Namespace) -> int:
 
 @os_errors_as_ep(lambda args: args.image)
 def _inspect(args: argparse.Namespace) -> int:
+    from snapshotter.erofs.reader import ErofsImage
+
     check_input(args.image)
     with ErofsImage(args.image) as image:
         report = describe(image, tree=not args.no_tree)
     if args.json:
-        print(json.dumps(report, indent=2))
+        _print_json(report)
         return 0
     sb = report["superblock"]
     for key, value in sb.items():
@@ -185,6 +198,10 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def describe(image: ErofsImage, tree: bool = True) -> dict:
+    import uuid
+
+    from snapshotter.erofs.format import decode_dev
+
     sb = image.sb
     report: dict = {
         "superblock": {

@@ -13,15 +13,12 @@ import hashlib
 import io
 import os
 import stat
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
-from snapshotter.erofs.image_verity import VerityFeed, append_verity, reread, verity_builder
 from snapshotter.erofs.limits import DEFAULT_LIMITS, Limits
-from snapshotter.erofs.reader import ErofsImage
 from snapshotter.erofs.tree import SourceTree
 from snapshotter.erofs.writer import (
     DEFAULT_HOLE_CHUNK,
@@ -33,22 +30,54 @@ from snapshotter.erofs.writer import (
 )
 from snapshotter.errors import CorruptImage, DigestMismatch, InvalidArgument
 from snapshotter.fsutil import atomic_output
-from snapshotter.ingest.dir_import import import_directory
 from snapshotter.ingest.streams import GZIP_MAGIC, ZSTD_MAGIC, ByteReader, LayerStream
 from snapshotter.ingest.tar_import import import_tar
 from snapshotter.ingest.tarstream import MappedTar
-from snapshotter.ingest.validate import validate_layer
-from snapshotter.verity import VerityInfo, VerityParams
-from snapshotter.verity.params import derive_layer_salt
 
-# UUIDs of our layer images are UUIDv5 of the diffID in this namespace: the same layer always
-# gets the same UUID, and so the same bytes and (rules.py) the same verity salt.
-LAYER_UUID_NAMESPACE = uuid.UUID("6f1d3c64-5f6e-4d0a-9c61-2f0b5b1e9a17")
+# The verity stack (image_verity, snapshotter.verity), the reader and the validator, and the
+# directory importer are imported where they are used: a tar converted without --verity needs
+# none of them, and every `erofs-passthrough convert` paid ~10 ms to load them
+# (docs/benchmarks.md, "CLI start-up").
+if TYPE_CHECKING:
+    import uuid
+
+    from snapshotter.erofs.image_verity import VerityFeed
+    from snapshotter.verity import VerityInfo, VerityParams
+
+    #: UUIDs of our layer images are UUIDv5 of the diffID in this namespace: the same layer
+    #: always gets the same UUID, and so the same bytes and (rules.py) the same verity salt.
+    #: A `uuid.UUID`, made on first use (`__getattr__` below).
+    LAYER_UUID_NAMESPACE: uuid.UUID
+
+# The namespace's bytes. The uuid module is not imported for conversion (it loads `platform`,
+# which with uuid cost ~2 ms of every `convert`'s start; streams.py loads zstandard, which
+# loads it too, only for a .tar.zst): `layer_uuid` is RFC 4122's UUIDv5 as `uuid.uuid5`
+# computes it, `_uuid_str` its text (both checked against the uuid module by
+# tests/unit/test_cli_imports.py, a converted layer's UUID by tests/kernel/test_reproducible.py).
+_NAMESPACE = bytes.fromhex("6f1d3c645f6e4d0a9c612f0b5b1e9a17")
+
+if not TYPE_CHECKING:  # for mypy the name above: other unknown names stay errors
+
+    def __getattr__(name: str) -> object:
+        if name == "LAYER_UUID_NAMESPACE":
+            import uuid
+
+            return uuid.UUID(bytes=_NAMESPACE)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def layer_uuid(identity: str) -> bytes:
     """The superblock UUID of the layer image made from the source IDENTITY (a diffID)."""
-    return uuid.uuid5(LAYER_UUID_NAMESPACE, identity).bytes
+    raw = bytearray(hashlib.sha1(_NAMESPACE + identity.encode("utf-8")).digest()[:16])
+    raw[6] = (raw[6] & 0x0F) | 0x50  # version 5
+    raw[8] = (raw[8] & 0x3F) | 0x80  # the RFC 4122 variant
+    return bytes(raw)
+
+
+def _uuid_str(raw: bytes) -> str:
+    """`str(uuid.UUID(bytes=raw))` of a 16-byte UUID."""
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
 
 
 @dataclass(frozen=True)
@@ -201,6 +230,8 @@ def convert_directory(
     src = Path(src_dir)
 
     def build(data: DataWriter) -> tuple[SourceTree, str]:
+        from snapshotter.ingest.dir_import import import_directory
+
         return import_directory(src, data)
 
     return _convert(
@@ -232,6 +263,11 @@ def import_erofs_image(
     arrives; an image whose UUID is all zero is salted from its digest (of the bytes as they
     arrived, before the padding), which for an uncompressed native layer is its diffID.
     Nothing is left at `out_path` on error."""
+    from snapshotter.erofs.image_verity import append_verity
+    from snapshotter.erofs.reader import ErofsImage
+    from snapshotter.ingest.validate import validate_layer
+    from snapshotter.verity.params import derive_layer_salt
+
     out_path = Path(out_path)
     digest = hashlib.sha256()
     with atomic_output(out_path) as out:
@@ -268,7 +304,7 @@ def import_erofs_image(
         entries=checked.entries,
         blocks=blocks,
         block_size=bs,
-        uuid=str(uuid.UUID(bytes=fs_uuid)),
+        uuid=_uuid_str(fs_uuid),
         verity=info,
         blob_digest="sha256:" + digest.hexdigest(),
     )
@@ -297,6 +333,9 @@ def _convert(
     while the image is written; otherwise the image is hashed once more from the page cache.
     """
     _check_block_size(block_size)
+    if verity or blob_digest:  # what hashes the image: only then loaded (see the imports)
+        from snapshotter.erofs.image_verity import VerityFeed, reread, verity_builder
+        from snapshotter.verity.params import derive_layer_salt
     with atomic_output(out_path) as out:
         fd = out.fileno()
         start = header_blocks(block_size)
@@ -351,7 +390,7 @@ def _convert(
         entries=tree.entries,
         blocks=sb.blocks,
         block_size=block_size,
-        uuid=str(uuid.UUID(bytes=params.uuid)),
+        uuid=_uuid_str(params.uuid),
         verity=info,
         blob_digest="sha256:" + digest.hexdigest() if digest is not None else None,
     )

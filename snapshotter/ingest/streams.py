@@ -18,7 +18,6 @@ import sys
 import threading
 from typing import Protocol, cast
 
-import zstandard
 from isal import isal_zlib
 
 from snapshotter.erofs.limits import DEFAULT_LIMITS, Limits
@@ -236,6 +235,12 @@ class _Zstd:
     found it."""
 
     def __init__(self) -> None:
+        # Imported here: a plain tar (the mmap path) or a gzip layer does not need zstandard,
+        # whose import (it loads `platform`) cost every `convert` ~3 ms of start-up
+        # (docs/benchmarks.md, "CLI start-up").
+        import zstandard
+
+        self._error: type[Exception] = zstandard.ZstdError
         self._dctx = zstandard.ZstdDecompressor()
         self._obj = self._dctx.decompressobj()
         self._frames = _ZstdFrames()
@@ -271,7 +276,7 @@ class _Zstd:
             self._pos, frame_end = frames.advance(tail, start)
             try:
                 chunk = self._obj.decompress(tail[start : self._pos])
-            except zstandard.ZstdError as exc:
+            except self._error as exc:
                 raise InvalidInput(f"corrupt zstd data: {exc}") from None
             if frames.bad:
                 raise InvalidInput("corrupt zstd data: a frame or block header zstd refuses")
