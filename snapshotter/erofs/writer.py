@@ -36,6 +36,7 @@ from snapshotter.erofs.format import (
     NULL_ADDR,
     SUPER_OFFSET,
     SUPER_SIZE,
+    WALK_TREE,
     ChunkIndex,
     DeviceSlot,
     Dirent,
@@ -538,7 +539,7 @@ def write_metadata(
     `Inode.pack`, `XattrIbody.pack`, `ChunkIndex` and `Dirent` (format.py).
     """
     bs = params.block_size
-    order, nlinks, parent_of = _walk_tree(root)
+    order, links, parents = _walk_tree(root)
     shared, shared_blob = _shared_xattrs(order, bs) if share_xattrs else ({}, b"")
     if params.build_time_from_tree:
         ct_sec, ct_nsec = pick_build_time(Counter((n.mtime, n.mtime_nsec) for n in order))
@@ -555,7 +556,6 @@ def write_metadata(
     layouts = bytearray(count)
     i_us = [0] * count
     sizes = [0] * count
-    links = [0] * count
     xbodies: dict[int, bytes] = {}
     tables: list[bytes | None] = [None] * count
     tails: dict[int, bytes] = {}
@@ -578,7 +578,7 @@ def write_metadata(
             icount = ibody.icount
             if icount:
                 xbodies[i] = ibody.pack()
-        nlink = links[i] = nlinks[id(node)]
+        nlink = links[i]
         if (
             node.mtime == ct_sec
             and node.mtime_nsec == ct_nsec
@@ -663,7 +663,6 @@ def write_metadata(
             tables[i] = _pack_chunk_table(fd)
             any_chunked = True
         sizes[i] = size
-    del nlinks  # the largest structure here: one entry per inode, keyed by id
 
     xattr_blkaddr = take(len(shared_blob)) if shared_blob else 0
     meta_blkaddr = cursor.next_block - 1  # nids start at bs/32, never 0
@@ -689,7 +688,7 @@ def write_metadata(
 
     for i, groups in dir_groups.items():
         node = order[i]
-        parent_nid = nid_of[id(parent_of[id(node)])]
+        parent_nid = nids[parents[i]]
         blocks = pack_dir_blocks(groups, node.dir_children(), nid_of, nids[i], parent_nid)
         if layouts[i] == LAYOUT_FLAT_INLINE:
             tails[i] = blocks.pop()
@@ -802,14 +801,15 @@ def _pad(raw: bytes, bs: int) -> bytes:
     return raw + bytes(-len(raw) % bs)
 
 
-def _walk_tree(root: Node) -> tuple[list[Node], dict[int, int], dict[int, Node]]:
-    """In one walk: every inode once (root first, then depth-first by sorted name), link
-    counts by id (a directory has 2 + its subdirectories, others one per directory entry)
-    and each directory's parent, for its '..' entry (the root is its own parent)."""
+def _walk_tree_pure(root: Node) -> tuple[list[Node], list[int], list[int]]:
+    """In one walk: every inode once (root first, then depth-first by sorted name), each
+    one's link count (a directory has 2 + its subdirectories, others one per directory
+    entry) and each directory's parent as its index in the order, for its '..' entry (the
+    root is its own parent; 0 for non-directories)."""
     seen: set[int] = set()
     order: list[Node] = []
     links: dict[int, int] = {}
-    parent_of = {id(root): root}
+    parent_of = {id(root): 0}
     stack = [root]
     while stack:
         node = stack.pop()
@@ -817,6 +817,7 @@ def _walk_tree(root: Node) -> tuple[list[Node], dict[int, int], dict[int, Node]]
         if key in seen:
             continue
         seen.add(key)
+        index = len(order)
         order.append(node)
         children = node.children
         if children is None:
@@ -829,11 +830,21 @@ def _walk_tree(root: Node) -> tuple[list[Node], dict[int, int], dict[int, Node]]
                 links[ckey] = links.get(ckey, 0) + 1
             else:
                 subdirs += 1
-                parent_of[ckey] = node
+                parent_of[ckey] = index
         links[key] += subdirs
         if children:
             stack.extend([children[name] for name in sorted(children, reverse=True)])
-    return order, links, parent_of
+    return order, [links[id(n)] for n in order], [parent_of.get(id(n), 0) for n in order]
+
+
+def _walk_tree(root: Node) -> tuple[list[Node], list[int], list[int]]:
+    """`_walk_tree_pure`, compiled where it can be (fsmeta/_mergepack.c `walk_tree`: the
+    same lists, the nodes counted by address instead of by `id` in dicts)."""
+    if WALK_TREE is not None:
+        got = WALK_TREE(root)
+        if got is not None:
+            return got
+    return _walk_tree_pure(root)
 
 
 def _shared_xattrs(order: list[Node], bs: int) -> tuple[dict[tuple[bytes, bytes], int], bytes]:

@@ -13,6 +13,7 @@
  * pack_inode_table(meta, order, nids, heads, layouts, links, sizes, i_us, xbodies, tables,
  *                  tails, offset) -> bool
  * pack_dir_blocks(groups, children, nid_of, own_nid, parent_nid) -> list[bytes] | None
+ * walk_tree(root) -> (order, links, parents) | None   (writer.py `_walk_tree`)
  *
  * Anything they do not expect (a value out of the range its field holds, a missing child,
  * a write that would not land inside `meta`, a type other than the writer's) makes them
@@ -26,7 +27,7 @@
 #include <stdint.h>
 #include <string.h>
 
-static PyObject *s_mode, *s_uid, *s_gid, *s_mtime, *s_mtime_nsec;
+static PyObject *s_mode, *s_uid, *s_gid, *s_mtime, *s_mtime_nsec, *s_children;
 
 /* An int in [lo, hi], or -1 (no exception left) if it is not one. */
 static int get_ll(PyObject *v, long long lo, long long hi, long long *out) {
@@ -409,6 +410,187 @@ static PyObject *pack_dir_blocks(PyObject *self, PyObject *args) {
     return blocks;
 }
 
+/* -- walk_tree(root) -> (order, links, parents) | None ----------------------------------
+ *
+ * writer.py `_walk_tree_pure` in one call: every node once (root first, then depth-first by
+ * sorted name), each one's link count and, for a directory, its parent's index in `order`
+ * (the root's is 0). The nodes are counted by address in a table of this loop's own, not
+ * by `id` in a dict. The tree is not changed while it runs (no Python code runs: a node's
+ * `children` is read as a dict, names compared as bytes), so the nodes and dicts it only
+ * borrows stay alive. None for anything else (a node without `children`, keys that are
+ * not bytes): the pure walk runs instead. */
+
+typedef struct {
+    PyObject *node; /* NULL: a free slot */
+    Py_ssize_t links, index, parent;
+} walk_slot;
+
+typedef struct {
+    walk_slot *slots;
+    size_t mask, used;
+} walk_table;
+
+static walk_slot *walk_find(walk_table *t, PyObject *node) {
+    size_t h = ((size_t)node >> 4) * (size_t)0x9E3779B97F4A7C15ULL;
+    for (size_t i = h & t->mask;; i = (i + 1) & t->mask) {
+        walk_slot *s = &t->slots[i];
+        if (s->node == node || s->node == NULL)
+            return s;
+    }
+}
+
+/* The slot of `node`, made if new; NULL (MemoryError set) if the table cannot grow. */
+static walk_slot *walk_get(walk_table *t, PyObject *node) {
+    walk_slot *s = walk_find(t, node);
+    if (s->node != NULL)
+        return s;
+    if ((t->used + 1) * 2 > t->mask + 1) {
+        size_t size = (t->mask + 1) * 2;
+        walk_slot *old = t->slots, *grown = PyMem_Calloc(size, sizeof(walk_slot));
+        if (grown == NULL) {
+            PyErr_NoMemory();
+            return NULL;
+        }
+        size_t old_size = t->mask + 1;
+        t->slots = grown;
+        t->mask = size - 1;
+        for (size_t i = 0; i < old_size; i++)
+            if (old[i].node != NULL)
+                *walk_find(t, old[i].node) = old[i];
+        PyMem_Free(old);
+        s = walk_find(t, node);
+    }
+    s->node = node;
+    s->links = 0;
+    s->index = -1;
+    s->parent = 0;
+    t->used++;
+    return s;
+}
+
+static PyObject *walk_tree(PyObject *self, PyObject *root) {
+    walk_table t = {PyMem_Calloc(1024, sizeof(walk_slot)), 1023, 0};
+    PyObject *order = PyList_New(0), *result = NULL;
+    PyObject *links = NULL, *parents = NULL;
+    PyTypeObject *node_type = Py_TYPE(root);
+    size_t depth = 1, room = 256;
+    PyObject **stack = PyMem_Malloc(room * sizeof(PyObject *)); /* borrowed: the tree's */
+    int fallback = 0;
+    if (t.slots == NULL || stack == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (order == NULL)
+        goto done;
+    stack[0] = root;
+    while (depth) {
+        PyObject *node = stack[--depth];
+        walk_slot *slot = walk_get(&t, node);
+        if (slot == NULL)
+            goto done;
+        if (slot->index >= 0)
+            continue;
+        Py_ssize_t index = PyList_GET_SIZE(order);
+        slot->index = index;
+        if (PyList_Append(order, node) < 0)
+            goto done;
+        PyObject *children = PyObject_GetAttr(node, s_children);
+        if (children == NULL) {
+            fallback = 1;
+            goto done;
+        }
+        Py_DECREF(children); /* the node holds it */
+        if (children == Py_None)
+            continue;
+        if (!PyDict_CheckExact(children)) {
+            fallback = 1;
+            goto done;
+        }
+        Py_ssize_t subdirs = 0, pos = 0;
+        PyObject *name, *child;
+        while (PyDict_Next(children, &pos, &name, &child)) {
+            if (!PyBytes_CheckExact(name) || Py_TYPE(child) != node_type) {
+                fallback = 1;
+                goto done;
+            }
+            PyObject *grand = PyObject_GetAttr(child, s_children);
+            if (grand == NULL) {
+                fallback = 1;
+                goto done;
+            }
+            Py_DECREF(grand);
+            walk_slot *cs = walk_get(&t, child);
+            if (cs == NULL)
+                goto done;
+            slot = walk_find(&t, node); /* the table may have moved */
+            if (grand == Py_None) {
+                cs->links += 1;
+            } else {
+                subdirs++;
+                cs->parent = index;
+            }
+        }
+        slot->links += 2 + subdirs;
+        if (PyDict_GET_SIZE(children)) {
+            PyObject *names = PyDict_Keys(children);
+            if (names == NULL || PyList_Sort(names) < 0 || PyList_Reverse(names) < 0) {
+                Py_XDECREF(names);
+                goto done;
+            }
+            size_t n = (size_t)PyList_GET_SIZE(names);
+            if (depth + n > room) {
+                while (depth + n > room)
+                    room *= 2;
+                PyObject **grown = PyMem_Realloc(stack, room * sizeof(PyObject *));
+                if (grown == NULL) {
+                    Py_DECREF(names);
+                    PyErr_NoMemory();
+                    goto done;
+                }
+                stack = grown;
+            }
+            for (size_t j = 0; j < n; j++) {
+                PyObject *c = PyDict_GetItemWithError(children, PyList_GET_ITEM(names, j));
+                if (c == NULL) {
+                    Py_DECREF(names);
+                    if (!PyErr_Occurred())
+                        fallback = 1;
+                    goto done;
+                }
+                stack[depth++] = c;
+            }
+            Py_DECREF(names);
+        }
+    }
+    Py_ssize_t count = PyList_GET_SIZE(order);
+    links = PyList_New(count);
+    parents = PyList_New(count);
+    if (links == NULL || parents == NULL)
+        goto done;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        walk_slot *s = walk_find(&t, PyList_GET_ITEM(order, i));
+        PyObject *l = PyLong_FromSsize_t(s->links), *p = PyLong_FromSsize_t(s->parent);
+        PyList_SET_ITEM(links, i, l);
+        PyList_SET_ITEM(parents, i, p);
+        if (l == NULL || p == NULL)
+            goto done;
+    }
+    result = PyTuple_Pack(3, order, links, parents);
+done:
+    PyMem_Free(t.slots);
+    PyMem_Free(stack);
+    Py_XDECREF(order);
+    Py_XDECREF(links);
+    Py_XDECREF(parents);
+    if (fallback) {
+        if (PyErr_Occurred() && !PyErr_ExceptionMatches(PyExc_MemoryError))
+            PyErr_Clear();
+        if (!PyErr_Occurred())
+            Py_RETURN_NONE;
+    }
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"layout_inode_table", layout_inode_table, METH_VARARGS,
      "layout_inode_table(heads, tables, tails, meta_start, base, block_size) -> "
@@ -418,6 +600,7 @@ static PyMethodDef methods[] = {
      "tables, tails, offset) -> bool"},
     {"pack_dir_blocks", pack_dir_blocks, METH_VARARGS,
      "pack_dir_blocks(groups, children, nid_of, own_nid, parent_nid) -> list | None"},
+    {"walk_tree", walk_tree, METH_O, "walk_tree(root) -> (order, links, parents) | None"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -432,7 +615,8 @@ PyMODINIT_FUNC PyInit__mergepack(void) {
         (s_uid = PyUnicode_InternFromString("uid")) == NULL ||
         (s_gid = PyUnicode_InternFromString("gid")) == NULL ||
         (s_mtime = PyUnicode_InternFromString("mtime")) == NULL ||
-        (s_mtime_nsec = PyUnicode_InternFromString("mtime_nsec")) == NULL)
+        (s_mtime_nsec = PyUnicode_InternFromString("mtime_nsec")) == NULL ||
+        (s_children = PyUnicode_InternFromString("children")) == NULL)
         return NULL;
     return PyModule_Create(&module);
 }

@@ -1,7 +1,7 @@
 """The metadata writer's compiled loops (fsmeta/_mergepack.c, format.py `layout_inode_table`,
-`pack_inode_table`, `pack_dir_blocks`) give the pure loops' bytes: whole images converted
-and merged both ways are equal, and for anything the compiled loops do not expect they hand
-the work to the pure loop, whose error it stays."""
+`pack_inode_table`, `pack_dir_blocks`, writer.py `_walk_tree`) give the pure loops' bytes:
+whole images converted and merged both ways are equal, and for anything the compiled loops
+do not expect they hand the work to the pure loop, whose error it stays."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from snapshotter.erofs import format as fmt
+from snapshotter.erofs import writer
 from snapshotter.erofs.tree import Node
 from snapshotter.fsmeta.merge import merge_layers
 from snapshotter.ingest.convert import convert_layer
@@ -34,6 +35,7 @@ def test_images_are_the_same_both_ways(tmp_path: Path, monkeypatch: pytest.Monke
     for way in ("compiled", "pure"):
         with monkeypatch.context() as m:  # compiled whatever EROFS_PASSTHROUGH_PURE says
             m.setattr(fmt, "_LOOPS", _loops() if way == "compiled" else None)
+            m.setattr(writer, "WALK_TREE", _loops().walk_tree if way == "compiled" else None)
             layers = []
             for i, tar in enumerate(tars):
                 for inline in (True, False):
@@ -134,3 +136,55 @@ def test_dir_blocks_agree_and_decline_what_they_do_not_know() -> None:
     with pytest.raises(KeyError):
         fmt.pack_dir_blocks([[b"missing"]], children, nid_of, 1, 2)
     assert loops.pack_dir_blocks([[b"a"]], children, {}, 1, 2) is None
+
+
+@st.composite
+def _trees(draw: st.DrawFn) -> Node:
+    """Directories and files in any name order, files linked from several directories,
+    empty directories, and now and then a directory that holds the root again (a cycle)."""
+    root = Node.directory()
+    dirs, files = [root], []
+    for _ in range(draw(st.integers(0, 40))):
+        parent = draw(st.sampled_from(dirs))
+        name = draw(st.binary(min_size=1, max_size=3))
+        kind = draw(st.sampled_from(["file", "file", "dir", "link"]))
+        if kind == "dir":
+            node = Node.directory()
+            dirs.append(node)
+        elif kind == "link" and files:
+            node = draw(st.sampled_from(files))
+        else:
+            node = _node()
+            files.append(node)
+        parent.dir_children()[name] = node
+    if draw(st.booleans()):
+        draw(st.sampled_from(dirs)).dir_children()[b"loop"] = root
+    return root
+
+
+@settings(max_examples=300, deadline=None)
+@given(root=_trees())
+def test_tree_walks_agree(root: Node) -> None:
+    order, links, parents = writer._walk_tree_pure(root)
+    got = _loops().walk_tree(root)
+    assert got is not None
+    assert [id(n) for n in got[0]] == [id(n) for n in order]
+    assert (got[1], got[2]) == (links, parents)
+
+
+def test_tree_walk_declines_what_it_does_not_know() -> None:
+    walk = _loops().walk_tree
+    root = Node.directory()
+    root.dir_children()["text"] = _node()  # type: ignore[index]  # a str name
+    assert walk(root) is None
+    with pytest.raises(TypeError):  # the pure walk's error stays: str and bytes do not sort
+        root.dir_children()[b"b"] = _node()
+        writer._walk_tree(root)
+
+    class Other(Node):
+        __slots__ = ()
+
+    root = Node.directory()
+    root.dir_children()[b"x"] = Other(mode=0o100644)
+    assert walk(root) is None
+    assert writer._walk_tree(root)[1:] == ([2, 1], [0, 0])
