@@ -26,9 +26,11 @@ from array import array
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 
 from snapshotter.erofs.format import (
     CHUNK_FORMAT_INDEXES,
+    DIR_BLOCK_PLAN,
     FEATURE_INCOMPAT_CHUNKED_FILE,
     FEATURE_INCOMPAT_DEVICE_TABLE,
     LAYOUT_CHUNK_BASED,
@@ -39,7 +41,6 @@ from snapshotter.erofs.format import (
     WALK_TREE,
     ChunkIndex,
     DeviceSlot,
-    Dirent,
     Inode,
     SuperBlock,
     XattrEntry,
@@ -542,7 +543,7 @@ def write_metadata(
     order, links, parents = _walk_tree(root)
     shared, shared_blob = _shared_xattrs(order, bs) if share_xattrs else ({}, b"")
     if params.build_time_from_tree:
-        ct_sec, ct_nsec = pick_build_time(Counter((n.mtime, n.mtime_nsec) for n in order))
+        ct_sec, ct_nsec = pick_build_time(Counter(map(attrgetter("mtime", "mtime_nsec"), order)))
     else:
         ct_sec, ct_nsec = params.build_time, params.build_time_nsec
     cursor = _BlockCursor(data.next_block, bs)
@@ -600,10 +601,9 @@ def write_metadata(
         elif fmt == 0o020000 or fmt == 0o060000:  # character or block device
             i_us[i] = encode_dev(*node.rdev)
         elif node.children is not None:
-            groups = _dir_block_plan(node, bs)
+            groups, tail_len = _dir_block_plan(node.children, bs)
             dir_groups[i] = groups
             whole = len(groups) - 1
-            tail_len = _block_used(groups[-1])
             size = whole * bs + tail_len
             if 0 < tail_len < bs and head + tail_len <= bs:
                 layouts[i] = LAYOUT_FLAT_INLINE
@@ -860,15 +860,16 @@ def _shared_xattrs(order: list[Node], bs: int) -> tuple[dict[tuple[bytes, bytes]
     return ids, bytes(blob)
 
 
-def _dir_block_plan(node: Node, bs: int) -> list[list[bytes]]:
-    """The directory's names, sorted (`.` and `..` included), grouped into blocks.
+def _dir_block_plan_pure(children: dict[bytes, Node], bs: int) -> tuple[list[list[bytes]], int]:
+    """The directory's names, sorted (`.` and `..` included), grouped into blocks, and the
+    bytes the last block takes (its dirents, then its names).
 
     Sizes depend only on names, so the grouping is fixed before nids exist; the entries are
     written block by block once they do."""
     groups: list[list[bytes]] = [[]]
     group = groups[0]
     used = 0
-    for name in sorted([b".", b"..", *node.dir_children()]):
+    for name in sorted([b".", b"..", *children]):
         need = 12 + len(name)  # Dirent.SIZE and the name
         if used + need > bs:
             group = []
@@ -876,12 +877,16 @@ def _dir_block_plan(node: Node, bs: int) -> list[list[bytes]]:
             used = 0
         group.append(name)
         used += need
-    return groups
+    return groups, used
 
 
-def _block_used(names: list[bytes]) -> int:
-    """Bytes a directory block of these names takes: the dirents, then the names."""
-    return Dirent.SIZE * len(names) + sum(map(len, names))
+def _dir_block_plan(children: dict[bytes, Node], bs: int) -> tuple[list[list[bytes]], int]:
+    """`_dir_block_plan_pure`, compiled where it can be (fsmeta/_mergepack.c)."""
+    if DIR_BLOCK_PLAN is not None:
+        got = DIR_BLOCK_PLAN(children, bs)
+        if got is not None:
+            return got
+    return _dir_block_plan_pure(children, bs)
 
 
 def _pack_chunk_table(fd: Chunks) -> bytes:

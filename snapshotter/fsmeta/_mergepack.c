@@ -14,6 +14,7 @@
  *                  tails, offset) -> bool
  * pack_dir_blocks(groups, children, nid_of, own_nid, parent_nid) -> list[bytes] | None
  * walk_tree(root) -> (order, links, parents) | None   (writer.py `_walk_tree`)
+ * dir_block_plan(children, block_size) -> (groups, last_used) | None   (`_dir_block_plan`)
  *
  * Anything they do not expect (a value out of the range its field holds, a missing child,
  * a write that would not land inside `meta`, a type other than the writer's) makes them
@@ -591,6 +592,70 @@ done:
     return result;
 }
 
+/* -- dir_block_plan(children, block_size) -> (groups, last_used) | None ------------------
+ *
+ * writer.py `_dir_block_plan_pure`: the directory's names and `.` and `..`, sorted (as
+ * bytes compare), grouped into blocks of at most `block_size` bytes of dirents and names,
+ * and the bytes the last block takes. None for a name that is not bytes. */
+static PyObject *dir_block_plan(PyObject *self, PyObject *args) {
+    PyObject *children;
+    Py_ssize_t bs;
+    if (!PyArg_ParseTuple(args, "O!n", &PyDict_Type, &children, &bs))
+        return NULL;
+    PyObject *names = PyList_New(PyDict_GET_SIZE(children) + 2);
+    if (names == NULL)
+        return NULL;
+    PyObject *dot = PyBytes_FromStringAndSize(".", 1), *dotdot = PyBytes_FromStringAndSize("..", 2);
+    if (dot == NULL || dotdot == NULL) {
+        Py_XDECREF(dot);
+        Py_XDECREF(dotdot);
+        Py_DECREF(names);
+        return NULL;
+    }
+    PyList_SET_ITEM(names, 0, dot);
+    PyList_SET_ITEM(names, 1, dotdot);
+    Py_ssize_t pos = 0, k = 2;
+    PyObject *name, *child;
+    while (PyDict_Next(children, &pos, &name, &child)) {
+        if (!PyBytes_CheckExact(name)) {
+            Py_DECREF(names);
+            Py_RETURN_NONE;
+        }
+        Py_INCREF(name);
+        PyList_SET_ITEM(names, k++, name);
+    }
+    if (PyList_Sort(names) < 0) {
+        Py_DECREF(names);
+        return NULL;
+    }
+    PyObject *groups = PyList_New(0), *group = NULL, *result = NULL;
+    Py_ssize_t n = PyList_GET_SIZE(names), used = 0, start = 0;
+    if (groups == NULL)
+        goto done;
+    for (Py_ssize_t j = 0; j <= n; j++) {
+        /* as the pure loop: a name that does not fit closes the group before it (only the
+         * first group can be left empty so, by a first name longer than a block) */
+        Py_ssize_t need = j < n ? 12 + PyBytes_GET_SIZE(PyList_GET_ITEM(names, j)) : 0;
+        if (j == n || used + need > bs) {
+            group = PyList_GetSlice(names, start, j);
+            if (group == NULL || PyList_Append(groups, group) < 0)
+                goto done;
+            Py_CLEAR(group);
+            if (j == n)
+                break;
+            start = j;
+            used = 0;
+        }
+        used += need;
+    }
+    result = Py_BuildValue("(On)", groups, used);
+done:
+    Py_XDECREF(group);
+    Py_XDECREF(groups);
+    Py_DECREF(names);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"layout_inode_table", layout_inode_table, METH_VARARGS,
      "layout_inode_table(heads, tables, tails, meta_start, base, block_size) -> "
@@ -601,6 +666,8 @@ static PyMethodDef methods[] = {
     {"pack_dir_blocks", pack_dir_blocks, METH_VARARGS,
      "pack_dir_blocks(groups, children, nid_of, own_nid, parent_nid) -> list | None"},
     {"walk_tree", walk_tree, METH_O, "walk_tree(root) -> (order, links, parents) | None"},
+    {"dir_block_plan", dir_block_plan, METH_VARARGS,
+     "dir_block_plan(children, block_size) -> (groups, last_used) | None"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,7 +1,7 @@
 """The metadata writer's compiled loops (fsmeta/_mergepack.c, format.py `layout_inode_table`,
-`pack_inode_table`, `pack_dir_blocks`, writer.py `_walk_tree`) give the pure loops' bytes:
-whole images converted and merged both ways are equal, and for anything the compiled loops
-do not expect they hand the work to the pure loop, whose error it stays."""
+`pack_inode_table`, `pack_dir_blocks`, writer.py `_walk_tree`, `_dir_block_plan`) give the
+pure loops' bytes: whole images converted and merged both ways are equal, and for anything
+the compiled loops do not expect they hand the work to the pure loop, whose error it stays."""
 
 from __future__ import annotations
 
@@ -36,6 +36,9 @@ def test_images_are_the_same_both_ways(tmp_path: Path, monkeypatch: pytest.Monke
         with monkeypatch.context() as m:  # compiled whatever EROFS_PASSTHROUGH_PURE says
             m.setattr(fmt, "_LOOPS", _loops() if way == "compiled" else None)
             m.setattr(writer, "WALK_TREE", _loops().walk_tree if way == "compiled" else None)
+            m.setattr(
+                writer, "DIR_BLOCK_PLAN", _loops().dir_block_plan if way == "compiled" else None
+            )
             layers = []
             for i, tar in enumerate(tars):
                 for inline in (True, False):
@@ -188,3 +191,19 @@ def test_tree_walk_declines_what_it_does_not_know() -> None:
     root.dir_children()[b"x"] = Other(mode=0o100644)
     assert walk(root) is None
     assert writer._walk_tree(root)[1:] == ([2, 1], [0, 0])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    names=st.lists(st.binary(min_size=1, max_size=255), max_size=60, unique=True),
+    bs=st.sampled_from([200, 12 + 255, 512, 4096]),
+)
+def test_dir_block_plans_agree(names: list[bytes], bs: int) -> None:
+    """Any names (ones sorting before `.` too), blocks small enough that one name can
+    overflow an empty block: the same groups and last block's bytes."""
+    children = {name: _node() for name in names if name not in (b".", b"..")}
+    want = writer._dir_block_plan_pure(children, bs)
+    assert _loops().dir_block_plan(children, bs) == want
+    groups, used = want
+    assert used == 12 * len(groups[-1]) + sum(map(len, groups[-1]))
+    assert _loops().dir_block_plan({"text": _node()}, bs) is None
