@@ -746,7 +746,7 @@ def _accelerated_loops() -> Any:
         from snapshotter.fsmeta import _mergepack
     except ImportError:  # not built (no compiler or Python headers at install): pure Python
         return None
-    if not hasattr(_mergepack, "dir_block_plan"):  # built from an older source: all pure
+    if not hasattr(_mergepack, "file_columns"):  # built from an older source: all pure
         return None
     return _mergepack
 
@@ -761,6 +761,10 @@ WALK_TREE: Callable[[Any], tuple[list[Any], list[int], list[int]] | None] | None
 #: the writer's compiled directory block plan (writer.py `_dir_block_plan`), or None
 DIR_BLOCK_PLAN: Callable[[dict[bytes, Any], int], tuple[list[list[bytes]], int] | None] | None = (
     None if _LOOPS is None else _LOOPS.dir_block_plan
+)
+#: the writer's compiled column loop for a merge's common file (`write_metadata`), or None
+FILE_COLUMNS: Callable[..., tuple[list[int], int] | None] | None = (
+    None if _LOOPS is None else _LOOPS.file_columns
 )
 
 

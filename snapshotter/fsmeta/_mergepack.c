@@ -15,6 +15,8 @@
  * pack_dir_blocks(groups, children, nid_of, own_nid, parent_nid) -> list[bytes] | None
  * walk_tree(root) -> (order, links, parents) | None   (writer.py `_walk_tree`)
  * dir_block_plan(children, block_size) -> (groups, last_used) | None   (`_dir_block_plan`)
+ * file_columns(order, links, ct_sec, ct_nsec, packed_type, heads, layouts, i_us, sizes,
+ *              tables) -> (rest, handled) | None   (write_metadata's column loop, in part)
  *
  * Anything they do not expect (a value out of the range its field holds, a missing child,
  * a write that would not land inside `meta`, a type other than the writer's) makes them
@@ -24,6 +26,8 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+
+#include <structmember.h>
 
 #include <stdint.h>
 #include <string.h>
@@ -656,6 +660,123 @@ done:
     return result;
 }
 
+/* -- file_columns(order, links, ct_sec, ct_nsec, packed_type, heads, layouts, i_us, sizes,
+ *                 tables) -> (rest, handled) | None -----------------------------------------
+ *
+ * The column loop of writer.py `write_metadata` for its most common inode, a file whose
+ * data is a `PackedChunks` (what a merge makes of a layer's file) and that has no xattrs:
+ * its header bytes (32 when compact: mtime the build time and nlink, size, uid, gid in the
+ * compact fields; else 64), layout, i_u, size and chunk table, the values the Python loop
+ * gives it. Every other inode, and any whose values are not what this expects, is left in
+ * `rest` (indexes in order) for the Python loop; `handled` counts the others. The slots
+ * are read by the member offsets of the nodes' (and the PackedChunks') own classes, as
+ * the classes' slot descriptors read them; None if those classes are not slotted so. */
+
+static Py_ssize_t slot_offset(PyTypeObject *type, const char *name) {
+    PyObject *key = PyUnicode_InternFromString(name);
+    if (key == NULL)
+        return -1;
+    PyObject *descr = _PyType_Lookup(type, key); /* borrowed */
+    Py_DECREF(key);
+    if (descr == NULL || !Py_IS_TYPE(descr, &PyMemberDescr_Type))
+        return -1;
+    PyMemberDef *m = ((PyMemberDescrObject *)descr)->d_member;
+    if (m->type != T_OBJECT_EX)
+        return -1;
+    return m->offset;
+}
+
+#define SLOT(obj, off) (*(PyObject **)((char *)(obj) + (off)))
+
+static PyObject *file_columns(PyObject *self, PyObject *args) {
+    PyObject *order, *links, *ct_sec_o, *ct_nsec_o, *heads, *i_us, *sizes, *tables;
+    PyObject *layouts;
+    PyTypeObject *packed_type;
+    if (!PyArg_ParseTuple(args, "O!O!OOO!O!O!O!O!O!", &PyList_Type, &order, &PyList_Type,
+                          &links, &ct_sec_o, &ct_nsec_o, &PyType_Type, &packed_type,
+                          &PyList_Type, &heads, &PyByteArray_Type, &layouts, &PyList_Type,
+                          &i_us, &PyList_Type, &sizes, &PyList_Type, &tables))
+        return NULL;
+    Py_ssize_t count = PyList_GET_SIZE(order);
+    long long ct_sec, ct_nsec;
+    if (count == 0 || PyList_GET_SIZE(links) < count || PyList_GET_SIZE(heads) < count ||
+        PyByteArray_GET_SIZE(layouts) < count || PyList_GET_SIZE(i_us) < count ||
+        PyList_GET_SIZE(sizes) < count || PyList_GET_SIZE(tables) < count ||
+        get_ll(ct_sec_o, LLONG_MIN, LLONG_MAX, &ct_sec) < 0 ||
+        get_ll(ct_nsec_o, LLONG_MIN, LLONG_MAX, &ct_nsec) < 0)
+        Py_RETURN_NONE;
+    PyTypeObject *node_type = Py_TYPE(PyList_GET_ITEM(order, 0));
+    Py_ssize_t o_uid = slot_offset(node_type, "uid"), o_gid = slot_offset(node_type, "gid"),
+               o_mtime = slot_offset(node_type, "mtime"),
+               o_nsec = slot_offset(node_type, "mtime_nsec"),
+               o_size = slot_offset(node_type, "size"), o_data = slot_offset(node_type, "data"),
+               o_xattrs = slot_offset(node_type, "xattrs"),
+               o_bits = slot_offset(packed_type, "chunkbits"),
+               o_table = slot_offset(packed_type, "table");
+    if (o_uid < 0 || o_gid < 0 || o_mtime < 0 || o_nsec < 0 || o_size < 0 || o_data < 0 ||
+        o_xattrs < 0 || o_bits < 0 || o_table < 0) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    PyObject *rest = PyList_New(0);
+    if (rest == NULL)
+        return NULL;
+    Py_ssize_t handled = 0;
+    unsigned char *lay = (unsigned char *)PyByteArray_AS_STRING(layouts);
+    PyObject *head32 = PyLong_FromLong(32), *head64 = PyLong_FromLong(64);
+    if (head32 == NULL || head64 == NULL)
+        goto fail;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *node = PyList_GET_ITEM(order, i);
+        PyObject *data, *xattrs, *size, *bits_o, *table, *v;
+        long long nlink, sz, uid, gid, mtime, nsec, bits;
+        if (Py_TYPE(node) != node_type || (data = SLOT(node, o_data)) == NULL ||
+            Py_TYPE(data) != packed_type || (xattrs = SLOT(node, o_xattrs)) == NULL ||
+            !PyDict_CheckExact(xattrs) || PyDict_GET_SIZE(xattrs) ||
+            (size = SLOT(node, o_size)) == NULL || (bits_o = SLOT(data, o_bits)) == NULL ||
+            (table = SLOT(data, o_table)) == NULL ||
+            get_ll(PyList_GET_ITEM(links, i), LLONG_MIN, LLONG_MAX, &nlink) < 0 ||
+            get_ll(size, LLONG_MIN, LLONG_MAX, &sz) < 0 ||
+            get_ll(bits_o, 0, 0x7FFFFFFF, &bits) < 0 || (v = SLOT(node, o_uid)) == NULL ||
+            get_ll(v, LLONG_MIN, LLONG_MAX, &uid) < 0 || (v = SLOT(node, o_gid)) == NULL ||
+            get_ll(v, LLONG_MIN, LLONG_MAX, &gid) < 0 || (v = SLOT(node, o_mtime)) == NULL ||
+            get_ll(v, LLONG_MIN, LLONG_MAX, &mtime) < 0 || (v = SLOT(node, o_nsec)) == NULL ||
+            get_ll(v, LLONG_MIN, LLONG_MAX, &nsec) < 0) {
+            PyObject *index = PyLong_FromSsize_t(i);
+            if (index == NULL || PyList_Append(rest, index) < 0) {
+                Py_XDECREF(index);
+                goto fail;
+            }
+            Py_DECREF(index);
+            continue;
+        }
+        int compact = mtime == ct_sec && nsec == ct_nsec && nlink <= 0xFFFF &&
+                      sz <= 0xFFFFFFFFLL && uid <= 0xFFFF && gid <= 0xFFFF;
+        PyObject *i_u = PyLong_FromLongLong(bits | 0x20); /* | CHUNK_FORMAT_INDEXES */
+        if (i_u == NULL)
+            goto fail;
+        PyObject *head = compact ? head32 : head64;
+        Py_INCREF(head);
+        Py_SETREF(PyList_GET_ITEM(heads, i), head);
+        Py_SETREF(PyList_GET_ITEM(i_us, i), i_u);
+        Py_INCREF(size);
+        Py_SETREF(PyList_GET_ITEM(sizes, i), size);
+        Py_INCREF(table);
+        Py_SETREF(PyList_GET_ITEM(tables, i), table);
+        lay[i] = 4; /* LAYOUT_CHUNK_BASED */
+        handled++;
+    }
+    Py_DECREF(head32);
+    Py_DECREF(head64);
+    PyObject *result = Py_BuildValue("(Nn)", rest, handled);
+    return result;
+fail:
+    Py_XDECREF(head32);
+    Py_XDECREF(head64);
+    Py_DECREF(rest);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"layout_inode_table", layout_inode_table, METH_VARARGS,
      "layout_inode_table(heads, tables, tails, meta_start, base, block_size) -> "
@@ -668,6 +789,9 @@ static PyMethodDef methods[] = {
     {"walk_tree", walk_tree, METH_O, "walk_tree(root) -> (order, links, parents) | None"},
     {"dir_block_plan", dir_block_plan, METH_VARARGS,
      "dir_block_plan(children, block_size) -> (groups, last_used) | None"},
+    {"file_columns", file_columns, METH_VARARGS,
+     "file_columns(order, links, ct_sec, ct_nsec, packed_type, heads, layouts, i_us, sizes, "
+     "tables) -> (rest, handled) | None"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,7 +1,8 @@
 """The metadata writer's compiled loops (fsmeta/_mergepack.c, format.py `layout_inode_table`,
-`pack_inode_table`, `pack_dir_blocks`, writer.py `_walk_tree`, `_dir_block_plan`) give the
-pure loops' bytes: whole images converted and merged both ways are equal, and for anything
-the compiled loops do not expect they hand the work to the pure loop, whose error it stays."""
+`pack_inode_table`, `pack_dir_blocks`, writer.py `_walk_tree`, `_dir_block_plan`, the
+common file's columns) give the pure loops' bytes: whole images converted and merged both
+ways are equal, and for anything the compiled loops do not expect they hand the work to the
+pure loop, whose error it stays."""
 
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ def test_images_are_the_same_both_ways(tmp_path: Path, monkeypatch: pytest.Monke
             m.setattr(
                 writer, "DIR_BLOCK_PLAN", _loops().dir_block_plan if way == "compiled" else None
             )
+            m.setattr(writer, "FILE_COLUMNS", _loops().file_columns if way == "compiled" else None)
             layers = []
             for i, tar in enumerate(tars):
                 for inline in (True, False):
@@ -207,3 +209,58 @@ def test_dir_block_plans_agree(names: list[bytes], bs: int) -> None:
     groups, used = want
     assert used == 12 * len(groups[-1]) + sum(map(len, groups[-1]))
     assert _loops().dir_block_plan({"text": _node()}, bs) is None
+
+
+_ODD_INTS = st.sampled_from([0, 1, 3, 0xFFFF, 0x10000, 2**32 - 1, 2**32, 2**63, -1, -(2**63)])
+
+
+@st.composite
+def _file_nodes(draw: st.DrawFn) -> Node:
+    """Files as a merge makes them (PackedChunks) with values in and out of every compact
+    field's range, now and then with xattrs, other data or a foreign class."""
+    from snapshotter.erofs.tree import Extent, PackedChunks
+
+    kind = draw(st.sampled_from(["packed", "packed", "packed", "xattrs", "extent", "empty"]))
+    node = _node(
+        uid=draw(_ODD_INTS), gid=draw(st.sampled_from([0, 2, 0xFFFF, 0x10000])),
+        mtime=draw(st.sampled_from([3, 4, 2**63])), mtime_nsec=draw(st.sampled_from([4, 5])),
+        size=draw(st.sampled_from([1, 4096, 2**32 - 1, 2**32])),
+    )  # fmt: skip
+    if kind in ("packed", "xattrs"):
+        bits = draw(st.sampled_from([0, 1, 31]))
+        node.data = PackedChunks(bits, draw(st.sampled_from([b"\0" * 8, b"\1" * 16])))
+    elif kind == "extent":
+        node.data = Extent(7, 1)
+    if kind == "xattrs":
+        node.xattrs = {b"user.a": b"1"}
+    return node
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(files=st.lists(_file_nodes(), min_size=1, max_size=20))
+def test_file_columns_write_the_pure_loops_bytes(files: list[Node]) -> None:
+    import os
+    import tempfile
+
+    root = Node.directory(mtime=3, mtime_nsec=4)
+    sub = Node.directory(mtime=9)
+    root.dir_children()[b"sub"] = sub
+    for k, node in enumerate(files):
+        (sub if k % 3 else root).dir_children()[b"f%d" % k] = node
+    images = []
+    for columns in (_loops().file_columns, None):
+        with tempfile.TemporaryFile() as f, pytest.MonkeyPatch.context() as m:
+            m.setattr(writer, "FILE_COLUMNS", columns)
+            data = writer.DataWriter(f.fileno(), 4096, writer.header_blocks(4096))
+            try:
+                writer.write_metadata(data, root, writer.ImageParams(build_time_from_tree=True))
+            except Exception as exc:  # the same error both ways
+                images.append(repr(exc))
+                continue
+            images.append(os.pread(f.fileno(), 1 << 20, 0))
+    assert images[0] == images[1]
+    # classes whose fields are not slots (InlineTail) are not read by offsets: None
+    from snapshotter.erofs.tree import InlineTail
+
+    args = ([files[0]], [1], 3, 4, InlineTail, [0], bytearray(1), [0], [0], [None])
+    assert _loops().file_columns(*args) is None
