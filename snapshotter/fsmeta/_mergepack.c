@@ -4,9 +4,11 @@
  * Written by hand for this project (not generated, not vendored). writer.py
  * `write_metadata` lays out and packs every inode and directory block of an image in three
  * loops (snapshotter/erofs/format.py `layout_inode_table`, `pack_inode_table`,
- * `pack_dir_blocks`); an fsmeta merge runs them over every inode of the merged tree, and in
- * Python they were a third of its write. These are the same loops, giving the same bytes
- * (tests/unit/test_merge_scan.py compares them):
+ * `pack_dir_blocks`), after walking the tree (writer.py `_walk_tree`), planning each
+ * directory's blocks (`_dir_block_plan`) and filling the inodes' columns; an fsmeta merge
+ * runs them over every inode of the merged tree, and in Python they were most of its
+ * write. These are the same loops, giving the same bytes (tests/unit/test_writer_loops.py
+ * and test_merge_scan.py compare them):
  *
  * layout_inode_table(heads, tables, tails, meta_start, base, block_size)
  *   -> (nids, end) | None
@@ -32,7 +34,7 @@
 #include <stdint.h>
 #include <string.h>
 
-static PyObject *s_mode, *s_uid, *s_gid, *s_mtime, *s_mtime_nsec, *s_children;
+static PyObject *s_mode, *s_uid, *s_gid, *s_mtime, *s_mtime_nsec;
 
 /* An int in [lo, hi], or -1 (no exception left) if it is not one. */
 static int get_ll(PyObject *v, long long lo, long long hi, long long *out) {
@@ -420,10 +422,28 @@ static PyObject *pack_dir_blocks(PyObject *self, PyObject *args) {
  * writer.py `_walk_tree_pure` in one call: every node once (root first, then depth-first by
  * sorted name), each one's link count and, for a directory, its parent's index in `order`
  * (the root's is 0). The nodes are counted by address in a table of this loop's own, not
- * by `id` in a dict. The tree is not changed while it runs (no Python code runs: a node's
+ * by `id` in a dict, and `children` read by its slot's offset (every node must be of the
+ * root's class). The tree is not changed while it runs (no Python code runs: a node's
  * `children` is read as a dict, names compared as bytes), so the nodes and dicts it only
  * borrows stay alive. None for anything else (a node without `children`, keys that are
  * not bytes): the pure walk runs instead. */
+
+/* The offset of a class's slot `name` (an object member, as __slots__ makes), or -1. */
+static Py_ssize_t slot_offset(PyTypeObject *type, const char *name) {
+    PyObject *key = PyUnicode_InternFromString(name);
+    if (key == NULL)
+        return -1;
+    PyObject *descr = _PyType_Lookup(type, key); /* borrowed */
+    Py_DECREF(key);
+    if (descr == NULL || !Py_IS_TYPE(descr, &PyMemberDescr_Type))
+        return -1;
+    PyMemberDef *m = ((PyMemberDescrObject *)descr)->d_member;
+    if (m->type != T_OBJECT_EX)
+        return -1;
+    return m->offset;
+}
+
+#define SLOT(obj, off) (*(PyObject **)((char *)(obj) + (off)))
 
 typedef struct {
     PyObject *node; /* NULL: a free slot */
@@ -436,7 +456,7 @@ typedef struct {
 } walk_table;
 
 static walk_slot *walk_find(walk_table *t, PyObject *node) {
-    size_t h = ((size_t)node >> 4) * (size_t)0x9E3779B97F4A7C15ULL;
+    size_t h = (size_t)node >> 4; /* nodes made one after another land near: cache-friendly */
     for (size_t i = h & t->mask;; i = (i + 1) & t->mask) {
         walk_slot *s = &t->slots[i];
         if (s->node == node || s->node == NULL)
@@ -478,6 +498,7 @@ static PyObject *walk_tree(PyObject *self, PyObject *root) {
     PyObject *order = PyList_New(0), *result = NULL;
     PyObject *links = NULL, *parents = NULL;
     PyTypeObject *node_type = Py_TYPE(root);
+    Py_ssize_t o_children = slot_offset(node_type, "children");
     size_t depth = 1, room = 256;
     PyObject **stack = PyMem_Malloc(room * sizeof(PyObject *)); /* borrowed: the tree's */
     int fallback = 0;
@@ -487,6 +508,10 @@ static PyObject *walk_tree(PyObject *self, PyObject *root) {
     }
     if (order == NULL)
         goto done;
+    if (o_children < 0) {
+        fallback = 1;
+        goto done;
+    }
     stack[0] = root;
     while (depth) {
         PyObject *node = stack[--depth];
@@ -499,12 +524,11 @@ static PyObject *walk_tree(PyObject *self, PyObject *root) {
         slot->index = index;
         if (PyList_Append(order, node) < 0)
             goto done;
-        PyObject *children = PyObject_GetAttr(node, s_children);
-        if (children == NULL) {
+        PyObject *children = SLOT(node, o_children); /* borrowed: the node holds it */
+        if (children == NULL) { /* unset */
             fallback = 1;
             goto done;
         }
-        Py_DECREF(children); /* the node holds it */
         if (children == Py_None)
             continue;
         if (!PyDict_CheckExact(children)) {
@@ -518,12 +542,11 @@ static PyObject *walk_tree(PyObject *self, PyObject *root) {
                 fallback = 1;
                 goto done;
             }
-            PyObject *grand = PyObject_GetAttr(child, s_children);
+            PyObject *grand = SLOT(child, o_children);
             if (grand == NULL) {
                 fallback = 1;
                 goto done;
             }
-            Py_DECREF(grand);
             walk_slot *cs = walk_get(&t, child);
             if (cs == NULL)
                 goto done;
@@ -672,21 +695,6 @@ done:
  * are read by the member offsets of the nodes' (and the PackedChunks') own classes, as
  * the classes' slot descriptors read them; None if those classes are not slotted so. */
 
-static Py_ssize_t slot_offset(PyTypeObject *type, const char *name) {
-    PyObject *key = PyUnicode_InternFromString(name);
-    if (key == NULL)
-        return -1;
-    PyObject *descr = _PyType_Lookup(type, key); /* borrowed */
-    Py_DECREF(key);
-    if (descr == NULL || !Py_IS_TYPE(descr, &PyMemberDescr_Type))
-        return -1;
-    PyMemberDef *m = ((PyMemberDescrObject *)descr)->d_member;
-    if (m->type != T_OBJECT_EX)
-        return -1;
-    return m->offset;
-}
-
-#define SLOT(obj, off) (*(PyObject **)((char *)(obj) + (off)))
 
 static PyObject *file_columns(PyObject *self, PyObject *args) {
     PyObject *order, *links, *ct_sec_o, *ct_nsec_o, *heads, *i_us, *sizes, *tables;
@@ -806,8 +814,7 @@ PyMODINIT_FUNC PyInit__mergepack(void) {
         (s_uid = PyUnicode_InternFromString("uid")) == NULL ||
         (s_gid = PyUnicode_InternFromString("gid")) == NULL ||
         (s_mtime = PyUnicode_InternFromString("mtime")) == NULL ||
-        (s_mtime_nsec = PyUnicode_InternFromString("mtime_nsec")) == NULL ||
-        (s_children = PyUnicode_InternFromString("children")) == NULL)
+        (s_mtime_nsec = PyUnicode_InternFromString("mtime_nsec")) == NULL)
         return NULL;
     return PyModule_Create(&module);
 }
