@@ -746,7 +746,7 @@ def _accelerated_loops() -> Any:
         from snapshotter.fsmeta import _mergepack
     except ImportError:  # not built (no compiler or Python headers at install): pure Python
         return None
-    if not hasattr(_mergepack, "file_columns"):  # built from an older source: all pure
+    if not hasattr(_mergepack, "common_mtime"):  # built from an older source: all pure
         return None
     return _mergepack
 
@@ -765,6 +765,10 @@ DIR_BLOCK_PLAN: Callable[[dict[bytes, Any], int], tuple[list[list[bytes]], int] 
 #: the writer's compiled column loop for a merge's common file (`write_metadata`), or None
 FILE_COLUMNS: Callable[..., tuple[list[int], int] | None] | None = (
     None if _LOOPS is None else _LOOPS.file_columns
+)
+#: the compiled count of the tree's most common mtime (`pick_build_time`'s pick), or None
+COMMON_MTIME: Callable[[list[Any]], tuple[int, int] | None] | None = (
+    None if _LOOPS is None else _LOOPS.common_mtime
 )
 
 

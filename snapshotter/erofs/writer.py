@@ -30,6 +30,7 @@ from operator import attrgetter
 
 from snapshotter.erofs.format import (
     CHUNK_FORMAT_INDEXES,
+    COMMON_MTIME,
     DIR_BLOCK_PLAN,
     FEATURE_INCOMPAT_CHUNKED_FILE,
     FEATURE_INCOMPAT_DEVICE_TABLE,
@@ -544,7 +545,10 @@ def write_metadata(
     order, links, parents = _walk_tree(root)
     shared, shared_blob = _shared_xattrs(order, bs) if share_xattrs else ({}, b"")
     if params.build_time_from_tree:
-        ct_sec, ct_nsec = pick_build_time(Counter(map(attrgetter("mtime", "mtime_nsec"), order)))
+        picked = None if COMMON_MTIME is None else COMMON_MTIME(order)  # compiled, same pick
+        if picked is None:
+            picked = pick_build_time(Counter(map(attrgetter("mtime", "mtime_nsec"), order)))
+        ct_sec, ct_nsec = picked
     else:
         ct_sec, ct_nsec = params.build_time, params.build_time_nsec
     cursor = _BlockCursor(data.next_block, bs)

@@ -19,6 +19,7 @@
  * dir_block_plan(children, block_size) -> (groups, last_used) | None   (`_dir_block_plan`)
  * file_columns(order, links, ct_sec, ct_nsec, packed_type, heads, layouts, i_us, sizes,
  *              tables) -> (rest, handled) | None   (write_metadata's column loop, in part)
+ * common_mtime(order) -> (sec, nsec) | None   (the build time `pick_build_time` picks)
  *
  * Anything they do not expect (a value out of the range its field holds, a missing child,
  * a write that would not land inside `meta`, a type other than the writer's) makes them
@@ -785,6 +786,85 @@ fail:
     return NULL;
 }
 
+/* -- common_mtime(order) -> (sec, nsec) | None ------------------------------------------
+ *
+ * tree.py `pick_build_time(Counter((n.mtime, n.mtime_nsec) for n in order))`: the most
+ * common mtime of the nodes, the latest on a tie, counted in a table of this loop's own
+ * (a tree has few distinct mtimes). None for an mtime that is not a 64-bit int, or nodes
+ * not all of the first one's class. */
+typedef struct {
+    long long sec, nsec;
+    Py_ssize_t count; /* 0: a free slot */
+} mtime_slot;
+
+static PyObject *common_mtime(PyObject *self, PyObject *order) {
+    if (!PyList_Check(order) || PyList_GET_SIZE(order) == 0)
+        Py_RETURN_NONE;
+    PyTypeObject *node_type = Py_TYPE(PyList_GET_ITEM(order, 0));
+    Py_ssize_t o_mtime = slot_offset(node_type, "mtime"),
+               o_nsec = slot_offset(node_type, "mtime_nsec");
+    if (o_mtime < 0 || o_nsec < 0) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    size_t mask = 63, used = 0;
+    mtime_slot *t = PyMem_Calloc(mask + 1, sizeof(mtime_slot));
+    if (t == NULL)
+        return PyErr_NoMemory();
+    Py_ssize_t n = PyList_GET_SIZE(order);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *node = PyList_GET_ITEM(order, i), *a, *b;
+        long long sec, nsec;
+        if (Py_TYPE(node) != node_type || (a = SLOT(node, o_mtime)) == NULL ||
+            (b = SLOT(node, o_nsec)) == NULL || get_ll(a, LLONG_MIN, LLONG_MAX, &sec) < 0 ||
+            get_ll(b, LLONG_MIN, LLONG_MAX, &nsec) < 0) {
+            PyMem_Free(t);
+            Py_RETURN_NONE;
+        }
+        size_t h = ((size_t)sec * 0x9E3779B97F4A7C15ULL) ^ (size_t)nsec;
+        size_t j = (h ^ (h >> 29)) & mask;
+        while (t[j].count && (t[j].sec != sec || t[j].nsec != nsec))
+            j = (j + 1) & mask;
+        if (t[j].count == 0) {
+            t[j].sec = sec;
+            t[j].nsec = nsec;
+            if (++used * 2 > mask + 1) { /* grow, keeping the load under a half */
+                size_t size = (mask + 1) * 2;
+                mtime_slot *g = PyMem_Calloc(size, sizeof(mtime_slot));
+                if (g == NULL) {
+                    PyMem_Free(t);
+                    return PyErr_NoMemory();
+                }
+                t[j].count = 1;
+                for (size_t k = 0; k <= mask; k++) {
+                    if (!t[k].count)
+                        continue;
+                    size_t hk = ((size_t)t[k].sec * 0x9E3779B97F4A7C15ULL) ^ (size_t)t[k].nsec;
+                    size_t m = (hk ^ (hk >> 29)) & (size - 1);
+                    while (g[m].count)
+                        m = (m + 1) & (size - 1);
+                    g[m] = t[k];
+                }
+                PyMem_Free(t);
+                t = g;
+                mask = size - 1;
+                continue;
+            }
+        }
+        t[j].count++;
+    }
+    mtime_slot best = {0, 0, 0};
+    for (size_t k = 0; k <= mask; k++) {
+        mtime_slot *c = &t[k];
+        if (c->count > best.count ||
+            (c->count == best.count && c->count &&
+             (c->sec > best.sec || (c->sec == best.sec && c->nsec > best.nsec))))
+            best = *c;
+    }
+    PyMem_Free(t);
+    return Py_BuildValue("(LL)", best.sec, best.nsec);
+}
+
 static PyMethodDef methods[] = {
     {"layout_inode_table", layout_inode_table, METH_VARARGS,
      "layout_inode_table(heads, tables, tails, meta_start, base, block_size) -> "
@@ -797,6 +877,7 @@ static PyMethodDef methods[] = {
     {"walk_tree", walk_tree, METH_O, "walk_tree(root) -> (order, links, parents) | None"},
     {"dir_block_plan", dir_block_plan, METH_VARARGS,
      "dir_block_plan(children, block_size) -> (groups, last_used) | None"},
+    {"common_mtime", common_mtime, METH_O, "common_mtime(order) -> (sec, nsec) | None"},
     {"file_columns", file_columns, METH_VARARGS,
      "file_columns(order, links, ct_sec, ct_nsec, packed_type, heads, layouts, i_us, sizes, "
      "tables) -> (rest, handled) | None"},

@@ -41,6 +41,7 @@ def test_images_are_the_same_both_ways(tmp_path: Path, monkeypatch: pytest.Monke
                 writer, "DIR_BLOCK_PLAN", _loops().dir_block_plan if way == "compiled" else None
             )
             m.setattr(writer, "FILE_COLUMNS", _loops().file_columns if way == "compiled" else None)
+            m.setattr(writer, "COMMON_MTIME", _loops().common_mtime if way == "compiled" else None)
             layers = []
             for i, tar in enumerate(tars):
                 for inline in (True, False):
@@ -251,6 +252,7 @@ def test_file_columns_write_the_pure_loops_bytes(files: list[Node]) -> None:
     for columns in (_loops().file_columns, None):
         with tempfile.TemporaryFile() as f, pytest.MonkeyPatch.context() as m:
             m.setattr(writer, "FILE_COLUMNS", columns)
+            m.setattr(writer, "COMMON_MTIME", _loops().common_mtime if columns else None)
             data = writer.DataWriter(f.fileno(), 4096, writer.header_blocks(4096))
             try:
                 writer.write_metadata(data, root, writer.ImageParams(build_time_from_tree=True))
@@ -264,3 +266,24 @@ def test_file_columns_write_the_pure_loops_bytes(files: list[Node]) -> None:
 
     args = ([files[0]], [1], 3, 4, InlineTail, [0], bytearray(1), [0], [0], [None])
     assert _loops().file_columns(*args) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    times=st.lists(
+        st.tuples(st.sampled_from([0, 1, 7, -1, 2**63 - 1, -(2**63)]), st.integers(0, 3)),
+        min_size=1,
+        max_size=300,
+    )
+)
+def test_common_mtime_picks_what_pick_build_time_picks(times: list[tuple[int, int]]) -> None:
+    """Ties (the latest wins), negative and extreme seconds, tables that grow."""
+    from collections import Counter
+
+    from snapshotter.erofs.tree import pick_build_time
+
+    nodes = [_node(mtime=s, mtime_nsec=ns) for s, ns in times]
+    nodes += [_node(mtime=k, mtime_nsec=0) for k in range(100, 100 + len(times) // 3)]
+    want = pick_build_time(Counter((n.mtime, n.mtime_nsec) for n in nodes))
+    assert _loops().common_mtime(nodes) == want
+    assert _loops().common_mtime([_node(mtime=2**63)]) is None  # beyond 64 bits: the pure pick
