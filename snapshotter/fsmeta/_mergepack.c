@@ -766,12 +766,13 @@ static PyObject *file_columns(PyObject *self, PyObject *args) {
             goto fail;
         PyObject *head = compact ? head32 : head64;
         Py_INCREF(head);
-        Py_SETREF(PyList_GET_ITEM(heads, i), head);
-        Py_SETREF(PyList_GET_ITEM(i_us, i), i_u);
         Py_INCREF(size);
-        Py_SETREF(PyList_GET_ITEM(sizes, i), size);
         Py_INCREF(table);
-        Py_SETREF(PyList_GET_ITEM(tables, i), table);
+        /* each steals the reference given and drops the list's old one (a small int or None) */
+        PyList_SetItem(heads, i, head);
+        PyList_SetItem(i_us, i, i_u);
+        PyList_SetItem(sizes, i, size);
+        PyList_SetItem(tables, i, table);
         lay[i] = 4; /* LAYOUT_CHUNK_BASED */
         handled++;
     }
