@@ -13,7 +13,7 @@ import os
 import stat
 import struct
 from bisect import bisect_left, insort
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -746,12 +746,30 @@ def _accelerated_loops() -> Any:
         from snapshotter.fsmeta import _mergepack
     except ImportError:  # not built (no compiler or Python headers at install): pure Python
         return None
+    if not hasattr(_mergepack, "common_mtime"):  # built from an older source: all pure
+        return None
     return _mergepack
 
 
 _LOOPS = _accelerated_loops()
 #: True when the compiled loops are in use (not forced off, built and importable)
 LOOPS_ACCELERATED = _LOOPS is not None
+#: the writer's compiled tree walk (writer.py `_walk_tree`), or None: the pure walk
+WALK_TREE: Callable[[Any], tuple[list[Any], list[int], list[int]] | None] | None = (
+    None if _LOOPS is None else _LOOPS.walk_tree
+)
+#: the writer's compiled directory block plan (writer.py `_dir_block_plan`), or None
+DIR_BLOCK_PLAN: Callable[[dict[bytes, Any], int], tuple[list[list[bytes]], int] | None] | None = (
+    None if _LOOPS is None else _LOOPS.dir_block_plan
+)
+#: the writer's compiled column loop for a merge's common file (`write_metadata`), or None
+FILE_COLUMNS: Callable[..., tuple[list[int], int] | None] | None = (
+    None if _LOOPS is None else _LOOPS.file_columns
+)
+#: the compiled count of the tree's most common mtime (`pick_build_time`'s pick), or None
+COMMON_MTIME: Callable[[list[Any]], tuple[int, int] | None] | None = (
+    None if _LOOPS is None else _LOOPS.common_mtime
+)
 
 
 def layout_inode_table(

@@ -83,9 +83,13 @@ class InodeInfo:
 InodeFields = tuple[int, int, int, int, int, int, int, int, int, int, int]
 #: the merge's compiled scan, `scan_dir(image, data, block_size, meta_base, build_time,
 #: build_time_nsec)` (fsmeta/_mergescan.c, its first argument bound)
-ScanDir = Callable[[mmap.mmap, bytes, int, int, int, int], "list[tuple[bytes, int, Any]] | None"]
+ScanDir = Callable[
+    [mmap.mmap | bytes, bytes, int, int, int, int], "list[tuple[bytes, int, Any]] | None"
+]
 
 _HOLE_PIECE = 1 << 20
+#: images of at most this many bytes are read whole instead of mapped (`ErofsImage._map_fd`)
+READ_WHOLE_MAX = 64 << 10
 SYMLINK_MAX = 4095  # PATH_MAX - 1: the kernel refuses longer inline targets, Linux any longer
 
 _CORRUPTION = (struct.error, IndexError, ValueError, OverflowError, KeyError)
@@ -120,45 +124,62 @@ class ErofsImage:
         name: str | None = None,
     ) -> None:
         """`path`: the image file, or an open file descriptor of it (left open). `name`: what
-        error messages call the image (default: its path)."""
+        error messages call the image (default: its path). `file_size`: the file's bytes when
+        opened (an image's file may carry more after the image, e.g. a dm-verity tree)."""
+        self.file_size = 0
         if isinstance(path, int):
             self.path = Path(f"/proc/self/fd/{path}")
             self.name = name or str(self.path)
             self._map = self._map_fd(path)
         else:
-            self.path = Path(path)
+            self.path = path if isinstance(path, Path) else Path(path)
             self.name = name or str(self.path)
-            with open(self.path, "rb") as f:
-                self._map = self._map_fd(f.fileno())
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                self._map = self._map_fd(fd)
+            finally:
+                os.close(fd)
         try:
             self.sb = SuperBlock.unpack(self._map[SUPER_OFFSET : SUPER_OFFSET + 128])
         except FormatError as exc:
-            self._map.close()
+            self._close_map()
             raise FormatError(f"{self.name}: {exc}") from None
         unknown = self.sb.feature_incompat & ~READER_INCOMPAT
         if unknown:
-            self._map.close()
+            self._close_map()
             raise FormatError(f"{self.name}: unsupported EROFS features {unknown:#x}")
         self.block_size = self.sb.block_size
         try:
-            self.device_slots = self._read_device_table()
+            self.device_slots = self._read_device_table() if self.sb.extra_devices else []
         except EpError:
-            self._map.close()
+            self._close_map()
             raise
         self._meta_base = self.sb.meta_blkaddr * self.block_size
         self._device_paths = devices or []
         self._device_maps: dict[int, mmap.mmap] = {}
         self._shared_xattrs: dict[int, XattrEntry] = {}
 
-    def _map_fd(self, fd: int) -> mmap.mmap:
-        if os.fstat(fd).st_size < SUPER_OFFSET + 128:
+    def _map_fd(self, fd: int) -> mmap.mmap | bytes:
+        """The image's bytes: a small image (a merge's typical upper layer, a few blocks) is
+        read whole with one pread, which costs a fraction of setting up and tearing down a
+        mapping; a larger one is mapped, so only what is read is paged in."""
+        size = self.file_size = os.fstat(fd).st_size
+        if size < SUPER_OFFSET + 128:
             raise FormatError(f"{self.name}: too small to be an EROFS image")
+        if size <= READ_WHOLE_MAX:
+            raw = os.pread(fd, size, 0)
+            if len(raw) == size:
+                return raw
         return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+
+    def _close_map(self) -> None:
+        if isinstance(self._map, mmap.mmap):
+            self._map.close()
 
     def close(self) -> None:
         for m in self._device_maps.values():
             m.close()
-        self._map.close()
+        self._close_map()
 
     def __enter__(self) -> ErofsImage:
         return self
@@ -211,7 +232,7 @@ class ErofsImage:
 
     @_corrupt_is_an_error
     def inode(self, nid: int) -> InodeInfo:
-        pos = self.sb.meta_blkaddr * self.block_size + nid * INODE_SLOT_SIZE
+        pos = self._meta_base + nid * INODE_SLOT_SIZE
         try:
             inode = Inode.unpack(
                 self._bytes(
@@ -229,6 +250,8 @@ class ErofsImage:
 
     def xattrs(self, info: InodeInfo) -> dict[bytes, bytes]:
         ino = info.inode
+        if not ino.xattr_icount:  # most inodes: no call through the checking wrapper
+            return {}
         return self.xattrs_at(info.nid, info.pos + ino.isize, ino.xattr_icount)
 
     @_corrupt_is_an_error
@@ -368,7 +391,7 @@ class ErofsImage:
         self._check_blocks(info, device, addr, length)
         return ChunkRef(offset, length, device, addr)
 
-    def _device_map(self, device: int) -> mmap.mmap:
+    def _device_map(self, device: int) -> mmap.mmap | bytes:
         if device == 0:
             return self._map
         if device not in self._device_maps:
@@ -413,8 +436,19 @@ class ErofsImage:
         """A directory's bytes, its size bounded by the image first."""
         if not stat.S_ISDIR(info.mode):
             raise InvalidArgument(f"nid {info.nid} is not a directory")
-        if info.size > self.sb.blocks * self.block_size:  # holes could make it any size
+        inode, bs = info.inode, self.block_size
+        size, limit = inode.size, self.sb.blocks * bs
+        if size > limit:  # holes could make it any size
             raise FormatError(f"{self.name}: nid {info.nid}: directory larger than the image")
+        if inode.layout == LAYOUT_FLAT_INLINE and 0 < size <= bs:
+            # The common small directory, wholly inline after its inode: `data_map`'s
+            # checks without its ChunkRef and the join (a merge reads every directory).
+            pos = info.data_pos
+            if pos % bs + size > bs:
+                raise FormatError(f"{self.name}: nid {info.nid}: inline data crosses a block")
+            if pos + size > limit:
+                raise FormatError(f"{self.name}: nid {info.nid}: inline data beyond the image")
+            return self._bytes(pos, size)
         return self.read(info)
 
     def entries_fields(

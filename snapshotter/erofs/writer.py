@@ -25,21 +25,25 @@ import os
 import sys
 from array import array
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 
 from snapshotter.erofs.format import (
     CHUNK_FORMAT_INDEXES,
+    COMMON_MTIME,
+    DIR_BLOCK_PLAN,
     FEATURE_INCOMPAT_CHUNKED_FILE,
     FEATURE_INCOMPAT_DEVICE_TABLE,
+    FILE_COLUMNS,
     LAYOUT_CHUNK_BASED,
     LAYOUT_FLAT_INLINE,
     NULL_ADDR,
     SUPER_OFFSET,
     SUPER_SIZE,
+    WALK_TREE,
     ChunkIndex,
     DeviceSlot,
-    Dirent,
     Inode,
     SuperBlock,
     XattrEntry,
@@ -723,10 +727,13 @@ def write_metadata(
     `Inode.pack`, `XattrIbody.pack`, `ChunkIndex` and `Dirent` (format.py).
     """
     bs = params.block_size
-    order, nlinks, parent_of = _walk_tree(root)
+    order, links, parents = _walk_tree(root)
     shared, shared_blob = _shared_xattrs(order, bs) if share_xattrs else ({}, b"")
     if params.build_time_from_tree:
-        ct_sec, ct_nsec = pick_build_time(Counter((n.mtime, n.mtime_nsec) for n in order))
+        picked = None if COMMON_MTIME is None else COMMON_MTIME(order)  # compiled, same pick
+        if picked is None:
+            picked = pick_build_time(Counter(map(attrgetter("mtime", "mtime_nsec"), order)))
+        ct_sec, ct_nsec = picked
     else:
         ct_sec, ct_nsec = params.build_time, params.build_time_nsec
     cursor = _BlockCursor(data.next_block, bs)
@@ -740,7 +747,6 @@ def write_metadata(
     layouts = bytearray(count)
     i_us = [0] * count
     sizes = [0] * count
-    links = [0] * count
     xbodies: dict[int, bytes] = {}
     tables: list[bytes | None] = [None] * count
     tails: dict[int, bytes] = {}
@@ -751,7 +757,18 @@ def write_metadata(
     # tails after whole blocks (no fsmeta had those before: earlier fsmetas keep their bytes).
     fill_gaps = params.fill_gaps
     tail: bytes | None
-    for i, node in enumerate(order):
+    # A merge's common file (PackedChunks, no xattrs) in one compiled call, the same values
+    # as the loop below gives it; the loop does every other inode, in order.
+    rest: Iterable[int] = range(count)
+    if FILE_COLUMNS is not None:
+        got = FILE_COLUMNS(
+            order, links, ct_sec, ct_nsec, PackedChunks, heads, layouts, i_us, sizes, tables
+        )
+        if got is not None:
+            rest, handled = got
+            any_chunked = handled > 0
+    for i in rest:
+        node = order[i]
         mode, size = node.mode, node.size
         icount = 0
         if node.xattrs:
@@ -763,7 +780,7 @@ def write_metadata(
             icount = ibody.icount
             if icount:
                 xbodies[i] = ibody.pack()
-        nlink = links[i] = nlinks[id(node)]
+        nlink = links[i]
         if (
             node.mtime == ct_sec
             and node.mtime_nsec == ct_nsec
@@ -785,10 +802,9 @@ def write_metadata(
         elif fmt == 0o020000 or fmt == 0o060000:  # character or block device
             i_us[i] = encode_dev(*node.rdev)
         elif node.children is not None:
-            groups = _dir_block_plan(node, bs)
+            groups, tail_len = _dir_block_plan(node.children, bs)
             dir_groups[i] = groups
             whole = len(groups) - 1
-            tail_len = _block_used(groups[-1])
             size = whole * bs + tail_len
             if 0 < tail_len < bs and head + tail_len <= bs:
                 layouts[i] = LAYOUT_FLAT_INLINE
@@ -848,7 +864,6 @@ def write_metadata(
             tables[i] = _pack_chunk_table(fd)
             any_chunked = True
         sizes[i] = size
-    del nlinks  # the largest structure here: one entry per inode, keyed by id
 
     xattr_blkaddr = take(len(shared_blob)) if shared_blob else 0
     meta_blkaddr = cursor.next_block - 1  # nids start at bs/32, never 0
@@ -874,7 +889,7 @@ def write_metadata(
 
     for i, groups in dir_groups.items():
         node = order[i]
-        parent_nid = nid_of[id(parent_of[id(node)])]
+        parent_nid = nids[parents[i]]
         blocks = pack_dir_blocks(groups, node.dir_children(), nid_of, nids[i], parent_nid)
         if layouts[i] == LAYOUT_FLAT_INLINE:
             tails[i] = blocks.pop()
@@ -987,14 +1002,15 @@ def _pad(raw: bytes, bs: int) -> bytes:
     return raw + bytes(-len(raw) % bs)
 
 
-def _walk_tree(root: Node) -> tuple[list[Node], dict[int, int], dict[int, Node]]:
-    """In one walk: every inode once (root first, then depth-first by sorted name), link
-    counts by id (a directory has 2 + its subdirectories, others one per directory entry)
-    and each directory's parent, for its '..' entry (the root is its own parent)."""
+def _walk_tree_pure(root: Node) -> tuple[list[Node], list[int], list[int]]:
+    """In one walk: every inode once (root first, then depth-first by sorted name), each
+    one's link count (a directory has 2 + its subdirectories, others one per directory
+    entry) and each directory's parent as its index in the order, for its '..' entry (the
+    root is its own parent; 0 for non-directories)."""
     seen: set[int] = set()
     order: list[Node] = []
     links: dict[int, int] = {}
-    parent_of = {id(root): root}
+    parent_of = {id(root): 0}
     stack = [root]
     while stack:
         node = stack.pop()
@@ -1002,6 +1018,7 @@ def _walk_tree(root: Node) -> tuple[list[Node], dict[int, int], dict[int, Node]]
         if key in seen:
             continue
         seen.add(key)
+        index = len(order)
         order.append(node)
         children = node.children
         if children is None:
@@ -1014,11 +1031,21 @@ def _walk_tree(root: Node) -> tuple[list[Node], dict[int, int], dict[int, Node]]
                 links[ckey] = links.get(ckey, 0) + 1
             else:
                 subdirs += 1
-                parent_of[ckey] = node
+                parent_of[ckey] = index
         links[key] += subdirs
         if children:
             stack.extend([children[name] for name in sorted(children, reverse=True)])
-    return order, links, parent_of
+    return order, [links[id(n)] for n in order], [parent_of.get(id(n), 0) for n in order]
+
+
+def _walk_tree(root: Node) -> tuple[list[Node], list[int], list[int]]:
+    """`_walk_tree_pure`, compiled where it can be (fsmeta/_mergepack.c `walk_tree`: the
+    same lists, the nodes counted by address instead of by `id` in dicts)."""
+    if WALK_TREE is not None:
+        got = WALK_TREE(root)
+        if got is not None:
+            return got
+    return _walk_tree_pure(root)
 
 
 def _shared_xattrs(order: list[Node], bs: int) -> tuple[dict[tuple[bytes, bytes], int], bytes]:
@@ -1034,15 +1061,16 @@ def _shared_xattrs(order: list[Node], bs: int) -> tuple[dict[tuple[bytes, bytes]
     return ids, bytes(blob)
 
 
-def _dir_block_plan(node: Node, bs: int) -> list[list[bytes]]:
-    """The directory's names, sorted (`.` and `..` included), grouped into blocks.
+def _dir_block_plan_pure(children: dict[bytes, Node], bs: int) -> tuple[list[list[bytes]], int]:
+    """The directory's names, sorted (`.` and `..` included), grouped into blocks, and the
+    bytes the last block takes (its dirents, then its names).
 
     Sizes depend only on names, so the grouping is fixed before nids exist; the entries are
     written block by block once they do."""
     groups: list[list[bytes]] = [[]]
     group = groups[0]
     used = 0
-    for name in sorted([b".", b"..", *node.dir_children()]):
+    for name in sorted([b".", b"..", *children]):
         need = 12 + len(name)  # Dirent.SIZE and the name
         if used + need > bs:
             group = []
@@ -1050,12 +1078,16 @@ def _dir_block_plan(node: Node, bs: int) -> list[list[bytes]]:
             used = 0
         group.append(name)
         used += need
-    return groups
+    return groups, used
 
 
-def _block_used(names: list[bytes]) -> int:
-    """Bytes a directory block of these names takes: the dirents, then the names."""
-    return Dirent.SIZE * len(names) + sum(map(len, names))
+def _dir_block_plan(children: dict[bytes, Node], bs: int) -> tuple[list[list[bytes]], int]:
+    """`_dir_block_plan_pure`, compiled where it can be (fsmeta/_mergepack.c)."""
+    if DIR_BLOCK_PLAN is not None:
+        got = DIR_BLOCK_PLAN(children, bs)
+        if got is not None:
+            return got
+    return _dir_block_plan_pure(children, bs)
 
 
 def _pack_chunk_table(fd: Chunks) -> bytes:

@@ -438,7 +438,7 @@ def _layer_device(layer: LayerBlob, img: ErofsImage) -> tuple[MergedDevice, Supe
     if img.device_slots:
         raise Unsupported(f"{layer.path}: a multi-device image cannot be merged as a layer")
     tag = layer.tag or img.sb.uuid.hex()
-    file_size = os.stat(layer.path).st_size
+    file_size = img.file_size  # as opened: the bytes mapped are the bytes counted
     if file_size < img.sb.blocks * img.block_size:
         raise CorruptImage(
             f"{layer.path}: {file_size} bytes, shorter than the "

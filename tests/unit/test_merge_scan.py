@@ -159,6 +159,34 @@ def test_merged_bytes_are_the_same_both_ways(
     assert "PackedChunks" in repr(trees[0])
 
 
+def test_read_whole_and_mapped_images_merge_alike(
+    layers: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small image is read whole (one pread), a larger one mapped: either way the merge
+    gives the same bytes, and a damaged image the same error."""
+    from snapshotter.erofs import reader
+
+    sizes = [p.stat().st_size for p in layers]
+    assert min(sizes) <= reader.READ_WHOLE_MAX  # both kinds occur in a default merge
+    outs, errors = [], []
+    truncated = tmp_path / "truncated.erofs"
+    with ErofsImage(layers[0]) as img:
+        image_bytes = img.sb.blocks * img.block_size
+    truncated.write_bytes(layers[0].read_bytes()[: image_bytes - 4096])
+    for limit in (0, 1 << 40):
+        monkeypatch.setattr(reader, "READ_WHOLE_MAX", limit)
+        with ErofsImage(layers[0]) as img:
+            assert isinstance(img._map, bytes) == bool(limit)
+            assert img.file_size == sizes[0]
+        merge_layers(layers, tmp_path / f"{limit}.fsmeta")
+        outs.append((tmp_path / f"{limit}.fsmeta").read_bytes())
+        with pytest.raises(EpError) as exc:
+            merge_layers([*layers[:1], truncated], tmp_path / "t.fsmeta")
+        errors.append(str(exc.value))
+    assert outs[0] == outs[1]
+    assert errors[0] == errors[1] and "truncated" in errors[0]
+
+
 def _shape(node: object) -> object:
     """A tree as nested tuples of every attribute (Nodes compare by identity)."""
     from snapshotter.erofs.tree import Node

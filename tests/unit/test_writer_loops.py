@@ -1,7 +1,8 @@
 """The metadata writer's compiled loops (fsmeta/_mergepack.c, format.py `layout_inode_table`,
-`pack_inode_table`, `pack_dir_blocks`) give the pure loops' bytes: whole images converted
-and merged both ways are equal, and for anything the compiled loops do not expect they hand
-the work to the pure loop, whose error it stays."""
+`pack_inode_table`, `pack_dir_blocks`, writer.py `_walk_tree`, `_dir_block_plan`, the
+common file's columns) give the pure loops' bytes: whole images converted and merged both
+ways are equal, and for anything the compiled loops do not expect they hand the work to the
+pure loop, whose error it stays."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from snapshotter.erofs import format as fmt
+from snapshotter.erofs import writer
 from snapshotter.erofs.tree import Node
 from snapshotter.fsmeta.merge import merge_layers
 from snapshotter.ingest.convert import convert_layer
@@ -34,6 +36,12 @@ def test_images_are_the_same_both_ways(tmp_path: Path, monkeypatch: pytest.Monke
     for way in ("compiled", "pure"):
         with monkeypatch.context() as m:  # compiled whatever EROFS_PASSTHROUGH_PURE says
             m.setattr(fmt, "_LOOPS", _loops() if way == "compiled" else None)
+            m.setattr(writer, "WALK_TREE", _loops().walk_tree if way == "compiled" else None)
+            m.setattr(
+                writer, "DIR_BLOCK_PLAN", _loops().dir_block_plan if way == "compiled" else None
+            )
+            m.setattr(writer, "FILE_COLUMNS", _loops().file_columns if way == "compiled" else None)
+            m.setattr(writer, "COMMON_MTIME", _loops().common_mtime if way == "compiled" else None)
             layers = []
             for i, tar in enumerate(tars):
                 for inline in (True, False):
@@ -134,3 +142,148 @@ def test_dir_blocks_agree_and_decline_what_they_do_not_know() -> None:
     with pytest.raises(KeyError):
         fmt.pack_dir_blocks([[b"missing"]], children, nid_of, 1, 2)
     assert loops.pack_dir_blocks([[b"a"]], children, {}, 1, 2) is None
+
+
+@st.composite
+def _trees(draw: st.DrawFn) -> Node:
+    """Directories and files in any name order, files linked from several directories,
+    empty directories, and now and then a directory that holds the root again (a cycle)."""
+    root = Node.directory()
+    dirs, files = [root], []
+    for _ in range(draw(st.integers(0, 40))):
+        parent = draw(st.sampled_from(dirs))
+        name = draw(st.binary(min_size=1, max_size=3))
+        kind = draw(st.sampled_from(["file", "file", "dir", "link"]))
+        if kind == "dir":
+            node = Node.directory()
+            dirs.append(node)
+        elif kind == "link" and files:
+            node = draw(st.sampled_from(files))
+        else:
+            node = _node()
+            files.append(node)
+        parent.dir_children()[name] = node
+    if draw(st.booleans()):
+        draw(st.sampled_from(dirs)).dir_children()[b"loop"] = root
+    return root
+
+
+@settings(max_examples=300, deadline=None)
+@given(root=_trees())
+def test_tree_walks_agree(root: Node) -> None:
+    order, links, parents = writer._walk_tree_pure(root)
+    got = _loops().walk_tree(root)
+    assert got is not None
+    assert [id(n) for n in got[0]] == [id(n) for n in order]
+    assert (got[1], got[2]) == (links, parents)
+
+
+def test_tree_walk_declines_what_it_does_not_know() -> None:
+    walk = _loops().walk_tree
+    root = Node.directory()
+    root.dir_children()["text"] = _node()  # type: ignore[index]  # a str name
+    assert walk(root) is None
+    with pytest.raises(TypeError):  # the pure walk's error stays: str and bytes do not sort
+        root.dir_children()[b"b"] = _node()
+        writer._walk_tree(root)
+
+    class Other(Node):
+        __slots__ = ()
+
+    root = Node.directory()
+    root.dir_children()[b"x"] = Other(mode=0o100644)
+    assert walk(root) is None
+    assert writer._walk_tree(root)[1:] == ([2, 1], [0, 0])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    names=st.lists(st.binary(min_size=1, max_size=255), max_size=60, unique=True),
+    bs=st.sampled_from([200, 12 + 255, 512, 4096]),
+)
+def test_dir_block_plans_agree(names: list[bytes], bs: int) -> None:
+    """Any names (ones sorting before `.` too), blocks small enough that one name can
+    overflow an empty block: the same groups and last block's bytes."""
+    children = {name: _node() for name in names if name not in (b".", b"..")}
+    want = writer._dir_block_plan_pure(children, bs)
+    assert _loops().dir_block_plan(children, bs) == want
+    groups, used = want
+    assert used == 12 * len(groups[-1]) + sum(map(len, groups[-1]))
+    assert _loops().dir_block_plan({"text": _node()}, bs) is None
+
+
+_ODD_INTS = st.sampled_from([0, 1, 3, 0xFFFF, 0x10000, 2**32 - 1, 2**32, 2**63, -1, -(2**63)])
+
+
+@st.composite
+def _file_nodes(draw: st.DrawFn) -> Node:
+    """Files as a merge makes them (PackedChunks) with values in and out of every compact
+    field's range, now and then with xattrs, other data or a foreign class."""
+    from snapshotter.erofs.tree import Extent, PackedChunks
+
+    kind = draw(st.sampled_from(["packed", "packed", "packed", "xattrs", "extent", "empty"]))
+    node = _node(
+        uid=draw(_ODD_INTS), gid=draw(st.sampled_from([0, 2, 0xFFFF, 0x10000])),
+        mtime=draw(st.sampled_from([3, 4, 2**63])), mtime_nsec=draw(st.sampled_from([4, 5])),
+        size=draw(st.sampled_from([1, 4096, 2**32 - 1, 2**32])),
+    )  # fmt: skip
+    if kind in ("packed", "xattrs"):
+        bits = draw(st.sampled_from([0, 1, 31]))
+        node.data = PackedChunks(bits, draw(st.sampled_from([b"\0" * 8, b"\1" * 16])))
+    elif kind == "extent":
+        node.data = Extent(7, 1)
+    if kind == "xattrs":
+        node.xattrs = {b"user.a": b"1"}
+    return node
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(files=st.lists(_file_nodes(), min_size=1, max_size=20))
+def test_file_columns_write_the_pure_loops_bytes(files: list[Node]) -> None:
+    import os
+    import tempfile
+
+    root = Node.directory(mtime=3, mtime_nsec=4)
+    sub = Node.directory(mtime=9)
+    root.dir_children()[b"sub"] = sub
+    for k, node in enumerate(files):
+        (sub if k % 3 else root).dir_children()[b"f%d" % k] = node
+    images = []
+    for columns in (_loops().file_columns, None):
+        with tempfile.TemporaryFile() as f, pytest.MonkeyPatch.context() as m:
+            m.setattr(writer, "FILE_COLUMNS", columns)
+            m.setattr(writer, "COMMON_MTIME", _loops().common_mtime if columns else None)
+            data = writer.DataWriter(f.fileno(), 4096, writer.header_blocks(4096))
+            try:
+                writer.write_metadata(data, root, writer.ImageParams(build_time_from_tree=True))
+            except Exception as exc:  # the same error both ways
+                images.append(repr(exc))
+                continue
+            images.append(os.pread(f.fileno(), 1 << 20, 0))
+    assert images[0] == images[1]
+    # classes whose fields are not slots (InlineTail) are not read by offsets: None
+    from snapshotter.erofs.tree import InlineTail
+
+    args = ([files[0]], [1], 3, 4, InlineTail, [0], bytearray(1), [0], [0], [None])
+    assert _loops().file_columns(*args) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    times=st.lists(
+        st.tuples(st.sampled_from([0, 1, 7, -1, 2**63 - 1, -(2**63)]), st.integers(0, 3)),
+        min_size=1,
+        max_size=300,
+    )
+)
+def test_common_mtime_picks_what_pick_build_time_picks(times: list[tuple[int, int]]) -> None:
+    """Ties (the latest wins), negative and extreme seconds, tables that grow."""
+    from collections import Counter
+
+    from snapshotter.erofs.tree import pick_build_time
+
+    nodes = [_node(mtime=s, mtime_nsec=ns) for s, ns in times]
+    nodes += [_node(mtime=k, mtime_nsec=0) for k in range(100, 100 + len(times) // 3)]
+    want = pick_build_time(Counter((n.mtime, n.mtime_nsec) for n in nodes))
+    assert _loops().common_mtime(nodes) == want
+    assert _loops().common_mtime([_node(mtime=2**63)]) is None  # beyond 64 bits: the pure pick
