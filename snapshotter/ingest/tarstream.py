@@ -605,10 +605,6 @@ class TarReader:
 # 64 MiB windows a minbase conversion peaked at 113 MB, with 8 MiB at 48 MB, 42 MB streamed).
 WINDOW = 8 << 20
 HASH_WINDOW = 8 << 20
-# Every byte of a window is read (headers, data, padding): the window's page tables are filled
-# when it is mapped, in one call, instead of by a fault per 16 pages as writev and the hash touch
-# them (minbase's 210 MB: 12k minor faults; writing it from the mapping 71 -> 54 ms, measured).
-MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 
 
 class MappedTar:
@@ -650,9 +646,7 @@ class MappedTar:
             while pos < end and not self._stop.is_set():
                 base = pos - pos % mmap.ALLOCATIONGRANULARITY
                 length = min(HASH_WINDOW, end - base)
-                with mmap.mmap(
-                    self._fd, length, flags=MAP_FLAGS, prot=mmap.PROT_READ, offset=base
-                ) as m:
+                with mmap.mmap(self._fd, length, prot=mmap.PROT_READ, offset=base) as m:
                     view = memoryview(m)
                     self._hash.update(view[pos - base :])
                     view.release()
@@ -665,7 +659,7 @@ class MappedTar:
         base = pos - pos % mmap.ALLOCATIONGRANULARITY
         length = min(WINDOW, self._end - base)
         # The old window stays mapped only as long as pieces handed out from it are held.
-        m = mmap.mmap(self._fd, length, flags=MAP_FLAGS, prot=mmap.PROT_READ, offset=base)
+        m = mmap.mmap(self._fd, length, prot=mmap.PROT_READ, offset=base)
         m.madvise(mmap.MADV_SEQUENTIAL)
         self._win = memoryview(m)
         self._win_start = base
