@@ -146,12 +146,11 @@ class TarImporter:
                 f"the layer has more than {limits.max_entries} entries (max_entries)"
             )
         path = m.name
-        parts = path.split(b"/")
+        stem = path[2:] if path[:2] == b"./" else path  # as `tar -C DIR .` writes names
+        parts = stem.split(b"/")
         if not parts[-1]:
             parts.pop()  # a directory's trailing slash
-            stem = path[:-1]
-        else:
-            stem = path
+            stem = stem[:-1]
         if (
             len(path) > self._fast_path_bytes  # the general checks: limit, components > 255
             or len(parts) > limits.max_path_depth

@@ -77,6 +77,9 @@ GNU_MAGIC = b"ustar  \0"
 
 _SPARSE_OFFSET, _SPARSE_NUMBYTES = b"GNU.sparse.offset", b"GNU.sparse.numbytes"
 _SPARSE_MAP = b"GNU.sparse.map"
+# PAX records an unpacker does not apply (as Go's archive/tar and containerd): the most
+# common ones, skipped before the comparisons `_apply_pax` makes for the others.
+_PAX_IGNORED = frozenset((b"atime", b"ctime", b"comment", b"charset", b"hdrcharset"))
 _OCTAL = re.compile(rb"[0-7]*")
 _DECIMAL = re.compile(rb"-?[0-9]{1,19}")
 _PAX_TIME = re.compile(rb"(-?[0-9]{1,19})(?:\.([0-9]*))?")
@@ -522,6 +525,8 @@ class TarReader:
 
     def _apply_pax(self, m: TarMember, pax: dict[bytes, bytes]) -> None:
         for key, value in pax.items():
+            if key in _PAX_IGNORED:
+                continue
             if not value and not key.startswith((b"SCHILY.xattr.", b"LIBARCHIVE.xattr.")):
                 continue  # an empty record keeps the header's value (Go: "keep USTAR")
             if key == b"path":
@@ -737,6 +742,11 @@ class MappedTar:
 
     def read(self, size: int) -> memoryview | bytes:
         """`size` bytes (fewer only at the end)."""
+        pos = self._pos
+        off = pos - self._win_start
+        if off >= 0 and off + size <= len(self._win) and size > 0:  # within the window
+            self._pos = pos + size
+            return self._win[off : off + size]
         first = self.read_some(size)
         if len(first) == size or not first:
             return first
