@@ -335,6 +335,7 @@ def _convert(
                 inline_max,
                 limits,
                 tail_packing=tail_packing,
+                early_writeback=True,  # atomic_output fsyncs the image
             )
             tree, identity = build(data)
             params = ImageParams(
