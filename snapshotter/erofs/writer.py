@@ -112,10 +112,15 @@ class DataWriter:
         inline_max: int = DEFAULT_INLINE_MAX,
         limits: Limits | None = None,
         tail_packing: bool = False,
+        early_writeback: bool = False,
     ) -> None:
         """`limits`: the layer's ceilings (image bytes, sparse overhead); None for sources
         that are not untrusted layers (a directory commit, a merge): only the format's
         32-bit block addresses bound them.
+
+        `early_writeback`: for an image that will be fsynced, start the disk writes of each
+        batch as it is written (`start_writeback`), so the final fsync waits for little
+        more than the metadata: the disk works while the source is still being read.
 
         `tail_packing`: a larger file stored as one extent keeps its last partial block
         inline after its inode (FLAT_INLINE), as mkfs.erofs does by default, when the
@@ -136,6 +141,7 @@ class DataWriter:
         self.hole_chunk = hole_chunk
         self.inline_max = inline_max
         self.tail_packing = tail_packing
+        self._writeback = start_writeback if early_writeback else None
         self._inline_budget = INLINE_BUDGET
         self._zero_chunk = bytes(hole_chunk)
         self._zero_view = memoryview(self._zero_chunk)
@@ -189,6 +195,8 @@ class DataWriter:
         _write_all(self.fd, pieces)
         if self.observer is not None:
             self.observer(offset, b"".join(pieces))
+        if self._writeback is not None:
+            self._writeback(self.fd, offset, self._pending)
         self._pieces = []
         self._pending = 0
 
@@ -635,6 +643,35 @@ def _max_inode_head(xattrs: dict[bytes, bytes] | None) -> int:
     if not xattrs:
         return 64
     return 64 + 12 + sum((4 + len(k) + len(v) + 3) & ~3 for k, v in xattrs.items())
+
+
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """libc's sync_file_range(2) (Linux; Python's os module has no binding), or None."""
+    try:
+        import ctypes  # the CLI and the service import it anyway
+
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (ImportError, OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SYNC_FILE_RANGE: list[Callable[[int, int, int, int], int] | None] = []  # looked up once
+SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing `length` bytes at `offset` of `fd` to disk, without
+    waiting (sync_file_range(SYNC_FILE_RANGE_WRITE)): a hint that makes a later fsync
+    shorter, never a guarantee (the fsync still is one), so failures are ignored. Minbase
+    (210 MB): import, hash and fsync 0.340 -> 0.265 s (median of 7 interleaved rounds)."""
+    if not _SYNC_FILE_RANGE:
+        _SYNC_FILE_RANGE.append(_sync_file_range() if sys.platform == "linux" else None)
+    fn = _SYNC_FILE_RANGE[0]
+    if fn is not None and length > 0:
+        fn(fd, offset, length, SYNC_FILE_RANGE_WRITE)
 
 
 def _write_all(fd: int, pieces: list[bytes | memoryview]) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
+from snapshotter.erofs.format import SUPER_OFFSET
 from snapshotter.erofs.limits import DEFAULT_LIMITS, Limits
 from snapshotter.erofs.tree import SourceTree
 from snapshotter.erofs.writer import (
@@ -151,7 +152,7 @@ def convert_layer(
             )
     stream: LayerStream | MappedTar | None = None
 
-    def build(data: DataWriter) -> tuple[SourceTree, str]:
+    def build(data: DataWriter) -> tuple[SourceTree, Callable[[], str]]:
         nonlocal stream
         mapped = _mapped_tar(source, limits)
         layer = LayerStream(source, limits) if mapped is None else None
@@ -159,31 +160,46 @@ def convert_layer(
         assert stream is not None
         try:
             tree = import_tar(stream, data, limits)
+            if layer is not None:
+                layer.drain()
+        except BaseException:
+            stream.close()  # the producer or hashing thread ends here, on error
+            raise
+        if layer is not None:
+            layer.close()
+
+        def identity() -> str:
+            """The diffID, checked; for a mapped tar the hashing thread may still run while
+            the metadata is written, and is waited for here."""
+            assert stream is not None
             if mapped is not None:
                 mapped.finish()  # the digest of the whole file, as LayerStream's drain gives
                 source.seek(0, os.SEEK_END)  # type: ignore[attr-defined]  # read to the end
-            elif layer is not None:
-                layer.drain()
-        finally:
-            stream.close()  # the producer or hashing thread ends here, on success or error
-        if expected_diff_id is not None and stream.diff_id != expected_diff_id:
-            raise DigestMismatch(
-                f"diffID mismatch: layer is {stream.diff_id}, expected {expected_diff_id}"
-            )
-        return tree, stream.diff_id
+                mapped.close()
+            if expected_diff_id is not None and stream.diff_id != expected_diff_id:
+                raise DigestMismatch(
+                    f"diffID mismatch: layer is {stream.diff_id}, expected {expected_diff_id}"
+                )
+            return stream.diff_id
 
-    result = _convert(
-        Path(out_path),
-        build,
-        identity_hint=expected_diff_id,
-        verity=verity,
-        block_size=block_size,
-        hole_chunk=hole_chunk,
-        blob_digest=blob_digest,
-        inline_max=inline_max,
-        limits=limits,
-        tail_packing=tail_packing,
-    )
+        return tree, identity
+
+    try:
+        result = _convert(
+            Path(out_path),
+            build,
+            identity_hint=expected_diff_id,
+            verity=verity,
+            block_size=block_size,
+            hole_chunk=hole_chunk,
+            blob_digest=blob_digest,
+            inline_max=inline_max,
+            limits=limits,
+            tail_packing=tail_packing,
+        )
+    finally:
+        if stream is not None:
+            stream.close()  # a hashing thread still running when the metadata failed
     assert stream is not None  # _convert returns only after `build` ran
     return dataclasses.replace(
         result,
@@ -229,10 +245,11 @@ def convert_directory(
     UUID."""
     src = Path(src_dir)
 
-    def build(data: DataWriter) -> tuple[SourceTree, str]:
+    def build(data: DataWriter) -> tuple[SourceTree, Callable[[], str]]:
         from snapshotter.ingest.dir_import import import_directory
 
-        return import_directory(src, data)
+        tree, identity = import_directory(src, data)
+        return tree, lambda: identity
 
     return _convert(
         Path(out_path),
@@ -312,7 +329,7 @@ def import_erofs_image(
 
 def _convert(
     out_path: Path,
-    build: Callable[[DataWriter], tuple[SourceTree, str]],
+    build: Callable[[DataWriter], tuple[SourceTree, Callable[[], str]]],
     *,
     identity_hint: str | None,
     verity: VerityParams | bool | None,
@@ -327,10 +344,13 @@ def _convert(
 
     `limits` bound the image written (None: only the format does; `build` applies its own).
 
-    `build` returns the tree and the source's identity (a sha256 digest string), from which
-    the UUID derives, and from the UUID the default verity salt. When the identity is known
-    up front (`identity_hint`, e.g. the diffID containerd knows) the verity leaves are hashed
-    while the image is written; otherwise the image is hashed once more from the page cache.
+    `build` returns the tree and a function giving the source's identity (a sha256 digest
+    string), from which the UUID derives, and from the UUID the default verity salt. When the
+    identity is known up front (`identity_hint`, e.g. the diffID containerd knows) the verity
+    leaves are hashed while the image is written; otherwise the image is hashed once more
+    from the page cache. The identity is asked for after the metadata is written (a plain
+    tar's sha256 runs on a thread meanwhile): without a hint the superblock is written with
+    a zero UUID and rewritten with the real one before anything reads the image back.
     """
     _check_block_size(block_size)
     if verity or blob_digest:  # what hashes the image: only then loaded (see the imports)
@@ -354,16 +374,24 @@ def _convert(
                 inline_max,
                 limits,
                 tail_packing=tail_packing,
+                early_writeback=True,  # atomic_output fsyncs the image
             )
             tree, identity = build(data)
             params = ImageParams(
                 block_size=block_size,
                 build_time=tree.build_time,
                 build_time_nsec=tree.build_time_nsec,
-                uuid=layer_uuid(identity),
+                uuid=layer_uuid(identity_hint) if identity_hint is not None else bytes(16),
                 fill_gaps=tail_packing,
             )
             sb = write_metadata(data, tree.root, params)
+            fs_uuid = layer_uuid(identity())  # == params.uuid when there is a hint
+            if fs_uuid != params.uuid:
+                # Nothing has seen the superblock (a write observer is only set with a hint).
+                assert feed is None
+                params = dataclasses.replace(params, uuid=fs_uuid)
+                sb = dataclasses.replace(sb, uuid=fs_uuid)
+                os.pwrite(fd, sb.pack(), SUPER_OFFSET)
             size = sb.blocks * block_size
             digest = hashlib.sha256() if blob_digest else None
             rehash_verity = False

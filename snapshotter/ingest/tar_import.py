@@ -83,6 +83,11 @@ class TarImporter:
         self._implicit_nodes: list[Node] = [self.root]
         self._mtimes: Counter[tuple[int, int]] = Counter()
         self.entries = 0
+        # Parent directories by the path that names them in the tar (b"" is the root): tars
+        # list a directory's entries together, and each member's parent is then one dict
+        # lookup instead of a walk from the root. Dropped whole when a directory is replaced.
+        self._dirs: dict[bytes, tuple[Node, dict[bytes, Node]]] = {}
+        self._fast_path_bytes = min(255, limits.max_path_bytes)
 
     def _parent(self, parts: list[bytes], name: bytes) -> Node:
         """The directory holding the last component, creating missing ones (mode 0755)."""
@@ -128,46 +133,65 @@ class TarImporter:
 
     def add(self, m: TarMember, read) -> None:
         """One tar member; `read(n)` reads its stored data (for a sparse member, the bytes
-        of its data runs back to back)."""
+        of its data runs back to back).
+
+        The hot loop of a layer import, written flat: the common member (a plain path, no
+        whiteout, a regular file, directory or symlink) takes one pass with its parent
+        directory found by path in `_dirs`, not walked from the root; everything else takes
+        the general code, which judges it (and words its errors) as before."""
         self.entries += 1
-        if self.entries > self.limits.max_entries:
+        limits = self.limits
+        if self.entries > limits.max_entries:
             raise InvalidInput(
-                f"the layer has more than {self.limits.max_entries} entries (max_entries)"
+                f"the layer has more than {limits.max_entries} entries (max_entries)"
             )
-        parts = split_member_path(m.name, self.limits)
-        _check_member(m)
-        cost = NODE_COST + len(m.name) + len(m.linkname)
-        if m.xattrs:
-            cost += sum(len(k) + len(v) for k, v in m.xattrs.items())
-        self._charge(cost, m.name)
+        path = m.name
+        stem = path[2:] if path[:2] == b"./" else path  # as `tar -C DIR .` writes names
+        parts = stem.split(b"/")
+        if not parts[-1]:
+            parts.pop()  # a directory's trailing slash
+            stem = stem[:-1]
+        if (
+            len(path) > self._fast_path_bytes  # the general checks: limit, components > 255
+            or len(parts) > limits.max_path_depth
+            or b"" in parts  # absolute, or doubled slashes
+            or b"." in parts
+            or b".." in parts
+            or b"\0" in path
+        ):
+            parts = split_member_path(path, limits)  # raises, or the cleaned components
+            key = b"/".join(parts[:-1])
+        else:
+            key = stem[: len(stem) - len(parts[-1]) - 1] if len(parts) > 1 else b""
+        flag = m.typeflag
+        if m.xattrs or flag == ts.SYMLINK or flag == ts.CHRDEV or flag == ts.BLKDEV:
+            _check_member(m)
+            cost = NODE_COST + len(path) + len(m.linkname)
+            if m.xattrs:
+                cost += sum(len(k) + len(v) for k, v in m.xattrs.items())
+        else:
+            cost = NODE_COST + len(path) + len(m.linkname)
+        self.metadata_bytes += cost
+        if self.metadata_bytes > limits.max_metadata_bytes:
+            self._charge(0, path)  # raises
         self._mtimes[(m.mtime, m.mtime_nsec)] += 1
         if not parts:
-            if m.typeflag != ts.DIRECTORY:
-                raise InvalidInput(f"{_show(m.name)!r}: the layer root is not a directory")
+            if flag != ts.DIRECTORY:
+                raise InvalidInput(f"{_show(path)!r}: the layer root is not a directory")
             self._set_attrs(self.root, m)
             self._implicit.discard(id(self.root))
             return
+        if WHITEOUT_PREFIX in path and self._whiteout_member(m, parts, key):
+            return
         name = parts[-1]
-        if AUFS_META_PREFIX in m.name and any(
-            p.startswith(AUFS_META_PREFIX) and p != OPAQUE_MARKER for p in parts
-        ):
-            return  # AUFS bookkeeping (.wh..wh.plnk/...), not part of the image
-        if name == OPAQUE_MARKER:
-            self._parent(parts, m.name).xattrs[OPAQUE_XATTR] = b"y"
-            return
-        parent = self._parent(parts, m.name)
-        siblings = parent.dir_children()
-        if name.startswith(WHITEOUT_PREFIX):
-            target = name[len(WHITEOUT_PREFIX) :]
-            validate_name(target)
-            node = Node(mode=stat.S_IFCHR, rdev=(0, 0))
-            self._set_attrs(node, m)
-            siblings[target] = node
-            parent.xattrs[ORIGIN_XATTR] = b""
-            return
-        if m.typeflag == ts.DIRECTORY:
+        found = self._dirs.get(key)
+        if found is None:
+            parent = self._parent(parts, path)
+            found = self._dirs[key] = (parent, parent.dir_children())
+        siblings = found[1]
+        if flag == ts.DIRECTORY:
             existing = siblings.get(name)
-            if existing is not None and existing.is_dir:
+            if existing is not None and stat.S_ISDIR(existing.mode):
                 self._implicit.discard(id(existing))
                 self._set_attrs(existing, m)  # a directory over a directory: attributes only
                 return
@@ -176,13 +200,51 @@ class TarImporter:
                 # `.wh.X` then `X/` in one layer (OCI: the whiteout applies to the layers
                 # below, the new X to this one): X must hide what lies below it.
                 node.xattrs[OPAQUE_XATTR] = b"y"
-        elif m.typeflag == ts.HARDLINK:
-            siblings[name] = self._link_target(m)
+            self._set_attrs(node, m)
+            siblings[name] = node  # replaces no directory: the cache stays right
             return
+        if flag == ts.HARDLINK:
+            node = self._link_target(m)
         else:
             node = self._new_node(m, read)
+            # (uid_t)-1 is "no id" to Linux: such a file would be unreadable even by root.
+            if not (0 <= m.uid < 0xFFFFFFFF and 0 <= m.gid < 0xFFFFFFFF):
+                self._set_attrs(node, m)  # raises
+            node.mode |= 0o777 if flag == ts.SYMLINK else m.mode & 0o7777
+            node.uid, node.gid = m.uid, m.gid
+            node.mtime, node.mtime_nsec = m.mtime, m.mtime_nsec
+            node.xattrs = m.xattrs  # the member's own dict, nothing else holds it
+        self._replace(siblings, name, node)  # a later entry wins
+
+    def _replace(self, siblings: dict[bytes, Node], name: bytes, node: Node) -> None:
+        """`siblings[name] = node`; a directory replaced drops the parent cache (its paths, and
+        the paths below it, now lead elsewhere or nowhere)."""
+        old = siblings.get(name)
+        if old is not None and stat.S_ISDIR(old.mode):
+            self._dirs.clear()
+        siblings[name] = node
+
+    def _whiteout_member(self, m: TarMember, parts: list[bytes], key: bytes) -> bool:
+        """The members whose name holds `.wh.`: AUFS bookkeeping (skipped), the opaque marker
+        and whiteouts (applied); False for any other, which `add` then builds."""
+        name = parts[-1]
+        if AUFS_META_PREFIX in m.name and any(
+            p.startswith(AUFS_META_PREFIX) and p != OPAQUE_MARKER for p in parts
+        ):
+            return True  # AUFS bookkeeping (.wh..wh.plnk/...), not part of the image
+        if name == OPAQUE_MARKER:
+            self._parent(parts, m.name).xattrs[OPAQUE_XATTR] = b"y"
+            return True
+        if not name.startswith(WHITEOUT_PREFIX):
+            return False
+        parent = self._parent(parts, m.name)
+        target = name[len(WHITEOUT_PREFIX) :]
+        validate_name(target)
+        node = Node(mode=stat.S_IFCHR, rdev=(0, 0))
         self._set_attrs(node, m)
-        siblings[name] = node  # a later entry wins
+        self._replace(parent.dir_children(), target, node)
+        parent.xattrs[ORIGIN_XATTR] = b""
+        return True
 
     def _link_target(self, m: TarMember) -> Node:
         target = self._lookup(split_member_path(m.linkname, self.limits))

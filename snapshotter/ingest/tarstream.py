@@ -60,10 +60,26 @@ GNU_LONGNAME, GNU_LONGLINK, GNU_SPARSE = ord("L"), ord("K"), ord("S")
 GNU_DUMPDIR, GNU_VOLHDR, GNU_MULTIVOL = ord("D"), ord("V"), ord("M")
 PAX_HEADER, PAX_GLOBAL, SOLARIS_XHDR = ord("x"), ord("g"), ord("X")
 HEADER_ONLY = frozenset((HARDLINK, SYMLINK, CHRDEV, BLKDEV, DIRECTORY, FIFO))
+# Headers that are not a member of their own (or, old GNU sparse, one `_member` reads more of).
+_EXTENSIONS = frozenset(
+    (
+        GNU_LONGNAME,
+        GNU_LONGLINK,
+        GNU_SPARSE,
+        GNU_VOLHDR,
+        GNU_MULTIVOL,
+        PAX_HEADER,
+        PAX_GLOBAL,
+        SOLARIS_XHDR,
+    )
+)
 GNU_MAGIC = b"ustar  \0"
 
 _SPARSE_OFFSET, _SPARSE_NUMBYTES = b"GNU.sparse.offset", b"GNU.sparse.numbytes"
 _SPARSE_MAP = b"GNU.sparse.map"
+# PAX records an unpacker does not apply (as Go's archive/tar and containerd): the most
+# common ones, skipped before the comparisons `_apply_pax` makes for the others.
+_PAX_IGNORED = frozenset((b"atime", b"ctime", b"comment", b"charset", b"hdrcharset"))
 _OCTAL = re.compile(rb"[0-7]*")
 _DECIMAL = re.compile(rb"-?[0-9]{1,19}")
 _PAX_TIME = re.compile(rb"(-?[0-9]{1,19})(?:\.([0-9]*))?")
@@ -393,7 +409,37 @@ class TarReader:
             block = self._header_block()
             if block is None:
                 return None
-            header = TarHeader.unpack(block)
+            fields = _parse_compiled(block) if _parse_compiled is not None else None
+            if fields is not None:
+                # The compiled parser's fields, used as they are for the headers every layer
+                # is made of (a member, a PAX header): no TarHeader built for them.
+                flag = fields[6]
+                size = fields[4]
+                if size > FILE_SIZE_MAX:  # never negative: octal digits
+                    raise InvalidInput(
+                        f"tar header {_show(fields[0][:100])!r}: size {size} out of range"
+                    )
+                if flag not in _EXTENSIONS:
+                    m = TarMember(
+                        fields[0],
+                        flag,
+                        fields[1] & 0o7777,
+                        fields[2],
+                        fields[3],
+                        size,
+                        fields[5],
+                        0,
+                        fields[7],
+                        fields[8],
+                        fields[9],
+                    )
+                    return self._finish_member(m, pax, long_name, long_link, None)
+                if flag == PAX_HEADER:
+                    pax = parse_pax(self._read_meta(size, "PAX header"))
+                    continue
+                header = TarHeader(*fields, block)
+            else:
+                header = TarHeader.unpack_pure(block)
             if not 0 <= header.size <= FILE_SIZE_MAX:
                 raise InvalidInput(
                     f"tar header {_show(header.name[:100])!r}: size {header.size} out of range"
@@ -434,7 +480,22 @@ class TarReader:
             devmajor=h.devmajor,
             devminor=h.devminor,
         )
-        self._apply_pax(m, pax)
+        return self._finish_member(
+            m, pax, long_name, long_link, h if h.typeflag == GNU_SPARSE else None
+        )
+
+    def _finish_member(
+        self,
+        m: TarMember,
+        pax: dict[bytes, bytes],
+        long_name: bytes | None,
+        long_link: bytes | None,
+        gnu_sparse: TarHeader | None,
+    ) -> TarMember:
+        """The member with its extension headers applied and its data accounted for;
+        `gnu_sparse`: the header of an old GNU sparse member, whose map it holds."""
+        if pax:
+            self._apply_pax(m, pax)
         if long_name is not None:  # Go's order: GNU long names win over PAX paths
             m.name = long_name
         if long_link is not None:
@@ -444,9 +505,9 @@ class TarReader:
         if not MTIME_MIN <= m.mtime <= MTIME_MAX:
             raise InvalidInput(f"{_show(m.name)!r}: mtime {m.mtime} out of range")
         stored = 0 if m.typeflag in HEADER_ONLY else m.size  # bytes of data in the archive
-        if h.typeflag == GNU_SPARSE:
-            m.sparse, m.size = self._gnu_sparse_map(h)
-        elif (sparse := self._pax_sparse(m, pax)) is not None:
+        if gnu_sparse is not None:
+            m.sparse, m.size = self._gnu_sparse_map(gnu_sparse)
+        elif pax and (sparse := self._pax_sparse(m, pax)) is not None:
             m.sparse, used = sparse
             stored -= used
         if m.sparse is not None:
@@ -464,6 +525,8 @@ class TarReader:
 
     def _apply_pax(self, m: TarMember, pax: dict[bytes, bytes]) -> None:
         for key, value in pax.items():
+            if key in _PAX_IGNORED:
+                continue
             if not value and not key.startswith((b"SCHILY.xattr.", b"LIBARCHIVE.xattr.")):
                 continue  # an empty record keeps the header's value (Go: "keep USTAR")
             if key == b"path":
@@ -679,6 +742,11 @@ class MappedTar:
 
     def read(self, size: int) -> memoryview | bytes:
         """`size` bytes (fewer only at the end)."""
+        pos = self._pos
+        off = pos - self._win_start
+        if off >= 0 and off + size <= len(self._win) and size > 0:  # within the window
+            self._pos = pos + size
+            return self._win[off : off + size]
         first = self.read_some(size)
         if len(first) == size or not first:
             return first

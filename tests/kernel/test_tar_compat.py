@@ -316,3 +316,55 @@ def test_zero_byte_input_is_an_empty_layer(tmp_path: Path) -> None:
     with mounted_erofs(out) as mnt:
         assert os.listdir(mnt) == []
         assert stat.S_IMODE(os.stat(mnt).st_mode) == 0o755
+
+
+def test_members_after_a_replaced_directory_go_where_the_replacement_says(tmp_path: Path) -> None:
+    """A directory replaced later in the layer (by a whiteout, a file, a symlink, a hardlink)
+    is gone for the members after it, however their names spell the path (`./`, doubled
+    slashes): the import finds parents by path, and must not find the old directory."""
+    require_root()
+    d = {"typeflag": b"5", "mode": 0o755}
+    tar = (
+        t.member(b"./", **d)
+        + t.member(b"./a/", **d)
+        + t.member(b"./a/b/", **d)
+        + t.member(b"./a/b/old", b"below the whiteout")
+        + t.member(b"./.wh.a")
+        + t.member(b"./a/b/new", b"after the whiteout")  # implicit a (opaque) and a/b
+        + t.member(b"e", b"a file first")
+        + t.member(b"e/", **d)
+        + t.member(b"./e/k", b"in the directory over the file")
+        + t.member(b"f/", **d)
+        + t.member(b"f/gone", b"x")
+        + t.member(b"f/", **d)  # a directory over a directory: attributes only
+        + t.member(b"f//kept", b"y")
+        + t.end()
+    )
+    layer = tmp_path / "l.tar"
+    layer.write_bytes(tar)
+    out = tmp_path / "l.erofs"
+    convert(layer, out)
+    with mounted_erofs(out) as mnt:
+        assert sorted(os.listdir(mnt)) == ["a", "e", "f"]
+        assert os.listdir(mnt / "a/b") == ["new"]
+        assert (mnt / "a/b/new").read_bytes() == b"after the whiteout"
+        assert os.getxattr(mnt / "a", "trusted.overlay.opaque") == b"y"
+        assert os.listdir(mnt / "e") == ["k"]
+        assert sorted(os.listdir(mnt / "f")) == ["gone", "kept"]
+    for replacement, message in [
+        (t.member(b"./r", b"a file now"), "path component 'r' is not a directory"),
+        (t.member(b"r", typeflag=b"2", linkname=b"t"), "path component 'r' is a symlink"),
+        (
+            t.member(b"t", b"target") + t.member(b"./r", typeflag=b"1", linkname=b"t"),
+            "path component 'r' is not a directory",
+        ),
+    ]:
+        _refused(
+            tmp_path,
+            t.member(b"r/", **d)
+            + t.member(b"r/x", b"1")
+            + replacement
+            + t.member(b"r/y", b"2")
+            + t.end(),
+            message,
+        )
