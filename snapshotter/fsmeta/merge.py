@@ -727,7 +727,11 @@ def merge_layers(
     if verity:
         from snapshotter.erofs.image_verity import append_verity
         from snapshotter.verity import VerityParams, derive_salt
-    blobs = [b if isinstance(b, LayerBlob) else LayerBlob(Path(b)) for b in layers]
+    # A Path as given is kept (no parse again per layer: a merge may name hundreds).
+    blobs = [
+        b if isinstance(b, LayerBlob) else LayerBlob(b if isinstance(b, Path) else Path(b))
+        for b in layers
+    ]
     out_path = Path(out_path)
     step = progress or (lambda _text: None)
     tree_params = (VerityParams() if verity is True else verity) or None
@@ -817,8 +821,8 @@ def _write_fsmeta(
     file_size = size + (0 if tree_params is None else appended_tree_size(size, tree_params))
     start = sb.blocks + trailing_blocks(sb.blocks)
     devices = []
-    for d in merged.devices:
-        devices.append(dataclasses.replace(d, uniaddr=start))
+    for d in merged.devices:  # made directly: dataclasses.replace costs more per layer
+        devices.append(MergedDevice(d.path, d.tag, d.blocks, start, d.file_size))
         start += d.span(bs)
     return MergeResult(
         fsmeta=Path(),
