@@ -45,6 +45,12 @@ ORIGIN_XATTR = b"trusted.overlay.origin"
 # What an inode costs in memory beyond its names and attributes: the Node, its dicts, and the
 # writer's per-inode layout records (measured: ~0.6 KiB; rounded up).
 NODE_COST = 1024
+# The members `_new_node` builds other than regular files (directories and hardlinks never
+# reach it); stat's constants as ints for the hot loop.
+_NOT_REGULAR = frozenset((ts.SYMLINK, ts.CHRDEV, ts.BLKDEV, ts.FIFO))
+_S_IFREG = stat.S_IFREG
+_S_IFMT = 0o170000
+_S_IFDIR = stat.S_IFDIR
 
 
 def split_member_path(name: bytes, limits: Limits = DEFAULT_LIMITS) -> list[bytes]:
@@ -205,6 +211,25 @@ class TarImporter:
             return
         if flag == ts.HARDLINK:
             node = self._link_target(m)
+        elif flag not in _NOT_REGULAR and m.sparse is None:
+            # A regular file (or, as GNU tar reads them, a member of unknown type): `_new_node`'s
+            # last case, written here with the Node built whole, attributes and all.
+            data = self.data.add_file(read, m.size, m.xattrs)
+            if data.__class__ is Chunks:
+                self._charge(len(data.blkaddrs) * CHUNK_INDEX_COST, path)
+            uid, gid = m.uid, m.gid
+            if not (0 <= uid < 0xFFFFFFFF and 0 <= gid < 0xFFFFFFFF):
+                self._set_attrs(Node(stat.S_IFREG), m)  # raises
+            node = Node(
+                _S_IFREG | (m.mode & 0o7777),
+                uid,
+                gid,
+                m.mtime,
+                m.mtime_nsec,
+                m.size,
+                data,
+                xattrs=m.xattrs,  # the member's own dict, nothing else holds it
+            )
         else:
             node = self._new_node(m, read)
             # (uid_t)-1 is "no id" to Linux: such a file would be unreadable even by root.
@@ -214,7 +239,11 @@ class TarImporter:
             node.uid, node.gid = m.uid, m.gid
             node.mtime, node.mtime_nsec = m.mtime, m.mtime_nsec
             node.xattrs = m.xattrs  # the member's own dict, nothing else holds it
-        self._replace(siblings, name, node)  # a later entry wins
+        # A later entry wins; a directory replaced drops the parent cache (see `_replace`).
+        old = siblings.get(name)
+        if old is not None and old.mode & _S_IFMT == _S_IFDIR:
+            self._dirs.clear()
+        siblings[name] = node
 
     def _replace(self, siblings: dict[bytes, Node], name: bytes, node: Node) -> None:
         """`siblings[name] = node`; a directory replaced drops the parent cache (its paths, and
