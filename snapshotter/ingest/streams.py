@@ -29,6 +29,7 @@ READ_CHUNK = 1 << 20
 GZIP_FEED = 1 << 14  # first piece of gzip input per member (max_length bounds its output)
 OUT_LIMIT = 4 << 20
 QUEUE_DEPTH = 4  # chunks of at most OUT_LIMIT between the producer thread and the reader
+HASH_DEPTH = 4  # compressed layers: tar chunks waiting for the diffID thread
 
 # isal's stub declares `error` an instance (`error: Exception`); at run time it is the class.
 _GZIP_ERROR = cast("type[Exception]", isal_zlib.error)
@@ -337,6 +338,7 @@ class LayerStream:
         # Uncompressed: the blob is the tar, one hash serves both digests.
         self._blob_hash = self._tar_hash if self.compression == "none" else hashlib.sha256()
         self.tar_size = 0  # tar bytes produced so far (the producer's count)
+        self._hash_thread = self.compression != "none"
         self._chunk = memoryview(b"")  # the chunk being read, from _pos on
         self._pos = 0
         self._done = False  # the producer's end (or error) was taken from the queue
@@ -374,10 +376,34 @@ class LayerStream:
             except queue.Full:
                 continue
 
+    def _hash_tar(self, chunks: queue.Queue[bytes | None]) -> None:
+        """The diffID thread (compressed layers): sha256 of the tar chunks, in order."""
+        update = self._tar_hash.update
+        while (chunk := chunks.get()) is not None:
+            update(chunk)
+
     def _produce(self, raw: bytes) -> None:
+        identity = self.compression == "none"
+        hasher: threading.Thread | None = None
+        if not identity:
+            # The diffID's sha256 (~40% of the producer's CPU for zstd) in a thread of its
+            # own: hashlib releases the GIL, so it overlaps the decompression and takes the
+            # core the parser leaves idle while it waits for the producer (docs/benchmarks.md).
+            self._tar_chunks: queue.Queue[bytes | None] = queue.Queue(HASH_DEPTH)
+            hasher = threading.Thread(
+                target=self._hash_tar, args=(self._tar_chunks,), name="layer-diffid", daemon=True
+            )
+            hasher.start()
+        try:
+            self._produce_chunks(raw, identity, hasher)
+        finally:
+            if hasher is not None and hasher.is_alive():  # stopped or failed midway
+                self._tar_chunks.put(None)  # (the hasher always drains: no deadlock)
+                hasher.join()
+
+    def _produce_chunks(self, raw: bytes, identity: bool, hasher: threading.Thread | None) -> None:
         try:
             decoder = self._decoder
-            identity = self.compression == "none"
             while raw:
                 if not identity:
                     self._blob_hash.update(raw)
@@ -386,6 +412,9 @@ class LayerStream:
                     self._emit(decoder.drain())
                 raw = self._src.read(READ_CHUNK)
             decoder.finish()
+            if hasher is not None:  # the diffID is complete before the consumer sees the end
+                self._tar_chunks.put(None)
+                hasher.join()
             self._put(_END)
         except _Stopped:
             return
@@ -395,7 +424,10 @@ class LayerStream:
 
     def _emit(self, out: bytes) -> None:
         if out:
-            self._tar_hash.update(out)
+            if self._hash_thread:
+                self._tar_chunks.put(out)
+            else:
+                self._tar_hash.update(out)
             self.tar_size += len(out)
             if self.tar_size > self._max_tar_bytes:
                 raise InvalidInput(
