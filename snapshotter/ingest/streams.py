@@ -29,7 +29,7 @@ READ_CHUNK = 1 << 20
 GZIP_FEED = 1 << 14  # first piece of gzip input per member (max_length bounds its output)
 OUT_LIMIT = 4 << 20
 QUEUE_DEPTH = 4  # chunks of at most OUT_LIMIT between the producer thread and the reader
-HASH_DEPTH = 4  # compressed layers: tar chunks waiting for the diffID thread
+HASH_DEPTH = 8  # compressed layers: blob and tar chunks waiting for the digests' thread
 
 # isal's stub declares `error` an instance (`error: Exception`); at run time it is the class.
 _GZIP_ERROR = cast("type[Exception]", isal_zlib.error)
@@ -376,20 +376,22 @@ class LayerStream:
             except queue.Full:
                 continue
 
-    def _hash_tar(self, chunks: queue.Queue[bytes | None]) -> None:
-        """The diffID thread (compressed layers): sha256 of the tar chunks, in order."""
-        update = self._tar_hash.update
-        while (chunk := chunks.get()) is not None:
-            update(chunk)
+    def _hash_tar(self, chunks: queue.Queue[tuple[bool, bytes] | None]) -> None:
+        """The digests' thread (compressed layers): sha256 of the blob's and of the tar's
+        chunks (`True`: a tar chunk), each in order."""
+        tar, blob = self._tar_hash.update, self._blob_hash.update
+        while (item := chunks.get()) is not None:
+            (tar if item[0] else blob)(item[1])
 
     def _produce(self, raw: bytes) -> None:
         identity = self.compression == "none"
         hasher: threading.Thread | None = None
         if not identity:
-            # The diffID's sha256 (~40% of the producer's CPU for zstd) in a thread of its
-            # own: hashlib releases the GIL, so it overlaps the decompression and takes the
-            # core the parser leaves idle while it waits for the producer (docs/benchmarks.md).
-            self._tar_chunks: queue.Queue[bytes | None] = queue.Queue(HASH_DEPTH)
+            # Both sha256s (the diffID's ~40% of the producer's CPU for zstd, the blob's
+            # ~15%) in a thread of their own: hashlib releases the GIL, so they overlap the
+            # decompression and take the core the parser leaves idle while it waits for the
+            # producer (docs/benchmarks.md).
+            self._tar_chunks: queue.Queue[tuple[bool, bytes] | None] = queue.Queue(HASH_DEPTH)
             hasher = threading.Thread(
                 target=self._hash_tar, args=(self._tar_chunks,), name="layer-diffid", daemon=True
             )
@@ -406,7 +408,7 @@ class LayerStream:
             decoder = self._decoder
             while raw:
                 if not identity:
-                    self._blob_hash.update(raw)
+                    self._tar_chunks.put((False, raw))
                 self._emit(decoder.feed(raw))
                 while decoder.pending():
                     self._emit(decoder.drain())
@@ -425,7 +427,7 @@ class LayerStream:
     def _emit(self, out: bytes) -> None:
         if out:
             if self._hash_thread:
-                self._tar_chunks.put(out)
+                self._tar_chunks.put((True, out))
             else:
                 self._tar_hash.update(out)
             self.tar_size += len(out)
