@@ -307,9 +307,10 @@ class LayerStream:
     same stream, hashed once. Both are complete after `drain()`. More than
     `limits.max_tar_bytes` of tar (a decompression bomb) is an EpError.
 
-    Reading the source, decompressing and hashing run in one producer thread (`os.read`,
-    ISA-L, zstd and hashlib release the GIL), so they overlap with the tar parsing and image
-    writing of the caller's thread on a second core. The tar reaches the caller through a
+    Reading the source and decompressing run in a producer thread, and for a compressed
+    layer both sha256s in a thread of their own fed by the producer (`os.read`, ISA-L, zstd
+    and hashlib release the GIL), so they overlap with the tar parsing and image writing of
+    the caller's thread on a second core. The tar reaches the caller through a
     queue of at most QUEUE_DEPTH chunks of at most OUT_LIMIT bytes: memory stays bounded
     whatever the layer's size. An error in the producer (corrupt, truncated, over a limit, an
     OSError of the source) is raised, as it was raised there, by the read that reaches the
