@@ -29,6 +29,7 @@ READ_CHUNK = 1 << 20
 GZIP_FEED = 1 << 14  # first piece of gzip input per member (max_length bounds its output)
 OUT_LIMIT = 4 << 20
 QUEUE_DEPTH = 4  # chunks of at most OUT_LIMIT between the producer thread and the reader
+HASH_DEPTH = 8  # compressed layers: blob and tar chunks waiting for the digests' thread
 
 # isal's stub declares `error` an instance (`error: Exception`); at run time it is the class.
 _GZIP_ERROR = cast("type[Exception]", isal_zlib.error)
@@ -306,9 +307,10 @@ class LayerStream:
     same stream, hashed once. Both are complete after `drain()`. More than
     `limits.max_tar_bytes` of tar (a decompression bomb) is an EpError.
 
-    Reading the source, decompressing and hashing run in one producer thread (`os.read`,
-    ISA-L, zstd and hashlib release the GIL), so they overlap with the tar parsing and image
-    writing of the caller's thread on a second core. The tar reaches the caller through a
+    Reading the source and decompressing run in a producer thread, and for a compressed
+    layer both sha256s in a thread of their own fed by the producer (`os.read`, ISA-L, zstd
+    and hashlib release the GIL), so they overlap with the tar parsing and image writing of
+    the caller's thread on a second core. The tar reaches the caller through a
     queue of at most QUEUE_DEPTH chunks of at most OUT_LIMIT bytes: memory stays bounded
     whatever the layer's size. An error in the producer (corrupt, truncated, over a limit, an
     OSError of the source) is raised, as it was raised there, by the read that reaches the
@@ -337,6 +339,7 @@ class LayerStream:
         # Uncompressed: the blob is the tar, one hash serves both digests.
         self._blob_hash = self._tar_hash if self.compression == "none" else hashlib.sha256()
         self.tar_size = 0  # tar bytes produced so far (the producer's count)
+        self._hash_thread = self.compression != "none"
         self._chunk = memoryview(b"")  # the chunk being read, from _pos on
         self._pos = 0
         self._done = False  # the producer's end (or error) was taken from the queue
@@ -374,18 +377,47 @@ class LayerStream:
             except queue.Full:
                 continue
 
+    def _hash_tar(self, chunks: queue.Queue[tuple[bool, bytes] | None]) -> None:
+        """The digests' thread (compressed layers): sha256 of the blob's and of the tar's
+        chunks (`True`: a tar chunk), each in order."""
+        tar, blob = self._tar_hash.update, self._blob_hash.update
+        while (item := chunks.get()) is not None:
+            (tar if item[0] else blob)(item[1])
+
     def _produce(self, raw: bytes) -> None:
+        identity = self.compression == "none"
+        hasher: threading.Thread | None = None
+        if not identity:
+            # Both sha256s (the diffID's ~40% of the producer's CPU for zstd, the blob's
+            # ~15%) in a thread of their own: hashlib releases the GIL, so they overlap the
+            # decompression and take the core the parser leaves idle while it waits for the
+            # producer (docs/benchmarks.md).
+            self._tar_chunks: queue.Queue[tuple[bool, bytes] | None] = queue.Queue(HASH_DEPTH)
+            hasher = threading.Thread(
+                target=self._hash_tar, args=(self._tar_chunks,), name="layer-diffid", daemon=True
+            )
+            hasher.start()
+        try:
+            self._produce_chunks(raw, identity, hasher)
+        finally:
+            if hasher is not None and hasher.is_alive():  # stopped or failed midway
+                self._tar_chunks.put(None)  # (the hasher always drains: no deadlock)
+                hasher.join()
+
+    def _produce_chunks(self, raw: bytes, identity: bool, hasher: threading.Thread | None) -> None:
         try:
             decoder = self._decoder
-            identity = self.compression == "none"
             while raw:
                 if not identity:
-                    self._blob_hash.update(raw)
+                    self._tar_chunks.put((False, raw))
                 self._emit(decoder.feed(raw))
                 while decoder.pending():
                     self._emit(decoder.drain())
                 raw = self._src.read(READ_CHUNK)
             decoder.finish()
+            if hasher is not None:  # the diffID is complete before the consumer sees the end
+                self._tar_chunks.put(None)
+                hasher.join()
             self._put(_END)
         except _Stopped:
             return
@@ -395,7 +427,10 @@ class LayerStream:
 
     def _emit(self, out: bytes) -> None:
         if out:
-            self._tar_hash.update(out)
+            if self._hash_thread:
+                self._tar_chunks.put((True, out))
+            else:
+                self._tar_hash.update(out)
             self.tar_size += len(out)
             if self.tar_size > self._max_tar_bytes:
                 raise InvalidInput(

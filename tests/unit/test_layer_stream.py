@@ -53,7 +53,11 @@ def _zstd(data: bytes) -> bytes:
 
 
 def _stream_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name in ("layer-stream", "verity-feed")]
+    return [
+        t
+        for t in threading.enumerate()
+        if t.name in ("layer-stream", "layer-diffid", "verity-feed")
+    ]
 
 
 @pytest.mark.parametrize("kind", ["none", "gzip", "zstd"])
@@ -131,6 +135,17 @@ def test_closing_early_stops_a_producer_that_waits_for_room() -> None:
     blob = _gzip(_payload(32 << 20, seed=3), 8)  # far more than the queue holds
     stream = LayerStream(io.BytesIO(blob))
     stream.read(1000)
+    stream.close()
+    assert not _stream_threads()
+
+
+def test_closing_early_stops_the_digests_thread_too() -> None:
+    """Compressed layers hash in a thread of their own: started while the stream runs,
+    stopped by close() however far the stream got."""
+    blob = _gzip(_payload(32 << 20, seed=4), 4)
+    stream = LayerStream(io.BytesIO(blob))
+    stream.read(1000)
+    assert any(t.name == "layer-diffid" for t in threading.enumerate())
     stream.close()
     assert not _stream_threads()
 
