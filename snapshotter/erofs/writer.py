@@ -231,27 +231,39 @@ class DataWriter:
             # a rootfs layer's size in some directories. The budget bounds the memory held.
             self._inline_budget -= size
             return InlineTail(None, bytes(_read_exact(read, size)))
-        bs = self.block_size
-        rem = size % bs
+        rem = self._packed_tail(size, xattrs)
+        if rem:
+            head = self._add_whole(read, size - rem)
+            return self._with_tail(head, bytes(_read_exact(read, rem)), size)
+        return self._add_whole(read, size)
+
+    def _packed_tail(self, size: int, xattrs: dict[bytes, bytes] | None) -> int:
+        """The bytes of a `size`-byte file's last partial block that go inline after its
+        inode (tail packing, when the inode and `xattrs` leave room), taken from the inline
+        budget; 0 when the file is stored in whole blocks."""
+        rem = size % self.block_size
         if (
             rem
             and self.tail_packing
             and self._inline_budget >= rem
-            and _max_inode_head(xattrs) + rem <= bs
+            and _max_inode_head(xattrs) + rem <= self.block_size
         ):
             self._inline_budget -= rem
-            head = self._add_whole(read, size - rem)
-            tail = bytes(_read_exact(read, rem))
-            if head is None or isinstance(head, Extent):
-                return InlineTail(head, tail)
-            # Holes in the head: the tail is the last block of its last chunk, after it.
-            assert isinstance(head, Chunks)
-            if (size - rem) % self.hole_chunk == 0:
-                head.blkaddrs.append(self.next_block)
-            self._emit_padded([tail], rem)
-            self._inline_budget += rem
-            return head
-        return self._add_whole(read, size)
+            return rem
+        return 0
+
+    def _with_tail(self, head: FileData, tail: bytes, size: int) -> FileData:
+        """A tail-packed file's data: `head` in whole blocks and `tail` inline, unless holes
+        in the head made it chunked; then the tail is the last block of its last chunk,
+        after it, and gives its inline budget back."""
+        if head is None or isinstance(head, Extent):
+            return InlineTail(head, tail)
+        assert isinstance(head, Chunks)
+        if (size - len(tail)) % self.hole_chunk == 0:
+            head.blkaddrs.append(self.next_block)
+        self._emit_padded([tail], len(tail))
+        self._inline_budget += len(tail)
+        return head
 
     def _add_whole(self, read: Callable[[int], bytes | memoryview], size: int) -> FileData:
         """`size` bytes of file data in whole blocks (the last one zero-padded)."""
@@ -374,28 +386,13 @@ class DataWriter:
                 return chunk
 
             return self.add_file(read, size, xattrs)
-        bs = self.block_size
-        rem = size % bs
-        if (
-            rem
-            and self.tail_packing
-            and self._inline_budget >= rem
-            and _max_inode_head(xattrs) + rem <= bs
-        ):
-            # add_file's tail-packing rule, the head copied and the tail read.
-            self._inline_budget -= rem
+        rem = self._packed_tail(size, xattrs)
+        if rem:  # add_file's tail-packing rule, the head copied and the tail read
             head = self._copy_large(fd, size - rem, seen)
             tail = _pread_exact(fd, rem, size - rem, size)
             if seen is not None:
                 seen(tail)
-            if head is None or isinstance(head, Extent):
-                return InlineTail(head, tail)
-            assert isinstance(head, Chunks)
-            if (size - rem) % self.hole_chunk == 0:
-                head.blkaddrs.append(self.next_block)
-            self._emit_padded([tail], rem)
-            self._inline_budget += rem
-            return head
+            return self._with_tail(head, tail, size)
         return self._copy_large(fd, size, seen)
 
     def _copy_large(
