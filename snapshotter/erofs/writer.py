@@ -302,14 +302,7 @@ class DataWriter:
             nonlocal run_bytes
             for pos in range(0, len(view), chunk):
                 piece = view[pos : pos + chunk]
-                # memoryview == bytes compares item by item (~12 ms per zero MiB): a look at
-                # both ends, then a copy and memcmp for what may be a hole.
-                if (
-                    len(piece) == chunk
-                    and not piece[0]
-                    and not piece[-1]
-                    and piece.tobytes() == zero
-                ):
+                if _is_hole(piece, zero):
                     if run:
                         self._emit_padded(run, run_bytes)
                         run.clear()
@@ -433,12 +426,7 @@ class DataWriter:
                 seen(view)
             for off in range(0, n, chunk):
                 piece = view[off : off + chunk]
-                if (
-                    len(piece) == chunk
-                    and not piece[0]
-                    and not piece[-1]
-                    and piece.tobytes() == zero
-                ):
+                if _is_hole(piece, zero):
                     if run_bytes:
                         self._copy_run(fd, run_at, run_bytes)
                         run_bytes = 0
@@ -631,6 +619,13 @@ class _Expand:
             out.append(data)
             size -= n
         return b"".join(out)
+
+
+def _is_hole(piece: memoryview, zero: bytes) -> bool:
+    """Whether `piece` is a whole hole chunk (`zero`: that many zero bytes; a file's short
+    last chunk never is). memoryview == bytes compares item by item (~12 ms per zero MiB):
+    a look at both ends, then a copy and memcmp for what may be a hole."""
+    return len(piece) == len(zero) and not piece[0] and not piece[-1] and piece.tobytes() == zero
 
 
 def _max_inode_head(xattrs: dict[bytes, bytes] | None) -> int:
