@@ -339,7 +339,10 @@ class LayerStream:
         # Uncompressed: the blob is the tar, one hash serves both digests.
         self._blob_hash = self._tar_hash if self.compression == "none" else hashlib.sha256()
         self.tar_size = 0  # tar bytes produced so far (the producer's count)
-        self._hash_thread = self.compression != "none"
+        # Compressed: the blob's (False) and the tar's (True) chunks for the digests' thread.
+        self._digests: queue.Queue[tuple[bool, bytes] | None] | None = (
+            None if self.compression == "none" else queue.Queue(HASH_DEPTH)
+        )
         self._chunk = memoryview(b"")  # the chunk being read, from _pos on
         self._pos = 0
         self._done = False  # the producer's end (or error) was taken from the queue
@@ -377,7 +380,7 @@ class LayerStream:
             except queue.Full:
                 continue
 
-    def _hash_tar(self, chunks: queue.Queue[tuple[bool, bytes] | None]) -> None:
+    def _hash_chunks(self, chunks: queue.Queue[tuple[bool, bytes] | None]) -> None:
         """The digests' thread (compressed layers): sha256 of the blob's and of the tar's
         chunks (`True`: a tar chunk), each in order."""
         tar, blob = self._tar_hash.update, self._blob_hash.update
@@ -385,38 +388,38 @@ class LayerStream:
             (tar if item[0] else blob)(item[1])
 
     def _produce(self, raw: bytes) -> None:
-        identity = self.compression == "none"
+        digests = self._digests
         hasher: threading.Thread | None = None
-        if not identity:
+        if digests is not None:
             # Both sha256s (the diffID's ~40% of the producer's CPU for zstd, the blob's
             # ~15%) in a thread of their own: hashlib releases the GIL, so they overlap the
             # decompression and take the core the parser leaves idle while it waits for the
             # producer (docs/benchmarks.md).
-            self._tar_chunks: queue.Queue[tuple[bool, bytes] | None] = queue.Queue(HASH_DEPTH)
             hasher = threading.Thread(
-                target=self._hash_tar, args=(self._tar_chunks,), name="layer-diffid", daemon=True
+                target=self._hash_chunks, args=(digests,), name="layer-diffid", daemon=True
             )
             hasher.start()
         try:
-            self._produce_chunks(raw, identity, hasher)
+            self._produce_chunks(raw, hasher)
         finally:
             if hasher is not None and hasher.is_alive():  # stopped or failed midway
-                self._tar_chunks.put(None)  # (the hasher always drains: no deadlock)
+                assert digests is not None
+                digests.put(None)  # (the hasher always drains: no deadlock)
                 hasher.join()
 
-    def _produce_chunks(self, raw: bytes, identity: bool, hasher: threading.Thread | None) -> None:
+    def _produce_chunks(self, raw: bytes, hasher: threading.Thread | None) -> None:
         try:
-            decoder = self._decoder
+            decoder, digests = self._decoder, self._digests
             while raw:
-                if not identity:
-                    self._tar_chunks.put((False, raw))
+                if digests is not None:
+                    digests.put((False, raw))
                 self._emit(decoder.feed(raw))
                 while decoder.pending():
                     self._emit(decoder.drain())
                 raw = self._src.read(READ_CHUNK)
             decoder.finish()
-            if hasher is not None:  # the diffID is complete before the consumer sees the end
-                self._tar_chunks.put(None)
+            if hasher is not None and digests is not None:  # the diffID is complete
+                digests.put(None)  # before the consumer sees the end
                 hasher.join()
             self._put(_END)
         except _Stopped:
@@ -427,8 +430,8 @@ class LayerStream:
 
     def _emit(self, out: bytes) -> None:
         if out:
-            if self._hash_thread:
-                self._tar_chunks.put((True, out))
+            if self._digests is not None:
+                self._digests.put((True, out))
             else:
                 self._tar_hash.update(out)
             self.tar_size += len(out)
