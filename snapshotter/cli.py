@@ -115,6 +115,7 @@ def _convert(args: argparse.Namespace) -> int:
                 verity=True if args.verity else None,
                 block_size=args.block_size,
                 tail_packing=args.tail_packing,
+                source_digest=args.json,  # printed only there
             )
     finally:
         if not from_stdin:

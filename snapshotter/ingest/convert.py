@@ -123,12 +123,16 @@ def convert_layer(
     inline_max: int = DEFAULT_INLINE_MAX,
     limits: Limits = DEFAULT_LIMITS,
     tail_packing: bool = False,
+    source_digest: bool = True,
 ) -> ConvertResult:
     """Convert a tar / tar.gz / tar.zst layer into an EROFS blob at `out_path`.
 
     `verity`: None, True (containerd's defaults: sha256, 4096/4096, salt derived from the
     image's UUID, itself from the diffID (rules.py), tree appended with a v1 superblock) or a
     `VerityParams`. `blob_digest`: also compute the sha256 of the image bytes.
+    `source_digest`: the sha256 of the bytes read (the OCI blob digest, which the service
+    checks against the layer's descriptor); False leaves `compressed_digest` None and spares a
+    compressed layer that hash (the CLI asks for it only when `--json` prints it).
     `tail_packing`: a file's last partial block inline after its inode when it fits, as
     mkfs.erofs does (`DataWriter`); the CLI's default, off for the service unless its
     config says so. `limits`: the
@@ -149,13 +153,14 @@ def convert_layer(
                 inline_max=inline_max,
                 limits=limits,
                 tail_packing=tail_packing,
+                source_digest=source_digest,
             )
     stream: LayerStream | MappedTar | None = None
 
     def build(data: DataWriter) -> tuple[SourceTree, Callable[[], str]]:
         nonlocal stream
         mapped = _mapped_tar(source, limits)
-        layer = LayerStream(source, limits) if mapped is None else None
+        layer = LayerStream(source, limits, source_digest=source_digest) if mapped is None else None
         stream = mapped or layer
         assert stream is not None
         try:
@@ -204,7 +209,7 @@ def convert_layer(
     return dataclasses.replace(
         result,
         diff_id=stream.diff_id,
-        compressed_digest=stream.compressed_digest,
+        compressed_digest=stream.compressed_digest if source_digest else None,
         compression=stream.compression,
     )
 

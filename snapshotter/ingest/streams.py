@@ -302,9 +302,11 @@ _END = object()
 class LayerStream:
     """A readable tar stream out of a (possibly compressed) layer, hashed as it passes.
 
-    `compressed_digest` is the sha256 of the bytes read from the source (the OCI blob digest);
-    `diff_id` the sha256 of the tar (the OCI diffID); for an uncompressed layer they are the
-    same stream, hashed once. Both are complete after `drain()`. More than
+    `compressed_digest` is the sha256 of the bytes read from the source (the OCI blob digest;
+    None with `source_digest=False`, for a caller that never reads it: ~40 ms of CPU for
+    minbase's 85 MB `.tar.zst`); `diff_id` the sha256 of the tar (the OCI diffID); for an
+    uncompressed layer they are the same stream, hashed once. Both are complete after
+    `drain()`. More than
     `limits.max_tar_bytes` of tar (a decompression bomb) is an EpError.
 
     Reading the source and decompressing run in a producer thread, and for a compressed
@@ -322,7 +324,9 @@ class LayerStream:
     chunks, valid as long as the caller keeps them).
     """
 
-    def __init__(self, source: ByteReader, limits: Limits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self, source: ByteReader, limits: Limits = DEFAULT_LIMITS, *, source_digest: bool = True
+    ) -> None:
         self._src = source
         self._max_tar_bytes = limits.max_tar_bytes
         head = source.read(READ_CHUNK)
@@ -337,7 +341,14 @@ class LayerStream:
         self._decoder = decoders[self.compression]()
         self._tar_hash = hashlib.sha256()
         # Uncompressed: the blob is the tar, one hash serves both digests.
-        self._blob_hash = self._tar_hash if self.compression == "none" else hashlib.sha256()
+        self._blob_hash = (
+            self._tar_hash
+            if self.compression == "none"
+            else hashlib.sha256()
+            if source_digest
+            else None
+        )
+        self._hash_source = self.compression != "none" and source_digest
         self.tar_size = 0  # tar bytes produced so far (the producer's count)
         # Compressed: the blob's (False) and the tar's (True) chunks for the digests' thread.
         self._digests: queue.Queue[tuple[bool, bytes] | None] | None = (
@@ -383,7 +394,8 @@ class LayerStream:
     def _hash_chunks(self, chunks: queue.Queue[tuple[bool, bytes] | None]) -> None:
         """The digests' thread (compressed layers): sha256 of the blob's and of the tar's
         chunks (`True`: a tar chunk), each in order."""
-        tar, blob = self._tar_hash.update, self._blob_hash.update
+        tar = self._tar_hash.update
+        blob = self._blob_hash.update if self._blob_hash is not None else tar  # (never sent)
         while (item := chunks.get()) is not None:
             (tar if item[0] else blob)(item[1])
 
@@ -410,9 +422,10 @@ class LayerStream:
     def _produce_chunks(self, raw: bytes, hasher: threading.Thread | None) -> None:
         try:
             decoder, digests = self._decoder, self._digests
+            hash_source = digests if self._hash_source else None
             while raw:
-                if digests is not None:
-                    digests.put((False, raw))
+                if hash_source is not None:
+                    hash_source.put((False, raw))
                 self._emit(decoder.feed(raw))
                 while decoder.pending():
                     self._emit(decoder.drain())
@@ -513,5 +526,5 @@ class LayerStream:
         return "sha256:" + self._tar_hash.hexdigest()
 
     @property
-    def compressed_digest(self) -> str:
-        return "sha256:" + self._blob_hash.hexdigest()
+    def compressed_digest(self) -> str | None:
+        return None if self._blob_hash is None else "sha256:" + self._blob_hash.hexdigest()

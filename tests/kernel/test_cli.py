@@ -8,6 +8,7 @@ stderr and a non-zero exit, never a traceback or a hang, and lose nothing."""
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import json
 import os
@@ -403,6 +404,23 @@ def test_convert_reads_a_pipe_given_as_standard_input(layer, tmp_path):
     via_file = run_cli("convert", layer, tmp_path / "file.erofs", "--json")
     assert json.loads(proc.stdout)["diff_id"] == json.loads(via_file.stdout)["diff_id"]
     assert sha256_of(tmp_path / "stdin.erofs") == sha256_of(tmp_path / "file.erofs")
+
+
+def test_convert_json_gives_a_compressed_layers_blob_digest(layer, tmp_path):
+    """`--json` prints the blob digest (sha256 of the bytes read); the plain line, which does
+    not show it, does not pay for it, and its diffID is the same."""
+    gz = tmp_path / "layer.tar.gz"
+    gz.write_bytes(gzip.compress(layer.read_bytes(), compresslevel=1))
+    proc = run_cli("convert", gz, tmp_path / "json.erofs", "--json")
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got["compression"] == "gzip"
+    assert got["compressed_digest"] == "sha256:" + sha256_of(gz)
+    assert got["diff_id"] == "sha256:" + sha256_of(layer)
+    plain = run_cli("convert", gz, tmp_path / "plain.erofs")
+    assert plain.returncode == 0, plain.stderr
+    assert f"diff_id {got['diff_id']}" in plain.stdout
+    assert sha256_of(tmp_path / "plain.erofs") == sha256_of(tmp_path / "json.erofs")
 
 
 # --- no traceback on bad input ------------------------------------------------------------

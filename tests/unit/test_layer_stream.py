@@ -92,6 +92,19 @@ def test_every_read_style_gives_the_tar_and_its_digests(kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", ["gzip", "zstd"])
+def test_without_the_source_digest_the_tar_and_diff_id_are_the_same(kind: str) -> None:
+    tar = _payload()
+    blob = {"gzip": _gzip(tar), "zstd": _zstd(tar)}[kind]
+    with LayerStream(io.BytesIO(blob), source_digest=False) as stream:
+        got = bytes(stream.read())
+        assert stream.drain() == 0
+    assert got == tar
+    assert stream.diff_id == "sha256:" + hashlib.sha256(tar).hexdigest()
+    assert stream.compressed_digest is None
+    assert not _stream_threads()
+
+
+@pytest.mark.parametrize("kind", ["gzip", "zstd"])
 def test_a_truncated_stream_is_one_error_after_its_data(kind: str) -> None:
     tar = _payload(1 << 20)
     blob = {"gzip": _gzip(tar, 1), "zstd": zstandard.ZstdCompressor().compress(tar)}[kind]
