@@ -19,6 +19,11 @@ Our service runs as `serve` does by default (conversion workers, one per CPU) pl
 the blob file to its worker. Before each import the bench waits until our Commits' retired
 uppers are removed (a background job, not on Commit's path), so no run pays for another.
 
+Each round also times `ingest`: `ctr images import --no-unpack`, containerd's own part of
+every import (reading the archive into its content store; no snapshotter, no differ), so the
+report can give each snapshotter's unpack alone (import - ingest) and the floor no snapshotter's
+ratio can go below (ingest / the anchor's import).
+
 Every import is `ctr images import --snapshotter S` after `sync` and
 `echo 3 > /proc/sys/vm/drop_caches`, followed by `ctr images rm --sync` (content, image and
 snapshots go). Rounds interleave the snapshotters, their order rotating each round, and the
@@ -63,6 +68,7 @@ MEDIA = {
     "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
 }
 OURS = "erofs-py"
+INGEST = "ingest"  # content only: `ctr images import --no-unpack`
 
 
 def _sha256_file(path: Path) -> str:
@@ -115,10 +121,9 @@ def wait_retired_uppers(stack: Stack, timeout: float = 300) -> None:
 def time_import(stack: Stack, snapshotter: str, archive: Path, image: str) -> float:
     wait_retired_uppers(stack)
     drop_caches()
+    how = ["--no-unpack"] if snapshotter == INGEST else ["--snapshotter", snapshotter]
     t0 = time.perf_counter()
-    stack.containerd.ctr(
-        "images", "import", "--snapshotter", snapshotter, str(archive), timeout=900
-    )
+    stack.containerd.ctr("images", "import", *how, str(archive), timeout=900)
     seconds = time.perf_counter() - t0
     stack.containerd.ctr("images", "rm", "--sync", image)
     return seconds
@@ -158,7 +163,7 @@ def bench_version(
 ) -> dict[tuple[str, str], list[float]]:
     """(compression, snapshotter) -> seconds per round, all in one daemon."""
     erofs_bin = erofs_utils().bin_dir if dist.major_minor >= (2, 0) else None
-    setups = ["overlayfs", OURS] + (["erofs"] if erofs_bin else [])
+    setups = ["overlayfs", OURS] + (["erofs"] if erofs_bin else []) + [INGEST]
     stack = start_stack(dist, base / f"stack-{dist.version}", erofs_bin)
     times: dict[tuple[str, str], list[float]] = defaultdict(list)
     try:
@@ -197,6 +202,21 @@ def report(version: str, times: dict[tuple[str, str], list[float]]) -> None:
                 f"{comp:6s} {OURS} / {anchor}: {of_medians:.2f} (ratio of medians), "
                 f"{per_round:.2f} (median of per-round ratios)"
             )
+        ingest = times.get((comp, INGEST))
+        if not ingest:
+            continue
+        floor = statistics.median(ingest)
+        unpack = {
+            sn: statistics.median(values) - floor
+            for (c, sn), values in sorted(times.items())
+            if c == comp and sn != INGEST
+        }
+        print(
+            f"{comp:6s} containerd's ingest alone {floor:.2f} s = "
+            f"{floor / statistics.median(times[comp, 'overlayfs']):.2f} of overlayfs's import "
+            "(the floor of any snapshotter's ratio to it); unpack alone (median import - "
+            "ingest): " + ", ".join(f"{sn} {sec:.2f} s" for sn, sec in unpack.items())
+        )
 
 
 def _client(
