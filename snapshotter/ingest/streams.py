@@ -306,8 +306,7 @@ class LayerStream:
     None with `source_digest=False`, for a caller that never reads it: ~40 ms of CPU for
     minbase's 85 MB `.tar.zst`); `diff_id` the sha256 of the tar (the OCI diffID); for an
     uncompressed layer they are the same stream, hashed once. Both are complete after
-    `drain()`. More than
-    `limits.max_tar_bytes` of tar (a decompression bomb) is an EpError.
+    `drain()`. More than `limits.max_tar_bytes` of tar (a decompression bomb) is an EpError.
 
     Reading the source and decompressing run in a producer thread, and for a compressed
     layer both sha256s in a thread of their own fed by the producer (`os.read`, ISA-L, zstd
@@ -348,7 +347,6 @@ class LayerStream:
             if source_digest
             else None
         )
-        self._hash_source = self.compression != "none" and source_digest
         self.tar_size = 0  # tar bytes produced so far (the producer's count)
         # Compressed: the blob's (False) and the tar's (True) chunks for the digests' thread.
         self._digests: queue.Queue[tuple[bool, bytes] | None] | None = (
@@ -394,8 +392,7 @@ class LayerStream:
     def _hash_chunks(self, chunks: queue.Queue[tuple[bool, bytes] | None]) -> None:
         """The digests' thread (compressed layers): sha256 of the blob's and of the tar's
         chunks (`True`: a tar chunk), each in order."""
-        tar = self._tar_hash.update
-        blob = self._blob_hash.update if self._blob_hash is not None else tar  # (never sent)
+        tar, blob = self._tar_hash.update, (self._blob_hash or self._tar_hash).update
         while (item := chunks.get()) is not None:
             (tar if item[0] else blob)(item[1])
 
@@ -422,7 +419,8 @@ class LayerStream:
     def _produce_chunks(self, raw: bytes, hasher: threading.Thread | None) -> None:
         try:
             decoder, digests = self._decoder, self._digests
-            hash_source = digests if self._hash_source else None
+            # None for an uncompressed layer (no digests queue) or without a blob digest
+            hash_source = digests if self._blob_hash is not None else None
             while raw:
                 if hash_source is not None:
                     hash_source.put((False, raw))
