@@ -6,7 +6,9 @@ Converts the minbase `.tar.zst` (`--gzip`: the `.tar.gz`) in a child process per
 reports, per thread, from the kernel's `/proc/thread-self/schedstat` and the stream's own
 queue: the wall time, the CPU time, the run-queue delay (runnable but no free CPU: the
 machine's other load), the time the parser waited on the producer's queue (and the producer
-on the parser's), and what is left, which for these two threads is waiting for the GIL.
+on the parser's), and what is left, which for these two threads is waiting for the GIL; for
+the digests' thread (`layer-diffid`, both sha256s) its CPU, run-queue delay and the rest
+("idle": waiting for chunks or the GIL).
 `--baseline DIR` runs the same in DIR's checkout (e.g. `git archive main`) in the same rounds;
 `--switch S` sets `sys.setswitchinterval(S)` first; `--drain` reads the stream without
 parsing (the producer alone). Medians over the rounds.
@@ -72,6 +74,21 @@ def timed_take(self):
         waits["get"] += time.perf_counter() - t0
 
 
+digests = {"wall": 0.0, "cpu": 0.0, "runq": 0.0}  # stays 0 where the thread does not exist
+hash_chunks = getattr(S.LayerStream, "_hash_chunks", None)
+
+
+def timed_hash(self, chunks):
+    t0, (c0, d0) = time.perf_counter(), sched()
+    try:
+        hash_chunks(self, chunks)
+    finally:
+        c1, d1 = sched()
+        digests.update(wall=time.perf_counter() - t0, cpu=c1 - c0, runq=d1 - d0)
+
+
+if hash_chunks is not None:
+    S.LayerStream._hash_chunks = timed_hash
 S.LayerStream._produce, S.LayerStream._put = timed_produce, timed_put
 S.LayerStream._next_chunk = timed_take
 t0, (c0, d0) = time.perf_counter(), sched()
@@ -92,6 +109,9 @@ print(json.dumps({
     "producer runq": p["runq"],
     "producer queue wait": waits["put"],
     "producer GIL wait": p["wall"] - p["cpu"] - p["runq"] - waits["put"],
+    "digests cpu": digests["cpu"],
+    "digests runq": digests["runq"],
+    "digests idle": digests["wall"] - digests["cpu"] - digests["runq"],
 }))
 """
 
