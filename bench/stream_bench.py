@@ -44,53 +44,41 @@ def sched():
     return int(cpu) / 1e9, int(delay) / 1e9
 
 
+# BODY (a thread's whole run) timed by the kernel's counters into RECORD.
+def thread_timed(body, record):
+
+    def timed(self, *args):
+        t0, (c0, d0) = time.perf_counter(), sched()
+        try:
+            body(self, *args)
+        finally:
+            c1, d1 = sched()
+            record.update(wall=time.perf_counter() - t0, cpu=c1 - c0, runq=d1 - d0)
+
+    return timed
+
+
+# CALL (a queue operation) with the time it blocks added to waits[KEY].
+def wait_timed(call, key):
+
+    def timed(self, *args):
+        t0 = time.perf_counter()
+        try:
+            return call(self, *args)
+        finally:
+            waits[key] += time.perf_counter() - t0
+
+    return timed
+
+
 waits = {"get": 0.0, "put": 0.0}
 producer = {}
-produce, put, take = S.LayerStream._produce, S.LayerStream._put, S.LayerStream._next_chunk
-
-
-def timed_produce(self, raw):
-    t0, (c0, d0) = time.perf_counter(), sched()
-    try:
-        produce(self, raw)
-    finally:
-        c1, d1 = sched()
-        producer.update(wall=time.perf_counter() - t0, cpu=c1 - c0, runq=d1 - d0)
-
-
-def timed_put(self, item):
-    t0 = time.perf_counter()
-    try:
-        put(self, item)
-    finally:
-        waits["put"] += time.perf_counter() - t0
-
-
-def timed_take(self):
-    t0 = time.perf_counter()
-    try:
-        return take(self)
-    finally:
-        waits["get"] += time.perf_counter() - t0
-
-
 digests = {"wall": 0.0, "cpu": 0.0, "runq": 0.0}  # stays 0 where the thread does not exist
-hash_chunks = getattr(S.LayerStream, "_hash_chunks", None)
-
-
-def timed_hash(self, chunks):
-    t0, (c0, d0) = time.perf_counter(), sched()
-    try:
-        hash_chunks(self, chunks)
-    finally:
-        c1, d1 = sched()
-        digests.update(wall=time.perf_counter() - t0, cpu=c1 - c0, runq=d1 - d0)
-
-
-if hash_chunks is not None:
-    S.LayerStream._hash_chunks = timed_hash
-S.LayerStream._produce, S.LayerStream._put = timed_produce, timed_put
-S.LayerStream._next_chunk = timed_take
+LS = S.LayerStream
+if hasattr(LS, "_hash_chunks"):
+    LS._hash_chunks = thread_timed(LS._hash_chunks, digests)
+LS._produce = thread_timed(LS._produce, producer)
+LS._put, LS._next_chunk = wait_timed(LS._put, "put"), wait_timed(LS._next_chunk, "get")
 t0, (c0, d0) = time.perf_counter(), sched()
 if drain == "1":
     with open(layer, "rb") as f, S.LayerStream(f) as stream:
