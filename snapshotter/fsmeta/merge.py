@@ -63,6 +63,7 @@ from snapshotter.errors import (
     Unsupported,
 )
 from snapshotter.fsutil import atomic_output
+from snapshotter.gcpause import collector_paused
 
 if TYPE_CHECKING:
     from snapshotter.verity import VerityInfo, VerityParams
@@ -737,9 +738,10 @@ def merge_layers(
     tree_params = (VerityParams() if verity is True else verity) or None
     with atomic_output(out_path) as out:
         fd = out.fileno()
-        result = _write_fsmeta(
-            blobs, fd, progress, tree_params, None if parent is None else Path(parent)
-        )
+        with collector_paused():  # the merged tree: all live until written (gcpause)
+            result = _write_fsmeta(
+                blobs, fd, progress, tree_params, None if parent is None else Path(parent)
+            )
         step("digest and verity tree" if verity else "digest")
         digest = _digest_fd(fd, result.size)
         result = dataclasses.replace(result, fsmeta=out_path, digest=digest)

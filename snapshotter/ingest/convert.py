@@ -31,6 +31,7 @@ from snapshotter.erofs.writer import (
 )
 from snapshotter.errors import CorruptImage, DigestMismatch, InvalidArgument
 from snapshotter.fsutil import atomic_output
+from snapshotter.gcpause import collector_paused
 from snapshotter.ingest.streams import GZIP_MAGIC, ZSTD_MAGIC, ByteReader, LayerStream
 from snapshotter.ingest.tar_import import import_tar
 from snapshotter.ingest.tarstream import MappedTar
@@ -361,7 +362,7 @@ def _convert(
     if verity or blob_digest:  # what hashes the image: only then loaded (see the imports)
         from snapshotter.erofs.image_verity import VerityFeed, reread, verity_builder
         from snapshotter.verity.params import derive_layer_salt
-    with atomic_output(out_path) as out:
+    with atomic_output(out_path) as out, collector_paused():  # the tree: all live (gcpause)
         fd = out.fileno()
         start = header_blocks(block_size)
         feed: VerityFeed | None = None
