@@ -478,6 +478,29 @@ class ErofsImage:
             if name != b"." and name != b".."
         ]
 
+    def dir_entries_fields(
+        self, nid: int, fields: InodeFields, scan: ScanDir | None = None
+    ) -> list[tuple[bytes, int, InodeFields]]:
+        """`entries_fields` of directory `nid` whose `inode_fields` the caller holds (the
+        merge has them from the parent's entries): the common small directory, wholly
+        inline after its inode, goes to `scan` with `_dir_data`'s checks and no `InodeInfo`;
+        anything else, or a scan that finds anything amiss, takes `entries_fields`."""
+        pos, fmt, icount, mode, _nlink, size = fields[:6]
+        bs = self.block_size
+        if scan is not None and stat.S_ISDIR(mode) and (fmt >> 1) & 7 == LAYOUT_FLAT_INLINE:
+            data_pos = pos + (64 if fmt & 1 else 32) + (12 + 4 * (icount - 1) if icount else 0)
+            end = data_pos + size
+            sb = self.sb
+            inline = size > 0 and data_pos % bs + size <= bs  # within its block
+            if inline and end <= len(self._map) and end <= sb.blocks * bs:
+                got = scan(
+                    self._map, self._map[data_pos:end], bs, self._meta_base,
+                    sb.build_time, sb.build_time_nsec,
+                )  # fmt: skip
+                if got is not None:
+                    return got
+        return self.entries_fields(self.inode(nid), scan)
+
     @_corrupt_is_an_error
     def listdir(self, info: InodeInfo) -> list[tuple[bytes, int, int]]:
         """(name, nid, file type) of every entry, `.` and `..` included, in on-disk order.

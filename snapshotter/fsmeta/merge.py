@@ -45,7 +45,7 @@ from snapshotter.erofs.format import (
     SuperBlock,
     decode_dev,
 )
-from snapshotter.erofs.reader import ChunkRef, ErofsImage, InodeInfo, ScanDir
+from snapshotter.erofs.reader import ChunkRef, ErofsImage, InodeFields, ScanDir
 from snapshotter.erofs.tree import (
     Chunks,
     Extent,
@@ -183,34 +183,42 @@ class _LayerApplier:
         self.budget = img.sb.blocks * img.block_size
 
     def apply_root(self, root: Node) -> None:
-        info = self.img.inode(self.img.root_nid)
-        xattrs = self.img.xattrs(info)
+        nid = self.img.root_nid
+        fields = self.img.inode_fields(nid)
+        xattrs = self._xattrs(nid, fields)
         if xattrs.get(OPAQUE_XATTR) == b"y":
             root.dir_children().clear()
-        _set_attrs(root, info.inode, xattrs)
-        self._apply_dir(root, info)
+        _set_attrs_fields(root, fields, xattrs)
+        self._apply_dir(root, nid, fields)
 
-    def _apply_dir(self, target: Node, dir_info: InodeInfo) -> None:
+    def _xattrs(self, nid: int, fields: tuple[int, ...]) -> dict[bytes, bytes]:
+        """The xattrs of inode `nid` from its `inode_fields` (no InodeInfo made)."""
+        pos, fmt_word, icount = fields[:3]
+        if not icount:
+            return _EMPTY_XATTRS
+        return self.img.xattrs_at(nid, pos + (64 if fmt_word & 1 else 32), icount)
+
+    def _apply_dir(self, target: Node, dir_nid: int, dir_fields: InodeFields) -> None:
+        """Directories are walked by their `inode_fields`, as their parents' entries give
+        them: a small layer's few directories then cost no inode object each."""
         img = self.img
-        stack = [(target, dir_info)]
+        stack = [(target, dir_nid, dir_fields)]
         seen: set[int] = set()
         links = self.links
         bs, sb_blocks, device = self.bs, img.sb.blocks, self.device
         pack_index = _CHUNK_INDEX.pack
-        entries_fields = img.entries_fields
+        dir_entries_fields = img.dir_entries_fields
         # The compiled scan makes a common file's node as the loop below does.
         scan = _scan(None if _NODE_SPEC is None else (*_NODE_SPEC, device, sb_blocks))
         while stack:
-            target, dir_info = stack.pop()
-            if dir_info.nid in seen:
-                raise CorruptImage(
-                    f"{img.name}: directory nid {dir_info.nid} appears twice (a cycle)"
-                )
-            seen.add(dir_info.nid)
+            target, dir_nid, dir_fields = stack.pop()
+            if dir_nid in seen:
+                raise CorruptImage(f"{img.name}: directory nid {dir_nid} appears twice (a cycle)")
+            seen.add(dir_nid)
             children = target.dir_children()
-            self._charge(dir_info.size)
+            self._charge(dir_fields[5])  # its size
             # Every name is checked (1..255 bytes, no '/' nor NUL), every inode read.
-            for name, nid, fields in entries_fields(dir_info, scan):
+            for name, nid, fields in dir_entries_fields(dir_nid, dir_fields, scan):
                 node = links.get(nid)
                 if node is not None:  # another name of an inode of this layer
                     children[name] = node
@@ -247,8 +255,7 @@ class _LayerApplier:
                     links[nid] = node
                     children[name] = node
                 elif fmt == _S_IFDIR:
-                    info = img.inode(nid)
-                    xattrs = img.xattrs(info)
+                    xattrs = self._xattrs(nid, fields)
                     existing = children.get(name)
                     if (
                         existing is None
@@ -257,8 +264,8 @@ class _LayerApplier:
                     ):
                         existing = Node.directory()
                         children[name] = existing
-                    _set_attrs(existing, info.inode, xattrs)
-                    stack.append((existing, info))
+                    _set_attrs_fields(existing, fields, xattrs)
+                    stack.append((existing, nid, fields))
                 elif fmt == _S_IFCHR and fields[6] == 0:  # a whiteout
                     children.pop(name, None)
                 else:
@@ -618,6 +625,13 @@ class _FsmetaReader:
         self.budget -= nbytes
         if self.budget < 0:
             raise CorruptImage(f"{self.img.name}: directories and chunk tables overlap")
+
+
+def _set_attrs_fields(node: Node, fields: tuple[int, ...], xattrs: dict[bytes, bytes]) -> None:
+    """`_set_attrs` from an inode's `inode_fields`."""
+    node.mode, node.uid, node.gid = fields[3], fields[7], fields[8]
+    node.mtime, node.mtime_nsec = fields[9], fields[10]
+    node.xattrs = _strip_overlay(xattrs) if xattrs else _EMPTY_XATTRS
 
 
 def _set_attrs(node: Node, ino: Inode, xattrs: dict[bytes, bytes]) -> None:
