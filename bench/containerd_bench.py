@@ -53,6 +53,7 @@ from pathlib import Path
 import grpc
 
 from bench.convert_bench import minbase_layer
+from bench.host import describe
 from shim_integration.testbed.containerd_dist import from_suite
 from shim_integration.testbed.containerd_private import (
     Dist,
@@ -297,6 +298,7 @@ def main() -> None:
     parser.add_argument("--rpc-calls", type=int, default=0, help="rounds per client (0: skip)")
     args = parser.parse_args()
     dists = {"2.1": lambda: from_suite("sid"), "1.6": system_dist}
+    print(describe())
     with tempfile.TemporaryDirectory(prefix="ctd-bench-") as tmp:
         base = Path(tmp)
         imgs = archives(base)

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from bench.convert_bench import CACHE
+from bench.host import describe
 from snapshotter.fsmeta.merge import merge_layers
 from snapshotter.ingest.convert import convert_layer
 from tests.support.layers import Entry, write_tar
@@ -175,6 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.rss:
         cases = [*cases, RSS_CASE]
     print(f"anchor: {mkfs or 'none (erofs-utils >= 1.8 not built)'}; rounds: {args.rounds}")
+    print(describe())
     print(f"load: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} at start")
     print(
         "| files | layers | ours merge s | ours proc s | erofs-utils 1.8 s | merge/1.8 | proc/1.8 "

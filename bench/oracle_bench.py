@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.convert_bench import CACHE, CLI, OURS_ENV, minbase_layer, minbase_zstd, wide_layer
+from bench.host import describe
 from tests.support.erofs_utils_oracle import ErofsUtils, build_info, erofs_utils
 
 
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     for package in ("snapshotter", "shim_integration", "passthrough"):
         compileall.compile_dir(REPO / package, quiet=1)
     print(f"erofs-utils {tools.version} ({tools.bin_dir}); build {build_info(tools)}")
+    print(describe())
     print(f"load before: {os.getloadavg()}")
     mkfs = [tools.mkfs, "--quiet"]
     rows: list[tuple[str, list[Timing]]] = []

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from bench.convert_bench import minbase_layer, minbase_zstd
+from bench.host import describe
 
 _CHILD = r"""
 import json, sys, time
@@ -135,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     here = Path(__file__).resolve().parents[1]
     checkouts = {"ours": here} | ({"baseline": args.baseline} if args.baseline else {})
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in checkouts}
+    print(describe())
     print(f"{layer.name}; load before: {os.getloadavg()}")
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.rounds):

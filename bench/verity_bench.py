@@ -53,6 +53,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench.host import describe
 from snapshotter.verity import VerityParams, VerityTreeBuilder, hashing
 from snapshotter.verity.params import parse_uuid
 
@@ -267,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory-gib", type=int, help="measure peak RSS for a blob this big")
     ap.add_argument("--pools", action="store_true", help="threads vs processes, both loops")
     args = ap.parse_args(argv)
+    print(describe())
     if args.dir:
         os.makedirs(args.dir, exist_ok=True)
     if args.memory_gib:
