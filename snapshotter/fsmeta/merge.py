@@ -41,7 +41,6 @@ from snapshotter.erofs.format import (
     LAYOUT_CHUNK_BASED,
     NULL_ADDR,
     DeviceSlot,
-    Inode,
     SuperBlock,
     decode_dev,
 )
@@ -185,18 +184,11 @@ class _LayerApplier:
     def apply_root(self, root: Node) -> None:
         nid = self.img.root_nid
         fields = self.img.inode_fields(nid)
-        xattrs = self._xattrs(nid, fields)
+        xattrs = _xattrs(self.img, nid, fields)
         if xattrs.get(OPAQUE_XATTR) == b"y":
             root.dir_children().clear()
-        _set_attrs_fields(root, fields, xattrs)
+        _set_attrs(root, fields, xattrs)
         self._apply_dir(root, nid, fields)
-
-    def _xattrs(self, nid: int, fields: tuple[int, ...]) -> dict[bytes, bytes]:
-        """The xattrs of inode `nid` from its `inode_fields` (no InodeInfo made)."""
-        pos, fmt_word, icount = fields[:3]
-        if not icount:
-            return _EMPTY_XATTRS
-        return self.img.xattrs_at(nid, pos + (64 if fmt_word & 1 else 32), icount)
 
     def _apply_dir(self, target: Node, dir_nid: int, dir_fields: InodeFields) -> None:
         """Directories are walked by their `inode_fields`, as their parents' entries give
@@ -255,7 +247,7 @@ class _LayerApplier:
                     links[nid] = node
                     children[name] = node
                 elif fmt == _S_IFDIR:
-                    xattrs = self._xattrs(nid, fields)
+                    xattrs = _xattrs(img, nid, fields)
                     existing = children.get(name)
                     if (
                         existing is None
@@ -264,7 +256,7 @@ class _LayerApplier:
                     ):
                         existing = Node.directory()
                         children[name] = existing
-                    _set_attrs_fields(existing, fields, xattrs)
+                    _set_attrs(existing, fields, xattrs)
                     stack.append((existing, nid, fields))
                 elif fmt == _S_IFCHR and fields[6] == 0:  # a whiteout
                     children.pop(name, None)
@@ -506,24 +498,25 @@ class _FsmetaReader:
 
     def tree(self) -> Node:
         img = self.img
-        info = img.inode(img.root_nid)
+        root_fields = img.inode_fields(img.root_nid)
         root = Node.directory()
-        _set_attrs(root, info.inode, img.xattrs(info))
-        stack = [(root, info)]
+        _set_attrs(root, root_fields, _xattrs(img, img.root_nid, root_fields))
+        stack = [(root, img.root_nid, root_fields)]
         seen: set[int] = set()
         bs, devices, read_at = self.bs, self.devices, img.read_at
         # The compiled scan makes a common file's node as the loop below does.
         spec = None if _NODE_SPEC is None else (*_NODE_SPEC, devices, img.sb.blocks, True)
         scan = _scan(spec)
         while stack:
-            target, dir_info = stack.pop()
-            if dir_info.nid in seen:
-                raise CorruptImage(f"{img.name}: directory nid {dir_info.nid} appears twice")
-            seen.add(dir_info.nid)
-            self._data_blocks(dir_info.inode.layout, dir_info.inode.i_u, dir_info.size)
-            self._charge(dir_info.size)
+            target, dir_nid, dir_fields = stack.pop()
+            if dir_nid in seen:
+                raise CorruptImage(f"{img.name}: directory nid {dir_nid} appears twice")
+            seen.add(dir_nid)
+            dir_size = dir_fields[5]
+            self._data_blocks((dir_fields[1] >> 1) & 7, dir_fields[6], dir_size)
+            self._charge(dir_size)
             children = target.dir_children()
-            for name, nid, fields in img.entries_fields(dir_info, scan):
+            for name, nid, fields in img.dir_entries_fields(dir_nid, dir_fields, scan):
                 node = self.links.get(nid)
                 if node is not None:
                     children[name] = node
@@ -559,10 +552,9 @@ class _FsmetaReader:
                     )
                     self.links[nid] = node
                 elif mode & _S_IFMT == _S_IFDIR:
-                    info = img.inode(nid)
                     node = Node.directory()
-                    _set_attrs(node, info.inode, img.xattrs(info))
-                    stack.append((node, info))
+                    _set_attrs(node, fields, _xattrs(img, nid, fields))
+                    stack.append((node, nid, fields))
                 else:
                     node = self._leaf(nid, fields)
                 children[name] = node
@@ -627,16 +619,19 @@ class _FsmetaReader:
             raise CorruptImage(f"{self.img.name}: directories and chunk tables overlap")
 
 
-def _set_attrs_fields(node: Node, fields: tuple[int, ...], xattrs: dict[bytes, bytes]) -> None:
-    """`_set_attrs` from an inode's `inode_fields`."""
+def _xattrs(img: ErofsImage, nid: int, fields: InodeFields) -> dict[bytes, bytes]:
+    """The xattrs of inode `nid` from its `inode_fields` (no InodeInfo made: directories are
+    walked by the fields their parents' entries carry)."""
+    pos, fmt_word, icount = fields[:3]
+    if not icount:
+        return _EMPTY_XATTRS
+    return img.xattrs_at(nid, pos + (64 if fmt_word & 1 else 32), icount)
+
+
+def _set_attrs(node: Node, fields: InodeFields, xattrs: dict[bytes, bytes]) -> None:
+    """A directory's attributes from its `inode_fields`, overlay xattrs stripped."""
     node.mode, node.uid, node.gid = fields[3], fields[7], fields[8]
     node.mtime, node.mtime_nsec = fields[9], fields[10]
-    node.xattrs = _strip_overlay(xattrs) if xattrs else _EMPTY_XATTRS
-
-
-def _set_attrs(node: Node, ino: Inode, xattrs: dict[bytes, bytes]) -> None:
-    node.mode, node.uid, node.gid = ino.mode, ino.uid, ino.gid
-    node.mtime, node.mtime_nsec = ino.mtime, ino.mtime_nsec
     node.xattrs = _strip_overlay(xattrs) if xattrs else _EMPTY_XATTRS
 
 
