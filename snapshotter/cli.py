@@ -98,8 +98,10 @@ def _print_json(obj: object) -> None:
 
 @os_errors_as_ep(lambda args: args.out)
 def _convert(args: argparse.Namespace) -> int:
+    from snapshotter.heap import keep_freed_buffers
     from snapshotter.ingest.convert import convert_layer
 
+    keep_freed_buffers()  # the process's job is this conversion (heap.py)
     from_stdin = args.layer == "-"
     source = sys.stdin.buffer if from_stdin else open_input(args.layer)
     try:

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from snapshotter.erofs.limits import Limits
 from snapshotter.errors import EpError
+from snapshotter.heap import keep_freed_buffers
 from snapshotter.verity import VerityParams
 
 if TYPE_CHECKING:
@@ -247,6 +248,7 @@ def _maxrss_kib() -> int:
 def worker_main(fd: int) -> int:
     """Serve jobs on socket FD until the service closes it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the service stops us, not the terminal
+    keep_freed_buffers()  # a conversion's chunks reuse the heap (snapshotter/heap.py)
     sock = socket.socket(fileno=fd)
     _send(sock, {"ready": os.getpid()})
     while True:
