@@ -38,6 +38,7 @@ MODULES = (
     "passthrough/guest/state.py",
     "passthrough/guest/verify.py",
     "snapshotter/__init__.py",
+    "snapshotter/accel.py",
     "snapshotter/errors.py",
     "snapshotter/fsmount.py",
     "snapshotter/fsutil.py",

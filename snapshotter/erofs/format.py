@@ -9,7 +9,6 @@ inodes (6.1 gives every compact inode the superblock's build time), and no xattr
 from __future__ import annotations
 
 import mmap
-import os
 import stat
 import struct
 from bisect import bisect_left, insort
@@ -17,6 +16,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from snapshotter.accel import compiled
 from snapshotter.errors import CorruptImage
 
 _U16 = struct.Struct("<H")
@@ -739,19 +739,7 @@ def pack_dir_blocks_pure(
     return blocks
 
 
-def _accelerated_loops() -> Any:
-    if os.environ.get("EROFS_PASSTHROUGH_PURE", "") not in ("", "0"):
-        return None
-    try:
-        from snapshotter.fsmeta import _mergepack
-    except ImportError:  # not built (no compiler or Python headers at install): pure Python
-        return None
-    if not hasattr(_mergepack, "common_mtime"):  # built from an older source: all pure
-        return None
-    return _mergepack
-
-
-_LOOPS = _accelerated_loops()
+_LOOPS: Any = compiled("snapshotter.fsmeta._mergepack", "common_mtime")  # (accel.py)
 #: True when the compiled loops are in use (not forced off, built and importable)
 LOOPS_ACCELERATED = _LOOPS is not None
 #: the writer's compiled tree walk (writer.py `_walk_tree`), or None: the pure walk

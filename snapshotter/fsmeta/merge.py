@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from snapshotter.accel import compiled
 from snapshotter.erofs.format import (
     CHUNK_FORMAT_INDEXES,
     LAYOUT_CHUNK_BASED,
@@ -72,14 +73,10 @@ if TYPE_CHECKING:
 # and a layer's (or a parent fsmeta's) common file as the very Node the pure loop makes of
 # it. `SCAN(None, ...)` gives fields only. `EROFS_PASSTHROUGH_PURE=1` (read at import)
 # forces the pure path, as for verity hashing.
-SCAN: Callable[..., list[tuple[bytes, int, Any]] | None] | None
-if os.environ.get("EROFS_PASSTHROUGH_PURE", "") not in ("", "0"):
-    SCAN = None
-else:
-    try:
-        from snapshotter.fsmeta._mergescan import scan_dir as SCAN
-    except ImportError:  # not built (no compiler or Python headers at install): pure Python
-        SCAN = None
+_mergescan = compiled("snapshotter.fsmeta._mergescan")  # (accel.py)
+SCAN: Callable[..., list[tuple[bytes, int, Any]] | None] | None = (
+    None if _mergescan is None else _mergescan.scan_dir
+)
 #: True when the compiled scan is in use (not forced off, built and importable)
 ACCELERATED = SCAN is not None
 

@@ -19,7 +19,6 @@ import base64
 import binascii
 import hashlib
 import mmap
-import os
 import re
 import struct
 import threading
@@ -29,6 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from snapshotter.accel import compiled
 from snapshotter.erofs.limits import DEFAULT_LIMITS, FILE_SIZE_MAX, MTIME_MAX, MTIME_MIN, Limits
 from snapshotter.errors import InvalidInput
 
@@ -37,16 +37,13 @@ from snapshotter.errors import InvalidInput
 # None for anything else, which the Python parser then judges (and refuses in its words).
 # EROFS_PASSTHROUGH_PURE=1 (read at import) forces the pure parser.
 _Fields = tuple[bytes, int, int, int, int, int, int, bytes, int, int, bytes]
-_parse_compiled: Callable[[bytes], _Fields | None] | None
-_parse_pax_compiled: Callable[[bytes], dict[bytes, bytes] | None] | None
-if os.environ.get("EROFS_PASSTHROUGH_PURE", "") not in ("", "0"):
-    _parse_compiled = _parse_pax_compiled = None
-else:
-    try:
-        from snapshotter.ingest._tarhdr import parse as _parse_compiled
-        from snapshotter.ingest._tarhdr import parse_pax as _parse_pax_compiled
-    except ImportError:  # not built (no compiler at install): the pure parser
-        _parse_compiled = _parse_pax_compiled = None
+_tarhdr = compiled("snapshotter.ingest._tarhdr")  # (accel.py)
+_parse_compiled: Callable[[bytes], _Fields | None] | None = (
+    None if _tarhdr is None else _tarhdr.parse
+)
+_parse_pax_compiled: Callable[[bytes], dict[bytes, bytes] | None] | None = (
+    None if _tarhdr is None else _tarhdr.parse_pax
+)
 
 #: True when the compiled header parser is in use
 ACCELERATED = _parse_compiled is not None

@@ -15,23 +15,20 @@ docs/benchmarks.md, "dm-verity format".
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable
 from typing import Any
+
+from snapshotter.accel import compiled
 
 Buffer = bytes | bytearray | memoryview
 
 #: the hash names the accelerator is used for (the ones VerityParams accepts)
 ACCELERATED_HASHES = frozenset({"sha256", "sha512"})
 
-_accelerated: Callable[[str, Buffer, Buffer, int], bytes] | None
-if os.environ.get("EROFS_PASSTHROUGH_PURE", "") not in ("", "0"):
-    _accelerated = None
-else:
-    try:
-        from snapshotter.verity._hashrun import hash_run as _accelerated
-    except ImportError:  # not built (no compiler or libssl-dev at install): pure Python
-        _accelerated = None
+_hashrun = compiled("snapshotter.verity._hashrun")  # (accel.py; not built without libssl-dev)
+_accelerated: Callable[[str, Buffer, Buffer, int], bytes] | None = (
+    None if _hashrun is None else _hashrun.hash_run
+)
 
 #: True when the compiled loop is in use (not forced off, built and importable)
 ACCELERATED = _accelerated is not None
