@@ -81,6 +81,20 @@ class InodeInfo:
 #: `inode_fields`' tuple: (pos, fmt, xattr_icount, mode, nlink, size, i_u, uid, gid, mtime,
 #: mtime_nsec)
 InodeFields = tuple[int, int, int, int, int, int, int, int, int, int, int]
+
+
+def fields_isize(fmt: int) -> int:
+    """The inode's own bytes from its format word (`InodeFields[1]`): extended or compact."""
+    return 64 if fmt & 1 else 32
+
+
+def fields_data_pos(fields: InodeFields) -> int:
+    """Byte offset just after the inode and its inline xattrs (`InodeInfo.data_pos`) from
+    its `inode_fields`: where inline data, or a chunk table, starts."""
+    pos, fmt, icount = fields[:3]
+    return pos + fields_isize(fmt) + (12 + 4 * (icount - 1) if icount else 0)
+
+
 #: the merge's compiled scan, `scan_dir(image, data, block_size, meta_base, build_time,
 #: build_time_nsec)` (fsmeta/_mergescan.c, its first argument bound)
 ScanDir = Callable[
@@ -485,10 +499,10 @@ class ErofsImage:
         merge has them from the parent's entries): the common small directory, wholly
         inline after its inode, goes to `scan` with `_dir_data`'s checks and no `InodeInfo`;
         anything else, or a scan that finds anything amiss, takes `entries_fields`."""
-        pos, fmt, icount, mode, _nlink, size = fields[:6]
+        fmt, mode, size = fields[1], fields[3], fields[5]
         bs = self.block_size
         if scan is not None and stat.S_ISDIR(mode) and (fmt >> 1) & 7 == LAYOUT_FLAT_INLINE:
-            data_pos = pos + (64 if fmt & 1 else 32) + (12 + 4 * (icount - 1) if icount else 0)
+            data_pos = fields_data_pos(fields)
             end = data_pos + size
             sb = self.sb
             inline = size > 0 and data_pos % bs + size <= bs  # within its block

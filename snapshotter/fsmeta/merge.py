@@ -45,7 +45,14 @@ from snapshotter.erofs.format import (
     SuperBlock,
     decode_dev,
 )
-from snapshotter.erofs.reader import ChunkRef, ErofsImage, InodeFields, ScanDir
+from snapshotter.erofs.reader import (
+    ChunkRef,
+    ErofsImage,
+    InodeFields,
+    ScanDir,
+    fields_data_pos,
+    fields_isize,
+)
 from snapshotter.erofs.tree import (
     Chunks,
     Extent,
@@ -260,22 +267,19 @@ class _LayerApplier:
                 else:
                     children[name] = self._leaf(nid, fields)
 
-    def _leaf(self, nid: int, fields: tuple[int, ...]) -> Node:
+    def _leaf(self, nid: int, fields: InodeFields) -> Node:
         """A non-directory inode as a new node (remembered by nid: entries naming one inode
         are one file, as the kernel shows them, and a hostile nlink of 1 on an inode named a
         thousand times cannot make its chunk table be read a thousand times)."""
-        pos, fmt_word, icount, mode, _nlink, size, i_u, uid, gid, mtime, nsec = fields
+        _pos, _fw, _ic, mode, _nlink, size, i_u, uid, gid, mtime, nsec = fields
         img = self.img
-        isize = 64 if fmt_word & 1 else 32
-        xattrs = (
-            _strip_overlay(img.xattrs_at(nid, pos + isize, icount)) if icount else _EMPTY_XATTRS
-        )
+        xattrs = _strip_overlay(_xattrs(img, nid, fields))
         node = Node(mode=mode, uid=uid, gid=gid, mtime=mtime, mtime_nsec=nsec, xattrs=xattrs)
         fmt = mode & _S_IFMT
         if fmt == _S_IFREG:
             node.size = size
             if size:
-                node.data = self._file_data(nid, fields, isize)
+                node.data = self._file_data(nid, fields)
         elif fmt == _S_IFLNK:
             node.symlink = img.readlink(img.inode(nid))
         elif fmt in (_S_IFCHR, _S_IFBLK):
@@ -284,12 +288,12 @@ class _LayerApplier:
         return node
 
     def _file_data(
-        self, nid: int, fields: tuple[int, ...], isize: int
+        self, nid: int, fields: InodeFields
     ) -> PackedChunks | Chunks | InlineTail | None:
         """Where the file's data lies, as the fsmeta will address it. The two layouts our
         layers use are decided here, with the reader's checks; the rest go through
         `data_map`."""
-        pos, fmt_word, icount, _mode, _nlink, size, i_u = fields[:7]
+        fmt_word, size, i_u = fields[1], fields[5], fields[6]
         layout = (fmt_word >> 1) & 7
         bs = self.bs
         if layout == _LAYOUT_FLAT_PLAIN and size < 1 << 63:
@@ -305,7 +309,7 @@ class _LayerApplier:
                 return PackedChunks(bits, _CHUNK_INDEX.pack(0, self.device, i_u))
         elif layout == _LAYOUT_FLAT_INLINE and size < bs:
             # A small file stored inline in its layer stays inline in the fsmeta.
-            tail_pos = pos + isize + (12 + 4 * (icount - 1) if icount else 0)
+            tail_pos = fields_data_pos(fields)
             if tail_pos % bs + size > bs:
                 raise CorruptImage(f"{self.img.name}: nid {nid}: inline data crosses a block")
             if tail_pos + size > self.img.sb.blocks * bs:
@@ -565,18 +569,17 @@ class _FsmetaReader:
         if layout in (_LAYOUT_FLAT_PLAIN, _LAYOUT_FLAT_INLINE) and whole_blocks:
             self.first_block = min(self.first_block, i_u)
 
-    def _leaf(self, nid: int, fields: tuple[int, ...]) -> Node:
-        pos, fmt_word, icount, mode, _nlink, size, i_u, uid, gid, mtime, nsec = fields
+    def _leaf(self, nid: int, fields: InodeFields) -> Node:
+        _pos, fmt_word, _ic, mode, _nlink, size, i_u, uid, gid, mtime, nsec = fields
         img = self.img
-        isize = 64 if fmt_word & 1 else 32
-        xattrs = img.xattrs_at(nid, pos + isize, icount) if icount else _EMPTY_XATTRS
+        xattrs = _xattrs(img, nid, fields)
         node = Node(mode=mode, uid=uid, gid=gid, mtime=mtime, mtime_nsec=nsec, xattrs=xattrs)
         fmt = mode & _S_IFMT
         layout = (fmt_word >> 1) & 7
         if fmt == _S_IFREG:
             node.size = size
             if size:
-                node.data = self._file_data(nid, fields, isize, layout)
+                node.data = self._file_data(nid, fields, layout)
         elif fmt == _S_IFLNK:
             info = img.inode(nid)
             node.symlink = img.readlink(info)
@@ -586,14 +589,12 @@ class _FsmetaReader:
         self.links[nid] = node
         return node
 
-    def _file_data(
-        self, nid: int, fields: tuple[int, ...], isize: int, layout: int
-    ) -> PackedChunks | InlineTail:
+    def _file_data(self, nid: int, fields: InodeFields, layout: int) -> PackedChunks | InlineTail:
         """What the merge made of the file: its chunk table as it is (each chunk on a layer
         device, or a hole), or its inline bytes. Anything else held data in the fsmeta."""
         img, bs = self.img, self.bs
-        pos, icount, size, i_u = fields[0], fields[2], fields[5], fields[6]
-        data_pos = pos + isize + (12 + 4 * (icount - 1) if icount else 0)
+        size, i_u = fields[5], fields[6]
+        data_pos = fields_data_pos(fields)
         if layout == _LAYOUT_FLAT_INLINE and size < bs:
             if data_pos % bs + size > bs or data_pos + size > img.sb.blocks * bs:
                 raise CorruptImage(f"{img.name}: nid {nid}: inline data out of place")
@@ -622,7 +623,7 @@ def _xattrs(img: ErofsImage, nid: int, fields: InodeFields) -> dict[bytes, bytes
     pos, fmt_word, icount = fields[:3]
     if not icount:
         return _EMPTY_XATTRS
-    return img.xattrs_at(nid, pos + (64 if fmt_word & 1 else 32), icount)
+    return img.xattrs_at(nid, pos + fields_isize(fmt_word), icount)
 
 
 def _set_attrs(node: Node, fields: InodeFields, xattrs: dict[bytes, bytes]) -> None:
