@@ -8,10 +8,7 @@ at once; and the collector really is off while a tree is built (else the pause b
 from __future__ import annotations
 
 import gc
-import io
-import tarfile
 import threading
-from pathlib import Path
 
 import pytest
 
@@ -21,6 +18,7 @@ from snapshotter.fsmeta.merge import merge_layers
 from snapshotter.gcpause import collector_paused
 from snapshotter.ingest import tar_import
 from snapshotter.ingest.convert import convert_layer
+from tests.support.layers import Entry, write_tar
 
 
 @pytest.fixture(autouse=True)
@@ -28,15 +26,6 @@ def _collector_on():
     gc.enable()
     yield
     gc.enable()
-
-
-def _tar(path: Path, names: list[str]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for name in names:
-            info = tarfile.TarInfo(name)
-            info.size = 1
-            tar.addfile(info, io.BytesIO(b"x"))
-    return path
 
 
 def test_nested_and_overlapping_pauses_resume_once_the_last_ends():
@@ -81,7 +70,9 @@ def test_conversion_and_merge_build_their_trees_paused_and_resume(tmp_path, monk
 
     monkeypatch.setattr("snapshotter.ingest.convert.import_tar", spying_import)
     layer = tmp_path / "l.erofs"
-    convert_layer(_tar(tmp_path / "l.tar", ["a", "b"]), layer)
+    convert_layer(
+        write_tar(tmp_path / "l.tar", [Entry("a", data=b"x"), Entry("b", data=b"x")]), layer
+    )
     assert seen == [False]
     assert gc.isenabled()
 
