@@ -3,10 +3,10 @@ memory, and hash both sides while the bytes pass (the blob digest of what was re
 of the tar that came out).
 
 gzip goes through ISA-L (`isal`), faster than zlib (docs/benchmarks.md); zstd through
-`zstandard`. Decompressor output is bounded per call: gzip by `max_length`, zstd by feeding it
-at most _FEED_BLOCKS blocks at a time (found from the block headers; a zstd block holds at
-most 128 KiB, while its input may be a few bytes: ~32768:1), so a hostile or a merely very
-sparse layer cannot balloon memory.
+`zstandard`. Decompressor output is bounded per chunk: gzip's by `max_length`, zstd's by the
+size of the chunk it decompresses into (`stream_reader.read`), so a hostile or a merely very
+sparse layer (a zstd block of a few input bytes may hold 128 KiB: ~32768:1) cannot balloon
+memory.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import hashlib
 import queue
 import sys
 import threading
-from typing import Protocol, cast
+from collections.abc import Iterator
+from typing import IO, Protocol, cast
 
 from isal import isal_zlib
 
@@ -42,24 +43,15 @@ class ByteReader(Protocol):
 
 
 class _Decoder(Protocol):
-    def feed(self, data: bytes) -> bytes: ...
-    def pending(self) -> bool: ...
-    def drain(self) -> bytes: ...
-    def finish(self) -> None: ...
+    def decode(self, raw: Iterator[bytes]) -> Iterator[bytes]:
+        """The tar out of the layer's chunks `raw`: non-empty chunks of at most OUT_LIMIT
+        bytes; a corrupt or truncated layer is an EpError, raised where it shows."""
+        ...
 
 
 class _Identity:
-    def feed(self, data: bytes) -> bytes:
-        return data
-
-    def pending(self) -> bool:
-        return False
-
-    def drain(self) -> bytes:
-        return b""
-
-    def finish(self) -> None:
-        pass
+    def decode(self, raw: Iterator[bytes]) -> Iterator[bytes]:
+        return raw
 
 
 class _Gzip:
@@ -77,6 +69,17 @@ class _Gzip:
         self._pos = 0  # start of the input not yet consumed in _tail
         self._between_members = False
         self._piece = GZIP_FEED
+
+    def decode(self, raw: Iterator[bytes]) -> Iterator[bytes]:
+        for data in raw:
+            out = self.feed(data)
+            while True:
+                if out:
+                    yield out
+                if not self.pending():
+                    break
+                out = self.drain()
+        self.finish()
 
     def feed(self, data: bytes) -> bytes:
         self._tail = self._tail[self._pos :] + data if self.pending() else data
@@ -121,17 +124,15 @@ class _Gzip:
 
 
 _BLOCK_MAX = 128 << 10  # zstd's Block_Maximum_Size: no block holds more
-_FEED_BLOCKS = OUT_LIMIT // _BLOCK_MAX - 1  # whole blocks per call, one partial more at most
 
 
 class _ZstdFrames:
     """Where zstd's frames and blocks start and end, read from their headers as the bytes
     pass (RFC 8878: frame header, 3-byte block headers, optional checksum; skippable
-    frames): `advance` says how far the input may go to the decompressor in one call so
-    that the call emits at most OUT_LIMIT bytes, `_FEED_BLOCKS` whole blocks and a part of
-    one more, each of at most _BLOCK_MAX bytes, however well (or hostilely) compressed.
-    Zero bytes between frames are padding; `bad` is set at a header zstd itself refuses
-    (the decompressor gets those bytes and says why)."""
+    frames): `advance` says how far the input may go to the decompressor before a frame
+    ends, so that what lies between frames is seen here first. Zero bytes between frames
+    are padding; `bad` is set at a header zstd itself refuses (the decompressor gets those
+    bytes and says why)."""
 
     def __init__(self) -> None:
         self.between = True  # before a frame's first byte (zero padding may come)
@@ -143,11 +144,26 @@ class _ZstdFrames:
         self._last = False  # the current block is the frame's last
         self._checksum = False
 
-    def advance(self, data: memoryview, pos: int) -> tuple[int, bool]:
-        """From `pos`, the end of what may go in one call, and whether it ends a frame."""
+    def advance(self, data: memoryview, pos: int) -> int:
+        """From `pos`, the end of what may go to the decompressor: the end of `data`, or of
+        the frame that ends first."""
         end = len(data)
-        blocks = 0
         while True:
+            if self._state == "block" and not self._head:
+                # Whole block headers in `data` (nearly all of them), read in place: the
+                # blocks of a frame pass in a few steps each, not through `_header`.
+                while end - pos >= 3:
+                    header = int.from_bytes(data[pos : pos + 3], "little")
+                    kind, size = (header >> 1) & 3, header >> 3
+                    if kind == 3 or size > _BLOCK_MAX:
+                        break  # refused below, by `_header`
+                    body = 1 if kind == 1 else size
+                    if header & 1 or end - pos < 3 + body:  # the last, or past `data`
+                        pos += 3
+                        self._last = bool(header & 1)
+                        self._state, self._left = "data", body
+                        break
+                    pos += 3 + body
             if self._state in ("data", "skip", "checksum"):  # (an empty block ends at once)
                 step = min(self._left, end - pos)
                 pos += step
@@ -156,16 +172,13 @@ class _ZstdFrames:
                     break
                 if self._state == "data" and not self._last:
                     self._next("block", 3)
-                    blocks += 1
-                    if blocks >= _FEED_BLOCKS:
-                        break
                     continue
                 if self._state == "data" and self._checksum:
                     self._state, self._left = "checksum", 4
                     continue
                 self.between = True  # the frame (or skippable frame) ends here
                 self._next("magic", 4)
-                return pos, True
+                return pos
             if pos >= end:
                 break
             if self._state == "magic":
@@ -177,8 +190,8 @@ class _ZstdFrames:
                 break
             if not self._header():
                 self.bad = True
-                return pos, False
-        return pos, False
+                return pos
+        return pos
 
     def _next(self, state: str, want: int) -> None:
         self._state, self._want = state, want
@@ -227,13 +240,55 @@ class _ZstdFrames:
         return True
 
 
-class _Zstd:
-    """Concatenated zstd frames (zero padding between them allowed).
+class _ZstdInput:
+    """What the decompressor reads (`read`, as a file): the layer's chunks, cut where
+    `_ZstdFrames` finds a frame's end, with the zero padding between frames left out
+    (zstd itself refuses it); memoryview slices of the chunks, no copies."""
 
-    Input goes to the decompressor in pieces that `_ZstdFrames` cuts at block boundaries, at
-    most _FEED_BLOCKS whole blocks each (a few calls per MiB, not hundreds; memoryview slices
-    of the pending input, no copy per piece); each frame's end is checked to be where zstd
-    found it."""
+    def __init__(self, raw: Iterator[bytes]) -> None:
+        self._raw = raw
+        self._frames = _ZstdFrames()
+        self._chunk = memoryview(b"")
+        self._pos = 0  # start of the input not yet given out in _chunk
+
+    def read(self, size: int) -> memoryview | bytes:
+        """Between 1 and `size` bytes of frames; b"" at the end of the layer."""
+        frames = self._frames
+        while True:
+            if frames.bad:  # zstd had the header and did not refuse it
+                raise InvalidInput("corrupt zstd data: a frame or block header zstd refuses")
+            chunk, pos = self._chunk, self._pos
+            if pos >= len(chunk):
+                more = next(self._raw, None)
+                if more is None:
+                    return b""
+                self._chunk, self._pos = memoryview(more), 0
+                continue
+            if frames.between:
+                rest = bytes(chunk[pos : pos + 4096]).lstrip(b"\0")
+                self._pos = min(len(chunk), pos + 4096) - len(rest)
+                if not rest:  # zero padding between frames is skipped
+                    continue
+                pos = self._pos
+            self._pos = frames.advance(chunk[: pos + size], pos)
+            if self._pos > pos:  # (else a frame ended at `pos`: what follows it is next)
+                return chunk[pos : self._pos]
+
+    def finish(self) -> None:
+        """After the decompressor's end: the layer must have ended, between frames."""
+        if not self._frames.between:
+            raise InvalidInput("truncated zstd data: the stream ends inside a frame")
+        if self._pos < len(self._chunk) or next(self._raw, None) is not None:
+            raise InvalidInput("corrupt zstd data: the decompressor stopped before the end")
+
+
+class _Zstd:
+    """Concatenated zstd frames (zero padding between them allowed), decompressed straight
+    into each output chunk (`stream_reader.read`: no copy out of zstandard's own buffer,
+    which `decompressobj` makes; minbase's `.tar.zst` 0.92x, docs/benchmarks.md). The input
+    reaches zstd through `_ZstdInput`: frames end where their headers say (a stream that
+    ends inside one is truncated, which the reader itself would not say), and whatever
+    else follows a frame is refused by zstd as a frame."""
 
     def __init__(self) -> None:
         # Imported here: a plain tar (the mmap path) or a gzip layer does not need zstandard,
@@ -243,53 +298,24 @@ class _Zstd:
 
         self._error: type[Exception] = zstandard.ZstdError
         self._dctx = zstandard.ZstdDecompressor()
-        self._obj = self._dctx.decompressobj()
-        self._frames = _ZstdFrames()
-        self._tail = memoryview(b"")
-        self._pos = 0  # start of the input not yet consumed in _tail
 
-    def feed(self, data: bytes) -> bytes:
-        if self.pending():  # only after a drain stopped at OUT_LIMIT: copy the rest once
-            self._tail = memoryview(bytes(self._tail[self._pos :]) + data)
-        else:
-            self._tail = memoryview(data)
-        self._pos = 0
-        return self.drain()
-
-    def pending(self) -> bool:
-        return self._pos < len(self._tail)
-
-    def drain(self) -> bytes:
-        """At most one call's output (<= OUT_LIMIT bytes)."""
-        tail = self._tail
-        end = len(tail)
-        frames = self._frames
-        while self._pos < end:
-            if frames.between:
-                rest = bytes(tail[self._pos : self._pos + 4096]).lstrip(b"\0")
-                if not rest:  # zero padding between frames is skipped
-                    self._pos = min(end, self._pos + 4096)
-                    continue
-                self._pos = min(end, self._pos + 4096) - len(rest)
-                if self._obj.eof:
-                    self._obj = self._dctx.decompressobj()
-            start = self._pos
-            self._pos, frame_end = frames.advance(tail, start)
+    def decode(self, raw: Iterator[bytes]) -> Iterator[bytes]:
+        source = _ZstdInput(raw)
+        reader = self._dctx.stream_reader(
+            cast("IO[bytes]", source),  # (it calls only `read`)
+            read_size=READ_CHUNK,
+            read_across_frames=True,
+            closefd=False,
+        )
+        while True:
             try:
-                chunk = self._obj.decompress(tail[start : self._pos])
+                out = reader.read(OUT_LIMIT)
             except self._error as exc:
                 raise InvalidInput(f"corrupt zstd data: {exc}") from None
-            if frames.bad:
-                raise InvalidInput("corrupt zstd data: a frame or block header zstd refuses")
-            if frame_end != self._obj.eof or self._obj.unused_data:
-                raise InvalidInput("corrupt zstd data: a frame does not end where it says")
-            if chunk:
-                return chunk
-        return b""
-
-    def finish(self) -> None:
-        if not self._frames.between:
-            raise InvalidInput("truncated zstd data: the stream ends inside a frame")
+            if not out:
+                break
+            yield out
+        source.finish()
 
 
 class _Stopped(Exception):
@@ -421,14 +447,8 @@ class LayerStream:
             decoder, digests = self._decoder, self._digests
             # None for an uncompressed layer (no digests queue) or without a blob digest
             hash_source = digests if self._blob_hash is not None else None
-            while raw:
-                if hash_source is not None:
-                    hash_source.put((False, raw))
-                self._emit(decoder.feed(raw))
-                while decoder.pending():
-                    self._emit(decoder.drain())
-                raw = self._src.read(READ_CHUNK)
-            decoder.finish()
+            for out in decoder.decode(self._raw_chunks(raw, hash_source)):
+                self._emit(out)
             if hasher is not None and digests is not None:  # the diffID is complete
                 digests.put(None)  # before the consumer sees the end
                 hasher.join()
@@ -438,6 +458,16 @@ class LayerStream:
         except BaseException as exc:  # handed to the consumer, raised there
             with contextlib.suppress(_Stopped):
                 self._put(exc)
+
+    def _raw_chunks(
+        self, raw: bytes, hash_source: queue.Queue[tuple[bool, bytes] | None] | None
+    ) -> Iterator[bytes]:
+        """The source's chunks, `raw` (its head) first, each handed to the blob's digest."""
+        while raw:
+            if hash_source is not None:
+                hash_source.put((False, raw))
+            yield raw
+            raw = self._src.read(READ_CHUNK)
 
     def _emit(self, out: bytes) -> None:
         if out:

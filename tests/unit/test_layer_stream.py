@@ -163,21 +163,14 @@ def test_closing_early_stops_the_digests_thread_too() -> None:
     assert not _stream_threads()
 
 
-def _decode_zstd(blob: bytes, step: int, *, whole: bool = True) -> tuple[bytes, int, int]:
+def _decode_zstd(blob: bytes, step: int) -> tuple[bytes, int, int]:
     """`blob` through the zstd decoder in input pieces of `step` bytes: the output, the
-    largest output of one call and the number of calls."""
-    decoder, out, largest, calls = _Zstd(), bytearray(), 0, 0
-    for pos in range(0, len(blob), step):
-        piece = decoder.feed(blob[pos : pos + step])
-        while True:
-            calls += 1
-            out += piece
-            largest = max(largest, len(piece))
-            if not decoder.pending():
-                break
-            piece = decoder.drain()
-    if whole:
-        decoder.finish()
+    largest output chunk and the number of chunks."""
+    out, largest, calls = bytearray(), 0, 0
+    for piece in _Zstd().decode(blob[pos : pos + step] for pos in range(0, len(blob), step)):
+        calls += 1
+        out += piece
+        largest = max(largest, len(piece))
     return bytes(out), largest, calls
 
 
@@ -211,17 +204,18 @@ def test_zstd_frames_of_every_kind_decode_whatever_the_input_pieces() -> None:
         + b"x" * 100
     )
     for step in (1, 3, 4093, 65_536, 1 << 20, len(blob)):
-        if step == 1:
-            got, largest, _ = _decode_zstd(
-                blob[:200_000], step, whole=False
-            )  # byte by byte: a prefix
+        if step == 1:  # byte by byte: a prefix, which ends inside a frame
+            got = bytearray()
+            with pytest.raises(InvalidInput, match="truncated zstd data"):
+                for piece in _Zstd().decode(blob[i : i + 1] for i in range(200_000)):
+                    got += piece
             assert want.startswith(got) and len(got) > 100_000
             continue
         got, largest, calls = _decode_zstd(blob, step)
         assert got == want
         assert largest <= OUT_LIMIT
     _, _, calls = _decode_zstd(blob, 1 << 20)
-    assert calls < 40  # a few calls per MiB of output, not one per 2 KiB of input
+    assert calls < 40  # a few chunks per MiB of output, not one per block
 
 
 def _rle_bomb(blocks: int) -> bytes:
@@ -241,10 +235,9 @@ def test_a_zstd_bomb_of_rle_blocks_comes_out_in_bounded_calls() -> None:
     small = _rle_bomb(40)
     assert _decode_zstd(small, len(small))[0] == bytes(40 << 17)  # what zstd makes of it
     bomb = _rle_bomb(1 << 18)  # 1 MiB of input, 32 GiB of output
-    decoder = _Zstd()
-    first = decoder.feed(bomb)
-    assert 0 < len(first) <= OUT_LIMIT and decoder.pending()
-    assert 0 < len(decoder.drain()) <= OUT_LIMIT
+    chunks = _Zstd().decode(iter([bomb]))
+    assert len(next(chunks)) == len(next(chunks)) == OUT_LIMIT  # one chunk at a time
+    chunks.close()
     blob = zstandard.MAGIC_NUMBER.to_bytes(4, "little") + bytes([0, 0x38]) + bomb[6:]
     stream = LayerStream(io.BytesIO(blob), Limits(max_tar_bytes=64 << 20))
     with stream, pytest.raises(InvalidInput, match="max_tar_bytes"):
