@@ -530,6 +530,17 @@ class LayerStream:
             got += len(piece)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    def view_ahead(self) -> tuple[memoryview, int]:
+        """The rest of the current chunk (the next one taken at its end), and where the next
+        byte is in it; empty at the end of the stream."""
+        if self._pos >= len(self._chunk) and not self._next_chunk():
+            return memoryview(b""), 0
+        return self._chunk, self._pos
+
+    def consume(self, size: int) -> None:
+        """Pass over `size` bytes of what `view_ahead` gave."""
+        self._pos += size
+
     def skip(self, size: int) -> int:
         """Pass over `size` tar bytes (hashed all the same); returns how many there were."""
         left = size

@@ -26,7 +26,7 @@ import urllib.parse
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 from snapshotter.accel import compiled
 from snapshotter.erofs.limits import DEFAULT_LIMITS, FILE_SIZE_MAX, MTIME_MAX, MTIME_MIN, Limits
@@ -37,12 +37,19 @@ from snapshotter.errors import InvalidInput
 # None for anything else, which the Python parser then judges (and refuses in its words).
 # EROFS_PASSTHROUGH_PURE=1 (read at import) forces the pure parser.
 _Fields = tuple[bytes, int, int, int, int, int, int, bytes, int, int, bytes]
-_tarhdr = compiled("snapshotter.ingest._tarhdr")  # (accel.py)
+_tarhdr = compiled("snapshotter.ingest._tarhdr", "member")  # (accel.py)
 _parse_compiled: Callable[[bytes], _Fields | None] | None = (
     None if _tarhdr is None else _tarhdr.parse
 )
 _parse_pax_compiled: Callable[[bytes], dict[bytes, bytes] | None] | None = (
     None if _tarhdr is None else _tarhdr.parse_pax
+)
+# A member's headers read in place by one call (`_tarhdr.member`): the fields of `TarMember`
+# up to its xattrs, its PAX records applied, and the bytes its headers take; None for any
+# member it does not take (then `TarReader._next` reads it header by header).
+_Member = tuple[bytes, int, int, int, int, int, int, int, bytes, int, int, dict[bytes, bytes], int]
+_member_compiled: Callable[[memoryview | bytes, int, int], _Member | None] | None = (
+    None if _tarhdr is None else _tarhdr.member
 )
 
 #: True when the compiled header parser is in use
@@ -88,6 +95,15 @@ class Readable(Protocol):
     (`LayerStream`) has its file data handed out in its own pieces, without joining them."""
 
     def read(self, size: int) -> bytes | memoryview: ...
+
+
+class Viewable(Readable, Protocol):
+    """A stream that also lets a parser read the bytes ahead in place (`LayerStream`,
+    `MappedTar`): `view_ahead()` is the rest of its current piece, as (view, offset of the
+    next byte in it), and `consume(n)` passes over n of those bytes."""
+
+    def view_ahead(self) -> tuple[memoryview, int]: ...
+    def consume(self, size: int) -> None: ...
 
 
 def _number(field_: bytes, what: str) -> int:
@@ -327,6 +343,12 @@ class TarReader:
             stream, "read_some", stream.read
         )
         self._stream_skip: Callable[[int], int] | None = getattr(stream, "skip", None)
+        # Members read in place when both the compiled parser and the stream allow it.
+        self._in_place = (
+            cast("Viewable", stream)
+            if _member_compiled is not None and hasattr(stream, "view_ahead")
+            else None
+        )
         self._limits = limits
         self._remaining = 0  # data bytes of the current member not read yet
         self._padding = 0
@@ -400,6 +422,14 @@ class TarReader:
         if self._remaining or self._padding:
             self._skip(self._remaining + self._padding)
             self._remaining = self._padding = 0
+        if self._in_place is not None and _member_compiled is not None:
+            view, at = self._in_place.view_ahead()
+            got = _member_compiled(view, at, self._limits.max_header_bytes)
+            if got is not None:
+                used = got[12]
+                self._in_place.consume(used)
+                self.offset += used
+                return self._finish_member(TarMember(*got[:12]), {}, None, None, None)
         pax: dict[bytes, bytes] = {}
         long_name = long_link = None
         while True:
@@ -758,6 +788,22 @@ class MappedTar:
         n = max(0, min(size, self._end - self._pos))
         self._pos += n
         return n
+
+    def view_ahead(self) -> tuple[memoryview, int]:
+        """The rest of the current window (mapped anew at its end), and where the next byte
+        is in it; empty at the end."""
+        pos = self._pos
+        if pos >= self._end:
+            return memoryview(b""), 0
+        off = pos - self._win_start
+        if not 0 <= off < len(self._win):
+            self._map(pos)
+            off = pos - self._win_start
+        return self._win, off
+
+    def consume(self, size: int) -> None:
+        """Pass over `size` bytes of what `view_ahead` gave."""
+        self._pos += size
 
     def finish(self) -> str:
         """Wait for the hashing thread; the tar's digest ("sha256:...")."""

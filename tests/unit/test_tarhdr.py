@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from snapshotter.errors import EpError
 from snapshotter.ingest import tarstream
+from snapshotter.ingest.streams import LayerStream
 from snapshotter.ingest.tarstream import TarHeader, parse_pax_pure
 from tests.support.layers import awkward_entries, write_tar
 
@@ -269,3 +270,173 @@ def test_generated_headers_agree(block: bytes):
 @given(st.binary(min_size=512, max_size=512))
 def test_random_blocks_agree(block: bytes):
     _check(block)
+
+
+# A member's headers read in place by one call (`_tarhdr.member`, through `view_ahead`) give
+# the member a header-by-header read gives, or the same error, wherever the stream's pieces
+# end.
+
+
+class _Trickle:
+    """A layer source whose reads return at most `piece` bytes: LayerStream's chunks are
+    then that small, and headers lie across their ends."""
+
+    def __init__(self, data: bytes, piece: int) -> None:
+        self._data, self._pos, self._piece = data, 0, piece
+
+    def read(self, size: int = -1) -> bytes:
+        n = min(self._piece, size if size >= 0 else self._piece)
+        out = self._data[self._pos : self._pos + n]
+        self._pos += len(out)
+        return out
+
+
+def _members(data: bytes, piece: int) -> tuple:
+    """Every member of `data` read through a LayerStream of `piece`-byte chunks, with its
+    data, then how the archive ended (the error's class and words, if any)."""
+    out: list = []
+    try:
+        with LayerStream(_Trickle(data, piece)) as stream:
+            reader = tarstream.TarReader(stream)
+            for m in reader:
+                body = bytearray()
+                while piece_ := reader.read_data(1 << 20):
+                    body += piece_
+                out.append((dataclasses.astuple(m), bytes(body), reader.offset))
+        return (out, "end")
+    except EpError as exc:
+        return (out, type(exc).__name__, str(exc))
+
+
+def _check_members(data: bytes, pieces=(1 << 20, 1500, 517)) -> tuple:
+    _module()
+    in_place = [_members(data, p) for p in pieces]
+    member, tarstream._member_compiled = tarstream._member_compiled, None
+    try:
+        by_header = _members(data, pieces[0])
+    finally:
+        tarstream._member_compiled = member
+    for outcome in in_place:
+        assert outcome == by_header
+    return by_header
+
+
+def _pax_member(records: bytes, header: tarfile.TarInfo) -> bytes:
+    """A PAX header holding `records` (as they are), then `header` and its data, then the
+    end of the archive."""
+    pax = tarfile.TarInfo("././@PaxHeader")
+    pax.type, pax.size = tarfile.XHDTYPE, len(records)
+    body = header.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+    data = bytes(range(256)) * (header.size // 256 + 1)
+    pad = lambda b: b + bytes(-len(b) % 512)  # noqa: E731
+    return (
+        pax.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+        + pad(records)
+        + body
+        + pad(data[: header.size])
+        + bytes(1024)
+    )
+
+
+def test_members_of_real_archives_agree(tmp_path: Path):
+    archives = [p.read_bytes() for p in sorted(GO_TESTDATA.glob("*.tar"))]
+    archives += [_tarfile_archive(f) for f in (tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT)]
+    archives.append(_tarfile_archive(tarfile.PAX_FORMAT))
+    archives.append(write_tar(tmp_path / "l.tar", awkward_entries()).read_bytes())
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / ("n" * 150)).write_bytes(b"x" * 1000)
+    os.symlink("t" * 200, tmp_path / "src" / "link")
+    subprocess.run(
+        [
+            "tar",
+            "--format",
+            "posix",
+            "-cf",
+            str(tmp_path / "p.tar"),
+            "-C",
+            str(tmp_path / "src"),
+            ".",
+        ],
+        check=True,
+    )
+    archives.append((tmp_path / "p.tar").read_bytes())
+    read = sum(len(_check_members(a)[0]) for a in archives)
+    assert read > 100  # the archives were read, members among them
+
+
+_MEMBER_KEYS = [b"path", b"linkpath", b"mtime", b"size", b"uid", b"gid", b"atime", b"uname"]
+_MEMBER_KEYS += [b"SCHILY.xattr.user.a", b"SCHILY.xattr.", b"LIBARCHIVE.xattr.user.b"]
+_MEMBER_KEYS += [b"GNU.sparse.major", b"GNU.sparse.map", b"comment"]
+_VALUES = [b"", b"0", b"7", b"-1", b"-0", b"12.5", b"-3.25", b"1.", b"1.1234567891", b"x\0y"]
+_VALUES += [b"4294967295", b"4294967296", b"9223372036854775807", b"99999999999999999999"]
+_VALUES += [b"123456789012345678.9", b"a/b", b"+5", b" 5", b"1e3", b"dir/", b"-", b".5", b"-.5"]
+
+
+@st.composite
+def _member_archive(draw) -> bytes:
+    records = b""
+    for _ in range(draw(st.integers(0, 5))):
+        key = draw(st.sampled_from(_MEMBER_KEYS))
+        value = draw(st.sampled_from(_VALUES) | st.binary(max_size=6))
+        body = b" " + key + b"=" + value + b"\n"
+        n = len(body) + 1
+        n += len(str(n + len(str(n)) - 1)) - 1
+        records += b"%d" % draw(st.sampled_from([n, n, n, n + 1])) + body
+    info = tarfile.TarInfo(draw(st.sampled_from(["f", "d/", "a/b/c", "x" * 99])))
+    info.type = draw(st.sampled_from([tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE]))
+    info.size = draw(st.integers(0, 1500)) if info.type == tarfile.REGTYPE else 0
+    info.linkname = "target" if info.type == tarfile.SYMTYPE else ""
+    info.mtime, info.uid, info.gid = draw(st.integers(0, 8**11 - 1)), 5, 6
+    archive = _pax_member(records, info)
+    if draw(st.booleans()):  # and sometimes damaged
+        at = draw(st.integers(0, len(archive) - 1))
+        flipped = archive[at] ^ draw(st.integers(1, 255))
+        archive = archive[:at] + bytes([flipped]) + archive[at + 1 :]
+    return archive
+
+
+def _records(*pairs: tuple[bytes, bytes]) -> bytes:
+    out = b""
+    for key, value in pairs:
+        body = b" " + key + b"=" + value + b"\n"
+        n = len(body) + 1
+        n += len(str(n + len(str(n)) - 1)) - 1
+        out += b"%d" % n + body
+    return out
+
+
+def test_every_record_value_agrees():
+    """Each record key with each value, alone and after a first value of the same key (the
+    last one counts, an empty one keeps the header's field)."""
+    info = tarfile.TarInfo("f")
+    info.size, info.mtime = 3, 1_700_000_000
+    taken = 0
+    for key in _MEMBER_KEYS:
+        for value in _VALUES:
+            for pairs in ([(key, value)], [(key, b"5"), (key, value)], [(key, value), (key, b"")]):
+                archive = _pax_member(_records(*pairs), info)
+                taken += _check_members(archive, pieces=(1 << 20,))[1] == "end"
+    assert taken > 200
+
+
+@settings(max_examples=1500, deadline=None)
+@given(_member_archive())
+def test_generated_pax_members_agree(archive: bytes):
+    _check_members(archive, pieces=(1 << 20, 700))
+
+
+def test_the_common_member_is_read_in_one_call(tmp_path: Path, monkeypatch):
+    """The members of a PAX layer (every one with a PAX header, as GNU tar's posix format
+    writes them) are taken by the compiled call, not header by header."""
+    archive = write_tar(tmp_path / "l.tar", awkward_entries()).read_bytes()
+    calls = []
+    member = tarstream._member_compiled
+
+    def counting(view, at, limit):
+        got = member(view, at, limit)
+        calls.append(got is not None)
+        return got
+
+    monkeypatch.setattr(tarstream, "_member_compiled", counting)
+    members, end = _members(archive, 1 << 20)
+    assert end == "end" and calls.count(True) >= len(members) // 2 > 5
