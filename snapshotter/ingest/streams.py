@@ -252,7 +252,10 @@ class _ZstdInput:
         self._pos = 0  # start of the input not yet given out in _chunk
 
     def read(self, size: int) -> memoryview | bytes:
-        """Between 1 and `size` bytes of frames; b"" at the end of the layer."""
+        """Between 1 and `size` bytes of frames; b"" at the end of the layer (or for
+        `size` 0, as a file gives)."""
+        if size <= 0:
+            return b""
         frames = self._frames
         while True:
             if frames.bad:  # zstd had the header and did not refuse it
