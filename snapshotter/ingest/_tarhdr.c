@@ -127,74 +127,8 @@ static int is_key(const char *k, Py_ssize_t klen, const char *want) {
     return (size_t)klen == n && memcmp(k, want, n) == 0;
 }
 
-static PyObject *parse_pax(PyObject *self, PyObject *arg) {
-    (void)self;
-    if (!PyBytes_Check(arg)) {
-        PyErr_SetString(PyExc_TypeError, "parse_pax() takes bytes");
-        return NULL;
-    }
-    const char *d = PyBytes_AS_STRING(arg);
-    Py_ssize_t n = PyBytes_GET_SIZE(arg);
-    PyObject *records = PyDict_New();
-    if (records == NULL)
-        return NULL;
-    Py_ssize_t pos = 0;
-    while (pos < n) {
-        if (d[pos] == 0)
-            break;
-        /* the length: 1 to 20 ASCII digits, then a space within 20 bytes of the start */
-        Py_ssize_t space = pos;
-        Py_ssize_t limit = pos + 21 < n ? pos + 21 : n;
-        while (space < limit && d[space] != ' ')
-            space++;
-        if (space >= limit || space == pos)
-            goto python;
-        unsigned long long length = 0;
-        for (Py_ssize_t i = pos; i < space; i++) {
-            if (d[i] < '0' || d[i] > '9')
-                goto python;
-            if (length > (unsigned long long)n) /* beyond the data: refused below */
-                goto python;
-            length = length * 10 + (unsigned long long)(d[i] - '0');
-        }
-        if (length < 5 || length > (unsigned long long)(n - pos))
-            goto python;
-        Py_ssize_t end = pos + (Py_ssize_t)length;
-        if (end <= space + 1 || d[end - 1] != '\n')
-            goto python;
-        const char *rec = d + space + 1;
-        Py_ssize_t rlen = end - 1 - (space + 1);
-        const char *eq = memchr(rec, '=', (size_t)rlen);
-        if (eq == NULL || eq == rec || memchr(rec, 0, (size_t)(eq - rec)) != NULL)
-            goto python;
-        Py_ssize_t klen = eq - rec;
-        const char *value = eq + 1;
-        Py_ssize_t vlen = rlen - klen - 1;
-        if ((is_key(rec, klen, "path") || is_key(rec, klen, "linkpath")) &&
-            memchr(value, 0, (size_t)vlen) != NULL)
-            goto python;
-        if (is_key(rec, klen, "GNU.sparse.offset") || is_key(rec, klen, "GNU.sparse.numbytes"))
-            goto python;
-        PyObject *key = PyBytes_FromStringAndSize(rec, klen);
-        PyObject *val = key ? PyBytes_FromStringAndSize(value, vlen) : NULL;
-        if (val == NULL || PyDict_SetItem(records, key, val) < 0) {
-            Py_XDECREF(key);
-            Py_XDECREF(val);
-            Py_DECREF(records);
-            return NULL;
-        }
-        Py_DECREF(key);
-        Py_DECREF(val);
-        pos = end;
-    }
-    return records;
-python:
-    Py_DECREF(records);
-    Py_RETURN_NONE;
-}
-
-/* One PAX record at d[pos..n): its key and value and the position after it; 0, else -1
- * (anything parse_pax sends to the Python parser). */
+/* One PAX record at d[pos..n) (`LEN KEY=VALUE\n`): its key and value, *pos moved past it;
+ * 0, else -1 for a record the Python parser would judge (and refuse in its words). */
 static int pax_record(const char *d, Py_ssize_t n, Py_ssize_t *pos, const char **key,
                       Py_ssize_t *klen, const char **value, Py_ssize_t *vlen) {
     Py_ssize_t p = *pos;
@@ -226,6 +160,47 @@ static int pax_record(const char *d, Py_ssize_t n, Py_ssize_t *pos, const char *
     *vlen = rlen - *klen - 1;
     *pos = end;
     return 0;
+}
+
+static PyObject *parse_pax(PyObject *self, PyObject *arg) {
+    (void)self;
+    if (!PyBytes_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "parse_pax() takes bytes");
+        return NULL;
+    }
+    const char *d = PyBytes_AS_STRING(arg);
+    Py_ssize_t n = PyBytes_GET_SIZE(arg);
+    PyObject *records = PyDict_New();
+    if (records == NULL)
+        return NULL;
+    Py_ssize_t pos = 0;
+    while (pos < n) {
+        if (d[pos] == 0)
+            break;
+        const char *rec, *value;
+        Py_ssize_t klen, vlen;
+        if (pax_record(d, n, &pos, &rec, &klen, &value, &vlen) < 0)
+            goto python;
+        if ((is_key(rec, klen, "path") || is_key(rec, klen, "linkpath")) &&
+            memchr(value, 0, (size_t)vlen) != NULL)
+            goto python;
+        if (is_key(rec, klen, "GNU.sparse.offset") || is_key(rec, klen, "GNU.sparse.numbytes"))
+            goto python;
+        PyObject *key = PyBytes_FromStringAndSize(rec, klen);
+        PyObject *val = key ? PyBytes_FromStringAndSize(value, vlen) : NULL;
+        if (val == NULL || PyDict_SetItem(records, key, val) < 0) {
+            Py_XDECREF(key);
+            Py_XDECREF(val);
+            Py_DECREF(records);
+            return NULL;
+        }
+        Py_DECREF(key);
+        Py_DECREF(val);
+    }
+    return records;
+python:
+    Py_DECREF(records);
+    Py_RETURN_NONE;
 }
 
 static int starts(const char *k, Py_ssize_t klen, const char *prefix) {
