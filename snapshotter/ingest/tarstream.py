@@ -755,17 +755,13 @@ class MappedTar:
         self._win_start = base
 
     def read_some(self, size: int) -> memoryview | bytes:
-        """Between 1 and `size` bytes (b"" only at the end), without a copy."""
-        pos = self._pos
-        if size <= 0 or pos >= self._end:
+        """Between 1 and `size` bytes (empty only at the end), without a copy."""
+        if size <= 0:
             return b""
-        off = pos - self._win_start
-        if not 0 <= off < len(self._win):
-            self._map(pos)
-            off = pos - self._win_start
-        n = min(size, len(self._win) - off)
-        self._pos = pos + n
-        return self._win[off : off + n]
+        win, off = self.view_ahead()
+        n = min(size, len(win) - off)
+        self._pos += n
+        return win[off : off + n]
 
     def read(self, size: int) -> memoryview | bytes:
         """`size` bytes (fewer only at the end)."""
